@@ -1,0 +1,39 @@
+# One-command set-up: `make demo` runs the pipeline, `make test` the tests.
+SHELL := /bin/bash
+.SHELLFLAGS := -eo pipefail -c
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+# These two install from local disk on the reference CPU machine; newer torch
+# would download gigabytes. GPU users: TORCH_PINS="torch torchvision" make ...
+TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
+CONFIG ?= configs/shapes.yaml
+export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
+
+.PHONY: install demo test lint bench clean
+
+$(BIN)/.installed: pyproject.toml
+	@command -v $(PY) >/dev/null || { echo "need $(PY) on PATH (set PY=...)"; exit 1; }
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip 2>&1 | { grep -v "is ignored" || true; }
+	$(BIN)/pip install -q $(TORCH_PINS) 2>&1 | { grep -v "is ignored" || true; }
+	$(BIN)/pip install -q -e ".[dev,dask,s3]" 2>&1 | { grep -v "is ignored" || true; }
+	$(BIN)/python -c "import torch, torchvision, open_clip, prefect, mlflow, datasets, flows.cli"
+	touch $@
+
+install: $(BIN)/.installed
+
+demo: install
+	$(BIN)/dalle run --config $(CONFIG)
+
+test: install
+	PREFECT_HOME=$(CURDIR)/.pytest_cache/prefect $(BIN)/python -m pytest tests
+
+lint: install
+	$(BIN)/ruff check .
+
+bench: install
+	$(BIN)/python -m bench.run
+
+clean:
+	rm -rf $(VENV) artifacts .pytest_cache

@@ -1,0 +1,280 @@
+"""Run configuration: one YAML file, one pydantic section per stage.
+
+Every section forbids unknown keys, so a typo fails before any work starts
+with a one-line message (`dvae.codebok_size: unknown key; did you mean
+codebook_size?`). `load_config(path, overrides)` is the single entry point.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message is one line, meant for users."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TrainConfig(Section):
+    """Optimisation settings shared by every trained stage."""
+
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.99)
+    warmup_steps: int = Field(100, ge=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)  # cosine decays to lr * min_lr_ratio
+    max_steps: int = Field(1000, ge=1)
+    max_minutes: float | None = Field(None, gt=0)  # wall-clock budget; stops early
+    grad_clip: float | None = Field(1.0, gt=0)
+    grad_accum: int = Field(1, ge=1)
+    precision: Literal["fp32", "bf16"] = "fp32"  # bf16 = autocast on CPU/GPU
+    seed: int = 0
+    log_every: int = Field(50, ge=1)
+    checkpoint_every: int = Field(500, ge=1)
+
+
+class ShapesConfig(Section):
+    """The built-in procedural dataset (spec in dalle_core/shapes.py)."""
+
+    num_images: int = Field(20000, ge=2)
+    seed: int = 0
+    two_object_fraction: float = Field(0.3, ge=0, le=1)
+    holdout: list[str] = []  # colour-shape pairs kept out of train, e.g. "purple triangle"
+
+    @field_validator("holdout")
+    @classmethod
+    def _known_pairs(cls, pairs: list[str]) -> list[str]:
+        from dalle_core.shapes import COLOURS, SHAPES
+
+        for pair in pairs:
+            parts = pair.split()
+            if len(parts) != 2 or parts[0] not in COLOURS or parts[1] not in SHAPES:
+                raise ValueError(
+                    f"{pair!r} is not '<colour> <shape>' with colour in {sorted(COLOURS)} "
+                    f"and shape in {list(SHAPES)}"
+                )
+        return pairs
+
+
+class DataConfig(Section):
+    source: Literal["shapes", "imagefolder", "parquet", "hf", "webdataset"] = "shapes"
+    path: str | None = None  # folder / files / hub name, per source
+    split: str = "train"  # hub split for source=hf
+    image_column: str = "image"
+    caption_column: str = "caption"
+    image_size: int = Field(32, ge=8)
+    val_fraction: float = Field(0.05, gt=0, lt=1)
+    shard_size: int = Field(4096, ge=1)  # rows per Parquet shard
+    max_images: int | None = Field(None, ge=1)
+    shapes: ShapesConfig = ShapesConfig()
+
+    @model_validator(mode="after")
+    def _path_needed(self) -> DataConfig:
+        if self.source != "shapes" and not self.path:
+            raise ValueError(f"data.path is required for source {self.source!r}")
+        return self
+
+
+class DVAEConfig(Section):
+    quantizer: Literal["gumbel", "vq"] = "vq"
+    codebook_size: int = Field(512, ge=2, le=65536)  # uint16 token shards
+    codebook_dim: int = Field(256, ge=1)
+    hidden: int = Field(64, ge=8)  # channels of the first conv; doubles per downsample
+    num_downsamples: int = Field(2, ge=1, le=5)  # grid = image_size / 2**num_downsamples
+    num_res_blocks: int = Field(1, ge=0)
+    recon_loss: Literal["mse", "l1"] = "mse"
+    norm_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    norm_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    # gumbel: temperature annealed from temp_start to temp_end, KL weight ramped 0 -> kl_weight
+    temp_start: float = Field(1.0, gt=0)
+    temp_end: float = Field(1 / 16, gt=0)
+    temp_anneal_steps: int = Field(1000, ge=1)
+    kl_weight: float = Field(1e-3, ge=0)
+    kl_warmup_steps: int = Field(1000, ge=1)
+    # vq: EMA codebook, commitment loss, dead-code restart
+    commitment: float = Field(0.25, ge=0)
+    ema_decay: float = Field(0.99, gt=0, lt=1)
+    dead_code_threshold: float = Field(1.0, ge=0)  # EMA usage below this -> restart
+    restart_every: int = Field(50, ge=1)
+    train: TrainConfig = TrainConfig(batch_size=64, lr=2e-3, max_steps=2000)
+
+
+class TextConfig(Section):
+    vocab_size: int = Field(1000, ge=260)  # byte-level: 256 bytes + specials + merges
+    text_len: int = Field(32, ge=2)
+    lowercase: bool = True
+    tokenizer_path: str | None = None  # use an existing tokenizer.json instead of training
+
+
+class TransformerConfig(Section):
+    dim: int = Field(256, ge=8)
+    depth: int = Field(4, ge=1)
+    heads: int = Field(8, ge=1)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    tie_image_embedding: bool = False  # image head shares the image token embedding
+    text_loss_weight: float = Field(1 / 8, ge=0)  # DALL-E: 1/8 text, 7/8 image
+    caption_dropout: float = Field(0.1, ge=0, le=1)  # enables classifier-free guidance
+    shuffle_buffer: int = Field(8192, ge=1)
+    sample_every: int = Field(1000, ge=1)
+    nproc: int = Field(1, ge=1)  # >1 launches DDP through torchrun
+    train: TrainConfig = TrainConfig(batch_size=16, lr=1e-3, weight_decay=0.1, max_steps=2000)
+
+    @model_validator(mode="after")
+    def _heads_divide_dim(self) -> TransformerConfig:
+        if self.dim % self.heads:
+            raise ValueError(f"transformer.dim {self.dim} is not divisible by heads {self.heads}")
+        return self
+
+
+class CLIPConfig(Section):
+    pretrained: str | None = None  # "<open_clip model>:<tag>" or a local checkpoint file
+    embed_dim: int = Field(128, ge=8)
+    vision_width: int = Field(128, ge=8)
+    vision_layers: int = Field(4, ge=1)
+    patch_size: int = Field(4, ge=1)
+    text_width: int = Field(128, ge=8)
+    text_heads: int = Field(4, ge=1)
+    text_layers: int = Field(4, ge=1)
+    train: TrainConfig = TrainConfig(batch_size=128, lr=1e-3, weight_decay=0.1, max_steps=1000)
+
+
+class GenerateConfig(Section):
+    prompts: list[str] = []  # empty: use val captions
+    num_val_prompts: int = Field(8, ge=1)
+    num_candidates: int = Field(16, ge=1)
+    best_k: int = Field(4, ge=1)
+    batch_size: int = Field(64, ge=1)
+    temperature: float = Field(1.0, gt=0)
+    top_k: int | None = Field(None, ge=1)
+    top_p: float | None = Field(None, gt=0, le=1)
+    cond_scale: float = Field(1.0, ge=0)
+    seed: int = 0
+
+
+class StoreConfig(Section):
+    root: str = "./artifacts"  # any fsspec URL: memory://, s3://bucket/prefix, gs://...
+    storage_options: dict[str, Any] = {}
+
+
+class TrackingConfig(Section):
+    uri: str | None = None  # default: $MLFLOW_TRACKING_URI, else sqlite in the store
+    experiment: str = "dalle"
+
+
+class RunnerConfig(Section):
+    kind: Literal["local", "dask"] = "local"
+    address: str | None = None  # dask scheduler; None starts a LocalCluster
+    workers: int = Field(2, ge=1)
+
+
+class Config(Section):
+    data: DataConfig = DataConfig()
+    dvae: DVAEConfig = DVAEConfig()
+    text: TextConfig = TextConfig()
+    transformer: TransformerConfig = TransformerConfig()
+    clip: CLIPConfig = CLIPConfig()
+    generate: GenerateConfig = GenerateConfig()
+    store: StoreConfig = StoreConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    runner: RunnerConfig = RunnerConfig()
+
+    @field_validator("store", mode="before")
+    @classmethod
+    def _store_as_url(cls, value: Any) -> Any:
+        return {"root": value} if isinstance(value, str) else value
+
+
+def _model_at(loc: tuple) -> type[BaseModel] | None:
+    """The pydantic model class that owns the field at `loc` (for did-you-mean)."""
+    model: type[BaseModel] = Config
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return model
+        model = field.annotation
+    return model
+
+
+def _format_error(err: ValidationError) -> str:
+    e = err.errors()[0]
+    loc = tuple(e["loc"])
+    name = ".".join(str(p) for p in loc)
+    if e["type"] == "extra_forbidden":
+        owner = _model_at(loc[:-1])
+        close = difflib.get_close_matches(str(loc[-1]), list(owner.model_fields), n=1) if owner else []
+        hint = f"; did you mean {close[0]}?" if close else f"; allowed: {', '.join(owner.model_fields)}"
+        return f"{name}: unknown key{hint}"
+    msg = e["msg"].removeprefix("Value error, ")
+    if not name or isinstance(e.get("input"), dict):  # a whole-section check names its own keys
+        return msg
+    return f"{name}: {msg} (got {e.get('input')!r})"
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`dvae.codebook_size=1024` -> (["dvae", "codebook_size"], 1024)."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected key.path=value")
+    key, raw = text.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else None
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    for item in overrides:
+        path, value = parse_override(item)
+        node = raw
+        for part in path[:-1]:
+            child = node.get(part)
+            if isinstance(child, str) and part == "store":
+                child = {"root": child}
+            if not isinstance(child, dict):
+                child = {}
+            node[part] = child
+            node = child
+        node[path[-1]] = value
+    return raw
+
+
+def config_from_dict(raw: dict | None, overrides: list[str] = ()) -> Config:
+    raw = apply_overrides(json.loads(json.dumps(raw or {})), list(overrides))
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Read a YAML run config (or the defaults when `path` is None) and apply `--set` overrides."""
+    raw: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} does not exist")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {str(err).splitlines()[0]}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {str(p)!r} must be a mapping of sections, got {type(raw).__name__}")
+    return config_from_dict(raw, overrides)
+
+
+def flatten(section: BaseModel | dict, prefix: str = "") -> dict[str, Any]:
+    """`{"train": {"lr": 1e-3}}` -> `{"train.lr": 1e-3}` (MLflow params)."""
+    data = section.model_dump(mode="json") if isinstance(section, BaseModel) else section
+    out: dict[str, Any] = {}
+    for k, v in data.items():
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out

@@ -1,0 +1,84 @@
+"""Image plumbing: PNG bytes <-> arrays <-> tensors, resize/crop, captioned grids."""
+
+from __future__ import annotations
+
+import io
+import textwrap
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+
+def to_rgb_square(image: Image.Image, size: int) -> Image.Image:
+    """RGB, shorter side resized to `size`, centre-cropped to size x size."""
+    image = image.convert("RGB")
+    w, h = image.size
+    scale = size / min(w, h)
+    if (w, h) != (size, size):
+        nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+        image = image.resize((nw, nh), Image.BICUBIC)
+        left, top = (nw - size) // 2, (nh - size) // 2
+        image = image.crop((left, top, left + size, top + size))
+    return image
+
+
+def png_bytes(image: np.ndarray | Image.Image) -> bytes:
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(image)
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", compress_level=1)  # fast; shards are compressed again by Parquet
+    return buf.getvalue()
+
+
+def decode_png(data: bytes) -> np.ndarray:
+    """PNG/JPEG bytes -> (H, W, 3) uint8."""
+    with Image.open(io.BytesIO(data)) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def to_tensor(images: np.ndarray, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)) -> torch.Tensor:
+    """(B, H, W, 3) uint8 -> normalised (B, 3, H, W) float32."""
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div_(255)
+    m = torch.tensor(mean).view(1, 3, 1, 1)
+    s = torch.tensor(std).view(1, 3, 1, 1)
+    return (x - m) / s
+
+
+def to_uint8(x: torch.Tensor, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)) -> np.ndarray:
+    """Normalised (B, 3, H, W) -> (B, H, W, 3) uint8."""
+    m = torch.tensor(mean, device=x.device).view(1, 3, 1, 1)
+    s = torch.tensor(std, device=x.device).view(1, 3, 1, 1)
+    x = (x.float() * s + m).clamp(0, 1).mul(255).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """PSNR in dB of two image batches in [0, 1] (mean over the batch of per-batch MSE)."""
+    mse = torch.mean((a.float() - b.float()) ** 2).item()
+    return float("inf") if mse == 0 else 10 * np.log10(1.0 / mse)
+
+
+def grid(rows: list[list[np.ndarray]], captions: list[str] | None = None, scale: int = 2,
+         caption_width: int = 28) -> np.ndarray:
+    """Tile rows of (H, W, 3) images (upscaled by `scale`), with an optional caption under each row."""
+    h, w = rows[0][0].shape[:2]
+    cols = max(len(r) for r in rows)
+    cell_w, cell_h = w * scale + 2, h * scale + 2
+    font = ImageFont.load_default()
+    line_h = 11
+    text_lines = [textwrap.wrap(c, max(caption_width, cols * cell_w // 6)) if c else [] for c in (captions or [])]
+    text_h = [len(t) * line_h + (2 if t else 0) for t in text_lines] + [0] * (len(rows) - len(text_lines))
+    canvas = Image.new("RGB", (cols * cell_w, sum(cell_h + th for th in text_h)), (32, 32, 32))
+    draw = ImageDraw.Draw(canvas)
+    y = 0
+    for r, row in enumerate(rows):
+        for c, img in enumerate(row):
+            tile = Image.fromarray(img).resize((w * scale, h * scale), Image.NEAREST)
+            canvas.paste(tile, (c * cell_w + 1, y + 1))
+        y += cell_h
+        for line in text_lines[r] if r < len(text_lines) else []:
+            draw.text((2, y), line, fill=(230, 230, 230), font=font)
+            y += line_h
+        y += 2 if r < len(text_lines) and text_lines[r] else 0
+    return np.asarray(canvas)

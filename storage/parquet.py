@@ -1,0 +1,81 @@
+"""Parquet shards with explicit schemas: images, tokens and generations.
+
+A shard is written whole (atomically) from one batch of rows and read back a
+row group at a time, so memory is bounded by the shard size, not the dataset.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from storage.store import ArtifactStore
+
+ROW_GROUP = 1024
+
+IMAGES_SCHEMA = pa.schema([
+    pa.field("id", pa.string(), nullable=False),
+    pa.field("caption", pa.string(), nullable=False),
+    pa.field("image", pa.binary(), nullable=False),  # PNG bytes
+])
+
+GENERATIONS_SCHEMA = pa.schema([
+    pa.field("prompt", pa.string(), nullable=False),
+    pa.field("candidate", pa.int32(), nullable=False),
+    pa.field("rank", pa.int32(), nullable=False),  # 0 = best by CLIP
+    pa.field("clip_score", pa.float32(), nullable=False),
+    pa.field("seed", pa.int64(), nullable=False),
+    pa.field("image", pa.binary(), nullable=False),
+])
+
+
+def tokens_schema(grid_tokens: int, text_vocab: int) -> pa.Schema:
+    """Token shards: text ids as uint16 (int32 when the vocab needs it), image codes as uint16."""
+    text_type = pa.uint16() if text_vocab <= 65536 else pa.int32()
+    return pa.schema([
+        pa.field("id", pa.string(), nullable=False),
+        pa.field("caption", pa.string(), nullable=False),
+        pa.field("text_tokens", pa.list_(text_type), nullable=False),
+        pa.field("image_tokens", pa.list_(pa.uint16(), grid_tokens), nullable=False),
+    ])
+
+
+def shard_name(index: int) -> str:
+    return f"part-{index:05d}.parquet"
+
+
+def write_shard(store: ArtifactStore, path: str, table: pa.Table, row_group_size: int = ROW_GROUP) -> int:
+    """Write one shard atomically; returns bytes written. Same table, same bytes."""
+    buf = io.BytesIO()
+    pq.write_table(table, buf, row_group_size=row_group_size, compression="zstd",
+                   write_statistics=False, store_schema=True)
+    return store.write_bytes(path, buf.getvalue())
+
+
+def shard_paths(store: ArtifactStore, stage: str, key: str, split: str) -> list[str]:
+    base = store.path(stage, key, split)
+    return [f"{base}/{n}" for n in store.listdir(base) if n.startswith("part-") and n.endswith(".parquet")]
+
+
+def read_shard(store: ArtifactStore, path: str, columns: list[str] | None = None) -> pa.Table:
+    """Read a whole shard (memory-mapped when the store is local)."""
+    if store.local:
+        return pq.read_table(path, columns=columns, memory_map=True)
+    with store.fs.open(path, "rb") as f:
+        return pq.read_table(f, columns=columns)
+
+
+def iter_batches(store: ArtifactStore, paths: list[str], columns: list[str] | None = None,
+                 batch_size: int = ROW_GROUP) -> Iterator[pa.RecordBatch]:
+    """Stream record batches over shards, one row group at a time."""
+    for path in paths:
+        with store.fs.open(path, "rb") as f:
+            yield from pq.ParquetFile(f).iter_batches(batch_size=batch_size, columns=columns)
+
+
+def count_rows(store: ArtifactStore, path: str) -> int:
+    with store.fs.open(path, "rb") as f:
+        return pq.ParquetFile(f).metadata.num_rows

@@ -1,0 +1,128 @@
+"""MLflow tracking helpers: one run per stage execution, nested under a pipeline run.
+
+Runs are driven through an explicit `MlflowClient` and run ids rather than
+mlflow's thread-local "active run", because Prefect runs tasks in worker
+threads (or other processes) where that global state does not follow.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+
+from storage.store import ArtifactStore
+
+
+class TrackingError(RuntimeError):
+    """MLflow cannot be reached or used; one line naming the URI."""
+
+
+def tracking_uri(configured: str | None, store: ArtifactStore) -> str:
+    """Config value, else $MLFLOW_TRACKING_URI, else sqlite beside a local store."""
+    if configured:
+        return configured
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    base = store.root if store.local else os.path.abspath("./mlruns")
+    os.makedirs(base, exist_ok=True)
+    return f"sqlite:///{base}/mlflow.db"
+
+
+def _artifact_location(uri: str, store: ArtifactStore) -> str | None:
+    if uri.startswith("sqlite:") and store.local:
+        return os.path.join(store.root, "mlartifacts")
+    return None  # servers pick their own
+
+
+def _client(uri: str):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def experiment_id(uri: str, name: str, store: ArtifactStore) -> str:
+    client = _client(uri)
+    try:
+        exp = client.get_experiment_by_name(name)
+        if exp is not None:
+            return exp.experiment_id
+        try:
+            return client.create_experiment(name, artifact_location=_artifact_location(uri, store))
+        except Exception:  # created meanwhile by a parallel task
+            exp = client.get_experiment_by_name(name)
+            if exp is None:
+                raise
+            return exp.experiment_id
+    except Exception as err:
+        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        raise TrackingError(f"MLflow tracking at {uri!r} is unreachable or unusable: {first}") from None
+
+
+def _param_value(v: Any) -> str:
+    s = v if isinstance(v, str) else json.dumps(v)
+    return s[:500]
+
+
+class StageRun:
+    """One MLflow run; use as a context manager. Marks FAILED if the block raises."""
+
+    def __init__(self, uri: str, experiment: str, store: ArtifactStore, name: str, *,
+                 stage: str | None = None, key: str | None = None, parent_run_id: str | None = None,
+                 flow_run_id: str | None = None, tags: dict[str, str] | None = None):
+        self.uri = uri
+        self.client = _client(uri)
+        exp = experiment_id(uri, experiment, store)
+        all_tags = {"mlflow.runName": name, **(tags or {})}
+        if stage:
+            all_tags["stage"] = stage
+        if key:
+            all_tags["stage_key"] = key
+        if parent_run_id:
+            all_tags["mlflow.parentRunId"] = parent_run_id
+        if flow_run_id:
+            all_tags["prefect.flow_run_id"] = flow_run_id
+        self.run_id = self.client.create_run(exp, run_name=name, tags=all_tags).info.run_id
+
+    def __enter__(self) -> StageRun:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.client.set_terminated(self.run_id, "FAILED" if exc_type else "FINISHED")
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, _param_value(v)) for k, v in sorted(params.items())]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, params=items[i:i + 100])
+
+    def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None and np.isfinite(v)]
+        if items:
+            self.client.log_batch(self.run_id, metrics=items)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        for k, v in tags.items():
+            self.client.set_tag(self.run_id, k, v)
+
+    def log_image(self, image: np.ndarray, name: str) -> None:
+        self.client.log_image(self.run_id, image, artifact_file=name)
+
+    def log_dict(self, obj: dict, name: str) -> None:
+        self.client.log_dict(self.run_id, obj, name)
+
+    def log_file(self, data: bytes, name: str) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, os.path.basename(name))
+            with open(path, "wb") as f:
+                f.write(data)
+            sub = os.path.dirname(name) or None
+            self.client.log_artifact(self.run_id, path, artifact_path=sub)

@@ -1,0 +1,104 @@
+"""What every stage task shares: the store, the stage keys, MLflow runs, progress logs."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from dataclasses import dataclass
+
+from prefect import get_run_logger
+from prefect.runtime import flow_run
+
+from dalle_core.config import Config, flatten
+from storage.store import ArtifactStore, stage_key
+from storage.tracking import StageRun, tracking_uri
+
+
+def open_store(cfg: Config) -> ArtifactStore:
+    return ArtifactStore(cfg.store.root, cfg.store.storage_options)
+
+
+def _file_digest(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()[:16]
+
+
+def stage_keys(cfg: Config) -> dict[str, str]:
+    """The content-addressed key of every stage, from its config section and its inputs' keys."""
+    k: dict[str, str] = {}
+    k["images"] = stage_key(cfg.data.model_dump(mode="json"))
+    dvae = cfg.dvae.model_dump(mode="json")
+    k["dvae"] = stage_key(dvae, {"images": k["images"]})
+    text = cfg.text.model_dump(mode="json")
+    if cfg.text.tokenizer_path:  # a given tokenizer is identified by its content, not its path
+        text["tokenizer_path"] = _file_digest(cfg.text.tokenizer_path) if os.path.exists(cfg.text.tokenizer_path) else cfg.text.tokenizer_path
+        k["bpe"] = stage_key(text)
+    else:
+        k["bpe"] = stage_key(text, {"images": k["images"]})
+    k["tokens"] = stage_key({}, {"images": k["images"], "dvae": k["dvae"], "bpe": k["bpe"]})
+    tr = cfg.transformer.model_dump(mode="json")
+    k["transformer"] = stage_key(tr, {"tokens": k["tokens"]})
+    k["clip"] = stage_key(cfg.clip.model_dump(mode="json"), {"images": k["images"], "bpe": k["bpe"]})
+    k["generations"] = stage_key(cfg.generate.model_dump(mode="json"),
+                                 {"transformer": k["transformer"], "dvae": k["dvae"], "clip": k["clip"], "bpe": k["bpe"],
+                                  "images": k["images"]})
+    return k
+
+
+@dataclass
+class ArtifactRef:
+    """What a stage task returns: where its output is, and whether it was reused."""
+
+    stage: str
+    key: str
+    cached: bool
+    uri: str
+
+    def __str__(self) -> str:
+        return f"{self.stage}/{self.key}{' (cached)' if self.cached else ''}"
+
+
+def ref(store: ArtifactStore, stage: str, key: str, cached: bool) -> ArtifactRef:
+    return ArtifactRef(stage, key, cached, store.uri(store.path(stage, key)))
+
+
+def stage_run(cfg: Config, store: ArtifactStore, stage: str, key: str, params: dict,
+              parent_run_id: str | None = None) -> StageRun:
+    """Start the MLflow run of one stage execution, tagged with its key and the Prefect flow run."""
+    run = StageRun(tracking_uri(cfg.tracking.uri, store), cfg.tracking.experiment, store, f"{stage}-{key}",
+                   stage=stage, key=key, parent_run_id=parent_run_id, flow_run_id=flow_run.get_id())
+    run.log_params(flatten(params))
+    get_run_logger().info("MLflow run %s (stage %s, key %s)", run.run_id, stage, key)
+    return run
+
+
+class Progress:
+    """Progress lines with rate and ETA in the Prefect logs, at most every `every_s` seconds."""
+
+    def __init__(self, what: str, total: int | None, unit: str = "it", every_s: float = 5.0):
+        self.what, self.total, self.unit, self.every_s = what, total, unit, every_s
+        self.start = self.last = time.perf_counter()
+        self.done = 0
+        self.logger = get_run_logger()
+
+    def update(self, n: int = 1, extra: str = "", force: bool = False) -> None:
+        self.done += n
+        now = time.perf_counter()
+        if not force and now - self.last < self.every_s:
+            return
+        self.last = now
+        rate = self.done / max(now - self.start, 1e-9)
+        if self.total:
+            eta = (self.total - self.done) / rate if rate > 0 else float("inf")
+            self.logger.info("%s: %d/%d (%.0f%%) %.1f %s/s ETA %s %s", self.what, self.done, self.total,
+                             100 * self.done / self.total, rate, self.unit, _fmt_s(eta), extra)
+        else:
+            self.logger.info("%s: %d %.1f %s/s %s", self.what, self.done, rate, self.unit, extra)
+
+
+def _fmt_s(seconds: float) -> str:
+    if seconds == float("inf"):
+        return "?"
+    m, s = divmod(int(seconds), 60)
+    return f"{m}m{s:02d}s"

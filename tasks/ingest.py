@@ -1,0 +1,80 @@
+"""Ingestion: a captioned-image source -> `images/<key>/{train,val}/part-*.parquet`."""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+
+import pyarrow as pa
+from prefect import get_run_logger, task
+from prefect.cache_policies import NONE
+
+from dalle_core.config import Config
+from dalle_core.data import DataError, read_source
+from dalle_core.images import grid, png_bytes
+from storage.parquet import IMAGES_SCHEMA, shard_name, write_shard
+from tasks.common import ArtifactRef, Progress, open_store, ref, stage_keys, stage_run
+
+SPLITS = ("train", "val")
+
+
+@task(name="ingest-images", cache_policy=NONE)
+def ingest_images(cfg: Config, parent_run_id: str | None = None) -> ArtifactRef:
+    log = get_run_logger()
+    store, key = open_store(cfg), stage_keys(cfg)["images"]
+    if store.is_complete("images", key):
+        log.info("images/%s is complete; reusing it", key)
+        return ref(store, "images", key, cached=True)
+    store.prepare("images", key)
+    with stage_run(cfg, store, "images", key, cfg.data.model_dump(mode="json"), parent_run_id) as run:
+        buffers: dict[str, list] = {s: [] for s in SPLITS}
+        shards: dict[str, int] = dict.fromkeys(SPLITS, 0)
+        rows: Counter = Counter()
+        skipped: Counter = Counter()
+        examples: dict[str, list[str]] = defaultdict(list)
+        samples: list = []
+        progress = Progress("ingest", cfg.data.shapes.num_images if cfg.data.source == "shapes" else cfg.data.max_images,
+                            "images")
+
+        def flush(split: str) -> None:
+            buf = buffers[split]
+            if not buf:
+                return
+            table = pa.Table.from_pylist(buf, schema=IMAGES_SCHEMA)
+            write_shard(store, store.path("images", key, split, shard_name(shards[split])), table)
+            shards[split] += 1
+            buf.clear()
+
+        for rec in read_source(cfg.data):
+            progress.update()
+            if rec.skip:
+                skipped[rec.skip] += 1
+                if len(examples[rec.skip]) < 5:
+                    examples[rec.skip].append(rec.id)
+                continue
+            buffers[rec.split].append({"id": rec.id, "caption": rec.caption, "image": png_bytes(rec.image)})
+            rows[rec.split] += 1
+            if len(samples) < 16:
+                samples.append((rec.image, rec.caption))
+            if len(buffers[rec.split]) >= cfg.data.shard_size:
+                flush(rec.split)
+        for split in SPLITS:
+            flush(split)
+
+        for reason, n in skipped.items():
+            log.warning("skipped %d rows: %s (e.g. %s)", n, reason, ", ".join(examples[reason]))
+        if not rows:
+            raise DataError(f"data source {cfg.data.source!r} at {cfg.data.path!r} yielded no usable images "
+                            f"(skipped: {dict(skipped) or 'none'})")
+        if not rows["val"] or not rows["train"]:
+            raise DataError(f"data source {cfg.data.source!r} gave {dict(rows)} rows; need both train and val "
+                            f"(data.val_fraction={cfg.data.val_fraction})")
+        run.log_metrics({"rows_train": rows["train"], "rows_val": rows["val"], "skipped": sum(skipped.values()),
+                         **{f"skipped_{r}": n for r, n in skipped.items()}})
+        run.set_tags({"source": cfg.data.source})
+        run.log_image(grid([[img] for img, _ in samples], [c for _, c in samples], scale=3), "samples.png")
+        manifest = store.finish("images", key, config=cfg.data.model_dump(mode="json"), inputs={},
+                                rows=dict(rows), skipped=dict(skipped), skipped_examples=dict(examples),
+                                shards=dict(shards), image_size=cfg.data.image_size)
+        run.log_dict(manifest, "manifest.json")
+    log.info("ingested %s rows into images/%s (skipped %s)", dict(rows), key, dict(skipped) or "none")
+    return ref(store, "images", key, cached=False)

@@ -1,0 +1,54 @@
+import pytest
+
+from dalle_core.config import ConfigError, config_from_dict, flatten, load_config
+from tests.conftest import TINY
+
+
+def test_typo_names_key_and_suggests():
+    with pytest.raises(ConfigError) as e:
+        config_from_dict({"dvae": {"codebok_size": 512}})
+    assert str(e.value) == "dvae.codebok_size: unknown key; did you mean codebook_size?"
+
+
+def test_unknown_section_suggests():
+    with pytest.raises(ConfigError, match=r"^tranformer: unknown key; did you mean transformer\?$"):
+        config_from_dict({"tranformer": {}})
+
+
+def test_bad_value_names_value_and_allowed():
+    with pytest.raises(ConfigError) as e:
+        config_from_dict({"dvae": {"quantizer": "vqgan"}})
+    msg = str(e.value)
+    assert msg.startswith("dvae.quantizer:") and "'gumbel'" in msg and "'vq'" in msg and "vqgan" in msg
+    assert "\n" not in msg
+
+
+def test_set_overrides_any_key_with_yaml_types():
+    cfg = load_config(TINY, ["dvae.codebook_size=1024", "transformer.train.lr=3e-4",
+                             "data.shapes.holdout=[purple triangle]", "store=memory://x"])
+    assert cfg.dvae.codebook_size == 1024
+    assert cfg.transformer.train.lr == pytest.approx(3e-4)
+    assert cfg.data.shapes.holdout == ["purple triangle"]
+    assert cfg.store.root == "memory://x"
+
+
+def test_override_typo_fails_like_yaml_typo():
+    with pytest.raises(ConfigError, match="did you mean codebook_size"):
+        load_config(TINY, ["dvae.codebok_size=3"])
+
+
+def test_missing_file_and_bad_holdout():
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config("nope.yaml")
+    with pytest.raises(ConfigError, match="pink triangle"):
+        config_from_dict({"data": {"shapes": {"holdout": ["pink triangle"]}}})
+
+
+def test_shipped_configs_parse():
+    for name in ("tiny", "shapes"):
+        load_config(TINY.parent / f"{name}.yaml")
+
+
+def test_flatten_for_mlflow_params():
+    flat = flatten(config_from_dict({}).dvae)
+    assert flat["train.lr"] == 2e-3 and flat["codebook_size"] == 512

@@ -1,0 +1,108 @@
+import json
+import os
+import subprocess
+import sys
+
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pytest
+
+from storage.parquet import IMAGES_SCHEMA, read_shard, shard_name, shard_paths, tokens_schema, write_shard
+from storage.store import ArtifactStore, StoreError, stage_key
+
+
+def test_key_ignores_dict_order_and_float_spelling():
+    a = stage_key({"lr": 0.001, "n": 1, "sub": {"x": 1.0, "y": [1, 2]}}, {"images": "abc"})
+    b = stage_key({"sub": {"y": [1, 2], "x": 1}, "n": 1.0, "lr": 1e-3}, {"images": "abc"})
+    assert a == b and len(a) == 12
+    assert stage_key({"lr": 0.002}) != stage_key({"lr": 0.001})
+    assert stage_key({}, {"images": "abc"}) != stage_key({}, {"images": "abd"})
+
+
+def test_key_stable_across_processes():
+    code = "from storage.store import stage_key; print(stage_key({'b': 2.5, 'a': [1, 'x']}, {'i': 'k'}))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONHASHSEED": "123"}).stdout.strip()
+    assert out == stage_key({"a": [1, "x"], "b": 2.5}, {"i": "k"})
+
+
+@pytest.fixture(params=["local", "memory"])
+def store(request, tmp_path):
+    if request.param == "local":
+        yield ArtifactStore(str(tmp_path / "store"))
+        return
+    s = ArtifactStore(f"memory://test-{os.getpid()}-{id(tmp_path)}")
+    yield s
+    if s.fs.exists(s.root):
+        s.fs.rm(s.root, recursive=True)
+
+
+def test_manifest_written_last_marks_complete(store):
+    assert not store.is_complete("dvae", "k1")
+    store.write_bytes(store.path("dvae", "k1", "model.safetensors"), b"x" * 10)
+    assert not store.is_complete("dvae", "k1") and store.manifest("dvae", "k1") is None
+    m = store.finish("dvae", "k1", config={"a": 1}, inputs={"images": "i"}, rows={"train": 3})
+    assert store.is_complete("dvae", "k1")
+    assert m["files"] == {"model.safetensors": 10} and m["size"] == 10
+    assert m["config"] == {"a": 1} and m["inputs"] == {"images": "i"} and m["rows"] == {"train": 3}
+    assert {"created", "code_version"} <= set(m)
+    assert store.manifest("dvae", "k1") == json.loads(json.dumps(m))
+
+
+def test_interrupted_write_leaves_no_manifest_and_is_cleaned(store):
+    # A killed writer leaves a temporary file; the artifact stays incomplete.
+    store.write_bytes(store.path("tokens", "k", "train", shard_name(0)), b"done")
+    tmp = store.path("tokens", "k", "train", ".tmp-dead-part-00001.parquet")
+    store.fs.makedirs(os.path.dirname(tmp), exist_ok=True)
+    with store.fs.open(tmp, "wb") as f:
+        f.write(b"half")
+    assert not store.is_complete("tokens", "k")
+    assert list(store.files("tokens", "k")) == ["train/part-00000.parquet"]
+    store.prepare("tokens", "k")
+    assert not store.exists(tmp)  # leftovers gone ...
+    assert store.exists(store.path("tokens", "k", "train", shard_name(0)))  # ... finished parts kept
+    infos = store.artifacts()
+    assert [(a.stage, a.key, a.complete) for a in infos] == [("tokens", "k", False)]
+
+
+def test_missing_upstream_is_one_line(store):
+    with pytest.raises(StoreError, match=r"missing upstream artifact dvae/nokey"):
+        store.require("dvae", "nokey")
+
+
+def test_read_only_root_is_a_clear_error(tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        if os.access(ro, os.W_OK):
+            pytest.skip("running as a user that ignores permissions")
+        with pytest.raises(StoreError, match="read-only"):
+            ArtifactStore(str(ro))
+    finally:
+        ro.chmod(0o700)
+
+
+def test_parquet_shards_round_trip_with_schema(store):
+    table = pa.Table.from_pylist([{"id": "a", "caption": "c", "image": b"png"}] * 5, schema=IMAGES_SCHEMA)
+    path = store.path("images", "k", "train", shard_name(0))
+    write_shard(store, path, table, row_group_size=2)
+    assert shard_paths(store, "images", "k", "train") == [path]
+    back = read_shard(store, path)
+    assert back.schema.equals(IMAGES_SCHEMA) and back.num_rows == 5
+    # Same table, same bytes.
+    write_shard(store, path + "2", table, row_group_size=2)
+    assert store.read_bytes(path) == store.read_bytes(path + "2")
+
+
+def test_token_schema_types(tmp_path):
+    schema = tokens_schema(64, 1000)
+    assert schema.field("image_tokens").type == pa.list_(pa.uint16(), 64)
+    assert schema.field("text_tokens").type == pa.list_(pa.uint16())
+    assert tokens_schema(64, 70000).field("text_tokens").type == pa.list_(pa.int32())
+    store = ArtifactStore(str(tmp_path))
+    t = pa.Table.from_pylist([{"id": "a", "caption": "c", "text_tokens": [1, 2], "image_tokens": list(range(64))}],
+                             schema=schema)
+    write_shard(store, store.path("tokens", "k", "train", shard_name(0)), t)
+    ds = pads.dataset(store.path("tokens", "k", "train"), format="parquet")
+    assert ds.to_table().column("image_tokens").to_pylist()[0] == list(range(64))
