@@ -26,8 +26,12 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def _stage_flows() -> dict:
     from flows.ingest import ingest_flow
+    from flows.pretokenize import pretokenize_flow
+    from flows.train_bpe import train_bpe_flow
+    from flows.train_dvae import train_dvae_flow
 
-    return {"ingest": ingest_flow}
+    return {"ingest": ingest_flow, "train-dvae": train_dvae_flow, "train-bpe": train_bpe_flow,
+            "pretokenize": pretokenize_flow}
 
 
 def _human(n: float) -> str:

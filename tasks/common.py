@@ -102,3 +102,54 @@ def _fmt_s(seconds: float) -> str:
         return "?"
     m, s = divmod(int(seconds), 60)
     return f"{m}m{s:02d}s"
+
+
+# ------------------------------------------------------------ checkpoints
+
+def state_bytes(model) -> bytes:
+    """Model weights as safetensors bytes (tied tensors are stored once each)."""
+    from safetensors.torch import save
+
+    return save({k: v.detach().clone().contiguous() for k, v in model.state_dict().items()})
+
+
+def load_state_bytes(model, data: bytes) -> None:
+    from safetensors.torch import load
+
+    model.load_state_dict(load(data))
+
+
+def save_checkpoint(store: ArtifactStore, stage: str, key: str, model, optimizer, step: int,
+                    extra: dict | None = None) -> None:
+    """Write `checkpoints/step-N/` and then point `checkpoints/latest.json` at it; drop older ones."""
+    from dalle_core.train import optimizer_bytes
+
+    name = f"step-{step:08d}"
+    store.write_bytes(store.path(stage, key, "checkpoints", name, "model.safetensors"), state_bytes(model))
+    store.write_bytes(store.path(stage, key, "checkpoints", name, "optimizer.pt"), optimizer_bytes(optimizer))
+    store.write_json(store.path(stage, key, "checkpoints", "latest.json"), {"step": step, "dir": name, **(extra or {})})
+    for old in store.listdir(store.path(stage, key, "checkpoints")):
+        if old.startswith("step-") and old != name:
+            store.fs.rm(store.path(stage, key, "checkpoints", old), recursive=True)
+    get_run_logger().info("checkpoint %s/%s at step %d", stage, key, step)
+
+
+def load_checkpoint(store: ArtifactStore, stage: str, key: str, model, optimizer) -> tuple[int, dict]:
+    """Restore the latest checkpoint if there is one; returns (step, extra) or (0, {})."""
+    from dalle_core.train import load_optimizer_bytes
+
+    latest = store.path(stage, key, "checkpoints", "latest.json")
+    if not store.exists(latest):
+        return 0, {}
+    info = store.read_json(latest)
+    base = store.path(stage, key, "checkpoints", info["dir"])
+    load_state_bytes(model, store.read_bytes(f"{base}/model.safetensors"))
+    load_optimizer_bytes(optimizer, store.read_bytes(f"{base}/optimizer.pt"))
+    get_run_logger().info("resuming %s/%s from its checkpoint at step %d", stage, key, info["step"])
+    return int(info["step"]), info
+
+
+def drop_checkpoints(store: ArtifactStore, stage: str, key: str) -> None:
+    path = store.path(stage, key, "checkpoints")
+    if store.exists(path):
+        store.fs.rm(path, recursive=True)

@@ -1,0 +1,194 @@
+"""The discrete VAE of DALL-E (stage 1): images <-> grids of codebook tokens.
+
+An encoder maps a (3, H, W) image to a (H/f, W/f) grid, f = 2**num_downsamples,
+and a decoder maps code embeddings back to pixels. Two quantizers:
+
+- `gumbel` (DALL-E): the encoder emits K logits per cell; training relaxes the
+  one-hot with gumbel-softmax (temperature annealed towards 1/16) and adds a KL
+  term to the uniform prior; encoding takes the argmax.
+- `vq` (VQ-VAE): the encoder emits a D-vector per cell, snapped to its nearest
+  codebook entry with straight-through gradients; the codebook follows the
+  encoder by EMA, a commitment loss keeps the encoder close, and codes nobody
+  uses are restarted from encoder outputs.
+
+The encoder downsamples first and works at low resolution, so encoding (the
+bulk pre-tokenization path) stays cheap; the decoder carries the capacity.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class DVAEConfig:
+    image_size: int = 32
+    codebook_size: int = 512  # K, the image vocabulary of the transformer
+    codebook_dim: int = 256  # D, size of one code embedding
+    hidden: int = 64  # conv channels
+    num_downsamples: int = 2  # grid = image_size / 2**num_downsamples
+    num_res_blocks: int = 1  # per resolution level
+    quantizer: str = "vq"  # "gumbel" | "vq"
+    commitment: float = 0.25  # VQ-VAE's beta
+    ema_decay: float = 0.99
+    dead_code_threshold: float = 1.0  # EMA count below which a code is restarted
+
+    @property
+    def grid_size(self) -> int:
+        return self.image_size // 2 ** self.num_downsamples
+
+
+class ResBlock(nn.Module):
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(ch, ch, 3, padding=1)
+        self.conv2 = nn.Conv2d(ch, ch, 3, padding=1)
+
+    def forward(self, x):
+        return x + self.conv2(F.relu(self.conv1(F.relu(x))))
+
+
+class Encoder(nn.Module):
+    def __init__(self, c: DVAEConfig, out_ch: int):
+        super().__init__()
+        layers: list[nn.Module] = []
+        ch_in = 3
+        for _ in range(c.num_downsamples):  # 4x4 stride-2 convs halve the resolution
+            layers += [nn.Conv2d(ch_in, c.hidden, 4, stride=2, padding=1), nn.ReLU()]
+            ch_in = c.hidden
+        layers += [ResBlock(c.hidden) for _ in range(c.num_res_blocks)]
+        layers += [nn.ReLU(), nn.Conv2d(c.hidden, out_ch, 1)]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x):  # (B, 3, H, W) -> (B, out_ch, h, w)
+        return self.net(x)
+
+
+class Decoder(nn.Module):
+    def __init__(self, c: DVAEConfig):
+        super().__init__()
+        layers: list[nn.Module] = [nn.Conv2d(c.codebook_dim, c.hidden, 1)]
+        layers += [ResBlock(c.hidden) for _ in range(c.num_res_blocks)]
+        for i in range(c.num_downsamples):
+            layers += [nn.ReLU(), nn.ConvTranspose2d(c.hidden, c.hidden, 4, stride=2, padding=1)]
+            if i < c.num_downsamples - 1:
+                layers += [ResBlock(c.hidden) for _ in range(c.num_res_blocks)]
+        layers += [nn.ReLU(), nn.Conv2d(c.hidden, 3, 3, padding=1)]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, z):  # (B, D, h, w) -> (B, 3, H, W)
+        return self.net(z)
+
+
+class VectorQuantizer(nn.Module):
+    """Nearest-neighbour codebook with EMA updates and dead-code restarts."""
+
+    def __init__(self, c: DVAEConfig):
+        super().__init__()
+        self.c = c
+        embed = torch.randn(c.codebook_size, c.codebook_dim) / math.sqrt(c.codebook_dim)
+        self.register_buffer("embed", embed)  # (K, D), moved by EMA, not by the optimizer
+        self.register_buffer("ema_count", torch.ones(c.codebook_size))
+        self.register_buffer("ema_sum", embed.clone())
+
+    def nearest(self, z: torch.Tensor) -> torch.Tensor:
+        """(N, D) -> (N,) index of the closest code."""
+        e = self.embed
+        dist = z.pow(2).sum(1, keepdim=True) - 2 * z @ e.t() + e.pow(2).sum(1)[None]  # (N, K)
+        return dist.argmin(1)
+
+    def forward(self, z_e: torch.Tensor):
+        B, D, h, w = z_e.shape
+        flat = z_e.permute(0, 2, 3, 1).reshape(-1, D).float()  # (B*h*w, D)
+        idx = self.nearest(flat)
+        z_q = self.embed[idx].view(B, h, w, D).permute(0, 3, 1, 2)
+        commit = F.mse_loss(z_e.float(), z_q.detach())
+        if self.training:
+            self._ema_update(flat.detach(), idx)
+        z_q = z_e + (z_q - z_e).detach()  # straight-through
+        return z_q, idx.view(B, h, w), self.c.commitment * commit
+
+    @torch.no_grad()
+    def _ema_update(self, flat: torch.Tensor, idx: torch.Tensor) -> None:
+        K, d = self.c.codebook_size, self.c.ema_decay
+        counts = torch.bincount(idx, minlength=K).float()
+        sums = torch.zeros_like(self.ema_sum).index_add_(0, idx, flat)
+        self.ema_count.mul_(d).add_(counts, alpha=1 - d)
+        self.ema_sum.mul_(d).add_(sums, alpha=1 - d)
+        n = self.ema_count.sum()
+        count = (self.ema_count + 1e-5) / (n + K * 1e-5) * n  # Laplace smoothing
+        self.embed.copy_(self.ema_sum / count[:, None])
+        self._last_batch = flat
+
+    @torch.no_grad()
+    def restart_dead_codes(self) -> int:
+        """Move codes whose EMA usage fell below the threshold onto random recent encoder outputs."""
+        batch = getattr(self, "_last_batch", None)
+        if batch is None:
+            return 0
+        dead = (self.ema_count < self.c.dead_code_threshold).nonzero().squeeze(1)
+        if dead.numel() == 0:
+            return 0
+        pick = torch.randint(0, batch.shape[0], (dead.numel(),), device=batch.device)
+        self.embed[dead] = batch[pick]
+        self.ema_sum[dead] = batch[pick]
+        self.ema_count[dead] = 1.0
+        return int(dead.numel())
+
+
+class GumbelQuantizer(nn.Module):
+    """DALL-E's relaxation: soft one-hots over K codes during training, argmax at encode time."""
+
+    def __init__(self, c: DVAEConfig):
+        super().__init__()
+        self.c = c
+        self.embed = nn.Embedding(c.codebook_size, c.codebook_dim)
+        self.temperature = 1.0  # annealed by the training loop
+        self.kl_weight = 0.0  # ramped by the training loop
+
+    def forward(self, logits: torch.Tensor):
+        idx = logits.argmax(1)  # (B, h, w)
+        if self.training:
+            soft = F.gumbel_softmax(logits.float(), tau=self.temperature, hard=False, dim=1)
+        else:
+            soft = F.one_hot(idx, self.c.codebook_size).permute(0, 3, 1, 2).float()
+        z = torch.einsum("bkhw,kd->bdhw", soft, self.embed.weight)
+        logq = F.log_softmax(logits.float(), dim=1)
+        kl = (logq.exp() * (logq + math.log(self.c.codebook_size))).sum(1).mean()  # KL(q || uniform)
+        return z, idx, self.kl_weight * kl
+
+
+class DiscreteVAE(nn.Module):
+    def __init__(self, c: DVAEConfig):
+        super().__init__()
+        assert c.quantizer in ("gumbel", "vq"), c.quantizer
+        self.c = c
+        self.encoder = Encoder(c, c.codebook_size if c.quantizer == "gumbel" else c.codebook_dim)
+        self.quantizer = GumbelQuantizer(c) if c.quantizer == "gumbel" else VectorQuantizer(c)
+        self.decoder = Decoder(c)
+
+    def forward(self, images: torch.Tensor):
+        """Normalised (B, 3, H, W) -> (reconstruction, token grid, quantizer loss)."""
+        z, idx, q_loss = self.quantizer(self.encoder(images))
+        return self.decoder(z), idx, q_loss
+
+    def code_embeddings(self, tokens: torch.Tensor) -> torch.Tensor:
+        weight = self.quantizer.embed.weight if self.c.quantizer == "gumbel" else self.quantizer.embed
+        return F.embedding(tokens, weight).permute(0, 3, 1, 2)  # (B, h, w) -> (B, D, h, w)
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Normalised (B, 3, H, W) -> LongTensor (B, h, w) of codebook indices."""
+        z = self.encoder(images)
+        if self.c.quantizer == "gumbel":
+            return z.argmax(1)
+        B, D, h, w = z.shape
+        return self.quantizer.nearest(z.permute(0, 2, 3, 1).reshape(-1, D).float()).view(B, h, w)
+
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        """LongTensor (B, h, w) -> normalised (B, 3, H, W) images."""
+        return self.decoder(self.code_embeddings(tokens))

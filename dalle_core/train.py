@@ -1,0 +1,191 @@
+"""Training loops shared by the stages: LR schedule, optimizer, budgets, the dVAE loop.
+
+Loops take iterators of ready batches and two callbacks (`log(step, metrics)`,
+`checkpoint(step)`), so they know nothing about where data or checkpoints live.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from dalle_core.config import DVAEConfig as DVAERunConfig
+from dalle_core.config import TrainConfig
+from dalle_core.dvae import DiscreteVAE
+
+LogFn = Callable[[int, dict[str, float]], None]
+CheckpointFn = Callable[[int], None]
+
+
+def lr_at(step: int, t: TrainConfig) -> float:
+    """Linear warmup, then cosine decay to lr * min_lr_ratio at max_steps."""
+    if step < t.warmup_steps:
+        return t.lr * (step + 1) / t.warmup_steps
+    progress = min(1.0, (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps))
+    return t.lr * (t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def make_optimizer(model: nn.Module, t: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (no decay on biases, norms, embeddings' 1-D params)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    fused = all(p.is_cuda for p in params)
+    return torch.optim.AdamW(groups, lr=t.lr, betas=t.betas, fused=fused or None)
+
+
+def autocast(precision: str, device: torch.device | str = "cpu"):
+    if precision == "bf16":
+        return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for g in optimizer.param_groups:
+        g["lr"] = lr
+
+
+class Budget:
+    """Stop at max_steps or when max_minutes of wall-clock time have passed."""
+
+    def __init__(self, t: TrainConfig):
+        self.max_steps = t.max_steps
+        self.deadline = time.monotonic() + t.max_minutes * 60 if t.max_minutes else None
+
+    def done(self, step: int) -> bool:
+        return step >= self.max_steps or (self.deadline is not None and time.monotonic() > self.deadline)
+
+
+def optimizer_bytes(optimizer: torch.optim.Optimizer) -> bytes:
+    buf = io.BytesIO()
+    torch.save(optimizer.state_dict(), buf)
+    return buf.getvalue()
+
+
+def load_optimizer_bytes(optimizer: torch.optim.Optimizer, data: bytes) -> None:
+    optimizer.load_state_dict(torch.load(io.BytesIO(data), weights_only=True))
+
+
+# ------------------------------------------------------------------ the dVAE
+
+
+def code_stats(tokens: torch.Tensor, codebook_size: int) -> tuple[float, float]:
+    """(perplexity of code usage, fraction of codes used) over a batch of token grids."""
+    counts = torch.bincount(tokens.flatten(), minlength=codebook_size).float()
+    p = counts / counts.sum()
+    entropy = -(p[p > 0] * p[p > 0].log()).sum()
+    return float(entropy.exp()), float((counts > 0).float().mean())
+
+
+@dataclass
+class Norm:
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    def to_unit(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised -> [0, 1]."""
+        m = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
+        s = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
+        return (x.float() * s + m).clamp(0, 1)
+
+
+def psnr_unit(a: torch.Tensor, b: torch.Tensor) -> float:
+    mse = F.mse_loss(a, b).item()
+    return 99.0 if mse == 0 else 10 * math.log10(1 / mse)
+
+
+def train_dvae(model: DiscreteVAE, batches: Iterator[torch.Tensor], r: DVAERunConfig,
+               optimizer: torch.optim.Optimizer, start_step: int, log: LogFn, checkpoint: CheckpointFn) -> int:
+    """Train from `start_step`; returns the step reached. Batches are normalised (B, 3, H, W)."""
+    t, norm = r.train, Norm(r.norm_mean, r.norm_std)
+    budget = Budget(t)
+    model.train()
+    step, seen, t0 = start_step, 0, time.perf_counter()
+    while not budget.done(step):
+        lr = lr_at(step, t)
+        set_lr(optimizer, lr)
+        q = model.quantizer
+        if r.quantizer == "gumbel":
+            frac = min(1.0, step / r.temp_anneal_steps)
+            q.temperature = r.temp_start * (r.temp_end / r.temp_start) ** frac
+            q.kl_weight = r.kl_weight * min(1.0, step / r.kl_warmup_steps)
+        optimizer.zero_grad(set_to_none=True)
+        for _ in range(t.grad_accum):
+            x = next(batches)
+            with autocast(t.precision):
+                recon, idx, q_loss = model(x)
+            rec_loss = F.mse_loss(recon.float(), x) if r.recon_loss == "mse" else F.l1_loss(recon.float(), x)
+            loss = rec_loss + q_loss
+            (loss / t.grad_accum).backward()
+            seen += x.shape[0]
+        if t.grad_clip:
+            nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+        optimizer.step()
+        step += 1
+        if r.quantizer == "vq" and step % r.restart_every == 0:
+            q.restart_dead_codes()
+        if step % t.log_every == 0 or budget.done(step):
+            ppl, used = code_stats(idx, r.codebook_size)
+            with torch.no_grad():
+                psnr = psnr_unit(norm.to_unit(recon.detach()), norm.to_unit(x))
+            elapsed = time.perf_counter() - t0
+            log(step, {"loss": loss.item(), "recon_mse": F.mse_loss(recon.detach().float(), x).item(),
+                       "psnr": psnr, "perplexity": ppl, "codes_used": used, "quantizer_loss": q_loss.item(),
+                       "temperature": getattr(q, "temperature", float("nan")), "lr": lr,
+                       "images_per_s": seen / max(elapsed, 1e-9)})
+            seen, t0 = 0, time.perf_counter()
+        if step % t.checkpoint_every == 0 and not budget.done(step):
+            checkpoint(step)
+    return step
+
+
+@torch.inference_mode()
+def evaluate_dvae(model: DiscreteVAE, batches: Iterator[torch.Tensor], norm: Norm) -> dict[str, float]:
+    """Validation PSNR (over all pixels of all batches) and codebook usage."""
+    model.eval()
+    se, n = 0.0, 0
+    counts = torch.zeros(model.c.codebook_size)
+    for x in batches:
+        tokens = model.encode(x)
+        recon = model.decode(tokens)
+        se += F.mse_loss(norm.to_unit(recon), norm.to_unit(x), reduction="sum").item()
+        n += x.numel()
+        counts += torch.bincount(tokens.flatten(), minlength=model.c.codebook_size).float().cpu()
+    mse = se / max(n, 1)
+    p = counts / counts.sum()
+    entropy = -(p[p > 0] * p[p > 0].log()).sum()
+    return {"val_psnr": 99.0 if mse == 0 else 10 * math.log10(1 / mse), "val_mse": mse,
+            "val_codes_used": float((counts > 0).float().mean()), "val_perplexity": float(entropy.exp())}
+
+
+def shuffled_batches(chunks: Iterator[dict[str, np.ndarray]], batch_size: int, buffer_rows: int,
+                     seed: int) -> Iterator[dict[str, np.ndarray]]:
+    """Mix incoming column chunks in a buffer of about `buffer_rows` rows; emit full batches."""
+    rng = np.random.default_rng(seed)
+    buf: dict[str, np.ndarray] | None = None
+    for chunk in chunks:
+        buf = chunk if buf is None else {k: np.concatenate([buf[k], chunk[k]]) for k in buf}
+        n = len(next(iter(buf.values())))
+        if n < buffer_rows + batch_size:
+            continue
+        perm = rng.permutation(n)
+        buf = {k: v[perm] for k, v in buf.items()}
+        usable = (n - buffer_rows) // batch_size * batch_size
+        for i in range(0, usable, batch_size):
+            yield {k: v[i:i + batch_size] for k, v in buf.items()}
+        buf = {k: v[usable:] for k, v in buf.items()}
+    if buf is not None:
+        n = len(next(iter(buf.values())))
+        perm = rng.permutation(n)
+        for i in range(0, n - batch_size + 1, batch_size):
+            yield {k: v[perm[i:i + batch_size]] for k, v in buf.items()}

@@ -1,0 +1,18 @@
+"""The task runner a config asks for: local threads, or Dask (a LocalCluster or a scheduler address)."""
+
+from __future__ import annotations
+
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from dalle_core.config import Config
+
+
+def task_runner(cfg: Config):
+    if cfg.runner.kind == "dask":
+        from prefect_dask import DaskTaskRunner
+
+        if cfg.runner.address:
+            return DaskTaskRunner(address=cfg.runner.address)
+        return DaskTaskRunner(cluster_kwargs={"n_workers": cfg.runner.workers, "threads_per_worker": 1,
+                                             "processes": True})
+    return ThreadPoolTaskRunner(max_workers=cfg.runner.workers)

@@ -1,0 +1,125 @@
+"""Stage 1c: pre-tokenization, image shards -> `tokens/<key>/{train,val}/part-*.parquet`.
+
+One task per shard: a crash loses at most the shards in flight, and a re-run
+writes only the shards that are missing.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import time
+
+import numpy as np
+import pyarrow as pa
+import torch
+from prefect import get_run_logger, task
+from prefect.cache_policies import NONE
+
+from dalle_core.config import Config
+from dalle_core.images import decode_png, to_tensor
+from storage.parquet import count_rows, read_shard, shard_name, shard_paths, tokens_schema, write_shard
+from storage.store import ArtifactStore
+from tasks.common import ArtifactRef, open_store, ref, stage_keys, stage_run
+from tasks.dvae import load_dvae
+from tasks.text import load_tokenizer
+
+SPLITS = ("train", "val")
+ENCODE_BATCH = 512
+
+
+@functools.lru_cache(maxsize=2)
+def _encoders(store_url: str, options: str, dvae_key: str, bpe_key: str, text_len: int):
+    store = ArtifactStore(store_url, json.loads(options))
+    model, norm = load_dvae(store, dvae_key)
+    return model, norm, load_tokenizer(store, bpe_key, text_len)
+
+
+def encoders(cfg: Config):
+    keys = stage_keys(cfg)
+    return _encoders(cfg.store.root, json.dumps(cfg.store.storage_options, sort_keys=True), keys["dvae"],
+                     keys["bpe"], cfg.text.text_len)
+
+
+@task(name="plan-pretokenize", cache_policy=NONE)
+def plan_pretokenize(cfg: Config) -> list[tuple[str, int]]:
+    """The (split, shard index) pairs still to encode; [] when the artifact is complete."""
+    store, keys = open_store(cfg), stage_keys(cfg)
+    if store.is_complete("tokens", keys["tokens"]):
+        get_run_logger().info("tokens/%s is complete; reusing it", keys["tokens"])
+        return []
+    for stage in ("images", "dvae", "bpe"):
+        store.require(stage, keys[stage])
+    store.prepare("tokens", keys["tokens"])
+    todo = []
+    for split in SPLITS:
+        for i, _ in enumerate(shard_paths(store, "images", keys["images"], split)):
+            if not store.exists(store.path("tokens", keys["tokens"], split, shard_name(i))):
+                todo.append((split, i))
+    get_run_logger().info("pretokenize: %d shard(s) to encode", len(todo))
+    return todo
+
+
+@task(name="encode-shard", cache_policy=NONE, retries=1, retry_delay_seconds=2)
+def encode_shard(cfg: Config, split: str, index: int) -> dict:
+    """Decode one image shard's PNGs, encode them with the dVAE, tokenize captions, write one token shard."""
+    store, keys = open_store(cfg), stage_keys(cfg)
+    out = store.path("tokens", keys["tokens"], split, shard_name(index))
+    if store.exists(out):
+        return {"split": split, "index": index, "rows": count_rows(store, out), "seconds": 0.0, "truncated": 0}
+    t0 = time.perf_counter()
+    model, norm, tokenizer = encoders(cfg)
+    table = read_shard(store, store.path("images", keys["images"], split, shard_name(index)))
+    captions = table.column("caption").to_pylist()
+    pngs = table.column("image").to_pylist()
+    codes = []
+    with torch.inference_mode():
+        for i in range(0, len(pngs), ENCODE_BATCH):
+            images = np.stack([decode_png(b) for b in pngs[i:i + ENCODE_BATCH]])
+            codes.append(model.encode(to_tensor(images, norm.mean, norm.std)).flatten(1).numpy())
+    image_tokens = np.concatenate(codes).astype(np.uint16)
+    text_tokens, truncated = tokenizer.encode(captions)
+    schema = tokens_schema(image_tokens.shape[1], tokenizer.vocab_size)
+    text_type = schema.field("text_tokens").type.value_type
+    columns = [
+        table.column("id"), table.column("caption"),
+        pa.ListArray.from_arrays(pa.array(np.arange(0, text_tokens.size + 1, text_tokens.shape[1], dtype=np.int32)),
+                                 pa.array(text_tokens.ravel(), type=text_type)),
+        pa.FixedSizeListArray.from_arrays(pa.array(image_tokens.ravel(), type=pa.uint16()), image_tokens.shape[1]),
+    ]
+    write_shard(store, out, pa.Table.from_arrays(columns, schema=schema))
+    seconds = time.perf_counter() - t0
+    get_run_logger().info("encoded %s shard %d: %d images in %.2fs (%.0f images/s)", split, index, len(pngs),
+                          seconds, len(pngs) / max(seconds, 1e-9))
+    return {"split": split, "index": index, "rows": len(pngs), "seconds": seconds, "truncated": int(truncated.sum())}
+
+
+@task(name="finish-pretokenize", cache_policy=NONE)
+def finish_pretokenize(cfg: Config, results: list[dict], wall_seconds: float,
+                       parent_run_id: str | None = None) -> ArtifactRef:
+    store, keys = open_store(cfg), stage_keys(cfg)
+    key = keys["tokens"]
+    if store.is_complete("tokens", key):
+        return ref(store, "tokens", key, cached=True)
+    model, _, tokenizer = encoders(cfg)
+    rows = {s: sum(count_rows(store, p) for p in shard_paths(store, "tokens", key, s)) for s in SPLITS}
+    expected = {s: sum(count_rows(store, p) for p in shard_paths(store, "images", keys["images"], s)) for s in SPLITS}
+    assert rows == expected, (rows, expected)
+    encoded = sum(r["rows"] for r in results if r["seconds"] > 0)
+    inputs = {"images": keys["images"], "dvae": keys["dvae"], "bpe": keys["bpe"]}
+    with stage_run(cfg, store, "tokens", key, {"text_len": cfg.text.text_len, **inputs}, parent_run_id) as run:
+        metrics = {"rows_train": rows["train"], "rows_val": rows["val"],
+                   "truncated_captions": sum(r["truncated"] for r in results), "shards_encoded": len(results)}
+        if encoded:
+            metrics["images_per_s"] = encoded / max(wall_seconds, 1e-9)
+        run.log_metrics(metrics)
+        grid = model.c.grid_size
+        manifest = store.finish("tokens", key, config={"text_len": cfg.text.text_len}, inputs=inputs, rows=rows,
+                                grid=[grid, grid], codebook_size=model.c.codebook_size,
+                                vocab_size=tokenizer.vocab_size, pad_id=tokenizer.pad_id,
+                                text_len=cfg.text.text_len, dvae_key=keys["dvae"], bpe_key=keys["bpe"],
+                                truncated_captions=metrics["truncated_captions"])
+        run.log_dict(manifest, "manifest.json")
+    get_run_logger().info("tokens/%s: %s rows%s", key, rows,
+                          f", {metrics['images_per_s']:.0f} images/s" if encoded else "")
+    return ref(store, "tokens", key, cached=False)

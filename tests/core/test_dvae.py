@@ -1,0 +1,64 @@
+import numpy as np
+import pytest
+import torch
+
+from dalle_core import shapes
+from dalle_core.config import config_from_dict
+from dalle_core.dvae import DiscreteVAE, DVAEConfig, VectorQuantizer
+from dalle_core.images import to_tensor
+from dalle_core.train import make_optimizer, train_dvae
+
+
+def small(quantizer: str, downsamples: int = 2, **kw) -> DVAEConfig:
+    return DVAEConfig(image_size=32, codebook_size=64, codebook_dim=32, hidden=32, num_downsamples=downsamples,
+                      quantizer=quantizer, **kw)
+
+
+@pytest.mark.parametrize("quantizer", ["gumbel", "vq"])
+@pytest.mark.parametrize("downsamples,grid", [(2, 8), (3, 4)])
+def test_encode_decode_shapes(quantizer, downsamples, grid):
+    model = DiscreteVAE(small(quantizer, downsamples)).eval()
+    x = torch.randn(5, 3, 32, 32)
+    with torch.inference_mode():
+        tokens = model.encode(x)
+        assert tokens.shape == (5, grid, grid) and tokens.dtype == torch.long
+        assert int(tokens.min()) >= 0 and int(tokens.max()) < 64
+        assert model.decode(tokens).shape == (5, 3, 32, 32)
+
+
+def test_decode_of_encode_matches_forward_in_eval():
+    model = DiscreteVAE(small("vq")).eval()
+    x = torch.randn(3, 3, 32, 32)
+    with torch.inference_mode():
+        recon, idx, _ = model(x)
+        assert torch.equal(idx, model.encode(x))
+        assert torch.allclose(recon, model.decode(idx), atol=1e-5)
+
+
+@pytest.mark.parametrize("quantizer", ["gumbel", "vq"])
+def test_overfits_a_handful_of_shapes(quantizer):
+    torch.manual_seed(0)
+    images = to_tensor(np.stack([r[3] for r in shapes.generate(8, 32, seed=5)]))
+    run = config_from_dict({"dvae": {"quantizer": quantizer, "codebook_size": 64, "codebook_dim": 32, "hidden": 32,
+                                     "temp_anneal_steps": 150, "kl_weight": 0.0,
+                                     "train": {"max_steps": 150, "lr": 3e-3, "warmup_steps": 10, "log_every": 10}}}).dvae
+    model = DiscreteVAE(small(quantizer))
+    losses = []
+    train_dvae(model, iter(lambda: images, None), run, make_optimizer(model, run.train), 0,
+               lambda step, m: losses.append(m["recon_mse"]), lambda step: None)
+    assert losses[-1] < 0.25 * losses[0], losses
+
+
+def test_dead_code_restart_revives_unused_codes():
+    torch.manual_seed(0)
+    vq = VectorQuantizer(small("vq", dead_code_threshold=0.5)).train()
+    vq.embed[32:] += 100.0  # half the codebook is far from every input: never chosen
+    vq.ema_sum.copy_(vq.embed)
+    z = torch.randn(4, 32, 8, 8)
+    for _ in range(100):  # EMA usage of the far codes decays from 1 to 0.99**100
+        _, idx, _ = vq(z)
+    assert idx.max() < 32  # the far codes stayed dead
+    revived = vq.restart_dead_codes()
+    assert revived >= 32
+    _, idx, _ = vq(torch.randn(4, 32, 8, 8))
+    assert (idx >= 32).any()  # restarted codes now win some inputs

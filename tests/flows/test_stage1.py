@@ -1,0 +1,156 @@
+import shutil
+
+import datasets
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pytest
+import torch
+from mlflow import MlflowClient
+
+import tasks.dvae
+from dalle_core.config import load_config
+from dalle_core.images import decode_png, to_tensor
+from flows.pretokenize import pretokenize_flow
+from flows.train_bpe import train_bpe_flow
+from flows.train_dvae import train_dvae_flow
+from storage.parquet import read_shard, shard_paths
+from tasks.common import open_store, stage_keys
+from tasks.dvae import load_dvae
+from tasks.text import load_tokenizer
+from tests.conftest import TINY
+
+
+@pytest.fixture(scope="module")
+def done(tmp_path_factory):
+    """A finished tiny pretokenize run (ingest, dVAE, BPE, tokens)."""
+    tmp = tmp_path_factory.mktemp("stage1")
+    ov = [f"store.root={tmp / 'store'}", f"tracking.uri=sqlite:///{tmp / 'mlflow.db'}"]
+    ref = pretokenize_flow(config=str(TINY), overrides=ov)
+    cfg = load_config(TINY, ov)
+    return cfg, ov, ref, tmp
+
+
+def test_token_shards_match_dvae_encode(done):
+    cfg, _, ref, _ = done
+    store, keys = open_store(cfg), stage_keys(cfg)
+    model, norm = load_dvae(store, keys["dvae"])
+    for split in ("train", "val"):
+        for img_path, tok_path in zip(shard_paths(store, "images", keys["images"], split),
+                                      shard_paths(store, "tokens", ref.key, split), strict=True):
+            images, tokens = read_shard(store, img_path), read_shard(store, tok_path)
+            assert tokens.column("id").to_pylist() == images.column("id").to_pylist()
+            pixels = np.stack([decode_png(b) for b in images.column("image").to_pylist()])
+            with torch.inference_mode():
+                expect = model.encode(to_tensor(pixels, norm.mean, norm.std)).flatten(1).numpy()
+            got = np.stack(tokens.column("image_tokens").to_numpy(zero_copy_only=False))
+            assert np.array_equal(got, expect)
+
+
+def test_token_schema_and_manifest(done):
+    cfg, _, ref, _ = done
+    store, keys = open_store(cfg), stage_keys(cfg)
+    m = store.manifest("tokens", ref.key)
+    assert m["rows"] == {"train": 360, "val": 40}
+    assert m["grid"] == [8, 8] and m["codebook_size"] == 64 and m["text_len"] == 16
+    assert m["dvae_key"] == keys["dvae"] and m["bpe_key"] == keys["bpe"]
+    tok = load_tokenizer(store, keys["bpe"], 16)
+    assert m["vocab_size"] == tok.vocab_size
+    t = read_shard(store, shard_paths(store, "tokens", ref.key, "train")[0])
+    assert t.schema.field("image_tokens").type == pa.list_(pa.uint16(), 64)
+    assert t.schema.field("text_tokens").type == pa.list_(pa.uint16())
+    row = t.slice(0, 1).to_pylist()[0]
+    assert len(row["text_tokens"]) == 16
+    assert tok.decode(row["text_tokens"]) == row["caption"]
+
+
+def test_token_shards_readable_by_other_clients(done):
+    cfg, _, ref, _ = done
+    store = open_store(cfg)
+    base = store.path("tokens", ref.key)
+    table = pads.dataset(f"{base}/train", format="parquet").to_table()
+    assert table.num_rows == 360
+    ds = datasets.load_dataset("parquet", data_files={"train": f"{base}/train/*.parquet",
+                                                      "val": f"{base}/val/*.parquet"})
+    assert ds["train"].num_rows == 360 and ds["val"].num_rows == 40
+    assert len(ds["val"][0]["image_tokens"]) == 64
+
+
+def test_dvae_stage_tracked_and_reused(done):
+    cfg, ov, _, _ = done
+    store, keys = open_store(cfg), stage_keys(cfg)
+    m = store.manifest("dvae", keys["dvae"])
+    assert m["steps"] == 30 and {"model.safetensors", "config.json", "reconstructions.png"} <= set(m["files"])
+    assert not any(f.startswith("checkpoints/") for f in m["files"])
+    client = MlflowClient(cfg.tracking.uri)
+    run = client.search_runs([client.get_experiment_by_name("dalle").experiment_id], "tags.stage = 'dvae'")[0]
+    for metric in ("loss", "recon_mse", "psnr", "perplexity", "codes_used", "lr", "images_per_s", "val_psnr"):
+        assert metric in run.data.metrics, metric
+    assert [h.step for h in client.get_metric_history(run.info.run_id, "loss")] == [10, 20, 30]
+    assert train_dvae_flow(config=str(TINY), overrides=ov).cached
+
+
+def test_crash_after_one_shard_then_rerun_is_identical(done):
+    cfg, ov, ref, tmp = done
+    store = open_store(cfg)
+    clean = {p: store.read_bytes(p) for s in ("train", "val") for p in shard_paths(store, "tokens", ref.key, s)}
+    # Simulate a crash: only the first shard and a half-written temporary file survive.
+    crashed_root = tmp / "crashed"
+    shutil.copytree(store.root, crashed_root)
+    ov2 = [f"store.root={crashed_root}", *ov[1:]]
+    cfg2 = load_config(TINY, ov2)
+    store2 = open_store(cfg2)
+    paths2 = sorted(p for s in ("train", "val") for p in shard_paths(store2, "tokens", ref.key, s))
+    for p in paths2[1:]:
+        store2.fs.rm(p)
+    store2.fs.rm(store2.path("tokens", ref.key, "manifest.json"))
+    store2.write_bytes(store2.path("tokens", ref.key, "train", ".tmp-x-part-00001.parquet"), b"half")
+    kept_mtime = store2.fs.modified(paths2[0])
+    again = pretokenize_flow(config=str(TINY), overrides=ov2)
+    assert not again.cached and store2.is_complete("tokens", ref.key)
+    assert store2.fs.modified(paths2[0]) == kept_mtime  # the finished shard was not redone
+    redone = {p.replace(str(crashed_root), store.root): store2.read_bytes(p)
+              for s in ("train", "val") for p in shard_paths(store2, "tokens", ref.key, s)}
+    assert redone == clean
+    assert not [p for p in store2.fs.find(store2.path("tokens", ref.key)) if ".tmp-" in p]
+
+
+def test_bpe_truncates_and_accepts_existing_tokenizer(done, tmp_path):
+    cfg, ov, _, _ = done
+    store, keys = open_store(cfg), stage_keys(cfg)
+    tok = load_tokenizer(store, keys["bpe"], 4)
+    ids, truncated = tok.encode(["a large red circle in the top left", "a"])
+    assert ids.shape == (2, 4) and truncated.tolist() == [True, False]
+    assert (ids[1, 1:] == tok.pad_id).all()
+    path = tmp_path / "tokenizer.json"
+    path.write_bytes(store.read_bytes(store.path("bpe", keys["bpe"], "tokenizer.json")))
+    ref = train_bpe_flow(config=str(TINY), overrides=[*ov, f"text.tokenizer_path={path}"])
+    assert ref.key != keys["bpe"]
+    assert store.read_bytes(store.path("bpe", ref.key, "tokenizer.json")) == path.read_bytes()
+
+
+def test_killed_dvae_training_resumes_from_checkpoint(tiny, monkeypatch):
+    config, make = tiny
+    ov = make()
+    real_save = tasks.dvae.save_checkpoint
+
+    def save_then_die(*args, **kwargs):
+        real_save(*args, **kwargs)
+        raise RuntimeError("simulated kill after the first checkpoint")
+
+    monkeypatch.setattr(tasks.dvae, "save_checkpoint", save_then_die)
+    with pytest.raises(RuntimeError, match="simulated kill"):
+        train_dvae_flow(config=config, overrides=ov)
+    cfg = load_config(config, ov)
+    store, key = open_store(cfg), stage_keys(cfg)["dvae"]
+    assert not store.is_complete("dvae", key)
+    assert store.read_json(store.path("dvae", key, "checkpoints", "latest.json"))["step"] == 15
+    monkeypatch.setattr(tasks.dvae, "save_checkpoint", real_save)
+    ref = train_dvae_flow(config=config, overrides=ov)
+    assert not ref.cached and store.manifest("dvae", key)["steps"] == 30
+    client = MlflowClient(cfg.tracking.uri)
+    runs = client.search_runs([client.get_experiment_by_name("dalle").experiment_id],
+                              "tags.stage = 'dvae'", order_by=["attributes.start_time ASC"])
+    assert [r.info.status for r in runs] == ["FAILED", "FINISHED"]
+    assert runs[1].data.tags["resumed_from_step"] == "15"
+    assert [h.step for h in client.get_metric_history(runs[1].info.run_id, "loss")] == [20, 30]
