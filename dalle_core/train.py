@@ -189,3 +189,72 @@ def shuffled_batches(chunks: Iterator[dict[str, np.ndarray]], batch_size: int, b
         perm = rng.permutation(n)
         for i in range(0, n - batch_size + 1, batch_size):
             yield {k: v[perm[i:i + batch_size]] for k, v in buf.items()}
+
+
+# ----------------------------------------------------------- the transformer
+
+
+def drop_captions(text: torch.Tensor, p: float, pad_id: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Replace each caption by the all-padding caption with probability p (for classifier-free guidance)."""
+    if p <= 0:
+        return text
+    drop = torch.rand(text.shape[0], generator=generator) < p
+    return torch.where(drop.to(text.device)[:, None], torch.full_like(text, pad_id), text)
+
+
+def train_transformer(model: nn.Module, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], t: TrainConfig,
+                      caption_dropout: float, pad_id: int, optimizer: torch.optim.Optimizer, start_step: int,
+                      log: LogFn, checkpoint: CheckpointFn, every: tuple[int, Callable[[int], None]] | None = None,
+                      device: str = "cpu", world_size: int = 1) -> int:
+    """Next-token training on cached (text, image) token batches; returns the step reached.
+
+    `model` may be DDP-wrapped; it returns (loss, text_loss, image_loss). `every`
+    = (n, fn) calls fn(step) every n steps (sample grids).
+    """
+    budget = Budget(t)
+    model.train()
+    gen = torch.Generator().manual_seed(t.seed * 1000003 + start_step)
+    step, tokens, t0 = start_step, 0, time.perf_counter()
+    while not budget.done(step):
+        lr = lr_at(step, t)
+        set_lr(optimizer, lr)
+        optimizer.zero_grad(set_to_none=True)
+        for _ in range(t.grad_accum):
+            text, image = next(batches)
+            text, image = text.to(device, non_blocking=True), image.to(device, non_blocking=True)
+            text = drop_captions(text, caption_dropout, pad_id, gen)
+            with autocast(t.precision, device):
+                loss, text_loss, image_loss = model(text, image)
+            (loss / t.grad_accum).backward()
+            tokens += text.numel() + image.numel()
+        grad_norm = nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip or float("inf"))
+        optimizer.step()
+        step += 1
+        if step % t.log_every == 0 or budget.done(step):
+            elapsed = time.perf_counter() - t0
+            log(step, {"loss": loss.item(), "text_loss": text_loss.item(), "image_loss": image_loss.item(),
+                       "lr": lr, "grad_norm": float(grad_norm), "tokens_per_s": world_size * tokens / max(elapsed, 1e-9)})
+            tokens, t0 = 0, time.perf_counter()
+        if every and step % every[0] == 0 and not budget.done(step):
+            every[1](step)
+            model.train()
+        if step % t.checkpoint_every == 0 and not budget.done(step):
+            checkpoint(step)
+    return step
+
+
+@torch.inference_mode()
+def evaluate_transformer(model: nn.Module, batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
+                         precision: str = "fp32", device: str = "cpu") -> dict[str, float]:
+    """Mean losses over all batches; image loss also in bits per image token."""
+    model.eval()
+    sums, n = np.zeros(3), 0
+    for text, image in batches:
+        text, image = text.to(device), image.to(device)
+        with autocast(precision, device):
+            losses = model(text, image)
+        sums += np.array([x.item() for x in losses]) * text.shape[0]
+        n += text.shape[0]
+    loss, text_loss, image_loss = sums / max(n, 1)
+    return {"val_loss": loss, "val_text_loss": text_loss, "val_image_loss": image_loss,
+            "val_bits_per_image_token": image_loss / math.log(2)}

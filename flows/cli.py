@@ -29,9 +29,10 @@ def _stage_flows() -> dict:
     from flows.pretokenize import pretokenize_flow
     from flows.train_bpe import train_bpe_flow
     from flows.train_dvae import train_dvae_flow
+    from flows.train_transformer import train_transformer_flow
 
     return {"ingest": ingest_flow, "train-dvae": train_dvae_flow, "train-bpe": train_bpe_flow,
-            "pretokenize": pretokenize_flow}
+            "pretokenize": pretokenize_flow, "train-transformer": train_transformer_flow}
 
 
 def _human(n: float) -> str:
@@ -90,6 +91,8 @@ def cmd_ui(args) -> int:
 
 
 def cmd_stage(args) -> int:
+    if getattr(args, "nproc", None):
+        args.overrides.append(f"transformer.nproc={args.nproc}")
     load_config(args.config, args.overrides)  # fail on a bad config before Prefect starts
     flow = _stage_flows()[args.command]
     result = flow(config=args.config, overrides=args.overrides)
@@ -118,6 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=5000)
     p.set_defaults(func=cmd_ui)
+    sub.choices["train-transformer"].add_argument("--nproc", type=int, default=None,
+                                                  help="DDP processes (torchrun); same as --set transformer.nproc=N")
     return parser
 
 

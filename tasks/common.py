@@ -63,13 +63,30 @@ def ref(store: ArtifactStore, stage: str, key: str, cached: bool) -> ArtifactRef
     return ArtifactRef(stage, key, cached, store.uri(store.path(stage, key)))
 
 
+def logger():
+    """The Prefect run logger inside a flow/task; a plain logger elsewhere (torchrun workers)."""
+    try:
+        return get_run_logger()
+    except Exception:  # MissingContextError outside a run
+        import logging
+
+        log = logging.getLogger("dalle")
+        if not log.handlers:
+            handler = logging.StreamHandler()
+            handler.setFormatter(logging.Formatter("%(asctime)s | %(levelname)-7s | %(message)s", "%H:%M:%S"))
+            log.addHandler(handler)
+            log.setLevel(logging.INFO)
+            log.propagate = False
+        return log
+
+
 def stage_run(cfg: Config, store: ArtifactStore, stage: str, key: str, params: dict,
-              parent_run_id: str | None = None) -> StageRun:
+              parent_run_id: str | None = None, flow_run_id: str | None = None) -> StageRun:
     """Start the MLflow run of one stage execution, tagged with its key and the Prefect flow run."""
     run = StageRun(tracking_uri(cfg.tracking.uri, store), cfg.tracking.experiment, store, f"{stage}-{key}",
-                   stage=stage, key=key, parent_run_id=parent_run_id, flow_run_id=flow_run.get_id())
+                   stage=stage, key=key, parent_run_id=parent_run_id, flow_run_id=flow_run_id or flow_run.get_id())
     run.log_params(flatten(params))
-    get_run_logger().info("MLflow run %s (stage %s, key %s)", run.run_id, stage, key)
+    logger().info("MLflow run %s (stage %s, key %s)", run.run_id, stage, key)
     return run
 
 
@@ -80,7 +97,7 @@ class Progress:
         self.what, self.total, self.unit, self.every_s = what, total, unit, every_s
         self.start = self.last = time.perf_counter()
         self.done = 0
-        self.logger = get_run_logger()
+        self.logger = logger()
 
     def update(self, n: int = 1, extra: str = "", force: bool = False) -> None:
         self.done += n
@@ -131,7 +148,7 @@ def save_checkpoint(store: ArtifactStore, stage: str, key: str, model, optimizer
     for old in store.listdir(store.path(stage, key, "checkpoints")):
         if old.startswith("step-") and old != name:
             store.fs.rm(store.path(stage, key, "checkpoints", old), recursive=True)
-    get_run_logger().info("checkpoint %s/%s at step %d", stage, key, step)
+    logger().info("checkpoint %s/%s at step %d", stage, key, step)
 
 
 def load_checkpoint(store: ArtifactStore, stage: str, key: str, model, optimizer) -> tuple[int, dict]:
@@ -145,7 +162,7 @@ def load_checkpoint(store: ArtifactStore, stage: str, key: str, model, optimizer
     base = store.path(stage, key, "checkpoints", info["dir"])
     load_state_bytes(model, store.read_bytes(f"{base}/model.safetensors"))
     load_optimizer_bytes(optimizer, store.read_bytes(f"{base}/optimizer.pt"))
-    get_run_logger().info("resuming %s/%s from its checkpoint at step %d", stage, key, info["step"])
+    logger().info("resuming %s/%s from its checkpoint at step %d", stage, key, info["step"])
     return int(info["step"]), info
 
 

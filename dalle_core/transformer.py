@@ -1,0 +1,189 @@
+"""The DALL-E transformer (stage 2): a decoder-only model of `[text ; image]` token sequences.
+
+Sequence layout, for text_len = T and an h x w grid of image codes (N = h*w):
+
+    position  0 .. T-1          T .. T+N-2
+    input     text[0 .. T-1]    image[0 .. N-2]
+    predicts  text[1 .. T-1], image[0]  |  image[1 .. N-1]
+
+Text positions predict only text ids (text head), image positions only image
+codes (image head). The loss weighs text 1/8 and image 7/8 (DALL-E). A padding
+token at text position i gets its own learned embedding (DALL-E's per-position
+padding), and image positions are row + column embeddings (axial), so the
+grid shape is explicit.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class DALLEConfig:
+    text_vocab: int = 1000  # BPE vocabulary, pad included
+    text_len: int = 32  # captions are padded/truncated to this many tokens
+    pad_id: int = 0
+    image_vocab: int = 512  # dVAE codebook size
+    image_grid: int = 8  # the dVAE's token grid is image_grid x image_grid
+    dim: int = 256
+    depth: int = 4
+    heads: int = 8
+    dropout: float = 0.0
+    tie_image_embedding: bool = False  # image head shares the image token embedding
+    text_loss_weight: float = 1 / 8  # image weight = 1 - this
+
+    @property
+    def image_len(self) -> int:
+        return self.image_grid * self.image_grid
+
+    @property
+    def seq_len(self) -> int:  # tokens the model reads: the last image token is only predicted
+        return self.text_len + self.image_len - 1
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, c: DALLEConfig):
+        super().__init__()
+        assert c.dim % c.heads == 0
+        self.heads, self.dropout = c.heads, c.dropout
+        self.qkv = nn.Linear(c.dim, 3 * c.dim)  # fused q, k, v
+        self.proj = nn.Linear(c.dim, c.dim)
+        self.resid_drop = nn.Dropout(c.dropout)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0, pos: int = 0) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=2)
+        q = q.view(B, T, self.heads, C // self.heads).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.heads, C // self.heads).transpose(1, 2)
+        v = v.view(B, T, self.heads, C // self.heads).transpose(1, 2)
+        if cache is not None:  # write this step's keys/values, attend over everything so far
+            k, v = cache.update(layer, pos, k, v)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble heads
+        return self.resid_drop(self.proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, c: DALLEConfig):
+        super().__init__()
+        self.fc = nn.Linear(c.dim, 4 * c.dim)
+        self.proj = nn.Linear(4 * c.dim, c.dim)
+        self.drop = nn.Dropout(c.dropout)
+
+    def forward(self, x):
+        return self.drop(self.proj(F.gelu(self.fc(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block."""
+
+    def __init__(self, c: DALLEConfig):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(c.dim)
+        self.attn = CausalSelfAttention(c)
+        self.ln2 = nn.LayerNorm(c.dim)
+        self.mlp = MLP(c)
+
+    def forward(self, x, cache=None, layer=0, pos=0):
+        x = x + self.attn(self.ln1(x), cache, layer, pos)
+        return x + self.mlp(self.ln2(x))
+
+
+class KVCache:
+    """Preallocated keys/values for every layer: (depth, B, nh, max_len, hs); no per-step allocation."""
+
+    def __init__(self, c: DALLEConfig, batch: int, device=None, dtype=torch.float32):
+        shape = (c.depth, batch, c.heads, c.seq_len, c.dim // c.heads)
+        self.k = torch.empty(shape, device=device, dtype=dtype)
+        self.v = torch.empty(shape, device=device, dtype=dtype)
+
+    def update(self, layer: int, pos: int, k: torch.Tensor, v: torch.Tensor):
+        T = k.shape[2]
+        self.k[layer, :, :, pos:pos + T] = k
+        self.v[layer, :, :, pos:pos + T] = v
+        return self.k[layer, :, :, :pos + T], self.v[layer, :, :, :pos + T]
+
+
+class DALLE(nn.Module):
+    def __init__(self, c: DALLEConfig):
+        super().__init__()
+        self.c = c
+        self.text_emb = nn.Embedding(c.text_vocab + c.text_len, c.dim)  # last text_len rows: per-position pads
+        self.text_pos = nn.Embedding(c.text_len, c.dim)
+        self.image_emb = nn.Embedding(c.image_vocab, c.dim)
+        self.row_emb = nn.Embedding(c.image_grid, c.dim)  # axial image positions
+        self.col_emb = nn.Embedding(c.image_grid, c.dim)
+        self.drop = nn.Dropout(c.dropout)
+        self.blocks = nn.ModuleList([Block(c) for _ in range(c.depth)])
+        self.ln_f = nn.LayerNorm(c.dim)
+        self.text_head = nn.Linear(c.dim, c.text_vocab, bias=False)
+        self.image_head = nn.Linear(c.dim, c.image_vocab, bias=False)
+        if c.tie_image_embedding:
+            self.image_head.weight = self.image_emb.weight
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # GPT-2: scaled init of residual projections
+            if name.endswith("proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * c.depth))
+        self.register_buffer("text_positions", torch.arange(c.text_len), persistent=False)
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, mean=0.0, std=0.02)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+    def image_pos(self, start: int, n: int) -> torch.Tensor:
+        """(n, dim) position embeddings of image tokens start .. start+n-1 (row-major)."""
+        idx = torch.arange(start, start + n, device=self.row_emb.weight.device)
+        return self.row_emb(idx // self.c.image_grid) + self.col_emb(idx % self.c.image_grid)
+
+    def embed_text(self, text: torch.Tensor) -> torch.Tensor:
+        """(B, text_len) ids -> (B, text_len, dim); each pad position has its own embedding."""
+        ids = torch.where(text == self.c.pad_id, self.c.text_vocab + self.text_positions, text)
+        return self.text_emb(ids) + self.text_pos(self.text_positions)
+
+    def embed_image(self, image: torch.Tensor, start: int = 0) -> torch.Tensor:
+        return self.image_emb(image) + self.image_pos(start, image.shape[1])
+
+    def hidden(self, x: torch.Tensor, cache: KVCache | None = None, pos: int = 0) -> torch.Tensor:
+        x = self.drop(x)
+        for i, block in enumerate(self.blocks):
+            x = block(x, cache, i, pos)
+        return self.ln_f(x)
+
+    def forward(self, text: torch.Tensor, image: torch.Tensor):
+        """Training losses for (B, text_len) text ids and (B, N) image codes: (loss, text_loss, image_loss)."""
+        T = self.c.text_len
+        x = torch.cat([self.embed_text(text), self.embed_image(image[:, :-1])], dim=1)  # (B, T+N-1, dim)
+        h = self.hidden(x)
+        text_logits = self.text_head(h[:, : T - 1])  # predicts text[1:]
+        image_logits = self.image_head(h[:, T - 1:])  # predicts image[0:]
+        text_loss = F.cross_entropy(text_logits.flatten(0, 1).float(), text[:, 1:].flatten())
+        image_loss = F.cross_entropy(image_logits.flatten(0, 1).float(), image.flatten())
+        w = self.c.text_loss_weight
+        return w * text_loss + (1 - w) * image_loss, text_loss, image_loss
+
+    def logits(self, text: torch.Tensor, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Full recompute (no cache): text logits (B, T-1, text_vocab), image logits (B, n+1, image_vocab)
+        for a text and the first n image codes (n may be 0)."""
+        T = self.c.text_len
+        x = self.embed_text(text)
+        if image.shape[1]:
+            x = torch.cat([x, self.embed_image(image)], dim=1)
+        h = self.hidden(x)
+        return self.text_head(h[:, : T - 1]), self.image_head(h[:, T - 1:])
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def flops_per_token(self) -> float:
+        """Training FLOPs per token (PaLM appendix B: 6N + 12 * L * dim * seq)."""
+        n = self.num_params() - self.text_emb.weight.numel() - self.image_emb.weight.numel()
+        return 6 * n + 12 * self.c.depth * self.c.dim * self.c.seq_len
