@@ -7,3 +7,25 @@ def prefect_backend():
     """One temporary Prefect server (SQLite) for the whole test session."""
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+@pytest.fixture(scope="session")
+def pretokenized(tmp_path_factory, prefect_backend):
+    """A store holding a finished tiny ingest -> dVAE -> BPE -> tokens run (shared, do not modify)."""
+    from flows.pretokenize import pretokenize_flow
+    from tests.conftest import TINY
+
+    tmp = tmp_path_factory.mktemp("pretokenized")
+    ov = [f"store.root={tmp / 'store'}", f"tracking.uri=sqlite:///{tmp / 'mlflow.db'}"]
+    ref = pretokenize_flow(config=str(TINY), overrides=ov)
+    return tmp, ov, ref
+
+
+@pytest.fixture
+def store_copy(pretokenized, tmp_path):
+    """Overrides for a private copy of the pretokenized store, with its own MLflow database."""
+    import shutil
+
+    src, _, _ = pretokenized
+    shutil.copytree(src / "store", tmp_path / "store", ignore=shutil.ignore_patterns("mlflow.db", "mlartifacts"))
+    return [f"store.root={tmp_path / 'store'}", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"]

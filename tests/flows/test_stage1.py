@@ -22,13 +22,9 @@ from tests.conftest import TINY
 
 
 @pytest.fixture(scope="module")
-def done(tmp_path_factory):
-    """A finished tiny pretokenize run (ingest, dVAE, BPE, tokens)."""
-    tmp = tmp_path_factory.mktemp("stage1")
-    ov = [f"store.root={tmp / 'store'}", f"tracking.uri=sqlite:///{tmp / 'mlflow.db'}"]
-    ref = pretokenize_flow(config=str(TINY), overrides=ov)
-    cfg = load_config(TINY, ov)
-    return cfg, ov, ref, tmp
+def done(pretokenized):
+    tmp, ov, ref = pretokenized
+    return load_config(TINY, ov), ov, ref, tmp
 
 
 def test_token_shards_match_dvae_encode(done):
