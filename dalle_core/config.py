@@ -161,6 +161,12 @@ class GenerateConfig(Section):
     seed: int = 0
 
 
+class EvaluateConfig(Section):
+    num_prompts: int = Field(64, ge=1)  # val captions sampled for the evaluation
+    num_candidates: int = Field(16, ge=1)  # reranking gain is reported at N = 1, 4, 16 (those <= this)
+    seed: int = 1234
+
+
 class StoreConfig(Section):
     root: str = "./artifacts"  # any fsspec URL: memory://, s3://bucket/prefix, gs://...
     storage_options: dict[str, Any] = {}
@@ -184,6 +190,7 @@ class Config(Section):
     transformer: TransformerConfig = TransformerConfig()
     clip: CLIPConfig = CLIPConfig()
     generate: GenerateConfig = GenerateConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
     store: StoreConfig = StoreConfig()
     tracking: TrackingConfig = TrackingConfig()
     runner: RunnerConfig = RunnerConfig()

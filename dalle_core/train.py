@@ -258,3 +258,43 @@ def evaluate_transformer(model: nn.Module, batches: Iterator[tuple[torch.Tensor,
     loss, text_loss, image_loss = sums / max(n, 1)
     return {"val_loss": loss, "val_text_loss": text_loss, "val_image_loss": image_loss,
             "val_bits_per_image_token": image_loss / math.log(2)}
+
+
+# ------------------------------------------------------------------- CLIP
+
+
+def train_clip(model: nn.Module, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], t: TrainConfig,
+               optimizer: torch.optim.Optimizer, start_step: int, log: LogFn, checkpoint: CheckpointFn,
+               evaluate: Callable[[], dict[str, float]] | None = None, eval_every: int = 0) -> int:
+    """Contrastive training on (normalised images, CLIP text ids) batches; returns the step reached."""
+    from dalle_core.clip import clamp_logit_scale, contrastive_loss
+
+    budget = Budget(t)
+    model.train()
+    step, seen, t0 = start_step, 0, time.perf_counter()
+    while not budget.done(step):
+        lr = lr_at(step, t)
+        set_lr(optimizer, lr)
+        optimizer.zero_grad(set_to_none=True)
+        for _ in range(t.grad_accum):
+            images, text = next(batches)
+            with autocast(t.precision):
+                loss, temperature = contrastive_loss(model, images, text)
+            (loss / t.grad_accum).backward()
+            seen += images.shape[0]
+        if t.grad_clip:
+            nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+        optimizer.step()
+        clamp_logit_scale(model)
+        step += 1
+        if step % t.log_every == 0 or budget.done(step):
+            metrics = {"loss": loss.item(), "temperature": temperature, "lr": lr,
+                       "images_per_s": seen / max(time.perf_counter() - t0, 1e-9)}
+            if evaluate and eval_every and step % eval_every == 0:
+                metrics.update(evaluate())
+                model.train()
+            log(step, metrics)
+            seen, t0 = 0, time.perf_counter()
+        if step % t.checkpoint_every == 0 and not budget.done(step):
+            checkpoint(step)
+    return step

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
@@ -25,14 +26,18 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def _stage_flows() -> dict:
+    from flows.evaluate import evaluate_flow
+    from flows.generate import generate_flow
     from flows.ingest import ingest_flow
     from flows.pretokenize import pretokenize_flow
     from flows.train_bpe import train_bpe_flow
+    from flows.train_clip import train_clip_flow
     from flows.train_dvae import train_dvae_flow
     from flows.train_transformer import train_transformer_flow
 
     return {"ingest": ingest_flow, "train-dvae": train_dvae_flow, "train-bpe": train_bpe_flow,
-            "pretokenize": pretokenize_flow, "train-transformer": train_transformer_flow}
+            "pretokenize": pretokenize_flow, "train-transformer": train_transformer_flow,
+            "train-clip": train_clip_flow, "generate": generate_flow, "evaluate": evaluate_flow}
 
 
 def _human(n: float) -> str:
@@ -90,23 +95,78 @@ def cmd_ui(args) -> int:
     return subprocess.call([exe, "ui", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port)])
 
 
+def _print_results(cfg, stages_ran: list[str]) -> None:
+    """After generation/evaluation: the evaluation table and where the pictures are."""
+    from tasks.common import open_store, stage_keys
+    from tasks.evaluate import format_report
+
+    store, keys = open_store(cfg), stage_keys(cfg)
+    if "evaluate" in stages_ran and store.is_complete("evaluation", keys["evaluation"]):
+        print(format_report(store.read_json(store.path("evaluation", keys["evaluation"], "evaluation.json"))))
+        print(f"evaluation: {store.uri(store.path('evaluation', keys['evaluation'], 'evaluation.json'))}")
+        print(f"top-1 vs random candidate: {store.uri(store.path('evaluation', keys['evaluation'], 'top1_vs_random.png'))}")
+    if "generate" in stages_ran and store.is_complete("generations", keys["generations"]):
+        print(f"contact sheet: {store.uri(store.path('generations', keys['generations'], 'contact_sheet.png'))}")
+
+
 def cmd_stage(args) -> int:
     if getattr(args, "nproc", None):
         args.overrides.append(f"transformer.nproc={args.nproc}")
-    load_config(args.config, args.overrides)  # fail on a bad config before Prefect starts
-    flow = _stage_flows()[args.command]
-    result = flow(config=args.config, overrides=args.overrides)
+    if args.command == "generate":
+        prompts = list(args.prompts)
+        if args.prompts_file:
+            if not os.path.isfile(args.prompts_file):
+                raise ConfigError(f"--prompts-file {args.prompts_file!r} does not exist")
+            with open(args.prompts_file, encoding="utf-8") as f:
+                prompts += [line.strip() for line in f if line.strip()]
+        if prompts:
+            args.overrides.append(f"generate.prompts={json.dumps(prompts)}")
+    cfg = load_config(args.config, args.overrides)  # fail on a bad config before Prefect starts
+    result = _stage_flows()[args.command](config=args.config, overrides=args.overrides)
     print(result)
+    _print_results(cfg, {"generate": ["generate"], "evaluate": ["evaluate"]}.get(args.command, []))
+    if args.command == "generate" and args.out:
+        from tasks.generate import export_generations
+
+        for path in export_generations(cfg, result.key, args.out):
+            print(path)
+    return 0
+
+
+def cmd_run(args) -> int:
+    from flows.pipeline import pipeline_flow
+    from tasks.pipeline import select_stages
+
+    cfg = load_config(args.config, args.overrides)
+    stages = select_stages(args.only, args.from_stage)
+    for s in args.force or []:
+        select_stages([s], None)
+    refs = pipeline_flow(config=args.config, overrides=args.overrides, only=args.only, from_stage=args.from_stage,
+                         force=args.force)
+    print("\npipeline")
+    for stage, r in refs.items():
+        print(f"  {stage:<12} {r}")
+    _print_results(cfg, stages)
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dalle", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("run", help="run the whole pipeline (finished stages come from the cache)")
+    _common(p)
+    p.add_argument("--only", nargs="+", metavar="STAGE", help="run only these stages (upstream must exist)")
+    p.add_argument("--from", dest="from_stage", metavar="STAGE", help="run this stage and everything after it")
+    p.add_argument("--force", nargs="+", metavar="STAGE", help="redo these stages and everything downstream")
+    p.set_defaults(func=cmd_run)
     for name in _stage_flows():
         p = sub.add_parser(name, help=f"run the {name} stage (and any missing upstream stage)")
         _common(p)
         p.set_defaults(func=cmd_stage)
+    gen = sub.choices["generate"]
+    gen.add_argument("prompts", nargs="*", help="captions to draw (default: the val captions)")
+    gen.add_argument("--prompts-file", help="a text file with one prompt per line")
+    gen.add_argument("--out", help="also copy the grids and generations.parquet to this folder")
     for name, func, help_ in (("status", cmd_status, "list the artifacts in the store"),
                               ("ls", cmd_status, "alias of status"),
                               ("gc", cmd_gc, "remove incomplete artifacts")):

@@ -9,8 +9,7 @@ from tasks.common import ArtifactRef
 from tasks.ingest import ingest_images
 
 
-@flow(name="ingest", log_prints=True)
+@flow(name="ingest")
 def ingest_flow(config: str | None = None, overrides: list[str] | None = None,
-                parent_run_id: str | None = None) -> ArtifactRef:
-    cfg = load_config(config, overrides or [])
-    return ingest_images(cfg, parent_run_id)
+                parent_run_id: str | None = None, upstream: bool = True) -> ArtifactRef:
+    return ingest_images(load_config(config, overrides or []), parent_run_id)

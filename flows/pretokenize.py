@@ -24,10 +24,11 @@ def encode_shards_flow(config: str | None = None, overrides: list[str] | None = 
 
 @flow(name="pretokenize")
 def pretokenize_flow(config: str | None = None, overrides: list[str] | None = None,
-                     parent_run_id: str | None = None) -> ArtifactRef:
+                     parent_run_id: str | None = None, upstream: bool = True) -> ArtifactRef:
     cfg = load_config(config, overrides or [])
-    train_dvae_flow(config, overrides, parent_run_id)
-    train_bpe_flow(config, overrides, parent_run_id)
+    if upstream:
+        train_dvae_flow(config, overrides, parent_run_id)
+        train_bpe_flow(config, overrides, parent_run_id)
     start = time.perf_counter()
     results = encode_shards_flow.with_options(task_runner=task_runner(cfg))(config, overrides)
     return finish_pretokenize(cfg, results, time.perf_counter() - start, parent_run_id)

@@ -5,15 +5,15 @@ from __future__ import annotations
 from prefect import flow
 
 from dalle_core.config import load_config
+from flows.ingest import ingest_flow
 from tasks.common import ArtifactRef
-from tasks.ingest import ingest_images
 from tasks.text import train_bpe_task
 
 
 @flow(name="train-bpe")
 def train_bpe_flow(config: str | None = None, overrides: list[str] | None = None,
-                   parent_run_id: str | None = None) -> ArtifactRef:
+                   parent_run_id: str | None = None, upstream: bool = True) -> ArtifactRef:
     cfg = load_config(config, overrides or [])
-    if not cfg.text.tokenizer_path:
-        ingest_images(cfg, parent_run_id)
+    if upstream and not cfg.text.tokenizer_path:
+        ingest_flow(config, overrides, parent_run_id)
     return train_bpe_task(cfg, parent_run_id)

@@ -12,7 +12,8 @@ from tasks.transformer import train_transformer_task
 
 @flow(name="train-transformer")
 def train_transformer_flow(config: str | None = None, overrides: list[str] | None = None,
-                           parent_run_id: str | None = None) -> ArtifactRef:
+                           parent_run_id: str | None = None, upstream: bool = True) -> ArtifactRef:
     cfg = load_config(config, overrides or [])
-    pretokenize_flow(config, overrides, parent_run_id)
+    if upstream:
+        pretokenize_flow(config, overrides, parent_run_id)
     return train_transformer_task(cfg, parent_run_id)

@@ -88,11 +88,21 @@ class StageRun:
             all_tags["prefect.flow_run_id"] = flow_run_id
         self.run_id = self.client.create_run(exp, run_name=name, tags=all_tags).info.run_id
 
+    @classmethod
+    def attach(cls, uri: str, run_id: str) -> StageRun:
+        """An existing run (e.g. the pipeline's parent run, opened by another task)."""
+        run = cls.__new__(cls)
+        run.uri, run.client, run.run_id = uri, _client(uri), run_id
+        return run
+
+    def end(self, failed: bool = False) -> None:
+        self.client.set_terminated(self.run_id, "FAILED" if failed else "FINISHED")
+
     def __enter__(self) -> StageRun:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        self.client.set_terminated(self.run_id, "FAILED" if exc_type else "FINISHED")
+        self.end(failed=exc_type is not None)
 
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param

@@ -43,6 +43,9 @@ def stage_keys(cfg: Config) -> dict[str, str]:
     k["generations"] = stage_key(cfg.generate.model_dump(mode="json"),
                                  {"transformer": k["transformer"], "dvae": k["dvae"], "clip": k["clip"], "bpe": k["bpe"],
                                   "images": k["images"]})
+    sampling = cfg.generate.model_dump(mode="json", exclude={"prompts", "num_val_prompts", "best_k", "batch_size"})
+    k["evaluation"] = stage_key({**cfg.evaluate.model_dump(mode="json"), "sampling": sampling},
+                                {s: k[s] for s in ("images", "dvae", "bpe", "transformer", "clip")})
     return k
 
 

@@ -1,0 +1,154 @@
+"""CLIP for reranking, built from open_clip's own model classes.
+
+The default is a small CLIP trained here (no weights can be downloaded): a ViT
+with small patches for small images and a text transformer over our BPE ids.
+open_clip pools text features at the position of the largest token id (the
+OpenAI tokenizer's end-of-text), so we append an end-of-text id one past the
+BPE vocabulary at the end of each caption. Users with pretrained weights name
+an open_clip model and tag (or a local checkpoint) instead.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from dalle_core.bpe import TextTokenizer
+
+
+@dataclass
+class CLIPConfig:
+    image_size: int = 32
+    patch_size: int = 4  # 4x4 patches: an 8x8 grid of patches for 32x32 images
+    vision_width: int = 128
+    vision_layers: int = 4
+    text_vocab: int = 1000  # BPE vocabulary; the model adds one id for end-of-text
+    text_len: int = 32  # BPE tokens; the model's context is text_len + 1
+    pad_id: int = 0
+    text_width: int = 128
+    text_heads: int = 4
+    text_layers: int = 4
+    embed_dim: int = 128
+
+    @property
+    def eot_id(self) -> int:
+        return self.text_vocab
+
+
+def build_clip(c: CLIPConfig):
+    from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
+
+    vision = CLIPVisionCfg(layers=c.vision_layers, width=c.vision_width, head_width=max(16, c.vision_width // 4),
+                           patch_size=c.patch_size, image_size=c.image_size)
+    text = CLIPTextCfg(context_length=c.text_len + 1, vocab_size=c.text_vocab + 1, width=c.text_width,
+                       heads=c.text_heads, layers=c.text_layers, pad_id=c.pad_id, pool_type="argmax")
+    return CLIP(embed_dim=c.embed_dim, vision_cfg=vision, text_cfg=text)
+
+
+def clip_text_ids(text: torch.Tensor, c: CLIPConfig) -> torch.Tensor:
+    """(B, text_len) padded BPE ids -> (B, text_len + 1) with end-of-text right after the caption."""
+    B, T = text.shape
+    out = torch.cat([text, torch.full((B, 1), c.pad_id, dtype=text.dtype, device=text.device)], dim=1)
+    is_pad = torch.cat([text == c.pad_id, torch.ones(B, 1, dtype=torch.bool, device=text.device)], dim=1)
+    first_pad = is_pad.int().argmax(1)  # == T for a caption that fills text_len
+    out[torch.arange(B), first_pad] = c.eot_id
+    return out
+
+
+# CLIP's own image normalisation (the same for the small model, so one preprocessing path serves both)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def clip_pixels(images: np.ndarray | torch.Tensor, size: int) -> torch.Tensor:
+    """(B, H, W, 3) uint8 -> normalised (B, 3, size, size) float."""
+    x = torch.as_tensor(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div(255)
+    if x.shape[-1] != size:
+        x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False).clamp(0, 1)
+    mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+class Scorer:
+    """Cosine similarity of images and captions, whichever CLIP is behind it."""
+
+    def __init__(self, model, image_size: int, tokenize):
+        self.model = model.eval()
+        self.image_size = image_size
+        self.tokenize = tokenize  # list[str] -> LongTensor (B, ctx)
+
+    @classmethod
+    def ours(cls, model, c: CLIPConfig, tokenizer: TextTokenizer) -> Scorer:
+        def tokenize(captions):
+            ids, _ = tokenizer.encode(captions)
+            return clip_text_ids(torch.from_numpy(ids), c)
+        return cls(model, c.image_size, tokenize)
+
+    @torch.inference_mode()
+    def embed_images(self, images: np.ndarray) -> torch.Tensor:
+        return self.model.encode_image(clip_pixels(images, self.image_size), normalize=True)
+
+    @torch.inference_mode()
+    def embed_texts(self, captions: list[str]) -> torch.Tensor:
+        return self.model.encode_text(self.tokenize(captions), normalize=True)
+
+    def scores(self, images: np.ndarray, captions: list[str]) -> torch.Tensor:
+        """(B,) cosine similarity of image i with caption i."""
+        return (self.embed_images(images) * self.embed_texts(captions)).sum(-1)
+
+
+def load_open_clip(spec: str) -> Scorer:
+    """`<model>:<pretrained tag or local file>` through open_clip (weights from the hub or a file)."""
+    import open_clip
+
+    name, _, pretrained = spec.partition(":")
+    model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained or None)
+    size = model.visual.image_size
+    size = size[0] if isinstance(size, (tuple, list)) else size
+    return Scorer(model, size, open_clip.get_tokenizer(name))
+
+
+def contrastive_loss(model, images: torch.Tensor, text_ids: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """open_clip's ClipLoss (symmetric InfoNCE); returns (loss, temperature)."""
+    from open_clip.loss import ClipLoss
+
+    out = model(images, text_ids)
+    if isinstance(out, dict):
+        image_features, text_features, logit_scale = out["image_features"], out["text_features"], out["logit_scale"]
+    else:
+        image_features, text_features, logit_scale = out[:3]
+    loss = ClipLoss()(image_features, text_features, logit_scale)
+    return loss, 1.0 / float(logit_scale.detach())
+
+
+@torch.inference_mode()
+def recall_at(image_emb: torch.Tensor, text_emb: torch.Tensor, captions: list[str], ks=(1, 5)) -> dict[str, float]:
+    """Retrieval recall where a hit is any item with the same caption (captions repeat in datasets)."""
+    sims = image_emb @ text_emb.t()  # (N, N)
+    same = torch.tensor([[a == b for b in captions] for a in captions])
+    out = {}
+    for k in ks:
+        k_ = min(k, sims.shape[1])
+        i2t = same.gather(1, sims.topk(k_, dim=1).indices).any(1).float().mean()
+        t2i = same.t().gather(1, sims.t().topk(k_, dim=1).indices).any(1).float().mean()
+        out[f"val_i2t_recall_at_{k}"] = float(i2t)
+        out[f"val_t2i_recall_at_{k}"] = float(t2i)
+    return out
+
+
+def chance_recall(captions: list[str]) -> float:
+    """Expected recall@1 of a random ranking, given duplicate captions."""
+    from collections import Counter
+
+    counts = Counter(captions)
+    return sum(n * n for n in counts.values()) / max(1, len(captions)) ** 2
+
+
+def clamp_logit_scale(model, max_scale: float = 100.0) -> None:
+    with torch.no_grad():
+        model.logit_scale.clamp_(0, math.log(max_scale))

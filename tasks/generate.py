@@ -1,0 +1,180 @@
+"""Generation stage: prompts -> N CLIP-ranked candidates each -> `generations/<key>/`.
+
+Prompts are split into parts, one mapped task per part; each part is written
+atomically, so a re-run only generates the missing parts.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import shutil
+import time
+
+import numpy as np
+import pyarrow as pa
+from prefect import task
+from prefect.cache_policies import NONE
+
+from dalle_core.config import Config, ConfigError, config_from_dict
+from dalle_core.generate import Generator, prompt_seed, ranks
+from dalle_core.images import decode_png, grid, png_bytes
+from storage.parquet import GENERATIONS_SCHEMA, iter_batches, read_shard, shard_name, shard_paths, write_shard
+from storage.store import ArtifactStore
+from tasks.clip import load_scorer
+from tasks.common import ArtifactRef, Progress, logger, open_store, ref, stage_keys, stage_run
+from tasks.dvae import load_dvae
+from tasks.text import load_tokenizer
+from tasks.transformer import load_transformer
+
+PROMPTS_PER_PART = 4
+
+
+@functools.lru_cache(maxsize=2)
+def _generator(cfg_json: str) -> Generator:
+    cfg = config_from_dict(json.loads(cfg_json))
+    store, keys = open_store(cfg), stage_keys(cfg)
+    dvae_model, norm = load_dvae(store, keys["dvae"])
+    return Generator(load_transformer(store, keys["transformer"]), dvae_model, norm,
+                     load_tokenizer(store, keys["bpe"], cfg.text.text_len), load_scorer(cfg, store))
+
+
+def generator(cfg: Config) -> Generator:
+    """The models of this config (transformer, dVAE, tokenizer, CLIP), loaded once per process."""
+    return _generator(json.dumps(cfg.model_dump(mode="json"), sort_keys=True))
+
+
+def val_captions(store: ArtifactStore, images_key: str, limit: int, distinct: bool = True) -> list[str]:
+    out: list[str] = []
+    for batch in iter_batches(store, shard_paths(store, "images", images_key, "val"), ["caption"]):
+        for c in batch.column("caption").to_pylist():
+            if not distinct or c not in out:
+                out.append(c)
+            if len(out) >= limit:
+                return out
+    return out
+
+
+def resolve_prompts(cfg: Config, store: ArtifactStore) -> list[str]:
+    """The configured prompts, or the first distinct val captions; empty prompts are refused."""
+    prompts = list(cfg.generate.prompts)
+    for i, p in enumerate(prompts):
+        if not p.strip():
+            raise ConfigError(f"prompt {i + 1} of {len(prompts)} is empty; every prompt needs some text")
+    return prompts or val_captions(store, stage_keys(cfg)["images"], cfg.generate.num_val_prompts)
+
+
+@task(name="plan-generation", cache_policy=NONE)
+def plan_generation(cfg: Config) -> list[tuple[int, list[str]]]:
+    """(first prompt index, prompts) of every part still to generate; [] when the artifact is complete."""
+    store, keys = open_store(cfg), stage_keys(cfg)
+    if store.is_complete("generations", keys["generations"]):
+        logger().info("generations/%s is complete; reusing it", keys["generations"])
+        return []
+    for stage in ("transformer", "dvae", "bpe"):
+        store.require(stage, keys[stage])
+    prompts = resolve_prompts(cfg, store)
+    store.prepare("generations", keys["generations"])
+    parts = [(i, prompts[i:i + PROMPTS_PER_PART]) for i in range(0, len(prompts), PROMPTS_PER_PART)]
+    todo = [(i, p) for i, p in parts
+            if not store.exists(store.path("generations", keys["generations"], "parts",
+                                           shard_name(i // PROMPTS_PER_PART)))]
+    logger().info("generate: %d prompts x %d candidates, %d part(s) to do", len(prompts),
+                  cfg.generate.num_candidates, len(todo))
+    return todo
+
+
+@task(name="generate-part", cache_policy=NONE, retries=1, retry_delay_seconds=2)
+def generate_part(cfg: Config, first: int, prompts: list[str]) -> dict:
+    store, key, g = open_store(cfg), stage_keys(cfg)["generations"], cfg.generate
+    out = store.path("generations", key, "parts", shard_name(first // PROMPTS_PER_PART))
+    t0 = time.perf_counter()
+    gen = generator(cfg)
+    rows, truncated = [], []
+    for j, prompt in enumerate(prompts):
+        seed = prompt_seed(g.seed, first + j)
+        images, scores, was_truncated = gen.candidates(prompt, g.num_candidates, seed, g.batch_size, g.temperature,
+                                                       g.top_k, g.top_p, g.cond_scale)
+        if was_truncated:
+            truncated.append(prompt)
+            logger().warning("prompt %r is longer than text_len=%d tokens and was truncated", prompt,
+                             cfg.text.text_len)
+        for cand, (image, score, rank) in enumerate(zip(images, scores, ranks(scores))):
+            rows.append({"prompt": prompt, "candidate": cand, "rank": int(rank), "clip_score": float(score),
+                         "seed": seed, "image": png_bytes(image)})
+    write_shard(store, out, pa.Table.from_pylist(rows, schema=GENERATIONS_SCHEMA))
+    seconds = time.perf_counter() - t0
+    logger().info("generated prompts %d-%d: %d images in %.1fs (%.1f prompts/s, %.0f images/s)", first,
+                  first + len(prompts) - 1, len(rows), seconds, len(prompts) / seconds, len(rows) / seconds)
+    return {"prompts": len(prompts), "images": len(rows), "truncated": truncated, "seconds": seconds}
+
+
+def best_grids(table: pa.Table, best_k: int) -> tuple[list[str], dict[str, np.ndarray], np.ndarray]:
+    """Per prompt, a grid of its best_k images with the prompt under it; and a contact sheet of all prompts."""
+    prompts, best = [], {}
+    for row in table.select(["prompt", "rank", "image"]).to_pylist():
+        if row["prompt"] not in best:
+            prompts.append(row["prompt"])
+            best[row["prompt"]] = {}
+        if row["rank"] < best_k:
+            best[row["prompt"]][row["rank"]] = decode_png(row["image"])
+    rows = [[best[p][r] for r in sorted(best[p])] for p in prompts]
+    grids = {p: grid([r], [p], scale=4) for p, r in zip(prompts, rows)}
+    return prompts, grids, grid(rows, prompts, scale=3)
+
+
+@task(name="finish-generation", cache_policy=NONE)
+def finish_generation(cfg: Config, results: list[dict], wall_seconds: float,
+                      parent_run_id: str | None = None) -> ArtifactRef:
+    store, keys = open_store(cfg), stage_keys(cfg)
+    key = keys["generations"]
+    if store.is_complete("generations", key):
+        return ref(store, "generations", key, cached=True)
+    parts = shard_paths(store, "generations", key, "parts")
+    table = pa.concat_tables([read_shard(store, p) for p in parts])
+    write_shard(store, store.path("generations", key, "generations.parquet"), table)
+    prompts, grids, sheet = best_grids(table, cfg.generate.best_k)
+    inputs = {s: keys[s] for s in ("transformer", "dvae", "clip", "bpe")}
+    with stage_run(cfg, store, "generations", key, cfg.generate.model_dump(mode="json"), parent_run_id) as run:
+        scores = table.column("clip_score").to_numpy()
+        top1 = table.filter(pa.compute.equal(table.column("rank"), 0)).column("clip_score").to_numpy()
+        metrics = {"prompts": len(prompts), "images": table.num_rows, "clip_score_mean": float(scores.mean()),
+                   "clip_score_top1_mean": float(top1.mean())}
+        made = sum(r["images"] for r in results)
+        if made:
+            metrics["images_per_s"] = made / max(wall_seconds, 1e-9)
+            metrics["prompts_per_s"] = sum(r["prompts"] for r in results) / max(wall_seconds, 1e-9)
+        run.log_metrics(metrics)
+        for i, p in enumerate(prompts):
+            data = png_bytes(grids[p])
+            store.write_bytes(store.path("generations", key, "grids", f"prompt-{i:04d}.png"), data)
+            run.log_image(grids[p], f"grids/prompt-{i:04d}.png")
+        store.write_bytes(store.path("generations", key, "contact_sheet.png"), png_bytes(sheet))
+        run.log_image(sheet, "contact_sheet.png")
+        store.fs.rm(store.path("generations", key, "parts"), recursive=True)
+        truncated = sorted({t for r in results for t in r["truncated"]})
+        manifest = store.finish("generations", key, config=cfg.generate.model_dump(mode="json"), inputs=inputs,
+                                rows={"generations": table.num_rows}, prompts=prompts, truncated_prompts=truncated,
+                                metrics=metrics)
+        run.log_dict(manifest, "manifest.json")
+    logger().info("generations/%s: %d prompts, top-1 CLIP score %.3f (mean %.3f)", key, len(prompts),
+                  metrics["clip_score_top1_mean"], metrics["clip_score_mean"])
+    return ref(store, "generations", key, cached=False)
+
+
+def export_generations(cfg: Config, key: str, out_dir: str) -> list[str]:
+    """Copy generations.parquet, the per-prompt grids and the contact sheet to a plain folder."""
+    store = open_store(cfg)
+    store.require("generations", key)
+    os.makedirs(os.path.join(out_dir, "grids"), exist_ok=True)
+    written = []
+    for rel in ["generations.parquet", "contact_sheet.png",
+                *[f"grids/{n}" for n in store.listdir(store.path("generations", key, "grids"))]]:
+        dest = os.path.join(out_dir, rel)
+        with open(dest + ".tmp", "wb") as f:
+            f.write(store.read_bytes(store.path("generations", key, rel)))
+        shutil.move(dest + ".tmp", dest)
+        written.append(dest)
+    return written
+
