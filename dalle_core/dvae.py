@@ -96,11 +96,18 @@ class VectorQuantizer(nn.Module):
         self.register_buffer("ema_count", torch.ones(c.codebook_size))
         self.register_buffer("ema_sum", embed.clone())
 
-    def nearest(self, z: torch.Tensor) -> torch.Tensor:
-        """(N, D) -> (N,) index of the closest code."""
+    def nearest(self, z: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+        """(N, D) -> (N,) index of the closest code.
+
+        argmin |z - e|^2 = argmin (|e|^2 - 2 z.e): one fused addmm per chunk of rows,
+        sized so the (chunk, K) distance block stays in cache.
+        """
         e = self.embed
-        dist = z.pow(2).sum(1, keepdim=True) - 2 * z @ e.t() + e.pow(2).sum(1)[None]  # (N, K)
-        return dist.argmin(1)
+        e_sq = e.pow(2).sum(1)
+        out = torch.empty(z.shape[0], dtype=torch.long, device=z.device)
+        for i in range(0, z.shape[0], chunk):
+            out[i:i + chunk] = torch.addmm(e_sq, z[i:i + chunk], e.t(), alpha=-2).argmin(1)
+        return out
 
     def forward(self, z_e: torch.Tensor):
         B, D, h, w = z_e.shape
@@ -183,7 +190,7 @@ class DiscreteVAE(nn.Module):
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """Normalised (B, 3, H, W) -> LongTensor (B, h, w) of codebook indices."""
-        z = self.encoder(images)
+        z = self.encoder(images.contiguous(memory_format=torch.channels_last))  # oneDNN's fast layout on CPU
         if self.c.quantizer == "gumbel":
             return z.argmax(1)
         B, D, h, w = z.shape

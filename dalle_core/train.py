@@ -40,8 +40,7 @@ def make_optimizer(model: nn.Module, t: TrainConfig) -> torch.optim.AdamW:
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    fused = all(p.is_cuda for p in params)
-    return torch.optim.AdamW(groups, lr=t.lr, betas=t.betas, fused=fused or None)
+    return torch.optim.AdamW(groups, lr=t.lr, betas=t.betas, fused=True)  # one kernel per step (CPU and GPU)
 
 
 def autocast(precision: str, device: torch.device | str = "cpu"):
@@ -66,14 +65,24 @@ class Budget:
         return step >= self.max_steps or (self.deadline is not None and time.monotonic() > self.deadline)
 
 
-def optimizer_bytes(optimizer: torch.optim.Optimizer) -> bytes:
+def training_state_bytes(optimizer: torch.optim.Optimizer) -> bytes:
+    """Optimizer state and the torch RNG state: with the weights, all a run needs to continue exactly."""
     buf = io.BytesIO()
-    torch.save(optimizer.state_dict(), buf)
+    torch.save({"optimizer": optimizer.state_dict(), "rng": torch.get_rng_state()}, buf)
     return buf.getvalue()
 
 
-def load_optimizer_bytes(optimizer: torch.optim.Optimizer, data: bytes) -> None:
-    optimizer.load_state_dict(torch.load(io.BytesIO(data), weights_only=True))
+def load_training_state(optimizer: torch.optim.Optimizer, data: bytes) -> None:
+    state = torch.load(io.BytesIO(data), weights_only=True)
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["rng"])
+
+
+def skip(batches: Iterator, n: int) -> Iterator:
+    """Fast-forward a seeded batch stream past the n batches a resumed run already consumed."""
+    for _ in range(n):
+        next(batches)
+    return batches
 
 
 # ------------------------------------------------------------------ the dVAE
@@ -213,11 +222,12 @@ def train_transformer(model: nn.Module, batches: Iterator[tuple[torch.Tensor, to
     """
     budget = Budget(t)
     model.train()
-    gen = torch.Generator().manual_seed(t.seed * 1000003 + start_step)
+    gen = torch.Generator()
     step, tokens, t0 = start_step, 0, time.perf_counter()
     while not budget.done(step):
         lr = lr_at(step, t)
         set_lr(optimizer, lr)
+        gen.manual_seed(t.seed * 1000003 + step)  # caption dropout depends on the step alone: resumable
         optimizer.zero_grad(set_to_none=True)
         for _ in range(t.grad_accum):
             text, image = next(batches)

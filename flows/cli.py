@@ -10,7 +10,6 @@ import sys
 from dalle_core.config import ConfigError, load_config
 
 
-
 def _user_errors() -> tuple[type[Exception], ...]:
     from dalle_core.data import DataError
     from storage.store import StoreError

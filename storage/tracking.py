@@ -45,7 +45,24 @@ def _client(uri: str):
     return MlflowClient(tracking_uri=uri)
 
 
+def _probe(uri: str, timeout: float = 5.0) -> None:
+    """Fail fast on an HTTP tracking server that does not answer (the client would retry for minutes)."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout):
+            pass
+    except urllib.error.HTTPError:
+        pass  # it answered; a server without /health is still a server
+    except OSError as err:
+        reason = getattr(err, "reason", err)
+        raise TrackingError(f"MLflow tracking at {uri!r} is unreachable: {reason}") from None
+
+
 def experiment_id(uri: str, name: str, store: ArtifactStore) -> str:
+    if uri.startswith(("http://", "https://")):
+        _probe(uri)
     client = _client(uri)
     try:
         exp = client.get_experiment_by_name(name)

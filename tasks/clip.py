@@ -14,13 +14,30 @@ from prefect import task
 from prefect.cache_policies import NONE
 
 from dalle_core.bpe import TextTokenizer
-from dalle_core.clip import CLIPConfig, Scorer, build_clip, chance_recall, clip_pixels, clip_text_ids, load_open_clip, recall_at
+from dalle_core.clip import (
+    CLIPConfig,
+    Scorer,
+    build_clip,
+    chance_recall,
+    clip_pixels,
+    clip_text_ids,
+    load_open_clip,
+    recall_at,
+)
 from dalle_core.config import Config, ConfigError
-from dalle_core.train import make_optimizer, shuffled_batches, train_clip
+from dalle_core.train import make_optimizer, shuffled_batches, skip, train_clip
 from storage.parquet import shard_paths
 from storage.store import ArtifactStore
 from tasks.common import (
-    ArtifactRef, Progress, drop_checkpoints, load_checkpoint, logger, open_store, ref, save_checkpoint, stage_keys,
+    ArtifactRef,
+    Progress,
+    drop_checkpoints,
+    load_checkpoint,
+    logger,
+    open_store,
+    ref,
+    save_checkpoint,
+    stage_keys,
     stage_run,
 )
 from tasks.dvae import decoded_chunks
@@ -113,8 +130,7 @@ def train_clip_task(cfg: Config, parent_run_id: str | None = None) -> ArtifactRe
     val_paths = shard_paths(store, "images", keys["images"], "val")
 
     def batches():
-        for b in shuffled_batches(decoded_chunks(store, train_paths, t.seed + start, None), t.batch_size,
-                                  4 * 1024, t.seed + start):
+        for b in shuffled_batches(decoded_chunks(store, train_paths, t.seed, None), t.batch_size, 4 * 1024, t.seed):
             ids, _ = tokenizer.encode(list(b["caption"]))
             yield clip_pixels(b["image"], mcfg.image_size), clip_text_ids(torch.from_numpy(ids), mcfg)
 
@@ -126,7 +142,7 @@ def train_clip_task(cfg: Config, parent_run_id: str | None = None) -> ArtifactRe
             run.log_metrics(metrics, step)
             progress.update(step - start - progress.done, f"loss {metrics['loss']:.3f}", force=True)
 
-        step = train_clip(model, batches(), t, optimizer, start, on_log,
+        step = train_clip(model, skip(batches(), start * t.grad_accum), t, optimizer, start, on_log,
                           lambda s: save_checkpoint(store, "clip", key, model, optimizer, s),
                           lambda: _val_recall(model, mcfg, tokenizer, store, val_paths, 512), t.checkpoint_every)
         metrics = _val_recall(model, mcfg, tokenizer, store, val_paths)

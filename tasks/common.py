@@ -142,11 +142,12 @@ def load_state_bytes(model, data: bytes) -> None:
 def save_checkpoint(store: ArtifactStore, stage: str, key: str, model, optimizer, step: int,
                     extra: dict | None = None) -> None:
     """Write `checkpoints/step-N/` and then point `checkpoints/latest.json` at it; drop older ones."""
-    from dalle_core.train import optimizer_bytes
+    from dalle_core.train import training_state_bytes
 
     name = f"step-{step:08d}"
     store.write_bytes(store.path(stage, key, "checkpoints", name, "model.safetensors"), state_bytes(model))
-    store.write_bytes(store.path(stage, key, "checkpoints", name, "optimizer.pt"), optimizer_bytes(optimizer))
+    store.write_bytes(store.path(stage, key, "checkpoints", name, "training_state.pt"),
+                      training_state_bytes(optimizer))
     store.write_json(store.path(stage, key, "checkpoints", "latest.json"), {"step": step, "dir": name, **(extra or {})})
     for old in store.listdir(store.path(stage, key, "checkpoints")):
         if old.startswith("step-") and old != name:
@@ -155,8 +156,8 @@ def save_checkpoint(store: ArtifactStore, stage: str, key: str, model, optimizer
 
 
 def load_checkpoint(store: ArtifactStore, stage: str, key: str, model, optimizer) -> tuple[int, dict]:
-    """Restore the latest checkpoint if there is one; returns (step, extra) or (0, {})."""
-    from dalle_core.train import load_optimizer_bytes
+    """Restore weights, optimizer and RNG from the latest checkpoint; returns (step, extra) or (0, {})."""
+    from dalle_core.train import load_training_state
 
     latest = store.path(stage, key, "checkpoints", "latest.json")
     if not store.exists(latest):
@@ -164,7 +165,7 @@ def load_checkpoint(store: ArtifactStore, stage: str, key: str, model, optimizer
     info = store.read_json(latest)
     base = store.path(stage, key, "checkpoints", info["dir"])
     load_state_bytes(model, store.read_bytes(f"{base}/model.safetensors"))
-    load_optimizer_bytes(optimizer, store.read_bytes(f"{base}/optimizer.pt"))
+    load_training_state(optimizer, store.read_bytes(f"{base}/training_state.pt"))
     logger().info("resuming %s/%s from its checkpoint at step %d", stage, key, info["step"])
     return int(info["step"]), info
 

@@ -20,10 +20,17 @@ from prefect.cache_policies import NONE
 from dalle_core.config import Config, ConfigError, config_from_dict
 from dalle_core.generate import Generator, prompt_seed, ranks
 from dalle_core.images import decode_png, grid, png_bytes
-from storage.parquet import GENERATIONS_SCHEMA, iter_batches, read_shard, shard_name, shard_paths, write_shard
+from storage.parquet import (
+    GENERATIONS_SCHEMA,
+    iter_batches,
+    read_shard,
+    shard_name,
+    shard_paths,
+    write_shard,
+)
 from storage.store import ArtifactStore
 from tasks.clip import load_scorer
-from tasks.common import ArtifactRef, Progress, logger, open_store, ref, stage_keys, stage_run
+from tasks.common import ArtifactRef, logger, open_store, ref, stage_keys, stage_run
 from tasks.dvae import load_dvae
 from tasks.text import load_tokenizer
 from tasks.transformer import load_transformer

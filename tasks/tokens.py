@@ -18,7 +18,14 @@ from prefect.cache_policies import NONE
 
 from dalle_core.config import Config
 from dalle_core.images import decode_png, to_tensor
-from storage.parquet import count_rows, read_shard, shard_name, shard_paths, tokens_schema, write_shard
+from storage.parquet import (
+    count_rows,
+    read_shard,
+    shard_name,
+    shard_paths,
+    tokens_schema,
+    write_shard,
+)
 from storage.store import ArtifactStore
 from tasks.common import ArtifactRef, open_store, ref, stage_keys, stage_run
 from tasks.dvae import load_dvae

@@ -24,13 +24,29 @@ from prefect.runtime import flow_run
 from dalle_core.config import Config
 from dalle_core.images import grid, png_bytes, to_uint8
 from dalle_core.sampling import sample
-from dalle_core.train import evaluate_transformer, make_optimizer, shuffled_batches, train_transformer
+from dalle_core.train import (
+    evaluate_transformer,
+    make_optimizer,
+    shuffled_batches,
+    skip,
+    train_transformer,
+)
 from dalle_core.transformer import DALLE, DALLEConfig
 from storage.parquet import read_shard, shard_paths
 from storage.store import ArtifactStore
 from tasks.common import (
-    ArtifactRef, Progress, drop_checkpoints, load_checkpoint, load_state_bytes, logger, open_store, ref,
-    save_checkpoint, stage_keys, stage_run, state_bytes,
+    ArtifactRef,
+    Progress,
+    drop_checkpoints,
+    load_checkpoint,
+    load_state_bytes,
+    logger,
+    open_store,
+    ref,
+    save_checkpoint,
+    stage_keys,
+    stage_run,
+    state_bytes,
 )
 from tasks.dvae import load_dvae
 
@@ -117,7 +133,8 @@ def run_training(cfg: Config, parent_run_id: str | None, flow_run_id: str | None
         wrapped = DistributedDataParallel(model, device_ids=[device] if device.startswith("cuda") else None)
     train_paths = shard_paths(store, "tokens", keys["tokens"], "train")
     val_paths = shard_paths(store, "tokens", keys["tokens"], "val")
-    batches = token_batches(store, train_paths, t.batch_size, t.seed + start, tr.shuffle_buffer, rank, world)
+    batches = skip(token_batches(store, train_paths, t.batch_size, t.seed, tr.shuffle_buffer, rank, world),
+                   start * t.grad_accum)
     log = logger()
     if rank != 0:  # workers only train; rank 0 reports and checkpoints
         train_transformer(wrapped, batches, t, tr.caption_dropout, mcfg.pad_id, optimizer, start,

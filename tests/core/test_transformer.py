@@ -119,3 +119,17 @@ def test_top_k_and_top_p_filtering():
     assert torch.isfinite(filter_logits(logits, top_k=2)).sum() == 2
     assert torch.isfinite(filter_logits(logits, top_p=0.7)).sum() == 2  # 0.5 + 0.3 crosses 0.7
     assert torch.isfinite(filter_logits(logits, top_p=0.9)).sum() == 3
+
+
+def test_bf16_training_tracks_fp32():
+    text, image = _text(8), torch.randint(0, C.image_vocab, (8, C.image_len))
+    curves = {}
+    for precision in ("fp32", "bf16"):
+        torch.manual_seed(0)
+        m = DALLE(C)
+        t = TrainConfig(batch_size=8, lr=2e-3, warmup_steps=5, max_steps=60, log_every=10, precision=precision)
+        curves[precision] = []
+        train_transformer(m, iter(lambda: (text, image), None), t, 0.1, C.pad_id, make_optimizer(m, t), 0,
+                          lambda s, mt, p=precision: curves[p].append(mt["loss"]), lambda s: None)
+    for a, b in zip(curves["fp32"], curves["bf16"]):
+        assert abs(a - b) < 0.1 * a + 0.02, curves

@@ -29,3 +29,20 @@ def store_copy(pretokenized, tmp_path):
     src, _, _ = pretokenized
     shutil.copytree(src / "store", tmp_path / "store", ignore=shutil.ignore_patterns("mlflow.db", "mlartifacts"))
     return [f"store.root={tmp_path / 'store'}", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"]
+
+
+@pytest.fixture(scope="session")
+def generated(pretokenized, tmp_path_factory):
+    """A tiny store with every stage through generation done (shared, do not modify)."""
+    import shutil
+
+    from flows.generate import generate_flow
+    from tests.conftest import TINY
+
+    src, _, _ = pretokenized
+    tmp = tmp_path_factory.mktemp("generated")
+    shutil.copytree(src / "store", tmp / "store", ignore=shutil.ignore_patterns("mlflow.db", "mlartifacts"))
+    ov = [f"store.root={tmp / 'store'}", f"tracking.uri=sqlite:///{tmp / 'mlflow.db'}",
+          "clip.train.max_steps=60", "clip.train.checkpoint_every=30"]
+    ref = generate_flow(config=str(TINY), overrides=ov)
+    return tmp, ov, ref

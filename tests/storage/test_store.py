@@ -7,7 +7,14 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pytest
 
-from storage.parquet import IMAGES_SCHEMA, read_shard, shard_name, shard_paths, tokens_schema, write_shard
+from storage.parquet import (
+    IMAGES_SCHEMA,
+    read_shard,
+    shard_name,
+    shard_paths,
+    tokens_schema,
+    write_shard,
+)
 from storage.store import ArtifactStore, StoreError, stage_key
 
 

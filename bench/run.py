@@ -1,0 +1,242 @@
+"""Benchmarks of the hot paths at the reference configuration: `make bench` or `python -m bench.run`.
+
+Prints one table and writes JSON (bench/results/<time>.json) so runs compare.
+Each measurement: warm-up, then repeats, median reported. Never part of the tests.
+
+Reference configuration (from the performance issue): 32x32 images -> 8x8 tokens,
+codebook 512 (dim 256, hidden 64, 2 downsamples); transformer dim 256, depth 4,
+heads 8, text_len 32, text vocab 1000, image vocab 512, batch 16.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+from dalle_core.config import TrainConfig
+from dalle_core.dvae import DiscreteVAE, DVAEConfig
+from dalle_core.sampling import sample
+from dalle_core.train import autocast, make_optimizer
+from dalle_core.transformer import DALLE, DALLEConfig
+
+REF_TRANSFORMER = DALLEConfig(text_vocab=1000, text_len=32, image_vocab=512, image_grid=8, dim=256, depth=4, heads=8)
+REF_DVAE = DVAEConfig(image_size=32, codebook_size=512, codebook_dim=256, hidden=64, num_downsamples=2)
+# lucidrains/DALLE-pytorch 1.6.6 at the same configuration, measured on the reference 2-core CPU (issue text)
+REFERENCE = {"transformer_train_fp32.tokens_per_s": 3600, "sample_16.seconds": 4.9, "sample_16_cfg3.seconds": 1.1,
+             "dvae_train.images_per_s": 280, "dvae_encode.images_per_s": 7500}
+
+
+def timed(fn, warmup: int, repeats: int) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def matmul_peak(precision: str, n: int = 1024, repeats: int = 5) -> float:
+    """Measured matmul GFLOP/s on this machine (the MFU denominator)."""
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    s = statistics.median(timed(lambda: [a @ b for _ in range(10)], 2, repeats))
+    return 10 * 2 * n**3 / s / 1e9
+
+
+def bench_transformer_train(precision: str, repeats: int, steps: int = 10, batch: int = 16) -> dict:
+    torch.manual_seed(0)
+    model = DALLE(REF_TRANSFORMER)
+    t = TrainConfig(weight_decay=0.1, precision=precision)
+    opt = make_optimizer(model, t)
+    text = torch.randint(1, 1000, (batch, 32))
+    image = torch.randint(0, 512, (batch, 64))
+
+    def run():
+        for _ in range(steps):
+            opt.zero_grad(set_to_none=True)
+            with autocast(precision):
+                loss, _, _ = model(text, image)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+
+    s = statistics.median(timed(run, 1, repeats))
+    tokens = steps * batch * (32 + 64)
+    tps = tokens / s
+    flops = model.flops_per_token() * tps / 1e9
+    return {"tokens_per_s": tps, "samples_per_s": steps * batch / s, "model_gflops": flops}
+
+
+def bench_sampling(cond_scale: float, repeats: int) -> dict:
+    torch.manual_seed(0)
+    model = DALLE(REF_TRANSFORMER).eval()
+    text = torch.randint(1, 1000, (16, 32))
+    s = statistics.median(timed(lambda: sample(model, text, cond_scale=cond_scale), 2, repeats))
+    return {"seconds": s, "ms_per_token": 1000 * s / 64}
+
+
+def bench_dvae_train(repeats: int, steps: int = 5, batch: int = 64) -> dict:
+    torch.manual_seed(0)
+    model = DiscreteVAE(REF_DVAE).train()
+    opt = make_optimizer(model, TrainConfig())
+    x = torch.randn(batch, 3, 32, 32)
+
+    def run():
+        for _ in range(steps):
+            opt.zero_grad(set_to_none=True)
+            recon, _, q_loss = model(x)
+            (torch.nn.functional.mse_loss(recon, x) + q_loss).backward()
+            opt.step()
+
+    return {"images_per_s": steps * batch / statistics.median(timed(run, 1, repeats))}
+
+
+def bench_dvae_encode(repeats: int, batch: int = 512, batches: int = 8) -> dict:
+    model = DiscreteVAE(REF_DVAE).eval()
+    x = torch.randn(batch, 3, 32, 32)
+
+    def run():
+        with torch.inference_mode():
+            for _ in range(batches):
+                model.encode(x)
+
+    return {"images_per_s": batch * batches / statistics.median(timed(run, 1, repeats))}
+
+
+def _pretokenize_child(num_images: int, root: str) -> dict:
+    """Run in a fresh process: ingest shapes, store a reference dVAE + BPE, time pretokenization."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from dataclasses import asdict
+
+    from prefect.testing.utilities import prefect_test_harness
+
+    from dalle_core.config import config_from_dict
+    from flows.pretokenize import encode_shards_flow
+    from flows.train_bpe import train_bpe_flow
+    from tasks.common import open_store, stage_keys, state_bytes
+
+    overrides = {"data": {"shapes": {"num_images": num_images}, "shard_size": 4096},
+                 "dvae": {"codebook_size": 512, "codebook_dim": 256, "hidden": 64},
+                 "store": root, "tracking": {"uri": f"sqlite:///{root}/mlflow.db"}}
+    cfg = config_from_dict(overrides)
+    cfg_path = os.path.join(root, "bench.yaml")
+    with open(cfg_path, "w") as f:
+        json.dump(cfg.model_dump(mode="json"), f)
+    with prefect_test_harness(server_startup_timeout=120):
+        train_bpe_flow(config=cfg_path)  # ingests first
+        store, keys = open_store(cfg), stage_keys(cfg)
+        model = DiscreteVAE(REF_DVAE)  # untrained weights cost the same to run
+        store.write_bytes(store.path("dvae", keys["dvae"], "model.safetensors"), state_bytes(model))
+        store.write_json(store.path("dvae", keys["dvae"], "config.json"),
+                         {"model": asdict(REF_DVAE), "norm": {"mean": [0.5] * 3, "std": [0.5] * 3}})
+        store.finish("dvae", keys["dvae"], config={}, inputs={})
+        rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        t0 = time.perf_counter()
+        encode_shards_flow(config=cfg_path)
+        seconds = time.perf_counter() - t0
+    return {"images": num_images, "seconds": seconds, "images_per_s": num_images / seconds,
+            "rss_before_mb": rss_before / 1024, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def bench_pretokenize(num_images: int) -> dict:
+    with tempfile.TemporaryDirectory() as root:
+        out = subprocess.run([sys.executable, "-m", "bench.run", "--pretokenize-child", str(num_images), root],
+                             capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def bench_token_loader(repeats: int) -> dict:
+    import pyarrow as pa
+
+    from storage.parquet import shard_name, tokens_schema, write_shard
+    from storage.store import ArtifactStore
+    from tasks.transformer import token_batches
+
+    with tempfile.TemporaryDirectory() as root:
+        store = ArtifactStore(root)
+        rng = np.random.default_rng(0)
+        paths = []
+        for i in range(8):
+            n = 4096
+            t = pa.table({"id": [str(j) for j in range(n)], "caption": ["c"] * n,
+                          "text_tokens": pa.array(list(rng.integers(0, 1000, (n, 32)).astype(np.uint16)),
+                                                  type=pa.list_(pa.uint16())),
+                          "image_tokens": pa.FixedSizeListArray.from_arrays(
+                              pa.array(rng.integers(0, 512, n * 64).astype(np.uint16)), 64)},
+                         schema=tokens_schema(64, 1000))
+            paths.append(store.path("tokens", "bench", "train", shard_name(i)))
+            write_shard(store, paths[-1], t)
+        batches = token_batches(store, paths, 16, 0, 8192)
+        n_batches = 2000
+        s = statistics.median(timed(lambda: [next(batches) for _ in range(n_batches)], 1, repeats))
+    return {"tokens_per_s": n_batches * 16 * 96 / s}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--pretokenize-images", type=int, default=20000)
+    parser.add_argument("--skip-rss", action="store_true", help="skip the 10x pre-tokenization memory check")
+    parser.add_argument("--only", nargs="*", help="run only benchmarks whose name starts with one of these")
+    parser.add_argument("--pretokenize-child", nargs=2, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.pretokenize_child:
+        print(json.dumps(_pretokenize_child(int(args.pretokenize_child[0]), args.pretokenize_child[1])))
+        return
+    r = args.repeats
+    results: dict[str, dict] = {}
+    benches = {
+        "matmul_peak": lambda: {"fp32_gflops": matmul_peak("fp32"), "bf16_gflops": matmul_peak("bf16")},
+        "transformer_train_fp32": lambda: bench_transformer_train("fp32", r),
+        "transformer_train_bf16": lambda: bench_transformer_train("bf16", r),
+        "sample_16": lambda: bench_sampling(1.0, r),
+        "sample_16_cfg3": lambda: bench_sampling(3.0, r),
+        "dvae_train": lambda: bench_dvae_train(r),
+        "dvae_encode": lambda: bench_dvae_encode(r),
+        "token_loader": lambda: bench_token_loader(r),
+        "pretokenize": lambda: bench_pretokenize(args.pretokenize_images),
+    }
+    if not args.skip_rss:
+        benches["pretokenize_10x"] = lambda: bench_pretokenize(10 * args.pretokenize_images)
+    for name, fn in benches.items():
+        if args.only and not any(name.startswith(o) for o in args.only):
+            continue
+        print(f"running {name} ...", file=sys.stderr, flush=True)
+        results[name] = fn()
+    if "matmul_peak" in results:
+        for prec in ("fp32", "bf16"):
+            if f"transformer_train_{prec}" in results:
+                res = results[f"transformer_train_{prec}"]
+                res["mfu"] = res["model_gflops"] / results["matmul_peak"][f"{prec}_gflops"]
+    print(f"\n{'benchmark':<34}{'value':>14}  {'reference':>10}  note")
+    for name, res in results.items():
+        for k, v in res.items():
+            ref = REFERENCE.get(f"{name}.{k}")
+            note = ""
+            if ref:
+                note = f"{ref / v:.1f}x faster" if k == "seconds" else f"{v / ref:.1f}x"
+            print(f"{name + '.' + k:<34}{v:>14.4g}  {ref if ref else '':>10}  {note}")
+    os.makedirs("bench/results", exist_ok=True)
+    path = f"bench/results/{time.strftime('%Y%m%d-%H%M%S')}.json"
+    meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
+            "cpu_count": os.cpu_count()}
+    with open(path, "w") as f:
+        json.dump({"meta": meta, "results": results}, f, indent=2)
+    print(f"\nwrote {path}")
+
+
+if __name__ == "__main__":
+    main()

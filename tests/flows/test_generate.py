@@ -1,0 +1,117 @@
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from mlflow import MlflowClient
+
+from dalle_core.config import ConfigError, load_config
+from dalle_core.images import decode_png
+from flows.cli import main
+from flows.generate import generate_flow
+from tasks.clip import load_scorer
+from tasks.common import open_store, stage_keys
+from tests.conftest import TINY
+
+
+def _table(store, key):
+    return pq.read_table(store.path("generations", key, "generations.parquet"))
+
+
+def test_clip_recall_beats_chance(generated):
+    _, ov, _ = generated
+    cfg = load_config(TINY, ov)
+    store = open_store(cfg)
+    m = store.read_json(store.path("clip", stage_keys(cfg)["clip"], "metrics.json"))
+    assert m["steps"] == 60
+    assert m["val_i2t_recall_at_1"] > 2 * m["val_chance_recall_at_1"], m
+    assert m["val_t2i_recall_at_5"] > m["val_t2i_recall_at_1"] or m["val_t2i_recall_at_5"] == 1.0
+
+
+def test_local_clip_checkpoint_gives_identical_scores(generated, tmp_path):
+    _, ov, _ = generated
+    cfg = load_config(TINY, ov)
+    store = open_store(cfg)
+    path = tmp_path / "my-clip.safetensors"
+    path.write_bytes(store.read_bytes(store.path("clip", stage_keys(cfg)["clip"], "model.safetensors")))
+    ours = load_scorer(cfg)
+    theirs = load_scorer(load_config(TINY, [*ov, f"clip.pretrained={path}"]))
+    images = np.random.default_rng(0).integers(0, 255, (4, 32, 32, 3), dtype=np.uint8)
+    captions = ["a red circle", "a blue square above a green diamond", "a small white triangle", "x"]
+    assert np.array_equal(ours.scores(images, captions).numpy(), theirs.scores(images, captions).numpy())
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_scorer(load_config(TINY, [*ov, f"clip.pretrained={tmp_path}/nope.safetensors"]))
+
+
+def test_open_clip_model_with_local_weights(tmp_path):
+    """`clip.pretrained: <open_clip model>:<file>` goes through open_clip's own loader."""
+    import json
+
+    import open_clip
+    import torch
+
+    from dalle_core.clip import load_open_clip
+
+    name = "dalle-test-tiny"
+    cfg = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
+           "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 16, "heads": 2, "layers": 1}}
+    (tmp_path / f"{name}.json").write_text(json.dumps(cfg))
+    open_clip.add_model_config(tmp_path / f"{name}.json")
+    model = open_clip.create_model(name)
+    torch.save(model.state_dict(), tmp_path / "weights.pt")
+    a, b = load_open_clip(f"{name}:{tmp_path}/weights.pt"), load_open_clip(f"{name}:{tmp_path}/weights.pt")
+    images = np.zeros((2, 32, 32, 3), dtype=np.uint8)
+    assert torch.equal(a.scores(images, ["a cat", "a dog"]), b.scores(images, ["a cat", "a dog"]))
+
+
+def test_generation_writes_n_ranked_candidates_per_prompt(generated):
+    _, ov, ref = generated
+    cfg = load_config(TINY, ov)
+    store = open_store(cfg)
+    t = _table(store, ref.key).to_pylist()
+    n = cfg.generate.num_candidates
+    prompts = store.manifest("generations", ref.key)["prompts"]
+    assert len(prompts) == cfg.generate.num_val_prompts and len(t) == n * len(prompts)
+    for p in prompts:
+        rows = [r for r in t if r["prompt"] == p]
+        assert sorted(r["candidate"] for r in rows) == list(range(n))
+        assert sorted(r["rank"] for r in rows) == list(range(n))
+        by_rank = sorted(rows, key=lambda r: r["rank"])
+        assert all(a["clip_score"] >= b["clip_score"] for a, b in zip(by_rank, by_rank[1:]))
+        assert decode_png(rows[0]["image"]).shape == (32, 32, 3)
+    files = store.manifest("generations", ref.key)["files"]
+    assert "contact_sheet.png" in files and sum(f.startswith("grids/") for f in files) == len(prompts)
+    client = MlflowClient(cfg.tracking.uri)
+    run = client.search_runs([client.get_experiment_by_name("dalle").experiment_id], "tags.stage = 'generations'")[0]
+    assert run.data.metrics["clip_score_top1_mean"] >= run.data.metrics["clip_score_mean"]
+
+
+def test_same_seed_same_images_and_prompts_from_cli(generated, tmp_path, capsys):
+    _, ov, _ = generated
+    prompts_file = tmp_path / "prompts.txt"
+    prompts_file.write_text("a red circle\n\na large blue square in the center\n")
+    out = tmp_path / "out"
+    args = ["generate", "-c", str(TINY), *sum((["--set", o] for o in ov), []), "a green diamond",
+            "--prompts-file", str(prompts_file), "--out", str(out)]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert str(out / "generations.parquet") in printed and (out / "grids" / "prompt-0002.png").exists()
+    first = pq.read_table(out / "generations.parquet")
+    assert first.column("prompt").unique().to_pylist() == ["a green diamond", "a red circle",
+                                                           "a large blue square in the center"]
+    # Same config and seed from a clean store: the same images.
+    cfg = load_config(TINY, [*ov, 'generate.prompts=["a green diamond", "a red circle", "a large blue square in the center"]'])
+    store = open_store(cfg)
+    key = stage_keys(cfg)["generations"]
+    store.remove("generations", key)
+    again = generate_flow(config=str(TINY), overrides=[*ov, 'generate.prompts=["a green diamond", "a red circle", '
+                                                             '"a large blue square in the center"]'])
+    assert _table(store, again.key).column("image").equals(first.column("image"))
+
+
+def test_empty_and_too_long_prompts(generated, capsys):
+    _, ov, _ = generated
+    with pytest.raises(ConfigError, match="prompt 2 of 2 is empty"):
+        generate_flow(config=str(TINY), overrides=[*ov, 'generate.prompts=["a red circle", "  "]'])
+    long = "a small red circle in the top left " * 4
+    ref = generate_flow(config=str(TINY), overrides=[*ov, f'generate.prompts=["{long.strip()}"]'])
+    cfg = load_config(TINY, ov)
+    assert open_store(cfg).manifest("generations", ref.key)["truncated_prompts"] == [long.strip()]

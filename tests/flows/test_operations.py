@@ -1,0 +1,265 @@
+"""Operating the pipeline: real servers (Prefect, MLflow, S3), Dask, kill -9, bad stores."""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from dalle_core.config import load_config
+from flows.pipeline import pipeline_flow
+from flows.pretokenize import pretokenize_flow
+from flows.train_dvae import train_dvae_flow
+from flows.train_transformer import train_transformer_flow
+from storage.parquet import shard_paths
+from storage.store import StoreError
+from tasks.common import open_store, stage_keys
+from tests.conftest import ROOT, TINY
+
+pytestmark = pytest.mark.slow
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}: {proc.stdout.read() if proc.stdout else ''}")
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(url)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _get(url: str, payload: dict | None = None) -> dict:
+    req = urllib.request.Request(url, data=json.dumps(payload).encode() if payload is not None else None,
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return json.loads(r.read())
+
+
+def _copy(src_root: Path, dst: Path) -> list[str]:
+    shutil.copytree(src_root / "store", dst / "store", ignore=shutil.ignore_patterns("mlflow.db", "mlartifacts"))
+    return [f"store.root={dst / 'store'}", f"tracking.uri=sqlite:///{dst / 'mlflow.db'}"]
+
+
+def test_killed_stage_rerun_gives_the_same_artifacts(pretokenized, tmp_path):
+    """kill -9 a training process after its first checkpoint; the re-run equals an uninterrupted run."""
+    from prefect.settings import PREFECT_API_URL
+
+    src, _, _ = pretokenized
+    steps = ["transformer.train.max_steps=400", "transformer.train.checkpoint_every=20"]
+    clean = _copy(src, tmp_path / "clean") + steps
+    killed = _copy(src, tmp_path / "killed") + steps
+    ref = train_transformer_flow(config=str(TINY), overrides=clean)
+    cfg = load_config(TINY, killed)
+    store, key = open_store(cfg), stage_keys(cfg)["transformer"]
+    latest = store.path("transformer", key, "checkpoints", "latest.json")
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
+    args = [str(BIN / "dalle"), "train-transformer", "-c", str(TINY), *sum((["--set", o] for o in killed), [])]
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not os.path.exists(latest) and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not store.is_complete("transformer", key), "killed too late: the run had finished"
+    again = train_transformer_flow(config=str(TINY), overrides=killed)
+    assert again.key == ref.key and not again.cached
+    clean_store = open_store(load_config(TINY, clean))
+    assert (store.read_bytes(store.path("transformer", key, "model.safetensors"))
+            == clean_store.read_bytes(clean_store.path("transformer", key, "model.safetensors")))
+
+
+def test_dvae_resume_is_exact(tiny, tmp_path, monkeypatch):
+    import tasks.dvae
+
+    config, make = tiny
+    clean = [f"store.root={tmp_path / 'clean'}", f"tracking.uri=sqlite:///{tmp_path / 'c.db'}"]
+    train_dvae_flow(config=config, overrides=clean)
+    real_save = tasks.dvae.save_checkpoint
+
+    def save_then_die(*a, **k):
+        real_save(*a, **k)
+        raise RuntimeError("killed")
+
+    monkeypatch.setattr(tasks.dvae, "save_checkpoint", save_then_die)
+    with pytest.raises(RuntimeError):
+        train_dvae_flow(config=config, overrides=make())
+    monkeypatch.setattr(tasks.dvae, "save_checkpoint", real_save)
+    ref = train_dvae_flow(config=config, overrides=make())
+    a, b = open_store(load_config(config, make())), open_store(load_config(config, clean))
+    assert a.read_bytes(a.path("dvae", ref.key, "model.safetensors")) == \
+        b.read_bytes(b.path("dvae", ref.key, "model.safetensors"))
+
+
+def test_pretokenize_on_a_dask_local_cluster(pretokenized, tmp_path):
+    src, _, ref = pretokenized
+    ov = _copy(src, tmp_path)
+    cfg = load_config(TINY, ov)
+    store = open_store(cfg)
+    expected = {p: store.read_bytes(p) for s in ("train", "val") for p in shard_paths(store, "tokens", ref.key, s)}
+    store.remove("tokens", ref.key)
+    again = pretokenize_flow(config=str(TINY), overrides=[*ov, "runner.kind=dask", "runner.workers=2"])
+    assert not again.cached
+    got = {p: store.read_bytes(p) for s in ("train", "val") for p in shard_paths(store, "tokens", ref.key, s)}
+    assert got == expected
+
+
+def test_ingest_and_pretokenize_on_s3(tiny, tmp_path):
+    """The store on a real S3-compatible HTTP server (moto) on 127.0.0.1."""
+    import pyarrow.dataset as pads
+    import s3fs
+
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_http(url, server, 60)
+        opts = {"key": "testing", "secret": "testing", "client_kwargs": {"endpoint_url": url, "region_name": "us-east-1"}}
+        import boto3
+
+        boto3.client("s3", endpoint_url=url, aws_access_key_id="testing", aws_secret_access_key="testing",
+                     region_name="us-east-1").create_bucket(Bucket="dalle-test")
+        fs = s3fs.S3FileSystem(**opts)
+        config, _ = tiny
+        ov = ["store.root=s3://dalle-test/run", f"store.storage_options={json.dumps(opts)}",
+              f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"]
+        ref = pretokenize_flow(config=config, overrides=ov)
+        cfg = load_config(config, ov)
+        keys = stage_keys(cfg)
+        fs.invalidate_cache()
+        assert fs.exists(f"dalle-test/run/images/{keys['images']}/manifest.json")
+        assert fs.exists(f"dalle-test/run/tokens/{ref.key}/manifest.json")
+        table = pads.dataset(f"dalle-test/run/tokens/{ref.key}/train", filesystem=fs, format="parquet").to_table()
+        assert table.num_rows == 360
+        assert pretokenize_flow(config=config, overrides=ov).cached
+    finally:
+        stop(server)
+
+
+def test_pipeline_against_a_real_mlflow_server(pretokenized, tmp_path, monkeypatch):
+    port = free_port()
+    server = subprocess.Popen([str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+                               "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+                               "--artifacts-destination", str(tmp_path / "server-artifacts"), "--workers", "1"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_http(f"{url}/health", server)
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+        src, _, _ = pretokenized
+        ov = _copy(src, tmp_path)[:1]  # no tracking.uri: the environment variable decides
+        pipeline_flow(config=str(TINY), overrides=ov)
+        api = f"{url}/api/2.0/mlflow"
+        exp = _get(f"{api}/experiments/get-by-name?experiment_name=dalle")["experiment"]["experiment_id"]
+        runs = _get(f"{api}/runs/search", {"experiment_ids": [exp], "max_results": 100})["runs"]
+        tags = {r["info"]["run_id"]: {t["key"]: t["value"] for t in r["data"].get("tags", [])} for r in runs}
+        parent = next(rid for rid, t in tags.items() if t.get("stage") == "pipeline")
+        children = {t["stage"]: rid for rid, t in tags.items() if t.get("mlflow.parentRunId") == parent}
+        assert set(children) == {"transformer", "clip", "generations", "evaluation"}  # the rest was cached
+        history = _get(f"{api}/metrics/get-history?run_id={children['transformer']}&metric_key=loss")["metrics"]
+        assert [m["step"] for m in history] == [10, 20, 30]
+        files = _get(f"{api}/artifacts/list?run_id={children['generations']}")["files"]
+        assert {"contact_sheet.png", "grids", "manifest.json"} <= {f["path"] for f in files}
+    finally:
+        stop(server)
+
+
+def test_unreachable_mlflow_server_is_one_line(tiny):
+    from storage.tracking import TrackingError
+
+    config, make = tiny
+    port = free_port()
+    with pytest.raises(TrackingError, match=rf"^MLflow tracking at 'http://127.0.0.1:{port}' is unreachable"):
+        pipeline_flow(config=config, overrides=[*make(), f"tracking.uri=http://127.0.0.1:{port}"], only=["ingest"])
+
+
+def test_full_store_is_one_line_and_keeps_finished_work(pretokenized, tmp_path, monkeypatch):
+    src, _, ref = pretokenized
+    ov = _copy(src, tmp_path)
+    cfg = load_config(TINY, ov)
+    store = open_store(cfg)
+    store.remove("tokens", ref.key)
+    real_open = store.fs.__class__.open
+
+    def full_disk(self, path, mode="rb", *a, **k):
+        if "w" in mode and "/tokens/" in str(path):
+            raise OSError(28, "No space left on device")
+        return real_open(self, path, mode, *a, **k)
+
+    monkeypatch.setattr(store.fs.__class__, "open", full_disk)
+    with pytest.raises(StoreError, match=r"^cannot write '.*/tokens/.*part-0000\d\.parquet': No space left on device$"):
+        pretokenize_flow(config=str(TINY), overrides=ov)
+    monkeypatch.undo()
+    assert store.is_complete("dvae", stage_keys(cfg)["dvae"]) and not store.is_complete("tokens", ref.key)
+
+
+def test_deployment_runs_on_a_real_prefect_server(generated, tmp_path):
+    """prefect server start -> prefect deploy (prefect.yaml) -> worker -> a deployment run of the tiny pipeline."""
+    port = free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_API_URL": api,
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DALLE_PROJECT_DIR": str(ROOT)}
+    env.pop("PREFECT_SERVER_ALLOW_EPHEMERAL_MODE", None)
+    prefect = str(BIN / "prefect")
+    server = subprocess.Popen([prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
+    worker = None
+    try:
+        wait_http(f"{api}/health", server)
+
+        def cli(*args):
+            return subprocess.run([prefect, "--no-prompt", *args], env=env, cwd=ROOT, capture_output=True,
+                                  text=True, check=True, timeout=180).stdout
+
+        cli("work-pool", "create", "dalle-process", "--type", "process")
+        cli("deploy", "--name", "pipeline-tiny")
+        src, ov, _ = generated
+        params = {"overrides": _copy(src, tmp_path) + ov[2:]}
+        out = cli("deployment", "run", "pipeline/pipeline-tiny", "--params", json.dumps(params))
+        flow_run_id = next(w for line in out.splitlines() if "UUID" in line for w in line.split() if w.count("-") == 4)
+        worker = subprocess.Popen([prefect, "worker", "start", "--pool", "dalle-process", "--run-once"], env=env,
+                                  cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+                                  start_new_session=True)
+        deadline = time.monotonic() + 300
+        state = None
+        while time.monotonic() < deadline:
+            state = _get(f"{api}/flow_runs/{flow_run_id}")["state"]["type"]
+            if state in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
+                break
+            time.sleep(1)
+        assert state == "COMPLETED"
+        deployments = _get(f"{api}/deployments/filter", {})
+        names = {d["name"] for d in deployments}
+        assert "pipeline-tiny" in names
+    finally:
+        if worker is not None:
+            stop(worker)
+        stop(server)
