@@ -93,7 +93,13 @@ class ArtifactStore:
         return f"{proto}://{path.lstrip('/')}"
 
     # ----------------------------------------------------------------- bytes
+    def _fresh(self, path: str) -> None:
+        """Object-store clients cache listings; other processes write too, so always look again."""
+        if not self.local:
+            self.fs.invalidate_cache(path)
+
     def exists(self, path: str) -> bool:
+        self._fresh(path)
         return self.fs.exists(path)
 
     def write_bytes(self, path: str, data: bytes) -> int:
@@ -127,6 +133,7 @@ class ArtifactStore:
 
     def listdir(self, path: str) -> list[str]:
         """Names directly under `path` (files and folders), sorted; [] if absent."""
+        self._fresh(path)
         try:
             return sorted(posixpath.basename(p.rstrip("/")) for p in self.fs.ls(path, detail=False))
         except FileNotFoundError:
@@ -135,6 +142,7 @@ class ArtifactStore:
     def files(self, stage: str, key: str) -> dict[str, int]:
         """Relative path -> size of every finished file of an artifact (no temporaries)."""
         base = self.path(stage, key)
+        self._fresh(base)
         try:
             found = self.fs.find(base, detail=True)
         except FileNotFoundError:
@@ -149,10 +157,10 @@ class ArtifactStore:
     # ------------------------------------------------------------- manifests
     def manifest(self, stage: str, key: str) -> dict | None:
         path = self.path(stage, key, MANIFEST)
-        return self.read_json(path) if self.fs.exists(path) else None
+        return self.read_json(path) if self.exists(path) else None
 
     def is_complete(self, stage: str, key: str) -> bool:
-        return self.fs.exists(self.path(stage, key, MANIFEST))
+        return self.exists(self.path(stage, key, MANIFEST))
 
     def require(self, stage: str, key: str) -> dict:
         """The manifest of a complete artifact, or a one-line error naming what is missing."""
@@ -169,6 +177,7 @@ class ArtifactStore:
         """
         assert not self.is_complete(stage, key)
         base = self.path(stage, key)
+        self._fresh(base)
         try:
             leftovers = [p for p in self.fs.find(base) if posixpath.basename(p).startswith(".tmp-")]
         except FileNotFoundError:

@@ -36,6 +36,7 @@ from tasks.common import (
     logger,
     open_store,
     ref,
+    reuse,
     save_checkpoint,
     stage_keys,
     stage_run,
@@ -110,9 +111,8 @@ def train_clip_task(cfg: Config, parent_run_id: str | None = None) -> ArtifactRe
     log = logger()
     store, keys = open_store(cfg), stage_keys(cfg)
     key, c, t = keys["clip"], cfg.clip, cfg.clip.train
-    if store.is_complete("clip", key):
-        log.info("clip/%s is complete; reusing it", key)
-        return ref(store, "clip", key, cached=True)
+    if done := reuse(store, "clip", key):
+        return done
     store.prepare("clip", key)
     if c.pretrained:  # nothing to train: check it loads, and record which one is used
         load_scorer(cfg)

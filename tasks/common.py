@@ -83,6 +83,14 @@ def logger():
         return log
 
 
+def reuse(store: ArtifactStore, stage: str, key: str) -> ArtifactRef | None:
+    """A reference to the finished artifact if there is one: a finished stage is never redone."""
+    if not store.is_complete(stage, key):
+        return None
+    logger().info("%s/%s is complete; reusing it", stage, key)
+    return ref(store, stage, key, cached=True)
+
+
 def stage_run(cfg: Config, store: ArtifactStore, stage: str, key: str, params: dict,
               parent_run_id: str | None = None, flow_run_id: str | None = None) -> StageRun:
     """Start the MLflow run of one stage execution, tagged with its key and the Prefect flow run."""

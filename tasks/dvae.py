@@ -24,6 +24,7 @@ from tasks.common import (
     load_state_bytes,
     open_store,
     ref,
+    reuse,
     save_checkpoint,
     stage_keys,
     stage_run,
@@ -79,9 +80,8 @@ def train_dvae_task(cfg: Config, parent_run_id: str | None = None) -> ArtifactRe
     log = get_run_logger()
     store, keys = open_store(cfg), stage_keys(cfg)
     key = keys["dvae"]
-    if store.is_complete("dvae", key):
-        log.info("dvae/%s is complete; reusing it", key)
-        return ref(store, "dvae", key, cached=True)
+    if done := reuse(store, "dvae", key):
+        return done
     store.require("images", keys["images"])
     store.prepare("dvae", key)
     r, t = cfg.dvae, cfg.dvae.train

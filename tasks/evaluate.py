@@ -21,7 +21,15 @@ from dalle_core.evaluation import faithfulness, has_pair, is_shapes_caption, rer
 from dalle_core.generate import prompt_seed, ranks
 from dalle_core.images import decode_png, grid, png_bytes, to_tensor, to_uint8
 from storage.parquet import GENERATIONS_SCHEMA, iter_batches, shard_paths, write_shard
-from tasks.common import ArtifactRef, Progress, logger, open_store, ref, stage_keys, stage_run
+from tasks.common import (
+    ArtifactRef,
+    Progress,
+    open_store,
+    ref,
+    reuse,
+    stage_keys,
+    stage_run,
+)
 from tasks.generate import generator
 
 
@@ -39,9 +47,8 @@ def _val_rows(store, images_key: str, limit: int) -> tuple[list[str], np.ndarray
 def evaluate_task(cfg: Config, parent_run_id: str | None = None) -> ArtifactRef:
     store, keys = open_store(cfg), stage_keys(cfg)
     key, e, g = keys["evaluation"], cfg.evaluate, cfg.generate
-    if store.is_complete("evaluation", key):
-        logger().info("evaluation/%s is complete; reusing it", key)
-        return ref(store, "evaluation", key, cached=True)
+    if done := reuse(store, "evaluation", key):
+        return done
     for stage in ("dvae", "transformer", "clip", "bpe", "images"):
         store.require(stage, keys[stage])
     store.prepare("evaluation", key)

@@ -30,7 +30,7 @@ from storage.parquet import (
 )
 from storage.store import ArtifactStore
 from tasks.clip import load_scorer
-from tasks.common import ArtifactRef, logger, open_store, ref, stage_keys, stage_run
+from tasks.common import ArtifactRef, logger, open_store, ref, reuse, stage_keys, stage_run
 from tasks.dvae import load_dvae
 from tasks.text import load_tokenizer
 from tasks.transformer import load_transformer
@@ -136,8 +136,8 @@ def finish_generation(cfg: Config, results: list[dict], wall_seconds: float,
                       parent_run_id: str | None = None) -> ArtifactRef:
     store, keys = open_store(cfg), stage_keys(cfg)
     key = keys["generations"]
-    if store.is_complete("generations", key):
-        return ref(store, "generations", key, cached=True)
+    if done := reuse(store, "generations", key):
+        return done
     parts = shard_paths(store, "generations", key, "parts")
     table = pa.concat_tables([read_shard(store, p) for p in parts])
     write_shard(store, store.path("generations", key, "generations.parquet"), table)

@@ -12,7 +12,7 @@ from dalle_core.config import Config
 from dalle_core.data import DataError, read_source
 from dalle_core.images import grid, png_bytes
 from storage.parquet import IMAGES_SCHEMA, shard_name, write_shard
-from tasks.common import ArtifactRef, Progress, open_store, ref, stage_keys, stage_run
+from tasks.common import ArtifactRef, Progress, open_store, ref, reuse, stage_keys, stage_run
 
 SPLITS = ("train", "val")
 
@@ -21,9 +21,8 @@ SPLITS = ("train", "val")
 def ingest_images(cfg: Config, parent_run_id: str | None = None) -> ArtifactRef:
     log = get_run_logger()
     store, key = open_store(cfg), stage_keys(cfg)["images"]
-    if store.is_complete("images", key):
-        log.info("images/%s is complete; reusing it", key)
-        return ref(store, "images", key, cached=True)
+    if done := reuse(store, "images", key):
+        return done
     store.prepare("images", key)
     with stage_run(cfg, store, "images", key, cfg.data.model_dump(mode="json"), parent_run_id) as run:
         buffers: dict[str, list] = {s: [] for s in SPLITS}

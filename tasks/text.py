@@ -12,7 +12,7 @@ from dalle_core.bpe import TextTokenizer, train_bpe
 from dalle_core.config import Config, ConfigError
 from storage.parquet import iter_batches, shard_paths
 from storage.store import ArtifactStore
-from tasks.common import ArtifactRef, open_store, ref, stage_keys, stage_run
+from tasks.common import ArtifactRef, open_store, ref, reuse, stage_keys, stage_run
 
 
 def load_tokenizer(store: ArtifactStore, key: str, text_len: int) -> TextTokenizer:
@@ -30,9 +30,8 @@ def train_bpe_task(cfg: Config, parent_run_id: str | None = None) -> ArtifactRef
     log = get_run_logger()
     store, keys = open_store(cfg), stage_keys(cfg)
     key, text = keys["bpe"], cfg.text
-    if store.is_complete("bpe", key):
-        log.info("bpe/%s is complete; reusing it", key)
-        return ref(store, "bpe", key, cached=True)
+    if done := reuse(store, "bpe", key):
+        return done
     store.prepare("bpe", key)
     with stage_run(cfg, store, "bpe", key, text.model_dump(mode="json"), parent_run_id) as run:
         if text.tokenizer_path:
@@ -53,7 +52,7 @@ def train_bpe_task(cfg: Config, parent_run_id: str | None = None) -> ArtifactRef
             inputs = {"images": keys["images"]}
         tokenizer = TextTokenizer.from_str(json_text, text.text_len)
         stats = {"vocab_size": tokenizer.vocab_size}
-        if "images" in keys and store.is_complete("images", keys["images"]):
+        if store.is_complete("images", keys["images"]):
             lengths, truncated, n = [], 0, 0
             caps = list(_captions(store, keys["images"], "train"))
             for i in range(0, len(caps), 4096):

@@ -27,7 +27,7 @@ from storage.parquet import (
     write_shard,
 )
 from storage.store import ArtifactStore
-from tasks.common import ArtifactRef, open_store, ref, stage_keys, stage_run
+from tasks.common import ArtifactRef, open_store, ref, reuse, stage_keys, stage_run
 from tasks.dvae import load_dvae
 from tasks.text import load_tokenizer
 
@@ -106,8 +106,8 @@ def finish_pretokenize(cfg: Config, results: list[dict], wall_seconds: float,
                        parent_run_id: str | None = None) -> ArtifactRef:
     store, keys = open_store(cfg), stage_keys(cfg)
     key = keys["tokens"]
-    if store.is_complete("tokens", key):
-        return ref(store, "tokens", key, cached=True)
+    if done := reuse(store, "tokens", key):
+        return done
     model, _, tokenizer = encoders(cfg)
     rows = {s: sum(count_rows(store, p) for p in shard_paths(store, "tokens", key, s)) for s in SPLITS}
     expected = {s: sum(count_rows(store, p) for p in shard_paths(store, "images", keys["images"], s)) for s in SPLITS}

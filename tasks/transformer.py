@@ -43,6 +43,7 @@ from tasks.common import (
     logger,
     open_store,
     ref,
+    reuse,
     save_checkpoint,
     stage_keys,
     stage_run,
@@ -183,9 +184,8 @@ def run_training(cfg: Config, parent_run_id: str | None, flow_run_id: str | None
 def train_transformer_task(cfg: Config, parent_run_id: str | None = None) -> ArtifactRef:
     store, keys = open_store(cfg), stage_keys(cfg)
     key = keys["transformer"]
-    if store.is_complete("transformer", key):
-        logger().info("transformer/%s is complete; reusing it", key)
-        return ref(store, "transformer", key, cached=True)
+    if done := reuse(store, "transformer", key):
+        return done
     store.require("tokens", keys["tokens"])
     store.prepare("transformer", key)
     nproc = cfg.transformer.nproc
