@@ -18,6 +18,24 @@ def _user_errors() -> tuple[type[Exception], ...]:
     return (ConfigError, DataError, StoreError, TrackingError, FileNotFoundError)
 
 
+def check_prefect_server() -> None:
+    """With PREFECT_API_URL set, fail in one line if that server does not answer."""
+    import urllib.error
+    import urllib.request
+
+    url = os.environ.get("PREFECT_API_URL")
+    if not url:
+        return  # flows run on an embedded server
+    try:
+        with urllib.request.urlopen(f"{url.rstrip('/')}/health", timeout=5):
+            pass
+    except urllib.error.HTTPError:
+        pass  # it answered
+    except OSError as err:
+        raise ConfigError(f"Prefect server at PREFECT_API_URL={url!r} is unreachable: "
+                          f"{getattr(err, 'reason', err)}") from None
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", "-c", default=None, help="YAML run config (default: built-in defaults)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -121,6 +139,7 @@ def cmd_stage(args) -> int:
         if prompts:
             args.overrides.append(f"generate.prompts={json.dumps(prompts)}")
     cfg = load_config(args.config, args.overrides)  # fail on a bad config before Prefect starts
+    check_prefect_server()
     result = _stage_flows()[args.command](config=args.config, overrides=args.overrides)
     print(result)
     _print_results(cfg, {"generate": ["generate"], "evaluate": ["evaluate"]}.get(args.command, []))
@@ -140,6 +159,7 @@ def cmd_run(args) -> int:
     stages = select_stages(args.only, args.from_stage)
     for s in args.force or []:
         select_stages([s], None)
+    check_prefect_server()
     refs = pipeline_flow(config=args.config, overrides=args.overrides, only=args.only, from_stage=args.from_stage,
                          force=args.force)
     print("\npipeline")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pyarrow as pa
@@ -33,6 +34,10 @@ from tasks.text import load_tokenizer
 
 SPLITS = ("train", "val")
 ENCODE_BATCH = 512
+# Shard work runs on this fixed pool, not on Prefect's worker threads: Prefect uses many threads over a
+# run, and each thread that decodes/encodes keeps its own allocator and oneDNN scratch memory, so peak RSS
+# grew with the number of shards. Two threads: one decodes PNGs while the other runs the dVAE.
+_SHARD_POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="encode-shard")
 
 
 @functools.lru_cache(maxsize=2)
@@ -75,6 +80,20 @@ def encode_shard(cfg: Config, split: str, index: int) -> dict:
     if store.exists(out):
         return {"split": split, "index": index, "rows": count_rows(store, out), "seconds": 0.0, "truncated": 0}
     t0 = time.perf_counter()
+    rows, truncated = _on_shard_pool(cfg, store, keys, split, index, out)
+    seconds = time.perf_counter() - t0
+    get_run_logger().info("encoded %s shard %d: %d images in %.2fs (%.0f images/s)", split, index, rows,
+                          seconds, rows / max(seconds, 1e-9))
+    return {"split": split, "index": index, "rows": rows, "seconds": seconds, "truncated": truncated}
+
+
+def _on_shard_pool(*args) -> tuple[int, int]:
+    # A plain function: Prefect/Dask pickle task bodies by value, and a thread pool cannot be pickled.
+    return _SHARD_POOL.submit(_encode_shard, *args).result()
+
+
+def _encode_shard(cfg: Config, store: ArtifactStore, keys: dict, split: str, index: int, out: str) -> tuple[int, int]:
+    """Decode, encode, tokenize and write one shard; returns (rows, truncated captions)."""
     model, norm, tokenizer = encoders(cfg)
     table = read_shard(store, store.path("images", keys["images"], split, shard_name(index)))
     captions = table.column("caption").to_pylist()
@@ -95,10 +114,7 @@ def encode_shard(cfg: Config, split: str, index: int) -> dict:
         pa.FixedSizeListArray.from_arrays(pa.array(image_tokens.ravel(), type=pa.uint16()), image_tokens.shape[1]),
     ]
     write_shard(store, out, pa.Table.from_arrays(columns, schema=schema))
-    seconds = time.perf_counter() - t0
-    get_run_logger().info("encoded %s shard %d: %d images in %.2fs (%.0f images/s)", split, index, len(pngs),
-                          seconds, len(pngs) / max(seconds, 1e-9))
-    return {"split": split, "index": index, "rows": len(pngs), "seconds": seconds, "truncated": int(truncated.sum())}
+    return len(pngs), int(truncated.sum())
 
 
 @task(name="finish-pretokenize", cache_policy=NONE)

@@ -86,3 +86,17 @@ def test_cli_errors_are_one_line(tiny, capsys):
     assert "unknown stage 'tranformer'" in capsys.readouterr().err
     assert main(["ingest", "-c", "missing.yaml"]) == 2
     assert capsys.readouterr().err == "error: config file 'missing.yaml' does not exist\n"
+
+
+def test_unreachable_prefect_server_is_one_line(tiny, capsys, monkeypatch):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config, make = tiny
+    monkeypatch.setenv("PREFECT_API_URL", f"http://127.0.0.1:{port}/api")
+    assert main(["run", "-c", config, *sum((["--set", o] for o in make()), [])]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: Prefect server at PREFECT_API_URL='http://127.0.0.1:{port}/api' is unreachable")
+    assert err.count("\n") == 1
