@@ -104,19 +104,19 @@ def bench_dvae_train(repeats: int, steps: int = 5, batch: int = 64) -> dict:
     return {"images_per_s": steps * batch / statistics.median(timed(run, 1, repeats))}
 
 
-def bench_dvae_encode(repeats: int, batch: int = 512, batches: int = 8) -> dict:
-    model = DiscreteVAE(REF_DVAE).eval()
+def bench_dvae_encode(repeats: int, precision: str = "fp32", batch: int = 512, batches: int = 8) -> dict:
+    model = DiscreteVAE(REF_DVAE).eval().to(memory_format=torch.channels_last)  # as tasks.dvae.load_dvae
     x = torch.randn(batch, 3, 32, 32)
 
     def run():
         with torch.inference_mode():
             for _ in range(batches):
-                model.encode(x)
+                model.encode(x, precision)
 
     return {"images_per_s": batch * batches / statistics.median(timed(run, 1, repeats))}
 
 
-def _pretokenize_child(num_images: int, root: str) -> dict:
+def _pretokenize_child(num_images: int, root: str, precision: str) -> dict:
     """Run in a fresh process: ingest shapes, store a reference dVAE + BPE, time pretokenization."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from dataclasses import asdict
@@ -129,7 +129,7 @@ def _pretokenize_child(num_images: int, root: str) -> dict:
     from tasks.common import open_store, stage_keys, state_bytes
 
     overrides = {"data": {"shapes": {"num_images": num_images}, "shard_size": 4096},
-                 "dvae": {"codebook_size": 512, "codebook_dim": 256, "hidden": 64},
+                 "dvae": {"codebook_size": 512, "codebook_dim": 256, "hidden": 64, "encode_precision": precision},
                  "store": root, "tracking": {"uri": f"sqlite:///{root}/mlflow.db"}}
     cfg = config_from_dict(overrides)
     cfg_path = os.path.join(root, "bench.yaml")
@@ -151,9 +151,10 @@ def _pretokenize_child(num_images: int, root: str) -> dict:
             "rss_before_mb": rss_before / 1024, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
-def bench_pretokenize(num_images: int) -> dict:
+def bench_pretokenize(num_images: int, precision: str = "fp32") -> dict:
     with tempfile.TemporaryDirectory() as root:
-        out = subprocess.run([sys.executable, "-m", "bench.run", "--pretokenize-child", str(num_images), root],
+        out = subprocess.run([sys.executable, "-m", "bench.run", "--pretokenize-child", str(num_images), root,
+                              precision],
                              capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -191,10 +192,11 @@ def main() -> None:
     parser.add_argument("--pretokenize-images", type=int, default=20000)
     parser.add_argument("--skip-rss", action="store_true", help="skip the 10x pre-tokenization memory check")
     parser.add_argument("--only", nargs="*", help="run only benchmarks whose name starts with one of these")
-    parser.add_argument("--pretokenize-child", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--pretokenize-child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.pretokenize_child:
-        print(json.dumps(_pretokenize_child(int(args.pretokenize_child[0]), args.pretokenize_child[1])))
+        n, root, precision = args.pretokenize_child
+        print(json.dumps(_pretokenize_child(int(n), root, precision)))
         return
     r = args.repeats
     results: dict[str, dict] = {}
@@ -206,8 +208,10 @@ def main() -> None:
         "sample_16_cfg3": lambda: bench_sampling(3.0, r),
         "dvae_train": lambda: bench_dvae_train(r),
         "dvae_encode": lambda: bench_dvae_encode(r),
+        "dvae_encode_bf16": lambda: bench_dvae_encode(r, "bf16"),
         "token_loader": lambda: bench_token_loader(r),
         "pretokenize": lambda: bench_pretokenize(args.pretokenize_images),
+        "pretokenize_bf16": lambda: bench_pretokenize(args.pretokenize_images, "bf16"),
     }
     if not args.skip_rss:
         benches["pretokenize_10x"] = lambda: bench_pretokenize(10 * args.pretokenize_images)

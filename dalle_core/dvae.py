@@ -188,9 +188,13 @@ class DiscreteVAE(nn.Module):
         weight = self.quantizer.embed.weight if self.c.quantizer == "gumbel" else self.quantizer.embed
         return F.embedding(tokens, weight).permute(0, 3, 1, 2)  # (B, h, w) -> (B, D, h, w)
 
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """Normalised (B, 3, H, W) -> LongTensor (B, h, w) of codebook indices."""
-        z = self.encoder(images.contiguous(memory_format=torch.channels_last))  # oneDNN's fast layout on CPU
+    def encode(self, images: torch.Tensor, precision: str = "fp32") -> torch.Tensor:
+        """Normalised (B, 3, H, W) -> LongTensor (B, h, w) of codebook indices.
+
+        precision="bf16" runs the encoder under bf16 autocast; the code search stays fp32.
+        """
+        with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            z = self.encoder(images.contiguous(memory_format=torch.channels_last))  # oneDNN's fast layout on CPU
         if self.c.quantizer == "gumbel":
             return z.argmax(1)
         B, D, h, w = z.shape

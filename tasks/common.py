@@ -28,7 +28,7 @@ def stage_keys(cfg: Config) -> dict[str, str]:
     """The content-addressed key of every stage, from its config section and its inputs' keys."""
     k: dict[str, str] = {}
     k["images"] = stage_key(cfg.data.model_dump(mode="json"))
-    dvae = cfg.dvae.model_dump(mode="json")
+    dvae = cfg.dvae.model_dump(mode="json", exclude={"encode_precision"})  # how tokens are made, not the model
     k["dvae"] = stage_key(dvae, {"images": k["images"]})
     text = cfg.text.model_dump(mode="json")
     if cfg.text.tokenizer_path:  # a given tokenizer is identified by its content, not its path
@@ -36,7 +36,8 @@ def stage_keys(cfg: Config) -> dict[str, str]:
         k["bpe"] = stage_key(text)
     else:
         k["bpe"] = stage_key(text, {"images": k["images"]})
-    k["tokens"] = stage_key({}, {"images": k["images"], "dvae": k["dvae"], "bpe": k["bpe"]})
+    encode = {} if cfg.dvae.encode_precision == "fp32" else {"encode_precision": cfg.dvae.encode_precision}
+    k["tokens"] = stage_key(encode, {"images": k["images"], "dvae": k["dvae"], "bpe": k["bpe"]})
     tr = cfg.transformer.model_dump(mode="json")
     k["transformer"] = stage_key(tr, {"tokens": k["tokens"]})
     k["clip"] = stage_key(cfg.clip.model_dump(mode="json"), {"images": k["images"], "bpe": k["bpe"]})

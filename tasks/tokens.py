@@ -102,7 +102,7 @@ def _encode_shard(cfg: Config, store: ArtifactStore, keys: dict, split: str, ind
     with torch.inference_mode():
         for i in range(0, len(pngs), ENCODE_BATCH):
             images = np.stack([decode_png(b) for b in pngs[i:i + ENCODE_BATCH]])
-            codes.append(model.encode(to_tensor(images, norm.mean, norm.std)).flatten(1).numpy())
+            codes.append(model.encode(to_tensor(images, norm.mean, norm.std), cfg.dvae.encode_precision).flatten(1).numpy())
     image_tokens = np.concatenate(codes).astype(np.uint16)
     text_tokens, truncated = tokenizer.encode(captions)
     schema = tokens_schema(image_tokens.shape[1], tokenizer.vocab_size)

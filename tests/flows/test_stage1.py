@@ -150,3 +150,26 @@ def test_killed_dvae_training_resumes_from_checkpoint(tiny, monkeypatch):
     assert [r.info.status for r in runs] == ["FAILED", "FINISHED"]
     assert runs[1].data.tags["resumed_from_step"] == "15"
     assert [h.step for h in client.get_metric_history(runs[1].info.run_id, "loss")] == [20, 30]
+
+
+def test_bf16_encode_is_its_own_tokens_artifact(done):
+    """dvae.encode_precision=bf16 keeps the dVAE (same key), writes tokens under a new key, equal to encode(bf16)."""
+    cfg, ov, ref, tmp = done
+    root = tmp / "bf16"
+    shutil.copytree(open_store(cfg).root, root)
+    ov2 = [f"store.root={root}", *ov[1:], "dvae.encode_precision=bf16"]
+    cfg2 = load_config(TINY, ov2)
+    keys, keys2 = stage_keys(cfg), stage_keys(cfg2)
+    assert keys2["dvae"] == keys["dvae"] and keys2["tokens"] != keys["tokens"]
+    out = pretokenize_flow(config=str(TINY), overrides=ov2)
+    assert not out.cached and out.key == keys2["tokens"]
+    store = open_store(cfg2)
+    model, norm = load_dvae(store, keys["dvae"])
+    images = read_shard(store, shard_paths(store, "images", keys["images"], "train")[0])
+    pixels = to_tensor(np.stack([decode_png(b) for b in images.column("image").to_pylist()]), norm.mean, norm.std)
+    with torch.inference_mode():
+        fp32, bf16 = model.encode(pixels).flatten(1).numpy(), model.encode(pixels, "bf16").flatten(1).numpy()
+    got = np.stack(read_shard(store, shard_paths(store, "tokens", out.key, "train")[0])
+                   .column("image_tokens").to_numpy(zero_copy_only=False))
+    assert np.array_equal(got, bf16)
+    assert (got == fp32).mean() > 0.8  # near-tie cells may take a neighbouring code
