@@ -104,6 +104,27 @@ def bench_dvae_train(repeats: int, steps: int = 5, batch: int = 64) -> dict:
     return {"images_per_s": steps * batch / statistics.median(timed(run, 1, repeats))}
 
 
+def bench_clip_train(precision: str, repeats: int, steps: int = 5, batch: int = 128) -> dict:
+    """The demo's small CLIP (configs/shapes.yaml) at batch 128."""
+    from dalle_core.clip import CLIPConfig, build_clip, contrastive_loss
+
+    torch.manual_seed(0)
+    model = build_clip(CLIPConfig(vision_layers=3, text_layers=3, text_vocab=512, text_len=12))
+    opt = make_optimizer(model, TrainConfig(weight_decay=0.1))
+    images, text = torch.randn(batch, 3, 32, 32), torch.randint(1, 512, (batch, 13))
+
+    def run():
+        for _ in range(steps):
+            opt.zero_grad(set_to_none=True)
+            with autocast(precision):
+                loss, _ = contrastive_loss(model, images, text)
+            loss.backward()
+            opt.step()
+
+    s = statistics.median(timed(run, 1, repeats))
+    return {"seconds_per_step": s / steps, "images_per_s": steps * batch / s}
+
+
 def bench_dvae_encode(repeats: int, precision: str = "fp32", batch: int = 512, batches: int = 8) -> dict:
     model = DiscreteVAE(REF_DVAE).eval().to(memory_format=torch.channels_last)  # as tasks.dvae.load_dvae
     x = torch.randn(batch, 3, 32, 32)
@@ -206,6 +227,8 @@ def main() -> None:
         "transformer_train_bf16": lambda: bench_transformer_train("bf16", r),
         "sample_16": lambda: bench_sampling(1.0, r),
         "sample_16_cfg3": lambda: bench_sampling(3.0, r),
+        "clip_train": lambda: bench_clip_train("fp32", r),
+        "clip_train_bf16": lambda: bench_clip_train("bf16", r),
         "dvae_train": lambda: bench_dvae_train(r),
         "dvae_encode": lambda: bench_dvae_encode(r),
         "dvae_encode_bf16": lambda: bench_dvae_encode(r, "bf16"),

@@ -47,8 +47,8 @@ def autocast(precision: str, device: torch.device | str = "cpu") -> contextlib.A
     """bf16 autocast for the forward pass (fp32 weights and optimizer), or nothing for fp32.
 
     On CPU it also picks SDPA's math kernel: the fused CPU flash-attention kernel's bf16
-    backward is slow at our sequence lengths (bench: transformer training 14.4k -> 19k tokens/s,
-    a CLIP step 0.21 s -> 0.14 s). In fp32 and on GPU the default kernel is kept.
+    backward is slow at our sequence lengths (bench transformer_train_bf16 14.3k -> 17.4-18.1k
+    tokens/s; bench clip_train_bf16 vs clip_train). In fp32 and on GPU the default kernel is kept.
     """
     if precision != "bf16":
         return contextlib.nullcontext()

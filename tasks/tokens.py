@@ -130,14 +130,15 @@ def finish_pretokenize(cfg: Config, results: list[dict], wall_seconds: float,
     assert rows == expected, (rows, expected)
     encoded = sum(r["rows"] for r in results if r["seconds"] > 0)
     inputs = {"images": keys["images"], "dvae": keys["dvae"], "bpe": keys["bpe"]}
-    with stage_run(cfg, store, "tokens", key, {"text_len": cfg.text.text_len, **inputs}, parent_run_id) as run:
+    made = {"text_len": cfg.text.text_len, "encode_precision": cfg.dvae.encode_precision}
+    with stage_run(cfg, store, "tokens", key, {**made, **inputs}, parent_run_id) as run:
         metrics = {"rows_train": rows["train"], "rows_val": rows["val"],
                    "truncated_captions": sum(r["truncated"] for r in results), "shards_encoded": len(results)}
         if encoded:
             metrics["images_per_s"] = encoded / max(wall_seconds, 1e-9)
         run.log_metrics(metrics)
         grid = model.c.grid_size
-        manifest = store.finish("tokens", key, config={"text_len": cfg.text.text_len}, inputs=inputs, rows=rows,
+        manifest = store.finish("tokens", key, config=made, inputs=inputs, rows=rows,
                                 grid=[grid, grid], codebook_size=model.c.codebook_size,
                                 vocab_size=tokenizer.vocab_size, pad_id=tokenizer.pad_id,
                                 text_len=cfg.text.text_len, dvae_key=keys["dvae"], bpe_key=keys["bpe"],

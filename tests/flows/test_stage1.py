@@ -11,6 +11,7 @@ from mlflow import MlflowClient
 import tasks.dvae
 from dalle_core.config import load_config
 from dalle_core.images import decode_png, to_tensor
+from dalle_core.train import psnr_unit
 from flows.pretokenize import pretokenize_flow
 from flows.train_bpe import train_bpe_flow
 from flows.train_dvae import train_dvae_flow
@@ -173,3 +174,9 @@ def test_bf16_encode_is_its_own_tokens_artifact(done):
                    .column("image_tokens").to_numpy(zero_copy_only=False))
     assert np.array_equal(got, bf16)
     assert (got == fp32).mean() > 0.8  # near-tie cells may take a neighbouring code
+    g = model.c.grid_size
+    with torch.inference_mode():
+        psnr = {k: psnr_unit(norm.to_unit(model.decode(torch.from_numpy(c).long().view(-1, g, g))), norm.to_unit(pixels))
+                for k, c in (("fp32", fp32), ("bf16", bf16))}
+    assert abs(psnr["bf16"] - psnr["fp32"]) < 0.1, psnr  # same reconstruction quality
+    assert store.read_json(store.path("tokens", out.key, "manifest.json"))["config"]["encode_precision"] == "bf16"
