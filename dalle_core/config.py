@@ -34,7 +34,7 @@ class TrainConfig(Section):
     warmup_steps: int = Field(100, ge=0)
     min_lr_ratio: float = Field(0.1, ge=0, le=1)  # cosine decays to lr * min_lr_ratio
     max_steps: int = Field(1000, ge=1)
-    max_minutes: float | None = Field(None, gt=0)  # wall-clock budget; stops early
+    max_minutes: float | None = Field(None, gt=0)  # wall-clock budget: stops early, LR decayed by then
     grad_clip: float | None = Field(1.0, gt=0)
     grad_accum: int = Field(1, ge=1)
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16 = autocast on CPU/GPU

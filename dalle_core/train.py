@@ -26,11 +26,12 @@ LogFn = Callable[[int, dict[str, float]], None]
 CheckpointFn = Callable[[int], None]
 
 
-def lr_at(step: int, t: TrainConfig) -> float:
-    """Linear warmup, then cosine decay to lr * min_lr_ratio at max_steps."""
+def lr_at(step: int, t: TrainConfig, horizon: int | None = None) -> float:
+    """Linear warmup, then cosine decay to lr * min_lr_ratio at `horizon` (default max_steps)."""
     if step < t.warmup_steps:
         return t.lr * (step + 1) / t.warmup_steps
-    progress = min(1.0, (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps))
+    end = t.max_steps if horizon is None else horizon
+    progress = min(1.0, (step - t.warmup_steps) / max(1, end - t.warmup_steps))
     return t.lr * (t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
@@ -68,14 +69,40 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 
 
 class Budget:
-    """Stop at max_steps or when max_minutes of wall-clock time have passed."""
+    """Stop at max_steps or when max_minutes of wall-clock time have passed.
 
-    def __init__(self, t: TrainConfig):
+    `check(step)` (once per step) also sets `horizon`, the step the run will really end
+    at: max_steps, or fewer when the deadline will come first, projected from the step
+    rate so far. The LR schedule decays to that horizon, so a run cut short by the
+    clock still ends at the low LR instead of mid-schedule; a run that reaches
+    max_steps in time gets exactly the step-based schedule. Under torch.distributed
+    the ranks agree on both (all-reduce MIN): same LR, same last step.
+    """
+
+    MIN_STEPS_TO_PROJECT = 20
+
+    def __init__(self, t: TrainConfig, start_step: int = 0):
         self.max_steps = t.max_steps
-        self.deadline = time.monotonic() + t.max_minutes * 60 if t.max_minutes else None
+        self.horizon = t.max_steps
+        self.start_step, self.t0 = start_step, time.monotonic()
+        self.deadline = self.t0 + t.max_minutes * 60 if t.max_minutes else None
+        self.out_of_time = False
 
-    def done(self, step: int) -> bool:
-        return step >= self.max_steps or (self.deadline is not None and time.monotonic() > self.deadline)
+    def check(self, step: int) -> bool:
+        """True when training should stop before `step`; updates `horizon`."""
+        if self.deadline is not None:
+            now, ran = time.monotonic(), step - self.start_step
+            projected = self.max_steps
+            if ran >= self.MIN_STEPS_TO_PROJECT:
+                projected = min(self.max_steps, step + int(ran / (now - self.t0) * max(0.0, self.deadline - now)))
+            state = torch.tensor([projected, 0 if now > self.deadline else 1], dtype=torch.float64)
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                on = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"  # NCCL reduces GPU tensors only
+                state = state.to(on)
+                torch.distributed.all_reduce(state, op=torch.distributed.ReduceOp.MIN)
+                state = state.cpu()
+            self.horizon, self.out_of_time = max(step, int(state[0])), bool(state[1] == 0)
+        return step >= self.max_steps or self.out_of_time
 
 
 def training_state_bytes(optimizer: torch.optim.Optimizer) -> bytes:
@@ -130,11 +157,12 @@ def train_dvae(model: DiscreteVAE, batches: Iterator[torch.Tensor], r: DVAERunCo
                optimizer: torch.optim.Optimizer, start_step: int, log: LogFn, checkpoint: CheckpointFn) -> int:
     """Train from `start_step`; returns the step reached. Batches are normalised (B, 3, H, W)."""
     t, norm = r.train, Norm(r.norm_mean, r.norm_std)
-    budget = Budget(t)
+    budget = Budget(t, start_step)
     model.train()
     step, seen, t0 = start_step, 0, time.perf_counter()
-    while not budget.done(step):
-        lr = lr_at(step, t)
+    done = budget.check(step)
+    while not done:
+        lr = lr_at(step, t, budget.horizon)
         set_lr(optimizer, lr)
         q = model.quantizer
         if r.quantizer == "gumbel":
@@ -154,9 +182,10 @@ def train_dvae(model: DiscreteVAE, batches: Iterator[torch.Tensor], r: DVAERunCo
             nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
         optimizer.step()
         step += 1
+        done = budget.check(step)
         if r.quantizer == "vq" and step % r.restart_every == 0:
             q.restart_dead_codes()
-        if step % t.log_every == 0 or budget.done(step):
+        if step % t.log_every == 0 or done:
             ppl, used = code_stats(idx, r.codebook_size)
             with torch.no_grad():
                 psnr = psnr_unit(norm.to_unit(recon.detach()), norm.to_unit(x))
@@ -166,7 +195,7 @@ def train_dvae(model: DiscreteVAE, batches: Iterator[torch.Tensor], r: DVAERunCo
                        "temperature": getattr(q, "temperature", float("nan")), "lr": lr,
                        "images_per_s": seen / max(elapsed, 1e-9)})
             seen, t0 = 0, time.perf_counter()
-        if step % t.checkpoint_every == 0 and not budget.done(step):
+        if step % t.checkpoint_every == 0 and not done:
             checkpoint(step)
     return step
 
@@ -233,12 +262,13 @@ def train_transformer(model: nn.Module, batches: Iterator[tuple[torch.Tensor, to
     `model` may be DDP-wrapped; it returns (loss, text_loss, image_loss). `every`
     = (n, fn) calls fn(step) every n steps (sample grids).
     """
-    budget = Budget(t)
+    budget = Budget(t, start_step)
     model.train()
     gen = torch.Generator()
     step, tokens, t0 = start_step, 0, time.perf_counter()
-    while not budget.done(step):
-        lr = lr_at(step, t)
+    done = budget.check(step)
+    while not done:
+        lr = lr_at(step, t, budget.horizon)
         set_lr(optimizer, lr)
         gen.manual_seed(t.seed * 1000003 + step)  # caption dropout depends on the step alone: resumable
         optimizer.zero_grad(set_to_none=True)
@@ -253,15 +283,16 @@ def train_transformer(model: nn.Module, batches: Iterator[tuple[torch.Tensor, to
         grad_norm = nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip or float("inf"))
         optimizer.step()
         step += 1
-        if step % t.log_every == 0 or budget.done(step):
+        done = budget.check(step)
+        if step % t.log_every == 0 or done:
             elapsed = time.perf_counter() - t0
             log(step, {"loss": loss.item(), "text_loss": text_loss.item(), "image_loss": image_loss.item(),
                        "lr": lr, "grad_norm": float(grad_norm), "tokens_per_s": world_size * tokens / max(elapsed, 1e-9)})
             tokens, t0 = 0, time.perf_counter()
-        if every and step % every[0] == 0 and not budget.done(step):
+        if every and step % every[0] == 0 and not done:
             every[1](step)
             model.train()
-        if step % t.checkpoint_every == 0 and not budget.done(step):
+        if step % t.checkpoint_every == 0 and not done:
             checkpoint(step)
     return step
 
@@ -292,11 +323,12 @@ def train_clip(model: nn.Module, batches: Iterator[tuple[torch.Tensor, torch.Ten
     """Contrastive training on (normalised images, CLIP text ids) batches; returns the step reached."""
     from dalle_core.clip import clamp_logit_scale, contrastive_loss
 
-    budget = Budget(t)
+    budget = Budget(t, start_step)
     model.train()
     step, seen, t0 = start_step, 0, time.perf_counter()
-    while not budget.done(step):
-        lr = lr_at(step, t)
+    done = budget.check(step)
+    while not done:
+        lr = lr_at(step, t, budget.horizon)
         set_lr(optimizer, lr)
         optimizer.zero_grad(set_to_none=True)
         for _ in range(t.grad_accum):
@@ -310,7 +342,8 @@ def train_clip(model: nn.Module, batches: Iterator[tuple[torch.Tensor, torch.Ten
         optimizer.step()
         clamp_logit_scale(model)
         step += 1
-        if step % t.log_every == 0 or budget.done(step):
+        done = budget.check(step)
+        if step % t.log_every == 0 or done:
             metrics = {"loss": loss.item(), "temperature": temperature, "lr": lr,
                        "images_per_s": seen / max(time.perf_counter() - t0, 1e-9)}
             if evaluate and eval_every and step % eval_every == 0:
@@ -318,6 +351,6 @@ def train_clip(model: nn.Module, batches: Iterator[tuple[torch.Tensor, torch.Ten
                 model.train()
             log(step, metrics)
             seen, t0 = 0, time.perf_counter()
-        if step % t.checkpoint_every == 0 and not budget.done(step):
+        if step % t.checkpoint_every == 0 and not done:
             checkpoint(step)
     return step

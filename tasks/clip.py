@@ -136,7 +136,7 @@ def train_clip_task(cfg: Config, parent_run_id: str | None = None) -> ArtifactRe
 
     with stage_run(cfg, store, "clip", key, c.model_dump(mode="json"), parent_run_id) as run:
         run.set_tags({"input.images": keys["images"], "input.bpe": keys["bpe"], "resumed_from_step": str(start)})
-        progress = Progress("train-clip", t.max_steps - start, "steps")
+        progress = Progress("train-clip", t.max_steps - start, "steps", max_minutes=t.max_minutes)
 
         def on_log(step: int, metrics: dict) -> None:
             run.log_metrics(metrics, step)

@@ -103,10 +103,15 @@ def stage_run(cfg: Config, store: ArtifactStore, stage: str, key: str, params: d
 
 
 class Progress:
-    """Progress lines with rate and ETA in the Prefect logs, at most every `every_s` seconds."""
+    """Progress lines with rate and ETA in the Prefect logs, at most every `every_s` seconds.
 
-    def __init__(self, what: str, total: int | None, unit: str = "it", every_s: float = 5.0):
+    `max_minutes`: a wall-clock cap (training budgets); the ETA is the sooner of the two.
+    """
+
+    def __init__(self, what: str, total: int | None, unit: str = "it", every_s: float = 5.0,
+                 max_minutes: float | None = None):
         self.what, self.total, self.unit, self.every_s = what, total, unit, every_s
+        self.max_s = max_minutes * 60 if max_minutes else float("inf")
         self.start = self.last = time.perf_counter()
         self.done = 0
         self.logger = logger()
@@ -120,6 +125,7 @@ class Progress:
         rate = self.done / max(now - self.start, 1e-9)
         if self.total:
             eta = (self.total - self.done) / rate if rate > 0 else float("inf")
+            eta = max(0.0, min(eta, self.max_s - (now - self.start)))
             self.logger.info("%s: %d/%d (%.0f%%) %.1f %s/s ETA %s %s", self.what, self.done, self.total,
                              100 * self.done / self.total, rate, self.unit, _fmt_s(eta), extra)
         else:

@@ -95,7 +95,7 @@ def train_dvae_task(cfg: Config, parent_run_id: str | None = None) -> ArtifactRe
     val_paths = shard_paths(store, "images", keys["images"], "val")
     with stage_run(cfg, store, "dvae", key, r.model_dump(mode="json"), parent_run_id) as run:
         run.set_tags({"input.images": keys["images"], "resumed_from_step": str(start)})
-        progress = Progress("train-dvae", t.max_steps - start, "steps")
+        progress = Progress("train-dvae", t.max_steps - start, "steps", max_minutes=t.max_minutes)
 
         def on_log(step: int, metrics: dict) -> None:
             run.log_metrics(metrics, step)

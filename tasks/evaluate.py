@@ -128,7 +128,8 @@ def format_report(report: dict) -> str:
     faith = report.get("faithfulness")
     if faith:
         cols = [c for c in ("top1", "random", "dvae_reconstruction") if c in faith]
-        lines += ["-" * 64, "caption faithfulness".ljust(28) + "".join(f"{c[:12]:>12}" for c in cols)]
+        labels = {"top1": "top-1", "random": "random", "dvae_reconstruction": "dVAE recon"}
+        lines += ["-" * 64, "caption faithfulness".ljust(28) + "".join(f"{labels[c]:>12}" for c in cols)]
         for k in faith["top1"]:
             lines.append(k.ljust(28) + "".join(f"{faith[c].get(k, float('nan')):>12.3f}" for c in cols))
         if "holdout_pairs" in faith:

@@ -149,7 +149,7 @@ def run_training(cfg: Config, parent_run_id: str | None, flow_run_id: str | None
     params = {**tr.model_dump(mode="json"), "num_params": model.num_params(), "world_size": world}
     with stage_run(cfg, store, "transformer", key, params, parent_run_id, flow_run_id) as run:
         run.set_tags({"input.tokens": keys["tokens"], "resumed_from_step": str(start)})
-        progress = Progress("train-transformer", t.max_steps - start, "steps")
+        progress = Progress("train-transformer", t.max_steps - start, "steps", max_minutes=t.max_minutes)
 
         def on_log(step: int, metrics: dict) -> None:
             run.log_metrics(metrics, step)

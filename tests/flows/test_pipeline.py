@@ -100,3 +100,12 @@ def test_unreachable_prefect_server_is_one_line(tiny, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert err.startswith(f"error: Prefect server at PREFECT_API_URL='http://127.0.0.1:{port}/api' is unreachable")
     assert err.count("\n") == 1
+
+
+def test_evaluation_table_has_one_column_per_candidate_kind():
+    from tasks.evaluate import format_report
+    faith = {c: {"single.all": 0.9, "pair.all": 0.8} for c in ("top1", "random", "dvae_reconstruction")}
+    text = format_report({"clip": {"val_recall@1": 0.5}, "faithfulness": faith})
+    header = next(line for line in text.splitlines() if line.startswith("caption faithfulness"))
+    assert header.split()[2:] == ["top-1", "random", "dVAE", "recon"]
+    assert text.splitlines()[-1].split() == ["pair.all", "0.800", "0.800", "0.800"]
