@@ -74,8 +74,9 @@ class Budget:
     `check(step)` (once per step) also sets `horizon`, the step the run will really end
     at: max_steps, or fewer when the deadline will come first, projected from the step
     rate so far. The LR schedule decays to that horizon, so a run cut short by the
-    clock still ends at the low LR instead of mid-schedule; a run that reaches
-    max_steps in time gets exactly the step-based schedule. Under torch.distributed
+    clock still ends at the low LR instead of mid-schedule; a run whose projection never
+    falls short of max_steps (or has no max_minutes) gets exactly the step-based schedule,
+    deterministic and resumable. Under torch.distributed
     the ranks agree on both (all-reduce MIN): same LR, same last step.
     """
 
