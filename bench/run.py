@@ -80,15 +80,21 @@ def bench_transformer_train(precision: str, repeats: int, steps: int = 10, batch
     return {"tokens_per_s": tps, "samples_per_s": steps * batch / s, "model_gflops": flops}
 
 
-def bench_sampling(cond_scale: float, repeats: int) -> dict:
+def bench_sampling(cond_scale: float, repeats: int, prompts: int = 1) -> dict:
+    """16 candidates for each of `prompts` prompts in one batch (one seeded generator per prompt)."""
     torch.manual_seed(0)
     model = DALLE(REF_TRANSFORMER).eval()
-    text = torch.randint(1, 1000, (16, 32))
-    s = statistics.median(timed(lambda: sample(model, text, cond_scale=cond_scale), 2, repeats))
-    return {"seconds": s, "ms_per_token": 1000 * s / 64}
+    text = torch.randint(1, 1000, (prompts, 32)).repeat_interleave(16, dim=0)
+
+    def run():
+        gens = [torch.Generator().manual_seed(i) for i in range(prompts)]
+        sample(model, text, cond_scale=cond_scale, generator=gens)
+
+    s = statistics.median(timed(run, 2, repeats))
+    return {"seconds": s, "ms_per_token": 1000 * s / 64, "images_per_s": 16 * prompts / s}
 
 
-def bench_dvae_train(repeats: int, steps: int = 5, batch: int = 64) -> dict:
+def bench_dvae_train(repeats: int, precision: str = "fp32", steps: int = 5, batch: int = 64) -> dict:
     torch.manual_seed(0)
     model = DiscreteVAE(REF_DVAE).train()
     opt = make_optimizer(model, TrainConfig())
@@ -97,8 +103,9 @@ def bench_dvae_train(repeats: int, steps: int = 5, batch: int = 64) -> dict:
     def run():
         for _ in range(steps):
             opt.zero_grad(set_to_none=True)
-            recon, _, q_loss = model(x)
-            (torch.nn.functional.mse_loss(recon, x) + q_loss).backward()
+            with autocast(precision):
+                recon, _, q_loss = model(x)
+            (torch.nn.functional.mse_loss(recon.float(), x) + q_loss).backward()
             opt.step()
 
     return {"images_per_s": steps * batch / statistics.median(timed(run, 1, repeats))}
@@ -227,9 +234,11 @@ def main() -> None:
         "transformer_train_bf16": lambda: bench_transformer_train("bf16", r),
         "sample_16": lambda: bench_sampling(1.0, r),
         "sample_16_cfg3": lambda: bench_sampling(3.0, r),
+        "sample_4x16_cfg3": lambda: bench_sampling(3.0, r, prompts=4),
         "clip_train": lambda: bench_clip_train("fp32", r),
         "clip_train_bf16": lambda: bench_clip_train("bf16", r),
         "dvae_train": lambda: bench_dvae_train(r),
+        "dvae_train_bf16": lambda: bench_dvae_train(r, "bf16"),
         "dvae_encode": lambda: bench_dvae_encode(r),
         "dvae_encode_bf16": lambda: bench_dvae_encode(r, "bf16"),
         "token_loader": lambda: bench_token_loader(r),

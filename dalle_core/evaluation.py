@@ -9,6 +9,9 @@ import numpy as np
 from dalle_core import shapes
 
 ATTRIBUTES = ("colour", "shape", "size", "position", "relation")
+# Part of the evaluation stage key: bump when what a metric measures changes, so cached evaluations
+# are redone (2: the checker places shape templates at whole-pixel corners).
+METRICS_VERSION = 2
 
 
 def rerank_gain(scores: np.ndarray, ns=(1, 4, 16)) -> dict[str, float]:

@@ -25,23 +25,36 @@ class Generator:
     scorer: Scorer
 
     @torch.inference_mode()
-    def candidates(self, prompt: str, n: int, seed: int, batch_size: int = 64, temperature: float = 1.0,
-                   top_k: int | None = None, top_p: float | None = None,
-                   cond_scale: float = 1.0) -> tuple[np.ndarray, np.ndarray, bool]:
-        """(n, H, W, 3) uint8 images, their (n,) CLIP scores, and whether the prompt was truncated."""
-        ids, truncated = self.tokenizer.encode([prompt])
+    def candidates(self, prompts: list[str], n: int, seeds: list[int], batch_size: int = 64,
+                   temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                   cond_scale: float = 1.0) -> list[tuple[np.ndarray, np.ndarray, bool]]:
+        """Per prompt: (n, H, W, 3) uint8 images, their (n,) CLIP scores, and whether it was truncated.
+
+        Whole prompts share a sampling batch of about `batch_size` images (bigger batches run
+        faster on CPU and GPU alike); each prompt draws from its own generator seeded with its
+        seed, so its images do not depend on which prompts it is batched with.
+        """
+        ids, truncated = self.tokenizer.encode(prompts)
         text = torch.from_numpy(ids)
-        gen = torch.Generator().manual_seed(seed)
+        gens = [torch.Generator().manual_seed(s) for s in seeds]
         side = self.transformer.c.image_grid
-        images = []
-        for start in range(0, n, batch_size):
-            b = min(batch_size, n - start)
-            codes = sample(self.transformer, text.expand(b, -1), temperature=temperature, top_k=top_k,
-                           top_p=top_p, cond_scale=cond_scale, generator=gen)
-            images.append(to_uint8(self.dvae.decode(codes.view(b, side, side)), self.norm.mean, self.norm.std))
-        images = np.concatenate(images)
-        scores = self.scorer.scores(images, [prompt] * n).float().numpy()
-        return images, scores, bool(truncated[0])
+        chunk = min(n, batch_size)  # candidates of one prompt per batch (n > batch_size: several batches)
+        per_batch = max(1, batch_size // chunk)  # prompts per batch
+        images: list[list[np.ndarray]] = [[] for _ in prompts]
+        scores: list[list[np.ndarray]] = [[] for _ in prompts]
+        for first in range(0, len(prompts), per_batch):
+            group = range(first, min(first + per_batch, len(prompts)))
+            for start in range(0, n, chunk):
+                b = min(chunk, n - start)
+                rows = torch.cat([text[j:j + 1].expand(b, -1) for j in group])
+                codes = sample(self.transformer, rows, temperature=temperature, top_k=top_k, top_p=top_p,
+                               cond_scale=cond_scale, generator=[gens[j] for j in group])
+                decoded = to_uint8(self.dvae.decode(codes.view(-1, side, side)), self.norm.mean, self.norm.std)
+                s = self.scorer.scores(decoded, [prompts[j] for j in group for _ in range(b)]).float().numpy()
+                for k, j in enumerate(group):
+                    images[j].append(decoded[k * b:(k + 1) * b])
+                    scores[j].append(s[k * b:(k + 1) * b])
+        return [(np.concatenate(images[j]), np.concatenate(scores[j]), bool(truncated[j])) for j in range(len(prompts))]
 
 
 def ranks(scores: np.ndarray) -> np.ndarray:

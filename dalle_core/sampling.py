@@ -40,14 +40,20 @@ def guided(logits: torch.Tensor, batch: int, cond_scale: float) -> torch.Tensor:
 @torch.inference_mode()
 def sample(model: DALLE, text: torch.Tensor, *, temperature: float = 1.0, top_k: int | None = None,
            top_p: float | None = None, cond_scale: float = 1.0, image_prefix: torch.Tensor | None = None,
-           generator: torch.Generator | None = None, on_logits=None) -> torch.Tensor:
+           generator: torch.Generator | list[torch.Generator] | None = None, on_logits=None) -> torch.Tensor:
     """(B, text_len) caption ids -> (B, N) image codes.
 
     `image_prefix` (B, n) fixes the first n codes (primed completion).
+    `generator` may be a list of G generators: rows then form G equal consecutive groups, each drawn
+    from its own generator, so a group's codes do not depend on what else shares the batch.
     `on_logits(i, logits)` sees the guided logits of every sampled position (tests).
     """
     c = model.c
     B, N = text.shape[0], c.image_len
+    groups = generator if isinstance(generator, list) else [generator]
+    if B % len(groups):
+        raise ValueError(f"{B} rows do not split into {len(groups)} equal generator groups")
+    per_group = B // len(groups)
     rows = text
     if cond_scale != 1.0:  # one batch: conditional rows, then unconditional (all-pad) rows
         rows = torch.cat([text, torch.full_like(text, c.pad_id)])
@@ -68,7 +74,9 @@ def sample(model: DALLE, text: torch.Tensor, *, temperature: float = 1.0, top_k:
         logits = filter_logits(logits, temperature, top_k, top_p)
         if on_logits is not None:
             on_logits(i, logits)
-        token = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)  # (B, 1)
+        probs = F.softmax(logits, dim=-1)
+        token = torch.cat([torch.multinomial(probs[g * per_group:(g + 1) * per_group], 1, generator=gen)
+                           for g, gen in enumerate(groups)])  # (B, 1)
         out[:, i] = token[:, 0]
         if i == N - 1:
             break

@@ -225,14 +225,21 @@ class Found:
 def _describe(mask: np.ndarray) -> Found:
     ys, xs = np.nonzero(mask)
     x0, x1, y0, y1 = xs.min(), xs.max() + 1, ys.min(), ys.max() + 1
-    side = float(max(x1 - x0, y1 - y0))
-    # The shape is the template (drawn in the found box) that overlaps the mask best.
-    bx, by = (x0 + x1 - side) / 2, (y0 + y1 - side) / 2
+    side = int(max(x1 - x0, y1 - y0))
+    # The shape is the template that overlaps the mask best, drawn as the renderer draws it: a box of
+    # side `side` at whole-pixel corners around the found box. Where the found box is not square, the
+    # centred corner falls on half a pixel (template edges on pixel centres, one row too many), so
+    # both whole-pixel placements are tried.
+    bxs = {int(np.floor((x0 + x1 - side) / 2)), int(np.ceil((x0 + x1 - side) / 2))}
+    bys = {int(np.floor((y0 + y1 - side) / 2)), int(np.ceil((y0 + y1 - side) / 2))}
     ious = {}
     for shape in SHAPES:
-        t = shape_mask(shape, bx, by, side, mask.shape[0])
-        ious[shape] = (t & mask).sum() / max(1, (t | mask).sum())
-    return Found(int(mask.sum()), (bx + side / 2, by + side / 2), side, max(ious, key=ious.get))
+        ious[shape] = max(_iou(shape_mask(shape, bx, by, side, mask.shape[0]), mask) for bx in bxs for by in bys)
+    return Found(int(mask.sum()), ((x0 + x1) / 2, (y0 + y1) / 2), float(side), max(ious, key=ious.get))
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    return float((a & b).sum() / max(1, (a | b).sum()))
 
 
 def check(image: np.ndarray, caption: str) -> dict[str, bool]:

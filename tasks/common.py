@@ -11,6 +11,7 @@ from prefect import get_run_logger
 from prefect.runtime import flow_run
 
 from dalle_core.config import Config, flatten
+from dalle_core.evaluation import METRICS_VERSION
 from storage.store import ArtifactStore, stage_key
 from storage.tracking import StageRun, tracking_uri
 
@@ -45,7 +46,8 @@ def stage_keys(cfg: Config) -> dict[str, str]:
                                  {"transformer": k["transformer"], "dvae": k["dvae"], "clip": k["clip"], "bpe": k["bpe"],
                                   "images": k["images"]})
     sampling = cfg.generate.model_dump(mode="json", exclude={"prompts", "num_val_prompts", "best_k", "batch_size"})
-    k["evaluation"] = stage_key({**cfg.evaluate.model_dump(mode="json"), "sampling": sampling},
+    k["evaluation"] = stage_key({**cfg.evaluate.model_dump(mode="json"), "sampling": sampling,
+                                 "metrics_version": METRICS_VERSION},
                                 {s: k[s] for s in ("images", "dvae", "bpe", "transformer", "clip")})
     return k
 

@@ -18,7 +18,7 @@ from prefect.cache_policies import NONE
 
 from dalle_core.config import Config
 from dalle_core.evaluation import faithfulness, has_pair, is_shapes_caption, rerank_gain
-from dalle_core.generate import prompt_seed, ranks
+from dalle_core.generate import prompt_seed
 from dalle_core.images import decode_png, grid, png_bytes, to_tensor, to_uint8
 from storage.parquet import GENERATIONS_SCHEMA, iter_batches, shard_paths, write_shard
 from tasks.common import (
@@ -30,7 +30,7 @@ from tasks.common import (
     stage_keys,
     stage_run,
 )
-from tasks.generate import generator
+from tasks.generate import candidate_rows, generator
 
 
 def _val_rows(store, images_key: str, limit: int) -> tuple[list[str], np.ndarray]:
@@ -69,16 +69,17 @@ def evaluate_task(cfg: Config, parent_run_id: str | None = None) -> ArtifactRef:
     top1, random_pick, rows = [], [], []
     progress = Progress("evaluate", len(captions), "prompts")
     t0 = time.perf_counter()
-    for i, caption in enumerate(captions):
-        seed = prompt_seed(e.seed, i)
-        images, s, _ = gen.candidates(caption, n, seed, g.batch_size, g.temperature, g.top_k, g.top_p, g.cond_scale)
-        scores[i] = s
-        top1.append(images[int(np.argmax(s))])
-        random_pick.append(images[0])  # candidates are i.i.d. draws, so the first is a random one
-        for cand, (image, score, rank) in enumerate(zip(images, s, ranks(s))):
-            rows.append({"prompt": caption, "candidate": cand, "rank": int(rank), "clip_score": float(score),
-                         "seed": seed, "image": png_bytes(image)})
-        progress.update(extra=f"{(i + 1) * n / (time.perf_counter() - t0):.0f} images/s")
+    per_call = max(1, g.batch_size // n)  # prompts sampled together
+    for first in range(0, len(captions), per_call):
+        group = captions[first:first + per_call]
+        seeds = [prompt_seed(e.seed, first + j) for j in range(len(group))]
+        results = gen.candidates(group, n, seeds, g.batch_size, g.temperature, g.top_k, g.top_p, g.cond_scale)
+        for i, caption, seed, (images, s, _) in zip(range(first, first + len(group)), group, seeds, results):
+            scores[i] = s
+            top1.append(images[int(np.argmax(s))])
+            random_pick.append(images[0])  # candidates are i.i.d. draws, so the first is a random one
+            rows += candidate_rows(caption, seed, images, s)
+        progress.update(len(group), extra=f"{(first + len(group)) * n / (time.perf_counter() - t0):.0f} images/s")
     report["generation"] = {"prompts": len(captions), "candidates": n, **rerank_gain(scores)}
 
     if all(is_shapes_caption(c) for c in captions):

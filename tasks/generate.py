@@ -92,6 +92,12 @@ def plan_generation(cfg: Config) -> list[tuple[int, list[str]]]:
     return todo
 
 
+def candidate_rows(prompt: str, seed: int, images: np.ndarray, scores: np.ndarray) -> list[dict]:
+    """GENERATIONS_SCHEMA rows of one prompt's ranked candidates."""
+    return [{"prompt": prompt, "candidate": cand, "rank": int(rank), "clip_score": float(score), "seed": seed,
+             "image": png_bytes(image)} for cand, (image, score, rank) in enumerate(zip(images, scores, ranks(scores)))]
+
+
 @task(name="generate-part", cache_policy=NONE, retries=1, retry_delay_seconds=2)
 def generate_part(cfg: Config, first: int, prompts: list[str]) -> dict:
     store, key, g = open_store(cfg), stage_keys(cfg)["generations"], cfg.generate
@@ -99,17 +105,15 @@ def generate_part(cfg: Config, first: int, prompts: list[str]) -> dict:
     t0 = time.perf_counter()
     gen = generator(cfg)
     rows, truncated = [], []
-    for j, prompt in enumerate(prompts):
-        seed = prompt_seed(g.seed, first + j)
-        images, scores, was_truncated = gen.candidates(prompt, g.num_candidates, seed, g.batch_size, g.temperature,
-                                                       g.top_k, g.top_p, g.cond_scale)
+    seeds = [prompt_seed(g.seed, first + j) for j in range(len(prompts))]
+    results = gen.candidates(prompts, g.num_candidates, seeds, g.batch_size, g.temperature, g.top_k, g.top_p,
+                             g.cond_scale)
+    for prompt, seed, (images, scores, was_truncated) in zip(prompts, seeds, results):
         if was_truncated:
             truncated.append(prompt)
             logger().warning("prompt %r is longer than text_len=%d tokens and was truncated", prompt,
                              cfg.text.text_len)
-        for cand, (image, score, rank) in enumerate(zip(images, scores, ranks(scores))):
-            rows.append({"prompt": prompt, "candidate": cand, "rank": int(rank), "clip_score": float(score),
-                         "seed": seed, "image": png_bytes(image)})
+        rows += candidate_rows(prompt, seed, images, scores)
     write_shard(store, out, pa.Table.from_pylist(rows, schema=GENERATIONS_SCHEMA))
     seconds = time.perf_counter() - t0
     logger().info("generated prompts %d-%d: %d images in %.1fs (%.1f prompts/s, %.0f images/s)", first,

@@ -107,3 +107,13 @@ def test_checker_rejects_shuffled_captions(rows):
     shuffled = caps[1:] + caps[:1]
     ok = [all(shapes.check(r[3], c).values()) for r, c in zip(rows, shuffled)]
     assert np.mean(ok) < 0.1
+
+
+@pytest.mark.parametrize("h,w", [(9, 8), (10, 9), (9, 11)])
+def test_checker_fits_templates_at_whole_pixels_on_non_square_boxes(h, w):
+    # A one-pixel-off rectangle is a square: centring the template on a half pixel once made it
+    # one row too big, so such rectangles scored as circles.
+    img = np.zeros((32, 32, 3), np.uint8)
+    img[5:5 + h, 6:6 + w] = shapes.COLOURS["red"]
+    assert shapes.check(img, "a red square")["shape"]
+    assert not shapes.check(img, "a red circle")["shape"]

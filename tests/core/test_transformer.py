@@ -114,6 +114,17 @@ def test_same_seed_same_images_and_prefix_is_kept(model):
     assert torch.equal(primed[:, :3], prefix)
 
 
+def test_per_group_generators_make_rows_independent_of_batch_mates(model):
+    text = _text(3).repeat_interleave(2, dim=0)  # 3 prompts x 2 candidates
+    alone = [sample(model, text[2 * g:2 * g + 2], cond_scale=2.0, top_p=0.9,
+                    generator=torch.Generator().manual_seed(10 + g)) for g in range(3)]
+    batched = sample(model, text, cond_scale=2.0, top_p=0.9,
+                     generator=[torch.Generator().manual_seed(10 + g) for g in range(3)])
+    assert torch.equal(batched, torch.cat(alone))
+    with pytest.raises(ValueError, match="6 rows do not split into 4"):
+        sample(model, text, generator=[torch.Generator() for _ in range(4)])
+
+
 def test_top_k_and_top_p_filtering():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     assert torch.isfinite(filter_logits(logits, top_k=2)).sum() == 2
