@@ -39,7 +39,7 @@ class Generator:
         gens = [torch.Generator().manual_seed(s) for s in seeds]
         side = self.transformer.c.image_grid
         chunk = min(n, batch_size)  # candidates of one prompt per batch (n > batch_size: several batches)
-        per_batch = max(1, batch_size // chunk)  # prompts per batch
+        per_batch = prompts_per_batch(n, batch_size)
         images: list[list[np.ndarray]] = [[] for _ in prompts]
         scores: list[list[np.ndarray]] = [[] for _ in prompts]
         for first in range(0, len(prompts), per_batch):
@@ -55,6 +55,11 @@ class Generator:
                     images[j].append(decoded[k * b:(k + 1) * b])
                     scores[j].append(s[k * b:(k + 1) * b])
         return [(np.concatenate(images[j]), np.concatenate(scores[j]), bool(truncated[j])) for j in range(len(prompts))]
+
+
+def prompts_per_batch(n: int, batch_size: int) -> int:
+    """How many prompts of n candidates each share one sampling batch of `batch_size` images."""
+    return max(1, batch_size // min(n, batch_size))
 
 
 def ranks(scores: np.ndarray) -> np.ndarray:

@@ -76,8 +76,8 @@ class Budget:
     rate so far. The LR schedule decays to that horizon, so a run cut short by the
     clock still ends at the low LR instead of mid-schedule; a run whose projection never
     falls short of max_steps (or has no max_minutes) gets exactly the step-based schedule,
-    deterministic and resumable. Under torch.distributed
-    the ranks agree on both (all-reduce MIN): same LR, same last step.
+    deterministic and resumable. Under torch.distributed the ranks agree on both
+    (all-reduce MIN): same LR, same last step.
     """
 
     MIN_STEPS_TO_PROJECT = 20

@@ -18,7 +18,7 @@ from prefect.cache_policies import NONE
 
 from dalle_core.config import Config
 from dalle_core.evaluation import faithfulness, has_pair, is_shapes_caption, rerank_gain
-from dalle_core.generate import prompt_seed
+from dalle_core.generate import prompt_seed, prompts_per_batch
 from dalle_core.images import decode_png, grid, png_bytes, to_tensor, to_uint8
 from storage.parquet import GENERATIONS_SCHEMA, iter_batches, shard_paths, write_shard
 from tasks.common import (
@@ -69,7 +69,7 @@ def evaluate_task(cfg: Config, parent_run_id: str | None = None) -> ArtifactRef:
     top1, random_pick, rows = [], [], []
     progress = Progress("evaluate", len(captions), "prompts")
     t0 = time.perf_counter()
-    per_call = max(1, g.batch_size // n)  # prompts sampled together
+    per_call = prompts_per_batch(n, g.batch_size)  # one sampling batch per call
     for first in range(0, len(captions), per_call):
         group = captions[first:first + per_call]
         seeds = [prompt_seed(e.seed, first + j) for j in range(len(group))]
