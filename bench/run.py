@@ -25,9 +25,10 @@ import numpy as np
 import torch
 
 from dalle_core.config import TrainConfig
+from dalle_core.device import autocast
 from dalle_core.dvae import DiscreteVAE, DVAEConfig
 from dalle_core.sampling import sample
-from dalle_core.train import autocast, make_optimizer
+from dalle_core.train import make_optimizer
 from dalle_core.transformer import DALLE, DALLEConfig
 
 REF_TRANSFORMER = DALLEConfig(text_vocab=1000, text_len=32, image_vocab=512, image_grid=8, dim=256, depth=4, heads=8)
@@ -37,13 +38,23 @@ REFERENCE = {"transformer_train_fp32.tokens_per_s": 3600, "sample_16.seconds": 4
              "dvae_train.images_per_s": 280, "dvae_encode.images_per_s": 7500}
 
 
+DEVICE = torch.device("cpu")  # --device
+
+
+def sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
+
+
 def timed(fn, warmup: int, repeats: int) -> list[float]:
     for _ in range(warmup):
         fn()
+    sync()
     out = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
+        sync()
         out.append(time.perf_counter() - t0)
     return out
 
@@ -190,9 +201,9 @@ def bench_pretokenize(num_images: int, precision: str = "fp32") -> dict:
 def bench_token_loader(repeats: int) -> dict:
     import pyarrow as pa
 
-    from storage.parquet import shard_name, tokens_schema, write_shard
+    from dalle_core.loader import ShardStream, decode_tokens
+    from storage.parquet import ParquetShards, shard_name, tokens_schema, write_shard
     from storage.store import ArtifactStore
-    from tasks.transformer import token_batches
 
     with tempfile.TemporaryDirectory() as root:
         store = ArtifactStore(root)
@@ -208,10 +219,162 @@ def bench_token_loader(repeats: int) -> dict:
                          schema=tokens_schema(64, 1000))
             paths.append(store.path("tokens", "bench", "train", shard_name(i)))
             write_shard(store, paths[-1], t)
-        batches = token_batches(store, paths, 16, 0, 8192)
+        batches = ShardStream(ParquetShards(store), paths, ["text_tokens", "image_tokens"], decode_tokens, 16,
+                              window_rows=8192).batches()
         n_batches = 2000
         s = statistics.median(timed(lambda: [next(batches) for _ in range(n_batches)], 1, repeats))
     return {"tokens_per_s": n_batches * 16 * 96 / s}
+
+
+# ------------------------------------------------------------------ DALL-E's shape
+# The bench shape of the GPU/scale issue: transformer dim 256, depth 4, 8 heads, text_len 256, text vocab 16,384,
+# a 32x32 image grid (1,024 tokens) from 8,192 codes: 1,280-token sequences, batch 4.
+DALLE_SHAPE = DALLEConfig(text_vocab=16384, text_len=256, image_vocab=8192, image_grid=32, dim=256, depth=4, heads=8)
+# lucidrains' dalle-pytorch 1.6.6 at this shape, one run on the reference 2-core CPU (issue text)
+REFERENCE.update({"dalle_train_fp32.tokens_per_s": 507, "dalle_train_bf16.tokens_per_s": 915,
+                  "dalle_sample_cfg3.seconds": 34.8})
+
+
+def _train_rate(c: DALLEConfig, precision: str, batch: int, repeats: int, steps: int = 3,
+                math_kernel: bool | None = None) -> dict:
+    """Training tokens/s of a DALLE at config c; math_kernel forces (True) or forbids (False) SDPA's math kernel."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    torch.manual_seed(0)
+    model = DALLE(c).to(DEVICE)
+    t = TrainConfig(weight_decay=0.1, precision=precision)
+    opt = make_optimizer(model, t)
+    text = torch.randint(1, c.text_vocab, (batch, c.text_len), device=DEVICE)
+    image = torch.randint(0, c.image_vocab, (batch, c.image_len), device=DEVICE)
+    if DEVICE.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(DEVICE)
+
+    def run():
+        for _ in range(steps):
+            opt.zero_grad(set_to_none=True)
+            with autocast(precision, DEVICE, c.seq_len):
+                if math_kernel is None:
+                    loss, _, _ = model(text, image)
+                else:
+                    backends = [SDPBackend.MATH] if math_kernel else \
+                        [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]
+                    with sdpa_kernel(backends):
+                        loss, _, _ = model(text, image)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+
+    s = statistics.median(timed(run, 1, repeats))
+    out = {"tokens_per_s": steps * batch * (c.text_len + c.image_len) / s, "seconds_per_step": s / steps}
+    if DEVICE.type == "cuda":
+        out["peak_memory_gb"] = torch.cuda.max_memory_allocated(DEVICE) / 2**30
+    else:
+        out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return out
+
+
+def bench_dalle_sample(repeats: int, batch: int = 4, cond_scale: float = 3.0, precision: str = "auto",
+                       top_p: float | None = None) -> dict:
+    """4 images of 1,024 tokens with classifier-free guidance and the KV cache (untrained weights: near-uniform
+    distributions, the worst case for top_p)."""
+    from dalle_core.device import sampling_precision
+
+    torch.manual_seed(0)
+    model = DALLE(DALLE_SHAPE).to(DEVICE).eval()
+    text = torch.randint(1, DALLE_SHAPE.text_vocab, (batch, DALLE_SHAPE.text_len), device=DEVICE)
+    precision = sampling_precision(precision, DEVICE)
+
+    def run():
+        sample(model, text, cond_scale=cond_scale, top_p=top_p, precision=precision,
+               generator=torch.Generator(device=DEVICE).manual_seed(0))
+
+    s = statistics.median(timed(run, 1, repeats))
+    return {"seconds": s, "ms_per_token": 1000 * s / DALLE_SHAPE.image_len, "precision_bf16": float(precision == "bf16")}
+
+
+def bench_attention_kernel(repeats: int) -> dict:
+    """CPU bf16: SDPA math kernel vs the default, and fp32, by sequence length (picks CPU_BF16_MATH_MAX_LEN)."""
+    out = {}
+    for text_len, grid in ((12, 8), (64, 8), (32, 12), (16, 16), (256, 16), (256, 32)):
+        c = DALLEConfig(text_vocab=16384, text_len=text_len, image_vocab=8192, image_grid=grid, dim=256, depth=4,
+                        heads=8)
+        batch = max(4, 4096 // c.seq_len)
+        for name, precision, math in (("fp32", "fp32", None), ("bf16_math", "bf16", True),
+                                      ("bf16_default", "bf16", False)):
+            out[f"T{c.seq_len}_{name}"] = _train_rate(c, precision, batch, repeats, math_kernel=math)["tokens_per_s"]
+    return out
+
+
+def bench_max_batch(c: DALLEConfig = DALLE_SHAPE, precision: str = "bf16") -> dict:
+    """GPU: the largest power-of-two batch whose training step fits in memory, and its tokens/s."""
+    best: dict = {}
+    batch = 4
+    while batch <= 4096:
+        try:
+            res = _train_rate(c, precision, batch, repeats=2, steps=2)
+        except torch.OutOfMemoryError:
+            break
+        best = {"batch": batch, **res}
+        batch *= 2
+        torch.cuda.empty_cache()
+    torch.cuda.empty_cache()
+    return best
+
+
+def bench_config_transformer(path: str = "configs/dalle-256.yaml", batch: int | None = None) -> dict:
+    """The transformer of a config at its own batch size (peak memory and tokens/s; GPU)."""
+    from dalle_core.config import load_config
+
+    cfg = load_config(path)
+    tr = cfg.transformer
+    c = DALLEConfig(text_vocab=cfg.text.vocab_size, text_len=cfg.text.text_len, image_vocab=cfg.dvae.codebook_size,
+                    image_grid=cfg.data.image_size // 2 ** cfg.dvae.num_downsamples, dim=tr.dim, depth=tr.depth,
+                    heads=tr.heads)
+    res = _train_rate(c, tr.train.precision, batch or tr.train.batch_size, repeats=2, steps=2)
+    return {"batch": batch or tr.train.batch_size, "params_m": DALLE(c).num_params() / 1e6, **res}
+
+
+def bench_image_loader(workers: int, image_size: int = 256, images: int = 1024) -> dict:
+    """Decode + load images/s from PNG image shards at `image_size` (photo-like PNGs: shapes plus noise)."""
+    import pyarrow as pa
+
+    from dalle_core import shapes
+    from dalle_core.images import png_bytes
+    from dalle_core.loader import ShardStream, decode_images
+    from storage.parquet import (
+        IMAGES_SCHEMA,
+        ParquetShards,
+        image_row_group,
+        shard_name,
+        write_shard,
+    )
+    from storage.store import ArtifactStore
+
+    rng = np.random.default_rng(0)
+    with tempfile.TemporaryDirectory() as root:
+        store = ArtifactStore(root)
+        rows = []
+        for rid, _, caption, image in shapes.generate(images, image_size, seed=0):
+            noisy = np.clip(image.astype(np.int16) + rng.normal(0, 12, image.shape), 0, 255).astype(np.uint8)
+            rows.append({"id": rid, "caption": caption, "image": png_bytes(noisy)})
+        paths = []
+        for i in range(0, images, 256):
+            paths.append(store.path("images", "bench", "train", shard_name(i // 256)))
+            write_shard(store, paths[-1], pa.Table.from_pylist(rows[i:i + 256], schema=IMAGES_SCHEMA),
+                        image_row_group(image_size))
+        png_kb = sum(len(r["image"]) for r in rows) / len(rows) / 1024
+        del rows
+        stream = ShardStream(ParquetShards(store), paths, ["image", "caption"], decode_images, 32, window_rows=256,
+                             epochs=None)
+        batches = stream.batches(workers, pin_memory=DEVICE.type == "cuda")
+        n = 2 * images // 32
+        next(batches)  # workers started
+        t0 = time.perf_counter()
+        for _ in range(n):
+            next(batches)
+        seconds = time.perf_counter() - t0
+    return {"images_per_s": n * 32 / seconds, "png_kb": png_kb,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
 def main() -> None:
@@ -220,8 +383,13 @@ def main() -> None:
     parser.add_argument("--pretokenize-images", type=int, default=20000)
     parser.add_argument("--skip-rss", action="store_true", help="skip the 10x pre-tokenization memory check")
     parser.add_argument("--only", nargs="*", help="run only benchmarks whose name starts with one of these")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     parser.add_argument("--pretokenize-child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    global DEVICE
+    from dalle_core.device import resolve_device
+
+    DEVICE = resolve_device(args.device)
     if args.pretokenize_child:
         n, root, precision = args.pretokenize_child
         print(json.dumps(_pretokenize_child(int(n), root, precision)))
@@ -244,7 +412,22 @@ def main() -> None:
         "token_loader": lambda: bench_token_loader(r),
         "pretokenize": lambda: bench_pretokenize(args.pretokenize_images),
         "pretokenize_bf16": lambda: bench_pretokenize(args.pretokenize_images, "bf16"),
+        "dalle_train_fp32": lambda: _train_rate(DALLE_SHAPE, "fp32", 4, r),
+        "dalle_train_bf16": lambda: _train_rate(DALLE_SHAPE, "bf16", 4, r),
+        "dalle_sample_cfg3": lambda: bench_dalle_sample(r),
+        "dalle_sample_cfg3_fp32": lambda: bench_dalle_sample(r, precision="fp32"),
+        "dalle_sample_cfg3_bf16": lambda: bench_dalle_sample(r, precision="bf16"),
+        "dalle_sample_cfg3_top_p": lambda: bench_dalle_sample(r, top_p=0.9),
+        "loader_256_workers0": lambda: bench_image_loader(0),
+        "loader_256_workers2": lambda: bench_image_loader(2),
     }
+    if (os.cpu_count() or 1) >= 8:
+        benches["loader_256_workers8"] = lambda: bench_image_loader(8)
+    if DEVICE.type == "cpu":
+        benches["dalle_attention_kernel"] = lambda: bench_attention_kernel(r)
+    else:
+        benches["dalle_max_batch"] = bench_max_batch
+        benches["dalle_config_256"] = bench_config_transformer
     if not args.skip_rss:
         benches["pretokenize_10x"] = lambda: bench_pretokenize(10 * args.pretokenize_images)
     for name, fn in benches.items():
@@ -268,7 +451,8 @@ def main() -> None:
     os.makedirs("bench/results", exist_ok=True)
     path = f"bench/results/{time.strftime('%Y%m%d-%H%M%S')}.json"
     meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
-            "cpu_count": os.cpu_count()}
+            "cpu_count": os.cpu_count(), "device": str(DEVICE),
+            "gpu": torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else None}
     with open(path, "w") as f:
         json.dump({"meta": meta, "results": results}, f, indent=2)
     print(f"\nwrote {path}")

@@ -64,23 +64,33 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-def clip_pixels(images: np.ndarray | torch.Tensor, size: int) -> torch.Tensor:
-    """(B, H, W, 3) uint8 -> normalised (B, 3, size, size) float."""
-    x = torch.as_tensor(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div(255)
+def clip_pixels(images: np.ndarray | torch.Tensor, size: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """(B, H, W, 3) uint8 (numpy, or a tensor on any device) -> normalised (B, 3, size, size) float on `device`
+    (default: where the images are)."""
+    x = images if isinstance(images, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(images))
+    x = x.to(device or x.device).permute(0, 3, 1, 2).float().div(255)
     if x.shape[-1] != size:
         x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False).clamp(0, 1)
-    mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    mean = torch.tensor(CLIP_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD, device=x.device).view(1, 3, 1, 1)
     return (x - mean) / std
 
 
 class Scorer:
-    """Cosine similarity of images and captions, whichever CLIP is behind it."""
+    """Cosine similarity of images and captions, whichever CLIP is behind it, on the model's device."""
 
     def __init__(self, model, image_size: int, tokenize):
         self.model = model.eval()
         self.image_size = image_size
         self.tokenize = tokenize  # list[str] -> LongTensor (B, ctx)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def to(self, device: torch.device | str) -> Scorer:
+        self.model.to(device)
+        return self
 
     @classmethod
     def ours(cls, model, c: CLIPConfig, tokenizer: TextTokenizer) -> Scorer:
@@ -90,16 +100,17 @@ class Scorer:
         return cls(model, c.image_size, tokenize)
 
     @torch.inference_mode()
-    def embed_images(self, images: np.ndarray) -> torch.Tensor:
-        return self.model.encode_image(clip_pixels(images, self.image_size), normalize=True)
+    def embed_images(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """(B, H, W, 3) uint8 -> (B, D) unit vectors, on the model's device."""
+        return self.model.encode_image(clip_pixels(images, self.image_size, self.device), normalize=True).float()
 
     @torch.inference_mode()
     def embed_texts(self, captions: list[str]) -> torch.Tensor:
-        return self.model.encode_text(self.tokenize(captions), normalize=True)
+        return self.model.encode_text(self.tokenize(captions).to(self.device), normalize=True).float()
 
-    def scores(self, images: np.ndarray, captions: list[str]) -> torch.Tensor:
-        """(B,) cosine similarity of image i with caption i."""
-        return (self.embed_images(images) * self.embed_texts(captions)).sum(-1)
+    def scores(self, images: np.ndarray | torch.Tensor, captions: list[str]) -> torch.Tensor:
+        """(B,) cosine similarity of image i with caption i, on the CPU."""
+        return (self.embed_images(images) * self.embed_texts(captions)).sum(-1).cpu()
 
 
 def load_open_clip(spec: str) -> Scorer:
@@ -113,8 +124,9 @@ def load_open_clip(spec: str) -> Scorer:
     return Scorer(model, size, open_clip.get_tokenizer(name))
 
 
-def contrastive_loss(model, images: torch.Tensor, text_ids: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """open_clip's ClipLoss (symmetric InfoNCE); returns (loss, temperature)."""
+def contrastive_loss(model, images: torch.Tensor, text_ids: torch.Tensor, rank: int = 0,
+                     world_size: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """open_clip's ClipLoss (symmetric InfoNCE), over the features of all DDP ranks; returns (loss, logit scale)."""
     from open_clip.loss import ClipLoss
 
     out = model(images, text_ids)
@@ -122,8 +134,8 @@ def contrastive_loss(model, images: torch.Tensor, text_ids: torch.Tensor) -> tup
         image_features, text_features, logit_scale = out["image_features"], out["text_features"], out["logit_scale"]
     else:
         image_features, text_features, logit_scale = out[:3]
-    loss = ClipLoss()(image_features, text_features, logit_scale)
-    return loss, 1.0 / float(logit_scale.detach())
+    loss_fn = ClipLoss(gather_with_grad=world_size > 1, rank=rank, world_size=world_size)
+    return loss_fn(image_features, text_features, logit_scale), logit_scale.detach()
 
 
 @torch.inference_mode()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -41,6 +42,7 @@ class TrainConfig(Section):
     seed: int = 0
     log_every: int = Field(50, ge=1)
     checkpoint_every: int = Field(500, ge=1)
+    nproc: int = Field(1, ge=1)  # >1: DDP processes per machine through torchrun (runner.nnodes machines)
 
 
 class ShapesConfig(Section):
@@ -85,7 +87,9 @@ class DataConfig(Section):
         return self
 
 
-class DVAEConfig(Section):
+class DVAESection(Section):
+    """The `dvae` run-config section (the model itself is built from `dalle_core.dvae.DVAEConfig`)."""
+
     quantizer: Literal["gumbel", "vq"] = "vq"
     codebook_size: int = Field(512, ge=2, le=65536)  # uint16 token shards
     codebook_dim: int = Field(256, ge=1)
@@ -110,6 +114,7 @@ class DVAEConfig(Section):
     # 1.35x on CPUs with AVX512-BF16; the code search stays fp32). Near-tie cells may get a neighbouring
     # code; reconstruction PSNR stays the same (tested). Part of the tokens key, not the dVAE's.
     encode_precision: Literal["fp32", "bf16"] = "fp32"
+    shuffle_buffer: int = Field(4096, ge=1)  # decoded images mixed per shuffle window (memory: rows x H x W x 3)
     train: TrainConfig = TrainConfig(batch_size=64, lr=2e-3, max_steps=2000)
 
 
@@ -130,7 +135,6 @@ class TransformerConfig(Section):
     caption_dropout: float = Field(0.1, ge=0, le=1)  # enables classifier-free guidance
     shuffle_buffer: int = Field(8192, ge=1)
     sample_every: int = Field(1000, ge=1)
-    nproc: int = Field(1, ge=1)  # >1 launches DDP through torchrun
     train: TrainConfig = TrainConfig(batch_size=16, lr=1e-3, weight_decay=0.1, max_steps=2000)
 
     @model_validator(mode="after")
@@ -140,7 +144,9 @@ class TransformerConfig(Section):
         return self
 
 
-class CLIPConfig(Section):
+class CLIPSection(Section):
+    """The `clip` run-config section (the model itself is built from `dalle_core.clip.CLIPConfig`)."""
+
     pretrained: str | None = None  # "<open_clip model>:<tag>" or a local checkpoint file
     embed_dim: int = Field(128, ge=8)
     vision_width: int = Field(128, ge=8)
@@ -149,6 +155,7 @@ class CLIPConfig(Section):
     text_width: int = Field(128, ge=8)
     text_heads: int = Field(4, ge=1)
     text_layers: int = Field(4, ge=1)
+    shuffle_buffer: int = Field(4096, ge=1)  # decoded images mixed per shuffle window
     train: TrainConfig = TrainConfig(batch_size=128, lr=1e-3, weight_decay=0.1, max_steps=1000)
 
 
@@ -162,6 +169,8 @@ class GenerateConfig(Section):
     top_k: int | None = Field(None, ge=1)
     top_p: float | None = Field(None, gt=0, le=1)
     cond_scale: float = Field(1.0, ge=0)
+    # auto: bf16 autocast (and a bf16 KV cache) on CUDA, fp32 on CPU, where bf16 sampling is slower (bench)
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
     seed: int = 0
 
 
@@ -182,17 +191,40 @@ class TrackingConfig(Section):
 
 
 class RunnerConfig(Section):
+    """Where work runs. Nothing here changes results, so no stage key depends on it."""
+
     kind: Literal["local", "dask"] = "local"
     address: str | None = None  # dask scheduler; None starts a LocalCluster
     workers: int = Field(2, ge=1)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N; auto takes CUDA when present
+    loader_workers: int = Field(0, ge=0)  # image decode processes per training process (0: in the trainer)
+    # Multi-node DDP (train.nproc processes on each of nnodes machines), torchrun's c10d rendezvous:
+    # start the same command on every machine with the same rdzv_endpoint (host:port of one of them).
+    nnodes: int = Field(1, ge=1)
+    rdzv_endpoint: str | None = None
+    rdzv_id: str = "dalle"
+
+    @field_validator("device")
+    @classmethod
+    def _device_spec(cls, value: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
+            raise ValueError("expected auto, cpu, cuda or cuda:N")
+        return value
+
+    @model_validator(mode="after")
+    def _rendezvous_for_nodes(self) -> RunnerConfig:
+        if self.nnodes > 1 and not self.rdzv_endpoint:
+            raise ValueError(f"runner.nnodes is {self.nnodes}: set runner.rdzv_endpoint to host:port of the "
+                             "rendezvous machine")
+        return self
 
 
 class Config(Section):
     data: DataConfig = DataConfig()
-    dvae: DVAEConfig = DVAEConfig()
+    dvae: DVAESection = DVAESection()
     text: TextConfig = TextConfig()
     transformer: TransformerConfig = TransformerConfig()
-    clip: CLIPConfig = CLIPConfig()
+    clip: CLIPSection = CLIPSection()
     generate: GenerateConfig = GenerateConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     store: StoreConfig = StoreConfig()

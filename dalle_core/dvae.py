@@ -125,6 +125,9 @@ class VectorQuantizer(nn.Module):
         K, d = self.c.codebook_size, self.c.ema_decay
         counts = torch.bincount(idx, minlength=K).float()
         sums = torch.zeros_like(self.ema_sum).index_add_(0, idx, flat)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(counts)  # DDP: every rank moves its codebook by the global batch
+            torch.distributed.all_reduce(sums)
         self.ema_count.mul_(d).add_(counts, alpha=1 - d)
         self.ema_sum.mul_(d).add_(sums, alpha=1 - d)
         n = self.ema_count.sum()

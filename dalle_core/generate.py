@@ -10,7 +10,7 @@ import torch
 from dalle_core.bpe import TextTokenizer
 from dalle_core.clip import Scorer
 from dalle_core.dvae import DiscreteVAE
-from dalle_core.images import to_uint8
+from dalle_core.images import to_uint8_tensor
 from dalle_core.sampling import sample
 from dalle_core.train import Norm
 from dalle_core.transformer import DALLE
@@ -18,11 +18,18 @@ from dalle_core.transformer import DALLE
 
 @dataclass
 class Generator:
+    """The models of a run, all on one device; `precision` is the sampling precision (fp32 or bf16)."""
+
     transformer: DALLE
     dvae: DiscreteVAE
     norm: Norm
     tokenizer: TextTokenizer
     scorer: Scorer
+    precision: str = "fp32"
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.transformer.parameters()).device
 
     @torch.inference_mode()
     def candidates(self, prompts: list[str], n: int, seeds: list[int], batch_size: int = 64,
@@ -35,8 +42,9 @@ class Generator:
         seed, so its images do not depend on which prompts it is batched with.
         """
         ids, truncated = self.tokenizer.encode(prompts)
-        text = torch.from_numpy(ids)
-        gens = [torch.Generator().manual_seed(s) for s in seeds]
+        device = self.device
+        text = torch.from_numpy(ids).to(device)
+        gens = [torch.Generator(device=device).manual_seed(s) for s in seeds]
         side = self.transformer.c.image_grid
         chunk = min(n, batch_size)  # candidates of one prompt per batch (n > batch_size: several batches)
         per_batch = prompts_per_batch(n, batch_size)
@@ -48,9 +56,10 @@ class Generator:
                 b = min(chunk, n - start)
                 rows = torch.cat([text[j:j + 1].expand(b, -1) for j in group])
                 codes = sample(self.transformer, rows, temperature=temperature, top_k=top_k, top_p=top_p,
-                               cond_scale=cond_scale, generator=[gens[j] for j in group])
-                decoded = to_uint8(self.dvae.decode(codes.view(-1, side, side)), self.norm.mean, self.norm.std)
-                s = self.scorer.scores(decoded, [prompts[j] for j in group for _ in range(b)]).float().numpy()
+                               cond_scale=cond_scale, generator=[gens[j] for j in group], precision=self.precision)
+                pixels = to_uint8_tensor(self.dvae.decode(codes.view(-1, side, side)), self.norm.mean, self.norm.std)
+                s = self.scorer.scores(pixels, [prompts[j] for j in group for _ in range(b)]).float().numpy()
+                decoded = pixels.cpu().numpy()
                 for k, j in enumerate(group):
                     images[j].append(decoded[k * b:(k + 1) * b])
                     scores[j].append(s[k * b:(k + 1) * b])

@@ -54,20 +54,25 @@ def decode_png(data: bytes) -> np.ndarray:
         return np.asarray(im.convert("RGB"))
 
 
-def to_tensor(images: np.ndarray, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)) -> torch.Tensor:
-    """(B, H, W, 3) uint8 -> normalised (B, 3, H, W) float32."""
-    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div_(255)
-    m = torch.tensor(mean).view(1, 3, 1, 1)
-    s = torch.tensor(std).view(1, 3, 1, 1)
+def to_tensor(images: np.ndarray | torch.Tensor, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)) -> torch.Tensor:
+    """(B, H, W, 3) uint8, numpy or a tensor on any device -> normalised (B, 3, H, W) float32 there."""
+    x = images if isinstance(images, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(images))
+    x = x.permute(0, 3, 1, 2).float().div_(255)
+    m = torch.tensor(mean, device=x.device).view(1, 3, 1, 1)
+    s = torch.tensor(std, device=x.device).view(1, 3, 1, 1)
     return (x - m) / s
 
 
-def to_uint8(x: torch.Tensor, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)) -> np.ndarray:
-    """Normalised (B, 3, H, W) -> (B, H, W, 3) uint8."""
+def to_uint8_tensor(x: torch.Tensor, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)) -> torch.Tensor:
+    """Normalised (B, 3, H, W) -> (B, H, W, 3) uint8 on the same device."""
     m = torch.tensor(mean, device=x.device).view(1, 3, 1, 1)
     s = torch.tensor(std, device=x.device).view(1, 3, 1, 1)
-    x = (x.float() * s + m).clamp(0, 1).mul(255).round().to(torch.uint8)
-    return x.permute(0, 2, 3, 1).cpu().numpy()
+    return (x.float() * s + m).clamp(0, 1).mul(255).round().to(torch.uint8).permute(0, 2, 3, 1)
+
+
+def to_uint8(x: torch.Tensor, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)) -> np.ndarray:
+    """Normalised (B, 3, H, W) -> (B, H, W, 3) uint8 numpy."""
+    return to_uint8_tensor(x, mean, std).cpu().numpy()
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -78,8 +83,9 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def grid(rows: list[list[np.ndarray]], captions: list[str] | None = None, scale: int = 2,
          caption_width: int = 28) -> np.ndarray:
-    """Tile rows of (H, W, 3) images (upscaled by `scale`), with an optional caption under each row."""
+    """Tile rows of (H, W, 3) images (upscaled by `scale`, at most to 128 px), with an optional caption under each row."""
     h, w = rows[0][0].shape[:2]
+    scale = max(1, min(scale, 128 // max(h, w)))
     cols = max(len(r) for r in rows)
     cell_w, cell_h = w * scale + 2, h * scale + 2
     font = ImageFont.load_default()

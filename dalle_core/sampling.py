@@ -8,6 +8,9 @@ in one batch: logits = uncond + cond_scale * (cond - uncond).
 
 from __future__ import annotations
 
+import contextlib
+import copy
+
 import torch
 import torch.nn.functional as F
 
@@ -22,11 +25,36 @@ def filter_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | N
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None and top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cum - sorted_logits.softmax(-1) >= top_p  # keep the token that crosses top_p
-        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+        logits = logits.masked_fill(logits < top_p_threshold(logits, top_p), float("-inf"))
     return logits
+
+
+def top_p_threshold(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """(rows, 1): the smallest logit of the nucleus, the fewest top tokens whose probability reaches top_p
+    (the token that crosses top_p is kept).
+
+    On CPU, sorting all 8,192 image codes costs about 2 ms a step (bench dalle_sample), so the nucleus is
+    looked for among the top 64 logits first (0.1 ms), and only where that is not enough among all; a
+    trained model's sharp distributions need the small top-k. On GPUs the sort is cheap and needs no sync.
+    """
+    V = logits.shape[-1]
+    lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+    for k in ([min(V, 64), V] if logits.device.type == "cpu" else [V]):
+        values, _ = torch.topk(logits, k, dim=-1)  # sorted, descending
+        probs = (values - lse).exp()
+        cum = probs.cumsum(-1)
+        if k == V or bool((cum[:, -1] >= top_p).all()):
+            break
+    outside = cum - probs >= top_p
+    return values.masked_fill(outside, float("inf")).min(dim=-1, keepdim=True).values
+
+
+def draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One index per row of (rows, V) probabilities, by the inverse CDF: one uniform number per row
+    (torch.multinomial draws V exponentials per row: 0.7 ms a step on CPU at 8,192 codes)."""
+    cdf = probs.cumsum(-1)
+    u = 1.0 - torch.rand(probs.shape[0], 1, generator=generator, device=probs.device, dtype=cdf.dtype)  # (0, 1]
+    return torch.searchsorted(cdf, u * cdf[:, -1:]).clamp_(max=probs.shape[-1] - 1)  # (rows, 1)
 
 
 def guided(logits: torch.Tensor, batch: int, cond_scale: float) -> torch.Tensor:
@@ -37,11 +65,33 @@ def guided(logits: torch.Tensor, batch: int, cond_scale: float) -> torch.Tensor:
     return uncond + cond_scale * (cond - uncond)
 
 
+def for_sampling(model: DALLE, precision: str) -> tuple[DALLE, contextlib.AbstractContextManager]:
+    """The model (or a copy) to sample with, and the context to run it in, for `precision` fp32 or bf16.
+
+    bf16 on a GPU: a bf16 copy of the whole model, no autocast (no cast kernels in a launch-bound step);
+    its KV cache is bf16 too, half the memory traffic. bf16 on a CPU: a copy whose linear layers are bf16,
+    run under autocast, with the KV cache and attention in fp32: the CPU's bf16 linears are 2-3x faster at
+    8 rows, its bf16 attention kernels 2-6x slower at a 1,280-token cache (bench dalle_sample). The copy
+    also spares autocast from casting every weight at every step (its cast cache is off in inference mode).
+    """
+    if precision != "bf16":
+        return model, contextlib.nullcontext()
+    twin = copy.deepcopy(model)
+    device = next(model.parameters()).device
+    if device.type != "cpu":
+        return twin.to(torch.bfloat16), contextlib.nullcontext()
+    for m in twin.modules():
+        if isinstance(m, torch.nn.Linear):
+            m.to(torch.bfloat16)
+    return twin, torch.autocast("cpu", dtype=torch.bfloat16)
+
+
 @torch.inference_mode()
 def sample(model: DALLE, text: torch.Tensor, *, temperature: float = 1.0, top_k: int | None = None,
            top_p: float | None = None, cond_scale: float = 1.0, image_prefix: torch.Tensor | None = None,
-           generator: torch.Generator | list[torch.Generator] | None = None, on_logits=None) -> torch.Tensor:
-    """(B, text_len) caption ids -> (B, N) image codes.
+           generator: torch.Generator | list[torch.Generator] | None = None, on_logits=None,
+           precision: str = "fp32") -> torch.Tensor:
+    """(B, text_len) caption ids -> (B, N) image codes, computed in `precision` (fp32 or bf16, see for_sampling).
 
     `image_prefix` (B, n) fixes the first n codes (primed completion).
     `generator` may be a list of G generators: rows then form G equal consecutive groups, each drawn
@@ -57,31 +107,36 @@ def sample(model: DALLE, text: torch.Tensor, *, temperature: float = 1.0, top_k:
     rows = text
     if cond_scale != 1.0:  # one batch: conditional rows, then unconditional (all-pad) rows
         rows = torch.cat([text, torch.full_like(text, c.pad_id)])
-    dtype = next(model.parameters()).dtype
-    cache = KVCache(c, rows.shape[0], device=text.device, dtype=dtype)
-    out = torch.empty(B, N, dtype=torch.long, device=text.device)
     n_prefix = 0 if image_prefix is None else image_prefix.shape[1]
-    x = model.embed_text(rows)
-    if n_prefix:
-        out[:, :n_prefix] = image_prefix
-        prefix = image_prefix if rows.shape[0] == B else image_prefix.repeat(2, 1)
-        x = torch.cat([x, model.embed_image(prefix)], dim=1)
-    h = model.hidden(x, cache, 0)
-    pos = x.shape[1]
-    pos_table = model.image_pos(0, N)  # (N, dim), computed once
-    for i in range(n_prefix, N):
-        logits = guided(model.image_head(h[:, -1]), B, cond_scale)
-        logits = filter_logits(logits, temperature, top_k, top_p)
-        if on_logits is not None:
-            on_logits(i, logits)
-        probs = F.softmax(logits, dim=-1)
-        token = torch.cat([torch.multinomial(probs[g * per_group:(g + 1) * per_group], 1, generator=gen)
-                           for g, gen in enumerate(groups)])  # (B, 1)
-        out[:, i] = token[:, 0]
-        if i == N - 1:
-            break
-        step = token if rows.shape[0] == B else token.repeat(2, 1)
-        x = model.image_emb(step) + pos_table[i]
-        h = model.hidden(x, cache, pos)
-        pos += 1
-    return out
+    if n_prefix >= N:
+        raise ValueError(f"an image prefix of {n_prefix} codes leaves nothing to sample: "
+                         f"the image has {N} codes, so a prefix may have 0 to {N - 1}")
+    model, context = for_sampling(model, precision)
+    dtype = next(model.parameters()).dtype  # the KV cache's: bf16 for a bf16 model, fp32 otherwise
+    with context:
+        cache = KVCache(c, rows.shape[0], device=text.device, dtype=dtype)
+        out = torch.empty(B, N, dtype=torch.long, device=text.device)
+        x = model.embed_text(rows)
+        if n_prefix:
+            out[:, :n_prefix] = image_prefix
+            prefix = image_prefix if rows.shape[0] == B else image_prefix.repeat(2, 1)
+            x = torch.cat([x, model.embed_image(prefix)], dim=1)
+        h = model.hidden(x, cache, 0)
+        pos = x.shape[1]
+        pos_table = model.image_pos(0, N)  # (N, dim), computed once
+        for i in range(n_prefix, N):
+            logits = guided(model.image_head(h[:, -1]), B, cond_scale)
+            logits = filter_logits(logits, temperature, top_k, top_p)
+            if on_logits is not None:
+                on_logits(i, logits)
+            probs = F.softmax(logits, dim=-1)
+            token = torch.cat([draw(probs[g * per_group:(g + 1) * per_group], gen)
+                               for g, gen in enumerate(groups)])  # (B, 1)
+            out[:, i] = token[:, 0]
+            if i == N - 1:
+                break
+            step = token if rows.shape[0] == B else token.repeat(2, 1)
+            x = model.image_emb(step) + pos_table[i]
+            h = model.hidden(x, cache, pos)
+            pos += 1
+        return out

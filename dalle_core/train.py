@@ -1,7 +1,13 @@
-"""Training loops shared by the stages: LR schedule, optimizer, budgets, the dVAE loop.
+"""The one training loop (`fit`) and what each stage plugs into it.
 
-Loops take iterators of ready batches and two callbacks (`log(step, metrics)`,
-`checkpoint(step)`), so they know nothing about where data or checkpoints live.
+`fit` owns everything the stages share: the LR schedule and the step/wall-clock
+budget, bf16 autocast on the run's device, gradient accumulation (without DDP
+gradient sync on all but the last micro-batch), clipping, logging, checkpoints.
+A stage gives it only a model (optionally DDP-wrapped), batches and a step
+function `(model, batch, step) -> (loss, items, metrics)`: `dvae_step`,
+`transformer_step` and `clip_step` below. The loop knows nothing about where
+data, checkpoints or metrics live: it calls `log(step, metrics)` and
+`checkpoint(step, elapsed_s)`.
 """
 
 from __future__ import annotations
@@ -10,20 +16,22 @@ import contextlib
 import io
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dalle_core.config import DVAEConfig as DVAERunConfig
-from dalle_core.config import TrainConfig
-from dalle_core.dvae import DiscreteVAE
+from dalle_core.config import DVAESection, TrainConfig
+from dalle_core.device import autocast, rng_state, set_rng_state, to_device
+from dalle_core.images import to_tensor
 
 LogFn = Callable[[int, dict[str, float]], None]
-CheckpointFn = Callable[[int], None]
+CheckpointFn = Callable[[int, float], None]
+# A stage's step: (model, batch, step) -> (loss, items in the batch, metrics read only at log steps)
+StepFn = Callable[[nn.Module, Any, int], tuple[torch.Tensor, int, Callable[[], dict[str, float]]]]
 
 
 def lr_at(step: int, t: TrainConfig, horizon: int | None = None) -> float:
@@ -44,32 +52,26 @@ def make_optimizer(model: nn.Module, t: TrainConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=t.lr, betas=t.betas, fused=True)  # one kernel per step (CPU and GPU)
 
 
-def autocast(precision: str, device: torch.device | str = "cpu") -> contextlib.AbstractContextManager:
-    """bf16 autocast for the forward pass (fp32 weights and optimizer), or nothing for fp32.
-
-    On CPU it also picks SDPA's math kernel: the fused CPU flash-attention kernel's bf16
-    backward is slow at our sequence lengths (bench transformer_train_bf16 14.3k -> 17.4-18.1k
-    tokens/s; bench clip_train_bf16 vs clip_train). In fp32 and on GPU the default kernel is kept.
-    """
-    if precision != "bf16":
-        return contextlib.nullcontext()
-    kind = torch.device(device).type
-    stack = contextlib.ExitStack()
-    stack.enter_context(torch.autocast(device_type=kind, dtype=torch.bfloat16))
-    if kind == "cpu":
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        stack.enter_context(sdpa_kernel(SDPBackend.MATH))
-    return stack
-
-
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for g in optimizer.param_groups:
         g["lr"] = lr
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside a DistributedDataParallel wrapper (or the model itself)."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
 class Budget:
-    """Stop at max_steps or when max_minutes of wall-clock time have passed.
+    """Stop at max_steps or when max_minutes of training time have passed.
+
+    `max_minutes` counts the training time of the whole run, across resumes: a resumed run
+    starts with the `elapsed_s` its checkpoint recorded, so its deadline and its LR horizon
+    are those the run had before it was killed (not a fresh budget).
 
     `check(step)` (once per step) also sets `horizon`, the step the run will really end
     at: max_steps, or fewer when the deadline will come first, projected from the step
@@ -82,12 +84,20 @@ class Budget:
 
     MIN_STEPS_TO_PROJECT = 20
 
-    def __init__(self, t: TrainConfig, start_step: int = 0):
+    def __init__(self, t: TrainConfig, start_step: int = 0, elapsed_s: float = 0.0):
         self.max_steps = t.max_steps
         self.horizon = t.max_steps
-        self.start_step, self.t0 = start_step, time.monotonic()
-        self.deadline = self.t0 + t.max_minutes * 60 if t.max_minutes else None
+        self.start_step, self.t0, self.elapsed_before = start_step, time.monotonic(), elapsed_s
+        self.deadline = self.t0 + t.max_minutes * 60 - elapsed_s if t.max_minutes else None
         self.out_of_time = False
+
+    def elapsed(self) -> float:
+        """Training seconds of the whole run so far (earlier processes included)."""
+        return self.elapsed_before + time.monotonic() - self.t0
+
+    @property
+    def stopped_by(self) -> str:
+        return "max_minutes" if self.out_of_time else "max_steps"
 
     def check(self, step: int) -> bool:
         """True when training should stop before `step`; updates `horizon`."""
@@ -97,7 +107,7 @@ class Budget:
             if ran >= self.MIN_STEPS_TO_PROJECT:
                 projected = min(self.max_steps, step + int(ran / (now - self.t0) * max(0.0, self.deadline - now)))
             state = torch.tensor([projected, 0 if now > self.deadline else 1], dtype=torch.float64)
-            if torch.distributed.is_available() and torch.distributed.is_initialized():
+            if distributed():
                 on = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"  # NCCL reduces GPU tensors only
                 state = state.to(on)
                 torch.distributed.all_reduce(state, op=torch.distributed.ReduceOp.MIN)
@@ -107,23 +117,80 @@ class Budget:
 
 
 def training_state_bytes(optimizer: torch.optim.Optimizer) -> bytes:
-    """Optimizer state and the torch RNG state: with the weights, all a run needs to continue exactly."""
+    """Optimizer state and the RNG states (CPU and CUDA): with the weights, all a run needs to continue exactly."""
     buf = io.BytesIO()
-    torch.save({"optimizer": optimizer.state_dict(), "rng": torch.get_rng_state()}, buf)
+    torch.save({"optimizer": optimizer.state_dict(), "rng": rng_state()}, buf)
     return buf.getvalue()
 
 
 def load_training_state(optimizer: torch.optim.Optimizer, data: bytes) -> None:
     state = torch.load(io.BytesIO(data), weights_only=True)
     optimizer.load_state_dict(state["optimizer"])
-    torch.set_rng_state(state["rng"])
+    rng = state["rng"]
+    set_rng_state(rng if isinstance(rng, dict) else {"cpu": rng})  # older checkpoints: CPU state only
 
 
-def skip(batches: Iterator, n: int) -> Iterator:
-    """Fast-forward a seeded batch stream past the n batches a resumed run already consumed."""
-    for _ in range(n):
-        next(batches)
-    return batches
+@dataclass
+class FitResult:
+    step: int  # the step training stopped at
+    stopped_by: str  # "max_steps" or "max_minutes"
+    elapsed_s: float  # training time of the whole run, resumes included
+
+
+def fit(model: nn.Module, batches: Iterable, t: TrainConfig, optimizer: torch.optim.Optimizer, step_fn: StepFn, *,
+        start_step: int = 0, elapsed_s: float = 0.0, device: torch.device | str = "cpu", seq_len: int | None = None,
+        log: LogFn | None = None, checkpoint: CheckpointFn | None = None,
+        before_step: Callable[[int], None] | None = None, after_step: Callable[[int], None] | None = None,
+        every: tuple[tuple[int, Callable[[int], None]], ...] = (), world_size: int = 1,
+        unit: str = "images") -> FitResult:
+    """Train from `start_step` until the budget says stop.
+
+    `model` may be DDP-wrapped. `batches` yields batches (moved to `device` here if they are not
+    there yet). `before_step(step)` / `after_step(step)` hold per-stage schedules and fix-ups
+    (gumbel temperature, dead-code restarts, CLIP's logit-scale clamp); `every` = ((n, fn), ...)
+    calls fn(step) every n steps (sample grids, validation). `seq_len` is the longest sequence the
+    model attends over (it picks the CPU bf16 attention kernel). Logged throughput,
+    `<unit>_per_s`, counts all `world_size` ranks.
+    """
+    device = torch.device(device)
+    batches = iter(batches)
+    budget = Budget(t, start_step, elapsed_s)
+    ddp = isinstance(model, nn.parallel.DistributedDataParallel)
+    model.train()
+    step, items, t0 = start_step, 0, time.perf_counter()
+    done = budget.check(step)
+    while not done:
+        lr = lr_at(step, t, budget.horizon)
+        set_lr(optimizer, lr)
+        if before_step:
+            before_step(step)
+        optimizer.zero_grad(set_to_none=True)
+        for micro in range(t.grad_accum):
+            batch = to_device(next(batches), device)
+            last = micro == t.grad_accum - 1
+            with model.no_sync() if ddp and not last else contextlib.nullcontext():  # all-reduce once per step
+                with autocast(t.precision, device, seq_len):
+                    loss, n, metrics = step_fn(model, batch, step)
+                (loss / t.grad_accum).backward()
+            items += n
+        grad_norm = nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip or float("inf"))
+        optimizer.step()
+        if after_step:
+            after_step(step)
+        step += 1
+        done = budget.check(step)
+        if log and (step % t.log_every == 0 or done):
+            elapsed = time.perf_counter() - t0
+            log(step, {"loss": loss.item(), **metrics(), "lr": lr, "grad_norm": float(grad_norm),
+                       f"{unit}_per_s": world_size * items / max(elapsed, 1e-9)})
+            items, t0 = 0, time.perf_counter()
+        for n_steps, fn in every:
+            if step % n_steps == 0 and not done:
+                fn(step)
+                model.train()
+        if checkpoint and step % t.checkpoint_every == 0 and not done:
+            checkpoint(step, budget.elapsed())
+    return FitResult(step, budget.stopped_by, budget.elapsed())
 
 
 # ------------------------------------------------------------------ the dVAE
@@ -154,93 +221,65 @@ def psnr_unit(a: torch.Tensor, b: torch.Tensor) -> float:
     return 99.0 if mse == 0 else 10 * math.log10(1 / mse)
 
 
-def train_dvae(model: DiscreteVAE, batches: Iterator[torch.Tensor], r: DVAERunConfig,
-               optimizer: torch.optim.Optimizer, start_step: int, log: LogFn, checkpoint: CheckpointFn) -> int:
-    """Train from `start_step`; returns the step reached. Batches are normalised (B, 3, H, W)."""
-    t, norm = r.train, Norm(r.norm_mean, r.norm_std)
-    budget = Budget(t, start_step)
-    model.train()
-    step, seen, t0 = start_step, 0, time.perf_counter()
-    done = budget.check(step)
-    while not done:
-        lr = lr_at(step, t, budget.horizon)
-        set_lr(optimizer, lr)
-        q = model.quantizer
+def dvae_step(r: DVAESection) -> StepFn:
+    """The dVAE's loss on a batch {"image": (B, H, W, 3) uint8}: reconstruction + quantizer loss."""
+    norm = Norm(r.norm_mean, r.norm_std)
+
+    def step_fn(model: nn.Module, batch: dict, step: int):
+        x = to_tensor(batch["image"], norm.mean, norm.std)
+        recon, idx, q_loss = model(x)
+        recon = recon.float()
+        rec_loss = F.mse_loss(recon, x) if r.recon_loss == "mse" else F.l1_loss(recon, x)
+
+        def metrics() -> dict[str, float]:
+            ppl, used = code_stats(idx, r.codebook_size)
+            with torch.no_grad():
+                psnr = psnr_unit(norm.to_unit(recon.detach()), norm.to_unit(x))
+            return {"recon_mse": F.mse_loss(recon.detach(), x).item(), "psnr": psnr, "perplexity": ppl,
+                    "code_usage_fraction": used, "quantizer_loss": q_loss.item(),
+                    "temperature": getattr(unwrap(model).quantizer, "temperature", float("nan"))}
+
+        return rec_loss + q_loss, x.shape[0], metrics
+
+    return step_fn
+
+
+def dvae_schedule(model: nn.Module, r: DVAESection) -> tuple[Callable[[int], None], Callable[[int], None]]:
+    """(before_step, after_step): the gumbel temperature and KL ramps; VQ dead-code restarts."""
+    q = unwrap(model).quantizer
+
+    def before(step: int) -> None:
         if r.quantizer == "gumbel":
             frac = min(1.0, step / r.temp_anneal_steps)
             q.temperature = r.temp_start * (r.temp_end / r.temp_start) ** frac
             q.kl_weight = r.kl_weight * min(1.0, step / r.kl_warmup_steps)
-        optimizer.zero_grad(set_to_none=True)
-        for _ in range(t.grad_accum):
-            x = next(batches)
-            with autocast(t.precision):
-                recon, idx, q_loss = model(x)
-            rec_loss = F.mse_loss(recon.float(), x) if r.recon_loss == "mse" else F.l1_loss(recon.float(), x)
-            loss = rec_loss + q_loss
-            (loss / t.grad_accum).backward()
-            seen += x.shape[0]
-        if t.grad_clip:
-            nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-        optimizer.step()
-        step += 1
-        done = budget.check(step)
-        if r.quantizer == "vq" and step % r.restart_every == 0:
+
+    def after(step: int) -> None:
+        if r.quantizer == "vq" and (step + 1) % r.restart_every == 0:
             q.restart_dead_codes()
-        if step % t.log_every == 0 or done:
-            ppl, used = code_stats(idx, r.codebook_size)
-            with torch.no_grad():
-                psnr = psnr_unit(norm.to_unit(recon.detach()), norm.to_unit(x))
-            elapsed = time.perf_counter() - t0
-            log(step, {"loss": loss.item(), "recon_mse": F.mse_loss(recon.detach().float(), x).item(),
-                       "psnr": psnr, "perplexity": ppl, "codes_used": used, "quantizer_loss": q_loss.item(),
-                       "temperature": getattr(q, "temperature", float("nan")), "lr": lr,
-                       "images_per_s": seen / max(elapsed, 1e-9)})
-            seen, t0 = 0, time.perf_counter()
-        if step % t.checkpoint_every == 0 and not done:
-            checkpoint(step)
-    return step
+
+    return before, after
 
 
 @torch.inference_mode()
-def evaluate_dvae(model: DiscreteVAE, batches: Iterator[torch.Tensor], norm: Norm) -> dict[str, float]:
-    """Validation PSNR (over all pixels of all batches) and codebook usage."""
+def evaluate_dvae(model: nn.Module, batches: Iterable[dict], norm: Norm,
+                  device: torch.device | str = "cpu") -> dict[str, float]:
+    """Validation PSNR of the hard-code reconstruction (over all pixels of all batches) and codebook usage."""
     model.eval()
     se, n = 0.0, 0
-    counts = torch.zeros(model.c.codebook_size)
-    for x in batches:
+    counts = torch.zeros(model.c.codebook_size, device=device)
+    for batch in batches:
+        x = to_tensor(to_device(batch["image"], torch.device(device)), norm.mean, norm.std)
         tokens = model.encode(x)
         recon = model.decode(tokens)
         se += F.mse_loss(norm.to_unit(recon), norm.to_unit(x), reduction="sum").item()
         n += x.numel()
-        counts += torch.bincount(tokens.flatten(), minlength=model.c.codebook_size).float().cpu()
+        counts += torch.bincount(tokens.flatten(), minlength=model.c.codebook_size).float()
     mse = se / max(n, 1)
     p = counts / counts.sum()
     entropy = -(p[p > 0] * p[p > 0].log()).sum()
     return {"val_psnr": 99.0 if mse == 0 else 10 * math.log10(1 / mse), "val_mse": mse,
-            "val_codes_used": float((counts > 0).float().mean()), "val_perplexity": float(entropy.exp())}
-
-
-def shuffled_batches(chunks: Iterator[dict[str, np.ndarray]], batch_size: int, buffer_rows: int,
-                     seed: int) -> Iterator[dict[str, np.ndarray]]:
-    """Mix incoming column chunks in a buffer of about `buffer_rows` rows; emit full batches."""
-    rng = np.random.default_rng(seed)
-    buf: dict[str, np.ndarray] | None = None
-    for chunk in chunks:
-        buf = chunk if buf is None else {k: np.concatenate([buf[k], chunk[k]]) for k in buf}
-        n = len(next(iter(buf.values())))
-        if n < buffer_rows + batch_size:
-            continue
-        perm = rng.permutation(n)
-        buf = {k: v[perm] for k, v in buf.items()}
-        usable = (n - buffer_rows) // batch_size * batch_size
-        for i in range(0, usable, batch_size):
-            yield {k: v[i:i + batch_size] for k, v in buf.items()}
-        buf = {k: v[usable:] for k, v in buf.items()}
-    if buf is not None:
-        n = len(next(iter(buf.values())))
-        perm = rng.permutation(n)
-        for i in range(0, n - batch_size + 1, batch_size):
-            yield {k: v[perm[i:i + batch_size]] for k, v in buf.items()}
+            "val_code_usage_fraction": float((counts > 0).float().mean()), "val_perplexity": float(entropy.exp())}
 
 
 # ----------------------------------------------------------- the transformer
@@ -254,63 +293,40 @@ def drop_captions(text: torch.Tensor, p: float, pad_id: int, generator: torch.Ge
     return torch.where(drop.to(text.device)[:, None], torch.full_like(text, pad_id), text)
 
 
-def train_transformer(model: nn.Module, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], t: TrainConfig,
-                      caption_dropout: float, pad_id: int, optimizer: torch.optim.Optimizer, start_step: int,
-                      log: LogFn, checkpoint: CheckpointFn, every: tuple[int, Callable[[int], None]] | None = None,
-                      device: str = "cpu", world_size: int = 1) -> int:
-    """Next-token training on cached (text, image) token batches; returns the step reached.
+def transformer_step(caption_dropout: float, pad_id: int, seed: int) -> StepFn:
+    """Next-token loss on a batch {"text": (B, text_len), "image": (B, N)} of ids, captions dropped for CFG.
 
-    `model` may be DDP-wrapped; it returns (loss, text_loss, image_loss). `every`
-    = (n, fn) calls fn(step) every n steps (sample grids).
+    Which captions are dropped depends on the seed and the step alone, so a resumed run drops the same.
     """
-    budget = Budget(t, start_step)
-    model.train()
-    gen = torch.Generator()
-    step, tokens, t0 = start_step, 0, time.perf_counter()
-    done = budget.check(step)
-    while not done:
-        lr = lr_at(step, t, budget.horizon)
-        set_lr(optimizer, lr)
-        gen.manual_seed(t.seed * 1000003 + step)  # caption dropout depends on the step alone: resumable
-        optimizer.zero_grad(set_to_none=True)
-        for _ in range(t.grad_accum):
-            text, image = next(batches)
-            text, image = text.to(device, non_blocking=True), image.to(device, non_blocking=True)
-            text = drop_captions(text, caption_dropout, pad_id, gen)
-            with autocast(t.precision, device):
-                loss, text_loss, image_loss = model(text, image)
-            (loss / t.grad_accum).backward()
-            tokens += text.numel() + image.numel()
-        grad_norm = nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip or float("inf"))
-        optimizer.step()
-        step += 1
-        done = budget.check(step)
-        if step % t.log_every == 0 or done:
-            elapsed = time.perf_counter() - t0
-            log(step, {"loss": loss.item(), "text_loss": text_loss.item(), "image_loss": image_loss.item(),
-                       "lr": lr, "grad_norm": float(grad_norm), "tokens_per_s": world_size * tokens / max(elapsed, 1e-9)})
-            tokens, t0 = 0, time.perf_counter()
-        if every and step % every[0] == 0 and not done:
-            every[1](step)
-            model.train()
-        if step % t.checkpoint_every == 0 and not done:
-            checkpoint(step)
-    return step
+    gen, seeded = torch.Generator(), [-1]
+
+    def step_fn(model: nn.Module, batch: dict, step: int):
+        if seeded[0] != step:  # once per step: micro-batches of one step draw on from there
+            gen.manual_seed(seed * 1000003 + step)
+            seeded[0] = step
+        text, image = batch["text"], batch["image"]
+        text = drop_captions(text, caption_dropout, pad_id, gen)
+        loss, text_loss, image_loss = model(text, image)
+        return loss, text.numel() + image.numel(), lambda: {"text_loss": text_loss.item(),
+                                                           "image_loss": image_loss.item()}
+
+    return step_fn
 
 
 @torch.inference_mode()
-def evaluate_transformer(model: nn.Module, batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
-                         precision: str = "fp32", device: str = "cpu") -> dict[str, float]:
+def evaluate_transformer(model: nn.Module, batches: Iterable[dict], precision: str = "fp32",
+                         device: torch.device | str = "cpu") -> dict[str, float]:
     """Mean losses over all batches; image loss also in bits per image token."""
     model.eval()
-    sums, n = np.zeros(3), 0
-    for text, image in batches:
-        text, image = text.to(device), image.to(device)
-        with autocast(precision, device):
-            losses = model(text, image)
-        sums += np.array([x.item() for x in losses]) * text.shape[0]
-        n += text.shape[0]
-    loss, text_loss, image_loss = sums / max(n, 1)
+    device = torch.device(device)
+    sums, n = torch.zeros(3, device=device), 0
+    for batch in batches:
+        batch = to_device(batch, device)
+        with autocast(precision, device, model.c.seq_len):
+            losses = model(batch["text"], batch["image"])
+        sums += torch.stack([x.float() for x in losses]) * batch["text"].shape[0]
+        n += batch["text"].shape[0]
+    loss, text_loss, image_loss = (sums / max(n, 1)).tolist()
     return {"val_loss": loss, "val_text_loss": text_loss, "val_image_loss": image_loss,
             "val_bits_per_image_token": image_loss / math.log(2)}
 
@@ -318,40 +334,15 @@ def evaluate_transformer(model: nn.Module, batches: Iterator[tuple[torch.Tensor,
 # ------------------------------------------------------------------- CLIP
 
 
-def train_clip(model: nn.Module, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], t: TrainConfig,
-               optimizer: torch.optim.Optimizer, start_step: int, log: LogFn, checkpoint: CheckpointFn,
-               evaluate: Callable[[], dict[str, float]] | None = None, eval_every: int = 0) -> int:
-    """Contrastive training on (normalised images, CLIP text ids) batches; returns the step reached."""
-    from dalle_core.clip import clamp_logit_scale, contrastive_loss
+def clip_step(c, rank: int = 0, world_size: int = 1) -> StepFn:
+    """Contrastive loss on a batch {"image": (B, H, W, 3) uint8, "text": (B, text_len) BPE ids} for a CLIP of
+    `dalle_core.clip.CLIPConfig` c. Under DDP the features of all ranks are gathered, so every rank
+    contrasts against the global batch."""
+    from dalle_core.clip import clip_pixels, clip_text_ids, contrastive_loss
 
-    budget = Budget(t, start_step)
-    model.train()
-    step, seen, t0 = start_step, 0, time.perf_counter()
-    done = budget.check(step)
-    while not done:
-        lr = lr_at(step, t, budget.horizon)
-        set_lr(optimizer, lr)
-        optimizer.zero_grad(set_to_none=True)
-        for _ in range(t.grad_accum):
-            images, text = next(batches)
-            with autocast(t.precision):
-                loss, temperature = contrastive_loss(model, images, text)
-            (loss / t.grad_accum).backward()
-            seen += images.shape[0]
-        if t.grad_clip:
-            nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-        optimizer.step()
-        clamp_logit_scale(model)
-        step += 1
-        done = budget.check(step)
-        if step % t.log_every == 0 or done:
-            metrics = {"loss": loss.item(), "temperature": temperature, "lr": lr,
-                       "images_per_s": seen / max(time.perf_counter() - t0, 1e-9)}
-            if evaluate and eval_every and step % eval_every == 0:
-                metrics.update(evaluate())
-                model.train()
-            log(step, metrics)
-            seen, t0 = 0, time.perf_counter()
-        if step % t.checkpoint_every == 0 and not done:
-            checkpoint(step)
-    return step
+    def step_fn(model: nn.Module, batch: dict, step: int):
+        pixels, text = clip_pixels(batch["image"], c.image_size), clip_text_ids(batch["text"], c)
+        loss, logit_scale = contrastive_loss(model, pixels, text, rank, world_size)
+        return loss, text.shape[0], lambda: {"temperature": 1.0 / float(logit_scale)}
+
+    return step_fn

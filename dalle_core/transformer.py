@@ -63,6 +63,10 @@ class CausalSelfAttention(nn.Module):
         v = v.view(B, T, self.heads, C // self.heads).transpose(1, 2)
         if cache is not None:  # write this step's keys/values, attend over everything so far
             k, v = cache.update(layer, pos, k, v)
+            if k.dtype != q.dtype:  # an fp32 cache under bf16 autocast (CPU sampling): attend in fp32
+                with torch.autocast(x.device.type, enabled=False):
+                    y = F.scaled_dot_product_attention(q.to(k.dtype), k, v, is_causal=T > 1)
+                return self.resid_drop(self.proj(y.transpose(1, 2).contiguous().view(B, T, C)))
         y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1,
                                            dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble heads
@@ -96,7 +100,10 @@ class Block(nn.Module):
 
 
 class KVCache:
-    """Preallocated keys/values for every layer: (depth, B, nh, max_len, hs); no per-step allocation."""
+    """Preallocated keys/values for every layer: (depth, B, nh, max_len, hs); no per-step allocation.
+
+    Its dtype is the attention's: keys and values written in another dtype are cast on the way in.
+    """
 
     def __init__(self, c: DALLEConfig, batch: int, device=None, dtype=torch.float32):
         shape = (c.depth, batch, c.heads, c.seq_len, c.dim // c.heads)

@@ -128,7 +128,12 @@ def _print_results(cfg, stages_ran: list[str]) -> None:
 
 def cmd_stage(args) -> int:
     if getattr(args, "nproc", None):
-        args.overrides.append(f"transformer.nproc={args.nproc}")
+        stage = {"train-dvae": "dvae", "train-transformer": "transformer", "train-clip": "clip"}[args.command]
+        args.overrides.append(f"{stage}.train.nproc={args.nproc}")
+    if getattr(args, "nnodes", None):
+        args.overrides.append(f"runner.nnodes={args.nnodes}")
+    if getattr(args, "rdzv_endpoint", None):
+        args.overrides.append(f"runner.rdzv_endpoint={args.rdzv_endpoint}")
     if args.command == "generate":
         prompts = list(args.prompts)
         if args.prompts_file:
@@ -200,8 +205,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=5000)
     p.set_defaults(func=cmd_ui)
-    sub.choices["train-transformer"].add_argument("--nproc", type=int, default=None,
-                                                  help="DDP processes (torchrun); same as --set transformer.nproc=N")
+    for name in ("train-dvae", "train-transformer", "train-clip"):
+        stage = name.removeprefix("train-")
+        sub.choices[name].add_argument("--nproc", type=int, default=None,
+                                       help=f"DDP processes per machine (torchrun); same as --set {stage}.train.nproc=N")
+        sub.choices[name].add_argument("--nnodes", type=int, default=None,
+                                       help="machines taking part (run the same command on each); runner.nnodes")
+        sub.choices[name].add_argument("--rdzv-endpoint", default=None, metavar="HOST:PORT",
+                                       help="where the machines meet (torchrun c10d rendezvous); runner.rdzv_endpoint")
     return parser
 
 

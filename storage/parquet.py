@@ -79,3 +79,34 @@ def iter_batches(store: ArtifactStore, paths: list[str], columns: list[str] | No
 def count_rows(store: ArtifactStore, path: str) -> int:
     with store.fs.open(path, "rb") as f:
         return pq.ParquetFile(f).metadata.num_rows
+
+
+def image_row_group(image_size: int) -> int:
+    """Rows per row group of image shards: 1,024 at 32 px, fewer for big images (64 at 128 px and up),
+    so the input pipeline decodes a few MB per read, not a shard's worth."""
+    return max(64, min(ROW_GROUP, ROW_GROUP * 32 * 32 // (image_size * image_size)))
+
+
+class ParquetShards:
+    """Row-group access to the shards of one store (the reader `dalle_core.loader.ShardStream` takes).
+
+    Picklable, so DataLoader worker processes read the shards themselves.
+    """
+
+    def __init__(self, store: ArtifactStore):
+        self.store = store
+        self._groups: dict[str, list[int]] = {}
+
+    def _file(self, path: str) -> pq.ParquetFile:
+        if self.store.local:
+            return pq.ParquetFile(path, memory_map=True)
+        return pq.ParquetFile(self.store.fs.open(path, "rb"))
+
+    def row_groups(self, path: str) -> list[int]:
+        if path not in self._groups:
+            meta = self._file(path).metadata
+            self._groups[path] = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
+        return self._groups[path]
+
+    def read(self, path: str, group: int, columns: list[str]) -> pa.Table:
+        return self._file(path).read_row_group(group, columns=columns)

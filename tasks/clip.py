@@ -8,7 +8,6 @@ import os
 import struct
 from dataclasses import asdict
 
-import numpy as np
 import torch
 from prefect import task
 from prefect.cache_policies import NONE
@@ -19,29 +18,29 @@ from dalle_core.clip import (
     Scorer,
     build_clip,
     chance_recall,
-    clip_pixels,
-    clip_text_ids,
+    clamp_logit_scale,
     load_open_clip,
     recall_at,
 )
 from dalle_core.config import Config, ConfigError
-from dalle_core.train import make_optimizer, shuffled_batches, skip, train_clip
+from dalle_core.device import resolve_device
+from dalle_core.loader import DecodeCaptioned, decode_images
+from dalle_core.train import clip_step
 from storage.parquet import shard_paths
 from storage.store import ArtifactStore
 from tasks.common import (
     ArtifactRef,
-    Progress,
+    Training,
+    batch_stream,
     drop_checkpoints,
-    load_checkpoint,
     logger,
     open_store,
     ref,
     reuse,
-    save_checkpoint,
+    run_training_stage,
     stage_keys,
     stage_run,
 )
-from tasks.dvae import decoded_chunks
 from tasks.text import load_tokenizer
 
 
@@ -75,42 +74,89 @@ def scorer_from_bytes(data: bytes) -> Scorer:
     return Scorer.ours(model, c, TextTokenizer.from_str(meta["tokenizer"], c.text_len))
 
 
-def load_scorer(cfg: Config, store: ArtifactStore | None = None) -> Scorer:
-    """The reranking CLIP the config asks for: pretrained (hub tag or file) or this project's stage output."""
+def load_scorer(cfg: Config, store: ArtifactStore | None = None, device: torch.device | str = "cpu") -> Scorer:
+    """The reranking CLIP the config asks for, on `device`: pretrained (an open_clip model with a hub tag or
+    a local file, or a checkpoint of this project) or this project's stage output."""
     spec = cfg.clip.pretrained
     if spec:
-        if spec.endswith(".safetensors"):
-            if not os.path.isfile(spec):
-                raise ConfigError(f"clip.pretrained file {spec!r} does not exist")
+        if os.path.isfile(spec):  # a checkpoint written by this project
             with open(spec, "rb") as f:
-                return scorer_from_bytes(f.read())
-        return load_open_clip(spec)
+                return scorer_from_bytes(f.read()).to(device)
+        if spec.endswith(".safetensors") and ":" not in spec:
+            raise ConfigError(f"clip.pretrained file {spec!r} does not exist")
+        return load_open_clip(spec).to(device)  # "<open_clip model>:<hub tag or local weights file>"
     store = store or open_store(cfg)
     key = stage_keys(cfg)["clip"]
     store.require("clip", key)
-    return scorer_from_bytes(store.read_bytes(store.path("clip", key, "model.safetensors")))
+    return scorer_from_bytes(store.read_bytes(store.path("clip", key, "model.safetensors"))).to(device)
 
 
-def _val_recall(model, c: CLIPConfig, tokenizer: TextTokenizer, store: ArtifactStore, paths: list[str],
-                limit: int = 1024) -> dict[str, float]:
-    images, captions = [], []
-    for chunk in decoded_chunks(store, paths, 0, epochs=1):
-        images.append(chunk["image"])
-        captions += list(chunk["caption"])
+def _val_recall(model, c: CLIPConfig, tokenizer: TextTokenizer, cfg: Config, store: ArtifactStore,
+                paths: list[str], device, limit: int = 1024) -> dict[str, float]:
+    """Image<->caption retrieval recall over the first `limit` val images."""
+    scorer = Scorer.ours(model, c, tokenizer)
+    emb_i, captions = [], []
+    for batch in batch_stream(cfg, store, paths, ["image", "caption"], decode_images, 256, device, shuffle=False):
+        emb_i.append(scorer.embed_images(batch["image"]))
+        captions += batch["caption"]
         if len(captions) >= limit:
             break
-    images, captions = np.concatenate(images)[:limit], captions[:limit]
-    scorer = Scorer.ours(model, c, tokenizer)
-    emb_i = torch.cat([scorer.embed_images(images[i:i + 256]) for i in range(0, len(images), 256)])
+    emb_i, captions = torch.cat(emb_i)[:limit], captions[:limit]
     emb_t = torch.cat([scorer.embed_texts(captions[i:i + 256]) for i in range(0, len(captions), 256)])
-    return {**recall_at(emb_i, emb_t, captions), "val_chance_recall_at_1": chance_recall(captions)}
+    return {**recall_at(emb_i.cpu(), emb_t.cpu(), captions), "val_chance_recall_at_1": chance_recall(captions)}
+
+
+def run_training(cfg: Config, parent_run_id: str | None, flow_run_id: str | None, rank: int = 0, world: int = 1,
+                 device: torch.device | None = None) -> None:
+    """The CLIP stage on one rank (world == 1: the single-process case); rank 0 reports and writes."""
+    store, keys = open_store(cfg), stage_keys(cfg)
+    key, c, t = keys["clip"], cfg.clip, cfg.clip.train
+    device = device or resolve_device(cfg.runner.device)
+    tokenizer = load_tokenizer(store, keys["bpe"], cfg.text.text_len)
+    mcfg = model_config(cfg, tokenizer)
+    torch.manual_seed(t.seed)
+    tr = Training.prepare(cfg, store, "clip", key, build_clip(mcfg), t, device, rank, world)
+    train_paths = shard_paths(store, "images", keys["images"], "train")
+    val_paths = shard_paths(store, "images", keys["images"], "val")
+    batches = batch_stream(cfg, store, train_paths, ["image", "caption"], DecodeCaptioned(tokenizer), t.batch_size,
+                           device, seed=t.seed, window_rows=c.shuffle_buffer, rank=rank, world=world,
+                           start_batch=tr.start * t.grad_accum)
+    seq_len = max((mcfg.image_size // mcfg.patch_size) ** 2 + 1, mcfg.text_len + 1)
+
+    def clamp(step: int) -> None:
+        clamp_logit_scale(tr.model)
+
+    fit_args = {"after_step": clamp, "seq_len": seq_len, "unit": "images"}
+    if rank != 0:
+        tr.fit(batches, clip_step(mcfg, rank, world), None, **fit_args)
+        return
+    with stage_run(cfg, store, "clip", key, {**c.model_dump(mode="json"), "world_size": world}, parent_run_id,
+                   flow_run_id) as run:
+        run.set_tags({"input.images": keys["images"], "input.bpe": keys["bpe"]})
+
+        def validate(step: int) -> None:
+            run.log_metrics(_val_recall(tr.model, mcfg, tokenizer, cfg, store, val_paths, device, 512), step)
+
+        result = tr.fit(batches, clip_step(mcfg, rank, world), run, every=((t.checkpoint_every, validate),),
+                        **fit_args)
+        metrics = _val_recall(tr.model, mcfg, tokenizer, cfg, store, val_paths, device)
+        run.log_metrics(metrics, result.step)
+        logger().info("clip/%s: val recall@1 image->text %.2f, text->image %.2f (chance %.3f)", key,
+                      metrics["val_i2t_recall_at_1"], metrics["val_t2i_recall_at_1"], metrics["val_chance_recall_at_1"])
+        store.write_bytes(store.path("clip", key, "model.safetensors"), checkpoint_bytes(tr.model, mcfg, tokenizer))
+        store.write_json(store.path("clip", key, "metrics.json"), {**metrics, "steps": result.step})
+        drop_checkpoints(store, "clip", key)
+        manifest = store.finish("clip", key, config=c.model_dump(mode="json"),
+                                inputs={"images": keys["images"], "bpe": keys["bpe"]}, steps=result.step,
+                                world_size=world, metrics=metrics)
+        run.log_dict(manifest, "manifest.json")
 
 
 @task(name="train-clip", cache_policy=NONE)
 def train_clip_task(cfg: Config, parent_run_id: str | None = None) -> ArtifactRef:
     log = logger()
     store, keys = open_store(cfg), stage_keys(cfg)
-    key, c, t = keys["clip"], cfg.clip, cfg.clip.train
+    key, c = keys["clip"], cfg.clip
     if done := reuse(store, "clip", key):
         return done
     store.prepare("clip", key)
@@ -120,39 +166,7 @@ def train_clip_task(cfg: Config, parent_run_id: str | None = None) -> ArtifactRe
         log.info("clip/%s: using pretrained %s", key, c.pretrained)
         return ref(store, "clip", key, cached=False)
     store.require("images", keys["images"])
-    tokenizer = load_tokenizer(store, keys["bpe"], cfg.text.text_len)
-    mcfg = model_config(cfg, tokenizer)
-    torch.manual_seed(t.seed)
-    model = build_clip(mcfg)
-    optimizer = make_optimizer(model, t)
-    start, _ = load_checkpoint(store, "clip", key, model, optimizer)
-    train_paths = shard_paths(store, "images", keys["images"], "train")
-    val_paths = shard_paths(store, "images", keys["images"], "val")
-
-    def batches():
-        for b in shuffled_batches(decoded_chunks(store, train_paths, t.seed, None), t.batch_size, 4 * 1024, t.seed):
-            ids, _ = tokenizer.encode(list(b["caption"]))
-            yield clip_pixels(b["image"], mcfg.image_size), clip_text_ids(torch.from_numpy(ids), mcfg)
-
-    with stage_run(cfg, store, "clip", key, c.model_dump(mode="json"), parent_run_id) as run:
-        run.set_tags({"input.images": keys["images"], "input.bpe": keys["bpe"], "resumed_from_step": str(start)})
-        progress = Progress("train-clip", t.max_steps - start, "steps", max_minutes=t.max_minutes)
-
-        def on_log(step: int, metrics: dict) -> None:
-            run.log_metrics(metrics, step)
-            progress.update(step - start - progress.done, f"loss {metrics['loss']:.3f}", force=True)
-
-        step = train_clip(model, skip(batches(), start * t.grad_accum), t, optimizer, start, on_log,
-                          lambda s: save_checkpoint(store, "clip", key, model, optimizer, s),
-                          lambda: _val_recall(model, mcfg, tokenizer, store, val_paths, 512), t.checkpoint_every)
-        metrics = _val_recall(model, mcfg, tokenizer, store, val_paths)
-        run.log_metrics(metrics, step)
-        log.info("clip/%s: val recall@1 image->text %.2f, text->image %.2f (chance %.3f)", key,
-                 metrics["val_i2t_recall_at_1"], metrics["val_t2i_recall_at_1"], metrics["val_chance_recall_at_1"])
-        store.write_bytes(store.path("clip", key, "model.safetensors"), checkpoint_bytes(model, mcfg, tokenizer))
-        store.write_json(store.path("clip", key, "metrics.json"), {**metrics, "steps": step})
-        drop_checkpoints(store, "clip", key)
-        manifest = store.finish("clip", key, config=c.model_dump(mode="json"),
-                                inputs={"images": keys["images"], "bpe": keys["bpe"]}, steps=step, metrics=metrics)
-        run.log_dict(manifest, "manifest.json")
+    store.require("bpe", keys["bpe"])
+    run_training_stage(cfg, "clip", run_training, parent_run_id)
+    store.require("clip", key)
     return ref(store, "clip", key, cached=False)

@@ -1,17 +1,27 @@
-"""What every stage task shares: the store, the stage keys, MLflow runs, progress logs."""
+"""What every stage task shares: the store, the stage keys, MLflow runs, progress logs,
+input streams, checkpoints, and running a training stage (in-process or as DDP under torchrun)."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import subprocess
+import sys
+import tempfile
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from prefect import get_run_logger
 from prefect.runtime import flow_run
 
-from dalle_core.config import Config, flatten
+from dalle_core.config import Config, TrainConfig, flatten
+from dalle_core.device import prefetch_to_device, resolve_device
 from dalle_core.evaluation import METRICS_VERSION
+from dalle_core.loader import Decode, ShardStream
+from dalle_core.train import FitResult, StepFn, fit, make_optimizer
+from storage.parquet import ParquetShards
 from storage.store import ArtifactStore, stage_key
 from storage.tracking import StageRun, tracking_uri
 
@@ -28,9 +38,11 @@ def _file_digest(path: str) -> str:
 def stage_keys(cfg: Config) -> dict[str, str]:
     """The content-addressed key of every stage, from its config section and its inputs' keys."""
     k: dict[str, str] = {}
+    # DDP over several machines multiplies the global batch: part of what a trained model is
+    nodes = {"nnodes": cfg.runner.nnodes} if cfg.runner.nnodes > 1 else {}
     k["images"] = stage_key(cfg.data.model_dump(mode="json"))
     dvae = cfg.dvae.model_dump(mode="json", exclude={"encode_precision"})  # how tokens are made, not the model
-    k["dvae"] = stage_key(dvae, {"images": k["images"]})
+    k["dvae"] = stage_key({**dvae, **nodes}, {"images": k["images"]})
     text = cfg.text.model_dump(mode="json")
     if cfg.text.tokenizer_path:  # a given tokenizer is identified by its content, not its path
         text["tokenizer_path"] = _file_digest(cfg.text.tokenizer_path) if os.path.exists(cfg.text.tokenizer_path) else cfg.text.tokenizer_path
@@ -40,8 +52,8 @@ def stage_keys(cfg: Config) -> dict[str, str]:
     encode = {} if cfg.dvae.encode_precision == "fp32" else {"encode_precision": cfg.dvae.encode_precision}
     k["tokens"] = stage_key(encode, {"images": k["images"], "dvae": k["dvae"], "bpe": k["bpe"]})
     tr = cfg.transformer.model_dump(mode="json")
-    k["transformer"] = stage_key(tr, {"tokens": k["tokens"]})
-    k["clip"] = stage_key(cfg.clip.model_dump(mode="json"), {"images": k["images"], "bpe": k["bpe"]})
+    k["transformer"] = stage_key({**tr, **nodes}, {"tokens": k["tokens"]})
+    k["clip"] = stage_key({**cfg.clip.model_dump(mode="json"), **nodes}, {"images": k["images"], "bpe": k["bpe"]})
     k["generations"] = stage_key(cfg.generate.model_dump(mode="json"),
                                  {"transformer": k["transformer"], "dvae": k["dvae"], "clip": k["clip"], "bpe": k["bpe"],
                                   "images": k["images"]})
@@ -191,3 +203,113 @@ def drop_checkpoints(store: ArtifactStore, stage: str, key: str) -> None:
     path = store.path(stage, key, "checkpoints")
     if store.exists(path):
         store.fs.rm(path, recursive=True)
+
+
+# ------------------------------------------------------------ input streams
+
+def batch_stream(cfg: Config, store: ArtifactStore, paths: list[str], columns: list[str], decode: Decode,
+                 batch_size: int, device, *, shuffle: bool = True, seed: int = 0, window_rows: int = 4096,
+                 rank: int = 0, world: int = 1, start_batch: int = 0) -> Iterator[dict]:
+    """Batches from Parquet shards on `device`: decoded in `runner.loader_workers` processes, pinned
+    and copied ahead on GPUs; training streams (shuffle) are endless and start at `start_batch`."""
+    stream = ShardStream(ParquetShards(store), paths, columns, decode, batch_size, shuffle=shuffle, seed=seed,
+                         window_rows=window_rows, rank=rank, world=world, start_batch=start_batch)
+    return prefetch_to_device(stream.batches(cfg.runner.loader_workers, pin_memory=device.type == "cuda"), device)
+
+
+# ------------------------------------------------------------ training stages
+
+@dataclass
+class Training:
+    """One rank's side of a training stage: the model (and its DDP wrapper), optimizer, where it resumes."""
+
+    cfg: Config
+    store: ArtifactStore
+    stage: str
+    key: str
+    model: object
+    wrapped: object
+    optimizer: object
+    t: TrainConfig
+    device: object
+    rank: int
+    world: int
+    start: int
+    elapsed_s: float
+
+    @classmethod
+    def prepare(cls, cfg: Config, store: ArtifactStore, stage: str, key: str, model, t: TrainConfig,
+                device, rank: int = 0, world: int = 1) -> Training:
+        """Model to the device, optimizer, resume from the latest checkpoint, DDP wrapper when world > 1."""
+        model = model.to(device)
+        optimizer = make_optimizer(model, t)
+        start, info = load_checkpoint(store, stage, key, model, optimizer)
+        wrapped = model
+        if world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            wrapped = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+        return cls(cfg, store, stage, key, model, wrapped, optimizer, t, device, rank, world, start,
+                   float(info.get("elapsed_s", 0.0)))
+
+    def fit(self, batches, step_fn: StepFn, run: StageRun | None, describe: Callable[[dict], str] = lambda m: "",
+            **kwargs) -> FitResult:
+        """Run the training loop; rank 0 logs to MLflow and the Prefect log and writes checkpoints."""
+        log = checkpoint = None
+        if self.rank == 0:
+            assert run is not None
+            progress = Progress(f"train-{self.stage}", self.t.max_steps - self.start, "steps",
+                                max_minutes=self.t.max_minutes)
+
+            def log(step: int, metrics: dict) -> None:
+                run.log_metrics(metrics, step)
+                progress.update(step - self.start - progress.done, f"loss {metrics['loss']:.4f} {describe(metrics)}",
+                                force=True)
+
+            def checkpoint(step: int, elapsed_s: float) -> None:
+                save_checkpoint(self.store, self.stage, self.key, self.model, self.optimizer, step,
+                                {"elapsed_s": elapsed_s})
+
+        result = fit(self.wrapped, batches, self.t, self.optimizer, step_fn, start_step=self.start,
+                     elapsed_s=self.elapsed_s, device=self.device, log=log, checkpoint=checkpoint,
+                     world_size=self.world, **kwargs)
+        if run is not None:
+            run.set_tags({"stopped_by": result.stopped_by, "steps_done": str(result.step),
+                          "steps_planned": str(self.t.max_steps), "resumed_from_step": str(self.start),
+                          "device": str(self.device), "world_size": str(self.world)})
+        return result
+
+
+def run_training_stage(cfg: Config, stage: str, run_training: Callable, parent_run_id: str | None) -> None:
+    """Train in this process, or launch `train.nproc` DDP processes per machine through torchrun.
+
+    One machine: `torchrun --standalone`. Several (`runner.nnodes` > 1): the same command runs on
+    every machine and they meet at `runner.rdzv_endpoint` (c10d rendezvous). NCCL on GPUs, gloo on CPUs.
+    """
+    t = getattr(cfg, stage).train
+    if t.nproc == 1 and cfg.runner.nnodes == 1:
+        run_training(cfg, parent_run_id, flow_run.get_id())
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg_path = os.path.join(tmp, "config.json")
+        with open(cfg_path, "w") as f:
+            json.dump(cfg.model_dump(mode="json"), f)
+        cmd = [sys.executable, "-m", "torch.distributed.run", *torchrun_args(cfg, t.nproc, stage),
+               "-m", "tasks.ddp", stage, cfg_path, parent_run_id or "", flow_run.get_id() or ""]
+        logger().info("launching DDP: %s", " ".join(cmd))
+        code = subprocess.call(cmd, env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
+    if code != 0:
+        raise RuntimeError(f"torchrun with {t.nproc} process(es) per machine exited with code {code}; see the log above")
+
+
+def torchrun_args(cfg: Config, nproc: int, stage: str) -> list[str]:
+    r = cfg.runner
+    if r.nnodes == 1:
+        return ["--standalone", f"--nproc-per-node={nproc}"]
+    return [f"--nnodes={r.nnodes}", f"--nproc-per-node={nproc}", "--rdzv-backend=c10d",
+            f"--rdzv-endpoint={r.rdzv_endpoint}", f"--rdzv-id={r.rdzv_id}-{stage}"]
+
+
+def run_device(cfg: Config):
+    """The torch.device this process runs its stage on (`runner.device`)."""
+    return resolve_device(cfg.runner.device)

@@ -55,7 +55,7 @@ def evaluate_task(cfg: Config, parent_run_id: str | None = None) -> ArtifactRef:
     gen = generator(cfg)
     report: dict = {"keys": {s: keys[s] for s in ("images", "dvae", "bpe", "tokens", "transformer", "clip")}}
     dvae_m = store.read_json(store.path("dvae", keys["dvae"], "metrics.json"))
-    report["dvae"] = {"val_psnr": dvae_m["val_psnr"], "val_codes_used": dvae_m["val_codes_used"]}
+    report["dvae"] = {"val_psnr": dvae_m["val_psnr"], "val_code_usage_fraction": dvae_m["val_code_usage_fraction"]}
     tr_m = store.read_json(store.path("transformer", keys["transformer"], "metrics.json"))
     report["transformer"] = {"val_bits_per_image_token": tr_m["val_bits_per_image_token"]}
     if store.exists(store.path("clip", keys["clip"], "metrics.json")):
@@ -84,7 +84,7 @@ def evaluate_task(cfg: Config, parent_run_id: str | None = None) -> ArtifactRef:
 
     if all(is_shapes_caption(c) for c in captions):
         with torch.inference_mode():
-            x = to_tensor(real, gen.norm.mean, gen.norm.std)
+            x = to_tensor(torch.from_numpy(real).to(gen.device), gen.norm.mean, gen.norm.std)
             recon = to_uint8(gen.dvae.decode(gen.dvae.encode(x)), gen.norm.mean, gen.norm.std)
         report["faithfulness"] = {"top1": faithfulness(top1, captions), "random": faithfulness(random_pick, captions),
                                   "dvae_reconstruction": faithfulness(list(recon), captions),

@@ -18,6 +18,7 @@ from prefect import task
 from prefect.cache_policies import NONE
 
 from dalle_core.config import Config, ConfigError, config_from_dict
+from dalle_core.device import resolve_device, sampling_precision
 from dalle_core.generate import Generator, prompt_seed, ranks
 from dalle_core.images import decode_png, grid, png_bytes
 from storage.parquet import (
@@ -42,13 +43,15 @@ PROMPTS_PER_PART = 4
 def _generator(cfg_json: str) -> Generator:
     cfg = config_from_dict(json.loads(cfg_json))
     store, keys = open_store(cfg), stage_keys(cfg)
-    dvae_model, norm = load_dvae(store, keys["dvae"])
-    return Generator(load_transformer(store, keys["transformer"]), dvae_model, norm,
-                     load_tokenizer(store, keys["bpe"], cfg.text.text_len), load_scorer(cfg, store))
+    device = resolve_device(cfg.runner.device)
+    dvae_model, norm = load_dvae(store, keys["dvae"], device)
+    return Generator(load_transformer(store, keys["transformer"], device), dvae_model, norm,
+                     load_tokenizer(store, keys["bpe"], cfg.text.text_len), load_scorer(cfg, store, device),
+                     sampling_precision(cfg.generate.precision, device))
 
 
 def generator(cfg: Config) -> Generator:
-    """The models of this config (transformer, dVAE, tokenizer, CLIP), loaded once per process."""
+    """The models of this config (transformer, dVAE, tokenizer, CLIP) on its device, loaded once per process."""
     return _generator(json.dumps(cfg.model_dump(mode="json"), sort_keys=True))
 
 

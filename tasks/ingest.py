@@ -11,7 +11,7 @@ from prefect.cache_policies import NONE
 from dalle_core.config import Config
 from dalle_core.data import DataError, read_source
 from dalle_core.images import grid, png_bytes
-from storage.parquet import IMAGES_SCHEMA, shard_name, write_shard
+from storage.parquet import IMAGES_SCHEMA, image_row_group, shard_name, write_shard
 from tasks.common import ArtifactRef, Progress, open_store, ref, reuse, stage_keys, stage_run
 
 SPLITS = ("train", "val")
@@ -39,7 +39,8 @@ def ingest_images(cfg: Config, parent_run_id: str | None = None) -> ArtifactRef:
             if not buf:
                 return
             table = pa.Table.from_pylist(buf, schema=IMAGES_SCHEMA)
-            write_shard(store, store.path("images", key, split, shard_name(shards[split])), table)
+            write_shard(store, store.path("images", key, split, shard_name(shards[split])), table,
+                        image_row_group(cfg.data.image_size))
             shards[split] += 1
             buf.clear()
 

@@ -18,6 +18,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
 
 from dalle_core.config import Config
+from dalle_core.device import resolve_device
 from dalle_core.images import decode_png, to_tensor
 from storage.parquet import (
     count_rows,
@@ -33,7 +34,7 @@ from tasks.dvae import load_dvae
 from tasks.text import load_tokenizer
 
 SPLITS = ("train", "val")
-ENCODE_BATCH = 512
+ENCODE_PIXELS = 512 * 32 * 32  # pixels per encoder batch on a CPU (512 images at 32 px); 8x that on a GPU
 # Shard work runs on this fixed pool, not on Prefect's worker threads: Prefect uses many threads over a
 # run, and each thread that decodes/encodes keeps its own allocator and oneDNN scratch memory, so peak RSS
 # grew with the number of shards. Two threads: one decodes PNGs while the other runs the dVAE.
@@ -41,16 +42,17 @@ _SHARD_POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="encode-shard
 
 
 @functools.lru_cache(maxsize=2)
-def _encoders(store_url: str, options: str, dvae_key: str, bpe_key: str, text_len: int):
+def _encoders(store_url: str, options: str, dvae_key: str, bpe_key: str, text_len: int, device: str):
     store = ArtifactStore(store_url, json.loads(options))
-    model, norm = load_dvae(store, dvae_key)
+    model, norm = load_dvae(store, dvae_key, device)
     return model, norm, load_tokenizer(store, bpe_key, text_len)
 
 
 def encoders(cfg: Config):
+    """(dVAE on the run's device, its normalisation, the text tokenizer), loaded once per process."""
     keys = stage_keys(cfg)
     return _encoders(cfg.store.root, json.dumps(cfg.store.storage_options, sort_keys=True), keys["dvae"],
-                     keys["bpe"], cfg.text.text_len)
+                     keys["bpe"], cfg.text.text_len, str(resolve_device(cfg.runner.device)))
 
 
 @task(name="plan-pretokenize", cache_policy=NONE)
@@ -98,11 +100,14 @@ def _encode_shard(cfg: Config, store: ArtifactStore, keys: dict, split: str, ind
     table = read_shard(store, store.path("images", keys["images"], split, shard_name(index)))
     captions = table.column("caption").to_pylist()
     pngs = table.column("image").to_pylist()
+    device = next(model.parameters()).device
+    batch = max(1, ENCODE_PIXELS * (8 if device.type == "cuda" else 1) // model.c.image_size ** 2)
     codes = []
     with torch.inference_mode():
-        for i in range(0, len(pngs), ENCODE_BATCH):
-            images = np.stack([decode_png(b) for b in pngs[i:i + ENCODE_BATCH]])
-            codes.append(model.encode(to_tensor(images, norm.mean, norm.std), cfg.dvae.encode_precision).flatten(1).numpy())
+        for i in range(0, len(pngs), batch):  # PNG decode on the CPU, the encoder on the run's device
+            images = torch.from_numpy(np.stack([decode_png(b) for b in pngs[i:i + batch]]))
+            x = to_tensor(images.to(device, non_blocking=True), norm.mean, norm.std)
+            codes.append(model.encode(x, cfg.dvae.encode_precision).flatten(1).cpu().numpy())
     image_tokens = np.concatenate(codes).astype(np.uint16)
     text_tokens, truncated = tokenizer.encode(captions)
     schema = tokens_schema(image_tokens.shape[1], tokenizer.vocab_size)

@@ -1,86 +1,46 @@
 """Stage 2: train the DALL-E transformer on cached token shards -> `transformer/<key>/`.
 
-With `transformer.nproc > 1` the task launches PyTorch DDP through torchrun
-(`tasks.transformer_ddp`); each rank reads its own share of the shards and only
+With `transformer.train.nproc > 1` (or `runner.nnodes > 1`) the task launches PyTorch DDP
+through torchrun (`tasks.ddp`); each rank reads its own share of the shards and only
 rank 0 writes checkpoints and MLflow.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-import tempfile
-from collections.abc import Iterator
 from dataclasses import asdict
 
 import numpy as np
 import torch
 from prefect import task
 from prefect.cache_policies import NONE
-from prefect.runtime import flow_run
 
 from dalle_core.config import Config
+from dalle_core.device import resolve_device, sampling_precision
 from dalle_core.images import grid, png_bytes, to_uint8
+from dalle_core.loader import decode_tokens
 from dalle_core.sampling import sample
-from dalle_core.train import (
-    evaluate_transformer,
-    make_optimizer,
-    shuffled_batches,
-    skip,
-    train_transformer,
-)
+from dalle_core.train import evaluate_transformer, transformer_step
 from dalle_core.transformer import DALLE, DALLEConfig
 from storage.parquet import read_shard, shard_paths
 from storage.store import ArtifactStore
 from tasks.common import (
     ArtifactRef,
-    Progress,
+    Training,
+    batch_stream,
     drop_checkpoints,
-    load_checkpoint,
     load_state_bytes,
     logger,
     open_store,
     ref,
     reuse,
-    save_checkpoint,
+    run_training_stage,
     stage_keys,
     stage_run,
     state_bytes,
 )
 from tasks.dvae import load_dvae
 
-
-def read_tokens(store: ArtifactStore, path: str) -> dict[str, np.ndarray]:
-    """One token shard as int64 arrays: text (n, text_len), image (n, h*w), plus captions."""
-    t = read_shard(store, path, ["caption", "text_tokens", "image_tokens"])
-    n = t.num_rows
-    text = t.column("text_tokens").combine_chunks().flatten().to_numpy().astype(np.int64).reshape(n, -1)
-    image = t.column("image_tokens").combine_chunks().flatten().to_numpy().astype(np.int64).reshape(n, -1)
-    return {"text": text, "image": image}
-
-
-def token_batches(store: ArtifactStore, paths: list[str], batch_size: int, seed: int, buffer_rows: int,
-                  rank: int = 0, world: int = 1, shuffle: bool = True) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(text, image) LongTensor batches. Training: endless, shuffled, this rank's shards only."""
-    mine = paths[rank::world] or paths[rank % len(paths)::len(paths)]
-
-    def chunks():
-        rng = np.random.default_rng(seed + rank)
-        while True:
-            for i in rng.permutation(len(mine)) if shuffle else range(len(mine)):
-                yield read_tokens(store, mine[i])
-            if not shuffle:
-                return
-
-    if shuffle:
-        for b in shuffled_batches(chunks(), batch_size, buffer_rows, seed + rank):
-            yield torch.from_numpy(b["text"]), torch.from_numpy(b["image"])
-    else:
-        for c in chunks():
-            for i in range(0, len(c["text"]), batch_size):
-                yield torch.from_numpy(c["text"][i:i + batch_size]), torch.from_numpy(c["image"][i:i + batch_size])
+TOKEN_COLUMNS = ["text_tokens", "image_tokens"]
 
 
 def model_config(cfg: Config, manifest: dict) -> DALLEConfig:
@@ -92,22 +52,24 @@ def model_config(cfg: Config, manifest: dict) -> DALLEConfig:
                        text_loss_weight=tr.text_loss_weight)
 
 
-def load_transformer(store: ArtifactStore, key: str) -> DALLE:
+def load_transformer(store: ArtifactStore, key: str, device: torch.device | str = "cpu") -> DALLE:
     store.require("transformer", key)
     model = DALLE(DALLEConfig(**store.read_json(store.path("transformer", key, "config.json"))))
     load_state_bytes(model, store.read_bytes(store.path("transformer", key, "model.safetensors")))
-    return model.eval()
+    return model.to(device).eval()
 
 
 def sample_sheet(model: DALLE, dvae_model, norm, text: torch.Tensor, captions: list[str], cfg: Config,
                  per_caption: int = 4) -> np.ndarray:
-    """A grid: for each caption, `per_caption` sampled images decoded by the dVAE."""
+    """A grid: for each caption, `per_caption` sampled images decoded by the dVAE (on the model's device)."""
     g = cfg.generate
+    device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    gen = torch.Generator().manual_seed(g.seed)
-    codes = sample(model, text.repeat_interleave(per_caption, 0), temperature=g.temperature, top_k=g.top_k,
-                   top_p=g.top_p, cond_scale=g.cond_scale, generator=gen)
+    gen = torch.Generator(device=device).manual_seed(g.seed)
+    codes = sample(model, text.to(device).repeat_interleave(per_caption, 0), temperature=g.temperature,
+                   top_k=g.top_k, top_p=g.top_p, cond_scale=g.cond_scale, generator=gen,
+                   precision=sampling_precision(g.precision, device))
     side = model.c.image_grid
     with torch.inference_mode():
         images = to_uint8(dvae_model.decode(codes.view(-1, side, side)), norm.mean, norm.std)
@@ -117,66 +79,56 @@ def sample_sheet(model: DALLE, dvae_model, norm, text: torch.Tensor, captions: l
 
 
 def run_training(cfg: Config, parent_run_id: str | None, flow_run_id: str | None, rank: int = 0,
-                 world: int = 1, device: str = "cpu") -> None:
+                 world: int = 1, device: torch.device | None = None) -> None:
     """The whole stage on one rank (world == 1 is the single-process case)."""
     store, keys = open_store(cfg), stage_keys(cfg)
-    key, tr, t = keys["transformer"], cfg.transformer, cfg.transformer.train
+    key, tr_cfg, t = keys["transformer"], cfg.transformer, cfg.transformer.train
+    device = device or resolve_device(cfg.runner.device)
     manifest = store.require("tokens", keys["tokens"])
     torch.manual_seed(t.seed)
     mcfg = model_config(cfg, manifest)
-    model = DALLE(mcfg).to(device)
-    optimizer = make_optimizer(model, t)
-    start, _ = load_checkpoint(store, "transformer", key, model, optimizer)
-    wrapped = model
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        wrapped = DistributedDataParallel(model, device_ids=[device] if device.startswith("cuda") else None)
+    tr = Training.prepare(cfg, store, "transformer", key, DALLE(mcfg), t, device, rank, world)
+    model = tr.model
     train_paths = shard_paths(store, "tokens", keys["tokens"], "train")
     val_paths = shard_paths(store, "tokens", keys["tokens"], "val")
-    batches = skip(token_batches(store, train_paths, t.batch_size, t.seed, tr.shuffle_buffer, rank, world),
-                   start * t.grad_accum)
-    log = logger()
+    batches = batch_stream(cfg, store, train_paths, TOKEN_COLUMNS, decode_tokens, t.batch_size, device,
+                           seed=t.seed, window_rows=tr_cfg.shuffle_buffer, rank=rank, world=world,
+                           start_batch=tr.start * t.grad_accum)
+    step_fn = transformer_step(tr_cfg.caption_dropout, mcfg.pad_id, t.seed)
+    fit_args = {"seq_len": mcfg.seq_len, "unit": "tokens"}
     if rank != 0:  # workers only train; rank 0 reports and checkpoints
-        train_transformer(wrapped, batches, t, tr.caption_dropout, mcfg.pad_id, optimizer, start,
-                          lambda s, m: None, lambda s: None, None, device, world)
+        tr.fit(batches, step_fn, None, **fit_args)
         return
-    dvae_model, norm = load_dvae(store, keys["dvae"])
-    val_fixed = read_tokens(store, val_paths[0])
-    n_show = min(8, len(val_fixed["text"]))
-    captions = [r.as_py() for r in read_shard(store, val_paths[0], ["caption"]).column("caption")[:n_show]]
-    fixed_text = torch.from_numpy(val_fixed["text"][:n_show])
-    params = {**tr.model_dump(mode="json"), "num_params": model.num_params(), "world_size": world}
+    dvae_model, norm = load_dvae(store, keys["dvae"], device)
+    fixed = read_shard(store, val_paths[0], ["caption", *TOKEN_COLUMNS])
+    n_show = min(8, fixed.num_rows)
+    captions = fixed.column("caption").to_pylist()[:n_show]
+    fixed_text = torch.from_numpy(decode_tokens(fixed.slice(0, n_show))["text"])
+    params = {**tr_cfg.model_dump(mode="json"), "num_params": model.num_params(), "world_size": world}
     with stage_run(cfg, store, "transformer", key, params, parent_run_id, flow_run_id) as run:
-        run.set_tags({"input.tokens": keys["tokens"], "resumed_from_step": str(start)})
-        progress = Progress("train-transformer", t.max_steps - start, "steps", max_minutes=t.max_minutes)
-
-        def on_log(step: int, metrics: dict) -> None:
-            run.log_metrics(metrics, step)
-            progress.update(step - start - progress.done, f"loss {metrics['loss']:.3f} "
-                            f"image {metrics['image_loss']:.3f} {metrics['tokens_per_s']:.0f} tok/s", force=True)
+        run.set_tags({"input.tokens": keys["tokens"]})
 
         def on_sample(step: int) -> None:
             sheet = sample_sheet(model, dvae_model, norm, fixed_text, captions, cfg)
             run.log_image(sheet, f"samples/step-{step:07d}.png")
 
-        step = train_transformer(wrapped, batches, t, tr.caption_dropout, mcfg.pad_id, optimizer, start, on_log,
-                                 lambda s: save_checkpoint(store, "transformer", key, model, optimizer, s),
-                                 (tr.sample_every, on_sample), device, world)
-        val = evaluate_transformer(model, token_batches(store, val_paths, 256, 0, 0, shuffle=False), t.precision,
-                                   device)
-        run.log_metrics(val, step)
-        log.info("transformer/%s: val image loss %.3f nats = %.3f bits per image token", key,
-                 val["val_image_loss"], val["val_bits_per_image_token"])
+        result = tr.fit(batches, step_fn, run, lambda m: f"image {m['image_loss']:.3f} {m['tokens_per_s']:.0f} tok/s",
+                        every=((tr_cfg.sample_every, on_sample),), **fit_args)
+        val_batches = batch_stream(cfg, store, val_paths, TOKEN_COLUMNS, decode_tokens, 256, device, shuffle=False)
+        val = evaluate_transformer(model, val_batches, t.precision, device)
+        run.log_metrics(val, result.step)
+        logger().info("transformer/%s: val image loss %.3f nats = %.3f bits per image token", key,
+                      val["val_image_loss"], val["val_bits_per_image_token"])
         sheet = sample_sheet(model, dvae_model, norm, fixed_text, captions, cfg)
-        run.log_image(sheet, f"samples/step-{step:07d}.png")
+        run.log_image(sheet, f"samples/step-{result.step:07d}.png")
         store.write_bytes(store.path("transformer", key, "samples.png"), png_bytes(sheet))
         store.write_bytes(store.path("transformer", key, "model.safetensors"), state_bytes(model))
         store.write_json(store.path("transformer", key, "config.json"), asdict(mcfg))
-        store.write_json(store.path("transformer", key, "metrics.json"), {**val, "steps": step})
+        store.write_json(store.path("transformer", key, "metrics.json"), {**val, "steps": result.step})
         drop_checkpoints(store, "transformer", key)
-        done = store.finish("transformer", key, config=tr.model_dump(mode="json"), inputs={"tokens": keys["tokens"]},
-                            steps=step, world_size=world, num_params=model.num_params(), metrics=val)
+        done = store.finish("transformer", key, config=tr_cfg.model_dump(mode="json"),
+                            inputs={"tokens": keys["tokens"]}, steps=result.step, world_size=world,
+                            num_params=model.num_params(), metrics=val)
         run.log_dict(done, "manifest.json")
 
 
@@ -188,19 +140,6 @@ def train_transformer_task(cfg: Config, parent_run_id: str | None = None) -> Art
         return done
     store.require("tokens", keys["tokens"])
     store.prepare("transformer", key)
-    nproc = cfg.transformer.nproc
-    if nproc == 1:
-        run_training(cfg, parent_run_id, flow_run.get_id(), device="cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        with tempfile.TemporaryDirectory() as tmp:
-            cfg_path = os.path.join(tmp, "config.json")
-            with open(cfg_path, "w") as f:
-                json.dump(cfg.model_dump(mode="json"), f)
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                   "-m", "tasks.transformer_ddp", cfg_path, parent_run_id or "", flow_run.get_id() or ""]
-            logger().info("launching DDP: %s", " ".join(cmd))
-            code = subprocess.call(cmd, env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
-            if code != 0:
-                raise RuntimeError(f"torchrun with {nproc} processes exited with code {code}; see the log above")
+    run_training_stage(cfg, "transformer", run_training, parent_run_id)
     store.require("transformer", key)
     return ref(store, "transformer", key, cached=False)

@@ -6,11 +6,17 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
+
+NO_CUDA = "needs a CUDA device and this machine has none; run `pytest -m gpu` on a GPU machine"
+# A device parameter: "cpu" always, "cuda" as a `gpu`-marked case that is skipped (saying why) without CUDA.
+CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_CUDA)])
+DEVICES = ["cpu", CUDA]
 
 
 @pytest.fixture

@@ -75,3 +75,22 @@ def test_ranks_agree_on_the_horizon_and_the_last_step(tmp_path):
     r0, r1 = (json.loads((tmp_path / f"trace.{r}").read_text()) for r in (0, 1))
     assert r0 == r1  # same steps, same horizons on both ranks
     assert 295 <= len(r0) <= 305  # the slower rank's clock decides
+
+
+def test_a_resumed_run_keeps_its_wall_clock_budget(clock):
+    """max_minutes counts the whole run: resumed after 30 s of a 1-minute budget, it gets 30 s more, so it
+    stops where an uninterrupted run stops and its LR horizon does not move."""
+    t = TrainConfig(lr=1e-3, max_steps=1000, max_minutes=1, warmup_steps=10)
+
+    def run(start: int, elapsed_s: float, until_s: float | None = None) -> tuple[int, int, float]:
+        b, step, t0 = Budget(t, start, elapsed_s), start, clock.now
+        while not b.check(step) and (until_s is None or clock.now - t0 < until_s):
+            clock.now += 0.1
+            step += 1
+        return step, b.horizon, b.elapsed()
+
+    whole_step, whole_horizon, _ = run(0, 0.0)
+    killed_at, _, elapsed = run(0, 0.0, until_s=30)
+    resumed_step, resumed_horizon, total = run(killed_at, elapsed)
+    assert 295 <= killed_at <= 305 and abs(resumed_step - whole_step) <= 2
+    assert abs(resumed_horizon - whole_horizon) <= 3 and total == pytest.approx(60, abs=0.3)

@@ -5,8 +5,7 @@ import torch
 from dalle_core import shapes
 from dalle_core.config import config_from_dict
 from dalle_core.dvae import DiscreteVAE, DVAEConfig, VectorQuantizer
-from dalle_core.images import to_tensor
-from dalle_core.train import make_optimizer, train_dvae
+from dalle_core.train import dvae_schedule, dvae_step, fit, make_optimizer
 
 
 def small(quantizer: str, downsamples: int = 2, **kw) -> DVAEConfig:
@@ -38,14 +37,15 @@ def test_decode_of_encode_matches_forward_in_eval():
 @pytest.mark.parametrize("quantizer", ["gumbel", "vq"])
 def test_overfits_a_handful_of_shapes(quantizer):
     torch.manual_seed(0)
-    images = to_tensor(np.stack([r[3] for r in shapes.generate(8, 32, seed=5)]))
+    images = torch.from_numpy(np.stack([r[3] for r in shapes.generate(8, 32, seed=5)]))
     run = config_from_dict({"dvae": {"quantizer": quantizer, "codebook_size": 64, "codebook_dim": 32, "hidden": 32,
                                      "temp_anneal_steps": 150, "kl_weight": 0.0,
                                      "train": {"max_steps": 150, "lr": 3e-3, "warmup_steps": 10, "log_every": 10}}}).dvae
     model = DiscreteVAE(small(quantizer))
     losses = []
-    train_dvae(model, iter(lambda: images, None), run, make_optimizer(model, run.train), 0,
-               lambda step, m: losses.append(m["recon_mse"]), lambda step: None)
+    before, after = dvae_schedule(model, run)
+    fit(model, iter(lambda: {"image": images}, None), run.train, make_optimizer(model, run.train), dvae_step(run),
+        before_step=before, after_step=after, log=lambda step, m: losses.append(m["recon_mse"]))
     assert losses[-1] < 0.25 * losses[0], losses
 
 

@@ -1,10 +1,13 @@
 import pytest
 import torch
+import torch.nn.functional as F
 
+from dalle_core import sampling
 from dalle_core.config import TrainConfig
-from dalle_core.sampling import filter_logits, guided, sample
-from dalle_core.train import make_optimizer, train_transformer
+from dalle_core.sampling import filter_logits, sample
+from dalle_core.train import fit, make_optimizer, transformer_step
 from dalle_core.transformer import DALLE, DALLEConfig
+from tests.conftest import DEVICES
 
 C = DALLEConfig(text_vocab=50, text_len=6, pad_id=0, image_vocab=20, image_grid=3, dim=32, depth=2, heads=4)
 
@@ -24,16 +27,45 @@ def _text(b=3):
     return t
 
 
-def test_cached_sampling_matches_full_recompute_every_step(model):
-    text = _text()
+@pytest.mark.parametrize("device", DEVICES)
+def test_cached_sampling_matches_full_recompute_every_step(model, device):
+    model, text = model.to(device), _text().to(device)
     seen = {}
-    codes = sample(model, text, generator=torch.Generator().manual_seed(1),
+    codes = sample(model, text, generator=torch.Generator(device=device).manual_seed(1),
                    on_logits=lambda i, lg: seen.__setitem__(i, lg.clone()))
     assert sorted(seen) == list(range(C.image_len))
     with torch.inference_mode():
         for i in range(C.image_len):
             _, image_logits = model.logits(text, codes[:, :i])
             assert torch.allclose(image_logits[:, -1], seen[i], atol=1e-4), i
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bf16_sampling_tracks_the_full_recompute(model, device):
+    """bf16 sampling: keys/values in bf16 on GPUs (fp32 on CPUs, where bf16 attention is slower);
+    the logits stay near an fp32 full recompute."""
+    model, text = model.to(device), _text().to(device)
+    seen, caches = {}, []
+    real_cache = sampling.KVCache
+
+    def spy(*args, **kwargs):
+        caches.append(real_cache(*args, **kwargs))
+        return caches[-1]
+
+    sampling.KVCache = spy
+    try:
+        codes = sample(model, text, cond_scale=2.0, generator=torch.Generator(device=device).manual_seed(1),
+                       on_logits=lambda i, lg: seen.__setitem__(i, lg.float().clone()), precision="bf16")
+    finally:
+        sampling.KVCache = real_cache
+    assert caches[0].k.dtype == (torch.bfloat16 if device == "cuda" else torch.float32)
+    with torch.inference_mode():
+        for i in range(0, C.image_len, 3):
+            _, cond = model.logits(text, codes[:, :i])
+            _, uncond = model.logits(torch.full_like(text, C.pad_id), codes[:, :i])
+            expect = uncond[:, -1] + 2.0 * (cond[:, -1] - uncond[:, -1])
+            scale = expect.abs().max()
+            assert (seen[i] - expect).abs().max() < 0.05 * scale, (i, (seen[i] - expect).abs().max(), scale)
 
 
 def test_cached_guided_sampling_matches_recompute(model):
@@ -76,12 +108,6 @@ def test_text_and_image_positions_use_their_own_vocabularies(model):
     assert int(codes.max()) < C.image_vocab and int(codes.min()) >= 0
 
 
-def test_per_position_padding_embeddings(model):
-    text = torch.zeros(1, C.text_len, dtype=torch.long)
-    emb = model.embed_text(text) - model.text_pos(torch.arange(C.text_len))
-    assert not torch.allclose(emb[0, 0], emb[0, 1])  # a pad at each position has its own vector
-
-
 def test_overfits_a_few_sequences():
     torch.manual_seed(0)
     m = DALLE(C)
@@ -89,29 +115,65 @@ def test_overfits_a_few_sequences():
     t = TrainConfig(batch_size=4, lr=3e-3, warmup_steps=10, max_steps=300, log_every=50, grad_clip=1.0)
     with torch.no_grad():
         losses = [m(text, image)[2].item()]  # about ln(20) before training
-    train_transformer(m, iter(lambda: (text, image), None), t, 0.0, C.pad_id, make_optimizer(m, t), 0,
-                      lambda s, mt: losses.append(mt["image_loss"]), lambda s: None)
+    fit(m, iter(lambda: {"text": text, "image": image}, None), t, make_optimizer(m, t),
+        transformer_step(0.0, C.pad_id, t.seed), log=lambda s, mt: losses.append(mt["image_loss"]))
     assert losses[0] > 2.5 and losses[-1] < 0.02, losses
 
 
-def test_guidance_at_scale_one_is_plain_sampling(model):
-    text = _text()
-    both = torch.randn(6, C.image_vocab)
-    assert torch.allclose(guided(both, 3, 1.0), both[:3])
-    a = sample(model, text, cond_scale=1.0, generator=torch.Generator().manual_seed(3))
-    b = sample(model, text, generator=torch.Generator().manual_seed(3))
-    assert torch.equal(a, b)
-
-
-def test_same_seed_same_images_and_prefix_is_kept(model):
+def test_same_seed_same_images(model):
     text = _text()
     a = sample(model, text, top_k=5, generator=torch.Generator().manual_seed(7))
     b = sample(model, text, top_k=5, generator=torch.Generator().manual_seed(7))
     c = sample(model, text, top_k=5, generator=torch.Generator().manual_seed(8))
     assert torch.equal(a, b) and not torch.equal(a, c)
-    prefix = torch.randint(0, C.image_vocab, (3, 3))
-    primed = sample(model, text, image_prefix=prefix, cond_scale=2.0, generator=torch.Generator().manual_seed(7))
-    assert torch.equal(primed[:, :3], prefix)
+
+
+@pytest.mark.parametrize("cond_scale", [1.0, 2.0])
+def test_primed_sampling_matches_a_full_recompute_after_the_prefix(model, cond_scale):
+    """Every step after an image prefix sees the logits of a full pass over [text ; prefix ; sampled so far]."""
+    text = _text()
+    prefix = torch.randint(0, C.image_vocab, (3, 4))
+    seen = {}
+    codes = sample(model, text, image_prefix=prefix, cond_scale=cond_scale, generator=torch.Generator().manual_seed(4),
+                   on_logits=lambda i, lg: seen.__setitem__(i, lg.clone()))
+    assert torch.equal(codes[:, :4], prefix) and sorted(seen) == list(range(4, C.image_len))
+    with torch.inference_mode():
+        for i in seen:
+            _, cond = model.logits(text, codes[:, :i])
+            _, uncond = model.logits(torch.full_like(text, C.pad_id), codes[:, :i])
+            expect = uncond[:, -1] + cond_scale * (cond[:, -1] - uncond[:, -1]) if cond_scale != 1 else cond[:, -1]
+            assert torch.allclose(expect, seen[i], atol=1e-3), i
+
+
+def test_a_prefix_of_the_whole_image_is_refused(model):
+    with pytest.raises(ValueError, match=r"prefix of 9 codes leaves nothing to sample.*0 to 8$"):
+        sample(model, _text(), image_prefix=torch.zeros(3, C.image_len, dtype=torch.long))
+
+
+def test_losses_are_next_token_cross_entropies_weighted_text_and_image():
+    """forward's losses against a hand computation from `logits` (the inference path), position by position."""
+    torch.manual_seed(0)
+    c = DALLEConfig(**{**C.__dict__, "text_loss_weight": 0.3})
+    m = DALLE(c).eval()
+    text, image = _text(2), torch.randint(0, C.image_vocab, (2, C.image_len))
+    with torch.inference_mode():
+        loss, text_loss, image_loss = m(text, image)
+        text_logits, _ = m.logits(text, image[:, :0])
+        by_hand_text = torch.stack([F.cross_entropy(text_logits[:, i], text[:, i + 1]) for i in range(C.text_len - 1)])
+        by_hand_image = torch.stack([F.cross_entropy(m.logits(text, image[:, :j])[1][:, -1], image[:, j])
+                                     for j in range(C.image_len)])
+    assert torch.allclose(text_loss, by_hand_text.mean(), atol=1e-5)
+    assert torch.allclose(image_loss, by_hand_image.mean(), atol=1e-5)
+    assert torch.allclose(loss, 0.3 * by_hand_text.mean() + 0.7 * by_hand_image.mean(), atol=1e-5)
+
+
+def test_each_padding_position_has_its_own_embedding(model):
+    text = _text(1)  # ids at positions 0-3, padding at 4 and 5
+    emb = model.embed_text(text)[0]
+    pad_rows = model.text_emb.weight[C.text_vocab + torch.arange(C.text_len)]
+    expect = torch.where((text[0] == C.pad_id)[:, None], pad_rows, model.text_emb.weight[text[0]])
+    assert torch.allclose(emb, expect + model.text_pos.weight)
+    assert not torch.allclose(emb[4] - model.text_pos.weight[4], emb[5] - model.text_pos.weight[5])
 
 
 def test_per_group_generators_make_rows_independent_of_batch_mates(model):
@@ -130,17 +192,35 @@ def test_top_k_and_top_p_filtering():
     assert torch.isfinite(filter_logits(logits, top_k=2)).sum() == 2
     assert torch.isfinite(filter_logits(logits, top_p=0.7)).sum() == 2  # 0.5 + 0.3 crosses 0.7
     assert torch.isfinite(filter_logits(logits, top_p=0.9)).sum() == 3
+    # together: top_p applies to what top_k left, renormalised (0.5 / 0.8 = 0.625 >= 0.6 alone), so one
+    # token stays where top_p alone keeps two (0.5 < 0.6)
+    assert torch.isfinite(filter_logits(logits, top_k=2, top_p=0.6)).tolist() == [[True, False, False, False]]
+    assert torch.isfinite(filter_logits(logits, top_p=0.6)).tolist() == [[True, True, False, False]]
 
 
-def test_bf16_training_tracks_fp32():
+def test_top_p_over_a_large_vocabulary_matches_a_full_sort():
+    """The CPU path looks among the top 64 first; sharp and flat rows must both give the sorted answer."""
+    torch.manual_seed(0)
+    logits = torch.cat([torch.randn(3, 8192) * 8, torch.randn(3, 8192) * 0.1])  # sharp rows, flat rows
+    got = torch.isfinite(filter_logits(logits, top_p=0.9))
+    order = logits.sort(-1, descending=True)
+    cum = order.values.softmax(-1).cumsum(-1)
+    keep_sorted = (cum - order.values.softmax(-1)) < 0.9
+    expect = torch.zeros_like(got).scatter(-1, order.indices, keep_sorted)
+    assert torch.equal(got, expect) and got[:3].sum() < 64 * 3 and got[3:].sum() > 64 * 3
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bf16_training_tracks_fp32(device):
     text, image = _text(8), torch.randint(0, C.image_vocab, (8, C.image_len))
     curves = {}
     for precision in ("fp32", "bf16"):
         torch.manual_seed(0)
-        m = DALLE(C)
+        m = DALLE(C).to(device)
         t = TrainConfig(batch_size=8, lr=2e-3, warmup_steps=5, max_steps=60, log_every=10, precision=precision)
         curves[precision] = []
-        train_transformer(m, iter(lambda: (text, image), None), t, 0.1, C.pad_id, make_optimizer(m, t), 0,
-                          lambda s, mt, p=precision: curves[p].append(mt["loss"]), lambda s: None)
+        fit(m, iter(lambda: {"text": text, "image": image}, None), t, make_optimizer(m, t),
+            transformer_step(0.1, C.pad_id, t.seed), device=device,
+            log=lambda s, mt, p=precision: curves[p].append(mt["loss"]))
     for a, b in zip(curves["fp32"], curves["bf16"]):
         assert abs(a - b) < 0.1 * a + 0.02, curves

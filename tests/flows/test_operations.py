@@ -97,21 +97,21 @@ def test_killed_stage_rerun_gives_the_same_artifacts(pretokenized, tmp_path):
 
 
 def test_dvae_resume_is_exact(tiny, tmp_path, monkeypatch):
-    import tasks.dvae
+    import tasks.common
 
     config, make = tiny
     clean = [f"store.root={tmp_path / 'clean'}", f"tracking.uri=sqlite:///{tmp_path / 'c.db'}"]
     train_dvae_flow(config=config, overrides=clean)
-    real_save = tasks.dvae.save_checkpoint
+    real_save = tasks.common.save_checkpoint
 
     def save_then_die(*a, **k):
         real_save(*a, **k)
         raise RuntimeError("killed")
 
-    monkeypatch.setattr(tasks.dvae, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(tasks.common, "save_checkpoint", save_then_die)
     with pytest.raises(RuntimeError):
         train_dvae_flow(config=config, overrides=make())
-    monkeypatch.setattr(tasks.dvae, "save_checkpoint", real_save)
+    monkeypatch.setattr(tasks.common, "save_checkpoint", real_save)
     ref = train_dvae_flow(config=config, overrides=make())
     a, b = open_store(load_config(config, make())), open_store(load_config(config, clean))
     assert a.read_bytes(a.path("dvae", ref.key, "model.safetensors")) == \

@@ -1,6 +1,7 @@
 import shutil
 
 import pytest
+import torch
 from mlflow import MlflowClient
 
 from dalle_core.config import load_config
@@ -9,7 +10,7 @@ from flows.pipeline import pipeline_flow
 from storage.store import StoreError
 from tasks.common import open_store, stage_keys
 from tasks.pipeline import downstream
-from tests.conftest import TINY
+from tests.conftest import NO_CUDA, TINY
 
 
 @pytest.fixture
@@ -109,3 +110,24 @@ def test_evaluation_table_has_one_column_per_candidate_kind():
     header = next(line for line in text.splitlines() if line.startswith("caption faithfulness"))
     assert header.split()[2:] == ["top-1", "random", "dVAE", "recon"]
     assert text.splitlines()[-1].split() == ["pair.all", "0.800", "0.800", "0.800"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_CUDA)
+def test_tiny_pipeline_runs_every_stage_on_cuda(tiny):
+    """Every stage on the GPU, sample grids during transformer training included."""
+    config, make = tiny
+    ov = make("runner.device=cuda", "transformer.sample_every=10", "runner.loader_workers=2")
+    refs = pipeline_flow(config=config, overrides=ov)
+    assert not any(r.endswith("(cached)") for r in refs.values())
+    cfg = load_config(config, ov)
+    client = MlflowClient(cfg.tracking.uri)
+    exp = client.get_experiment_by_name("dalle").experiment_id
+    for stage in ("dvae", "transformer", "clip"):
+        run = client.search_runs([exp], f"tags.stage = '{stage}'")[0]
+        assert run.data.tags["device"] == "cuda:0", stage
+    transformer = client.search_runs([exp], "tags.stage = 'transformer'")[0]
+    grids = [a.path for a in client.list_artifacts(transformer.info.run_id, "samples")]
+    assert "samples/step-0000010.png" in grids  # the grid drawn mid-training, on the GPU
+    store, keys = open_store(cfg), stage_keys(cfg)
+    assert store.is_complete("evaluation", keys["evaluation"])

@@ -8,7 +8,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-import tasks.dvae
+import tasks.common
 from dalle_core.config import load_config
 from dalle_core.images import decode_png, to_tensor
 from dalle_core.train import psnr_unit
@@ -81,7 +81,7 @@ def test_dvae_stage_tracked_and_reused(done):
     assert not any(f.startswith("checkpoints/") for f in m["files"])
     client = MlflowClient(cfg.tracking.uri)
     run = client.search_runs([client.get_experiment_by_name("dalle").experiment_id], "tags.stage = 'dvae'")[0]
-    for metric in ("loss", "recon_mse", "psnr", "perplexity", "codes_used", "lr", "images_per_s", "val_psnr"):
+    for metric in ("loss", "recon_mse", "psnr", "perplexity", "code_usage_fraction", "lr", "images_per_s", "val_psnr"):
         assert metric in run.data.metrics, metric
     assert [h.step for h in client.get_metric_history(run.info.run_id, "loss")] == [10, 20, 30]
     assert train_dvae_flow(config=str(TINY), overrides=ov).cached
@@ -129,20 +129,20 @@ def test_bpe_truncates_and_accepts_existing_tokenizer(done, tmp_path):
 def test_killed_dvae_training_resumes_from_checkpoint(tiny, monkeypatch):
     config, make = tiny
     ov = make()
-    real_save = tasks.dvae.save_checkpoint
+    real_save = tasks.common.save_checkpoint
 
     def save_then_die(*args, **kwargs):
         real_save(*args, **kwargs)
         raise RuntimeError("simulated kill after the first checkpoint")
 
-    monkeypatch.setattr(tasks.dvae, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(tasks.common, "save_checkpoint", save_then_die)
     with pytest.raises(RuntimeError, match="simulated kill"):
         train_dvae_flow(config=config, overrides=ov)
     cfg = load_config(config, ov)
     store, key = open_store(cfg), stage_keys(cfg)["dvae"]
     assert not store.is_complete("dvae", key)
     assert store.read_json(store.path("dvae", key, "checkpoints", "latest.json"))["step"] == 15
-    monkeypatch.setattr(tasks.dvae, "save_checkpoint", real_save)
+    monkeypatch.setattr(tasks.common, "save_checkpoint", real_save)
     ref = train_dvae_flow(config=config, overrides=ov)
     assert not ref.cached and store.manifest("dvae", key)["steps"] == 30
     client = MlflowClient(cfg.tracking.uri)

@@ -1,0 +1,113 @@
+"""Devices and precision: which device a run uses, bf16 autocast, and moving batches there.
+
+One device setting (`runner.device`: auto | cpu | cuda | cuda:N) serves every stage;
+under DDP each rank takes the GPU of its local rank.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from dalle_core.config import ConfigError
+
+# On CPU, SDPA's math kernel beats the fused flash kernel under bf16 at short sequences (its bf16
+# backward is slow there) and loses at long ones. `python -m bench.run --only dalle_attention_kernel`
+# (transformer training at dim 256, depth 4, about 4k tokens a step, DALL-E's vocabularies), tokens/s on a
+# 2-core AMD EPYC, fp32 / bf16 math / bf16 default: 75 tokens 3,744 / 5,337 / 4,770; 127: 3,214 / 4,295 /
+# 4,337; 175: 3,573 / 4,729 / 4,366; 271: 3,655 / 4,224 / 4,604; 511: 2,798 / 2,874 / 3,450; 1,279: 2,725 /
+# 1,587 / 3,769. Sequences up to this length use math; with that choice bf16 beats fp32 at every length.
+CPU_BF16_MATH_MAX_LEN = 200
+
+
+def resolve_device(spec: str = "auto") -> torch.device:
+    """`auto` | `cpu` | `cuda` | `cuda:N` -> a torch.device; one-line error for a GPU that is not there.
+
+    Under torchrun (LOCAL_RANK set) `cuda` and `auto` mean this rank's own GPU.
+    """
+    if spec == "cpu" or (spec == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ConfigError(f"runner.device is {spec!r} but this machine has no CUDA device "
+                          f"(torch {torch.__version__}); use auto or cpu")
+    if spec in ("auto", "cuda"):
+        index = int(os.environ.get("LOCAL_RANK", torch.cuda.current_device()))
+    else:
+        index = int(spec.split(":")[1])
+    if index >= torch.cuda.device_count():
+        raise ConfigError(f"runner.device asks for cuda:{index} but only {torch.cuda.device_count()} "
+                          f"CUDA device(s) exist (cuda:0 .. cuda:{torch.cuda.device_count() - 1})")
+    return torch.device("cuda", index)
+
+
+def autocast(precision: str, device: torch.device | str = "cpu",
+             seq_len: int | None = None) -> contextlib.AbstractContextManager:
+    """bf16 autocast for the forward pass (fp32 weights and optimizer), or nothing for fp32.
+
+    On CPU, for attention over at most CPU_BF16_MATH_MAX_LEN tokens (`seq_len`, the longest sequence
+    the model attends over; None = short), it also picks SDPA's math kernel. On GPU the default
+    (flash / memory-efficient) kernels are kept.
+    """
+    if precision != "bf16":
+        return contextlib.nullcontext()
+    kind = torch.device(device).type
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.autocast(device_type=kind, dtype=torch.bfloat16))
+    if kind == "cpu" and (seq_len is None or seq_len <= CPU_BF16_MATH_MAX_LEN):
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        stack.enter_context(sdpa_kernel(SDPBackend.MATH))
+    return stack
+
+
+def sampling_precision(precision: str, device: torch.device) -> str:
+    """`generate.precision` auto -> bf16 (see `dalle_core.sampling.for_sampling` for what that means per device)."""
+    return "bf16" if precision == "auto" else precision
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    """Tensors (in dicts, tuples, lists) to `device`; pinned host tensors copy asynchronously."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=batch.is_pinned())
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch
+
+
+def prefetch_to_device(batches: Iterator, device: torch.device) -> Iterator:
+    """Yield batches already on `device`, the next one's host-to-device copy issued before this one is used."""
+    if device.type == "cpu":
+        yield from batches
+        return
+    ahead = None
+    for batch in batches:
+        moved = to_device(batch, device)
+        if ahead is not None:
+            yield ahead
+        ahead = moved
+    if ahead is not None:
+        yield ahead
+
+
+def rng_state() -> dict[str, Any]:
+    """The torch RNG state of this process: CPU, and every CUDA device when CUDA is in use."""
+    state: dict[str, Any] = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"][:torch.cuda.device_count()])
+
+
+def peak_memory_bytes(device: torch.device) -> int | None:
+    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
