@@ -334,6 +334,30 @@ def bench_config_transformer(path: str = "configs/dalle-256.yaml", batch: int | 
     return {"batch": batch or tr.train.batch_size, "params_m": DALLE(c).num_params() / 1e6, **res}
 
 
+def bench_config_sampling(precision: str, path: str = "configs/dalle-256.yaml", prompts: int = 4,
+                          candidates: int = 4) -> dict:
+    """GPU: sampling with a config's transformer (untrained), 4 prompts x 4 candidates with guidance 3."""
+    from dalle_core.config import load_config
+
+    cfg = load_config(path)
+    tr = cfg.transformer
+    c = DALLEConfig(text_vocab=cfg.text.vocab_size, text_len=cfg.text.text_len, image_vocab=cfg.dvae.codebook_size,
+                    image_grid=cfg.data.image_size // 2 ** cfg.dvae.num_downsamples, dim=tr.dim, depth=tr.depth,
+                    heads=tr.heads)
+    torch.manual_seed(0)
+    model = DALLE(c).to(DEVICE).eval()
+    text = torch.randint(1, c.text_vocab, (prompts, c.text_len), device=DEVICE).repeat_interleave(candidates, 0)
+    torch.cuda.reset_peak_memory_stats(DEVICE)
+
+    def run():
+        sample(model, text, cond_scale=3.0, precision=precision,
+               generator=[torch.Generator(device=DEVICE).manual_seed(i) for i in range(prompts)])
+
+    s = statistics.median(timed(run, 1, 2))
+    return {"seconds": s, "images_per_s": prompts * candidates / s, "ms_per_token": 1000 * s / c.image_len,
+            "peak_memory_gb": torch.cuda.max_memory_allocated(DEVICE) / 2**30}
+
+
 def bench_image_loader(workers: int, image_size: int = 256, images: int = 1024) -> dict:
     """Decode + load images/s from PNG image shards at `image_size` (photo-like PNGs: shapes plus noise)."""
     import pyarrow as pa
@@ -428,6 +452,8 @@ def main() -> None:
     else:
         benches["dalle_max_batch"] = bench_max_batch
         benches["dalle_config_256"] = bench_config_transformer
+        benches["dalle_config_256_sample_fp32"] = lambda: bench_config_sampling("fp32")
+        benches["dalle_config_256_sample_bf16"] = lambda: bench_config_sampling("bf16")
     if not args.skip_rss:
         benches["pretokenize_10x"] = lambda: bench_pretokenize(10 * args.pretokenize_images)
     for name, fn in benches.items():
