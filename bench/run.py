@@ -68,27 +68,9 @@ def matmul_peak(precision: str, n: int = 1024, repeats: int = 5) -> float:
 
 
 def bench_transformer_train(precision: str, repeats: int, steps: int = 10, batch: int = 16) -> dict:
-    torch.manual_seed(0)
-    model = DALLE(REF_TRANSFORMER)
-    t = TrainConfig(weight_decay=0.1, precision=precision)
-    opt = make_optimizer(model, t)
-    text = torch.randint(1, 1000, (batch, 32))
-    image = torch.randint(0, 512, (batch, 64))
-
-    def run():
-        for _ in range(steps):
-            opt.zero_grad(set_to_none=True)
-            with autocast(precision):
-                loss, _, _ = model(text, image)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-
-    s = statistics.median(timed(run, 1, repeats))
-    tokens = steps * batch * (32 + 64)
-    tps = tokens / s
-    flops = model.flops_per_token() * tps / 1e9
-    return {"tokens_per_s": tps, "samples_per_s": steps * batch / s, "model_gflops": flops}
+    res = _train_rate(REF_TRANSFORMER, precision, batch, repeats, steps)
+    flops = DALLE(REF_TRANSFORMER).flops_per_token() * res["tokens_per_s"] / 1e9
+    return {"tokens_per_s": res["tokens_per_s"], "samples_per_s": res["tokens_per_s"] / 96, "model_gflops": flops}
 
 
 def bench_sampling(cond_scale: float, repeats: int, prompts: int = 1) -> dict:
@@ -461,6 +443,7 @@ def main() -> None:
             continue
         print(f"running {name} ...", file=sys.stderr, flush=True)
         results[name] = fn()
+        print(f"  {json.dumps(results[name])}", file=sys.stderr, flush=True)  # kept if a later bench is cut off
     if "matmul_peak" in results:
         for prec in ("fp32", "bf16"):
             if f"transformer_train_{prec}" in results:

@@ -42,7 +42,8 @@ class TrainConfig(Section):
     seed: int = 0
     log_every: int = Field(50, ge=1)
     checkpoint_every: int = Field(500, ge=1)
-    nproc: int = Field(1, ge=1)  # >1: DDP processes per machine through torchrun (runner.nnodes machines)
+    nproc: int = Field(1, ge=1)  # >1: DDP processes per machine through torchrun
+    nnodes: int = Field(1, ge=1)  # >1: machines in the DDP run; they meet at runner.rdzv_endpoint
 
 
 class ShapesConfig(Section):
@@ -169,7 +170,7 @@ class GenerateConfig(Section):
     top_k: int | None = Field(None, ge=1)
     top_p: float | None = Field(None, gt=0, le=1)
     cond_scale: float = Field(1.0, ge=0)
-    # auto: bf16 autocast (and a bf16 KV cache) on CUDA, fp32 on CPU, where bf16 sampling is slower (bench)
+    # auto: the faster one measured per device (bench dalle_sample): bf16 on CPU, fp32 on CUDA
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     seed: int = 0
 
@@ -198,9 +199,8 @@ class RunnerConfig(Section):
     workers: int = Field(2, ge=1)
     device: str = "auto"  # auto | cpu | cuda | cuda:N; auto takes CUDA when present
     loader_workers: int = Field(0, ge=0)  # image decode processes per training process (0: in the trainer)
-    # Multi-node DDP (train.nproc processes on each of nnodes machines), torchrun's c10d rendezvous:
+    # Multi-node DDP (<stage>.train.nnodes machines, train.nproc processes each), torchrun's c10d rendezvous:
     # start the same command on every machine with the same rdzv_endpoint (host:port of one of them).
-    nnodes: int = Field(1, ge=1)
     rdzv_endpoint: str | None = None
     rdzv_id: str = "dalle"
 
@@ -210,13 +210,6 @@ class RunnerConfig(Section):
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
             raise ValueError("expected auto, cpu, cuda or cuda:N")
         return value
-
-    @model_validator(mode="after")
-    def _rendezvous_for_nodes(self) -> RunnerConfig:
-        if self.nnodes > 1 and not self.rdzv_endpoint:
-            raise ValueError(f"runner.nnodes is {self.nnodes}: set runner.rdzv_endpoint to host:port of the "
-                             "rendezvous machine")
-        return self
 
 
 class Config(Section):
@@ -235,6 +228,15 @@ class Config(Section):
     @classmethod
     def _store_as_url(cls, value: Any) -> Any:
         return {"root": value} if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _rendezvous_for_nodes(self) -> Config:
+        for stage in ("dvae", "transformer", "clip"):
+            nnodes = getattr(self, stage).train.nnodes
+            if nnodes > 1 and not self.runner.rdzv_endpoint:
+                raise ValueError(f"{stage}.train.nnodes is {nnodes}: set runner.rdzv_endpoint to host:port of the "
+                                 "machine where the machines meet")
+        return self
 
 
 def _model_at(loc: tuple) -> type[BaseModel] | None:

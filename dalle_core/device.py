@@ -65,8 +65,13 @@ def autocast(precision: str, device: torch.device | str = "cpu",
 
 
 def sampling_precision(precision: str, device: torch.device) -> str:
-    """`generate.precision` auto -> bf16 (see `dalle_core.sampling.for_sampling` for what that means per device)."""
-    return "bf16" if precision == "auto" else precision
+    """`generate.precision` auto -> the faster one measured (bench dalle_sample, 4 images x 1,024 tokens, guidance 3):
+    bf16 on CPU (5.5 s against 7.8 s in fp32 on a 2-core EPYC), fp32 on CUDA (1.02 ms a token against 1.54 with
+    bf16 autocast on an H200: a launch-bound step at that size). `dalle_core.sampling.for_sampling` says what
+    bf16 means on each device."""
+    if precision == "auto":
+        return "fp32" if device.type == "cuda" else "bf16"
+    return precision
 
 
 def to_device(batch: Any, device: torch.device) -> Any:

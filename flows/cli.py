@@ -102,14 +102,18 @@ def cmd_gc(args) -> int:
 def cmd_ui(args) -> int:
     import subprocess
 
-    from storage.tracking import tracking_uri
+    from storage.tracking import has_runs, tracking_uri
     from tasks.common import open_store
 
     cfg = load_config(args.config, args.overrides)
     uri = tracking_uri(cfg.tracking.uri, open_store(cfg))
+    if not has_runs(uri, cfg.tracking.experiment):
+        raise ConfigError(f"no runs tracked in {uri!r} (experiment {cfg.tracking.experiment!r}) yet; "
+                          f"run a stage first, e.g. dalle run -c {args.config or '<config>'}")
     print(f"MLflow UI on http://{args.host}:{args.port}  (tracking store: {uri})", flush=True)
     exe = os.path.join(os.path.dirname(sys.executable), "mlflow")
-    return subprocess.call([exe, "ui", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port)])
+    return subprocess.call([exe, "ui", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port),
+                            "--workers", str(args.workers)])
 
 
 def _print_results(cfg, stages_ran: list[str]) -> None:
@@ -127,11 +131,11 @@ def _print_results(cfg, stages_ran: list[str]) -> None:
 
 
 def cmd_stage(args) -> int:
+    stage = {"train-dvae": "dvae", "train-transformer": "transformer", "train-clip": "clip"}.get(args.command)
     if getattr(args, "nproc", None):
-        stage = {"train-dvae": "dvae", "train-transformer": "transformer", "train-clip": "clip"}[args.command]
         args.overrides.append(f"{stage}.train.nproc={args.nproc}")
     if getattr(args, "nnodes", None):
-        args.overrides.append(f"runner.nnodes={args.nnodes}")
+        args.overrides.append(f"{stage}.train.nnodes={args.nnodes}")
     if getattr(args, "rdzv_endpoint", None):
         args.overrides.append(f"runner.rdzv_endpoint={args.rdzv_endpoint}")
     if args.command == "generate":
@@ -158,12 +162,14 @@ def cmd_stage(args) -> int:
 
 def cmd_run(args) -> int:
     from flows.pipeline import pipeline_flow
-    from tasks.pipeline import select_stages
+    from tasks.pipeline import check_upstream, select_stages
 
     cfg = load_config(args.config, args.overrides)
     stages = select_stages(args.only, args.from_stage)
     for s in args.force or []:
         select_stages([s], None)
+    if not args.force:
+        check_upstream(cfg, stages)
     check_prefect_server()
     refs = pipeline_flow(config=args.config, overrides=args.overrides, only=args.only, from_stage=args.from_stage,
                          force=args.force)
@@ -204,13 +210,14 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=5000)
+    p.add_argument("--workers", type=int, default=1, help="MLflow server worker processes (default 1)")
     p.set_defaults(func=cmd_ui)
     for name in ("train-dvae", "train-transformer", "train-clip"):
         stage = name.removeprefix("train-")
         sub.choices[name].add_argument("--nproc", type=int, default=None,
                                        help=f"DDP processes per machine (torchrun); same as --set {stage}.train.nproc=N")
         sub.choices[name].add_argument("--nnodes", type=int, default=None,
-                                       help="machines taking part (run the same command on each); runner.nnodes")
+                                       help=f"machines taking part (run the same command on each); {stage}.train.nnodes")
         sub.choices[name].add_argument("--rdzv-endpoint", default=None, metavar="HOST:PORT",
                                        help="where the machines meet (torchrun c10d rendezvous); runner.rdzv_endpoint")
     return parser

@@ -33,10 +33,23 @@ def tracking_uri(configured: str | None, store: ArtifactStore) -> str:
     return f"sqlite:///{base}/mlflow.db"
 
 
+def has_runs(uri: str, experiment: str) -> bool:
+    """Whether the tracking store at `uri` holds any run of `experiment` (a missing sqlite file holds none)."""
+    if uri.startswith("sqlite:///") and not os.path.exists(uri.removeprefix("sqlite:///")):
+        return False
+    client = _client(uri)
+    exp = client.get_experiment_by_name(experiment)
+    return exp is not None and bool(client.search_runs([exp.experiment_id], max_results=1))
+
+
 def _artifact_location(uri: str, store: ArtifactStore) -> str | None:
-    if uri.startswith("sqlite:") and store.local:
+    """Where a new experiment keeps its artifacts: in a local store, else beside the sqlite database (never
+    MLflow's default ./mlruns of whatever folder the process runs in); servers pick their own."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    if store.local:
         return os.path.join(store.root, "mlartifacts")
-    return None  # servers pick their own
+    return os.path.join(os.path.dirname(os.path.abspath(uri.removeprefix("sqlite:///"))), "mlartifacts")
 
 
 def _client(uri: str):

@@ -37,9 +37,9 @@ from tasks.common import (
     open_store,
     ref,
     reuse,
-    run_training_stage,
     stage_keys,
     stage_run,
+    train_stage_task,
 )
 from tasks.text import load_tokenizer
 
@@ -154,19 +154,14 @@ def run_training(cfg: Config, parent_run_id: str | None, flow_run_id: str | None
 
 @task(name="train-clip", cache_policy=NONE)
 def train_clip_task(cfg: Config, parent_run_id: str | None = None) -> ArtifactRef:
-    log = logger()
-    store, keys = open_store(cfg), stage_keys(cfg)
-    key, c = keys["clip"], cfg.clip
+    c = cfg.clip
+    if not c.pretrained:
+        return train_stage_task(cfg, "clip", ("images", "bpe"), run_training, parent_run_id)
+    store, key = open_store(cfg), stage_keys(cfg)["clip"]  # a pretrained CLIP: check it loads, record which
     if done := reuse(store, "clip", key):
         return done
     store.prepare("clip", key)
-    if c.pretrained:  # nothing to train: check it loads, and record which one is used
-        load_scorer(cfg)
-        store.finish("clip", key, config=c.model_dump(mode="json"), inputs={}, pretrained=c.pretrained)
-        log.info("clip/%s: using pretrained %s", key, c.pretrained)
-        return ref(store, "clip", key, cached=False)
-    store.require("images", keys["images"])
-    store.require("bpe", keys["bpe"])
-    run_training_stage(cfg, "clip", run_training, parent_run_id)
-    store.require("clip", key)
+    load_scorer(cfg)
+    store.finish("clip", key, config=c.model_dump(mode="json"), inputs={}, pretrained=c.pretrained)
+    logger().info("clip/%s: using pretrained %s", key, c.pretrained)
     return ref(store, "clip", key, cached=False)

@@ -38,11 +38,9 @@ def _file_digest(path: str) -> str:
 def stage_keys(cfg: Config) -> dict[str, str]:
     """The content-addressed key of every stage, from its config section and its inputs' keys."""
     k: dict[str, str] = {}
-    # DDP over several machines multiplies the global batch: part of what a trained model is
-    nodes = {"nnodes": cfg.runner.nnodes} if cfg.runner.nnodes > 1 else {}
     k["images"] = stage_key(cfg.data.model_dump(mode="json"))
     dvae = cfg.dvae.model_dump(mode="json", exclude={"encode_precision"})  # how tokens are made, not the model
-    k["dvae"] = stage_key({**dvae, **nodes}, {"images": k["images"]})
+    k["dvae"] = stage_key(dvae, {"images": k["images"]})
     text = cfg.text.model_dump(mode="json")
     if cfg.text.tokenizer_path:  # a given tokenizer is identified by its content, not its path
         text["tokenizer_path"] = _file_digest(cfg.text.tokenizer_path) if os.path.exists(cfg.text.tokenizer_path) else cfg.text.tokenizer_path
@@ -52,8 +50,8 @@ def stage_keys(cfg: Config) -> dict[str, str]:
     encode = {} if cfg.dvae.encode_precision == "fp32" else {"encode_precision": cfg.dvae.encode_precision}
     k["tokens"] = stage_key(encode, {"images": k["images"], "dvae": k["dvae"], "bpe": k["bpe"]})
     tr = cfg.transformer.model_dump(mode="json")
-    k["transformer"] = stage_key({**tr, **nodes}, {"tokens": k["tokens"]})
-    k["clip"] = stage_key({**cfg.clip.model_dump(mode="json"), **nodes}, {"images": k["images"], "bpe": k["bpe"]})
+    k["transformer"] = stage_key(tr, {"tokens": k["tokens"]})
+    k["clip"] = stage_key(cfg.clip.model_dump(mode="json"), {"images": k["images"], "bpe": k["bpe"]})
     k["generations"] = stage_key(cfg.generate.model_dump(mode="json"),
                                  {"transformer": k["transformer"], "dvae": k["dvae"], "clip": k["clip"], "bpe": k["bpe"],
                                   "images": k["images"]})
@@ -280,33 +278,47 @@ class Training:
         return result
 
 
-def run_training_stage(cfg: Config, stage: str, run_training: Callable, parent_run_id: str | None) -> None:
-    """Train in this process, or launch `train.nproc` DDP processes per machine through torchrun.
+def train_stage_task(cfg: Config, stage: str, needs: tuple[str, ...], run_training: Callable,
+                     parent_run_id: str | None) -> ArtifactRef:
+    """A training stage's task: reuse a finished artifact, else train in this process, or launch `train.nproc`
+    DDP processes per machine through torchrun.
 
-    One machine: `torchrun --standalone`. Several (`runner.nnodes` > 1): the same command runs on
+    One machine: `torchrun --standalone`. Several (`train.nnodes` > 1): the same command runs on
     every machine and they meet at `runner.rdzv_endpoint` (c10d rendezvous). NCCL on GPUs, gloo on CPUs.
     """
+    store, keys = open_store(cfg), stage_keys(cfg)
+    key = keys[stage]
+    if done := reuse(store, stage, key):
+        return done
+    for need in needs:
+        store.require(need, keys[need])
+    store.prepare(stage, key)
     t = getattr(cfg, stage).train
-    if t.nproc == 1 and cfg.runner.nnodes == 1:
+    if t.nproc == 1 and t.nnodes == 1:
         run_training(cfg, parent_run_id, flow_run.get_id())
-        return
-    with tempfile.TemporaryDirectory() as tmp:
-        cfg_path = os.path.join(tmp, "config.json")
-        with open(cfg_path, "w") as f:
-            json.dump(cfg.model_dump(mode="json"), f)
-        cmd = [sys.executable, "-m", "torch.distributed.run", *torchrun_args(cfg, t.nproc, stage),
-               "-m", "tasks.ddp", stage, cfg_path, parent_run_id or "", flow_run.get_id() or ""]
-        logger().info("launching DDP: %s", " ".join(cmd))
-        code = subprocess.call(cmd, env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
-    if code != 0:
-        raise RuntimeError(f"torchrun with {t.nproc} process(es) per machine exited with code {code}; see the log above")
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            cfg_path = os.path.join(tmp, "config.json")
+            with open(cfg_path, "w") as f:
+                json.dump(cfg.model_dump(mode="json"), f)
+            cmd = [sys.executable, "-m", "torch.distributed.run", *torchrun_args(cfg, stage),
+                   "-m", "tasks.ddp", stage, cfg_path, parent_run_id or "", flow_run.get_id() or ""]
+            logger().info("launching DDP: %s", " ".join(cmd))
+            code = subprocess.call(cmd, env={**os.environ,
+                                             "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
+        if code != 0:
+            raise RuntimeError(f"torchrun with {t.nproc} process(es) per machine exited with code {code}; "
+                               "see the log above")
+    store.require(stage, key)
+    return ref(store, stage, key, cached=False)
 
 
-def torchrun_args(cfg: Config, nproc: int, stage: str) -> list[str]:
-    r = cfg.runner
-    if r.nnodes == 1:
-        return ["--standalone", f"--nproc-per-node={nproc}"]
-    return [f"--nnodes={r.nnodes}", f"--nproc-per-node={nproc}", "--rdzv-backend=c10d",
+def torchrun_args(cfg: Config, stage: str) -> list[str]:
+    """torchrun's launch arguments for a stage: standalone on one machine, c10d rendezvous across several."""
+    t, r = getattr(cfg, stage).train, cfg.runner
+    if t.nnodes == 1:
+        return ["--standalone", f"--nproc-per-node={t.nproc}"]
+    return [f"--nnodes={t.nnodes}", f"--nproc-per-node={t.nproc}", "--rdzv-backend=c10d",
             f"--rdzv-endpoint={r.rdzv_endpoint}", f"--rdzv-id={r.rdzv_id}-{stage}"]
 
 

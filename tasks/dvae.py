@@ -24,12 +24,10 @@ from tasks.common import (
     load_state_bytes,
     logger,
     open_store,
-    ref,
-    reuse,
-    run_training_stage,
     stage_keys,
     stage_run,
     state_bytes,
+    train_stage_task,
 )
 
 
@@ -103,12 +101,4 @@ def run_training(cfg: Config, parent_run_id: str | None, flow_run_id: str | None
 
 @task(name="train-dvae", cache_policy=NONE)
 def train_dvae_task(cfg: Config, parent_run_id: str | None = None) -> ArtifactRef:
-    store, keys = open_store(cfg), stage_keys(cfg)
-    key = keys["dvae"]
-    if done := reuse(store, "dvae", key):
-        return done
-    store.require("images", keys["images"])
-    store.prepare("dvae", key)
-    run_training_stage(cfg, "dvae", run_training, parent_run_id)
-    store.require("dvae", key)
-    return ref(store, "dvae", key, cached=False)
+    return train_stage_task(cfg, "dvae", ("images",), run_training, parent_run_id)

@@ -44,6 +44,18 @@ def select_stages(only: list[str] | None, from_stage: str | None) -> list[str]:
     return list(STAGES)
 
 
+def check_upstream(cfg: Config, stages: list[str]) -> None:
+    """Fail in one line, before any work, when a stage to run needs an artifact that neither exists nor is made
+    by an earlier stage of this run (`--only generate` on an empty store)."""
+    store, keys = open_store(cfg), stage_keys(cfg)
+    for stage in stages:
+        for need in NEEDS[stage]:
+            if need == "bpe" and stage == "clip" and cfg.clip.pretrained:
+                continue
+            if need not in stages:
+                store.require(STORE_NAME[need], keys[STORE_NAME[need]])
+
+
 @task(name="force-stages", cache_policy=NONE)
 def force_stages(cfg: Config, stages: list[str]) -> list[str]:
     """Remove the current artifacts of `stages` and of everything downstream, so they are redone."""

@@ -1,6 +1,6 @@
 """Stage 2: train the DALL-E transformer on cached token shards -> `transformer/<key>/`.
 
-With `transformer.train.nproc > 1` (or `runner.nnodes > 1`) the task launches PyTorch DDP
+With `transformer.train.nproc > 1` (or `train.nnodes > 1`) the task launches PyTorch DDP
 through torchrun (`tasks.ddp`); each rank reads its own share of the shards and only
 rank 0 writes checkpoints and MLflow.
 """
@@ -31,12 +31,10 @@ from tasks.common import (
     load_state_bytes,
     logger,
     open_store,
-    ref,
-    reuse,
-    run_training_stage,
     stage_keys,
     stage_run,
     state_bytes,
+    train_stage_task,
 )
 from tasks.dvae import load_dvae
 
@@ -134,12 +132,4 @@ def run_training(cfg: Config, parent_run_id: str | None, flow_run_id: str | None
 
 @task(name="train-transformer", cache_policy=NONE)
 def train_transformer_task(cfg: Config, parent_run_id: str | None = None) -> ArtifactRef:
-    store, keys = open_store(cfg), stage_keys(cfg)
-    key = keys["transformer"]
-    if done := reuse(store, "transformer", key):
-        return done
-    store.require("tokens", keys["tokens"])
-    store.prepare("transformer", key)
-    run_training_stage(cfg, "transformer", run_training, parent_run_id)
-    store.require("transformer", key)
-    return ref(store, "transformer", key, cached=False)
+    return train_stage_task(cfg, "transformer", ("tokens",), run_training, parent_run_id)

@@ -131,3 +131,22 @@ def test_tiny_pipeline_runs_every_stage_on_cuda(tiny):
     assert "samples/step-0000010.png" in grids  # the grid drawn mid-training, on the GPU
     store, keys = open_store(cfg), stage_keys(cfg)
     assert store.is_complete("evaluation", keys["evaluation"])
+
+
+def test_tiny_pipeline_at_64_px(tiny):
+    """Another image size end to end: 64 px images, 16x16 token grids, 272-token sequences."""
+    import io
+
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    config, make = tiny
+    ov = make("data.image_size=64", "data.shapes.num_images=200", "clip.patch_size=8", "evaluate.num_prompts=4")
+    pipeline_flow(config=config, overrides=ov)
+    cfg = load_config(config, ov)
+    store, keys = open_store(cfg), stage_keys(cfg)
+    assert store.manifest("tokens", keys["tokens"])["grid"] == [16, 16]
+    table = pq.read_table(store.path("generations", keys["generations"], "generations.parquet"))
+    assert {Image.open(io.BytesIO(b)).size for b in table.column("image").to_pylist()} == {(64, 64)}
+    report = store.read_json(store.path("evaluation", keys["evaluation"], "evaluation.json"))
+    assert report["generation"]["prompts"] == 4 and "faithfulness" in report

@@ -77,7 +77,8 @@ def test_ddp_through_torchrun_trains_and_only_rank_zero_reports(store_copy):
 
 
 def test_two_machines_meet_at_the_rendezvous_endpoint(store_copy, tmp_path):
-    """runner.nnodes=2: the launch command of each machine (here two on 127.0.0.1) joins one c10d rendezvous."""
+    """transformer.train.nnodes=2: the launch command of each machine (here two on 127.0.0.1) joins one c10d
+    rendezvous; together they train one model."""
     import json
     import socket
     import subprocess
@@ -88,16 +89,16 @@ def test_two_machines_meet_at_the_rendezvous_endpoint(store_copy, tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    ov = [*store_copy, "transformer.train.max_steps=10", "transformer.train.log_every=5", "runner.nnodes=2",
-          f"runner.rdzv_endpoint=127.0.0.1:{port}"]
+    ov = [*store_copy, "transformer.train.max_steps=10", "transformer.train.log_every=5",
+          f"runner.rdzv_endpoint=127.0.0.1:{port}", "transformer.train.nnodes=2"]
     cfg = load_config(TINY, ov)
     cfg_path = tmp_path / "config.json"
     cfg_path.write_text(json.dumps(cfg.model_dump(mode="json")))
-    cmd = [sys.executable, "-m", "torch.distributed.run", *torchrun_args(cfg, 1, "transformer"),
+    cmd = [sys.executable, "-m", "torch.distributed.run", *torchrun_args(cfg, "transformer"),
            "-m", "tasks.ddp", "transformer", str(cfg_path), "", ""]
     machines = [subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}) for _ in range(2)]
     assert [m.wait(timeout=240) for m in machines] == [0, 0]
     key = stage_keys(cfg)["transformer"]
-    assert key != stage_keys(load_config(TINY, ov[:-2]))["transformer"]  # two machines: a different model
+    assert key != stage_keys(load_config(TINY, ov[:-1]))["transformer"]  # two machines: a different model
     m = open_store(cfg).manifest("transformer", key)
     assert m["world_size"] == 2 and m["steps"] == 10

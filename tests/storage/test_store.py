@@ -3,9 +3,11 @@ import os
 import subprocess
 import sys
 
+import fsspec
 import pyarrow as pa
 import pyarrow.dataset as pads
 import pytest
+from fsspec.implementations.memory import MemoryFileSystem
 
 from storage.parquet import (
     IMAGES_SCHEMA,
@@ -77,17 +79,43 @@ def test_missing_upstream_is_one_line(store):
         store.require("dvae", "nokey")
 
 
-def test_read_only_root_is_a_clear_error(tmp_path):
-    ro = tmp_path / "ro"
-    ro.mkdir()
-    ro.chmod(0o500)
-    try:
-        if os.access(ro, os.W_OK):
-            pytest.skip("running as a user that ignores permissions")
-        with pytest.raises(StoreError, match="read-only"):
-            ArtifactStore(str(ro))
-    finally:
-        ro.chmod(0o700)
+class ReadOnlyMemory(MemoryFileSystem):
+    """The shared in-memory filesystem, seen through a mount that refuses every write (as a read-only bucket
+    or a read-only mount does; tests run as root, which ignores file permissions)."""
+
+    protocol = "romem"
+
+    @classmethod
+    def _strip_protocol(cls, path):
+        return super()._strip_protocol(path.replace("romem://", "memory://", 1))
+
+    def _open(self, path, mode="rb", **kwargs):
+        if "r" not in mode:
+            raise PermissionError(13, "Read-only file system")
+        return super()._open(path, mode, **kwargs)
+
+    def makedirs(self, path, exist_ok=False):
+        raise PermissionError(13, "Read-only file system")
+
+    def mv(self, *args, **kwargs):
+        raise PermissionError(13, "Read-only file system")
+
+
+def test_read_only_store_is_a_clear_error_and_loses_nothing():
+    fsspec.register_implementation("romem", ReadOnlyMemory, clobber=True)
+    writable = ArtifactStore("memory://ro-test")
+    writable.write_bytes(writable.path("dvae", "k", "model.safetensors"), b"weights")
+    writable.finish("dvae", "k", config={}, inputs={})
+    before = {p: writable.read_bytes(p) for p in writable.fs.find(writable.path("dvae", "k"))}
+    ro = ArtifactStore("romem://ro-test")
+    assert ro.is_complete("dvae", "k")  # reading works
+    with pytest.raises(StoreError) as err:
+        ro.write_bytes(ro.path("dvae", "k", "model.safetensors"), b"other weights")
+    assert str(err.value) == "cannot write 'romem://ro-test/dvae/k/model.safetensors': Read-only file system"
+    with pytest.raises(StoreError, match="^cannot write .*manifest.json': Read-only file system$"):
+        ro.finish("tokens", "k2", config={}, inputs={})
+    assert {p: writable.read_bytes(p) for p in writable.fs.find(writable.path("dvae", "k"))} == before
+    assert not writable.exists(writable.path("tokens", "k2"))
 
 
 def test_parquet_shards_round_trip_with_schema(store):
