@@ -10,6 +10,7 @@ import importlib
 import json
 import os
 import sys
+from datetime import timedelta
 
 import torch.distributed as dist
 
@@ -28,10 +29,13 @@ def main(stage: str, cfg_path: str, parent_run_id: str, flow_run_id: str) -> Non
         import torch
 
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    # Rank 0 validates and writes the artifact after the last step while the others wait at the final barrier:
+    # a generous timeout, so a long validation does not fail the run.
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(hours=2))
     try:
         run_training = importlib.import_module(STAGE_MODULES[stage]).run_training
         run_training(cfg, parent_run_id or None, flow_run_id or None, rank, world, device)
+        dist.barrier()  # leave together: a rank that tears down its process group early can abort the others
     finally:
         dist.destroy_process_group()
 
