@@ -303,15 +303,22 @@ def bench_max_batch(c: DALLEConfig = DALLE_SHAPE, precision: str = "bf16") -> di
     return best
 
 
-def bench_config_transformer(path: str = "configs/dalle-256.yaml", batch: int | None = None) -> dict:
-    """The transformer of a config at its own batch size (peak memory and tokens/s; GPU)."""
+def _config_transformer(path: str):
+    """(run config, DALLEConfig) of a config file's transformer, with its BPE and dVAE vocabularies at full size."""
     from dalle_core.config import load_config
 
     cfg = load_config(path)
     tr = cfg.transformer
-    c = DALLEConfig(text_vocab=cfg.text.vocab_size, text_len=cfg.text.text_len, image_vocab=cfg.dvae.codebook_size,
-                    image_grid=cfg.data.image_size // 2 ** cfg.dvae.num_downsamples, dim=tr.dim, depth=tr.depth,
-                    heads=tr.heads)
+    return cfg, DALLEConfig(text_vocab=cfg.text.vocab_size, text_len=cfg.text.text_len,
+                            image_vocab=cfg.dvae.codebook_size,
+                            image_grid=cfg.data.image_size // 2 ** cfg.dvae.num_downsamples, dim=tr.dim,
+                            depth=tr.depth, heads=tr.heads)
+
+
+def bench_config_transformer(path: str = "configs/dalle-256.yaml", batch: int | None = None) -> dict:
+    """The transformer of a config at its own batch size (peak memory and tokens/s; GPU)."""
+    cfg, c = _config_transformer(path)
+    tr = cfg.transformer
     res = _train_rate(c, tr.train.precision, batch or tr.train.batch_size, repeats=2, steps=2)
     return {"batch": batch or tr.train.batch_size, "params_m": DALLE(c).num_params() / 1e6, **res}
 
@@ -319,13 +326,7 @@ def bench_config_transformer(path: str = "configs/dalle-256.yaml", batch: int | 
 def bench_config_sampling(precision: str, path: str = "configs/dalle-256.yaml", prompts: int = 4,
                           candidates: int = 4) -> dict:
     """GPU: sampling with a config's transformer (untrained), 4 prompts x 4 candidates with guidance 3."""
-    from dalle_core.config import load_config
-
-    cfg = load_config(path)
-    tr = cfg.transformer
-    c = DALLEConfig(text_vocab=cfg.text.vocab_size, text_len=cfg.text.text_len, image_vocab=cfg.dvae.codebook_size,
-                    image_grid=cfg.data.image_size // 2 ** cfg.dvae.num_downsamples, dim=tr.dim, depth=tr.depth,
-                    heads=tr.heads)
+    _, c = _config_transformer(path)
     torch.manual_seed(0)
     model = DALLE(c).to(DEVICE).eval()
     text = torch.randint(1, c.text_vocab, (prompts, c.text_len), device=DEVICE).repeat_interleave(candidates, 0)

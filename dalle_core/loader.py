@@ -62,11 +62,14 @@ class Window:
     batches: int  # full batches when shuffling; all rows (last batch partial) otherwise
 
 
-def split_for_rank(units: list[Unit], n_paths: int, rank: int, world: int) -> list[Unit]:
-    """This rank's share of `units`. With n_paths >= world the units are already this rank's own
-    shards; else row groups go round-robin to ranks, and with fewer row groups than ranks every
-    rank takes every world-th row of each group."""
-    if world == 1 or n_paths >= world:
+def rank_units(reader: ShardReader, paths: list[str], rank: int, world: int) -> list[Unit]:
+    """This rank's share of the shards' row groups: its own whole shards when there are at least as many
+    shards as ranks (it then reads only those files); else row groups round-robin; and with fewer row
+    groups than ranks, every world-th row of each group."""
+    whole_shards = world == 1 or len(paths) >= world
+    mine = paths[rank::world] if whole_shards else paths
+    units = [Unit(p, g, n) for p in mine for g, n in enumerate(reader.row_groups(p)) if n]
+    if whole_shards:
         return units
     if len(units) >= world:
         return units[rank::world]
@@ -114,9 +117,7 @@ class ShardStream(IterableDataset):
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
         self.window_rows = max(window_rows, batch_size)
         self.epochs = epochs if epochs is not None else (None if shuffle else 1)
-        mine = paths[rank::world] if world > 1 and len(paths) >= world else paths
-        units = [Unit(p, g, n) for p in mine for g, n in enumerate(reader.row_groups(p)) if n]
-        self.units = split_for_rank(units, len(paths), rank, world)
+        self.units = rank_units(reader, paths, rank, world)
         self.rows = sum(u.size for u in self.units)
         if shuffle and self.rows < batch_size:
             raise ValueError(f"rank {rank} of {world} has {self.rows} rows, fewer than batch_size {batch_size}")

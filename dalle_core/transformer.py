@@ -15,6 +15,7 @@ grid shape is explicit.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -61,14 +62,12 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.heads, C // self.heads).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.heads, C // self.heads).transpose(1, 2)
         v = v.view(B, T, self.heads, C // self.heads).transpose(1, 2)
+        fp32_cache = cache is not None and cache.k.dtype != q.dtype  # under bf16 autocast (CPU sampling)
         if cache is not None:  # write this step's keys/values, attend over everything so far
             k, v = cache.update(layer, pos, k, v)
-            if k.dtype != q.dtype:  # an fp32 cache under bf16 autocast (CPU sampling): attend in fp32
-                with torch.autocast(x.device.type, enabled=False):
-                    y = F.scaled_dot_product_attention(q.to(k.dtype), k, v, is_causal=T > 1)
-                return self.resid_drop(self.proj(y.transpose(1, 2).contiguous().view(B, T, C)))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        with torch.autocast(x.device.type, enabled=False) if fp32_cache else contextlib.nullcontext():
+            y = F.scaled_dot_product_attention(q.to(k.dtype), k, v, is_causal=T > 1,
+                                               dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble heads
         return self.resid_drop(self.proj(y))
 

@@ -6,6 +6,7 @@ row group at a time, so memory is bounded by the shard size, not the dataset.
 
 from __future__ import annotations
 
+import contextlib
 import io
 from collections.abc import Iterator
 
@@ -97,16 +98,23 @@ class ParquetShards:
         self.store = store
         self._groups: dict[str, list[int]] = {}
 
-    def _file(self, path: str) -> pq.ParquetFile:
+    @contextlib.contextmanager
+    def _file(self, path: str) -> Iterator[pq.ParquetFile]:
+        """The shard, closed (and its store file with it) when the block ends."""
         if self.store.local:
-            return pq.ParquetFile(path, memory_map=True)
-        return pq.ParquetFile(self.store.fs.open(path, "rb"))
+            with pq.ParquetFile(path, memory_map=True) as f:
+                yield f
+        else:
+            with self.store.fs.open(path, "rb") as raw, pq.ParquetFile(raw) as f:
+                yield f
 
     def row_groups(self, path: str) -> list[int]:
         if path not in self._groups:
-            meta = self._file(path).metadata
+            with self._file(path) as f:
+                meta = f.metadata
             self._groups[path] = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
         return self._groups[path]
 
     def read(self, path: str, group: int, columns: list[str]) -> pa.Table:
-        return self._file(path).read_row_group(group, columns=columns)
+        with self._file(path) as f:
+            return f.read_row_group(group, columns=columns)

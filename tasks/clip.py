@@ -115,7 +115,7 @@ def run_training(cfg: Config, parent_run_id: str | None, flow_run_id: str | None
     tokenizer = load_tokenizer(store, keys["bpe"], cfg.text.text_len)
     mcfg = model_config(cfg, tokenizer)
     torch.manual_seed(t.seed)
-    tr = Training.prepare(cfg, store, "clip", key, build_clip(mcfg), t, device, rank, world)
+    tr = Training.prepare(store, "clip", key, build_clip(mcfg), t, device, rank, world)
     train_paths = shard_paths(store, "images", keys["images"], "train")
     val_paths = shard_paths(store, "images", keys["images"], "val")
     batches = batch_stream(cfg, store, train_paths, ["image", "caption"], DecodeCaptioned(tokenizer), t.batch_size,

@@ -17,7 +17,7 @@ from prefect import get_run_logger
 from prefect.runtime import flow_run
 
 from dalle_core.config import Config, TrainConfig, flatten
-from dalle_core.device import prefetch_to_device, resolve_device
+from dalle_core.device import prefetch_to_device
 from dalle_core.evaluation import METRICS_VERSION
 from dalle_core.loader import Decode, ShardStream
 from dalle_core.train import FitResult, StepFn, fit, make_optimizer
@@ -221,7 +221,6 @@ def batch_stream(cfg: Config, store: ArtifactStore, paths: list[str], columns: l
 class Training:
     """One rank's side of a training stage: the model (and its DDP wrapper), optimizer, where it resumes."""
 
-    cfg: Config
     store: ArtifactStore
     stage: str
     key: str
@@ -236,7 +235,7 @@ class Training:
     elapsed_s: float
 
     @classmethod
-    def prepare(cls, cfg: Config, store: ArtifactStore, stage: str, key: str, model, t: TrainConfig,
+    def prepare(cls, store: ArtifactStore, stage: str, key: str, model, t: TrainConfig,
                 device, rank: int = 0, world: int = 1) -> Training:
         """Model to the device, optimizer, resume from the latest checkpoint, DDP wrapper when world > 1."""
         model = model.to(device)
@@ -247,7 +246,7 @@ class Training:
             from torch.nn.parallel import DistributedDataParallel
 
             wrapped = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
-        return cls(cfg, store, stage, key, model, wrapped, optimizer, t, device, rank, world, start,
+        return cls(store, stage, key, model, wrapped, optimizer, t, device, rank, world, start,
                    float(info.get("elapsed_s", 0.0)))
 
     def fit(self, batches, step_fn: StepFn, run: StageRun | None, describe: Callable[[dict], str] = lambda m: "",
@@ -320,8 +319,3 @@ def torchrun_args(cfg: Config, stage: str) -> list[str]:
         return ["--standalone", f"--nproc-per-node={t.nproc}"]
     return [f"--nnodes={t.nnodes}", f"--nproc-per-node={t.nproc}", "--rdzv-backend=c10d",
             f"--rdzv-endpoint={r.rdzv_endpoint}", f"--rdzv-id={r.rdzv_id}-{stage}"]
-
-
-def run_device(cfg: Config):
-    """The torch.device this process runs its stage on (`runner.device`)."""
-    return resolve_device(cfg.runner.device)

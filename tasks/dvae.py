@@ -57,7 +57,7 @@ def run_training(cfg: Config, parent_run_id: str | None, flow_run_id: str | None
     device = device or resolve_device(cfg.runner.device)
     torch.manual_seed(t.seed)
     mcfg = model_config(cfg)
-    tr = Training.prepare(cfg, store, "dvae", key, dvae.DiscreteVAE(mcfg), t, device, rank, world)
+    tr = Training.prepare(store, "dvae", key, dvae.DiscreteVAE(mcfg), t, device, rank, world)
     norm = Norm(r.norm_mean, r.norm_std)
     train_paths = shard_paths(store, "images", keys["images"], "train")
     val_paths = shard_paths(store, "images", keys["images"], "val")

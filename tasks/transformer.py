@@ -85,7 +85,7 @@ def run_training(cfg: Config, parent_run_id: str | None, flow_run_id: str | None
     manifest = store.require("tokens", keys["tokens"])
     torch.manual_seed(t.seed)
     mcfg = model_config(cfg, manifest)
-    tr = Training.prepare(cfg, store, "transformer", key, DALLE(mcfg), t, device, rank, world)
+    tr = Training.prepare(store, "transformer", key, DALLE(mcfg), t, device, rank, world)
     model = tr.model
     train_paths = shard_paths(store, "tokens", keys["tokens"], "train")
     val_paths = shard_paths(store, "tokens", keys["tokens"], "val")
