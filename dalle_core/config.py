@@ -41,6 +41,8 @@ class TrainConfig(Section):
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16 = autocast on CPU/GPU
     seed: int = 0
     log_every: int = Field(50, ge=1)
+    val_every: int | None = Field(500, ge=1)  # validate every N steps (curves in MLflow); None: at the end only
+    val_batches: int | None = Field(None, ge=1)  # cap on val batches per validation (the same ones each time)
     checkpoint_every: int = Field(500, ge=1)
     nproc: int = Field(1, ge=1)  # >1: DDP processes per machine through torchrun
     nnodes: int = Field(1, ge=1)  # >1: machines in the DDP run; they meet at runner.rdzv_endpoint
@@ -100,12 +102,20 @@ class DVAESection(Section):
     recon_loss: Literal["mse", "l1"] = "mse"
     norm_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     norm_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
-    # gumbel: temperature annealed from temp_start to temp_end, KL weight ramped 0 -> kl_weight
+    # gumbel (DALL-E's recipe). The schedules follow the run's real horizon (its last step, the wall-clock
+    # budget included), not a fixed step count: the temperature goes from temp_start to temp_end
+    # (exponentially) over the first `temp_anneal` of it, the KL weight from 0 to kl_weight over the first
+    # `kl_warmup`. kl_weight is the paper's beta: the KL to the uniform prior summed over grid cells, against
+    # a reconstruction loss summed over pixel values. DALL-E used 6.6 against its logit-Laplace likelihood; against
+    # the MSE here that over-regularises (19 dB on the demo), and 0.35-0.5 gave the best hard-code PSNR with
+    # 60-77% of the codes used (bench/dvae_sweep.py, README). straight_through: hard one-hots forward, soft
+    # gradients backward (worse here). Validation, encoding and pre-tokenization always take the hard argmax.
     temp_start: float = Field(1.0, gt=0)
     temp_end: float = Field(1 / 16, gt=0)
-    temp_anneal_steps: int = Field(1000, ge=1)
-    kl_weight: float = Field(1e-3, ge=0)
-    kl_warmup_steps: int = Field(1000, ge=1)
+    temp_anneal: float = Field(0.5, gt=0, le=1)
+    kl_weight: float = Field(0.5, ge=0)
+    kl_warmup: float = Field(0.1, gt=0, le=1)
+    straight_through: bool = False
     # vq: EMA codebook, commitment loss, dead-code restart
     commitment: float = Field(0.25, ge=0)
     ema_decay: float = Field(0.99, gt=0, lt=1)
@@ -189,6 +199,7 @@ class StoreConfig(Section):
 class TrackingConfig(Section):
     uri: str | None = None  # default: $MLFLOW_TRACKING_URI, else sqlite in the store
     experiment: str = "dalle"
+    source: str | None = None  # the config file of the run (filled in by load_config): MLflow's mlflow.source.name
 
 
 class RunnerConfig(Section):
@@ -310,7 +321,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
             raise ConfigError(f"config file {str(p)!r} is not valid YAML: {str(err).splitlines()[0]}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"config file {str(p)!r} must be a mapping of sections, got {type(raw).__name__}")
-    return config_from_dict(raw, overrides)
+    cfg = config_from_dict(raw, overrides)
+    if path is not None and cfg.tracking.source is None:
+        cfg.tracking.source = str(path)
+    return cfg
 
 
 def flatten(section: BaseModel | dict, prefix: str = "") -> dict[str, Any]:

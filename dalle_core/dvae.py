@@ -37,6 +37,7 @@ class DVAEConfig:
     commitment: float = 0.25  # VQ-VAE's beta
     ema_decay: float = 0.99
     dead_code_threshold: float = 1.0  # EMA count below which a code is restarted
+    straight_through: bool = False  # gumbel: hard one-hots forward, soft gradients backward
 
     @property
     def grid_size(self) -> int:
@@ -152,7 +153,10 @@ class VectorQuantizer(nn.Module):
 
 
 class GumbelQuantizer(nn.Module):
-    """DALL-E's relaxation: soft one-hots over K codes during training, argmax at encode time."""
+    """DALL-E's relaxation: soft one-hots over K codes during training, argmax at encode time.
+
+    The returned loss is `kl_weight` x KL(q || uniform) in nats per grid cell (the training loop sets the
+    weight, normalised against the reconstruction loss); `last_kl` keeps the unweighted value for logs."""
 
     def __init__(self, c: DVAEConfig):
         super().__init__()
@@ -160,16 +164,18 @@ class GumbelQuantizer(nn.Module):
         self.embed = nn.Embedding(c.codebook_size, c.codebook_dim)
         self.temperature = 1.0  # annealed by the training loop
         self.kl_weight = 0.0  # ramped by the training loop
+        self.last_kl = torch.zeros(())
 
     def forward(self, logits: torch.Tensor):
         idx = logits.argmax(1)  # (B, h, w)
         if self.training:
-            soft = F.gumbel_softmax(logits.float(), tau=self.temperature, hard=False, dim=1)
+            soft = F.gumbel_softmax(logits.float(), tau=self.temperature, hard=self.c.straight_through, dim=1)
         else:
             soft = F.one_hot(idx, self.c.codebook_size).permute(0, 3, 1, 2).float()
         z = torch.einsum("bkhw,kd->bdhw", soft, self.embed.weight)
         logq = F.log_softmax(logits.float(), dim=1)
-        kl = (logq.exp() * (logq + math.log(self.c.codebook_size))).sum(1).mean()  # KL(q || uniform)
+        kl = (logq.exp() * (logq + math.log(self.c.codebook_size))).sum(1).mean()  # KL(q || uniform) per cell
+        self.last_kl = kl.detach()
         return z, idx, self.kl_weight * kl
 
 

@@ -82,19 +82,25 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def grid(rows: list[list[np.ndarray]], captions: list[str] | None = None, scale: int = 2,
-         caption_width: int = 28) -> np.ndarray:
-    """Tile rows of (H, W, 3) images (upscaled by `scale`, at most to 128 px), with an optional caption under each row."""
+         caption_width: int = 28, header: list[str] | None = None) -> np.ndarray:
+    """Tile rows of (H, W, 3) images (upscaled by `scale`, at most to 128 px), with an optional caption under
+    each row and an optional label over each column (`header`)."""
     h, w = rows[0][0].shape[:2]
     scale = max(1, min(scale, 128 // max(h, w)))
-    cols = max(len(r) for r in rows)
+    cols = max([len(r) for r in rows] + [len(header or [])])
     cell_w, cell_h = w * scale + 2, h * scale + 2
     font = ImageFont.load_default()
     line_h = 11
+    head_lines = [textwrap.wrap(label, max(4, cell_w // 6)) for label in (header or [])]
+    head_h = max((len(t) for t in head_lines), default=0) * line_h + (4 if header else 0)
     text_lines = [textwrap.wrap(c, max(caption_width, cols * cell_w // 6)) if c else [] for c in (captions or [])]
     text_h = [len(t) * line_h + (2 if t else 0) for t in text_lines] + [0] * (len(rows) - len(text_lines))
-    canvas = Image.new("RGB", (cols * cell_w, sum(cell_h + th for th in text_h)), (32, 32, 32))
+    canvas = Image.new("RGB", (cols * cell_w, head_h + sum(cell_h + th for th in text_h)), (32, 32, 32))
     draw = ImageDraw.Draw(canvas)
-    y = 0
+    for c, lines in enumerate(head_lines):
+        for i, line in enumerate(lines):
+            draw.text((c * cell_w + 2, 2 + i * line_h), line, fill=(255, 220, 120), font=font)
+    y = head_h
     for r, row in enumerate(rows):
         for c, img in enumerate(row):
             tile = Image.fromarray(img).resize((w * scale, h * scale), Image.NEAREST)

@@ -140,13 +140,13 @@ class FitResult:
 def fit(model: nn.Module, batches: Iterable, t: TrainConfig, optimizer: torch.optim.Optimizer, step_fn: StepFn, *,
         start_step: int = 0, elapsed_s: float = 0.0, device: torch.device | str = "cpu", seq_len: int | None = None,
         log: LogFn | None = None, checkpoint: CheckpointFn | None = None,
-        before_step: Callable[[int], None] | None = None, after_step: Callable[[int], None] | None = None,
+        before_step: Callable[[int, int], None] | None = None, after_step: Callable[[int], None] | None = None,
         every: tuple[tuple[int, Callable[[int], None]], ...] = (), world_size: int = 1,
         unit: str = "images") -> FitResult:
     """Train from `start_step` until the budget says stop.
 
     `model` may be DDP-wrapped. `batches` yields batches (moved to `device` here if they are not
-    there yet). `before_step(step)` / `after_step(step)` hold per-stage schedules and fix-ups
+    there yet). `before_step(step, horizon)` / `after_step(step)` hold per-stage schedules and fix-ups
     (gumbel temperature, dead-code restarts, CLIP's logit-scale clamp); `every` = ((n, fn), ...)
     calls fn(step) every n steps (sample grids, validation). `seq_len` is the longest sequence the
     model attends over (it picks the CPU bf16 attention kernel). Logged throughput,
@@ -163,7 +163,7 @@ def fit(model: nn.Module, batches: Iterable, t: TrainConfig, optimizer: torch.op
         lr = lr_at(step, t, budget.horizon)
         set_lr(optimizer, lr)
         if before_step:
-            before_step(step)
+            before_step(step, budget.horizon)
         optimizer.zero_grad(set_to_none=True)
         for micro in range(t.grad_accum):
             batch = to_device(next(batches), device)
@@ -184,12 +184,14 @@ def fit(model: nn.Module, batches: Iterable, t: TrainConfig, optimizer: torch.op
             log(step, {"loss": loss.item(), **metrics(), "lr": lr, "grad_norm": float(grad_norm),
                        f"{unit}_per_s": world_size * items / max(elapsed, 1e-9)})
             items, t0 = 0, time.perf_counter()
+        hooks_t0 = time.perf_counter()
         for n_steps, fn in every:
             if step % n_steps == 0 and not done:
                 fn(step)
                 model.train()
         if checkpoint and step % t.checkpoint_every == 0 and not done:
             checkpoint(step, budget.elapsed())
+        t0 += time.perf_counter() - hooks_t0  # throughput counts training only, not validation or checkpoints
     return FitResult(step, budget.stopped_by, budget.elapsed())
 
 
@@ -237,22 +239,27 @@ def dvae_step(r: DVAESection) -> StepFn:
                 psnr = psnr_unit(norm.to_unit(recon.detach()), norm.to_unit(x))
             return {"recon_mse": F.mse_loss(recon.detach(), x).item(), "psnr": psnr, "perplexity": ppl,
                     "code_usage_fraction": used, "quantizer_loss": q_loss.item(),
-                    "temperature": getattr(unwrap(model).quantizer, "temperature", float("nan"))}
+                    "temperature": getattr(unwrap(model).quantizer, "temperature", float("nan")),
+                    "kl_per_cell": float(getattr(unwrap(model).quantizer, "last_kl", float("nan")))}
 
         return rec_loss + q_loss, x.shape[0], metrics
 
     return step_fn
 
 
-def dvae_schedule(model: nn.Module, r: DVAESection) -> tuple[Callable[[int], None], Callable[[int], None]]:
-    """(before_step, after_step): the gumbel temperature and KL ramps; VQ dead-code restarts."""
+def dvae_schedule(model: nn.Module, r: DVAESection) -> tuple[Callable[[int, int], None], Callable[[int], None]]:
+    """(before_step, after_step): the gumbel temperature and KL ramps over the run's horizon (the step the
+    budget says it will end at); VQ dead-code restarts."""
     q = unwrap(model).quantizer
 
-    def before(step: int) -> None:
+    c = unwrap(model).c
+    cells_per_value = c.grid_size ** 2 / (3 * c.image_size ** 2)  # KL summed over cells, recon over pixel values
+
+    def before(step: int, horizon: int) -> None:
         if r.quantizer == "gumbel":
-            frac = min(1.0, step / r.temp_anneal_steps)
+            frac = min(1.0, step / max(1.0, r.temp_anneal * horizon))
             q.temperature = r.temp_start * (r.temp_end / r.temp_start) ** frac
-            q.kl_weight = r.kl_weight * min(1.0, step / r.kl_warmup_steps)
+            q.kl_weight = r.kl_weight * cells_per_value * min(1.0, step / max(1.0, r.kl_warmup * horizon))
 
     def after(step: int) -> None:
         if r.quantizer == "vq" and (step + 1) % r.restart_every == 0:

@@ -7,15 +7,20 @@ threads (or other processes) where that global state does not follow.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import subprocess
 import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from storage.store import ArtifactStore
+
+EXPERIMENT_KIND = "custom_model_development"  # MLflow 3's tag for a model-training experiment
 
 
 class TrackingError(RuntimeError):
@@ -80,9 +85,13 @@ def experiment_id(uri: str, name: str, store: ArtifactStore) -> str:
     try:
         exp = client.get_experiment_by_name(name)
         if exp is not None:
+            if "mlflow.experimentKind" not in exp.tags:  # made by an older version, or by hand
+                client.set_experiment_tag(exp.experiment_id, "mlflow.experimentKind", EXPERIMENT_KIND)
             return exp.experiment_id
         try:
-            return client.create_experiment(name, artifact_location=_artifact_location(uri, store))
+            # a training experiment: MLflow 3 would otherwise open it in its GenAI view ("Evaluations")
+            return client.create_experiment(name, artifact_location=_artifact_location(uri, store),
+                                            tags={"mlflow.experimentKind": EXPERIMENT_KIND})
         except Exception:  # created meanwhile by a parallel task
             exp = client.get_experiment_by_name(name)
             if exp is None:
@@ -91,6 +100,43 @@ def experiment_id(uri: str, name: str, store: ArtifactStore) -> str:
     except Exception as err:
         first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
         raise TrackingError(f"MLflow tracking at {uri!r} is unreachable or unusable: {first}") from None
+
+
+@functools.lru_cache(maxsize=1)
+def code_version() -> dict[str, str]:
+    """MLflow's source tags for the code that runs: git commit and branch of this checkout, and `git_dirty`
+    (tracked files changed since that commit). {} when the code is not a git checkout (a pip install)."""
+    root = str(Path(__file__).resolve().parents[1])
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", root, *args], capture_output=True, text=True, timeout=20,
+                              check=True).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "HEAD")
+        branch = git("rev-parse", "--abbrev-ref", "HEAD")
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    return {"mlflow.source.git.commit": commit, "mlflow.source.git.branch": branch,
+            "git_dirty": "true" if dirty else "false"}
+
+
+def producer_run(uri: str, experiment: str, stage: str, key: str) -> str | None:
+    """The id of the finished run that made artifact `stage/key`, if this tracking store has it."""
+    client = _client(uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return None
+    runs = client.search_runs([exp.experiment_id], f"tags.stage_key = '{key}' and tags.stage = '{stage}' and "
+                              "attributes.status = 'FINISHED'", order_by=["attributes.start_time DESC"],
+                              max_results=50)
+    return next((r.info.run_id for r in runs if r.data.tags.get("cached") != "true"), None)
+
+
+def one_line_error(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}"[:500] if text else type(exc).__name__
 
 
 def _param_value(v: Any) -> str:
@@ -103,11 +149,12 @@ class StageRun:
 
     def __init__(self, uri: str, experiment: str, store: ArtifactStore, name: str, *,
                  stage: str | None = None, key: str | None = None, parent_run_id: str | None = None,
-                 flow_run_id: str | None = None, tags: dict[str, str] | None = None):
+                 flow_run_id: str | None = None, tags: dict[str, str] | None = None, source: str | None = None):
         self.uri = uri
         self.client = _client(uri)
         exp = experiment_id(uri, experiment, store)
-        all_tags = {"mlflow.runName": name, **(tags or {})}
+        all_tags = {"mlflow.runName": name, "mlflow.source.type": "LOCAL",
+                    "mlflow.source.name": source or "(built-in defaults)", **code_version(), **(tags or {})}
         if stage:
             all_tags["stage"] = stage
         if key:
@@ -125,14 +172,17 @@ class StageRun:
         run.uri, run.client, run.run_id = uri, _client(uri), run_id
         return run
 
-    def end(self, failed: bool = False) -> None:
-        self.client.set_terminated(self.run_id, "FAILED" if failed else "FINISHED")
+    def end(self, failed: bool = False, error: BaseException | str | None = None) -> None:
+        """Close the run: FINISHED, or FAILED with the error's first line in the `error` tag."""
+        if error is not None:
+            self.client.set_tag(self.run_id, "error", error if isinstance(error, str) else one_line_error(error))
+        self.client.set_terminated(self.run_id, "FAILED" if failed or error is not None else "FINISHED")
 
     def __enter__(self) -> StageRun:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        self.end(failed=exc_type is not None)
+        self.end(failed=exc_type is not None, error=exc)
 
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
@@ -158,6 +208,9 @@ class StageRun:
 
     def log_dict(self, obj: dict, name: str) -> None:
         self.client.log_dict(self.run_id, obj, name)
+
+    def log_text(self, text: str, name: str) -> None:
+        self.client.log_text(self.run_id, text, name)
 
     def log_file(self, data: bytes, name: str) -> None:
         with tempfile.TemporaryDirectory() as tmp:

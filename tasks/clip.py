@@ -134,12 +134,12 @@ def run_training(cfg: Config, parent_run_id: str | None, flow_run_id: str | None
                    flow_run_id) as run:
         run.set_tags({"input.images": keys["images"], "input.bpe": keys["bpe"]})
 
-        def validate(step: int) -> None:
-            run.log_metrics(_val_recall(tr.model, mcfg, tokenizer, cfg, store, val_paths, device, 512), step)
+        def validate() -> dict:
+            limit = 256 * t.val_batches if t.val_batches else 1024
+            return _val_recall(tr.model, mcfg, tokenizer, cfg, store, val_paths, device, limit)
 
-        result = tr.fit(batches, clip_step(mcfg, rank, world), run, every=((t.checkpoint_every, validate),),
-                        **fit_args)
-        metrics = _val_recall(tr.model, mcfg, tokenizer, cfg, store, val_paths, device)
+        result = tr.fit(batches, clip_step(mcfg, rank, world), run, validate=validate, **fit_args)
+        metrics = validate()
         run.log_metrics(metrics, result.step)
         logger().info("clip/%s: val recall@1 image->text %.2f, text->image %.2f (chance %.3f)", key,
                       metrics["val_i2t_recall_at_1"], metrics["val_t2i_recall_at_1"], metrics["val_chance_recall_at_1"])
@@ -158,7 +158,7 @@ def train_clip_task(cfg: Config, parent_run_id: str | None = None) -> ArtifactRe
     if not c.pretrained:
         return train_stage_task(cfg, "clip", ("images", "bpe"), run_training, parent_run_id)
     store, key = open_store(cfg), stage_keys(cfg)["clip"]  # a pretrained CLIP: check it loads, record which
-    if done := reuse(store, "clip", key):
+    if done := reuse(store, "clip", key, cfg, parent_run_id):
         return done
     store.prepare("clip", key)
     load_scorer(cfg)

@@ -23,7 +23,7 @@ from dalle_core.loader import Decode, ShardStream
 from dalle_core.train import FitResult, StepFn, fit, make_optimizer
 from storage.parquet import ParquetShards
 from storage.store import ArtifactStore, stage_key
-from storage.tracking import StageRun, tracking_uri
+from storage.tracking import StageRun, producer_run, tracking_uri
 
 
 def open_store(cfg: Config) -> ArtifactStore:
@@ -96,22 +96,61 @@ def logger():
         return log
 
 
-def reuse(store: ArtifactStore, stage: str, key: str) -> ArtifactRef | None:
-    """A reference to the finished artifact if there is one: a finished stage is never redone."""
+def reuse(store: ArtifactStore, stage: str, key: str, cfg: Config | None = None,
+          parent_run_id: str | None = None) -> ArtifactRef | None:
+    """A reference to the finished artifact if there is one: a finished stage is never redone.
+
+    Inside a pipeline run (`parent_run_id`), the reuse is recorded as a short child run tagged
+    `cached=true`, linked to the run that made the artifact (`source_run_id`), so the MLflow run
+    table shows which stages ran and which were reused."""
     if not store.is_complete(stage, key):
         return None
     logger().info("%s/%s is complete; reusing it", stage, key)
+    if cfg is not None and parent_run_id:
+        uri = tracking_uri(cfg.tracking.uri, store)
+        source = producer_run(uri, cfg.tracking.experiment, stage, key)
+        run = StageRun(uri, cfg.tracking.experiment, store, f"(cached) {stage}-{key}", stage=stage, key=key,
+                       parent_run_id=parent_run_id, flow_run_id=flow_run.get_id(), source=cfg.tracking.source,
+                       tags={"cached": "true", "source_run_id": source or "not in this tracking store",
+                             "mlflow.note.content": f"Reused the finished artifact `{stage}/{key}` "
+                             + (f"made by run {source}." if source else "(its run is not in this tracking store).")})
+        run.end()
     return ref(store, stage, key, cached=True)
 
 
 def stage_run(cfg: Config, store: ArtifactStore, stage: str, key: str, params: dict,
               parent_run_id: str | None = None, flow_run_id: str | None = None) -> StageRun:
-    """Start the MLflow run of one stage execution, tagged with its key and the Prefect flow run."""
+    """Start the MLflow run of one stage execution, tagged with its key, the Prefect flow run and the code
+    version, with the run's resolved config as `config.yaml`."""
     run = StageRun(tracking_uri(cfg.tracking.uri, store), cfg.tracking.experiment, store, f"{stage}-{key}",
-                   stage=stage, key=key, parent_run_id=parent_run_id, flow_run_id=flow_run_id or flow_run.get_id())
+                   stage=stage, key=key, parent_run_id=parent_run_id, flow_run_id=flow_run_id or flow_run.get_id(),
+                   source=cfg.tracking.source, tags={"cached": "false"})
     run.log_params(flatten(params))
+    run.log_text(config_yaml(cfg), "config.yaml")
     logger().info("MLflow run %s (stage %s, key %s)", run.run_id, stage, key)
     return run
+
+
+@dataclass
+class StagePlan:
+    """What a stage mapped over shards or parts (pre-tokenization, generation) still has to do, and the
+    MLflow run it reports to: opened when the work starts, so its duration and status are the work's."""
+
+    todo: list
+    run_id: str | None = None
+    cached: ArtifactRef | None = None  # the finished artifact, when there is nothing to do
+
+
+def attach_run(cfg: Config, store: ArtifactStore, run_id: str) -> StageRun:
+    """A stage run opened by an earlier task; as a context manager it ends FINISHED, or FAILED on an error."""
+    return StageRun.attach(tracking_uri(cfg.tracking.uri, store), run_id)
+
+
+def config_yaml(cfg: Config) -> str:
+    """The resolved config (file + --set overrides) as YAML: what the run really used."""
+    import yaml
+
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
 
 
 class Progress:
@@ -250,9 +289,13 @@ class Training:
                    float(info.get("elapsed_s", 0.0)))
 
     def fit(self, batches, step_fn: StepFn, run: StageRun | None, describe: Callable[[dict], str] = lambda m: "",
-            **kwargs) -> FitResult:
-        """Run the training loop; rank 0 logs to MLflow and the Prefect log and writes checkpoints."""
+            validate: Callable[[], dict] | None = None, every: tuple = (), **kwargs) -> FitResult:
+        """Run the training loop; rank 0 logs to MLflow and the Prefect log and writes checkpoints.
+
+        `validate()` -> val metrics, logged every `train.val_every` steps, so they are curves in MLflow."""
         log = checkpoint = None
+        if validate is not None and run is not None and self.t.val_every:
+            every = (*every, (self.t.val_every, lambda step: run.log_metrics(validate(), step)))
         if self.rank == 0:
             assert run is not None
             progress = Progress(f"train-{self.stage}", self.t.max_steps - self.start, "steps",
@@ -269,7 +312,7 @@ class Training:
 
         result = fit(self.wrapped, batches, self.t, self.optimizer, step_fn, start_step=self.start,
                      elapsed_s=self.elapsed_s, device=self.device, log=log, checkpoint=checkpoint,
-                     world_size=self.world, **kwargs)
+                     world_size=self.world, every=every, **kwargs)
         if run is not None:
             run.set_tags({"stopped_by": result.stopped_by, "steps_done": str(result.step),
                           "steps_planned": str(self.t.max_steps), "resumed_from_step": str(self.start),
@@ -287,7 +330,7 @@ def train_stage_task(cfg: Config, stage: str, needs: tuple[str, ...], run_traini
     """
     store, keys = open_store(cfg), stage_keys(cfg)
     key = keys[stage]
-    if done := reuse(store, stage, key):
+    if done := reuse(store, stage, key, cfg, parent_run_id):
         return done
     for need in needs:
         store.require(need, keys[need])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict
+from itertools import islice
 
 import torch
 from prefect import task
@@ -36,7 +37,8 @@ def model_config(cfg: Config) -> dvae.DVAEConfig:
     return dvae.DVAEConfig(image_size=cfg.data.image_size, codebook_size=d.codebook_size,
                            codebook_dim=d.codebook_dim, hidden=d.hidden, num_downsamples=d.num_downsamples,
                            num_res_blocks=d.num_res_blocks, quantizer=d.quantizer, commitment=d.commitment,
-                           ema_decay=d.ema_decay, dead_code_threshold=d.dead_code_threshold)
+                           ema_decay=d.ema_decay, dead_code_threshold=d.dead_code_threshold,
+                           straight_through=d.straight_through)
 
 
 def load_dvae(store: ArtifactStore, key: str, device: torch.device | str = "cpu") -> tuple[dvae.DiscreteVAE, Norm]:
@@ -72,10 +74,14 @@ def run_training(cfg: Config, parent_run_id: str | None, flow_run_id: str | None
     with stage_run(cfg, store, "dvae", key, {**r.model_dump(mode="json"), "world_size": world}, parent_run_id,
                    flow_run_id) as run:
         run.set_tags({"input.images": keys["images"]})
-        result = tr.fit(batches, dvae_step(r), run, lambda m: f"psnr {m['psnr']:.1f}", **fit_args)
         model = tr.model
-        val = batch_stream(cfg, store, val_paths, ["image"], decode_images, 256, device, shuffle=False)
-        metrics = evaluate_dvae(model, val, norm, device)
+
+        def validate() -> dict:
+            val = batch_stream(cfg, store, val_paths, ["image"], decode_images, 256, device, shuffle=False)
+            return evaluate_dvae(model, islice(val, t.val_batches), norm, device)
+
+        result = tr.fit(batches, dvae_step(r), run, lambda m: f"psnr {m['psnr']:.1f}", validate, **fit_args)
+        metrics = validate()
         run.log_metrics(metrics, result.step)
         logger().info("dvae/%s: val PSNR %.2f dB, %.0f%% of codes used", key, metrics["val_psnr"],
                       100 * metrics["val_code_usage_fraction"])

@@ -21,6 +21,8 @@ from dalle_core.evaluation import faithfulness, has_pair, is_shapes_caption, rer
 from dalle_core.generate import prompt_seed, prompts_per_batch
 from dalle_core.images import decode_png, grid, png_bytes, to_tensor, to_uint8
 from storage.parquet import GENERATIONS_SCHEMA, iter_batches, shard_paths, write_shard
+from storage.store import ArtifactStore
+from storage.tracking import StageRun
 from tasks.common import (
     ArtifactRef,
     Progress,
@@ -46,12 +48,20 @@ def _val_rows(store, images_key: str, limit: int) -> tuple[list[str], np.ndarray
 @task(name="evaluate", cache_policy=NONE)
 def evaluate_task(cfg: Config, parent_run_id: str | None = None) -> ArtifactRef:
     store, keys = open_store(cfg), stage_keys(cfg)
-    key, e, g = keys["evaluation"], cfg.evaluate, cfg.generate
-    if done := reuse(store, "evaluation", key):
+    key, e = keys["evaluation"], cfg.evaluate
+    if done := reuse(store, "evaluation", key, cfg, parent_run_id):
         return done
     for stage in ("dvae", "transformer", "clip", "bpe", "images"):
         store.require(stage, keys[stage])
     store.prepare("evaluation", key)
+    with stage_run(cfg, store, "evaluation", key, e.model_dump(mode="json"), parent_run_id) as run:
+        _evaluate(cfg, store, keys, run)
+    return ref(store, "evaluation", key, cached=False)
+
+
+def _evaluate(cfg: Config, store: ArtifactStore, keys: dict, run: StageRun) -> None:
+    """Measure, write `evaluation/<key>/` and log it to the stage's MLflow run."""
+    key, e, g = keys["evaluation"], cfg.evaluate, cfg.generate
     gen = generator(cfg)
     report: dict = {"keys": {s: keys[s] for s in ("images", "dvae", "bpe", "tokens", "transformer", "clip")}}
     dvae_m = store.read_json(store.path("dvae", keys["dvae"], "metrics.json"))
@@ -80,7 +90,8 @@ def evaluate_task(cfg: Config, parent_run_id: str | None = None) -> ArtifactRef:
             random_pick.append(images[0])  # candidates are i.i.d. draws, so the first is a random one
             rows += candidate_rows(caption, seed, images, s)
         progress.update(len(group), extra=f"{(first + len(group)) * n / (time.perf_counter() - t0):.0f} images/s")
-    report["generation"] = {"prompts": len(captions), "candidates": n, **rerank_gain(scores)}
+    report["generation"] = {"prompts": len(captions), "candidates": n, **rerank_gain(scores),
+                            "images_per_s": len(captions) * n / max(time.perf_counter() - t0, 1e-9)}
 
     if all(is_shapes_caption(c) for c in captions):
         with torch.inference_mode():
@@ -95,19 +106,18 @@ def evaluate_task(cfg: Config, parent_run_id: str | None = None) -> ArtifactRef:
             report["faithfulness"]["holdout_pairs"] = {
                 "prompts": len(idx), **faithfulness([top1[i] for i in idx], [captions[i] for i in idx])}
 
-    sheet = grid([[top1[i], random_pick[i]] for i in range(min(32, len(captions)))], captions[:32], scale=3)
-    with stage_run(cfg, store, "evaluation", key, e.model_dump(mode="json"), parent_run_id) as run:
-        run.log_metrics(flat_metrics(report))
-        run.log_image(sheet, "top1_vs_random.png")
-        run.log_dict(report, "evaluation.json")
-        write_shard(store, store.path("evaluation", key, "generations.parquet"),
-                    pa.Table.from_pylist(rows, schema=GENERATIONS_SCHEMA))
-        store.write_bytes(store.path("evaluation", key, "top1_vs_random.png"), png_bytes(sheet))
-        store.write_json(store.path("evaluation", key, "evaluation.json"), report)
-        store.finish("evaluation", key, config=e.model_dump(mode="json"),
-                     inputs={s: keys[s] for s in ("images", "dvae", "bpe", "transformer", "clip")},
-                     rows={"generations": len(rows)})
-    return ref(store, "evaluation", key, cached=False)
+    sheet = grid([[top1[i], random_pick[i]] for i in range(min(32, len(captions)))], captions[:32], scale=3,
+                 header=[f"top-1 of {n} by CLIP", "random candidate"])
+    run.log_metrics(flat_metrics(report))
+    run.log_image(sheet, "top1_vs_random.png")
+    run.log_dict(report, "evaluation.json")
+    write_shard(store, store.path("evaluation", key, "generations.parquet"),
+                pa.Table.from_pylist(rows, schema=GENERATIONS_SCHEMA))
+    store.write_bytes(store.path("evaluation", key, "top1_vs_random.png"), png_bytes(sheet))
+    store.write_json(store.path("evaluation", key, "evaluation.json"), report)
+    store.finish("evaluation", key, config=e.model_dump(mode="json"),
+                 inputs={s: keys[s] for s in ("images", "dvae", "bpe", "transformer", "clip")},
+                 rows={"generations": len(rows)})
 
 
 def flat_metrics(report: dict, prefix: str = "") -> dict[str, float]:

@@ -31,7 +31,17 @@ from storage.parquet import (
 )
 from storage.store import ArtifactStore
 from tasks.clip import load_scorer
-from tasks.common import ArtifactRef, logger, open_store, ref, reuse, stage_keys, stage_run
+from tasks.common import (
+    ArtifactRef,
+    StagePlan,
+    attach_run,
+    logger,
+    open_store,
+    ref,
+    reuse,
+    stage_keys,
+    stage_run,
+)
 from tasks.dvae import load_dvae
 from tasks.text import load_tokenizer
 from tasks.transformer import load_transformer
@@ -76,12 +86,12 @@ def resolve_prompts(cfg: Config, store: ArtifactStore) -> list[str]:
 
 
 @task(name="plan-generation", cache_policy=NONE)
-def plan_generation(cfg: Config) -> list[tuple[int, list[str]]]:
-    """(first prompt index, prompts) of every part still to generate; [] when the artifact is complete."""
+def plan_generation(cfg: Config, parent_run_id: str | None = None) -> StagePlan:
+    """(first prompt index, prompts) of every part still to generate, and the stage's MLflow run, opened as
+    the work starts; the finished artifact instead when there is nothing to do."""
     store, keys = open_store(cfg), stage_keys(cfg)
-    if store.is_complete("generations", keys["generations"]):
-        logger().info("generations/%s is complete; reusing it", keys["generations"])
-        return []
+    if done := reuse(store, "generations", keys["generations"], cfg, parent_run_id):
+        return StagePlan([], cached=done)
     for stage in ("transformer", "dvae", "bpe"):
         store.require(stage, keys[stage])
     prompts = resolve_prompts(cfg, store)
@@ -92,7 +102,9 @@ def plan_generation(cfg: Config) -> list[tuple[int, list[str]]]:
                                            shard_name(i // PROMPTS_PER_PART)))]
     logger().info("generate: %d prompts x %d candidates, %d part(s) to do", len(prompts),
                   cfg.generate.num_candidates, len(todo))
-    return todo
+    run = stage_run(cfg, store, "generations", keys["generations"], cfg.generate.model_dump(mode="json"),
+                    parent_run_id)
+    return StagePlan(todo, run.run_id)
 
 
 def candidate_rows(prompt: str, seed: int, images: np.ndarray, scores: np.ndarray) -> list[dict]:
@@ -139,18 +151,16 @@ def best_grids(table: pa.Table, best_k: int) -> tuple[list[str], dict[str, np.nd
 
 
 @task(name="finish-generation", cache_policy=NONE)
-def finish_generation(cfg: Config, results: list[dict], wall_seconds: float,
-                      parent_run_id: str | None = None) -> ArtifactRef:
+def finish_generation(cfg: Config, plan: StagePlan, results: list[dict], wall_seconds: float) -> ArtifactRef:
+    """Join the parts into generations.parquet, draw the grids and the contact sheet, close the MLflow run."""
     store, keys = open_store(cfg), stage_keys(cfg)
     key = keys["generations"]
-    if done := reuse(store, "generations", key):
-        return done
-    parts = shard_paths(store, "generations", key, "parts")
-    table = pa.concat_tables([read_shard(store, p) for p in parts])
-    write_shard(store, store.path("generations", key, "generations.parquet"), table)
-    prompts, grids, sheet = best_grids(table, cfg.generate.best_k)
     inputs = {s: keys[s] for s in ("transformer", "dvae", "clip", "bpe")}
-    with stage_run(cfg, store, "generations", key, cfg.generate.model_dump(mode="json"), parent_run_id) as run:
+    with attach_run(cfg, store, plan.run_id) as run:
+        parts = shard_paths(store, "generations", key, "parts")
+        table = pa.concat_tables([read_shard(store, p) for p in parts])
+        write_shard(store, store.path("generations", key, "generations.parquet"), table)
+        prompts, grids, sheet = best_grids(table, cfg.generate.best_k)
         scores = table.column("clip_score").to_numpy()
         top1 = table.filter(pa.compute.equal(table.column("rank"), 0)).column("clip_score").to_numpy()
         metrics = {"prompts": len(prompts), "images": table.num_rows, "clip_score_mean": float(scores.mean()),

@@ -21,7 +21,7 @@ SPLITS = ("train", "val")
 def ingest_images(cfg: Config, parent_run_id: str | None = None) -> ArtifactRef:
     log = get_run_logger()
     store, key = open_store(cfg), stage_keys(cfg)["images"]
-    if done := reuse(store, "images", key):
+    if done := reuse(store, "images", key, cfg, parent_run_id):
         return done
     store.prepare("images", key)
     with stage_run(cfg, store, "images", key, cfg.data.model_dump(mode="json"), parent_run_id) as run:

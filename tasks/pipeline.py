@@ -11,7 +11,7 @@ from prefect.runtime import flow_run
 
 from dalle_core.config import Config, ConfigError, flatten
 from storage.tracking import StageRun, tracking_uri
-from tasks.common import logger, open_store, stage_keys
+from tasks.common import config_yaml, logger, open_store, stage_keys
 
 Stage = Literal["ingest", "dvae", "bpe", "pretokenize", "transformer", "clip", "generate", "evaluate"]
 STAGES: tuple[str, ...] = ("ingest", "dvae", "bpe", "pretokenize", "transformer", "clip", "generate", "evaluate")
@@ -44,6 +44,22 @@ def select_stages(only: list[str] | None, from_stage: str | None) -> list[str]:
     return list(STAGES)
 
 
+def check_inputs(cfg: Config, inputs: dict | None) -> None:
+    """The upstream artifacts a pipeline hands a stage flow must be the ones this config reads (they are passed
+    so that Prefect draws the DAG; a mismatch means the flows were called with different configs)."""
+    keys = stage_keys(cfg)
+    for stage, given in (inputs or {}).items():
+        want = keys[STORE_NAME[stage]]
+        if given.key != want:
+            raise ConfigError(f"upstream {stage} artifact {given.key!r} is not the one this config reads ({want!r})")
+
+
+@task(name="fail-stage-run", cache_policy=NONE)
+def fail_stage_run(cfg: Config, run_id: str, error: str) -> None:
+    """Close a stage's MLflow run as FAILED, with the error in its `error` tag."""
+    StageRun.attach(tracking_uri(cfg.tracking.uri, open_store(cfg)), run_id).end(error=error)
+
+
 def check_upstream(cfg: Config, stages: list[str]) -> None:
     """Fail in one line, before any work, when a stage to run needs an artifact that neither exists nor is made
     by an earlier stage of this run (`--only generate` on an empty store)."""
@@ -74,29 +90,95 @@ def force_stages(cfg: Config, stages: list[str]) -> list[str]:
 def start_pipeline_run(cfg: Config, stages: list[str]) -> str:
     store = open_store(cfg)
     run = StageRun(tracking_uri(cfg.tracking.uri, store), cfg.tracking.experiment, store, "pipeline",
-                   stage="pipeline", flow_run_id=flow_run.get_id(), tags={"stages": ",".join(stages)})
+                   stage="pipeline", flow_run_id=flow_run.get_id(), tags={"stages": ",".join(stages)},
+                   source=cfg.tracking.source)
     run.log_params(flatten(cfg.model_dump(mode="json")))
+    run.log_text(config_yaml(cfg), "config.yaml")
     logger().info("MLflow parent run %s (tracking %s)", run.run_id, run.uri)
     return run.run_id
 
 
+HEADLINE = ("faithfulness.top1.overall.all", "faithfulness.random.overall.all",
+            "faithfulness.holdout_pairs.overall.all", "generation.clip_top1_of_16", "generation.clip_top1_of_4",
+            "generation.clip_random", "transformer.val_bits_per_image_token", "dvae.val_psnr",
+            "dvae.val_code_usage_fraction", "clip.val_i2t_recall_at_1")
+
+
+def headline_metrics(report: dict) -> dict[str, float]:
+    """The few numbers a reviewer compares pipeline runs by (those the evaluation has), best first."""
+    from tasks.evaluate import flat_metrics
+
+    flat = flat_metrics(report)
+    return {k: flat[k] for k in HEADLINE if k in flat}
+
+
+def run_link(uri: str, experiment_id: str, run_id: str, ui: str = "http://127.0.0.1:5000") -> str:
+    """Where a person opens this run: on the tracking server, or in `dalle ui` (default port) for sqlite."""
+    base = uri.rstrip("/") if uri.startswith("http") else ui
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
 @task(name="end-pipeline-run", cache_policy=NONE)
-def end_pipeline_run(cfg: Config, run_id: str, refs: dict[str, str], failed: bool = False) -> None:
-    store = open_store(cfg)
+def end_pipeline_run(cfg: Config, run_id: str, refs: dict, error: str | None = None) -> None:
+    """Close the parent run: its name says what ran and what was reused; it carries the headline metrics, a
+    summary table, evaluation.json and the contact sheet; the Prefect summary artifact links to it."""
+    store, keys = open_store(cfg), stage_keys(cfg)
     uri = tracking_uri(cfg.tracking.uri, store)
     run = StageRun.attach(uri, run_id)
-    run.set_tags({f"stage.{k}": v for k, v in refs.items()})
-    keys = stage_keys(cfg)
-    if not failed and store.is_complete("evaluation", keys["evaluation"]):
-        from tasks.evaluate import flat_metrics
-
-        run.log_metrics(flat_metrics(store.read_json(store.path("evaluation", keys["evaluation"], "evaluation.json"))))
-    run.end(failed)
-    rows = "\n".join(f"| {k} | `{v}` |" for k, v in refs.items())
-    link = f"{uri.rstrip('/')}/#/experiments/{run.client.get_run(run_id).info.experiment_id}/runs/{run_id}" \
-        if uri.startswith("http") else uri
+    ran = [s for s, r in refs.items() if not r.cached]
+    cached = [s for s, r in refs.items() if r.cached]
+    name = "pipeline" if not cached else "pipeline (all cached)" if not ran else f"pipeline (ran: {', '.join(ran)})"
+    if error:
+        name = f"pipeline (failed{' after ' + ', '.join(refs) if refs else ''})"
+    run.set_tags({"mlflow.runName": name, "stages.ran": ",".join(ran) or "none",
+                  "stages.cached": ",".join(cached) or "none", **{f"stage.{k}": str(v) for k, v in refs.items()}})
+    headline: dict[str, float] = {}
+    if store.is_complete("evaluation", keys["evaluation"]) and "evaluate" in refs:
+        report = store.read_json(store.path("evaluation", keys["evaluation"], "evaluation.json"))
+        headline = headline_metrics(report)
+        run.log_metrics(headline)
+        run.log_dict(report, "evaluation.json")
+        run.log_file(store.read_bytes(store.path("evaluation", keys["evaluation"], "top1_vs_random.png")),
+                     "top1_vs_random.png")
+    if store.is_complete("generations", keys["generations"]) and "generate" in refs:
+        run.log_file(store.read_bytes(store.path("generations", keys["generations"], "contact_sheet.png")),
+                     "contact_sheet.png")
+    exp = run.client.get_run(run_id).info.experiment_id
+    children = {}  # stage -> the run that made its artifact (a reused one's original run, when known)
+    for c in run.client.search_runs([exp], f"tags.mlflow.parentRunId = '{run_id}'"):
+        source = c.data.tags.get("source_run_id", "")
+        children[c.data.tags.get("stage")] = source if len(source) == 32 else c.info.run_id
+    rows = [(stage, "cached" if r.cached else "ran", f"{r.stage}/{r.key}", children.get(r.stage))
+            for stage, r in refs.items()]
+    run.log_text(summary_html(name, rows, headline, uri, exp), "summary.html")
+    run.end(error=error)
+    link = run_link(uri, exp, run_id)
+    table = "\n".join(f"| {s} | {how} | `{art}` | {f'[{rid[:8]}]({run_link(uri, exp, rid)})' if rid else ''} |"
+                      for s, how, art, rid in rows)
+    numbers = "\n".join(f"| {k} | {v:.4g} |" for k, v in headline.items())
     create_markdown_artifact(
         key="pipeline-summary",
-        markdown=f"## DALL-E pipeline {'FAILED' if failed else 'finished'}\n\nMLflow run `{run_id}` ({link})\n\n"
-                 f"| stage | artifact |\n|---|---|\n{rows}\n",
-        description="stage artifacts and the MLflow run of this pipeline execution")
+        markdown=f"## DALL-E pipeline {'FAILED: ' + error if error else 'finished'}\n\n"
+                 f"MLflow run [{name}]({link}) (tracking `{uri}`"
+                 f"{'; open it with `dalle ui`' if not uri.startswith('http') else ''})\n\n"
+                 f"| stage | | artifact | MLflow run |\n|---|---|---|---|\n{table}\n\n"
+                 + (f"| headline metric | value |\n|---|---|\n{numbers}\n" if headline else ""),
+        description="what ran and what was reused, the MLflow run and the headline metrics of this execution")
+
+
+def summary_html(name: str, rows: list[tuple], headline: dict[str, float], uri: str, exp: str) -> str:
+    """The parent run's summary.html (MLflow's artifact viewer renders it): stages, then headline metrics."""
+    from html import escape
+
+    def link(rid: str | None) -> str:
+        return f"<a href='{run_link(uri, exp, rid)}' target='_top'>{rid[:8]}</a>" if rid else ""
+
+    stage_rows = "".join(f"<tr><td>{escape(s)}</td><td>{how}</td><td><code>{escape(art)}</code></td>"
+                         f"<td>{link(rid)}</td></tr>" for s, how, art, rid in rows)
+    metric_rows = "".join(f"<tr><td>{escape(k)}</td><td>{v:.4g}</td></tr>" for k, v in headline.items())
+    return (f"<html><body style='font-family:sans-serif'><h3>{escape(name)}</h3>"
+            f"<table border=1 cellpadding=4 style='border-collapse:collapse'>"
+            f"<tr><th>stage</th><th></th><th>artifact</th><th>MLflow run</th></tr>{stage_rows}</table>"
+            + (f"<h4>headline metrics</h4><table border=1 cellpadding=4 style='border-collapse:collapse'>"
+               f"<tr><th>metric</th><th>value</th></tr>{metric_rows}</table>" if headline else "")
+            + "</body></html>")

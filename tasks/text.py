@@ -30,7 +30,7 @@ def train_bpe_task(cfg: Config, parent_run_id: str | None = None) -> ArtifactRef
     log = get_run_logger()
     store, keys = open_store(cfg), stage_keys(cfg)
     key, text = keys["bpe"], cfg.text
-    if done := reuse(store, "bpe", key):
+    if done := reuse(store, "bpe", key, cfg, parent_run_id):
         return done
     store.prepare("bpe", key)
     with stage_run(cfg, store, "bpe", key, text.model_dump(mode="json"), parent_run_id) as run:

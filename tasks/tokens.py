@@ -29,7 +29,16 @@ from storage.parquet import (
     write_shard,
 )
 from storage.store import ArtifactStore
-from tasks.common import ArtifactRef, open_store, ref, reuse, stage_keys, stage_run
+from tasks.common import (
+    ArtifactRef,
+    StagePlan,
+    attach_run,
+    open_store,
+    ref,
+    reuse,
+    stage_keys,
+    stage_run,
+)
 from tasks.dvae import load_dvae
 from tasks.text import load_tokenizer
 
@@ -56,12 +65,12 @@ def encoders(cfg: Config):
 
 
 @task(name="plan-pretokenize", cache_policy=NONE)
-def plan_pretokenize(cfg: Config) -> list[tuple[str, int]]:
-    """The (split, shard index) pairs still to encode; [] when the artifact is complete."""
+def plan_pretokenize(cfg: Config, parent_run_id: str | None = None) -> StagePlan:
+    """The (split, shard index) pairs still to encode, and the stage's MLflow run, opened as the work starts;
+    the finished artifact instead when there is nothing to do."""
     store, keys = open_store(cfg), stage_keys(cfg)
-    if store.is_complete("tokens", keys["tokens"]):
-        get_run_logger().info("tokens/%s is complete; reusing it", keys["tokens"])
-        return []
+    if done := reuse(store, "tokens", keys["tokens"], cfg, parent_run_id):
+        return StagePlan([], cached=done)
     for stage in ("images", "dvae", "bpe"):
         store.require(stage, keys[stage])
     store.prepare("tokens", keys["tokens"])
@@ -71,7 +80,16 @@ def plan_pretokenize(cfg: Config) -> list[tuple[str, int]]:
             if not store.exists(store.path("tokens", keys["tokens"], split, shard_name(i))):
                 todo.append((split, i))
     get_run_logger().info("pretokenize: %d shard(s) to encode", len(todo))
-    return todo
+    run = stage_run(cfg, store, "tokens", keys["tokens"], {**_made(cfg), **_inputs(keys)}, parent_run_id)
+    return StagePlan(todo, run.run_id)
+
+
+def _made(cfg: Config) -> dict:
+    return {"text_len": cfg.text.text_len, "encode_precision": cfg.dvae.encode_precision}
+
+
+def _inputs(keys: dict) -> dict:
+    return {"images": keys["images"], "dvae": keys["dvae"], "bpe": keys["bpe"]}
 
 
 @task(name="encode-shard", cache_policy=NONE, retries=1, retry_delay_seconds=2)
@@ -123,27 +141,25 @@ def _encode_shard(cfg: Config, store: ArtifactStore, keys: dict, split: str, ind
 
 
 @task(name="finish-pretokenize", cache_policy=NONE)
-def finish_pretokenize(cfg: Config, results: list[dict], wall_seconds: float,
-                       parent_run_id: str | None = None) -> ArtifactRef:
+def finish_pretokenize(cfg: Config, plan: StagePlan, results: list[dict], wall_seconds: float) -> ArtifactRef:
+    """Check the token shards against the image shards, write the manifest, close the stage's MLflow run."""
     store, keys = open_store(cfg), stage_keys(cfg)
     key = keys["tokens"]
-    if done := reuse(store, "tokens", key):
-        return done
-    model, _, tokenizer = encoders(cfg)
-    rows = {s: sum(count_rows(store, p) for p in shard_paths(store, "tokens", key, s)) for s in SPLITS}
-    expected = {s: sum(count_rows(store, p) for p in shard_paths(store, "images", keys["images"], s)) for s in SPLITS}
-    assert rows == expected, (rows, expected)
-    encoded = sum(r["rows"] for r in results if r["seconds"] > 0)
-    inputs = {"images": keys["images"], "dvae": keys["dvae"], "bpe": keys["bpe"]}
-    made = {"text_len": cfg.text.text_len, "encode_precision": cfg.dvae.encode_precision}
-    with stage_run(cfg, store, "tokens", key, {**made, **inputs}, parent_run_id) as run:
+    with attach_run(cfg, store, plan.run_id) as run:
+        model, _, tokenizer = encoders(cfg)
+        rows = {s: sum(count_rows(store, p) for p in shard_paths(store, "tokens", key, s)) for s in SPLITS}
+        expected = {s: sum(count_rows(store, p) for p in shard_paths(store, "images", keys["images"], s))
+                    for s in SPLITS}
+        if rows != expected:
+            raise RuntimeError(f"token shards hold {rows} rows but the image shards {expected}")
+        encoded = sum(r["rows"] for r in results if r["seconds"] > 0)
         metrics = {"rows_train": rows["train"], "rows_val": rows["val"],
                    "truncated_captions": sum(r["truncated"] for r in results), "shards_encoded": len(results)}
         if encoded:
             metrics["images_per_s"] = encoded / max(wall_seconds, 1e-9)
         run.log_metrics(metrics)
         grid = model.c.grid_size
-        manifest = store.finish("tokens", key, config=made, inputs=inputs, rows=rows,
+        manifest = store.finish("tokens", key, config=_made(cfg), inputs=_inputs(keys), rows=rows,
                                 grid=[grid, grid], codebook_size=model.c.codebook_size,
                                 vocab_size=tokenizer.vocab_size, pad_id=tokenizer.pad_id,
                                 text_len=cfg.text.text_len, dvae_key=keys["dvae"], bpe_key=keys["bpe"],

@@ -8,6 +8,7 @@ rank 0 writes checkpoints and MLflow.
 from __future__ import annotations
 
 from dataclasses import asdict
+from itertools import islice
 
 import numpy as np
 import torch
@@ -110,10 +111,13 @@ def run_training(cfg: Config, parent_run_id: str | None, flow_run_id: str | None
             sheet = sample_sheet(model, dvae_model, norm, fixed_text, captions, cfg)
             run.log_image(sheet, f"samples/step-{step:07d}.png")
 
+        def validate() -> dict:
+            val_batches = batch_stream(cfg, store, val_paths, TOKEN_COLUMNS, decode_tokens, 256, device, shuffle=False)
+            return evaluate_transformer(model, islice(val_batches, t.val_batches), t.precision, device)
+
         result = tr.fit(batches, step_fn, run, lambda m: f"image {m['image_loss']:.3f} {m['tokens_per_s']:.0f} tok/s",
-                        every=((tr_cfg.sample_every, on_sample),), **fit_args)
-        val_batches = batch_stream(cfg, store, val_paths, TOKEN_COLUMNS, decode_tokens, 256, device, shuffle=False)
-        val = evaluate_transformer(model, val_batches, t.precision, device)
+                        validate, every=((tr_cfg.sample_every, on_sample),), **fit_args)
+        val = validate()
         run.log_metrics(val, result.step)
         logger().info("transformer/%s: val image loss %.3f nats = %.3f bits per image token", key,
                       val["val_image_loss"], val["val_bits_per_image_token"])

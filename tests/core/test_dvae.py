@@ -43,7 +43,7 @@ def test_overfits_a_handful_of_shapes_with_hard_codes(quantizer):
     torch.manual_seed(0)
     images = torch.from_numpy(np.stack([r[3] for r in shapes.generate(8, 32, seed=5)]))
     run = config_from_dict({"dvae": {"quantizer": quantizer, "codebook_size": 64, "codebook_dim": 32, "hidden": 32,
-                                     "temp_anneal_steps": 150, "kl_weight": 0.0,
+                                     "temp_anneal": 1.0, "kl_weight": 0.0,
                                      "train": {"max_steps": 150, "lr": 3e-3, "warmup_steps": 10, "log_every": 10}}}).dvae
     model = DiscreteVAE(small(quantizer))
     before, after = dvae_schedule(model, run)
@@ -70,3 +70,20 @@ def test_dead_code_restart_revives_unused_codes():
     assert revived >= 32
     _, idx, _ = vq(torch.randn(4, 32, 8, 8))
     assert (idx >= 32).any()  # restarted codes now win some inputs
+
+
+def test_gumbel_schedules_follow_the_run_horizon_and_kl_is_normalised_per_pixel_value():
+    """Temperature reaches temp_end at temp_anneal x horizon (the step the budget says the run ends at, not
+    max_steps); the KL weight ramps over kl_warmup x horizon to beta x cells / pixel values (the paper's sums)."""
+    r = config_from_dict({"dvae": {"quantizer": "gumbel", "temp_start": 1.0, "temp_end": 1 / 16, "temp_anneal": 0.5,
+                                   "kl_weight": 6.6, "kl_warmup": 0.1, "train": {"max_steps": 10_000}}}).dvae
+    model = DiscreteVAE(small("gumbel"))  # 32 px, 8x8 grid
+    before, _ = dvae_schedule(model, r)
+    q = model.quantizer
+    before(25, 100)  # a run cut to 100 steps by its clock: half-way through the anneal
+    assert q.temperature == pytest.approx(0.25)  # geometric mean of 1 and 1/16
+    before(50, 100)
+    assert q.temperature == pytest.approx(1 / 16)
+    assert q.kl_weight == pytest.approx(6.6 * 64 / (3 * 32 * 32))
+    before(5, 100)
+    assert q.kl_weight == pytest.approx(0.5 * 6.6 * 64 / (3 * 32 * 32))

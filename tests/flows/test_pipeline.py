@@ -3,6 +3,7 @@ import shutil
 import pytest
 import torch
 from mlflow import MlflowClient
+from prefect.client.schemas.filters import FlowRunFilter
 
 from dalle_core.config import load_config
 from flows.cli import main
@@ -20,28 +21,89 @@ def generated_copy(generated, tmp_path):
     return [f"store.root={tmp_path / 'store'}", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", *ov[2:]]
 
 
+def _children(client, exp, parent):
+    return {c.data.tags["stage"]: c for c in client.search_runs([exp], f"tags.mlflow.parentRunId = '{parent}'")}
+
+
+def _duration_s(run) -> float:
+    return (run.info.end_time - run.info.start_time) / 1000
+
+
 def test_rerun_from_cache_and_only_changed_stages_rerun(generated_copy):
+    """Re-runs from cache, as Prefect and the MLflow UI show them: parent runs named by what ran, cached stages
+    as child runs linked to the run that made the artifact, Cached states and DAG edges in Prefect, stage runs
+    that last as long as their work, validation curves, code version and the headline numbers on the parent."""
+    from prefect import get_client
+
     ov = generated_copy
     first = pipeline_flow(config=str(TINY), overrides=ov)
     assert [s for s, r in first.items() if not r.endswith("(cached)")] == ["evaluate"]
-    again = pipeline_flow(config=str(TINY), overrides=ov)
-    assert all(r.endswith("(cached)") for r in again.values()), again
+    state = pipeline_flow(config=str(TINY), overrides=ov, return_state=True)
+    assert all(r.endswith("(cached)") for r in state.result().values())
     changed = pipeline_flow(config=str(TINY), overrides=[*ov, "transformer.train.max_steps=20"])
     assert [s for s, r in changed.items() if not r.endswith("(cached)")] == ["transformer", "generate", "evaluate"]
 
+    client = MlflowClient(load_config(TINY, ov).tracking.uri)
+    exp = client.get_experiment_by_name("dalle")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"  # not MLflow 3's GenAI view
+    parents = client.search_runs([exp.experiment_id], "tags.stage = 'pipeline'", order_by=["attributes.start_time"])
+    assert [p.info.run_name for p in parents] == [
+        "pipeline (ran: evaluate)", "pipeline (all cached)", "pipeline (ran: transformer, generate, evaluate)"]
+    runs = [_children(client, exp.experiment_id, p.info.run_id) for p in parents]
+    assert runs[1]["evaluation"].data.tags["cached"] == "true"
+    assert runs[1]["evaluation"].data.tags["source_run_id"] == runs[0]["evaluation"].info.run_id
+    assert runs[2]["transformer"].data.tags["cached"] == "false"
+    assert runs[2]["images"].data.tags["cached"] == "true"
 
-def test_pipeline_run_nests_stage_runs_in_mlflow(generated_copy):
-    ov = generated_copy
-    pipeline_flow(config=str(TINY), overrides=ov)
-    cfg = load_config(TINY, ov)
-    client = MlflowClient(cfg.tracking.uri)
+    top = parents[0]
+    assert top.data.tags["mlflow.source.name"] == str(TINY)
+    assert len(top.data.tags["mlflow.source.git.commit"]) == 40 and top.data.tags["git_dirty"] in ("true", "false")
+    assert top.data.tags["stages.cached"].startswith("ingest,dvae,bpe")
+    assert "generation.clip_top1_of_4" in top.data.metrics and len(top.data.metrics) <= 10
+    arts = {a.path for a in client.list_artifacts(top.info.run_id)}
+    assert {"summary.html", "evaluation.json", "contact_sheet.png", "top1_vs_random.png", "config.yaml"} <= arts
+    summary = client.download_artifacts(top.info.run_id, "summary.html")
+    assert runs[0]["evaluation"].info.run_id[:8] in open(summary).read()
+
+    for stage in ("generations", "evaluation"):  # opened when the work started, not when its results were logged
+        run = runs[2][stage]
+        metrics = run.data.metrics
+        work_s = metrics["images"] / metrics["images_per_s"] if stage == "generations" else \
+            metrics["generation.prompts"] * metrics["generation.candidates"] / metrics["generation.images_per_s"]
+        assert _duration_s(run) >= work_s, (stage, _duration_s(run), work_s)
+    history = client.get_metric_history(runs[2]["transformer"].info.run_id, "val_loss")
+    assert [m.step for m in history] == [10, 20]  # a curve: every val_every=10 steps
+
+    with get_client(sync_client=True) as prefect:
+        tasks = prefect.read_task_runs(flow_run_filter=FlowRunFilter(id={"any_": [state.state_details.flow_run_id]}))
+        by_name = {t.name.rsplit("-", 1)[0]: t for t in tasks}
+        assert by_name["train-transformer"].state.name == "Cached"
+
+        def upstream(name):
+            ids = [i.id for i in by_name[name].task_inputs.get("inputs", [])]
+            return {prefect.read_flow(prefect.read_flow_run(i).flow_id).name for i in ids}
+
+        assert upstream("train-transformer") == {"pretokenize"}
+        assert upstream("generate") == {"train-transformer", "train-clip"}
+        assert upstream("pretokenize") == {"train-dvae", "train-bpe"}
+
+
+def test_failed_stage_shows_failed_in_mlflow(generated_copy, monkeypatch):
+    import tasks.generate
+
+    def broken(cfg):
+        raise RuntimeError("out of GPU memory (on purpose)")
+
+    monkeypatch.setattr(tasks.generate, "generator", broken)
+    with pytest.raises(RuntimeError, match="on purpose"):
+        pipeline_flow(config=str(TINY), overrides=generated_copy, only=["generate"], force=["generate"])
+    client = MlflowClient(load_config(TINY, generated_copy).tracking.uri)
     exp = client.get_experiment_by_name("dalle").experiment_id
     parent = client.search_runs([exp], "tags.stage = 'pipeline'")[0]
-    children = client.search_runs([exp], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
-    assert {c.data.tags["stage"] for c in children} == {"evaluation"}  # the only stage not cached
-    assert parent.info.status == "FINISHED" and parent.data.tags["prefect.flow_run_id"]
-    assert parent.data.tags["stage.evaluate"].startswith("evaluation/")
-    assert "generation.clip_top1_of_4" in parent.data.metrics
+    run = _children(client, exp, parent.info.run_id)["generations"]
+    assert (run.info.status, parent.info.status) == ("FAILED", "FAILED")
+    assert run.data.tags["error"] == "RuntimeError: out of GPU memory (on purpose)"
+    assert parent.info.run_name == "pipeline (failed)"
 
 
 def test_only_a_stage_with_missing_upstream_fails_in_one_line(tiny):

@@ -1,0 +1,93 @@
+"""dVAE quality sweep: train the demo's dVAE (configs/shapes.yaml) under settings given as `--set`-style
+overrides, on the same data and the same number of steps, and report hard-code val PSNR and code usage.
+
+    python -m bench.dvae_sweep --steps 2400 --device cuda --parallel 6 \
+        "dvae.quantizer=gumbel" "dvae.quantizer=gumbel;dvae.kl_weight=1" ...
+
+Each argument is one run: overrides separated by ';'. Only dalle_core is used (no Prefect or MLflow),
+so it runs on any machine with torch. Prints one JSON line per run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _data(num: int, size: int, seed: int) -> np.ndarray:
+    from dalle_core import shapes
+
+    return np.stack([r[3] for r in shapes.generate(num, size, seed=seed)])
+
+
+def run_one(spec: str, steps: int | None, device: str, train_images: int, val_images: int, threads: int) -> dict:
+    from dalle_core.config import load_config
+    from dalle_core.dvae import DiscreteVAE, DVAEConfig
+    from dalle_core.train import Norm, dvae_schedule, dvae_step, evaluate_dvae, fit, make_optimizer
+
+    torch.set_num_threads(threads)
+    overrides = [o for o in spec.split(";") if o]
+    if steps:
+        overrides += [f"dvae.train.max_steps={steps}", "dvae.train.max_minutes=null"]
+    cfg = load_config(ROOT / "configs" / "shapes.yaml", overrides)
+    d, t = cfg.dvae, cfg.dvae.train
+    torch.manual_seed(t.seed)
+    model = DiscreteVAE(DVAEConfig(image_size=cfg.data.image_size, codebook_size=d.codebook_size,
+                                   codebook_dim=d.codebook_dim, hidden=d.hidden, num_downsamples=d.num_downsamples,
+                                   num_res_blocks=d.num_res_blocks, quantizer=d.quantizer, commitment=d.commitment,
+                                   ema_decay=d.ema_decay, dead_code_threshold=d.dead_code_threshold,
+                                   straight_through=d.straight_through)).to(device)
+    train = torch.from_numpy(_data(train_images, cfg.data.image_size, 1))
+    val = torch.from_numpy(_data(val_images, cfg.data.image_size, 2))
+    gen = torch.Generator().manual_seed(0)
+
+    def batches():
+        while True:
+            yield {"image": train[torch.randint(0, len(train), (t.batch_size,), generator=gen)]}
+
+    before, after = dvae_schedule(model, d)
+    t0 = time.perf_counter()
+    result = fit(model, batches(), t, make_optimizer(model, t), dvae_step(d), device=device, before_step=before,
+                 after_step=after)
+    seconds = time.perf_counter() - t0
+    with torch.inference_mode():
+        m = evaluate_dvae(model, ({"image": val[i:i + 500]} for i in range(0, len(val), 500)),
+                          Norm(d.norm_mean, d.norm_std), device)
+    return {"spec": spec, "steps": result.step, "train_s": round(seconds, 1),
+            "val_psnr": round(m["val_psnr"], 2), "codes_used": round(m["val_code_usage_fraction"], 3),
+            "perplexity": round(m["val_perplexity"], 1)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("specs", nargs="+")
+    ap.add_argument("--steps", type=int, default=None, help="fixed steps (default: the config's budget)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--parallel", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--train-images", type=int, default=20000)
+    ap.add_argument("--val-images", type=int, default=1000)
+    a = ap.parse_args()
+    args = (a.steps, a.device, a.train_images, a.val_images, a.threads)
+    if a.parallel == 1:
+        for s in a.specs:
+            print(json.dumps(run_one(s, *args)), flush=True)
+        return
+    import multiprocessing as mp
+
+    with ProcessPoolExecutor(a.parallel, mp_context=mp.get_context("spawn")) as pool:
+        futures = [pool.submit(run_one, s, *args) for s in a.specs]
+        for f in futures:
+            print(json.dumps(f.result()), flush=True)
+
+
+if __name__ == "__main__":
+    main()
