@@ -93,11 +93,11 @@ class DataConfig(Section):
 class DVAESection(Section):
     """The `dvae` run-config section (the model itself is built from `dalle_core.dvae.DVAEConfig`)."""
 
-    quantizer: Literal["gumbel", "vq"] = "vq"
+    quantizer: Literal["gumbel", "vq", "pixel-kmeans"] = "vq"
     codebook_size: int = Field(512, ge=2, le=65536)  # uint16 token shards
     codebook_dim: int = Field(256, ge=1)
     hidden: int = Field(64, ge=8)  # channels of the encoder/decoder convolutions
-    num_downsamples: int = Field(2, ge=1, le=5)  # grid = image_size / 2**num_downsamples
+    num_downsamples: int = Field(2, ge=0, le=5)  # grid = image_size / 2**num_downsamples (0: pixel-kmeans only)
     num_res_blocks: int = Field(1, ge=0)
     recon_loss: Literal["mse", "l1"] = "mse"
     norm_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
@@ -116,6 +116,10 @@ class DVAESection(Section):
     kl_weight: float = Field(0.5, ge=0)
     kl_warmup: float = Field(0.1, gt=0, le=1)
     straight_through: bool = False
+    # pixel-kmeans: K = codebook_size colours (minGPT: 512) from k-means over the pixels (block averages) of
+    # `kmeans_images` training images, `kmeans_iters` rounds; no gradient training, no network
+    kmeans_images: int = Field(2048, ge=1)
+    kmeans_iters: int = Field(20, ge=1)
     # vq: EMA codebook, commitment loss, dead-code restart
     commitment: float = Field(0.25, ge=0)
     ema_decay: float = Field(0.99, gt=0, lt=1)
@@ -127,6 +131,16 @@ class DVAESection(Section):
     encode_precision: Literal["fp32", "bf16"] = "fp32"
     shuffle_buffer: int = Field(4096, ge=1)  # decoded images mixed per shuffle window (memory: rows x H x W x 3)
     train: TrainConfig = TrainConfig(batch_size=64, lr=2e-3, max_steps=2000)
+
+    @model_validator(mode="after")
+    def _kmeans_is_one_process(self):
+        if self.quantizer != "pixel-kmeans" and self.num_downsamples < 1:
+            raise ValueError(f"dvae.num_downsamples: 0 (one token per pixel) is for quantizer pixel-kmeans only; "
+                             f"{self.quantizer} needs 1 to 5")
+        if self.quantizer == "pixel-kmeans" and (self.train.nproc > 1 or self.train.nnodes > 1):
+            raise ValueError(f"dvae.quantizer=pixel-kmeans trains by k-means in one process, not under DDP "
+                             f"(got dvae.train.nproc={self.train.nproc}, nnodes={self.train.nnodes}); set both to 1")
+        return self
 
 
 class TextConfig(Section):
@@ -183,6 +197,10 @@ class GenerateConfig(Section):
     # auto: the faster one measured per device (bench dalle_sample): bf16 on CPU, fp32 on CUDA
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     seed: int = 0
+    # image completion (DALL-E's priming): the image, resized to the dVAE's input and encoded, fixes the top
+    # `prime_rows` rows of tokens of every candidate; the rest is sampled
+    prime_image: str | None = None
+    prime_rows: int = Field(0, ge=0)
 
 
 class EvaluateConfig(Section):
@@ -239,6 +257,18 @@ class Config(Section):
     @classmethod
     def _store_as_url(cls, value: Any) -> Any:
         return {"root": value} if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _priming_leaves_rows_to_sample(self) -> Config:
+        g, rows = self.generate, self.data.image_size // 2 ** self.dvae.num_downsamples
+        if g.prime_image is None:
+            if g.prime_rows:
+                raise ValueError(f"generate.prime_rows is {g.prime_rows} but no generate.prime_image is set")
+            return self
+        if not 1 <= g.prime_rows < rows:
+            raise ValueError(f"generate.prime_rows={g.prime_rows} must leave rows to sample: the token grid has "
+                             f"{rows} rows, so use 1 to {rows - 1}")
+        return self
 
     @model_validator(mode="after")
     def _rendezvous_for_nodes(self) -> Config:

@@ -1,7 +1,7 @@
 """The discrete VAE of DALL-E (stage 1): images <-> grids of codebook tokens.
 
 An encoder maps a (3, H, W) image to a (H/f, W/f) grid, f = 2**num_downsamples,
-and a decoder maps code embeddings back to pixels. Two quantizers:
+and a decoder maps code embeddings back to pixels. Three quantizers:
 
 - `gumbel` (DALL-E): the encoder emits K logits per cell; training relaxes the
   one-hot with gumbel-softmax (temperature annealed towards 1/16) and adds a KL
@@ -10,6 +10,10 @@ and a decoder maps code embeddings back to pixels. Two quantizers:
   codebook entry with straight-through gradients; the codebook follows the
   encoder by EMA, a commitment loss keeps the encoder close, and codes nobody
   uses are restarted from encoder outputs.
+- `pixel-kmeans` (iGPT / minGPT): no network. Each f x f block of pixels is
+  averaged (f = 1: every pixel) and tokenized as its nearest of K colours, the
+  centroids of a k-means over training pixels (`fit_kmeans`); decoding paints
+  each block in its colour. The simplest stage-1 tokenizer, a baseline.
 
 The encoder downsamples first and works at low resolution, so encoding (the
 bulk pre-tokenization path) stays cheap; the decoder carries the capacity.
@@ -18,7 +22,7 @@ bulk pre-tokenization path) stays cheap; the decoder carries the capacity.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
@@ -33,7 +37,7 @@ class DVAEConfig:
     hidden: int = 64  # conv channels
     num_downsamples: int = 2  # grid = image_size / 2**num_downsamples
     num_res_blocks: int = 1  # per resolution level
-    quantizer: str = "vq"  # "gumbel" | "vq"
+    quantizer: str = "vq"  # "gumbel" | "vq" | "pixel-kmeans"
     commitment: float = 0.25  # VQ-VAE's beta
     ema_decay: float = 0.99
     dead_code_threshold: float = 1.0  # EMA count below which a code is restarted
@@ -182,11 +186,21 @@ class GumbelQuantizer(nn.Module):
 class DiscreteVAE(nn.Module):
     def __init__(self, c: DVAEConfig):
         super().__init__()
-        assert c.quantizer in ("gumbel", "vq"), c.quantizer
+        assert c.quantizer in ("gumbel", "vq", "pixel-kmeans"), c.quantizer
         self.c = c
+        if c.quantizer == "pixel-kmeans":  # block averages snapped to K colours; painted back block by block
+            f = 2 ** c.num_downsamples
+            self.encoder = nn.AvgPool2d(f) if f > 1 else nn.Identity()
+            self.quantizer = VectorQuantizer(replace(c, codebook_dim=3))
+            self.decoder = nn.Upsample(scale_factor=f, mode="nearest") if f > 1 else nn.Identity()
+            return
         self.encoder = Encoder(c, c.codebook_size if c.quantizer == "gumbel" else c.codebook_dim)
         self.quantizer = GumbelQuantizer(c) if c.quantizer == "gumbel" else VectorQuantizer(c)
         self.decoder = Decoder(c)
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter([*self.parameters(), *self.buffers()])).device  # pixel-kmeans has buffers only
 
     def forward(self, images: torch.Tensor):
         """Normalised (B, 3, H, W) -> (reconstruction, token grid, quantizer loss)."""
@@ -212,3 +226,37 @@ class DiscreteVAE(nn.Module):
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
         """LongTensor (B, h, w) -> normalised (B, 3, H, W) images."""
         return self.decoder(self.code_embeddings(tokens))
+
+
+@torch.no_grad()
+def fit_kmeans(model: DiscreteVAE, pixels: torch.Tensor, iters: int = 20, seed: int = 0,
+               log=None) -> float:
+    """Set a `pixel-kmeans` model's K colours by k-means (Lloyd, in torch) over (N, 3) normalised training
+    pixels (block averages when f > 1): k-means++ seeding on a sample, then `iters` rounds; a colour that
+    loses all its pixels restarts on a random one. `log(i, mse)` sees each round. Returns the final mse."""
+    q = model.quantizer
+    k = model.c.codebook_size
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    x = pixels.float()
+    sample = x[torch.randperm(len(x), generator=g)[:max(20 * k, 4096)].to(x.device)]
+    centres = sample[torch.randint(len(sample), (1,), generator=g).to(x.device)]
+    d2 = (sample - centres[0]).pow(2).sum(1)
+    for _ in range(1, k):  # k-means++: each new colour drawn in proportion to the squared distance
+        pick = torch.multinomial((d2 + 1e-12).cpu(), 1, generator=g).to(x.device)
+        centres = torch.cat([centres, sample[pick]])
+        d2 = torch.minimum(d2, (sample - sample[pick]).pow(2).sum(1))
+    q.embed.copy_(centres)
+    mse = float("nan")
+    for i in range(iters):
+        idx = q.nearest(x)
+        sums = torch.zeros_like(q.embed).index_add_(0, idx, x)
+        counts = torch.bincount(idx, minlength=k).float()
+        empty = counts == 0
+        q.embed.copy_(torch.where(empty[:, None], q.embed, sums / counts.clamp(min=1)[:, None]))
+        if empty.any():
+            q.embed[empty] = x[torch.randint(len(x), (int(empty.sum()),), generator=g).to(x.device)]
+        mse = float((x - q.embed[q.nearest(x)]).pow(2).sum(1).mean())
+        if log:
+            log(i + 1, mse)
+    q.ema_sum.copy_(q.embed)
+    return mse

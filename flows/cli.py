@@ -147,6 +147,8 @@ def cmd_stage(args) -> int:
                 prompts += [line.strip() for line in f if line.strip()]
         if prompts:
             args.overrides.append(f"generate.prompts={json.dumps(prompts)}")
+        if args.prime:
+            args.overrides += [f"generate.prime_image={json.dumps(args.prime)}", f"generate.prime_rows={args.prime_rows}"]
     cfg = load_config(args.config, args.overrides)  # fail on a bad config before Prefect starts
     check_prefect_server()
     result = _stage_flows()[args.command](config=args.config, overrides=args.overrides)
@@ -197,6 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("prompts", nargs="*", help="captions to draw (default: the val captions)")
     gen.add_argument("--prompts-file", help="a text file with one prompt per line")
     gen.add_argument("--out", help="also copy the grids and generations.parquet to this folder")
+    gen.add_argument("--prime", metavar="IMAGE", help="image completion: this image's top rows of tokens are kept")
+    gen.add_argument("--prime-rows", type=int, default=4, metavar="K",
+                     help="with --prime: how many token rows of the image to keep (default 4)")
     for name, func, help_ in (("status", cmd_status, "list the artifacts in the store"),
                               ("ls", cmd_status, "alias of status"),
                               ("gc", cmd_gc, "remove incomplete artifacts")):

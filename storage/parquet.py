@@ -30,6 +30,8 @@ GENERATIONS_SCHEMA = pa.schema([
     pa.field("clip_score", pa.float32(), nullable=False),
     pa.field("seed", pa.int64(), nullable=False),
     pa.field("image", pa.binary(), nullable=False),
+    pa.field("image_tokens", pa.list_(pa.uint16())),  # the sampled codes (the dVAE decodes them to `image`)
+    pa.field("prime", pa.string()),  # image completion: the prime image's file and its rows, else null
 ])
 
 

@@ -52,10 +52,16 @@ def stage_keys(cfg: Config) -> dict[str, str]:
     tr = cfg.transformer.model_dump(mode="json")
     k["transformer"] = stage_key(tr, {"tokens": k["tokens"]})
     k["clip"] = stage_key(cfg.clip.model_dump(mode="json"), {"images": k["images"], "bpe": k["bpe"]})
-    k["generations"] = stage_key(cfg.generate.model_dump(mode="json"),
+    gen = cfg.generate.model_dump(mode="json")
+    if gen["prime_image"] and os.path.exists(gen["prime_image"]):  # a prime image is identified by its content
+        gen["prime_image"] = _file_digest(gen["prime_image"])
+    elif gen["prime_image"] is None:  # keys of runs without priming stay what they were
+        del gen["prime_image"], gen["prime_rows"]
+    k["generations"] = stage_key(gen,
                                  {"transformer": k["transformer"], "dvae": k["dvae"], "clip": k["clip"], "bpe": k["bpe"],
                                   "images": k["images"]})
-    sampling = cfg.generate.model_dump(mode="json", exclude={"prompts", "num_val_prompts", "best_k", "batch_size"})
+    sampling = cfg.generate.model_dump(mode="json", exclude={"prompts", "num_val_prompts", "best_k", "batch_size",
+                                                             "prime_image", "prime_rows"})
     k["evaluation"] = stage_key({**cfg.evaluate.model_dump(mode="json"), "sampling": sampling,
                                  "metrics_version": METRICS_VERSION},
                                 {s: k[s] for s in ("images", "dvae", "bpe", "transformer", "clip")})

@@ -12,6 +12,7 @@ from prefect.cache_policies import NONE
 from dalle_core import dvae
 from dalle_core.config import Config
 from dalle_core.device import resolve_device
+from dalle_core.dvae import fit_kmeans
 from dalle_core.images import grid, png_bytes, to_tensor, to_uint8
 from dalle_core.loader import decode_images
 from dalle_core.train import Norm, dvae_schedule, dvae_step, evaluate_dvae
@@ -59,10 +60,24 @@ def run_training(cfg: Config, parent_run_id: str | None, flow_run_id: str | None
     device = device or resolve_device(cfg.runner.device)
     torch.manual_seed(t.seed)
     mcfg = model_config(cfg)
-    tr = Training.prepare(store, "dvae", key, dvae.DiscreteVAE(mcfg), t, device, rank, world)
     norm = Norm(r.norm_mean, r.norm_std)
     train_paths = shard_paths(store, "images", keys["images"], "train")
     val_paths = shard_paths(store, "images", keys["images"], "val")
+    params = {**r.model_dump(mode="json"), "world_size": world}
+    if r.quantizer == "pixel-kmeans":  # no gradient training: k-means over training pixels, one process
+        model = dvae.DiscreteVAE(mcfg).to(device)
+        with stage_run(cfg, store, "dvae", key, params, parent_run_id, flow_run_id) as run:
+            images = batch_stream(cfg, store, train_paths, ["image"], decode_images, 256, device, seed=t.seed,
+                                  window_rows=r.shuffle_buffer)
+            with torch.inference_mode():
+                pixels = torch.cat([model.encoder(to_tensor(b["image"], norm.mean, norm.std)).permute(0, 2, 3, 1)
+                                    .reshape(-1, 3) for b in islice(images, -(-r.kmeans_images // 256))])
+            mse = fit_kmeans(model, pixels, r.kmeans_iters, t.seed, lambda i, m: run.log_metrics({"kmeans_mse": m}, i))
+            logger().info("dvae/%s: k-means of %d pixels into %d colours, mse %.4f", key, len(pixels),
+                          r.codebook_size, mse)
+            _finish(cfg, store, keys, model.eval(), norm, device, run, r.kmeans_iters, world)
+        return
+    tr = Training.prepare(store, "dvae", key, dvae.DiscreteVAE(mcfg), t, device, rank, world)
     batches = batch_stream(cfg, store, train_paths, ["image", "caption"], decode_images, t.batch_size, device,
                            seed=t.seed, window_rows=r.shuffle_buffer, rank=rank, world=world,
                            start_batch=tr.start * t.grad_accum)
@@ -71,9 +86,7 @@ def run_training(cfg: Config, parent_run_id: str | None, flow_run_id: str | None
     if rank != 0:
         tr.fit(batches, dvae_step(r), None, **fit_args)
         return
-    with stage_run(cfg, store, "dvae", key, {**r.model_dump(mode="json"), "world_size": world}, parent_run_id,
-                   flow_run_id) as run:
-        run.set_tags({"input.images": keys["images"]})
+    with stage_run(cfg, store, "dvae", key, params, parent_run_id, flow_run_id) as run:
         model = tr.model
 
         def validate() -> dict:
@@ -81,28 +94,39 @@ def run_training(cfg: Config, parent_run_id: str | None, flow_run_id: str | None
             return evaluate_dvae(model, islice(val, t.val_batches), norm, device)
 
         result = tr.fit(batches, dvae_step(r), run, lambda m: f"psnr {m['psnr']:.1f}", validate, **fit_args)
-        metrics = validate()
-        run.log_metrics(metrics, result.step)
-        logger().info("dvae/%s: val PSNR %.2f dB, %.0f%% of codes used", key, metrics["val_psnr"],
-                      100 * metrics["val_code_usage_fraction"])
-        originals = next(iter(batch_stream(cfg, store, val_paths, ["image"], decode_images, 16, device,
-                                           shuffle=False)))["image"]
-        with torch.inference_mode():
-            x = to_tensor(originals, norm.mean, norm.std)
-            recons = model.decode(model.encode(x))
-        sheet = grid([list(to_uint8(x, norm.mean, norm.std)), list(to_uint8(recons, norm.mean, norm.std))],
-                     ["originals", "reconstructions"], scale=3)
-        run.log_image(sheet, "reconstructions.png")
-        store.write_bytes(store.path("dvae", key, "reconstructions.png"), png_bytes(sheet))
-        store.write_bytes(store.path("dvae", key, "model.safetensors"), state_bytes(model))
-        store.write_json(store.path("dvae", key, "config.json"),
-                         {"model": asdict(mcfg), "norm": {"mean": list(norm.mean), "std": list(norm.std)}})
-        store.write_json(store.path("dvae", key, "metrics.json"), {**metrics, "steps": result.step})
-        drop_checkpoints(store, "dvae", key)
-        manifest = store.finish("dvae", key, config=r.model_dump(mode="json"), inputs={"images": keys["images"]},
-                                grid=[mcfg.grid_size, mcfg.grid_size], codebook_size=mcfg.codebook_size,
-                                steps=result.step, world_size=world, metrics=metrics)
-        run.log_dict(manifest, "manifest.json")
+        _finish(cfg, store, keys, model, norm, device, run, result.step, world, validate())
+
+
+def _finish(cfg: Config, store: ArtifactStore, keys: dict, model: dvae.DiscreteVAE, norm: Norm, device, run,
+            steps: int, world: int, metrics: dict | None = None) -> None:
+    """Validate (unless done), draw reconstructions, write `dvae/<key>/` and its manifest."""
+    key, r = keys["dvae"], cfg.dvae
+    run.set_tags({"input.images": keys["images"]})
+    val_paths = shard_paths(store, "images", keys["images"], "val")
+    if metrics is None:
+        val = batch_stream(cfg, store, val_paths, ["image"], decode_images, 256, device, shuffle=False)
+        metrics = evaluate_dvae(model, islice(val, r.train.val_batches), norm, device)
+    run.log_metrics(metrics, steps)
+    logger().info("dvae/%s: val PSNR %.2f dB, %.0f%% of codes used", key, metrics["val_psnr"],
+                  100 * metrics["val_code_usage_fraction"])
+    originals = next(iter(batch_stream(cfg, store, val_paths, ["image"], decode_images, 16, device,
+                                       shuffle=False)))["image"]
+    with torch.inference_mode():
+        x = to_tensor(originals, norm.mean, norm.std)
+        recons = model.decode(model.encode(x))
+    sheet = grid([list(to_uint8(x, norm.mean, norm.std)), list(to_uint8(recons, norm.mean, norm.std))],
+                 ["originals", "reconstructions"], scale=3)
+    run.log_image(sheet, "reconstructions.png")
+    store.write_bytes(store.path("dvae", key, "reconstructions.png"), png_bytes(sheet))
+    store.write_bytes(store.path("dvae", key, "model.safetensors"), state_bytes(model))
+    store.write_json(store.path("dvae", key, "config.json"),
+                     {"model": asdict(model.c), "norm": {"mean": list(norm.mean), "std": list(norm.std)}})
+    store.write_json(store.path("dvae", key, "metrics.json"), {**metrics, "steps": steps})
+    drop_checkpoints(store, "dvae", key)
+    manifest = store.finish("dvae", key, config=r.model_dump(mode="json"), inputs={"images": keys["images"]},
+                            grid=[model.c.grid_size, model.c.grid_size], codebook_size=model.c.codebook_size,
+                            steps=steps, world_size=world, metrics=metrics)
+    run.log_dict(manifest, "manifest.json")
 
 
 @task(name="train-dvae", cache_policy=NONE)

@@ -84,11 +84,11 @@ def _evaluate(cfg: Config, store: ArtifactStore, keys: dict, run: StageRun) -> N
         group = captions[first:first + per_call]
         seeds = [prompt_seed(e.seed, first + j) for j in range(len(group))]
         results = gen.candidates(group, n, seeds, g.batch_size, g.temperature, g.top_k, g.top_p, g.cond_scale)
-        for i, caption, seed, (images, s, _) in zip(range(first, first + len(group)), group, seeds, results):
+        for i, caption, seed, (images, s, _, codes) in zip(range(first, first + len(group)), group, seeds, results):
             scores[i] = s
             top1.append(images[int(np.argmax(s))])
             random_pick.append(images[0])  # candidates are i.i.d. draws, so the first is a random one
-            rows += candidate_rows(caption, seed, images, s)
+            rows += candidate_rows(caption, seed, images, s, codes)
         progress.update(len(group), extra=f"{(first + len(group)) * n / (time.perf_counter() - t0):.0f} images/s")
     report["generation"] = {"prompts": len(captions), "candidates": n, **rerank_gain(scores),
                             "images_per_s": len(captions) * n / max(time.perf_counter() - t0, 1e-9)}

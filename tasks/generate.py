@@ -14,13 +14,15 @@ import time
 
 import numpy as np
 import pyarrow as pa
+import torch
+from PIL import Image
 from prefect import task
 from prefect.cache_policies import NONE
 
 from dalle_core.config import Config, ConfigError, config_from_dict
 from dalle_core.device import resolve_device, sampling_precision
 from dalle_core.generate import Generator, prompt_seed, ranks
-from dalle_core.images import decode_png, grid, png_bytes
+from dalle_core.images import decode_png, grid, png_bytes, to_rgb_square
 from storage.parquet import (
     GENERATIONS_SCHEMA,
     iter_batches,
@@ -95,6 +97,7 @@ def plan_generation(cfg: Config, parent_run_id: str | None = None) -> StagePlan:
     for stage in ("transformer", "dvae", "bpe"):
         store.require(stage, keys[stage])
     prompts = resolve_prompts(cfg, store)
+    prime_image(cfg)  # a missing or unreadable prime image fails here, in one line, before any work
     store.prepare("generations", keys["generations"])
     parts = [(i, prompts[i:i + PROMPTS_PER_PART]) for i in range(0, len(prompts), PROMPTS_PER_PART)]
     todo = [(i, p) for i, p in parts
@@ -107,10 +110,34 @@ def plan_generation(cfg: Config, parent_run_id: str | None = None) -> StagePlan:
     return StagePlan(todo, run.run_id)
 
 
-def candidate_rows(prompt: str, seed: int, images: np.ndarray, scores: np.ndarray) -> list[dict]:
+def candidate_rows(prompt: str, seed: int, images: np.ndarray, scores: np.ndarray, codes: np.ndarray,
+                   prime: str | None = None) -> list[dict]:
     """GENERATIONS_SCHEMA rows of one prompt's ranked candidates."""
     return [{"prompt": prompt, "candidate": cand, "rank": int(rank), "clip_score": float(score), "seed": seed,
-             "image": png_bytes(image)} for cand, (image, score, rank) in enumerate(zip(images, scores, ranks(scores)))]
+             "image": png_bytes(image), "image_tokens": tokens.astype(np.uint16), "prime": prime}
+            for cand, (image, score, rank, tokens) in enumerate(zip(images, scores, ranks(scores), codes))]
+
+
+def prime_image(cfg: Config) -> np.ndarray | None:
+    """`generate.prime_image` as (H, W, 3) uint8 at the dVAE's input size (shorter side resized, centre crop)."""
+    path = cfg.generate.prime_image
+    if path is None:
+        return None
+    if not os.path.isfile(path):
+        raise ConfigError(f"generate.prime_image {path!r} does not exist")
+    try:
+        with Image.open(path) as im:
+            return np.asarray(to_rgb_square(im, cfg.data.image_size))
+    except OSError as err:
+        raise ConfigError(f"generate.prime_image {path!r} is not a readable image: {err}") from None
+
+
+def _prime(cfg: Config) -> tuple[torch.Tensor | None, str | None]:
+    image = prime_image(cfg)
+    if image is None:
+        return None, None
+    prefix, _ = generator(cfg).prime(image, cfg.generate.prime_rows)
+    return prefix, f"{cfg.generate.prime_image} (top {cfg.generate.prime_rows} rows)"
 
 
 @task(name="generate-part", cache_policy=NONE, retries=1, retry_delay_seconds=2)
@@ -121,14 +148,15 @@ def generate_part(cfg: Config, first: int, prompts: list[str]) -> dict:
     gen = generator(cfg)
     rows, truncated = [], []
     seeds = [prompt_seed(g.seed, first + j) for j in range(len(prompts))]
+    prefix, prime = _prime(cfg)
     results = gen.candidates(prompts, g.num_candidates, seeds, g.batch_size, g.temperature, g.top_k, g.top_p,
-                             g.cond_scale)
-    for prompt, seed, (images, scores, was_truncated) in zip(prompts, seeds, results):
+                             g.cond_scale, prefix)
+    for prompt, seed, (images, scores, was_truncated, codes) in zip(prompts, seeds, results):
         if was_truncated:
             truncated.append(prompt)
             logger().warning("prompt %r is longer than text_len=%d tokens and was truncated", prompt,
                              cfg.text.text_len)
-        rows += candidate_rows(prompt, seed, images, scores)
+        rows += candidate_rows(prompt, seed, images, scores, codes, prime)
     write_shard(store, out, pa.Table.from_pylist(rows, schema=GENERATIONS_SCHEMA))
     seconds = time.perf_counter() - t0
     logger().info("generated prompts %d-%d: %d images in %.1fs (%.1f prompts/s, %.0f images/s)", first,
@@ -136,8 +164,10 @@ def generate_part(cfg: Config, first: int, prompts: list[str]) -> dict:
     return {"prompts": len(prompts), "images": len(rows), "truncated": truncated, "seconds": seconds}
 
 
-def best_grids(table: pa.Table, best_k: int) -> tuple[list[str], dict[str, np.ndarray], np.ndarray]:
-    """Per prompt, a grid of its best_k images with the prompt under it; and a contact sheet of all prompts."""
+def best_grids(table: pa.Table, best_k: int, lead: list[np.ndarray] = (), lead_labels: list[str] = (),
+               ) -> tuple[list[str], dict[str, np.ndarray], np.ndarray]:
+    """Per prompt, a grid of its best_k images with the prompt under it; and a contact sheet of all prompts.
+    `lead`: images shown first in every row (image completion: the prime and its dVAE reconstruction)."""
     prompts, best = [], {}
     for row in table.select(["prompt", "rank", "image"]).to_pylist():
         if row["prompt"] not in best:
@@ -145,9 +175,11 @@ def best_grids(table: pa.Table, best_k: int) -> tuple[list[str], dict[str, np.nd
             best[row["prompt"]] = {}
         if row["rank"] < best_k:
             best[row["prompt"]][row["rank"]] = decode_png(row["image"])
-    rows = [[best[p][r] for r in sorted(best[p])] for p in prompts]
-    grids = {p: grid([r], [p], scale=4) for p, r in zip(prompts, rows)}
-    return prompts, grids, grid(rows, prompts, scale=3)
+    rows = [[*lead, *(best[p][r] for r in sorted(best[p]))] for p in prompts]
+    header = [*lead_labels, *(f"#{i + 1} by CLIP" for i in range(max(len(r) for r in rows) - len(lead)))] \
+        if lead else None
+    grids = {p: grid([r], [p], scale=4, header=header) for p, r in zip(prompts, rows)}
+    return prompts, grids, grid(rows, prompts, scale=3, header=header)
 
 
 @task(name="finish-generation", cache_policy=NONE)
@@ -160,7 +192,11 @@ def finish_generation(cfg: Config, plan: StagePlan, results: list[dict], wall_se
         parts = shard_paths(store, "generations", key, "parts")
         table = pa.concat_tables([read_shard(store, p) for p in parts])
         write_shard(store, store.path("generations", key, "generations.parquet"), table)
-        prompts, grids, sheet = best_grids(table, cfg.generate.best_k)
+        lead, labels = [], []
+        if (image := prime_image(cfg)) is not None:
+            lead = [image, generator(cfg).prime(image, cfg.generate.prime_rows)[1]]
+            labels = ["prime", "its dVAE recon"]
+        prompts, grids, sheet = best_grids(table, cfg.generate.best_k, lead, labels)
         scores = table.column("clip_score").to_numpy()
         top1 = table.filter(pa.compute.equal(table.column("rank"), 0)).column("clip_score").to_numpy()
         metrics = {"prompts": len(prompts), "images": table.num_rows, "clip_score_mean": float(scores.mean()),

@@ -118,7 +118,7 @@ def _encode_shard(cfg: Config, store: ArtifactStore, keys: dict, split: str, ind
     table = read_shard(store, store.path("images", keys["images"], split, shard_name(index)))
     captions = table.column("caption").to_pylist()
     pngs = table.column("image").to_pylist()
-    device = next(model.parameters()).device
+    device = model.device
     batch = max(1, ENCODE_PIXELS * (8 if device.type == "cuda" else 1) // model.c.image_size ** 2)
     codes = []
     with torch.inference_mode():

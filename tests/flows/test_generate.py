@@ -148,3 +148,38 @@ def test_empty_and_too_long_prompts(generated, capsys):
     ref = generate_flow(config=str(TINY), overrides=[*ov, f'generate.prompts=["{long.strip()}"]'])
     cfg = load_config(TINY, ov)
     assert open_store(cfg).manifest("generations", ref.key)["truncated_prompts"] == [long.strip()]
+
+
+def test_image_completion_keeps_the_prime_rows(generated, tmp_path, capsys):
+    """`dalle generate CAPTION --prime IMAGE --prime-rows K`: every candidate starts with the K token rows of
+    the (resized) prime, the rest is sampled; the grid shows the prime and its reconstruction first."""
+    import torch
+    from PIL import Image
+
+    from dalle_core.images import to_rgb_square, to_tensor
+    from tasks.dvae import load_dvae
+
+    _, ov, _ = generated
+    cfg = load_config(TINY, ov)
+    images, captions = _val_images(cfg, 1)
+    prime = tmp_path / "prime.png"
+    Image.fromarray(images[0]).resize((48, 40)).save(prime)  # another size: resized and cropped to 32 px
+    sets = sum((["--set", o] for o in ov), [])
+    assert main(["generate", "-c", str(TINY), *sets, captions[0], "--prime", str(prime), "--prime-rows", "3"]) == 0
+    cfg = load_config(TINY, [*ov, f'generate.prompts=["{captions[0]}"]', f"generate.prime_image={prime}",
+                             "generate.prime_rows=3"])
+    store, keys = open_store(cfg), stage_keys(cfg)
+    table = _table(store, keys["generations"])
+    codes = np.stack(table.column("image_tokens").to_pylist())
+    dvae, norm = load_dvae(store, keys["dvae"])
+    with Image.open(prime) as im, torch.inference_mode():
+        x = to_tensor(np.asarray(to_rgb_square(im, 32))[None], norm.mean, norm.std)
+        expected = dvae.encode(x)[0, :3].flatten().numpy()
+    assert (codes[:, :24] == expected).all()  # 3 rows of the 8x8 grid, in every candidate
+    assert len({c[24:].tobytes() for c in codes}) > 1  # the other rows are sampled
+    assert set(table.column("prime").to_pylist()) == {f"{prime} (top 3 rows)"}
+    sheet = decode_png(store.read_bytes(store.path("generations", keys["generations"], "grids", "prompt-0000.png")))
+    assert sheet.shape[1] == (2 + cfg.generate.best_k) * (32 * 4 + 2)  # prime, recon, best_k completions
+    assert main(["generate", "-c", str(TINY), *sets, "a red circle", "--prime", str(prime), "--prime-rows", "8"]) == 2
+    assert "generate.prime_rows=8 must leave rows to sample: the token grid has 8 rows, so use 1 to 7" in \
+        capsys.readouterr().err

@@ -196,3 +196,21 @@ def test_dvae_and_clip_train_under_torchrun(tiny):
     dvae_m, clip_m = store.manifest("dvae", dvae_ref.key), store.manifest("clip", clip_ref.key)
     assert dvae_m["world_size"] == 2 and dvae_m["steps"] == 20 and clip_m["world_size"] == 2
     assert dvae_m["metrics"]["val_psnr"] > 9  # it learned: an untrained dVAE gives 6.1 dB on these images
+
+
+def test_pixel_kmeans_tokenizer_through_the_stages(store_copy):
+    """`dvae.quantizer=pixel-kmeans`: the dVAE stage runs k-means instead of gradient steps (one mse point
+    per round in MLflow), and pre-tokenization uses it like any dVAE."""
+    ov = [*store_copy, "dvae.quantizer=pixel-kmeans", "dvae.codebook_size=32", "dvae.kmeans_images=128",
+          "dvae.kmeans_iters=4"]
+    pretokenize_flow(config=str(TINY), overrides=ov)
+    cfg = load_config(TINY, ov)
+    store, keys = open_store(cfg), stage_keys(cfg)
+    dvae_m = store.manifest("dvae", keys["dvae"])
+    assert dvae_m["steps"] == 4 and dvae_m["metrics"]["val_psnr"] > 18, dvae_m["metrics"]
+    tokens_m = store.manifest("tokens", keys["tokens"])
+    assert tokens_m["grid"] == [8, 8] and tokens_m["codebook_size"] == 32
+    client = MlflowClient(cfg.tracking.uri)
+    run = client.search_runs([client.get_experiment_by_name("dalle").experiment_id],
+                             "tags.stage = 'dvae' and tags.cached = 'false'")[0]
+    assert [h.step for h in client.get_metric_history(run.info.run_id, "kmeans_mse")] == [1, 2, 3, 4]
