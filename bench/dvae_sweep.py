@@ -30,7 +30,7 @@ def _data(num: int, size: int, seed: int) -> np.ndarray:
 
 def run_one(spec: str, steps: int | None, device: str, train_images: int, val_images: int, threads: int) -> dict:
     from dalle_core.config import load_config
-    from dalle_core.dvae import DiscreteVAE, DVAEConfig
+    from dalle_core.dvae import DiscreteVAE, config_for
     from dalle_core.train import Norm, dvae_schedule, dvae_step, evaluate_dvae, fit, make_optimizer
 
     torch.set_num_threads(threads)
@@ -40,11 +40,7 @@ def run_one(spec: str, steps: int | None, device: str, train_images: int, val_im
     cfg = load_config(ROOT / "configs" / "shapes.yaml", overrides)
     d, t = cfg.dvae, cfg.dvae.train
     torch.manual_seed(t.seed)
-    model = DiscreteVAE(DVAEConfig(image_size=cfg.data.image_size, codebook_size=d.codebook_size,
-                                   codebook_dim=d.codebook_dim, hidden=d.hidden, num_downsamples=d.num_downsamples,
-                                   num_res_blocks=d.num_res_blocks, quantizer=d.quantizer, commitment=d.commitment,
-                                   ema_decay=d.ema_decay, dead_code_threshold=d.dead_code_threshold,
-                                   straight_through=d.straight_through)).to(device)
+    model = DiscreteVAE(config_for(d, cfg.data.image_size)).to(device)
     train = torch.from_numpy(_data(train_images, cfg.data.image_size, 1))
     val = torch.from_numpy(_data(val_images, cfg.data.image_size, 2))
     gen = torch.Generator().manual_seed(0)

@@ -48,6 +48,15 @@ class DVAEConfig:
         return self.image_size // 2 ** self.num_downsamples
 
 
+def config_for(section, image_size: int) -> DVAEConfig:
+    """The model shape of a `dvae` run-config section (`dalle_core.config.DVAESection`) at `image_size`."""
+    return DVAEConfig(image_size=image_size, codebook_size=section.codebook_size, codebook_dim=section.codebook_dim,
+                      hidden=section.hidden, num_downsamples=section.num_downsamples,
+                      num_res_blocks=section.num_res_blocks, quantizer=section.quantizer,
+                      commitment=section.commitment, ema_decay=section.ema_decay,
+                      dead_code_threshold=section.dead_code_threshold, straight_through=section.straight_through)
+
+
 class ResBlock(nn.Module):
     def __init__(self, ch: int):
         super().__init__()

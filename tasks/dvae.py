@@ -33,15 +33,6 @@ from tasks.common import (
 )
 
 
-def model_config(cfg: Config) -> dvae.DVAEConfig:
-    d = cfg.dvae
-    return dvae.DVAEConfig(image_size=cfg.data.image_size, codebook_size=d.codebook_size,
-                           codebook_dim=d.codebook_dim, hidden=d.hidden, num_downsamples=d.num_downsamples,
-                           num_res_blocks=d.num_res_blocks, quantizer=d.quantizer, commitment=d.commitment,
-                           ema_decay=d.ema_decay, dead_code_threshold=d.dead_code_threshold,
-                           straight_through=d.straight_through)
-
-
 def load_dvae(store: ArtifactStore, key: str, device: torch.device | str = "cpu") -> tuple[dvae.DiscreteVAE, Norm]:
     """A finished dVAE from the store, on `device`, in eval mode, with its input normalisation."""
     store.require("dvae", key)
@@ -59,10 +50,9 @@ def run_training(cfg: Config, parent_run_id: str | None, flow_run_id: str | None
     key, r, t = keys["dvae"], cfg.dvae, cfg.dvae.train
     device = device or resolve_device(cfg.runner.device)
     torch.manual_seed(t.seed)
-    mcfg = model_config(cfg)
+    mcfg = dvae.config_for(r, cfg.data.image_size)
     norm = Norm(r.norm_mean, r.norm_std)
     train_paths = shard_paths(store, "images", keys["images"], "train")
-    val_paths = shard_paths(store, "images", keys["images"], "val")
     params = {**r.model_dump(mode="json"), "world_size": world}
     if r.quantizer == "pixel-kmeans":  # no gradient training: k-means over training pixels, one process
         model = dvae.DiscreteVAE(mcfg).to(device)
@@ -75,7 +65,8 @@ def run_training(cfg: Config, parent_run_id: str | None, flow_run_id: str | None
             mse = fit_kmeans(model, pixels, r.kmeans_iters, t.seed, lambda i, m: run.log_metrics({"kmeans_mse": m}, i))
             logger().info("dvae/%s: k-means of %d pixels into %d colours, mse %.4f", key, len(pixels),
                           r.codebook_size, mse)
-            _finish(cfg, store, keys, model.eval(), norm, device, run, r.kmeans_iters, world)
+            _finish(cfg, store, keys, model.eval(), norm, device, run, r.kmeans_iters, world,
+                    _validate(cfg, store, keys, model, norm, device))
         return
     tr = Training.prepare(store, "dvae", key, dvae.DiscreteVAE(mcfg), t, device, rank, world)
     batches = batch_stream(cfg, store, train_paths, ["image", "caption"], decode_images, t.batch_size, device,
@@ -90,25 +81,28 @@ def run_training(cfg: Config, parent_run_id: str | None, flow_run_id: str | None
         model = tr.model
 
         def validate() -> dict:
-            val = batch_stream(cfg, store, val_paths, ["image"], decode_images, 256, device, shuffle=False)
-            return evaluate_dvae(model, islice(val, t.val_batches), norm, device)
+            return _validate(cfg, store, keys, model, norm, device)
 
         result = tr.fit(batches, dvae_step(r), run, lambda m: f"psnr {m['psnr']:.1f}", validate, **fit_args)
         _finish(cfg, store, keys, model, norm, device, run, result.step, world, validate())
 
 
+def _validate(cfg: Config, store: ArtifactStore, keys: dict, model: dvae.DiscreteVAE, norm: Norm, device) -> dict:
+    """Hard-code val PSNR and code usage over the val split (the first `train.val_batches` batches)."""
+    val = batch_stream(cfg, store, shard_paths(store, "images", keys["images"], "val"), ["image"], decode_images,
+                       256, device, shuffle=False)
+    return evaluate_dvae(model, islice(val, cfg.dvae.train.val_batches), norm, device)
+
+
 def _finish(cfg: Config, store: ArtifactStore, keys: dict, model: dvae.DiscreteVAE, norm: Norm, device, run,
-            steps: int, world: int, metrics: dict | None = None) -> None:
-    """Validate (unless done), draw reconstructions, write `dvae/<key>/` and its manifest."""
+            steps: int, world: int, metrics: dict) -> None:
+    """Log the final val metrics, draw reconstructions, write `dvae/<key>/` and its manifest."""
     key, r = keys["dvae"], cfg.dvae
     run.set_tags({"input.images": keys["images"]})
-    val_paths = shard_paths(store, "images", keys["images"], "val")
-    if metrics is None:
-        val = batch_stream(cfg, store, val_paths, ["image"], decode_images, 256, device, shuffle=False)
-        metrics = evaluate_dvae(model, islice(val, r.train.val_batches), norm, device)
     run.log_metrics(metrics, steps)
     logger().info("dvae/%s: val PSNR %.2f dB, %.0f%% of codes used", key, metrics["val_psnr"],
                   100 * metrics["val_code_usage_fraction"])
+    val_paths = shard_paths(store, "images", keys["images"], "val")
     originals = next(iter(batch_stream(cfg, store, val_paths, ["image"], decode_images, 16, device,
                                        shuffle=False)))["image"]
     with torch.inference_mode():
