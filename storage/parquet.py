@@ -21,6 +21,7 @@ IMAGES_SCHEMA = pa.schema([
     pa.field("id", pa.string(), nullable=False),
     pa.field("caption", pa.string(), nullable=False),
     pa.field("image", pa.binary(), nullable=False),  # PNG bytes
+    pa.field("subset", pa.string()),  # the source's label for the row (e.g. unseen / seen-variant), else null
 ])
 
 GENERATIONS_SCHEMA = pa.schema([

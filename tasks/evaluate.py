@@ -1,14 +1,18 @@
 """Evaluation stage: how good are this pipeline's images? -> `evaluation/<key>/evaluation.json`.
 
 Collects each stage's validation numbers, samples candidates for a fixed set of
-val captions to measure the CLIP reranking gain (best of N vs a random
-candidate), and on the shapes dataset checks caption faithfulness of the top-1
-image, a random candidate, and the dVAE reconstruction of the real image.
+val captions (and some training captions) to measure the CLIP reranking gain
+(best of N vs a random candidate) and, per split (seen captions, each val
+subset), CLIP R-precision, Fréchet distance in CLIP space with its real-halves
+floor, nearest-training-image memorisation and the dVAE's PSNR/SSIM. On the
+shapes dataset it also checks caption faithfulness of the top-1 image, a random
+candidate, and the dVAE reconstruction of the real image.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -17,9 +21,19 @@ from prefect import task
 from prefect.cache_policies import NONE
 
 from dalle_core.config import Config
-from dalle_core.evaluation import faithfulness, has_pair, is_shapes_caption, rerank_gain
+from dalle_core.evaluation import (
+    InceptionFID,
+    faithfulness,
+    frechet_distance,
+    has_pair,
+    is_shapes_caption,
+    nearest_neighbours,
+    r_precision,
+    rerank_gain,
+    ssim,
+)
 from dalle_core.generate import prompt_seed, prompts_per_batch
-from dalle_core.images import decode_png, grid, png_bytes, to_tensor, to_uint8
+from dalle_core.images import decode_png, grid, png_bytes, psnr, to_tensor, to_uint8
 from storage.parquet import GENERATIONS_SCHEMA, iter_batches, shard_paths, write_shard
 from storage.store import ArtifactStore
 from storage.tracking import StageRun
@@ -35,14 +49,52 @@ from tasks.common import (
 from tasks.generate import candidate_rows, generator
 
 
-def _val_rows(store, images_key: str, limit: int) -> tuple[list[str], np.ndarray]:
-    captions, images = [], []
-    for batch in iter_batches(store, shard_paths(store, "images", images_key, "val"), ["caption", "image"]):
+def _val_rows(store, images_key: str, limit: int) -> tuple[list[str], np.ndarray, list[str]]:
+    """The first `limit` val rows: captions, images, and each row's subset label ("val" where the source has none)."""
+    captions, images, subsets = [], [], []
+    for batch in iter_batches(store, shard_paths(store, "images", images_key, "val"), ["caption", "image", "subset"]):
         captions += batch.column("caption").to_pylist()
         images += [decode_png(b) for b in batch.column("image").to_pylist()]
+        subsets += [s or "val" for s in batch.column("subset").to_pylist()]
         if len(captions) >= limit:
             break
-    return captions[:limit], np.stack(images[:limit])
+    return captions[:limit], np.stack(images[:limit]), subsets[:limit]
+
+
+@dataclass
+class TrainSide:
+    """What the evaluation knows of the training images: their captions and CLIP embeddings (for the
+    nearest-neighbour check), and a few rows drawn as seen-caption prompts."""
+
+    captions: list[str]
+    embeddings: torch.Tensor  # (N, D) unit vectors on the CPU
+    prompt_captions: list[str]
+    prompt_images: np.ndarray  # (P, H, W, 3)
+
+
+def _train_side(store, images_key: str, scorer, limit: int, prompts: int, seed: int) -> TrainSide:
+    """Embed the first `limit` training images a batch at a time (no image is kept beyond the drawn prompts)."""
+    paths = shard_paths(store, "images", images_key, "train")
+    captions: list[str] = []
+    for batch in iter_batches(store, paths, ["caption"]):
+        captions += batch.column("caption").to_pylist()
+        if len(captions) >= limit:
+            break
+    captions = captions[:limit]
+    chosen = np.random.default_rng(seed).choice(len(captions), size=min(prompts, len(captions)), replace=False)
+    order = {int(i): j for j, i in enumerate(sorted(chosen))}
+    kept: dict[int, np.ndarray] = {}
+    embeddings, seen = [], 0
+    for batch in iter_batches(store, paths, ["image"], batch_size=256):
+        pixels = np.stack([decode_png(b) for b in batch.column("image").to_pylist()])[:len(captions) - seen]
+        embeddings.append(scorer.embed_images(pixels).cpu())
+        kept.update({i: pixels[i - seen] for i in order if seen <= i < seen + len(pixels)})
+        seen += len(pixels)
+        if seen >= len(captions):
+            break
+    rows = sorted(chosen)
+    return TrainSide(captions, torch.cat(embeddings), [captions[i] for i in rows],
+                     np.stack([kept[i] for i in rows]) if rows else np.zeros((0,)))
 
 
 @task(name="evaluate", cache_policy=NONE)
@@ -73,8 +125,12 @@ def _evaluate(cfg: Config, store: ArtifactStore, keys: dict, run: StageRun) -> N
         report["clip"] = {k: clip_m[k] for k in ("val_i2t_recall_at_1", "val_t2i_recall_at_1", "val_chance_recall_at_1")
                           if k in clip_m}
 
-    captions, real = _val_rows(store, keys["images"], e.num_prompts)
-    n = e.num_candidates
+    val_captions, val_real, val_subsets = _val_rows(store, keys["images"], e.num_prompts)
+    train = _train_side(store, keys["images"], gen.scorer, e.train_images, e.train_prompts, e.seed)
+    # Prompts: the val captions first (their seeds are those of earlier evaluations), then the drawn train rows.
+    captions = val_captions + train.prompt_captions
+    real = np.concatenate([val_real, train.prompt_images]) if train.prompt_captions else val_real
+    n_val, n = len(val_captions), e.num_candidates
     scores = np.zeros((len(captions), n), dtype=np.float32)
     top1, random_pick, rows = [], [], []
     progress = Progress("evaluate", len(captions), "prompts")
@@ -90,27 +146,34 @@ def _evaluate(cfg: Config, store: ArtifactStore, keys: dict, run: StageRun) -> N
             random_pick.append(images[0])  # candidates are i.i.d. draws, so the first is a random one
             rows += candidate_rows(caption, seed, images, s, codes)
         progress.update(len(group), extra=f"{(first + len(group)) * n / (time.perf_counter() - t0):.0f} images/s")
-    report["generation"] = {"prompts": len(captions), "candidates": n, **rerank_gain(scores),
+    report["generation"] = {"prompts": n_val, "candidates": n, **rerank_gain(scores[:n_val]),
                             "images_per_s": len(captions) * n / max(time.perf_counter() - t0, 1e-9)}
 
-    if all(is_shapes_caption(c) for c in captions):
-        with torch.inference_mode():
-            x = to_tensor(torch.from_numpy(real).to(gen.device), gen.norm.mean, gen.norm.std)
-            recon = to_uint8(gen.dvae.decode(gen.dvae.encode(x)), gen.norm.mean, gen.norm.std)
-        report["faithfulness"] = {"top1": faithfulness(top1, captions), "random": faithfulness(random_pick, captions),
-                                  "dvae_reconstruction": faithfulness(list(recon), captions),
-                                  "real_images": faithfulness(list(real), captions)}
+    with torch.inference_mode():
+        recon = np.concatenate([_reconstruct(gen, real[i:i + 256]) for i in range(0, len(real), 256)])
+    groups = subset_groups(val_subsets, len(train.prompt_captions))
+    report["splits"] = _split_metrics(gen, groups, captions, real, recon, np.stack(top1), np.stack(random_pick),
+                                      train, e)
+
+    if all(is_shapes_caption(c) for c in val_captions):
+        vc = val_captions
+        report["faithfulness"] = {"top1": faithfulness(top1[:n_val], vc), "random": faithfulness(random_pick[:n_val], vc),
+                                  "dvae_reconstruction": faithfulness(list(recon[:n_val]), vc),
+                                  "real_images": faithfulness(list(val_real), vc)}
         held = cfg.data.shapes.holdout if cfg.data.source == "shapes" else []
-        idx = [i for i, c in enumerate(captions) if held and has_pair(c, held)]
+        idx = [i for i, c in enumerate(vc) if held and has_pair(c, held)]
         if idx:
             report["faithfulness"]["holdout_pairs"] = {
-                "prompts": len(idx), **faithfulness([top1[i] for i in idx], [captions[i] for i in idx])}
+                "prompts": len(idx), **faithfulness([top1[i] for i in idx], [vc[i] for i in idx])}
 
-    sheet = grid([[top1[i], random_pick[i]] for i in range(min(32, len(captions)))], captions[:32], scale=3,
-                 header=[f"top-1 of {n} by CLIP", "random candidate"])
+    show = list(dict.fromkeys(i for idx in groups.values() for i in idx[:8]))  # a few prompts of every split
+    labels = {i: name for name, idx in groups.items() for i in idx}
+    sheet = grid([[real[i], top1[i], random_pick[i]] for i in show], [f"[{labels[i]}] {captions[i]}" for i in show],
+                 scale=3, header=["real image", f"top-1 of {n} by CLIP", "random candidate"])
     run.log_metrics(flat_metrics(report))
     run.log_image(sheet, "top1_vs_random.png")
     run.log_dict(report, "evaluation.json")
+    run.log_text(format_report(report), "evaluation.txt")
     write_shard(store, store.path("evaluation", key, "generations.parquet"),
                 pa.Table.from_pylist(rows, schema=GENERATIONS_SCHEMA))
     store.write_bytes(store.path("evaluation", key, "top1_vs_random.png"), png_bytes(sheet))
@@ -118,6 +181,75 @@ def _evaluate(cfg: Config, store: ArtifactStore, keys: dict, run: StageRun) -> N
     store.finish("evaluation", key, config=e.model_dump(mode="json"),
                  inputs={s: keys[s] for s in ("images", "dvae", "bpe", "transformer", "clip")},
                  rows={"generations": len(rows)})
+
+
+def _reconstruct(gen, images: np.ndarray) -> np.ndarray:
+    x = to_tensor(torch.from_numpy(images).to(gen.device), gen.norm.mean, gen.norm.std)
+    return to_uint8(gen.dvae.decode(gen.dvae.encode(x)), gen.norm.mean, gen.norm.std)
+
+
+def subset_groups(val_subsets: list[str], train_prompts: int) -> dict[str, list[int]]:
+    """Prompt indices per reported split. `seen`: the drawn train captions and the val rows whose subset starts
+    with "seen" (another variant of a trained concept); then each val subset on its own."""
+    n_val = len(val_subsets)
+    groups: dict[str, list[int]] = {"seen": list(range(n_val, n_val + train_prompts))
+                                    + [i for i, s in enumerate(val_subsets) if s.startswith("seen")]}
+    for i, s in enumerate(val_subsets):
+        groups.setdefault(s, []).append(i)
+    return {name: idx for name, idx in groups.items() if idx}
+
+
+def _split_metrics(gen, groups: dict[str, list[int]], captions: list[str], real: np.ndarray, recon: np.ndarray,
+                   top1: np.ndarray, random_pick: np.ndarray, train: TrainSide, e) -> dict[str, dict]:
+    """Per split: CLIP R-precision (top-1, random candidate, real image), Fréchet distance in CLIP space against
+    half of the real images (with the other real half as the floor), nearest-training-image memorisation, and
+    the dVAE's reconstruction PSNR and SSIM."""
+    pool = list(dict.fromkeys(captions))  # distinct captions: the R-precision candidates
+    truth = [pool.index(c) for c in captions]
+    text_emb = torch.cat([gen.scorer.embed_texts(pool[i:i + 512]).cpu() for i in range(0, len(pool), 512)])
+
+    def embed(images):
+        return torch.cat([gen.scorer.embed_images(images[i:i + 256]).cpu() for i in range(0, len(images), 256)])
+
+    emb = {"top1": embed(top1), "random": embed(random_pick), "real": embed(real)}
+    nn_index, nn_sim = {}, {}
+    for k in ("top1", "real"):
+        nn_index[k], nn_sim[k] = nearest_neighbours(emb[k], train.embeddings)
+    in_train = set(train.captions)
+    fid = InceptionFID(e.inception_weights, gen.device) if e.inception_weights else None
+    x, y = (torch.from_numpy(a).permute(0, 3, 1, 2).float() / 255 for a in (real, recon))
+    out: dict[str, dict] = {}
+    for name, idx in groups.items():
+        m: dict = {"prompts": len(idx)}
+        t = [truth[i] for i in idx]
+        if len(pool) >= 2:
+            for k in ("top1", "random", "real"):
+                m[f"r_precision_{k}"], m["r_precision_chance"] = r_precision(emb[k][idx], text_emb, t,
+                                                                             e.r_precision_distractors, e.seed)
+        if len(idx) >= 4:  # Fréchet distance against real half A; real half B is the floor (same sample sizes)
+            a, b = idx[0::2], idx[1::2][:len(idx[0::2])]
+            m["fd_clip_top1"] = frechet_distance(emb["top1"][b].numpy(), emb["real"][a].numpy())
+            m["fd_clip_random"] = frechet_distance(emb["random"][b].numpy(), emb["real"][a].numpy())
+            m["fd_clip_real_halves"] = frechet_distance(emb["real"][b].numpy(), emb["real"][a].numpy())
+            if fid is not None:
+                m["fid_top1"], m["fid_real_halves"] = fid(top1[b], real[a]), fid(real[b], real[a])
+        own = [i for i in idx if captions[i] in in_train]
+        if own:  # the prompt's own training image is the generated image's nearest training image
+            m["nn_own_image_top1"] = float(np.mean([train.captions[nn_index["top1"][i]] == captions[i] for i in own]))
+        m["nn_similarity_top1"] = float(nn_sim["top1"][idx].mean())
+        fresh = [i for i in idx if i < len(real) - len(train.prompt_captions)]  # real val images, not train rows
+        if fresh:
+            m["nn_similarity_real"] = float(nn_sim["real"][fresh].mean())
+        m["dvae_psnr"] = psnr(x[idx], y[idx])
+        m["dvae_ssim"] = float(ssim(x[idx], y[idx]).mean())
+        out[name] = m
+    return out
+
+
+# The per-split table's rows, in reading order (evaluation.json stores keys sorted).
+SPLIT_METRICS = ("prompts", "r_precision_top1", "r_precision_random", "r_precision_real", "r_precision_chance",
+                 "fd_clip_top1", "fd_clip_random", "fd_clip_real_halves", "fid_top1", "fid_real_halves",
+                 "nn_own_image_top1", "nn_similarity_top1", "nn_similarity_real", "dvae_psnr", "dvae_ssim")
 
 
 def flat_metrics(report: dict, prefix: str = "") -> dict[str, float]:
@@ -136,6 +268,16 @@ def format_report(report: dict) -> str:
     for section in ("dvae", "transformer", "clip", "generation"):
         for k, v in report.get(section, {}).items():
             lines.append(f"{section + '.' + k:<44} {v:>10.4g}" if isinstance(v, float) else f"{section + '.' + k:<44} {v:>10}")
+    splits = report.get("splits")
+    if splits:
+        names = list(splits)
+        lines += ["-" * 64, "per split".ljust(28) + "".join(f"{n[:13]:>14}" for n in names)]
+        present = {k for m in splits.values() for k in m}
+        metrics = [k for k in SPLIT_METRICS if k in present] + sorted(present - set(SPLIT_METRICS))
+        for k in metrics:
+            cells = [splits[n].get(k) for n in names]
+            lines.append(k.ljust(28) + "".join(f"{'-':>14}" if v is None else f"{v:>14}" if isinstance(v, int)
+                                               else f"{v:>14.3f}" for v in cells))
     faith = report.get("faithfulness")
     if faith:
         cols = [c for c in ("top1", "random", "dvae_reconstruction") if c in faith]

@@ -29,6 +29,7 @@ def ingest_images(cfg: Config, parent_run_id: str | None = None) -> ArtifactRef:
         shards: dict[str, int] = dict.fromkeys(SPLITS, 0)
         rows: Counter = Counter()
         skipped: Counter = Counter()
+        subsets: Counter = Counter()
         examples: dict[str, list[str]] = defaultdict(list)
         samples: list = []
         progress = Progress("ingest", cfg.data.shapes.num_images if cfg.data.source == "shapes" else cfg.data.max_images,
@@ -51,8 +52,11 @@ def ingest_images(cfg: Config, parent_run_id: str | None = None) -> ArtifactRef:
                 if len(examples[rec.skip]) < 5:
                     examples[rec.skip].append(rec.id)
                 continue
-            buffers[rec.split].append({"id": rec.id, "caption": rec.caption, "image": png_bytes(rec.image)})
+            buffers[rec.split].append({"id": rec.id, "caption": rec.caption, "image": png_bytes(rec.image),
+                                       "subset": rec.subset})
             rows[rec.split] += 1
+            if rec.subset is not None:
+                subsets[f"{rec.split}.{rec.subset}"] += 1
             if len(samples) < 16:
                 samples.append((rec.image, rec.caption))
             if len(buffers[rec.split]) >= cfg.data.shard_size:
@@ -73,7 +77,7 @@ def ingest_images(cfg: Config, parent_run_id: str | None = None) -> ArtifactRef:
         run.set_tags({"source": cfg.data.source})
         run.log_image(grid([[img] for img, _ in samples], [c for _, c in samples], scale=3), "samples.png")
         manifest = store.finish("images", key, config=cfg.data.model_dump(mode="json"), inputs={},
-                                rows=dict(rows), skipped=dict(skipped), skipped_examples=dict(examples),
+                                rows=dict(rows), subsets=dict(subsets), skipped=dict(skipped), skipped_examples=dict(examples),
                                 shards=dict(shards), image_size=cfg.data.image_size)
         run.log_dict(manifest, "manifest.json")
     log.info("ingested %s rows into images/%s (skipped %s)", dict(rows), key, dict(skipped) or "none")

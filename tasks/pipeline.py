@@ -99,9 +99,9 @@ def start_pipeline_run(cfg: Config, stages: list[str]) -> str:
 
 
 HEADLINE = ("faithfulness.top1.overall.all", "faithfulness.random.overall.all",
-            "faithfulness.holdout_pairs.overall.all", "generation.clip_top1_of_16", "generation.clip_top1_of_4",
-            "generation.clip_random", "transformer.val_bits_per_image_token", "dvae.val_psnr",
-            "dvae.val_code_usage_fraction", "clip.val_i2t_recall_at_1")
+            "faithfulness.holdout_pairs.overall.all", "splits.seen.r_precision_top1", "splits.val.r_precision_top1",
+            "splits.unseen.r_precision_top1", "generation.clip_top1_of_16", "generation.clip_random",
+            "transformer.val_bits_per_image_token", "dvae.val_psnr")
 
 
 def headline_metrics(report: dict) -> dict[str, float]:

@@ -26,3 +26,13 @@ def tiny(tmp_path):
         return [f"store.root={tmp_path / 'store'}",
                 f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", *extra]
     return str(TINY), make
+
+
+@pytest.fixture(scope="session")
+def openmoji_subset(tmp_path_factory):
+    """(folder, build summary): a small OpenMoji imagefolder (40 concepts at 64 px) built by the real build."""
+    from dalle_core.openmoji import BuildOptions, build
+
+    out = tmp_path_factory.mktemp("openmoji") / "openmoji-64"
+    opts = BuildOptions(size=64, limit=40, val_fraction=0.2, variant_fraction=1.0)
+    return out, opts, build(str(out), opts)

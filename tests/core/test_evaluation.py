@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 
 from dalle_core import shapes
 from dalle_core.evaluation import faithfulness, has_pair, rerank_gain
@@ -25,3 +26,104 @@ def test_faithfulness_of_real_and_shuffled_images():
     assert shuffled["overall.all"] < 0.1 and shuffled["overall.colour"] < 0.5
     assert has_pair("a purple triangle above a red circle", ["purple triangle"])
     assert not has_pair("a purple circle", ["purple triangle"])
+
+
+def test_frechet_distance_matches_the_matrix_square_root_formula():
+    import scipy.linalg
+
+    from dalle_core.evaluation import frechet_distance
+
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(300, 8)) @ rng.normal(size=(8, 8))  # correlated, non-commuting covariances
+    b = rng.normal(size=(300, 8)) @ rng.normal(size=(8, 8)) + 0.3
+    ca, cb = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    want = ((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(ca + cb - 2 * scipy.linalg.sqrtm(ca @ cb).real)
+    assert abs(frechet_distance(a, b) - want) < 1e-6 * want
+    assert frechet_distance(a, a) < 1e-6
+
+
+def test_r_precision_finds_true_captions_and_shuffled_ones_score_chance():
+    import torch
+
+    from dalle_core.evaluation import r_precision
+
+    g = torch.Generator().manual_seed(0)
+    text = torch.nn.functional.normalize(torch.randn(300, 32, generator=g), dim=1)
+    images = torch.nn.functional.normalize(text + 0.1 * torch.randn(300, 32, generator=g), dim=1)
+    hit, chance = r_precision(images, text, list(range(300)), distractors=99)
+    assert hit == 1.0 and chance == 0.01
+    shuffled = list(np.random.default_rng(1).permutation(300))
+    hit, _ = r_precision(images, text, shuffled, distractors=99)
+    assert hit < 0.05  # chance is 0.01
+    hit, chance = r_precision(images[:3], text[:3], [0, 1, 2], distractors=99)  # a pool of 3: 2 distractors
+    assert chance == 1 / 3 and hit == 1.0
+
+
+def test_nearest_neighbours_across_chunks():
+    import torch
+
+    from dalle_core.evaluation import nearest_neighbours
+
+    g = torch.Generator().manual_seed(0)
+    ref = torch.nn.functional.normalize(torch.randn(50, 8, generator=g), dim=1)
+    query = torch.nn.functional.normalize(torch.randn(7, 8, generator=g), dim=1)
+    index, sim = nearest_neighbours(query, ref, chunk=6)
+    brute = query @ ref.t()
+    assert index.tolist() == brute.argmax(1).tolist()
+    assert np.allclose(sim, brute.max(1).values.numpy(), atol=1e-6)
+
+
+def test_ssim_of_identical_flat_and_noisy_images():
+    import torch
+
+    from dalle_core.evaluation import ssim
+
+    a, b = torch.full((1, 3, 16, 16), 0.2), torch.full((1, 3, 16, 16), 0.6)
+    c1 = 0.01 ** 2  # flat images: only the luminance term is left
+    assert abs(ssim(a, b).item() - (2 * 0.2 * 0.6 + c1) / (0.2 ** 2 + 0.6 ** 2 + c1)) < 1e-4
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(ssim(x, x), torch.ones(2))
+    noisy = [ssim(x, (x + s * torch.randn_like(x)).clamp(0, 1)).mean().item() for s in (0.05, 0.2)]
+    assert 1 > noisy[0] > noisy[1]
+
+
+def test_seen_split_holds_train_prompts_and_other_variants():
+    from tasks.evaluate import subset_groups
+
+    groups = subset_groups(["unseen", "seen-variant", "unseen"], train_prompts=2)
+    assert groups == {"seen": [3, 4, 1], "unseen": [0, 2], "seen-variant": [1]}
+    assert subset_groups(["val", "val"], 0) == {"val": [0, 1]}
+
+
+@pytest.fixture(scope="module")
+def inception_weights(tmp_path_factory):
+    """A torch-fidelity InceptionV3 weights file with random (He-initialised) weights: the format of the real one."""
+    import torch
+    import torch_fidelity.feature_extractor_inceptionv3 as fe
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(fe, "load_state_dict_from_url", lambda *a, **k: None)
+        mp.setattr(fe.FeatureExtractorInceptionV3, "load_state_dict", lambda self, state: None)
+        model = fe.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+    torch.manual_seed(0)
+    for module in model.modules():
+        if isinstance(module, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+    path = tmp_path_factory.mktemp("inception") / "weights-inception.pth"
+    torch.save(model.state_dict(), path)
+    return str(path)
+
+
+def test_inception_fid_from_a_local_weights_file(inception_weights):
+    from dalle_core.config import ConfigError, config_from_dict
+    from dalle_core.evaluation import InceptionFID
+
+    rng = np.random.default_rng(0)
+    blobs = np.stack([np.asarray(shapes.generate(1, 32, seed=s).__next__()[3]) for s in range(24)])
+    fid = InceptionFID(inception_weights)
+    same = fid(blobs[:12], blobs[12:])
+    noise = fid(rng.integers(0, 256, (12, 32, 32, 3), dtype=np.uint8), blobs[12:])
+    assert noise > 2 * same > 0
+    assert config_from_dict({"evaluate": {"inception_weights": inception_weights}}).evaluate.inception_weights
+    with pytest.raises(ConfigError, match="evaluate.inception_weights: no such file"):
+        config_from_dict({"evaluate": {"inception_weights": "/nowhere/inception.pth"}})

@@ -1,5 +1,7 @@
 import shutil
+from collections import Counter
 
+import numpy as np
 import pytest
 import torch
 from mlflow import MlflowClient
@@ -59,7 +61,7 @@ def test_rerun_from_cache_and_only_changed_stages_rerun(generated_copy):
     assert top.data.tags["mlflow.source.name"] == str(TINY)
     assert len(top.data.tags["mlflow.source.git.commit"]) == 40 and top.data.tags["git_dirty"] in ("true", "false")
     assert top.data.tags["stages.cached"].startswith("ingest,dvae,bpe")
-    assert "generation.clip_top1_of_4" in top.data.metrics and len(top.data.metrics) <= 10
+    assert "splits.seen.r_precision_top1" in top.data.metrics and len(top.data.metrics) <= 10
     arts = {a.path for a in client.list_artifacts(top.info.run_id)}
     assert {"summary.html", "evaluation.json", "contact_sheet.png", "top1_vs_random.png", "config.yaml"} <= arts
     summary = client.download_artifacts(top.info.run_id, "summary.html")
@@ -195,20 +197,56 @@ def test_tiny_pipeline_runs_every_stage_on_cuda(tiny):
     assert store.is_complete("evaluation", keys["evaluation"])
 
 
-def test_tiny_pipeline_at_64_px(tiny):
-    """Another image size end to end: 64 px images, 16x16 token grids, 272-token sequences."""
+def test_openmoji_subset_end_to_end_at_64_px(tiny, openmoji_subset):
+    """Real pictures through a user's path (an imagefolder) at 64 px with 16x16 token grids: the folder's own
+    splits reach the image shards, and the evaluation reports its metrics per split; R-precision of the real
+    images falls to chance when their captions are shuffled."""
     import io
+    import json
 
     import pyarrow.parquet as pq
+    import torch
     from PIL import Image
 
+    from dalle_core.evaluation import r_precision
+    from storage.parquet import iter_batches, shard_paths
+    from tasks.generate import generator
+
+    folder, _, _ = openmoji_subset
     config, make = tiny
-    ov = make("data.image_size=64", "data.shapes.num_images=200", "clip.patch_size=8", "evaluate.num_prompts=4")
+    ov = make("data.source=imagefolder", f"data.path={folder}", "data.image_size=64", "clip.patch_size=8",
+              "evaluate.num_prompts=16", "evaluate.train_prompts=8", "clip.train.max_steps=60")
     pipeline_flow(config=config, overrides=ov)
     cfg = load_config(config, ov)
     store, keys = open_store(cfg), stage_keys(cfg)
     assert store.manifest("tokens", keys["tokens"])["grid"] == [16, 16]
+    with open(folder / "metadata.jsonl") as f:
+        subsets = Counter(f"{r['split']}.{r['subset']}" for r in map(json.loads, f))
+    assert store.manifest("images", keys["images"])["subsets"] == dict(subsets)
     table = pq.read_table(store.path("generations", keys["generations"], "generations.parquet"))
     assert {Image.open(io.BytesIO(b)).size for b in table.column("image").to_pylist()} == {(64, 64)}
+
     report = store.read_json(store.path("evaluation", keys["evaluation"], "evaluation.json"))
-    assert report["generation"]["prompts"] == 4 and "faithfulness" in report
+    assert "faithfulness" not in report  # no shapes checker for real pictures
+    splits = report["splits"]
+    assert set(splits) == {"seen", "unseen", "seen-variant"}
+    assert splits["seen"]["prompts"] == 8 + splits["seen-variant"]["prompts"]
+    for m in splits.values():
+        assert {"r_precision_top1", "r_precision_random", "r_precision_real", "dvae_psnr", "dvae_ssim"} <= set(m)
+    assert splits["seen"]["nn_own_image_top1"] >= 0 and "fd_clip_real_halves" in splits["seen"]
+
+    scorer = generator(cfg).scorer
+    captions, images = [], []
+    for split in ("train", "val"):
+        for batch in iter_batches(store, shard_paths(store, "images", keys["images"], split), ["caption", "image"]):
+            captions += batch.column("caption").to_pylist()
+            images += [np.asarray(Image.open(io.BytesIO(b)).convert("RGB")) for b in batch.column("image").to_pylist()]
+    pool = list(dict.fromkeys(captions))
+    text = torch.cat([scorer.embed_texts(pool)])
+    emb = scorer.embed_images(np.stack(images)).cpu()
+    truth = [pool.index(c) for c in captions]
+    true_hit, chance = r_precision(emb, text.cpu(), truth, distractors=99)
+    shuffled = [truth[i] for i in np.random.default_rng(0).permutation(len(truth))]
+    shuffled_hit, _ = r_precision(emb, text.cpu(), shuffled, distractors=99)
+    print(true_hit, shuffled_hit, chance)
+    assert shuffled_hit < chance + 0.1 < true_hit
