@@ -104,7 +104,9 @@ class DVAESection(Section):
     hidden: int = Field(64, ge=8)  # channels of the encoder/decoder convolutions
     num_downsamples: int = Field(2, ge=0, le=5)  # grid = image_size / 2**num_downsamples (0: pixel-kmeans only)
     num_res_blocks: int = Field(1, ge=0)
-    recon_loss: Literal["mse", "l1"] = "mse"
+    # logit_laplace: DALL-E's likelihood (pixels mapped into [0.1, 0.9], a location and scale per value); against
+    # it the paper's kl_weight for gumbel was 6.6
+    recon_loss: Literal["mse", "l1", "logit_laplace"] = "mse"
     norm_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     norm_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
     # gumbel (DALL-E's recipe). The schedules follow the run's real horizon (its last step, the wall-clock

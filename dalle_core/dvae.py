@@ -17,6 +17,8 @@ and a decoder maps code embeddings back to pixels. Three quantizers:
 
 The encoder downsamples first and works at low resolution, so encoding (the
 bulk pre-tokenization path) stays cheap; the decoder carries the capacity.
+With `logit_laplace` the decoder emits DALL-E's logit-Laplace statistics
+instead of pixels (`logit_laplace_nll`, `DiscreteVAE.to_image`).
 """
 
 from __future__ import annotations
@@ -42,6 +44,12 @@ class DVAEConfig:
     ema_decay: float = 0.99
     dead_code_threshold: float = 1.0  # EMA count below which a code is restarted
     straight_through: bool = False  # gumbel: hard one-hots forward, soft gradients backward
+    # DALL-E's logit-Laplace likelihood: the decoder emits a location and a log-scale per pixel value (6 channels)
+    # for pixels mapped into [eps, 1 - eps]; its image is the unmapped sigmoid of the location. The image is
+    # normalised with norm_mean / norm_std like every other decoder output.
+    logit_laplace: bool = False
+    norm_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    norm_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
 
     @property
     def grid_size(self) -> int:
@@ -54,7 +62,9 @@ def config_for(section, image_size: int) -> DVAEConfig:
                       hidden=section.hidden, num_downsamples=section.num_downsamples,
                       num_res_blocks=section.num_res_blocks, quantizer=section.quantizer,
                       commitment=section.commitment, ema_decay=section.ema_decay,
-                      dead_code_threshold=section.dead_code_threshold, straight_through=section.straight_through)
+                      dead_code_threshold=section.dead_code_threshold, straight_through=section.straight_through,
+                      logit_laplace=section.recon_loss == "logit_laplace", norm_mean=tuple(section.norm_mean),
+                      norm_std=tuple(section.norm_std))
 
 
 class ResBlock(nn.Module):
@@ -92,10 +102,10 @@ class Decoder(nn.Module):
             layers += [nn.ReLU(), nn.ConvTranspose2d(c.hidden, c.hidden, 4, stride=2, padding=1)]
             if i < c.num_downsamples - 1:
                 layers += [ResBlock(c.hidden) for _ in range(c.num_res_blocks)]
-        layers += [nn.ReLU(), nn.Conv2d(c.hidden, 3, 3, padding=1)]
+        layers += [nn.ReLU(), nn.Conv2d(c.hidden, 6 if c.logit_laplace else 3, 3, padding=1)]
         self.net = nn.Sequential(*layers)
 
-    def forward(self, z):  # (B, D, h, w) -> (B, 3, H, W)
+    def forward(self, z):  # (B, D, h, w) -> (B, 3, H, W), or (B, 6, H, W) logit-Laplace statistics
         return self.net(z)
 
 
@@ -212,9 +222,19 @@ class DiscreteVAE(nn.Module):
         return next(iter([*self.parameters(), *self.buffers()])).device  # pixel-kmeans has buffers only
 
     def forward(self, images: torch.Tensor):
-        """Normalised (B, 3, H, W) -> (reconstruction, token grid, quantizer loss)."""
+        """Normalised (B, 3, H, W) -> (decoder output, token grid, quantizer loss). The decoder output is the
+        normalised reconstruction, or with `logit_laplace` its (B, 6, H, W) statistics (see `to_image`)."""
         z, idx, q_loss = self.quantizer(self.encoder(images))
         return self.decoder(z), idx, q_loss
+
+    def to_image(self, out: torch.Tensor) -> torch.Tensor:
+        """Decoder output -> normalised (B, 3, H, W) image (for logit-Laplace: the unmapped sigmoid of mu)."""
+        if not self.c.logit_laplace:
+            return out
+        unit = ((torch.sigmoid(out[:, :3].float()) - LOGIT_LAPLACE_EPS) / (1 - 2 * LOGIT_LAPLACE_EPS)).clamp(0, 1)
+        mean = torch.tensor(self.c.norm_mean, device=out.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.c.norm_std, device=out.device).view(1, 3, 1, 1)
+        return (unit - mean) / std
 
     def code_embeddings(self, tokens: torch.Tensor) -> torch.Tensor:
         weight = self.quantizer.embed.weight if self.c.quantizer == "gumbel" else self.quantizer.embed
@@ -234,7 +254,23 @@ class DiscreteVAE(nn.Module):
 
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
         """LongTensor (B, h, w) -> normalised (B, 3, H, W) images."""
-        return self.decoder(self.code_embeddings(tokens))
+        return self.to_image(self.decoder(self.code_embeddings(tokens)))
+
+
+LOGIT_LAPLACE_EPS = 0.1  # DALL-E: pixels mapped into [eps, 1 - eps], so logit(x) stays finite
+
+
+def logit_laplace_nll(out: torch.Tensor, unit: torch.Tensor) -> torch.Tensor:
+    """Mean negative log-likelihood per pixel value of images `unit` in [0, 1] under DALL-E's logit-Laplace
+    distribution with the decoder's statistics `out` (B, 6, H, W): location mu and log-scale ln b per value.
+
+    For y = logit(x_m), x_m = eps + (1 - 2 eps) x:  -ln p(x_m) = ln(2b) + ln(x_m (1 - x_m)) + |y - mu| / b.
+    """
+    x = LOGIT_LAPLACE_EPS + (1 - 2 * LOGIT_LAPLACE_EPS) * unit.float()
+    mu, log_b = out[:, :3].float(), out[:, 3:].float().clamp(-7, 7)
+    y = torch.log(x) - torch.log1p(-x)
+    nll = math.log(2) + log_b + torch.log(x * (1 - x)) + (y - mu).abs() * torch.exp(-log_b)
+    return nll.mean()
 
 
 @torch.no_grad()

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from dalle_core.config import DVAESection, TrainConfig
 from dalle_core.device import autocast, rng_state, set_rng_state, to_device
+from dalle_core.dvae import logit_laplace_nll
 from dalle_core.images import to_tensor
 
 LogFn = Callable[[int, dict[str, float]], None]
@@ -229,9 +230,13 @@ def dvae_step(r: DVAESection) -> StepFn:
 
     def step_fn(model: nn.Module, batch: dict, step: int):
         x = to_tensor(batch["image"], norm.mean, norm.std)
-        recon, idx, q_loss = model(x)
-        recon = recon.float()
-        rec_loss = F.mse_loss(recon, x) if r.recon_loss == "mse" else F.l1_loss(recon, x)
+        out, idx, q_loss = model(x)
+        if r.recon_loss == "logit_laplace":
+            rec_loss = logit_laplace_nll(out, norm.to_unit(x))
+            recon = unwrap(model).to_image(out.detach())
+        else:
+            recon = out.float()
+            rec_loss = F.mse_loss(recon, x) if r.recon_loss == "mse" else F.l1_loss(recon, x)
 
         def metrics() -> dict[str, float]:
             ppl, used = code_stats(idx, r.codebook_size)

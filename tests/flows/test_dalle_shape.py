@@ -25,7 +25,7 @@ TINY_WIDTHS = [
     "clip.text_heads=2", "clip.text_layers=1", "clip.shuffle_buffer=8",
     "clip.train={batch_size: 8, max_steps: 2, warmup_steps: 1, log_every: 1}",
     "generate.num_val_prompts=1", "generate.num_candidates=2", "generate.best_k=1", "generate.batch_size=2",
-    "evaluate.num_prompts=1", "evaluate.num_candidates=2", "runner.loader_workers=0",
+    "evaluate.num_prompts=1", "evaluate.num_candidates=2", "evaluate.train_prompts=1", "runner.loader_workers=0",
 ]
 
 
