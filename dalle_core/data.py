@@ -69,12 +69,13 @@ def _load_image(value, size: int) -> np.ndarray:
 def _given_split(row: dict, cfg: DataConfig, where: str) -> tuple[str | None, str | None]:
     """(split, subset) from the row's own columns (data.split_column / data.subset_column), if it has them."""
     value, subset = row.get(cfg.split_column), row.get(cfg.subset_column)
+    subset = None if subset is None else str(subset)
     if value is None:
         return None, subset
     split = SPLIT_NAMES.get(str(value).strip().lower())
     if split is None:
         raise DataError(f"{where}: {cfg.split_column} {value!r} is not one of {', '.join(SPLIT_NAMES)}")
-    return split, (str(subset) if subset is not None else None)
+    return split, subset
 
 
 def _record(rid: str, caption, image_value, cfg: DataConfig, split: str | None = None,

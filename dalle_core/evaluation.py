@@ -54,6 +54,17 @@ def has_pair(caption: str, pairs: list[str]) -> bool:
     return parsed is not None and any(f"{c} {s}" in pairs for c, s in parsed["objects"])
 
 
+def subset_groups(val_subsets: list[str], train_prompts: int) -> dict[str, list[int]]:
+    """Prompt indices per reported split. `seen`: the drawn train captions and the val rows whose subset starts
+    with "seen" (another variant of a trained concept); then each val subset on its own."""
+    n_val = len(val_subsets)
+    groups: dict[str, list[int]] = {"seen": list(range(n_val, n_val + train_prompts))
+                                    + [i for i, s in enumerate(val_subsets) if s.startswith("seen")]}
+    for i, s in enumerate(val_subsets):
+        groups.setdefault(s, []).append(i)
+    return {name: idx for name, idx in groups.items() if idx}
+
+
 def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     """Fréchet distance between Gaussians fitted to two sets of embeddings (rows): FID's formula in any space.
 
@@ -140,14 +151,15 @@ class InceptionFID:
         except ImportError as err:
             raise ImportError(f"evaluate.inception_weights needs the fid extra ({err.name} is missing): "
                               "pip install -e '.[fid]'") from None
-        self._make = lambda: FrechetInceptionDistance(feature=2048, feature_extractor_weights_path=weights_path,
-                                                      reset_real_features=True).to(device)
+        self.metric = FrechetInceptionDistance(feature=2048, feature_extractor_weights_path=weights_path,
+                                               reset_real_features=True).to(device)  # loads the weights once
         self.device = device
 
     @torch.inference_mode()
     def __call__(self, fake: np.ndarray, real: np.ndarray, batch: int = 32) -> float:
         """FID of two (N, H, W, 3) uint8 image sets (resized to 299 px inside, as the standard FID does)."""
-        metric = self._make()
+        metric = self.metric
+        metric.reset()
         for images, is_real in ((real, True), (fake, False)):
             for i in range(0, len(images), batch):
                 x = torch.from_numpy(np.ascontiguousarray(images[i:i + batch])).permute(0, 3, 1, 2).to(self.device)

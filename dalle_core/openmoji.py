@@ -186,9 +186,10 @@ def build(out: str, opts: BuildOptions = BuildOptions(), progress=None) -> dict:
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(os.path.join(tmp, "images"))
     counts: Counter = Counter()
+    svgs = svg_folder()
     with open(os.path.join(tmp, "metadata.jsonl"), "w", encoding="utf-8") as meta:
         for i, e in enumerate(items):
-            image = render(os.path.join(svg_folder(), e.file + ".svg"), opts.size)
+            image = render(os.path.join(svgs, e.file + ".svg"), opts.size)
             name = f"images/{e.file}.png"
             Image.fromarray(image).save(os.path.join(tmp, name), optimize=False, compress_level=6)
             split, subset = splits[e.file]

@@ -171,7 +171,12 @@ def cmd_data_openmoji(args) -> int:
     opts = BuildOptions(size=args.size, skin_tones=not args.no_skin_tones, val_fraction=args.val_fraction,
                         variant_fraction=args.variant_fraction, limit=args.limit)
     progress = Progress("openmoji", None, "images")
-    summary = build(args.out, opts, lambda done, total: (setattr(progress, "total", total), progress.update()))
+
+    def rendered(done: int, total: int) -> None:
+        progress.total = total  # known once the catalogue is read
+        progress.update()
+
+    summary = build(args.out, opts, rendered)
     state = "already built" if summary["cached"] else "built"
     print(f"{args.out}: {state}: {summary['images']} images of {summary['concepts']} concepts "
           f"(left out: {summary['skipped']})")

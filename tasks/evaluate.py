@@ -31,6 +31,7 @@ from dalle_core.evaluation import (
     r_precision,
     rerank_gain,
     ssim,
+    subset_groups,
 )
 from dalle_core.generate import prompt_seed, prompts_per_batch
 from dalle_core.images import decode_png, grid, png_bytes, psnr, to_tensor, to_uint8
@@ -73,28 +74,24 @@ class TrainSide:
 
 
 def _train_side(store, images_key: str, scorer, limit: int, prompts: int, seed: int) -> TrainSide:
-    """Embed the first `limit` training images a batch at a time (no image is kept beyond the drawn prompts)."""
-    paths = shard_paths(store, "images", images_key, "train")
+    """Embed the first `limit` training images in one pass, a batch at a time; only the drawn prompts' images
+    are kept."""
+    total = min(limit, store.manifest("images", images_key)["rows"]["train"])
+    rows = sorted(int(i) for i in np.random.default_rng(seed).choice(total, size=min(prompts, total), replace=False))
     captions: list[str] = []
-    for batch in iter_batches(store, paths, ["caption"]):
-        captions += batch.column("caption").to_pylist()
-        if len(captions) >= limit:
-            break
-    captions = captions[:limit]
-    chosen = np.random.default_rng(seed).choice(len(captions), size=min(prompts, len(captions)), replace=False)
-    order = {int(i): j for j, i in enumerate(sorted(chosen))}
-    kept: dict[int, np.ndarray] = {}
-    embeddings, seen = [], 0
-    for batch in iter_batches(store, paths, ["image"], batch_size=256):
-        pixels = np.stack([decode_png(b) for b in batch.column("image").to_pylist()])[:len(captions) - seen]
+    kept: list[np.ndarray] = []
+    embeddings = []
+    for batch in iter_batches(store, shard_paths(store, "images", images_key, "train"), ["caption", "image"],
+                              batch_size=256):
+        start = len(captions)
+        pixels = np.stack([decode_png(b) for b in batch.column("image").to_pylist()[:total - start]])
+        captions += batch.column("caption").to_pylist()[:len(pixels)]
         embeddings.append(scorer.embed_images(pixels).cpu())
-        kept.update({i: pixels[i - seen] for i in order if seen <= i < seen + len(pixels)})
-        seen += len(pixels)
-        if seen >= len(captions):
+        kept += [pixels[i - start] for i in rows if start <= i < len(captions)]
+        if len(captions) >= total:
             break
-    rows = sorted(chosen)
     return TrainSide(captions, torch.cat(embeddings), [captions[i] for i in rows],
-                     np.stack([kept[i] for i in rows]) if rows else np.zeros((0,)))
+                     np.stack(kept) if kept else np.zeros((0,)))
 
 
 @task(name="evaluate", cache_policy=NONE)
@@ -152,8 +149,8 @@ def _evaluate(cfg: Config, store: ArtifactStore, keys: dict, run: StageRun) -> N
     with torch.inference_mode():
         recon = np.concatenate([_reconstruct(gen, real[i:i + 256]) for i in range(0, len(real), 256)])
     groups = subset_groups(val_subsets, len(train.prompt_captions))
-    report["splits"] = _split_metrics(gen, groups, captions, real, recon, np.stack(top1), np.stack(random_pick),
-                                      train, e)
+    report["splits"] = _split_metrics(gen, groups, captions, n_val, real, recon, np.stack(top1),
+                                      np.stack(random_pick), train, e)
 
     if all(is_shapes_caption(c) for c in val_captions):
         vc = val_captions
@@ -188,19 +185,9 @@ def _reconstruct(gen, images: np.ndarray) -> np.ndarray:
     return to_uint8(gen.dvae.decode(gen.dvae.encode(x)), gen.norm.mean, gen.norm.std)
 
 
-def subset_groups(val_subsets: list[str], train_prompts: int) -> dict[str, list[int]]:
-    """Prompt indices per reported split. `seen`: the drawn train captions and the val rows whose subset starts
-    with "seen" (another variant of a trained concept); then each val subset on its own."""
-    n_val = len(val_subsets)
-    groups: dict[str, list[int]] = {"seen": list(range(n_val, n_val + train_prompts))
-                                    + [i for i, s in enumerate(val_subsets) if s.startswith("seen")]}
-    for i, s in enumerate(val_subsets):
-        groups.setdefault(s, []).append(i)
-    return {name: idx for name, idx in groups.items() if idx}
-
-
-def _split_metrics(gen, groups: dict[str, list[int]], captions: list[str], real: np.ndarray, recon: np.ndarray,
-                   top1: np.ndarray, random_pick: np.ndarray, train: TrainSide, e) -> dict[str, dict]:
+def _split_metrics(gen, groups: dict[str, list[int]], captions: list[str], n_val: int, real: np.ndarray,
+                   recon: np.ndarray, top1: np.ndarray, random_pick: np.ndarray, train: TrainSide, e
+                   ) -> dict[str, dict]:
     """Per split: CLIP R-precision (top-1, random candidate, real image), Fréchet distance in CLIP space against
     half of the real images (with the other real half as the floor), nearest-training-image memorisation, and
     the dVAE's reconstruction PSNR and SSIM."""
@@ -237,7 +224,7 @@ def _split_metrics(gen, groups: dict[str, list[int]], captions: list[str], real:
         if own:  # the prompt's own training image is the generated image's nearest training image
             m["nn_own_image_top1"] = float(np.mean([train.captions[nn_index["top1"][i]] == captions[i] for i in own]))
         m["nn_similarity_top1"] = float(nn_sim["top1"][idx].mean())
-        fresh = [i for i in idx if i < len(real) - len(train.prompt_captions)]  # real val images, not train rows
+        fresh = [i for i in idx if i < n_val]  # real val images, not train rows
         if fresh:
             m["nn_similarity_real"] = float(nn_sim["real"][fresh].mean())
         m["dvae_psnr"] = psnr(x[idx], y[idx])

@@ -88,7 +88,7 @@ def test_ssim_of_identical_flat_and_noisy_images():
 
 
 def test_seen_split_holds_train_prompts_and_other_variants():
-    from tasks.evaluate import subset_groups
+    from dalle_core.evaluation import subset_groups
 
     groups = subset_groups(["unseen", "seen-variant", "unseen"], train_prompts=2)
     assert groups == {"seen": [3, 4, 1], "unseen": [0, 2], "seen-variant": [1]}
