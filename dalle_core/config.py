@@ -99,6 +99,12 @@ class DVAESection(Section):
     """The `dvae` run-config section (the model itself is built from `dalle_core.dvae.DVAEConfig`)."""
 
     quantizer: Literal["gumbel", "vq", "pixel-kmeans"] = "vq"
+    # A tokenizer others trained, instead of training one (dalle_core.pretrained): a local folder with OpenAI's
+    # encoder.pkl + decoder.pkl, or a taming-transformers VQGAN .ckpt (its .yaml next to it, in ../configs/, or
+    # at pretrained_config). The codebook and shape come from the files; the quantizer, widths and train
+    # settings here are then unused. The files' sha256 are part of the stage key and the manifest.
+    pretrained: str | None = None
+    pretrained_config: str | None = None
     codebook_size: int = Field(512, ge=2, le=65536)  # uint16 token shards
     codebook_dim: int = Field(256, ge=1)
     hidden: int = Field(64, ge=8)  # channels of the encoder/decoder convolutions
@@ -144,6 +150,9 @@ class DVAESection(Section):
         if self.quantizer != "pixel-kmeans" and self.num_downsamples < 1:
             raise ValueError(f"dvae.num_downsamples: 0 (one token per pixel) is for quantizer pixel-kmeans only; "
                              f"{self.quantizer} needs 1 to 5")
+        if self.pretrained and (self.train.nproc > 1 or self.train.nnodes > 1):
+            raise ValueError(f"dvae.pretrained loads a tokenizer in one process, nothing trains under DDP "
+                             f"(got dvae.train.nproc={self.train.nproc}, nnodes={self.train.nnodes}); set both to 1")
         if self.quantizer == "pixel-kmeans" and (self.train.nproc > 1 or self.train.nnodes > 1):
             raise ValueError(f"dvae.quantizer=pixel-kmeans trains by k-means in one process, not under DDP "
                              f"(got dvae.train.nproc={self.train.nproc}, nnodes={self.train.nnodes}); set both to 1")

@@ -3,6 +3,7 @@ input streams, checkpoints, and running a training stage (in-process or as DDP u
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 from prefect import get_run_logger
 from prefect.runtime import flow_run
 
+from dalle_core import pretrained
 from dalle_core.config import Config, TrainConfig, flatten
 from dalle_core.device import prefetch_to_device
 from dalle_core.evaluation import METRICS_VERSION
@@ -30,9 +32,25 @@ def open_store(cfg: Config) -> ArtifactStore:
     return ArtifactStore(cfg.store.root, cfg.store.storage_options)
 
 
-def _file_digest(path: str) -> str:
+def file_digest(path: str | os.PathLike) -> str:
+    """The first 16 hex digits of a local file's sha256 (read in chunks; remembered while size and mtime stay)."""
+    st = os.stat(path)
+    return _digest(os.path.abspath(path), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _digest(path: str, size: int, mtime_ns: int) -> str:
+    h = hashlib.sha256()
     with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()[:16]
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def pretrained_source(cfg: Config) -> dict:
+    """`dvae.pretrained`'s kind and files, each with its path and sha256 digest (for the key and manifest)."""
+    kind, files = pretrained.source_files(cfg.dvae.pretrained, cfg.dvae.pretrained_config)
+    return {"kind": kind, "files": {role: {"path": str(p), "sha256": file_digest(p)} for role, p in files.items()}}
 
 
 def stage_keys(cfg: Config) -> dict[str, str]:
@@ -40,10 +58,14 @@ def stage_keys(cfg: Config) -> dict[str, str]:
     k: dict[str, str] = {}
     k["images"] = stage_key(cfg.data.model_dump(mode="json"))
     dvae = cfg.dvae.model_dump(mode="json", exclude={"encode_precision"})  # how tokens are made, not the model
+    if cfg.dvae.pretrained:  # a loaded tokenizer is its files' content and the input normalisation, not paths
+        src = pretrained_source(cfg)
+        dvae = {"pretrained": {"kind": src["kind"], **{r: f["sha256"] for r, f in src["files"].items()}},
+                "norm_mean": dvae["norm_mean"], "norm_std": dvae["norm_std"]}
     k["dvae"] = stage_key(dvae, {"images": k["images"]})
     text = cfg.text.model_dump(mode="json")
     if cfg.text.tokenizer_path:  # a given tokenizer is identified by its content, not its path
-        text["tokenizer_path"] = _file_digest(cfg.text.tokenizer_path) if os.path.exists(cfg.text.tokenizer_path) else cfg.text.tokenizer_path
+        text["tokenizer_path"] = file_digest(cfg.text.tokenizer_path) if os.path.exists(cfg.text.tokenizer_path) else cfg.text.tokenizer_path
         k["bpe"] = stage_key(text)
     else:
         k["bpe"] = stage_key(text, {"images": k["images"]})
@@ -54,7 +76,7 @@ def stage_keys(cfg: Config) -> dict[str, str]:
     k["clip"] = stage_key(cfg.clip.model_dump(mode="json"), {"images": k["images"], "bpe": k["bpe"]})
     gen = cfg.generate.model_dump(mode="json")
     if gen["prime_image"] and os.path.exists(gen["prime_image"]):  # a prime image is identified by its content
-        gen["prime_image"] = _file_digest(gen["prime_image"])
+        gen["prime_image"] = file_digest(gen["prime_image"])
     elif gen["prime_image"] is None:  # keys of runs without priming stay what they were
         del gen["prime_image"], gen["prime_rows"]
     k["generations"] = stage_key(gen,

@@ -9,7 +9,7 @@ import torch
 from prefect import task
 from prefect.cache_policies import NONE
 
-from dalle_core import dvae
+from dalle_core import dvae, pretrained
 from dalle_core.config import Config
 from dalle_core.device import resolve_device
 from dalle_core.dvae import fit_kmeans
@@ -26,6 +26,7 @@ from tasks.common import (
     load_state_bytes,
     logger,
     open_store,
+    pretrained_source,
     stage_keys,
     stage_run,
     state_bytes,
@@ -37,7 +38,12 @@ def load_dvae(store: ArtifactStore, key: str, device: torch.device | str = "cpu"
     """A finished dVAE from the store, on `device`, in eval mode, with its input normalisation."""
     store.require("dvae", key)
     meta = store.read_json(store.path("dvae", key, "config.json"))
-    model = dvae.DiscreteVAE(dvae.DVAEConfig(**meta["model"]))
+    if meta.get("pretrained"):
+        c = meta["model"]
+        model = pretrained.PretrainedDVAE(pretrained.Spec(**meta["pretrained"]), c["image_size"], c["norm_mean"],
+                                          c["norm_std"])
+    else:
+        model = dvae.DiscreteVAE(dvae.DVAEConfig(**meta["model"]))
     load_state_bytes(model, store.read_bytes(store.path("dvae", key, "model.safetensors")))
     model = model.to(device, memory_format=torch.channels_last)  # faster convolutions; same results
     return model.eval(), Norm(tuple(meta["norm"]["mean"]), tuple(meta["norm"]["std"]))
@@ -54,6 +60,19 @@ def run_training(cfg: Config, parent_run_id: str | None, flow_run_id: str | None
     norm = Norm(r.norm_mean, r.norm_std)
     train_paths = shard_paths(store, "images", keys["images"], "train")
     params = {**r.model_dump(mode="json"), "world_size": world}
+    if r.pretrained:  # nothing to train: load, validate and store the given tokenizer
+        src = pretrained_source(cfg)
+        model = pretrained.load(r.pretrained, r.pretrained_config, cfg.data.image_size, r.norm_mean, r.norm_std)
+        model = model.to(device)
+        with stage_run(cfg, store, "dvae", key, params, parent_run_id, flow_run_id) as run:
+            run.set_tags({"pretrained.kind": src["kind"],
+                          **{f"pretrained.{role}": f"{f['path']} (sha256 {f['sha256']})"
+                             for role, f in src["files"].items()}})
+            logger().info("dvae/%s: loaded a pretrained %s tokenizer (%d codes, %dx%d grid) from %s", key,
+                          model.spec.kind, model.c.codebook_size, model.c.grid_size, model.c.grid_size, r.pretrained)
+            _finish(cfg, store, keys, model, norm, device, run, 0, world,
+                    _validate(cfg, store, keys, model, norm, device), source=src)
+        return
     if r.quantizer == "pixel-kmeans":  # no gradient training: k-means over training pixels, one process
         model = dvae.DiscreteVAE(mcfg).to(device)
         with stage_run(cfg, store, "dvae", key, params, parent_run_id, flow_run_id) as run:
@@ -95,7 +114,7 @@ def _validate(cfg: Config, store: ArtifactStore, keys: dict, model: dvae.Discret
 
 
 def _finish(cfg: Config, store: ArtifactStore, keys: dict, model: dvae.DiscreteVAE, norm: Norm, device, run,
-            steps: int, world: int, metrics: dict) -> None:
+            steps: int, world: int, metrics: dict, source: dict | None = None) -> None:
     """Log the final val metrics, draw reconstructions, write `dvae/<key>/` and its manifest."""
     key, r = keys["dvae"], cfg.dvae
     run.set_tags({"input.images": keys["images"]})
@@ -113,13 +132,15 @@ def _finish(cfg: Config, store: ArtifactStore, keys: dict, model: dvae.DiscreteV
     run.log_image(sheet, "reconstructions.png")
     store.write_bytes(store.path("dvae", key, "reconstructions.png"), png_bytes(sheet))
     store.write_bytes(store.path("dvae", key, "model.safetensors"), state_bytes(model))
+    spec = {"pretrained": asdict(model.spec)} if source else {}
     store.write_json(store.path("dvae", key, "config.json"),
-                     {"model": asdict(model.c), "norm": {"mean": list(norm.mean), "std": list(norm.std)}})
+                     {"model": asdict(model.c), "norm": {"mean": list(norm.mean), "std": list(norm.std)}, **spec})
     store.write_json(store.path("dvae", key, "metrics.json"), {**metrics, "steps": steps})
     drop_checkpoints(store, "dvae", key)
     manifest = store.finish("dvae", key, config=r.model_dump(mode="json"), inputs={"images": keys["images"]},
                             grid=[model.c.grid_size, model.c.grid_size], codebook_size=model.c.codebook_size,
-                            steps=steps, world_size=world, metrics=metrics)
+                            steps=steps, world_size=world, metrics=metrics,
+                            **({"pretrained": source} if source else {}))
     run.log_dict(manifest, "manifest.json")
 
 

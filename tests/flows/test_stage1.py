@@ -214,3 +214,35 @@ def test_pixel_kmeans_tokenizer_through_the_stages(store_copy):
     run = client.search_runs([client.get_experiment_by_name("dalle").experiment_id],
                              "tags.stage = 'dvae' and tags.cached = 'false'")[0]
     assert [h.step for h in client.get_metric_history(run.info.run_id, "kmeans_mse")] == [1, 2, 3, 4]
+
+
+def test_pretrained_tokenizer_through_the_stages(store_copy, tmp_path):
+    """`dvae.pretrained`: the dVAE stage loads OpenAI-format files instead of training, keys and records them by
+    content, and pre-tokenization writes exactly the upstream encoder's codes."""
+    import hashlib
+
+    from dall_e import map_pixels
+
+    from tests.core.test_pretrained import openai_dvae
+
+    enc, _ = openai_dvae(tmp_path / "dalle")
+    ov = [*store_copy, f"dvae.pretrained={tmp_path / 'dalle'}"]
+    pretokenize_flow(config=str(TINY), overrides=ov)
+    cfg = load_config(TINY, ov)
+    store, keys = open_store(cfg), stage_keys(cfg)
+    dvae_m = store.manifest("dvae", keys["dvae"])
+    digest = hashlib.sha256((tmp_path / "dalle" / "encoder.pkl").read_bytes()).hexdigest()[:16]
+    assert dvae_m["pretrained"]["kind"] == "openai" and dvae_m["steps"] == 0
+    assert dvae_m["pretrained"]["files"]["encoder"]["sha256"] == digest
+    tokens_m = store.manifest("tokens", keys["tokens"])
+    assert tokens_m["grid"] == [4, 4] and tokens_m["codebook_size"] == 512
+    images = read_shard(store, shard_paths(store, "images", keys["images"], "val")[0])
+    tokens = read_shard(store, shard_paths(store, "tokens", keys["tokens"], "val")[0])
+    pixels = torch.from_numpy(np.stack([decode_png(b) for b in images.column("image").to_pylist()]))
+    with torch.no_grad():
+        want = enc(map_pixels(pixels.permute(0, 3, 1, 2).float() / 255)).argmax(1).flatten(1).numpy()
+    assert np.array_equal(np.stack(tokens.column("image_tokens").to_numpy(zero_copy_only=False)), want)
+    model, _ = load_dvae(store, keys["dvae"])  # what generation decodes with: rebuilt from the artifact alone
+    assert model.decode(torch.as_tensor(want[:2]).view(2, 4, 4)).shape == (2, 3, 32, 32)
+    openai_dvae(tmp_path / "dalle", seed=1)  # other weights at the same path: another tokenizer, another key
+    assert stage_keys(load_config(TINY, ov))["dvae"] != keys["dvae"]

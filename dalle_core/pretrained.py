@@ -1,0 +1,486 @@
+"""Image tokenizers that others trained, loaded from local files into this project's modules.
+
+Two formats (`dvae.pretrained`):
+
+- **OpenAI's DALL-E dVAE**: a folder with `encoder.pkl` and `decoder.pkl` as released with the `DALL-E`
+  package (whole pickled modules; 8,192 codes, 256 px -> 32x32 with 3 max-pools). Pixels are mapped into
+  [0.1, 0.9], the encoder's logits are argmaxed, the decoder takes one-hot codes and emits logit-Laplace
+  statistics whose image is the unmapped sigmoid of the location.
+- **A taming-transformers VQGAN**: a Lightning `.ckpt` plus its OmegaConf `.yaml` (`VQModel` or
+  `GumbelVQ`). Pixels in [-1, 1]; `quant_conv` -> nearest code (VQ) or argmax of `quantize.proj` (gumbel);
+  `post_quant_conv` -> decoder.
+
+The pickles are read with a restricted unpickler that builds tensors and plain containers only: every other
+class becomes an inert record, so loading a checkpoint runs no code from it and needs neither upstream
+package. The weights are then copied into the modules below, whose parameter names follow the upstream
+ones, so `load_state_dict` checks every tensor's name and shape. `PretrainedDVAE` has `DiscreteVAE`'s
+interface (`c`, `encode`, `decode`), and `spec()` + the state dict rebuild it from a stage artifact.
+"""
+
+from __future__ import annotations
+
+import math
+import pickle
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import yaml
+
+from dalle_core.dvae import LOGIT_LAPLACE_EPS, DVAEConfig
+
+
+class PretrainedError(ValueError):
+    """A pretrained tokenizer that cannot be found, read or used; the message is one line."""
+
+
+# ----------------------------------------------------------------- reading pickles without running them
+
+_TORCH_REBUILD = {
+    ("torch._utils", "_rebuild_tensor"), ("torch._utils", "_rebuild_tensor_v2"),
+    ("torch._utils", "_rebuild_tensor_v3"), ("torch._utils", "_rebuild_parameter"),
+    ("torch._utils", "_rebuild_parameter_with_state"), ("torch._tensor", "_rebuild_from_type_v2"),
+    ("torch", "device"), ("torch", "Size"), ("torch", "dtype"), ("torch", "Tensor"),
+    ("torch.nn.parameter", "Parameter"), ("collections", "OrderedDict"), ("builtins", "set"),
+    ("builtins", "frozenset"), ("builtins", "slice"), ("builtins", "complex"),
+}
+
+
+class Record:
+    """What the restricted unpickler makes of any class it does not allow: the pickled state, inert."""
+
+    qualname = "?"
+
+    def __init__(self, *args, **kwargs):
+        self.args = args
+
+    def __setstate__(self, state):
+        if isinstance(state, tuple) and len(state) == 2:  # (dict, slots)
+            state = {**(state[0] or {}), **(state[1] or {})}
+        self.__dict__.update(state if isinstance(state, dict) else {"state": state})
+
+    def __call__(self, *args, **kwargs):  # a reduce through a stand-in function yields another record
+        return Record(*args)
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if (module, name) in _TORCH_REBUILD or (module.startswith("torch") and name.endswith("Storage")):
+            return super().find_class(module, name)
+        if module == "torch" and name in ("float32", "float16", "bfloat16", "float64", "int64", "uint8"):
+            return getattr(torch, name)
+        return type(name, (Record,), {"qualname": f"{module}.{name}"})
+
+
+class _RestrictedPickle:
+    """The `pickle_module` handed to `torch.load`: only its `Unpickler` is used."""
+
+    Unpickler = _RestrictedUnpickler
+    load = pickle.load  # torch checks for it; the zip-format path goes through Unpickler
+
+
+def read_pickle(path: Path) -> Any:
+    """`torch.load` a file whose pickle may hold modules or training objects, building tensors only."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_RestrictedPickle)
+    except (OSError, RuntimeError, pickle.UnpicklingError, EOFError) as e:
+        raise PretrainedError(f"dvae.pretrained: cannot read {path}: {str(e).splitlines()[0]}") from None
+
+
+def module_state(node: Any, prefix: str = "") -> dict[str, torch.Tensor]:
+    """The state dict of a pickled `nn.Module` read as `Record`s: its parameters and buffers by dotted name."""
+    out: dict[str, torch.Tensor] = {}
+    for kind in ("_parameters", "_buffers"):
+        for name, t in (getattr(node, kind, None) or {}).items():
+            if t is not None:
+                out[prefix + name] = t.detach()
+    for name, child in (getattr(node, "_modules", None) or {}).items():
+        if child is not None:
+            out.update(module_state(child, f"{prefix}{name}."))
+    return out
+
+
+# ----------------------------------------------------------------- OpenAI's dVAE
+
+
+class _Conv(nn.Module):
+    """DALL-E's convolution: parameters `w`, `b`, 'same' padding for an odd kernel."""
+
+    def __init__(self, n_in: int, n_out: int, kw: int):
+        super().__init__()
+        self.w = nn.Parameter(torch.empty(n_out, n_in, kw, kw))
+        self.b = nn.Parameter(torch.zeros(n_out))
+        nn.init.normal_(self.w, std=1 / math.sqrt(n_in * kw * kw))
+
+    def forward(self, x):
+        return F.conv2d(x, self.w, self.b, padding=(self.w.shape[-1] - 1) // 2)
+
+
+class _OpenAIBlock(nn.Module):
+    """Residual block: identity (or 1x1) path + post_gain x four ReLU-convs through n_out / 4 channels.
+    The encoder's kernels are 3,3,3,1 and the decoder's 1,3,3,3."""
+
+    def __init__(self, n_in: int, n_out: int, n_layers: int, kernels: tuple[int, int, int, int]):
+        super().__init__()
+        hid = n_out // 4
+        self.post_gain = 1 / n_layers ** 2
+        self.id_path = _Conv(n_in, n_out, 1) if n_in != n_out else nn.Identity()
+        chans = [n_in, hid, hid, hid, n_out]
+        layers: list[tuple[str, nn.Module]] = []
+        for i, kw in enumerate(kernels):
+            layers += [(f"relu_{i + 1}", nn.ReLU()), (f"conv_{i + 1}", _Conv(chans[i], chans[i + 1], kw))]
+        self.res_path = nn.Sequential(OrderedDict(layers))
+
+    def forward(self, x):
+        return self.id_path(x) + self.post_gain * self.res_path(x)
+
+
+def _openai_groups(widths: list[tuple[int, int]], blocks: int, kernels, resample: nn.Module | None):
+    """Four groups of `blocks` residual blocks, width (first in, out) per group, resampling between them."""
+    n_layers = 4 * blocks
+    groups = []
+    for g, (w_in, w_out) in enumerate(widths):
+        layers = [(f"block_{i + 1}", _OpenAIBlock(w_in if i == 0 else w_out, w_out, n_layers, kernels))
+                  for i in range(blocks)]
+        if g < 3:
+            layers.append(("pool" if isinstance(resample, nn.MaxPool2d) else "upsample", resample))
+        groups.append((f"group_{g + 1}", nn.Sequential(OrderedDict(layers))))
+    return groups
+
+
+class OpenAIEncoder(nn.Module):
+    def __init__(self, n_hid: int, blocks: int, vocab: int):
+        super().__init__()
+        h = n_hid
+        groups = _openai_groups([(h, h), (h, 2 * h), (2 * h, 4 * h), (4 * h, 8 * h)], blocks, (3, 3, 3, 1),
+                                nn.MaxPool2d(2))
+        self.blocks = nn.Sequential(OrderedDict([
+            ("input", _Conv(3, h, 7)), *groups,
+            ("output", nn.Sequential(OrderedDict([("relu", nn.ReLU()), ("conv", _Conv(8 * h, vocab, 1))])))]))
+
+    def forward(self, x):  # (B, 3, H, W) mapped pixels -> (B, vocab, H/8, W/8) logits
+        return self.blocks(x)
+
+
+class OpenAIDecoder(nn.Module):
+    def __init__(self, n_init: int, n_hid: int, blocks: int, vocab: int):
+        super().__init__()
+        h = n_hid
+        groups = _openai_groups([(n_init, 8 * h), (8 * h, 4 * h), (4 * h, 2 * h), (2 * h, h)], blocks,
+                                (1, 3, 3, 3), nn.Upsample(scale_factor=2, mode="nearest"))
+        self.blocks = nn.Sequential(OrderedDict([
+            ("input", _Conv(vocab, n_init, 1)), *groups,
+            ("output", nn.Sequential(OrderedDict([("relu", nn.ReLU()), ("conv", _Conv(h, 6, 1))])))]))
+
+    def forward(self, tokens):  # (B, h, w) codes -> (B, 6, 8h, 8w) logit-Laplace statistics
+        first = self.blocks.input  # a 1x1 conv of a one-hot is a lookup of the weight's column, plus the bias
+        x = F.embedding(tokens, first.w[:, :, 0, 0].t()).permute(0, 3, 1, 2) + first.b.view(1, -1, 1, 1)
+        return self.blocks[1:](x)
+
+
+# ----------------------------------------------------------------- taming-transformers' VQGAN
+
+
+def _norm(ch: int) -> nn.GroupNorm:
+    return nn.GroupNorm(32, ch, eps=1e-6)
+
+
+class _TamingResBlock(nn.Module):
+    def __init__(self, c_in: int, c_out: int):
+        super().__init__()
+        self.norm1, self.conv1 = _norm(c_in), nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.norm2, self.conv2 = _norm(c_out), nn.Conv2d(c_out, c_out, 3, padding=1)
+        if c_in != c_out:
+            self.nin_shortcut = nn.Conv2d(c_in, c_out, 1)
+
+    def forward(self, x):
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
+        return (self.nin_shortcut(x) if hasattr(self, "nin_shortcut") else x) + h
+
+
+class _TamingAttn(nn.Module):
+    """Single-head self-attention over the h*w positions, 1x1 convs for q, k, v and the output."""
+
+    def __init__(self, ch: int):
+        super().__init__()
+        self.norm = _norm(ch)
+        self.q, self.k, self.v, self.proj_out = (nn.Conv2d(ch, ch, 1) for _ in range(4))
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        h = self.norm(x)
+        q, k, v = (m(h).flatten(2).transpose(1, 2) for m in (self.q, self.k, self.v))  # (B, HW, C)
+        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, C, H, W)
+        return x + self.proj_out(out)
+
+
+class _Down(nn.Module):
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, stride=2)
+
+    def forward(self, x):
+        return self.conv(F.pad(x, (0, 1, 0, 1)))  # asymmetric padding, as upstream
+
+
+class _Up(nn.Module):
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+def _level(blocks: list[nn.Module], attn: list[nn.Module], resample: nn.Module | None, name: str) -> nn.Module:
+    level = nn.Module()
+    level.block, level.attn = nn.ModuleList(blocks), nn.ModuleList(attn)
+    if resample is not None:
+        setattr(level, name, resample)
+    return level
+
+
+def _mid(ch: int) -> nn.Module:
+    mid = nn.Module()
+    mid.block_1, mid.attn_1, mid.block_2 = _TamingResBlock(ch, ch), _TamingAttn(ch), _TamingResBlock(ch, ch)
+    return mid
+
+
+def _run_level(level: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    for i, block in enumerate(level.block):
+        h = block(h)
+        if len(level.attn):
+            h = level.attn[i](h)
+    return h
+
+
+class TamingEncoder(nn.Module):
+    """ResNet levels (GroupNorm, swish) with attention at `attn_resolutions`, halving between levels."""
+
+    def __init__(self, dd: dict):
+        super().__init__()
+        ch, mult, n_res, res = dd["ch"], list(dd["ch_mult"]), dd["num_res_blocks"], dd["resolution"]
+        self.conv_in = nn.Conv2d(dd["in_channels"], ch, 3, padding=1)
+        self.down = nn.ModuleList()
+        c_in = ch
+        for i, m in enumerate(mult):
+            blocks, attn = [], []
+            for _ in range(n_res):
+                blocks.append(_TamingResBlock(c_in, ch * m))
+                c_in = ch * m
+                if res in dd["attn_resolutions"]:
+                    attn.append(_TamingAttn(c_in))
+            last = i == len(mult) - 1
+            self.down.append(_level(blocks, attn, None if last else _Down(c_in), "downsample"))
+            res = res if last else res // 2
+        self.mid = _mid(c_in)
+        self.norm_out = _norm(c_in)
+        self.conv_out = nn.Conv2d(c_in, dd["z_channels"] * (2 if dd.get("double_z") else 1), 3, padding=1)
+
+    def forward(self, x):
+        h = self.conv_in(x)
+        for level in self.down:
+            h = _run_level(level, h)
+            if hasattr(level, "downsample"):
+                h = level.downsample(h)
+        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class TamingDecoder(nn.Module):
+    def __init__(self, dd: dict):
+        super().__init__()
+        ch, mult, n_res = dd["ch"], list(dd["ch_mult"]), dd["num_res_blocks"]
+        res = dd["resolution"] // 2 ** (len(mult) - 1)
+        c_in = ch * mult[-1]
+        self.conv_in = nn.Conv2d(dd["z_channels"], c_in, 3, padding=1)
+        self.mid = _mid(c_in)
+        levels = []
+        for i in reversed(range(len(mult))):
+            blocks, attn = [], []
+            for _ in range(n_res + 1):
+                blocks.append(_TamingResBlock(c_in, ch * mult[i]))
+                c_in = ch * mult[i]
+                if res in dd["attn_resolutions"]:
+                    attn.append(_TamingAttn(c_in))
+            levels.insert(0, _level(blocks, attn, _Up(c_in) if i else None, "upsample"))
+            res = res * 2 if i else res
+        self.up = nn.ModuleList(levels)  # indexed by resolution level, run from the coarsest
+        self.norm_out = _norm(c_in)
+        self.conv_out = nn.Conv2d(c_in, dd["out_ch"], 3, padding=1)
+
+    def forward(self, z):
+        h = self.conv_in(z)
+        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
+        for level in reversed(self.up):
+            h = _run_level(level, h)
+            if hasattr(level, "upsample"):
+                h = level.upsample(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+# ----------------------------------------------------------------- one interface for both
+
+
+@dataclass
+class Spec:
+    """Everything needed to rebuild a pretrained tokenizer's modules (saved with the stage artifact)."""
+
+    kind: str  # "openai" | "taming-vq" | "taming-gumbel"
+    arch: dict  # openai: n_hid, n_init, blocks, vocab; taming: the yaml's ddconfig, n_embed, embed_dim
+
+
+class PretrainedDVAE(nn.Module):
+    """A loaded tokenizer with `DiscreteVAE`'s interface: normalised images <-> (B, h, w) code grids."""
+
+    def __init__(self, spec: Spec, image_size: int, norm_mean, norm_std):
+        super().__init__()
+        self.spec = spec
+        a = spec.arch
+        if spec.kind == "openai":
+            self.encoder = OpenAIEncoder(a["n_hid"], a["blocks"], a["vocab"])
+            self.decoder = OpenAIDecoder(a["n_init"], a["n_hid"], a["blocks"], a["vocab"])
+            codes, dim, factor = a["vocab"], a["n_init"], 8
+        else:
+            dd = a["ddconfig"]
+            self.encoder, self.decoder = TamingEncoder(dd), TamingDecoder(dd)
+            self.quant_conv = nn.Conv2d(dd["z_channels"], a["embed_dim"], 1)
+            self.post_quant_conv = nn.Conv2d(a["embed_dim"], dd["z_channels"], 1)
+            self.quantize = nn.Module()
+            if spec.kind == "taming-gumbel":
+                self.quantize.proj = nn.Conv2d(a["embed_dim"], a["n_embed"], 1)  # upstream: embed_dim == z_channels
+                self.quantize.embed = nn.Embedding(a["n_embed"], a["embed_dim"])
+            else:
+                self.quantize.embedding = nn.Embedding(a["n_embed"], a["embed_dim"])
+            codes, dim, factor = a["n_embed"], a["embed_dim"], 2 ** (len(dd["ch_mult"]) - 1)
+        if image_size % factor:
+            raise PretrainedError(f"data.image_size: {image_size} is not a multiple of the pretrained "
+                                  f"tokenizer's downsampling factor {factor}")
+        self.c = DVAEConfig(image_size=image_size, codebook_size=codes, codebook_dim=dim,
+                            num_downsamples=int(math.log2(factor)),
+                            quantizer="vq" if spec.kind == "taming-vq" else "gumbel",
+                            logit_laplace=spec.kind == "openai", norm_mean=tuple(norm_mean), norm_std=tuple(norm_std))
+        self.register_buffer("mean", torch.tensor(norm_mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(norm_std).view(1, 3, 1, 1), persistent=False)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def encode(self, images: torch.Tensor, precision: str = "fp32") -> torch.Tensor:
+        """Normalised (B, 3, H, W) -> LongTensor (B, H/f, W/f) of codes."""
+        unit = images.float() * self.std + self.mean
+        with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            if self.spec.kind == "openai":
+                return self.encoder(LOGIT_LAPLACE_EPS + (1 - 2 * LOGIT_LAPLACE_EPS) * unit).argmax(1)
+            z = self.quant_conv(self.encoder(2 * unit - 1))
+            if self.spec.kind == "taming-gumbel":
+                return self.quantize.proj(z).argmax(1)
+        B, D, h, w = z.shape
+        flat, e = z.float().permute(0, 2, 3, 1).reshape(-1, D), self.quantize.embedding.weight
+        dist = flat.pow(2).sum(1, keepdim=True) + e.pow(2).sum(1) - 2 * flat @ e.t()  # as upstream, ties included
+        return dist.argmin(1).view(B, h, w)
+
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        """LongTensor (B, h, w) -> normalised (B, 3, H, W) images."""
+        if self.spec.kind == "openai":
+            stats = self.decoder(tokens)
+            unit = ((torch.sigmoid(stats[:, :3]) - LOGIT_LAPLACE_EPS) / (1 - 2 * LOGIT_LAPLACE_EPS)).clamp(0, 1)
+        else:
+            table = self.quantize.embed if self.spec.kind == "taming-gumbel" else self.quantize.embedding
+            z = self.post_quant_conv(table(tokens).permute(0, 3, 1, 2))
+            unit = (self.decoder(z).clamp(-1, 1) + 1) / 2
+        return (unit - self.mean) / self.std
+
+
+# ----------------------------------------------------------------- finding and loading the files
+
+
+def source_files(path: str | Path, config_path: str | Path | None = None) -> tuple[str, dict[str, Path]]:
+    """The kind of tokenizer at `path` and its files by role: ("openai", {encoder, decoder}) for a folder with
+    encoder.pkl and decoder.pkl; ("taming", {checkpoint, config}) for a .ckpt (or a folder holding exactly
+    one, as taming's downloads: checkpoints/last.ckpt + configs/*.yaml) and its .yaml."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise PretrainedError(f"dvae.pretrained: {p} does not exist; give a folder with encoder.pkl and "
+                              f"decoder.pkl (OpenAI's dVAE) or a taming-transformers .ckpt")
+    if p.is_dir() and (p / "encoder.pkl").is_file() and (p / "decoder.pkl").is_file():
+        return "openai", {"encoder": p / "encoder.pkl", "decoder": p / "decoder.pkl"}
+    ckpt = p
+    if p.is_dir():
+        found = sorted(p.rglob("*.ckpt"))
+        if len(found) != 1:
+            raise PretrainedError(f"dvae.pretrained: {p} holds {len(found)} .ckpt files and no encoder.pkl + "
+                                  f"decoder.pkl; point it at one checkpoint")
+        ckpt = found[0]
+    if ckpt.suffix != ".ckpt":
+        raise PretrainedError(f"dvae.pretrained: {ckpt} is neither a folder with encoder.pkl and decoder.pkl "
+                              f"nor a .ckpt")
+    if config_path:
+        yml = Path(config_path).expanduser()
+        if not yml.is_file():
+            raise PretrainedError(f"dvae.pretrained_config: {yml} does not exist")
+    else:  # next to the checkpoint, or taming's layout: <run>/checkpoints/last.ckpt + <run>/configs/*.yaml
+        cands = [ckpt.with_suffix(".yaml")] if ckpt.with_suffix(".yaml").is_file() else []
+        cands = cands or sorted(ckpt.parent.glob("*.yaml")) or sorted((ckpt.parent.parent / "configs").glob("*.yaml"))
+        if len(cands) != 1:
+            raise PretrainedError(f"dvae.pretrained: found {len(cands)} candidate .yaml configs for {ckpt}; "
+                                  f"set dvae.pretrained_config to the model's yaml")
+        yml = cands[0]
+    return "taming", {"checkpoint": ckpt, "config": yml}
+
+
+def load(path: str | Path, config_path: str | Path | None, image_size: int, norm_mean, norm_std) -> PretrainedDVAE:
+    """Load the tokenizer at `path` (see `source_files`) into a `PretrainedDVAE` in eval mode."""
+    kind, files = source_files(path, config_path)
+    if kind == "openai":
+        enc, dec = module_state(read_pickle(files["encoder"])), module_state(read_pickle(files["decoder"]))
+        if "blocks.input.w" not in enc or "blocks.input.w" not in dec:
+            raise PretrainedError(f"dvae.pretrained: {files['encoder'].parent} does not hold DALL-E's "
+                                  f"Encoder and Decoder modules (no blocks.input.w)")
+        arch = {"n_hid": enc["blocks.input.w"].shape[0], "vocab": enc["blocks.output.conv.w"].shape[0],
+                "n_init": dec["blocks.input.w"].shape[0],
+                "blocks": sum(1 for k in enc if k.startswith("blocks.group_1.") and k.endswith("conv_1.w"))}
+        state = {**{f"encoder.{k}": v for k, v in enc.items()}, **{f"decoder.{k}": v for k, v in dec.items()}}
+        spec = Spec("openai", arch)
+    else:
+        spec, state = _taming(files["checkpoint"], files["config"])
+    model = PretrainedDVAE(spec, image_size, norm_mean, norm_std)
+    own = model.state_dict()
+    missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
+    misshapen = [k for k in own.keys() & state.keys() if own[k].shape != state[k].shape]
+    if missing or unexpected or misshapen:
+        raise PretrainedError(f"dvae.pretrained: {path} does not match its {spec.kind} architecture: "
+                              f"missing {missing[:3]}, unexpected {unexpected[:3]}, other shapes {misshapen[:3]}")
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def _taming(ckpt: Path, yml: Path) -> tuple[Spec, dict]:
+    try:
+        conf = yaml.safe_load(yml.read_text())
+        target, params = conf["model"]["target"], conf["model"]["params"]
+        dd = dict(params["ddconfig"])
+        arch = {"ddconfig": dd, "n_embed": int(params["n_embed"]), "embed_dim": int(params["embed_dim"])}
+    except (yaml.YAMLError, KeyError, TypeError) as e:
+        raise PretrainedError(f"dvae.pretrained_config: {yml} is not a taming-transformers model config "
+                              f"(model.target, model.params.ddconfig/n_embed/embed_dim): {e!r}") from None
+    kind = {"VQModel": "taming-vq", "GumbelVQ": "taming-gumbel"}.get(target.rsplit(".", 1)[-1])
+    if kind is None:
+        raise PretrainedError(f"dvae.pretrained_config: model.target {target} is not supported; "
+                              f"allowed: taming.models.vqgan.VQModel, taming.models.vqgan.GumbelVQ")
+    if params.get("remap"):
+        raise PretrainedError(f"dvae.pretrained_config: {yml} remaps codes (remap: {params['remap']}); "
+                              f"remapped codebooks are not supported")
+    blob = read_pickle(ckpt)
+    sd = blob.get("state_dict", blob) if isinstance(blob, dict) else None
+    if not isinstance(sd, dict):
+        raise PretrainedError(f"dvae.pretrained: {ckpt} holds no state_dict")
+    keep = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.", "quantize.")
+    state = {k: v for k, v in sd.items() if k.startswith(keep) and isinstance(v, torch.Tensor)}
+    return Spec(kind, arch), state

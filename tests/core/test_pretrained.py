@@ -1,0 +1,125 @@
+"""Pretrained tokenizers: upstream architectures with random weights, saved in the upstream formats, loaded through
+`dalle_core.pretrained`, must encode and decode exactly as the upstream implementations do."""
+
+import os
+
+import pytest
+import torch
+import yaml
+from torch import nn
+
+from dalle_core import pretrained
+
+NORM = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+REASON = "needs the upstream packages of the `reference` extra (pip install -e '.[reference]')"
+
+
+def openai_dvae(folder, vocab=512, seed=0):
+    """DALL-E's own Encoder/Decoder (the `DALL-E` package), random weights with some spread, pickled as released."""
+    dall_e = pytest.importorskip("dall_e", reason=REASON)
+    torch.manual_seed(seed)
+    enc = dall_e.Encoder(n_hid=64, n_blk_per_group=1, vocab_size=vocab)
+    dec = dall_e.Decoder(n_init=32, n_hid=64, n_blk_per_group=1, vocab_size=vocab)
+    with torch.no_grad():  # untrained, the encoder's logits barely depend on the image and the decoder is flat
+        for p, scale in [*((p, 3.0) for p in enc.parameters()), *((p, 1.0) for p in dec.parameters())]:
+            p.add_(torch.randn_like(p) * p.std().nan_to_num(0.1).clamp(min=0.05) * scale)
+    os.makedirs(folder, exist_ok=True)
+    torch.save(enc, os.path.join(folder, "encoder.pkl"))
+    torch.save(dec, os.path.join(folder, "decoder.pkl"))
+    return enc.eval(), dec.eval()
+
+
+def test_openai_dvae_encodes_and_decodes_as_upstream(tmp_path):
+    from dall_e import map_pixels, unmap_pixels
+
+    enc, dec = openai_dvae(tmp_path / "dalle")
+    model = pretrained.load(tmp_path / "dalle", None, 32, *NORM)
+    assert (model.c.codebook_size, model.c.grid_size) == (512, 4)
+    x = nn.functional.interpolate(torch.rand(3, 3, 4, 4), size=32, mode="bilinear")  # cells differ
+    with torch.no_grad():
+        want = enc(map_pixels(x)).argmax(1)
+        got = model.encode((x - 0.5) / 0.5)
+        one_hot = nn.functional.one_hot(want, 512).permute(0, 3, 1, 2).float()
+        want_img = unmap_pixels(torch.sigmoid(dec(one_hot)[:, :3]))
+        got_img = model.decode(want) * 0.5 + 0.5
+    assert len(want.unique()) >= 4  # the comparison means something: codes differ between cells
+    assert torch.equal(got, want)
+    assert want_img.std() > 0.05 and torch.allclose(got_img, want_img, atol=1e-5)
+
+
+def taming_vqgan(folder, target: str, seed=0):
+    """taming-transformers' Encoder/Decoder/quantizer, arranged as its VQModel / GumbelVQ, saved as a Lightning
+    checkpoint (state_dict with loss weights besides) plus its OmegaConf yaml in taming's run layout."""
+    model_mod = pytest.importorskip("taming.modules.diffusionmodules.model", reason=REASON)
+    quant_mod = pytest.importorskip("taming.modules.vqvae.quantize", reason=REASON)
+    torch.manual_seed(seed)
+    dd = dict(double_z=False, z_channels=32, resolution=16, in_channels=3, out_ch=3, ch=32, ch_mult=[1, 2],
+              num_res_blocks=1, attn_resolutions=[8], dropout=0.0)
+    m = nn.Module()
+    m.encoder, m.decoder = model_mod.Encoder(**dd), model_mod.Decoder(**dd)
+    embed_dim = 16 if target == "VQModel" else 32  # GumbelVQ's proj takes quant_conv's output as z_channels wide
+    m.quant_conv, m.post_quant_conv = nn.Conv2d(32, embed_dim, 1), nn.Conv2d(embed_dim, 32, 1)
+    if target == "VQModel":
+        m.quantize = quant_mod.VectorQuantizer2(64, embed_dim, beta=0.25)
+        m.quantize.embedding.weight.data.normal_()
+    else:
+        m.quantize = quant_mod.GumbelQuantize(32, embed_dim, 64)
+    (folder / "checkpoints").mkdir(parents=True)
+    (folder / "configs").mkdir()
+    state = {**m.state_dict(), "loss.discriminator.main.0.weight": torch.zeros(4)}
+    torch.save({"state_dict": state, "global_step": 7, "epoch": 1}, folder / "checkpoints" / "last.ckpt")
+    conf = {"model": {"target": f"taming.models.vqgan.{target}",
+                      "params": {"embed_dim": embed_dim, "n_embed": 64, "ddconfig": dd, "lossconfig": {"target": "x"}}}}
+    (folder / "configs" / "model.yaml").write_text(yaml.safe_dump(conf))
+    return m.eval()
+
+
+@pytest.mark.parametrize("target", ["VQModel", "GumbelVQ"])
+def test_taming_vqgan_encodes_and_decodes_as_upstream(tmp_path, target):
+    m = taming_vqgan(tmp_path / "run", target)
+    model = pretrained.load(tmp_path / "run", None, 32, *NORM)
+    assert model.spec.kind == {"VQModel": "taming-vq", "GumbelVQ": "taming-gumbel"}[target]
+    assert (model.c.codebook_size, model.c.grid_size) == (64, 16)
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        h = m.quant_conv(m.encoder(2 * x - 1))
+        if target == "VQModel":
+            want = m.quantize(h)[2][2].view(2, 16, 16)
+            z = m.quantize.embedding(want).permute(0, 3, 1, 2)
+        else:  # upstream samples gumbel noise even in eval; the code of a cell is its logits' argmax
+            want = m.quantize.proj(h).argmax(1)
+            z = m.quantize.get_codebook_entry(want.flatten(), (2, 16, 16, 32))
+        want_img = (m.decoder(m.post_quant_conv(z)).clamp(-1, 1) + 1) / 2
+        got = model.encode((x - 0.5) / 0.5)
+        got_img = model.decode(want) * 0.5 + 0.5
+    assert len(want.unique()) > 5
+    assert torch.equal(got, want)
+    assert torch.allclose(got_img, want_img, atol=1e-5)
+
+
+def test_reading_a_checkpoint_runs_no_code_from_it(tmp_path):
+    """Checkpoints are pickles: a hostile one must not run its payload (plain torch.load(weights_only=False)
+    would)."""
+    class Payload:
+        def __reduce__(self):
+            return os.system, (f"touch {tmp_path / 'pwned'}",)
+
+    torch.save({"state_dict": {"encoder.w": torch.zeros(1)}, "callbacks": Payload()}, tmp_path / "x.ckpt")
+    blob = pretrained.read_pickle(tmp_path / "x.ckpt")
+    assert not (tmp_path / "pwned").exists()
+    assert torch.equal(blob["state_dict"]["encoder.w"], torch.zeros(1))
+
+
+def test_bad_sources_are_one_line_errors(tmp_path):
+    with pytest.raises(pretrained.PretrainedError, match="does not exist"):
+        pretrained.source_files(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(pretrained.PretrainedError, match="holds 0 .ckpt files"):
+        pretrained.source_files(tmp_path / "empty")
+    (tmp_path / "a.ckpt").write_bytes(b"")
+    with pytest.raises(pretrained.PretrainedError, match="candidate .yaml"):
+        pretrained.source_files(tmp_path / "a.ckpt")
+    (tmp_path / "a.yaml").write_text("model: {target: taming.models.cond_transformer.Net2NetTransformer, "
+                                     "params: {n_embed: 4, embed_dim: 4, ddconfig: {}}}")
+    with pytest.raises(pretrained.PretrainedError, match="Net2NetTransformer is not supported"):
+        pretrained.load(tmp_path / "a.ckpt", None, 32, *NORM)
