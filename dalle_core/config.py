@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -133,6 +134,21 @@ class DVAESection(Section):
     # `kmeans_images` training images, `kmeans_iters` rounds; no gradient training, no network
     kmeans_images: int = Field(2048, ge=1)
     kmeans_iters: int = Field(20, ge=1)
+    # VQGAN (taming-transformers): a PatchGAN discriminator (disc_layers stride-2 convs, disc_channels wide) with
+    # the hinge loss, from step disc_start on. The generator term's weight is disc_weight x the ratio of the
+    # reconstruction's and the adversarial term's gradient norms at the decoder's last layer (clamped to
+    # [0, 1e4]). The discriminator trains with the same optimizer settings and is not part of the artifact.
+    adversarial: bool = False
+    disc_start: int = Field(1000, ge=0)
+    disc_weight: float = Field(0.8, ge=0)
+    disc_layers: int = Field(3, ge=1, le=6)
+    disc_channels: int = Field(64, ge=8)
+    # A perceptual term (LPIPS on VGG16 features) needs weights on local disk, since nothing is downloaded:
+    # perceptual_vgg = torchvision's vgg16 state dict (.pth), perceptual_lpips = LPIPS' linear layers (vgg.pth
+    # of the lpips package; taken from an installed lpips package when unset). Off when perceptual_vgg is unset.
+    perceptual_weight: float = Field(1.0, ge=0)
+    perceptual_vgg: str | None = None
+    perceptual_lpips: str | None = None
     # vq: EMA codebook, commitment loss, dead-code restart
     commitment: float = Field(0.25, ge=0)
     ema_decay: float = Field(0.99, gt=0, lt=1)
@@ -150,6 +166,9 @@ class DVAESection(Section):
         if self.quantizer != "pixel-kmeans" and self.num_downsamples < 1:
             raise ValueError(f"dvae.num_downsamples: 0 (one token per pixel) is for quantizer pixel-kmeans only; "
                              f"{self.quantizer} needs 1 to 5")
+        if self.adversarial and self.quantizer == "pixel-kmeans":
+            raise ValueError("dvae.adversarial: a discriminator needs a trained decoder; quantizer pixel-kmeans has "
+                             "none (use vq or gumbel)")
         if self.pretrained and (self.train.nproc > 1 or self.train.nnodes > 1):
             raise ValueError(f"dvae.pretrained loads a tokenizer in one process, nothing trains under DDP "
                              f"(got dvae.train.nproc={self.train.nproc}, nnodes={self.train.nnodes}); set both to 1")
@@ -306,6 +325,15 @@ class Config(Section):
         if not 1 <= g.prime_rows < rows:
             raise ValueError(f"generate.prime_rows={g.prime_rows} must leave rows to sample: the token grid has "
                              f"{rows} rows, so use 1 to {rows - 1}")
+        return self
+
+    @model_validator(mode="after")
+    def _discriminator_fits_the_image(self) -> Config:
+        d, size = self.dvae, self.data.image_size
+        if d.adversarial and size // 2 ** d.disc_layers < 3:  # two stride-1 4x4 convs follow the halvings
+            most = max(1, int(math.log2(size / 3))) if size >= 6 else 0
+            raise ValueError(f"dvae.disc_layers={d.disc_layers} halves data.image_size={size} to less than 3 px "
+                             f"before the patch logits; use at most {most}")
         return self
 
     @model_validator(mode="after")

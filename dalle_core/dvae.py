@@ -50,6 +50,10 @@ class DVAEConfig:
     logit_laplace: bool = False
     norm_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     norm_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    # VQGAN (taming-transformers): a PatchGAN discriminator trained beside the dVAE; 0 layers = none. It exists
+    # only while training: the stage's artifact is the tokenizer without it.
+    disc_layers: int = 0
+    disc_channels: int = 64
 
     @property
     def grid_size(self) -> int:
@@ -64,7 +68,9 @@ def config_for(section, image_size: int) -> DVAEConfig:
                       commitment=section.commitment, ema_decay=section.ema_decay,
                       dead_code_threshold=section.dead_code_threshold, straight_through=section.straight_through,
                       logit_laplace=section.recon_loss == "logit_laplace", norm_mean=tuple(section.norm_mean),
-                      norm_std=tuple(section.norm_std))
+                      norm_std=tuple(section.norm_std),
+                      disc_layers=section.disc_layers if section.adversarial else 0,
+                      disc_channels=section.disc_channels)
 
 
 class ResBlock(nn.Module):
@@ -202,6 +208,31 @@ class GumbelQuantizer(nn.Module):
         return z, idx, self.kl_weight * kl
 
 
+class PatchDiscriminator(nn.Module):
+    """pix2pix's PatchGAN, as in taming-transformers: `disc_layers` stride-2 4x4 convs (BatchNorm, LeakyReLU)
+    then two stride-1 ones, one real/fake logit per overlapping patch; N(0, 0.02) initialisation."""
+
+    def __init__(self, c: DVAEConfig):
+        super().__init__()
+        ch = c.disc_channels
+        layers: list[nn.Module] = [nn.Conv2d(3, ch, 4, stride=2, padding=1), nn.LeakyReLU(0.2)]
+        for i in range(1, c.disc_layers + 1):
+            c_in, ch = ch, c.disc_channels * min(2 ** i, 8)
+            layers += [nn.Conv2d(c_in, ch, 4, stride=2 if i < c.disc_layers else 1, padding=1, bias=False),
+                       nn.BatchNorm2d(ch), nn.LeakyReLU(0.2)]
+        layers.append(nn.Conv2d(ch, 1, 4, padding=1))
+        self.net = nn.Sequential(*layers)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.normal_(m.weight, 0.0, 0.02)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.normal_(m.weight, 1.0, 0.02)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x):  # normalised (B, 3, H, W) -> (B, 1, h', w') patch logits
+        return self.net(x)
+
+
 class DiscreteVAE(nn.Module):
     def __init__(self, c: DVAEConfig):
         super().__init__()
@@ -216,6 +247,12 @@ class DiscreteVAE(nn.Module):
         self.encoder = Encoder(c, c.codebook_size if c.quantizer == "gumbel" else c.codebook_dim)
         self.quantizer = GumbelQuantizer(c) if c.quantizer == "gumbel" else VectorQuantizer(c)
         self.decoder = Decoder(c)
+        self.discriminator = PatchDiscriminator(c) if c.disc_layers else None
+
+    def drop_discriminator(self) -> None:
+        """After training: the tokenizer alone (the discriminator is not part of the artifact)."""
+        self.discriminator = None
+        self.c = replace(self.c, disc_layers=0)
 
     @property
     def device(self) -> torch.device:

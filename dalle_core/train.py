@@ -225,31 +225,72 @@ def psnr_unit(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def dvae_step(r: DVAESection) -> StepFn:
-    """The dVAE's loss on a batch {"image": (B, H, W, 3) uint8}: reconstruction + quantizer loss."""
+    """The dVAE's loss on a batch {"image": (B, H, W, 3) uint8}: reconstruction + quantizer loss, and for VQGAN
+    (`r.adversarial`) the LPIPS term when it has weights, the adaptive-weight generator term and the
+    discriminator's hinge loss."""
     norm = Norm(r.norm_mean, r.norm_std)
+    lpips = None
+    if r.adversarial and r.perceptual_vgg and r.perceptual_weight > 0:
+        from dalle_core.perceptual import load_lpips
+
+        lpips = load_lpips(r.perceptual_vgg, r.perceptual_lpips)
 
     def step_fn(model: nn.Module, batch: dict, step: int):
+        nonlocal lpips
         x = to_tensor(batch["image"], norm.mean, norm.std)
         out, idx, q_loss = model(x)
         if r.recon_loss == "logit_laplace":
             rec_loss = logit_laplace_nll(out, norm.to_unit(x))
-            recon = unwrap(model).to_image(out.detach())
+            recon = unwrap(model).to_image(out)
         else:
             recon = out.float()
             rec_loss = F.mse_loss(recon, x) if r.recon_loss == "mse" else F.l1_loss(recon, x)
+        adv: dict[str, torch.Tensor] = {}
+        if lpips is not None:
+            lpips = lpips.to(x.device)
+            adv["perceptual"] = lpips(2 * norm.to_unit(x) - 1, 2 * norm.to_unit(recon) - 1).mean()
+            rec_loss = rec_loss + r.perceptual_weight * adv["perceptual"]
+        loss = rec_loss + q_loss
+        if r.adversarial and step >= r.disc_start:
+            adv.update(vqgan_losses(unwrap(model), x, recon, rec_loss, r.disc_weight))
+            loss = loss + adv["adaptive_weight"] * adv["generator_loss"] + adv["discriminator_loss"]
+        elif r.adversarial and distributed():  # every parameter gets a gradient each step, as DDP expects
+            loss = loss + 0 * sum(p.sum() for p in unwrap(model).discriminator.parameters())
 
         def metrics() -> dict[str, float]:
             ppl, used = code_stats(idx, r.codebook_size)
             with torch.no_grad():
                 psnr = psnr_unit(norm.to_unit(recon.detach()), norm.to_unit(x))
-            return {"recon_mse": F.mse_loss(recon.detach(), x).item(), "psnr": psnr, "perplexity": ppl,
+            return {"recon_mse": F.mse_loss(recon.detach().float(), x).item(), "psnr": psnr, "perplexity": ppl,
                     "code_usage_fraction": used, "quantizer_loss": q_loss.item(),
                     "temperature": getattr(unwrap(model).quantizer, "temperature", float("nan")),
-                    "kl_per_cell": float(getattr(unwrap(model).quantizer, "last_kl", float("nan")))}
+                    "kl_per_cell": float(getattr(unwrap(model).quantizer, "last_kl", float("nan"))),
+                    **{k: float(v.detach()) for k, v in adv.items()}}
 
-        return rec_loss + q_loss, x.shape[0], metrics
+        return loss, x.shape[0], metrics
 
     return step_fn
+
+
+def vqgan_losses(model: nn.Module, x: torch.Tensor, recon: torch.Tensor, rec_loss: torch.Tensor,
+                 disc_weight: float) -> dict[str, torch.Tensor]:
+    """Taming-transformers' adversarial terms for normalised images `x` and reconstructions `recon`.
+
+    generator_loss = -D(recon), to be weighted by adaptive_weight = disc_weight x |grad rec_loss| /
+    |grad generator_loss| at the decoder's last layer (so neither term drowns the other); its gradient reaches
+    the dVAE only (D's parameters are detached for it). discriminator_loss = hinge on D(x) and D(recon.detach()),
+    its gradient reaches D only."""
+    d = model.discriminator
+    frozen = {name: p.detach() for name, p in d.named_parameters()}
+    generator_loss = -torch.func.functional_call(d, frozen, (recon,)).float().mean()
+    last = model.decoder.net[-1].weight
+    g_rec = torch.autograd.grad(rec_loss, last, retain_graph=True)[0]
+    g_adv = torch.autograd.grad(generator_loss, last, retain_graph=True)[0]
+    weight = (g_rec.norm() / (g_adv.norm() + 1e-4)).clamp(0, 1e4).detach() * disc_weight
+    real, fake = d(x).float(), d(recon.detach()).float()
+    disc_loss = 0.5 * (F.relu(1 - real).mean() + F.relu(1 + fake).mean())
+    return {"generator_loss": generator_loss, "adaptive_weight": weight, "discriminator_loss": disc_loss,
+            "logits_real": real.detach().mean(), "logits_fake": fake.detach().mean()}
 
 
 def dvae_schedule(model: nn.Module, r: DVAESection) -> tuple[Callable[[int, int], None], Callable[[int], None]]:
@@ -276,9 +317,10 @@ def dvae_schedule(model: nn.Module, r: DVAESection) -> tuple[Callable[[int, int]
 @torch.inference_mode()
 def evaluate_dvae(model: nn.Module, batches: Iterable[dict], norm: Norm,
                   device: torch.device | str = "cpu") -> dict[str, float]:
-    """Validation PSNR of the hard-code reconstruction (over all pixels of all batches) and codebook usage."""
+    """Validation PSNR of the hard-code reconstruction (over all pixels of all batches), codebook usage, and
+    sharpness: the variance of the reconstructions' Laplacian over the originals' (1 = as sharp; blur < 1)."""
     model.eval()
-    se, n = 0.0, 0
+    se, n, lap_recon, lap_real = 0.0, 0, 0.0, 0.0
     counts = torch.zeros(model.c.codebook_size, device=device)
     for batch in batches:
         x = to_tensor(to_device(batch["image"], torch.device(device)), norm.mean, norm.std)
@@ -286,12 +328,23 @@ def evaluate_dvae(model: nn.Module, batches: Iterable[dict], norm: Norm,
         recon = model.decode(tokens)
         se += F.mse_loss(norm.to_unit(recon), norm.to_unit(x), reduction="sum").item()
         n += x.numel()
+        lap_recon += laplacian_variance(norm.to_unit(recon)).sum().item()
+        lap_real += laplacian_variance(norm.to_unit(x)).sum().item()
         counts += torch.bincount(tokens.flatten(), minlength=model.c.codebook_size).float()
     mse = se / max(n, 1)
     p = counts / counts.sum()
     entropy = -(p[p > 0] * p[p > 0].log()).sum()
     return {"val_psnr": 99.0 if mse == 0 else 10 * math.log10(1 / mse), "val_mse": mse,
-            "val_code_usage_fraction": float((counts > 0).float().mean()), "val_perplexity": float(entropy.exp())}
+            "val_code_usage_fraction": float((counts > 0).float().mean()), "val_perplexity": float(entropy.exp()),
+            "val_sharpness_ratio": lap_recon / max(lap_real, 1e-12)}
+
+
+def laplacian_variance(unit: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) images in [0, 1] -> (B,) variance of the 3x3 Laplacian of their luma: a standard focus
+    measure, high for sharp edges and fine texture, low for blur."""
+    luma = (unit.float() * torch.tensor([0.299, 0.587, 0.114], device=unit.device).view(1, 3, 1, 1)).sum(1, True)
+    kernel = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]], device=unit.device).view(1, 1, 3, 3)
+    return F.conv2d(luma, kernel).flatten(1).var(1)
 
 
 # ----------------------------------------------------------- the transformer

@@ -13,10 +13,13 @@ from dalle_core.config import ConfigError, load_config
 def _user_errors() -> tuple[type[Exception], ...]:
     from dalle_core.data import DataError
     from dalle_core.openmoji import OpenMojiError
+    from dalle_core.perceptual import PerceptualError
+    from dalle_core.pretrained import PretrainedError
     from storage.store import StoreError
     from storage.tracking import TrackingError
 
-    return (ConfigError, DataError, OpenMojiError, StoreError, TrackingError, FileNotFoundError)
+    return (ConfigError, DataError, OpenMojiError, PerceptualError, PretrainedError, StoreError, TrackingError,
+            FileNotFoundError)
 
 
 def check_prefect_server() -> None:

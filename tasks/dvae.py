@@ -93,16 +93,24 @@ def run_training(cfg: Config, parent_run_id: str | None, flow_run_id: str | None
                            start_batch=tr.start * t.grad_accum)
     before, after = dvae_schedule(tr.model, r)
     fit_args = {"before_step": before, "after_step": after, "unit": "images"}
+    step = dvae_step(r)
     if rank != 0:
-        tr.fit(batches, dvae_step(r), None, **fit_args)
+        tr.fit(batches, step, None, **fit_args)
         return
     with stage_run(cfg, store, "dvae", key, params, parent_run_id, flow_run_id) as run:
         model = tr.model
+        if r.adversarial:
+            lpips = (f"on, weight {r.perceptual_weight}" if r.perceptual_vgg and r.perceptual_weight > 0 else
+                     "off: dvae.perceptual_vgg is not set (no VGG16 weights on disk, and nothing is downloaded)")
+            run.set_tags({"perceptual": lpips})
+            logger().info("dvae/%s: VQGAN: PatchGAN discriminator from step %d; LPIPS term %s", key, r.disc_start,
+                          lpips)
 
         def validate() -> dict:
             return _validate(cfg, store, keys, model, norm, device)
 
-        result = tr.fit(batches, dvae_step(r), run, lambda m: f"psnr {m['psnr']:.1f}", validate, **fit_args)
+        result = tr.fit(batches, step, run, lambda m: f"psnr {m['psnr']:.1f}", validate, **fit_args)
+        model.drop_discriminator()
         _finish(cfg, store, keys, model, norm, device, run, result.step, world, validate())
 
 

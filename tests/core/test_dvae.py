@@ -133,3 +133,38 @@ def test_logit_laplace_nll_is_the_density_of_dalles_pixel_model():
     out[:, :3] = torch.logit(x)  # locations at the mapped pixels: the image is the pixels themselves
     assert torch.allclose(model.to_image(out) * 0.5 + 0.5, unit, atol=1e-5)
     assert model.decode(torch.zeros(1, 8, 8, dtype=torch.long)).shape == (1, 3, 32, 32)
+
+
+def test_vqgan_losses_send_each_gradient_to_its_own_side():
+    """The generator term trains the dVAE through a frozen discriminator; the hinge loss trains the
+    discriminator on detached reconstructions; the adaptive weight is proportional to the reconstruction
+    loss's gradient norm at the decoder's last layer."""
+    from dalle_core.train import vqgan_losses
+
+    torch.manual_seed(0)
+    model = DiscreteVAE(small("vq", disc_layers=2, disc_channels=16))
+    x = torch.rand(4, 3, 32, 32) * 2 - 1
+    recon = model(x)[0]
+    rec_loss = F.mse_loss(recon, x)
+    out = vqgan_losses(model, x, recon, rec_loss, disc_weight=0.8)
+    disc, dvae = list(model.discriminator.parameters()), list(model.decoder.parameters())
+    g_disc = torch.autograd.grad(out["generator_loss"], disc, retain_graph=True, allow_unused=True)
+    assert all(g is None or not g.any() for g in g_disc)
+    g_dec = torch.autograd.grad(out["generator_loss"], dvae, retain_graph=True, allow_unused=True)
+    assert any(g is not None and g.any() for g in g_dec)
+    d_dec = torch.autograd.grad(out["discriminator_loss"], dvae, retain_graph=True, allow_unused=True)
+    assert all(g is None for g in d_dec)
+    d_disc = torch.autograd.grad(out["discriminator_loss"], disc, retain_graph=True)
+    assert all(g.any() for g in d_disc[:1])
+    tenfold = vqgan_losses(model, x, recon, 10 * rec_loss, disc_weight=0.8)["adaptive_weight"]
+    assert tenfold.item() == pytest.approx(10 * out["adaptive_weight"].item(), rel=1e-3)
+
+
+def test_sharpness_ratio_sees_blur_not_contrast():
+    from dalle_core.train import laplacian_variance
+
+    edges = torch.zeros(1, 3, 32, 32)
+    edges[..., 16:, :] = 1.0  # one hard edge
+    blurred = F.avg_pool2d(F.pad(edges, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+    assert edges.var() / blurred.var() < 1.1  # the pixels' spread hardly changes ...
+    assert laplacian_variance(blurred) < 0.2 * laplacian_variance(edges)  # ... their Laplacian's does

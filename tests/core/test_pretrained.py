@@ -123,3 +123,29 @@ def test_bad_sources_are_one_line_errors(tmp_path):
                                      "params: {n_embed: 4, embed_dim: 4, ddconfig: {}}}")
     with pytest.raises(pretrained.PretrainedError, match="Net2NetTransformer is not supported"):
         pretrained.load(tmp_path / "a.ckpt", None, 32, *NORM)
+
+
+def test_lpips_from_local_weights_equals_the_lpips_package(tmp_path):
+    """Our LPIPS on a local (random) VGG16 and the lpips package's linear layers = lpips.LPIPS on the same."""
+    lpips = pytest.importorskip("lpips", reason=REASON)
+    import torchvision
+
+    from dalle_core.perceptual import load_lpips
+
+    torch.manual_seed(0)
+    vgg = torchvision.models.vgg.make_layers(torchvision.models.vgg.cfgs["D"])
+    torch.save({f"features.{k}": v for k, v in vgg.state_dict().items()}, tmp_path / "vgg16.pth")
+    ours = load_lpips(tmp_path / "vgg16.pth")
+    ref = lpips.LPIPS(net="vgg", pnet_rand=True, verbose=False).eval()
+    slices = [(0, 4), (4, 9), (9, 16), (16, 23), (23, 30)]
+    ref.net.load_state_dict({f"slice{i + 1}.{k}": v for k, v in vgg.state_dict().items()
+                             for i, (lo, hi) in enumerate(slices) if lo <= int(k.split(".")[0]) < hi})
+    a, b = torch.rand(2, 3, 32, 32) * 2 - 1, torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        want = ref(a, b).flatten()
+        assert torch.allclose(ours(a, b), want, rtol=1e-4) and want.min() > 0
+        assert ours(a, a).abs().max() < 1e-6
+    from dalle_core.perceptual import PerceptualError
+
+    with pytest.raises(PerceptualError, match="does not exist"):
+        load_lpips(tmp_path / "missing.pth")

@@ -246,3 +246,37 @@ def test_pretrained_tokenizer_through_the_stages(store_copy, tmp_path):
     assert model.decode(torch.as_tensor(want[:2]).view(2, 4, 4)).shape == (2, 3, 32, 32)
     openai_dvae(tmp_path / "dalle", seed=1)  # other weights at the same path: another tokenizer, another key
     assert stage_keys(load_config(TINY, ov))["dvae"] != keys["dvae"]
+
+
+def test_vqgan_through_the_dvae_stage(store_copy, tmp_path):
+    """`dvae.adversarial`: LPIPS from local weights from the first step, the discriminator's terms from
+    disc_start on, and an artifact that is the tokenizer alone; without VGG weights the run says LPIPS is off."""
+    import torchvision
+    from safetensors.torch import load
+
+    from flows.train_dvae import train_dvae_flow
+
+    vgg = torchvision.models.vgg.make_layers(torchvision.models.vgg.cfgs["D"])
+    torch.save(vgg.state_dict(), tmp_path / "vgg16.pth")  # random weights: nothing can be downloaded here
+    ov = [*store_copy, "dvae.adversarial=true", "dvae.disc_start=6", "dvae.disc_layers=2",
+          f"dvae.perceptual_vgg={tmp_path / 'vgg16.pth'}", "dvae.train.max_steps=12", "dvae.train.batch_size=8",
+          "dvae.train.log_every=3"]
+    train_dvae_flow(config=str(TINY), overrides=ov)
+    cfg = load_config(TINY, ov)
+    store, key = open_store(cfg), stage_keys(cfg)["dvae"]
+    client = MlflowClient(cfg.tracking.uri)
+    run = client.search_runs([client.get_experiment_by_name("dalle").experiment_id], f"tags.stage_key = '{key}'")[0]
+    steps = {m: [h.step for h in client.get_metric_history(run.info.run_id, m)]
+             for m in ("perceptual", "discriminator_loss", "adaptive_weight")}
+    assert steps == {"perceptual": [3, 6, 9, 12], "discriminator_loss": [9, 12], "adaptive_weight": [9, 12]}
+    assert run.data.tags["perceptual"] == "on, weight 1.0"
+    state = load(store.read_bytes(store.path("dvae", key, "model.safetensors")))
+    assert state and not any(k.startswith("discriminator") for k in state)
+    model, _ = load_dvae(store, key)
+    assert model.discriminator is None and model.c.disc_layers == 0
+    off = [*store_copy, "dvae.adversarial=true", "dvae.train.max_steps=2"]
+    train_dvae_flow(config=str(TINY), overrides=off)
+    cfg = load_config(TINY, off)
+    run = client.search_runs([client.get_experiment_by_name("dalle").experiment_id],
+                             f"tags.stage_key = '{stage_keys(cfg)['dvae']}'")[0]
+    assert run.data.tags["perceptual"].startswith("off: dvae.perceptual_vgg is not set")
