@@ -41,7 +41,7 @@ def main() -> None:
         model, norm = load_dvae(store, keys["dvae"])
         val = shard_paths(store, "images", keys["images"], "val")
 
-        def batches(size: int = 256):
+        def batches(size: int = 256, cfg=cfg, store=store, val=val):
             return batch_stream(cfg, store, val, ["image"], decode_images, size, torch.device("cpu"), shuffle=False)
 
         with torch.inference_mode():
