@@ -23,6 +23,8 @@ import time
 
 import numpy as np
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 from dalle_core.config import TrainConfig
 from dalle_core.device import autocast
@@ -274,6 +276,56 @@ def bench_dalle_sample(repeats: int, batch: int = 4, cond_scale: float = 3.0, pr
     return {"seconds": s, "ms_per_token": 1000 * s / DALLE_SHAPE.image_len, "precision_bf16": float(precision == "bf16")}
 
 
+def bench_dalle_sample_parts(repeats: int, rows: int = 8) -> dict:
+    """Where a sampling step's time goes at DALL-E's shape (4 images with guidance = 8 rows; CPU): ms per step of
+    the attention over the KV cache (average cache length, every layer's cache in turn, so it is read from
+    memory as in sampling, not from a warm cache) in fp32 SDPA, bf16 SDPA and bf16 matmuls; of the 4 layers'
+    linear layers and of the 8,192-code image head in bf16 (sampling's CPU precision) and fp32."""
+    c = DALLE_SHAPE
+    hs, n_steps = c.dim // c.heads, c.image_len
+    shape = (c.depth, rows, c.heads, c.seq_len, hs)
+    out: dict[str, float] = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        k, v = torch.randn(shape, dtype=dtype), torch.randn(shape, dtype=dtype)
+        q = torch.randn(rows, c.heads, 1, hs, dtype=dtype)
+        lengths = range(c.text_len, c.seq_len, 8)
+
+        def sdpa(k=k, v=v, q=q, lengths=lengths):
+            for n in lengths:
+                for layer in range(c.depth):
+                    F.scaled_dot_product_attention(q, k[layer, :, :, :n], v[layer, :, :, :n])
+
+        def matmuls(k=k, v=v, q=q, lengths=lengths):
+            for n in lengths:
+                for layer in range(c.depth):
+                    w = torch.softmax((q @ k[layer, :, :, :n].transpose(-1, -2)).float() * hs ** -0.5, -1)
+                    w.to(v.dtype) @ v[layer, :, :, :n]
+
+        out[f"attention_sdpa_{name}_ms"] = 1000 * min(timed(sdpa, 1, repeats)) / len(lengths)
+        if name == "bf16":
+            out["attention_matmul_bf16_ms"] = 1000 * min(timed(matmuls, 1, repeats)) / len(lengths)
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        block = nn.ModuleList(nn.Linear(i, o) for i, o in ((c.dim, 3 * c.dim), (c.dim, c.dim), (c.dim, 4 * c.dim),
+                                                           (4 * c.dim, c.dim))).to(dtype)
+        head = nn.Linear(c.dim, c.image_vocab, bias=False).to(dtype)
+        x, h = torch.randn(rows, 1, c.dim, dtype=dtype), torch.randn(rows, 1, 4 * c.dim, dtype=dtype)
+
+        def linears(block=block, x=x, h=h):
+            for _ in range(100):
+                for _ in range(c.depth):
+                    block[0](x), block[1](x), block[2](x), block[3](h)
+
+        def image_head(head=head, x=x):
+            for _ in range(100):
+                head(x[:, 0])
+
+        with torch.inference_mode():
+            out[f"linears_{name}_ms"] = 10 * min(timed(linears, 1, repeats))
+            out[f"image_head_{name}_ms"] = 10 * min(timed(image_head, 1, repeats))
+    out["steps"] = n_steps
+    return out
+
+
 def bench_attention_kernel(repeats: int) -> dict:
     """CPU bf16: SDPA math kernel vs the default, and fp32, by sequence length (picks CPU_BF16_MATH_MAX_LEN)."""
     out = {}
@@ -425,6 +477,7 @@ def main() -> None:
         "dalle_sample_cfg3_fp32": lambda: bench_dalle_sample(r, precision="fp32"),
         "dalle_sample_cfg3_bf16": lambda: bench_dalle_sample(r, precision="bf16"),
         "dalle_sample_cfg3_top_p": lambda: bench_dalle_sample(r, top_p=0.9),
+        "dalle_sample_parts": lambda: bench_dalle_sample_parts(r),
         "loader_256_workers0": lambda: bench_image_loader(0),
         "loader_256_workers2": lambda: bench_image_loader(2),
     }

@@ -141,6 +141,9 @@ class DVAESection(Section):
     adversarial: bool = False
     disc_start: int = Field(1000, ge=0)
     disc_weight: float = Field(0.8, ge=0)
+    # Steps over which the generator term's weight ramps from 0 to full after disc_start (the discriminator
+    # learns at full rate meanwhile). 0 = taming's switch-on, which kicks a converged dVAE off by 10+ dB.
+    disc_ramp: int = Field(0, ge=0)
     disc_layers: int = Field(3, ge=1, le=6)
     disc_channels: int = Field(64, ge=8)
     # A perceptual term (LPIPS on VGG16 features) needs weights on local disk, since nothing is downloaded:

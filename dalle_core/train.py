@@ -252,7 +252,8 @@ def dvae_step(r: DVAESection) -> StepFn:
             rec_loss = rec_loss + r.perceptual_weight * adv["perceptual"]
         loss = rec_loss + q_loss
         if r.adversarial and step >= r.disc_start:
-            adv.update(vqgan_losses(unwrap(model), x, recon, rec_loss, r.disc_weight))
+            ramp = min(1.0, (step - r.disc_start + 1) / r.disc_ramp) if r.disc_ramp else 1.0
+            adv.update(vqgan_losses(unwrap(model), x, recon, rec_loss, r.disc_weight * ramp))
             loss = loss + adv["adaptive_weight"] * adv["generator_loss"] + adv["discriminator_loss"]
         elif r.adversarial and distributed():  # every parameter gets a gradient each step, as DDP expects
             loss = loss + 0 * sum(p.sum() for p in unwrap(model).discriminator.parameters())
