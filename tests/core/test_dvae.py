@@ -168,3 +168,16 @@ def test_sharpness_ratio_sees_blur_not_contrast():
     blurred = F.avg_pool2d(F.pad(edges, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
     assert edges.var() / blurred.var() < 1.1  # the pixels' spread hardly changes ...
     assert laplacian_variance(blurred) < 0.2 * laplacian_variance(edges)  # ... their Laplacian's does
+
+
+def test_disc_ramp_scales_the_generator_term_in():
+    """With disc_ramp R the generator term's weight is 1/R of full at disc_start and full from R steps on."""
+    r = config_from_dict({"dvae": {"quantizer": "vq", "codebook_size": 64, "codebook_dim": 32, "hidden": 32,
+                                   "adversarial": True, "disc_start": 10, "disc_ramp": 4, "disc_layers": 2}}).dvae
+    torch.manual_seed(0)
+    model = DiscreteVAE(small("vq", disc_layers=2)).eval()  # eval: no codebook updates between the calls
+    batch = {"image": torch.from_numpy(np.stack([s[3] for s in shapes.generate(4, 32, seed=1)]))}
+    metrics = {step: dvae_step(r)(model, batch, step)[2]() for step in (9, 10, 13, 20)}
+    assert "adaptive_weight" not in metrics[9]  # before disc_start: no discriminator terms
+    weight = {step: m["adaptive_weight"] for step, m in metrics.items() if step >= 10}
+    assert weight[10] == pytest.approx(weight[20] / 4, rel=1e-4) and weight[13] == pytest.approx(weight[20], rel=1e-4)
