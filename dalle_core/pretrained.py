@@ -53,8 +53,6 @@ _TORCH_REBUILD = {
 class Record:
     """What the restricted unpickler makes of any class it does not allow: the pickled state, inert."""
 
-    qualname = "?"
-
     def __init__(self, *args, **kwargs):
         self.args = args
 
@@ -63,9 +61,6 @@ class Record:
             state = {**(state[0] or {}), **(state[1] or {})}
         self.__dict__.update(state if isinstance(state, dict) else {"state": state})
 
-    def __call__(self, *args, **kwargs):  # a reduce through a stand-in function yields another record
-        return Record(*args)
-
 
 class _RestrictedUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
@@ -73,7 +68,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
             return super().find_class(module, name)
         if module == "torch" and name in ("float32", "float16", "bfloat16", "float64", "int64", "uint8"):
             return getattr(torch, name)
-        return type(name, (Record,), {"qualname": f"{module}.{name}"})
+        return type(name, (Record,), {})  # a class or a function alike: calling it only records its arguments
 
 
 class _RestrictedPickle:

@@ -236,18 +236,17 @@ def dvae_step(r: DVAESection) -> StepFn:
         lpips = load_lpips(r.perceptual_vgg, r.perceptual_lpips)
 
     def step_fn(model: nn.Module, batch: dict, step: int):
-        nonlocal lpips
         x = to_tensor(batch["image"], norm.mean, norm.std)
         out, idx, q_loss = model(x)
         if r.recon_loss == "logit_laplace":
             rec_loss = logit_laplace_nll(out, norm.to_unit(x))
-            recon = unwrap(model).to_image(out)
+            recon = unwrap(model).to_image(out if lpips is not None or r.adversarial else out.detach())
         else:
             recon = out.float()
             rec_loss = F.mse_loss(recon, x) if r.recon_loss == "mse" else F.l1_loss(recon, x)
         adv: dict[str, torch.Tensor] = {}
         if lpips is not None:
-            lpips = lpips.to(x.device)
+            lpips.to(x.device)  # in place; nothing moves after the first step
             adv["perceptual"] = lpips(2 * norm.to_unit(x) - 1, 2 * norm.to_unit(recon) - 1).mean()
             rec_loss = rec_loss + r.perceptual_weight * adv["perceptual"]
         loss = rec_loss + q_loss
