@@ -257,6 +257,67 @@ def _train_rate(c: DALLEConfig, precision: str, batch: int, repeats: int, steps:
     return out
 
 
+def _import_dalle_pytorch():
+    """lucidrains' dalle_pytorch, or None when it is not installed. Its 1.6.6 imports taming's `main`, which wants
+    pytorch-lightning's old `utilities.distributed` module: an alias to the current one is put in its place."""
+    import importlib.util
+    import types
+
+    if importlib.util.find_spec("dalle_pytorch") is None:
+        return None
+    if importlib.util.find_spec("pytorch_lightning") is not None:
+        import pytorch_lightning.utilities as plu
+
+        if importlib.util.find_spec("pytorch_lightning.utilities.distributed") is None:
+            shim = types.ModuleType("pytorch_lightning.utilities.distributed")
+            shim.rank_zero_only = plu.rank_zero_only
+            sys.modules["pytorch_lightning.utilities.distributed"] = shim
+    import dalle_pytorch
+
+    return dalle_pytorch
+
+
+def bench_dalle_anchor(repeats: int) -> dict:
+    """The issue's anchor measured in this run, so the comparison does not depend on which machine this is:
+    lucidrains' dalle-pytorch 1.6.6 at DALL-E's bench shape (same widths, dim_head 32), training tokens/s in fp32
+    and under bf16 autocast, and 4 images with cond_scale 3 and its KV cache (its final dVAE decode left out, as
+    ours is). Needs `pip install --no-deps dalle-pytorch==1.6.6 axial_positional_embedding rotary-embedding-torch
+    ftfy regex 'setuptools<81'` next to the `reference` extra; {} when it is not installed."""
+    dp = _import_dalle_pytorch()
+    if dp is None:
+        print("  dalle_pytorch is not installed: the table compares with the issue's numbers", file=sys.stderr)
+        return {}
+    c, batch = DALLE_SHAPE, 4
+    torch.manual_seed(0)
+    vae = dp.DiscreteVAE(image_size=8 * c.image_grid, num_layers=3, num_tokens=c.image_vocab, codebook_dim=256,
+                         hidden_dim=64)
+    model = dp.DALLE(dim=c.dim, vae=vae, num_text_tokens=c.text_vocab, text_seq_len=c.text_len, depth=c.depth,
+                     heads=c.heads, dim_head=c.dim // c.heads)
+    text = torch.randint(1, c.text_vocab, (batch, c.text_len))
+    image = torch.randint(0, c.image_vocab, (batch, c.image_len))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    out: dict[str, float] = {}
+    for precision in ("fp32", "bf16"):
+        def step(precision=precision):
+            opt.zero_grad(set_to_none=True)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+                loss = model(text, image, return_loss=True)
+            loss.backward()
+            opt.step()
+
+        s = statistics.median(timed(step, 1, repeats))
+        out[f"train_{precision}_tokens_per_s"] = batch * (c.text_len + c.image_len) / s
+    model.eval()
+    model.vae.decode = lambda codes: codes  # time the token sampling only
+
+    def generate():
+        with torch.no_grad():
+            model.generate_images(text, cond_scale=3.0, use_cache=True)
+
+    out["sample_cfg3_seconds"] = min(timed(generate, 0, max(1, repeats // 2)))
+    return out
+
+
 def bench_dalle_sample(repeats: int, batch: int = 4, cond_scale: float = 3.0, precision: str = "auto",
                        top_p: float | None = None) -> dict:
     """4 images of 1,024 tokens with classifier-free guidance and the KV cache (untrained weights: near-uniform
@@ -471,6 +532,7 @@ def main() -> None:
         "token_loader": lambda: bench_token_loader(r),
         "pretokenize": lambda: bench_pretokenize(args.pretokenize_images),
         "pretokenize_bf16": lambda: bench_pretokenize(args.pretokenize_images, "bf16"),
+        "dalle_anchor": lambda: bench_dalle_anchor(r),
         "dalle_train_fp32": lambda: _train_rate(DALLE_SHAPE, "fp32", 4, r),
         "dalle_train_bf16": lambda: _train_rate(DALLE_SHAPE, "bf16", 4, r),
         "dalle_sample_cfg3": lambda: bench_dalle_sample(r),
@@ -503,14 +565,19 @@ def main() -> None:
             if f"transformer_train_{prec}" in results:
                 res = results[f"transformer_train_{prec}"]
                 res["mfu"] = res["model_gflops"] / results["matmul_peak"][f"{prec}_gflops"]
-    print(f"\n{'benchmark':<34}{'value':>14}  {'reference':>10}  note")
+    anchor = results.get("dalle_anchor", {})
+    same_run = {key: anchor[a] for key, a in (("dalle_train_fp32.tokens_per_s", "train_fp32_tokens_per_s"),
+                                              ("dalle_train_bf16.tokens_per_s", "train_bf16_tokens_per_s"),
+                                              ("dalle_sample_cfg3.seconds", "sample_cfg3_seconds")) if a in anchor}
+    print(f"\n{'benchmark':<34}{'value':>14}  {'reference':>10}  note (reference: dalle-pytorch"
+          f"{', measured in this run' if same_run else ''})")
     for name, res in results.items():
         for k, v in res.items():
-            ref = REFERENCE.get(f"{name}.{k}")
+            ref = same_run.get(f"{name}.{k}", REFERENCE.get(f"{name}.{k}"))
             note = ""
             if ref:
                 note = f"{ref / v:.1f}x faster" if k == "seconds" else f"{v / ref:.1f}x"
-            print(f"{name + '.' + k:<34}{v:>14.4g}  {ref if ref else '':>10}  {note}")
+            print(f"{name + '.' + k:<34}{v:>14.4g}  {f'{ref:.4g}' if ref else '':>10}  {note}")
     os.makedirs("bench/results", exist_ok=True)
     path = f"bench/results/{time.strftime('%Y%m%d-%H%M%S')}.json"
     meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),

@@ -135,8 +135,9 @@ class VectorQuantizer(nn.Module):
         e = self.embed
         e_sq = e.pow(2).sum(1)
         out = torch.empty(z.shape[0], dtype=torch.long, device=z.device)
-        for i in range(0, z.shape[0], chunk):
-            out[i:i + chunk] = torch.addmm(e_sq, z[i:i + chunk], e.t(), alpha=-2).argmin(1)
+        with torch.autocast(z.device.type, enabled=False):  # fp32 distances: bf16's 8 bits would pick near codes
+            for i in range(0, z.shape[0], chunk):
+                out[i:i + chunk] = torch.addmm(e_sq, z[i:i + chunk].float(), e.t(), alpha=-2).argmin(1)
         return out
 
     def forward(self, z_e: torch.Tensor):

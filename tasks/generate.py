@@ -136,7 +136,12 @@ def _prime(cfg: Config) -> tuple[torch.Tensor | None, str | None]:
     image = prime_image(cfg)
     if image is None:
         return None, None
-    prefix, _ = generator(cfg).prime(image, cfg.generate.prime_rows)
+    gen, k = generator(cfg), cfg.generate.prime_rows
+    rows = gen.transformer.c.image_grid
+    if k >= rows:  # the config could not check it: a pretrained dVAE's grid is known from its files only
+        raise ConfigError(f"generate.prime_rows={k} must leave rows to sample: the dVAE's token grid has {rows} "
+                          f"rows, so use 1 to {rows - 1}")
+    prefix, _ = gen.prime(image, k)
     return prefix, f"{cfg.generate.prime_image} (top {cfg.generate.prime_rows} rows)"
 
 

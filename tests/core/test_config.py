@@ -52,3 +52,15 @@ def test_shipped_configs_parse():
 def test_flatten_for_mlflow_params():
     flat = flatten(config_from_dict({}).dvae)
     assert flat["train.lr"] == 2e-3 and flat["codebook_size"] == 512
+
+
+def test_prime_rows_checked_against_the_grid_unless_a_pretrained_dvae_sets_it():
+    base = {"data": {"image_size": 32}, "dvae": {"num_downsamples": 2},
+            "generate": {"prime_image": "cat.png", "prime_rows": 12}}  # 32 px / 4 = 8 rows
+    with pytest.raises(ConfigError, match="the token grid has 8 rows, so use 1 to 7"):
+        config_from_dict(base)
+    # a pretrained dVAE's grid comes from its files: K is checked when they are loaded (tasks.generate._prime)
+    config_from_dict({**base, "dvae": {"num_downsamples": 2, "pretrained": "weights/openai"}})
+    with pytest.raises(ConfigError, match="prime_rows=0 must leave rows"):
+        config_from_dict({**base, "generate": {"prime_image": "cat.png", "prime_rows": 0},
+                          "dvae": {"pretrained": "weights/openai"}})

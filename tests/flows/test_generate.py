@@ -150,7 +150,7 @@ def test_empty_and_too_long_prompts(generated, capsys):
     assert open_store(cfg).manifest("generations", ref.key)["truncated_prompts"] == [long.strip()]
 
 
-def test_image_completion_keeps_the_prime_rows(generated, tmp_path, capsys):
+def test_image_completion_keeps_the_prime_rows(generated, tmp_path, capsys, monkeypatch):
     """`dalle generate CAPTION --prime IMAGE --prime-rows K`: every candidate starts with the K token rows of
     the (resized) prime, the rest is sampled; the grid shows the prime and its reconstruction first."""
     import torch
@@ -183,3 +183,10 @@ def test_image_completion_keeps_the_prime_rows(generated, tmp_path, capsys):
     assert main(["generate", "-c", str(TINY), *sets, "a red circle", "--prime", str(prime), "--prime-rows", "8"]) == 2
     assert "generate.prime_rows=8 must leave rows to sample: the token grid has 8 rows, so use 1 to 7" in \
         capsys.readouterr().err
+    import tasks.generate
+
+    models = tasks.generate.generator(cfg)
+    monkeypatch.setattr(tasks.generate, "generator", lambda _: models)
+    cfg.generate.prime_rows = 8  # past the config's check, as with a pretrained dVAE (its grid is in its files)
+    with pytest.raises(ConfigError, match="the dVAE's token grid has 8 rows, so use 1 to 7$"):
+        tasks.generate._prime(cfg)
