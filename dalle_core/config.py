@@ -325,8 +325,10 @@ class Config(Section):
             if g.prime_rows:
                 raise ValueError(f"generate.prime_rows is {g.prime_rows} but no generate.prime_image is set")
             return self
-        if self.dvae.pretrained is not None:  # its grid comes from the files: checked when they are loaded
-            rows = max(rows, g.prime_rows + 1) if g.prime_rows >= 1 else rows
+        if self.dvae.pretrained is not None:  # its grid is in its files: tasks.generate checks K once they are loaded
+            if g.prime_rows < 1:
+                raise ValueError(f"generate.prime_rows={g.prime_rows} must be at least 1 when a prime image is set")
+            return self
         if not 1 <= g.prime_rows < rows:
             raise ValueError(f"generate.prime_rows={g.prime_rows} must leave rows to sample: the token grid has "
                              f"{rows} rows, so use 1 to {rows - 1}")

@@ -61,6 +61,6 @@ def test_prime_rows_checked_against_the_grid_unless_a_pretrained_dvae_sets_it():
         config_from_dict(base)
     # a pretrained dVAE's grid comes from its files: K is checked when they are loaded (tasks.generate._prime)
     config_from_dict({**base, "dvae": {"num_downsamples": 2, "pretrained": "weights/openai"}})
-    with pytest.raises(ConfigError, match="prime_rows=0 must leave rows"):
+    with pytest.raises(ConfigError, match="prime_rows=0 must be at least 1"):
         config_from_dict({**base, "generate": {"prime_image": "cat.png", "prime_rows": 0},
                           "dvae": {"pretrained": "weights/openai"}})
