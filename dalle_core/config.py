@@ -301,6 +301,11 @@ class RunnerConfig(Section):
         return value
 
 
+def prime_rows_error(k: int, rows: int, grid: str) -> str:
+    """The one-line error for a generate.prime_rows K that leaves no row of a `rows`-row token grid to sample."""
+    return f"generate.prime_rows={k} must leave rows to sample: {grid} has {rows} rows, so use 1 to {rows - 1}"
+
+
 class Config(Section):
     data: DataConfig = DataConfig()
     dvae: DVAESection = DVAESection()
@@ -330,8 +335,7 @@ class Config(Section):
                 raise ValueError(f"generate.prime_rows={g.prime_rows} must be at least 1 when a prime image is set")
             return self
         if not 1 <= g.prime_rows < rows:
-            raise ValueError(f"generate.prime_rows={g.prime_rows} must leave rows to sample: the token grid has "
-                             f"{rows} rows, so use 1 to {rows - 1}")
+            raise ValueError(prime_rows_error(g.prime_rows, rows, "the token grid"))
         return self
 
     @model_validator(mode="after")

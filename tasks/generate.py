@@ -19,7 +19,7 @@ from PIL import Image
 from prefect import task
 from prefect.cache_policies import NONE
 
-from dalle_core.config import Config, ConfigError, config_from_dict
+from dalle_core.config import Config, ConfigError, config_from_dict, prime_rows_error
 from dalle_core.device import resolve_device, sampling_precision
 from dalle_core.generate import Generator, prompt_seed, ranks
 from dalle_core.images import decode_png, grid, png_bytes, to_rgb_square
@@ -139,8 +139,7 @@ def _prime(cfg: Config) -> tuple[torch.Tensor | None, str | None]:
     gen, k = generator(cfg), cfg.generate.prime_rows
     rows = gen.transformer.c.image_grid
     if k >= rows:  # the config could not check it: a pretrained dVAE's grid is known from its files only
-        raise ConfigError(f"generate.prime_rows={k} must leave rows to sample: the dVAE's token grid has {rows} "
-                          f"rows, so use 1 to {rows - 1}")
+        raise ConfigError(prime_rows_error(k, rows, "the dVAE's token grid"))
     prefix, _ = gen.prime(image, k)
     return prefix, f"{cfg.generate.prime_image} (top {cfg.generate.prime_rows} rows)"
 
