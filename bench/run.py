@@ -342,8 +342,12 @@ def bench_dalle_sample(repeats: int, batch: int = 4, cond_scale: float = 3.0, pr
 def bench_dalle_sample_parts(repeats: int, rows: int = 8) -> dict:
     """Where a sampling step's time goes at DALL-E's shape (4 images with guidance = 8 rows; CPU): ms per step of
     the attention over the KV cache (average cache length, every layer's cache in turn, so it is read from
-    memory as in sampling, not from a warm cache) in fp32 SDPA, bf16 SDPA and bf16 matmuls; of the 4 layers'
-    linear layers and of the 8,192-code image head in bf16 (sampling's CPU precision) and fp32."""
+    memory as in sampling, not from a warm cache) in fp32 SDPA, bf16 SDPA, bf16 matmuls and the compiled decode
+    attention (dalle_core.cpu_attention, which sampling uses) over each cache; of the 4 layers' linear layers and of
+    the 8,192-code image head in fp32, bf16, and bf16 packed once for oneDNN (sampling's CPU bf16)."""
+    from dalle_core.cpu_attention import kernel
+    from dalle_core.sampling import PackedLinear, packed_linear_works
+
     c = DALLE_SHAPE
     hs, n_steps = c.dim // c.heads, c.image_len
     shape = (c.depth, rows, c.heads, c.seq_len, hs)
@@ -364,13 +368,27 @@ def bench_dalle_sample_parts(repeats: int, rows: int = 8) -> dict:
                     w = torch.softmax((q @ k[layer, :, :, :n].transpose(-1, -2)).float() * hs ** -0.5, -1)
                     w.to(v.dtype) @ v[layer, :, :, :n]
 
+        qkv = torch.randn(rows, 1, 3 * c.dim, dtype=dtype)
+
+        def compiled(k=k, v=v, qkv=qkv, lengths=lengths, step=kernel()):  # with its cache write
+            for n in lengths:
+                for layer in range(c.depth):
+                    step(qkv, k[layer], v[layer], n)
+
         out[f"attention_sdpa_{name}_ms"] = 1000 * min(timed(sdpa, 1, repeats)) / len(lengths)
+        if kernel() is not None:
+            out[f"attention_compiled_{name}_ms"] = 1000 * min(timed(compiled, 1, repeats)) / len(lengths)
         if name == "bf16":
             out["attention_matmul_bf16_ms"] = 1000 * min(timed(matmuls, 1, repeats)) / len(lengths)
-    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16), ("packed_bf16", torch.bfloat16)):
+        if name == "packed_bf16" and not packed_linear_works():
+            continue
         block = nn.ModuleList(nn.Linear(i, o) for i, o in ((c.dim, 3 * c.dim), (c.dim, c.dim), (c.dim, 4 * c.dim),
                                                            (4 * c.dim, c.dim))).to(dtype)
         head = nn.Linear(c.dim, c.image_vocab, bias=False).to(dtype)
+        if name == "packed_bf16":  # sampling's CPU bf16 linears (dalle_core.sampling.PackedLinear)
+            block = [PackedLinear(lin, rows, gelu=i == 2) for i, lin in enumerate(block)]
+            head = PackedLinear(head, rows)
         x, h = torch.randn(rows, 1, c.dim, dtype=dtype), torch.randn(rows, 1, 4 * c.dim, dtype=dtype)
 
         def linears(block=block, x=x, h=h):

@@ -10,17 +10,19 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 
 import torch
 import torch.nn.functional as F
 
+from dalle_core import cpu_attention
 from dalle_core.transformer import DALLE, KVCache
 
 
 def filter_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
                   top_p: float | None = None) -> torch.Tensor:
     """Temperature, then keep the top-k and/or the smallest set with probability >= top_p."""
-    logits = logits.float() / temperature
+    logits = logits.float() if temperature == 1.0 else logits.float() / temperature
     if top_k is not None and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -65,25 +67,64 @@ def guided(logits: torch.Tensor, batch: int, cond_scale: float) -> torch.Tensor:
     return uncond + cond_scale * (cond - uncond)
 
 
-def for_sampling(model: DALLE, precision: str) -> tuple[DALLE, contextlib.AbstractContextManager]:
-    """The model (or a copy) to sample with, and the context to run it in, for `precision` fp32 or bf16.
+class PackedLinear(torch.nn.Module):
+    """A bf16 linear layer (optionally with its GELU) on the CPU, its weight packed once for oneDNN: F.linear
+    re-packs the weight at every call, which at the 8 rows of a sampling step costs as much as the product
+    (1.6-2x faster, bench dalle_sample_parts). Inference only; its input is cast to bf16."""
+
+    def __init__(self, linear: torch.nn.Linear, rows: int, gelu: bool = False):
+        super().__init__()
+        self.weight = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach().to(torch.bfloat16), rows)
+        self.bias = None if linear.bias is None else linear.bias.detach().to(torch.bfloat16)
+        self.post_op, self.algorithm = ("gelu", "tanh") if gelu else ("none", "")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x.to(torch.bfloat16), self.weight, self.bias, self.post_op, [],
+                                                  self.algorithm)
+
+
+@functools.cache
+def packed_linear_works() -> bool:
+    """Whether this PyTorch build has oneDNN's packed bf16 linear (a private op) and it computes F.linear."""
+    try:
+        with torch.inference_mode():
+            linear = torch.nn.Linear(16, 8)
+            x = torch.randn(3, 2, 16).to(torch.bfloat16)
+            expect = F.gelu(F.linear(x, linear.weight.to(torch.bfloat16), linear.bias.to(torch.bfloat16)).float(),
+                            approximate="tanh")
+            return torch.allclose(PackedLinear(linear, 8, gelu=True)(x).float(), expect, atol=0.05)
+    except (RuntimeError, AttributeError):
+        return False
+
+
+def for_sampling(model: DALLE, precision: str, rows: int) -> tuple[DALLE, contextlib.AbstractContextManager, dict]:
+    """The model (or a copy) to sample `rows` rows with, the context to run it in, for `precision` fp32 or
+    bf16, and the KV cache's options (dtype, decode attention).
 
     bf16 on a GPU: a bf16 copy of the whole model, no autocast (no cast kernels in a launch-bound step);
     its KV cache is bf16 too, half the memory traffic. bf16 on a CPU: a copy whose linear layers are bf16,
-    run under autocast, with the KV cache and attention in fp32: the CPU's bf16 linears are 2-3x faster at
-    8 rows, its bf16 attention kernels 2-6x slower at a 1,280-token cache (bench dalle_sample). The copy
-    also spares autocast from casting every weight at every step (its cast cache is off in inference mode).
+    packed once for oneDNN (PackedLinear, the GELU fused into the MLP's first), run under autocast: the
+    CPU's bf16 linears are 2-3x faster at 8 rows. On a CPU each step's attention is the compiled kernel of
+    dalle_core.cpu_attention, over a bf16 cache under bf16 (half the bytes a step reads, which bound it);
+    without that kernel, over an fp32 cache, since PyTorch's CPU attention is 2-6x slower over a bf16 cache
+    of 1,280 tokens (bench dalle_sample_parts).
     """
-    if precision != "bf16":
-        return model, contextlib.nullcontext()
-    twin = copy.deepcopy(model)
     device = next(model.parameters()).device
+    decode = cpu_attention.kernel() if device.type == "cpu" else None
+    if precision != "bf16":
+        return model, contextlib.nullcontext(), {"dtype": torch.float32, "decode": decode}
+    twin = copy.deepcopy(model)
     if device.type != "cpu":
-        return twin.to(torch.bfloat16), contextlib.nullcontext()
-    for m in twin.modules():
-        if isinstance(m, torch.nn.Linear):
-            m.to(torch.bfloat16)
-    return twin, torch.autocast("cpu", dtype=torch.bfloat16)
+        return twin.to(torch.bfloat16), contextlib.nullcontext(), {"dtype": torch.bfloat16, "decode": None}
+    if packed_linear_works():
+        for block in twin.blocks:
+            block.mlp.fc, block.mlp.gelu = PackedLinear(block.mlp.fc, rows, gelu=True), torch.nn.Identity()
+    for parent in [*twin.modules()]:
+        for name, child in parent.named_children():
+            if isinstance(child, torch.nn.Linear):
+                setattr(parent, name, PackedLinear(child, rows) if packed_linear_works() else child.to(torch.bfloat16))
+    cache = {"dtype": torch.bfloat16 if decode is not None else torch.float32, "decode": decode}
+    return twin, torch.autocast("cpu", dtype=torch.bfloat16), cache
 
 
 @torch.inference_mode()
@@ -111,10 +152,9 @@ def sample(model: DALLE, text: torch.Tensor, *, temperature: float = 1.0, top_k:
     if n_prefix >= N:
         raise ValueError(f"an image prefix of {n_prefix} codes leaves nothing to sample: "
                          f"the image has {N} codes, so a prefix may have 0 to {N - 1}")
-    model, context = for_sampling(model, precision)
-    dtype = next(model.parameters()).dtype  # the KV cache's: bf16 for a bf16 model, fp32 otherwise
+    model, context, cache_options = for_sampling(model, precision, rows.shape[0])
     with context:
-        cache = KVCache(c, rows.shape[0], device=text.device, dtype=dtype)
+        cache = KVCache(c, rows.shape[0], device=text.device, **cache_options)
         out = torch.empty(B, N, dtype=torch.long, device=text.device)
         x = model.embed_text(rows)
         if n_prefix:
@@ -125,7 +165,7 @@ def sample(model: DALLE, text: torch.Tensor, *, temperature: float = 1.0, top_k:
         pos = x.shape[1]
         pos_table = model.image_pos(0, N)  # (N, dim), computed once
         for i in range(n_prefix, N):
-            logits = guided(model.image_head(h[:, -1]), B, cond_scale)
+            logits = model.image_head(guided(h[:, -1], B, cond_scale))  # the head is linear: guide before it
             logits = filter_logits(logits, temperature, top_k, top_p)
             if on_logits is not None:
                 on_logits(i, logits)

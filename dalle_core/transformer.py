@@ -58,16 +58,17 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0, pos: int = 0) -> torch.Tensor:
         B, T, C = x.shape
-        q, k, v = self.qkv(x).split(C, dim=2)
+        qkv = self.qkv(x)
+        if cache is not None and T == 1 and cache.decode is not None:  # a sampling step on a CPU: one kernel
+            return self.resid_drop(self.proj(cache.decode(qkv, cache.k[layer], cache.v[layer], pos + 1)))
+        q, k, v = qkv.split(C, dim=2)
         q = q.view(B, T, self.heads, C // self.heads).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.heads, C // self.heads).transpose(1, 2)
         v = v.view(B, T, self.heads, C // self.heads).transpose(1, 2)
-        fp32_cache = cache is not None and cache.k.dtype != q.dtype  # under bf16 autocast (CPU sampling)
-        if cache is not None:  # write this step's keys/values, attend over everything so far
-            k, v = cache.update(layer, pos, k, v)
-        with torch.autocast(x.device.type, enabled=False) if fp32_cache else contextlib.nullcontext():
-            y = F.scaled_dot_product_attention(q.to(k.dtype), k, v, is_causal=T > 1,
-                                               dropout_p=self.dropout if self.training else 0.0)
+        if cache is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+        else:  # write this step's keys/values, attend over everything so far
+            y = cache.attend(layer, pos, q, k, v)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble heads
         return self.resid_drop(self.proj(y))
 
@@ -76,11 +77,12 @@ class MLP(nn.Module):
     def __init__(self, c: DALLEConfig):
         super().__init__()
         self.fc = nn.Linear(c.dim, 4 * c.dim)
+        self.gelu = nn.GELU(approximate="tanh")
         self.proj = nn.Linear(4 * c.dim, c.dim)
         self.drop = nn.Dropout(c.dropout)
 
     def forward(self, x):
-        return self.drop(self.proj(F.gelu(self.fc(x), approximate="tanh")))
+        return self.drop(self.proj(self.gelu(self.fc(x))))
 
 
 class Block(nn.Module):
@@ -101,19 +103,25 @@ class Block(nn.Module):
 class KVCache:
     """Preallocated keys/values for every layer: (depth, B, nh, max_len, hs); no per-step allocation.
 
-    Its dtype is the attention's: keys and values written in another dtype are cast on the way in.
+    Its dtype is the attention's: keys and values written in another dtype are cast on the way in, and the
+    query too (outside autocast). `decode`, where given, does one-token steps' cache writes and attention in
+    one call: the CPU's compiled kernel (dalle_core.cpu_attention), which reads a bf16 cache in fp32.
     """
 
-    def __init__(self, c: DALLEConfig, batch: int, device=None, dtype=torch.float32):
+    def __init__(self, c: DALLEConfig, batch: int, device=None, dtype=torch.float32, decode=None):
         shape = (c.depth, batch, c.heads, c.seq_len, c.dim // c.heads)
         self.k = torch.empty(shape, device=device, dtype=dtype)
         self.v = torch.empty(shape, device=device, dtype=dtype)
+        self.decode = decode
 
-    def update(self, layer: int, pos: int, k: torch.Tensor, v: torch.Tensor):
+    def attend(self, layer: int, pos: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Write k, v (B, nh, T, hs) at positions pos .. pos+T-1, then causal attention of q over the cache."""
         T = k.shape[2]
         self.k[layer, :, :, pos:pos + T] = k
         self.v[layer, :, :, pos:pos + T] = v
-        return self.k[layer, :, :, :pos + T], self.v[layer, :, :, :pos + T]
+        k, v = self.k[layer, :, :, :pos + T], self.v[layer, :, :, :pos + T]
+        with torch.autocast(q.device.type, enabled=False) if k.dtype != q.dtype else contextlib.nullcontext():
+            return F.scaled_dot_product_attention(q.to(k.dtype), k, v, is_causal=T > 1)
 
 
 class DALLE(nn.Module):

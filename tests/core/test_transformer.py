@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dalle_core import sampling
+from dalle_core import cpu_attention, sampling
 from dalle_core.config import TrainConfig
 from dalle_core.sampling import filter_logits, sample
 from dalle_core.train import fit, make_optimizer, transformer_step
@@ -42,8 +42,8 @@ def test_cached_sampling_matches_full_recompute_every_step(model, device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_bf16_sampling_tracks_the_full_recompute(model, device):
-    """bf16 sampling: keys/values in bf16 on GPUs (fp32 on CPUs, where bf16 attention is slower);
-    the logits stay near an fp32 full recompute."""
+    """bf16 sampling: keys/values in bf16 (on CPUs where the compiled decode attention builds; fp32 where
+    not, as PyTorch's bf16 attention is slower there); the logits stay near an fp32 full recompute."""
     model, text = model.to(device), _text().to(device)
     seen, caches = {}, []
     real_cache = sampling.KVCache
@@ -58,7 +58,9 @@ def test_bf16_sampling_tracks_the_full_recompute(model, device):
                        on_logits=lambda i, lg: seen.__setitem__(i, lg.float().clone()), precision="bf16")
     finally:
         sampling.KVCache = real_cache
-    assert caches[0].k.dtype == (torch.bfloat16 if device == "cuda" else torch.float32)
+    compiled = device == "cpu" and cpu_attention.kernel() is not None
+    assert caches[0].k.dtype == (torch.bfloat16 if device == "cuda" or compiled else torch.float32)
+    assert (caches[0].decode is not None) == compiled
     with torch.inference_mode():
         for i in range(0, C.image_len, 3):
             _, cond = model.logits(text, codes[:, :i])
@@ -224,3 +226,16 @@ def test_bf16_training_tracks_fp32(device):
             log=lambda s, mt, p=precision: curves[p].append(mt["loss"]))
     for a, b in zip(curves["fp32"], curves["bf16"]):
         assert abs(a - b) < 0.1 * a + 0.02, curves
+
+
+def test_cpu_bf16_sampling_packs_every_linear_layer_and_fuses_the_gelu(model):
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("this PyTorch build has no oneDNN: CPU bf16 sampling uses F.linear")
+    twin, _, _ = sampling.for_sampling(model, "bf16", rows=6)
+    packed = [m for m in twin.modules() if isinstance(m, sampling.PackedLinear)]
+    assert len(packed) == 4 * C.depth + 2 and not any(isinstance(m, torch.nn.Linear) for m in twin.modules())
+    x = torch.randn(6, 1, C.dim)
+    with torch.inference_mode():
+        for block, fp32 in zip(twin.blocks, model.blocks):
+            expect = fp32.mlp(x)
+            assert (block.mlp(x).float() - expect).abs().max() < 0.02 * expect.abs().max()
