@@ -116,13 +116,13 @@ def for_sampling(model: DALLE, precision: str, rows: int) -> tuple[DALLE, contex
     twin = copy.deepcopy(model)
     if device.type != "cpu":
         return twin.to(torch.bfloat16), contextlib.nullcontext(), {"dtype": torch.bfloat16, "decode": None}
-    if packed_linear_works():
-        for block in twin.blocks:
-            block.mlp.fc, block.mlp.gelu = PackedLinear(block.mlp.fc, rows, gelu=True), torch.nn.Identity()
+    packed = packed_linear_works()
+    for block in twin.blocks if packed else []:
+        block.mlp.fc, block.mlp.gelu = PackedLinear(block.mlp.fc, rows, gelu=True), torch.nn.Identity()
     for parent in [*twin.modules()]:
         for name, child in parent.named_children():
             if isinstance(child, torch.nn.Linear):
-                setattr(parent, name, PackedLinear(child, rows) if packed_linear_works() else child.to(torch.bfloat16))
+                setattr(parent, name, PackedLinear(child, rows) if packed else child.to(torch.bfloat16))
     cache = {"dtype": torch.bfloat16 if decode is not None else torch.float32, "decode": decode}
     return twin, torch.autocast("cpu", dtype=torch.bfloat16), cache
 

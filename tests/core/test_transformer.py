@@ -40,10 +40,13 @@ def test_cached_sampling_matches_full_recompute_every_step(model, device):
             assert torch.allclose(image_logits[:, -1], seen[i], atol=1e-4), i
 
 
+@pytest.mark.parametrize("packed", [True, False])  # False: a PyTorch without oneDNN's packed linear
 @pytest.mark.parametrize("device", DEVICES)
-def test_bf16_sampling_tracks_the_full_recompute(model, device):
+def test_bf16_sampling_tracks_the_full_recompute(model, device, packed, monkeypatch):
     """bf16 sampling: keys/values in bf16 (on CPUs where the compiled decode attention builds; fp32 where
     not, as PyTorch's bf16 attention is slower there); the logits stay near an fp32 full recompute."""
+    if not packed:
+        monkeypatch.setattr(sampling, "packed_linear_works", lambda: False)
     model, text = model.to(device), _text().to(device)
     seen, caches = {}, []
     real_cache = sampling.KVCache
