@@ -114,7 +114,7 @@ def kernel() -> DecodeStep | None:
         step = DecodeStep(_load(_build(cc)))
         _self_check(step)
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
-        warnings.warn(f"CPU sampling uses PyTorch's attention over an fp32 cache, about 1.4x slower at "
+        warnings.warn(f"CPU sampling uses PyTorch's attention over an fp32 cache, about 1.6x slower at "
                       f"DALL-E's shape: the compiled decode attention is unavailable: {e}", stacklevel=2)
         return None
     return step

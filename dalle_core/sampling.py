@@ -87,7 +87,7 @@ class PackedLinear(torch.nn.Module):
 def packed_linear_works() -> bool:
     """Whether this PyTorch build has oneDNN's packed bf16 linear (a private op) and it computes F.linear."""
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), torch.random.fork_rng(devices=[]):  # leaves the caller's RNG stream as it was
             linear = torch.nn.Linear(16, 8)
             x = torch.randn(3, 2, 16).to(torch.bfloat16)
             expect = F.gelu(F.linear(x, linear.weight.to(torch.bfloat16), linear.bias.to(torch.bfloat16)).float(),
