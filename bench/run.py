@@ -220,9 +220,12 @@ REFERENCE.update({"dalle_train_fp32.tokens_per_s": 507, "dalle_train_bf16.tokens
 
 
 def _train_rate(c: DALLEConfig, precision: str, batch: int, repeats: int, steps: int = 3,
-                math_kernel: bool | None = None) -> dict:
-    """Training tokens/s of a DALLE at config c; math_kernel forces (True) or forbids (False) SDPA's math kernel."""
+                bf16_attention: str | None = None) -> dict:
+    """Training tokens/s of a DALLE at config c. bf16_attention "math" or "flash" keeps a CPU bf16 run's
+    attention in bf16 (no fp32 attention, dalle_core.transformer.causal_attention) on that SDPA kernel."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    import dalle_core.transformer as transformer
 
     torch.manual_seed(0)
     model = DALLE(c).to(DEVICE)
@@ -237,18 +240,21 @@ def _train_rate(c: DALLEConfig, precision: str, batch: int, repeats: int, steps:
         for _ in range(steps):
             opt.zero_grad(set_to_none=True)
             with autocast(precision, DEVICE, c.seq_len):
-                if math_kernel is None:
+                if bf16_attention is None:
                     loss, _, _ = model(text, image)
                 else:
-                    backends = [SDPBackend.MATH] if math_kernel else \
-                        [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]
-                    with sdpa_kernel(backends):
+                    with sdpa_kernel(SDPBackend.MATH if bf16_attention == "math" else SDPBackend.FLASH_ATTENTION):
                         loss, _, _ = model(text, image)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
 
-    s = statistics.median(timed(run, 1, repeats))
+    limit = transformer.CPU_FP32_ATTENTION_MAX_LEN
+    transformer.CPU_FP32_ATTENTION_MAX_LEN = limit if bf16_attention is None else 0
+    try:
+        s = statistics.median(timed(run, 1, repeats))
+    finally:
+        transformer.CPU_FP32_ATTENTION_MAX_LEN = limit
     out = {"tokens_per_s": steps * batch * (c.text_len + c.image_len) / s, "seconds_per_step": s / steps}
     if DEVICE.type == "cuda":
         out["peak_memory_gb"] = torch.cuda.max_memory_allocated(DEVICE) / 2**30
@@ -408,15 +414,17 @@ def bench_dalle_sample_parts(repeats: int, rows: int = 8) -> dict:
 
 
 def bench_attention_kernel(repeats: int) -> dict:
-    """CPU bf16: SDPA math kernel vs the default, and fp32, by sequence length (picks CPU_BF16_MATH_MAX_LEN)."""
+    """CPU training tokens/s by sequence length: fp32; bf16 with the attention in bf16 on SDPA's math or flash
+    kernel; bf16 as shipped (fp32 attention up to CPU_FP32_ATTENTION_MAX_LEN tokens). Picks that limit."""
     out = {}
-    for text_len, grid in ((12, 8), (64, 8), (32, 12), (16, 16), (256, 16), (256, 32)):
+    for text_len, grid in ((12, 8), (24, 16), (64, 20), (64, 26), (256, 32)):
         c = DALLEConfig(text_vocab=16384, text_len=text_len, image_vocab=8192, image_grid=grid, dim=256, depth=4,
                         heads=8)
         batch = max(4, 4096 // c.seq_len)
-        for name, precision, math in (("fp32", "fp32", None), ("bf16_math", "bf16", True),
-                                      ("bf16_default", "bf16", False)):
-            out[f"T{c.seq_len}_{name}"] = _train_rate(c, precision, batch, repeats, math_kernel=math)["tokens_per_s"]
+        for name, precision, attention in (("fp32", "fp32", None), ("bf16_attn_math", "bf16", "math"),
+                                           ("bf16_attn_flash", "bf16", "flash"), ("bf16", "bf16", None)):
+            out[f"T{c.seq_len}_{name}"] = _train_rate(c, precision, batch, repeats,
+                                                      bf16_attention=attention)["tokens_per_s"]
     return out
 
 

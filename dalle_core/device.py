@@ -15,12 +15,11 @@ import torch
 
 from dalle_core.config import ConfigError
 
-# On CPU, SDPA's math kernel beats the fused flash kernel under bf16 at short sequences (its bf16
-# backward is slow there) and loses at long ones. `python -m bench.run --only dalle_attention_kernel`
-# (transformer training at dim 256, depth 4, about 4k tokens a step, DALL-E's vocabularies), tokens/s on a
-# 2-core AMD EPYC, fp32 / bf16 math / bf16 default: 75 tokens 3,744 / 5,337 / 4,770; 127: 3,214 / 4,295 /
-# 4,337; 175: 3,573 / 4,729 / 4,366; 271: 3,655 / 4,224 / 4,604; 511: 2,798 / 2,874 / 3,450; 1,279: 2,725 /
-# 1,587 / 3,769. Sequences up to this length use math; with that choice bf16 beats fp32 at every length.
+# On CPU, SDPA's math kernel beats the fused flash kernel under bf16 at short sequences (its bf16 backward is
+# slow there): fwd+bwd of 8 heads of 32 over 75 tokens, ~4k tokens a batch, 30 ms against 86 on a 2-core EPYC;
+# from ~300 tokens the flash kernel wins (1,279 tokens: 134 ms against 720). The DALL-E transformer's own
+# attention runs in fp32 up to 640 tokens (dalle_core.transformer.causal_attention), so this choice is for the
+# attention that stays bf16: open_clip's CLIP towers (65 tokens or fewer in the configs).
 CPU_BF16_MATH_MAX_LEN = 200
 
 

@@ -4,6 +4,7 @@ import torch.nn.functional as F
 
 from dalle_core import cpu_attention, sampling
 from dalle_core.config import TrainConfig
+from dalle_core.device import autocast
 from dalle_core.sampling import filter_logits, sample
 from dalle_core.train import fit, make_optimizer, transformer_step
 from dalle_core.transformer import DALLE, DALLEConfig
@@ -86,10 +87,11 @@ def test_cached_guided_sampling_matches_recompute(model):
             assert torch.allclose(expect, seen[i], atol=1e-3), i
 
 
-def test_future_tokens_never_change_past_logits(model):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])  # bf16 on a CPU: the attention runs in fp32 (its own path)
+def test_future_tokens_never_change_past_logits(model, precision):
     text = _text(2)
     image = torch.randint(0, C.image_vocab, (2, C.image_len))
-    with torch.inference_mode():
+    with torch.inference_mode(), autocast(precision, "cpu", C.seq_len):
         t1, i1 = model.logits(text, image[:, :-1])
         changed = image.clone()
         changed[:, 5] = (changed[:, 5] + 1) % C.image_vocab
