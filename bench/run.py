@@ -428,6 +428,21 @@ def bench_attention_kernel(repeats: int) -> dict:
     return out
 
 
+def bench_config_attention(repeats: int, path: str = "configs/openmoji.yaml") -> dict:
+    """CPU bf16 training tokens/s at a config's transformer shape and batch, its attention in bf16 (flash) against
+    as shipped (fp32 up to CPU_FP32_ATTENTION_MAX_LEN tokens), the two alternated `repeats` times: the gap
+    is smaller than the machine's drift between two sequential measurements."""
+    cfg, c = _config_transformer(path)
+    batch, rates = cfg.transformer.train.batch_size, {"bf16_attn_flash": [], "bf16": []}
+    for _ in range(repeats):
+        for name in rates:
+            attention = "flash" if name == "bf16_attn_flash" else None
+            rates[name].append(_train_rate(c, "bf16", batch, 1, steps=5, bf16_attention=attention)["tokens_per_s"])
+    out = {f"T{c.seq_len}_{name}": statistics.median(r) for name, r in rates.items()}
+    out["speedup"] = out[f"T{c.seq_len}_bf16"] / out[f"T{c.seq_len}_bf16_attn_flash"]
+    return out
+
+
 def bench_max_batch(c: DALLEConfig = DALLE_SHAPE, precision: str = "bf16") -> dict:
     """GPU: the largest power-of-two batch whose training step fits in memory, and its tokens/s."""
     best: dict = {}
@@ -575,6 +590,7 @@ def main() -> None:
         benches["loader_256_workers8"] = lambda: bench_image_loader(8)
     if DEVICE.type == "cpu":
         benches["dalle_attention_kernel"] = lambda: bench_attention_kernel(r)
+        benches["dalle_attention_openmoji"] = lambda: bench_config_attention(max(r, 3))
     else:
         benches["dalle_max_batch"] = bench_max_batch
         benches["dalle_config_256"] = bench_config_transformer

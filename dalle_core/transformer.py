@@ -29,7 +29,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 # ms bf16 / fp32: 75 tokens 86 / 22-27; 279: 60-86 / 42-55; 511: 89-99 / 87-98; 1,279: 134-146 / 149-171).
 # Up to this length the attention runs in fp32 (flash) inside the bf16 model. Whole training steps, fp32
 # attention against bf16, interleaved in one process: configs/openmoji.yaml's shape (279 tokens, dim 256)
-# 6,966 -> 8,270 tokens/s; 463 tokens +9%; 739 +10% with 8 heads of 32, +-2% with 16 of 64; 1,279 -13%.
+# 6,966 -> 8,270 tokens/s at batch 16, +8-10% at its batch 8 (`python -m bench.run --only
+# dalle_attention_openmoji`); 463 tokens +9%; 739 +10% with 8 heads of 32, +-2% with 16 of 64; 1,279 -13%.
 # `python -m bench.run --only dalle_attention_kernel` sweeps it with DALL-E's vocabularies.
 CPU_FP32_ATTENTION_MAX_LEN = 640
 
