@@ -11,6 +11,7 @@ heads 8, text_len 32, text vocab 1000, image vocab 512, batch 16.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -220,9 +221,10 @@ REFERENCE.update({"dalle_train_fp32.tokens_per_s": 507, "dalle_train_bf16.tokens
 
 
 def _train_rate(c: DALLEConfig, precision: str, batch: int, repeats: int, steps: int = 3,
-                bf16_attention: str | None = None) -> dict:
-    """Training tokens/s of a DALLE at config c. bf16_attention "math" or "flash" keeps a CPU bf16 run's
-    attention in bf16 (no fp32 attention, dalle_core.transformer.causal_attention) on that SDPA kernel."""
+                attention: str | None = None) -> dict:
+    """Training tokens/s of a DALLE at config c. On a CPU in bf16, `attention` overrides the shipped choice
+    (dalle_core.transformer.causal_attention): "fp32" attends in fp32 at every length, "math" or "flash" in
+    bf16 on that SDPA kernel."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     import dalle_core.transformer as transformer
@@ -235,22 +237,19 @@ def _train_rate(c: DALLEConfig, precision: str, batch: int, repeats: int, steps:
     image = torch.randint(0, c.image_vocab, (batch, c.image_len), device=DEVICE)
     if DEVICE.type == "cuda":
         torch.cuda.reset_peak_memory_stats(DEVICE)
+    kernel = {"math": SDPBackend.MATH, "flash": SDPBackend.FLASH_ATTENTION}.get(attention)
 
     def run():
         for _ in range(steps):
             opt.zero_grad(set_to_none=True)
-            with autocast(precision, DEVICE, c.seq_len):
-                if bf16_attention is None:
-                    loss, _, _ = model(text, image)
-                else:
-                    with sdpa_kernel(SDPBackend.MATH if bf16_attention == "math" else SDPBackend.FLASH_ATTENTION):
-                        loss, _, _ = model(text, image)
+            with autocast(precision, DEVICE, c.seq_len), sdpa_kernel(kernel) if kernel else contextlib.nullcontext():
+                loss, _, _ = model(text, image)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
 
     limit = transformer.CPU_FP32_ATTENTION_MAX_LEN
-    transformer.CPU_FP32_ATTENTION_MAX_LEN = limit if bf16_attention is None else 0
+    transformer.CPU_FP32_ATTENTION_MAX_LEN = {None: limit, "fp32": c.seq_len}.get(attention, 0)
     try:
         s = statistics.median(timed(run, 1, repeats))
     finally:
@@ -413,33 +412,43 @@ def bench_dalle_sample_parts(repeats: int, rows: int = 8) -> dict:
     return out
 
 
+def _alternated(c: DALLEConfig, batch: int, variants: dict[str, tuple[str, str | None]], repeats: int,
+                steps: int = 3) -> dict:
+    """Median training tokens/s of each variant (precision, attention: see _train_rate) at config c, the variants
+    run in turn `repeats` times: their gaps are smaller than the machine's drift between two sequential runs."""
+    rates: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(repeats):
+        for name, (precision, attention) in variants.items():
+            rates[name].append(_train_rate(c, precision, batch, 1, steps, attention)["tokens_per_s"])
+    return {name: statistics.median(r) for name, r in rates.items()}
+
+
+ATTENTION_VARIANTS = {"fp32": ("fp32", None), "bf16_attn_math": ("bf16", "math"),
+                      "bf16_attn_flash": ("bf16", "flash"), "bf16_attn_fp32": ("bf16", "fp32")}
+
+
 def bench_attention_kernel(repeats: int) -> dict:
-    """CPU training tokens/s by sequence length: fp32; bf16 with the attention in bf16 on SDPA's math or flash
-    kernel; bf16 as shipped (fp32 attention up to CPU_FP32_ATTENTION_MAX_LEN tokens). Picks that limit."""
+    """CPU training tokens/s by sequence length (DALL-E's vocabularies, dim 256): fp32, and bf16 with its
+    attention in bf16 on SDPA's math or flash kernel or in fp32. Picks CPU_FP32_ATTENTION_MAX_LEN."""
     out = {}
     for text_len, grid in ((12, 8), (24, 16), (64, 20), (64, 26), (256, 32)):
         c = DALLEConfig(text_vocab=16384, text_len=text_len, image_vocab=8192, image_grid=grid, dim=256, depth=4,
                         heads=8)
-        batch = max(4, 4096 // c.seq_len)
-        for name, precision, attention in (("fp32", "fp32", None), ("bf16_attn_math", "bf16", "math"),
-                                           ("bf16_attn_flash", "bf16", "flash"), ("bf16", "bf16", None)):
-            out[f"T{c.seq_len}_{name}"] = _train_rate(c, precision, batch, repeats,
-                                                      bf16_attention=attention)["tokens_per_s"]
+        rates = _alternated(c, max(4, 4096 // c.seq_len), ATTENTION_VARIANTS, repeats)
+        out.update({f"T{c.seq_len}_{name}": rate for name, rate in rates.items()})
     return out
 
 
 def bench_config_attention(repeats: int, path: str = "configs/openmoji.yaml") -> dict:
-    """CPU bf16 training tokens/s at a config's transformer shape and batch, its attention in bf16 (flash) against
-    as shipped (fp32 up to CPU_FP32_ATTENTION_MAX_LEN tokens), the two alternated `repeats` times: the gap
-    is smaller than the machine's drift between two sequential measurements."""
+    """CPU bf16 training tokens/s at a config's transformer shape, at its batch and twice that: the attention
+    in bf16 (flash kernel) against fp32 (what ships up to CPU_FP32_ATTENTION_MAX_LEN tokens)."""
     cfg, c = _config_transformer(path)
-    batch, rates = cfg.transformer.train.batch_size, {"bf16_attn_flash": [], "bf16": []}
-    for _ in range(repeats):
-        for name in rates:
-            attention = "flash" if name == "bf16_attn_flash" else None
-            rates[name].append(_train_rate(c, "bf16", batch, 1, steps=5, bf16_attention=attention)["tokens_per_s"])
-    out = {f"T{c.seq_len}_{name}": statistics.median(r) for name, r in rates.items()}
-    out["speedup"] = out[f"T{c.seq_len}_bf16"] / out[f"T{c.seq_len}_bf16_attn_flash"]
+    out = {}
+    for batch in (cfg.transformer.train.batch_size, 2 * cfg.transformer.train.batch_size):
+        rates = _alternated(c, batch, {k: ATTENTION_VARIANTS[k] for k in ("bf16_attn_flash", "bf16_attn_fp32")},
+                            repeats, steps=5)
+        out.update({f"T{c.seq_len}_b{batch}_{name}": rate for name, rate in rates.items()})
+        out[f"T{c.seq_len}_b{batch}_speedup"] = rates["bf16_attn_fp32"] / rates["bf16_attn_flash"]
     return out
 
 

@@ -17,8 +17,8 @@ from dalle_core.config import ConfigError
 
 # On CPU, SDPA's math kernel beats the fused flash kernel under bf16 at short sequences (its bf16 backward is
 # slow there) and loses at long ones: `python -m bench.run --only dalle_attention_kernel` (training with the
-# attention kept in bf16, dim 256, ~4k tokens a step, 2-core EPYC), tokens/s math / flash: 75 tokens 4,659 /
-# 4,233; 463: 3,135 / 4,390; 1,279: 1,595 / 4,057. The DALL-E transformer's own
+# attention kept in bf16, dim 256, ~4k tokens a step, 2-core EPYC), tokens/s math / flash: 75 tokens 5,045 /
+# 4,550; 463: 3,073 / 4,075; 1,279: 1,560 / 3,750. The DALL-E transformer's own
 # attention runs in fp32 up to 640 tokens (dalle_core.transformer.causal_attention), so this choice is for the
 # attention that stays bf16: open_clip's CLIP towers (65 tokens or fewer in the configs).
 CPU_BF16_MATH_MAX_LEN = 200

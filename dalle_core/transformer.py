@@ -24,14 +24,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-# Training attention on a CPU under bf16 autocast: PyTorch's CPU flash kernel is 1.5-3x slower in bf16 than in
-# fp32 up to about 500 tokens, and faster beyond (fwd+bwd, 8 heads of 32, ~4k tokens a batch, 2-core EPYC,
-# ms bf16 / fp32: 75 tokens 86 / 22-27; 279: 60-86 / 42-55; 511: 89-99 / 87-98; 1,279: 134-146 / 149-171).
-# Up to this length the attention runs in fp32 (flash) inside the bf16 model. Whole training steps, fp32
-# attention against bf16, interleaved in one process: configs/openmoji.yaml's shape (279 tokens, dim 256)
-# 6,966 -> 8,270 tokens/s at batch 16, +8-10% at its batch 8 (`python -m bench.run --only
-# dalle_attention_openmoji`); 463 tokens +9%; 739 +10% with 8 heads of 32, +-2% with 16 of 64; 1,279 -13%.
-# `python -m bench.run --only dalle_attention_kernel` sweeps it with DALL-E's vocabularies.
+# Training attention on a CPU under bf16 autocast: PyTorch's CPU flash kernel is slower in bf16 than in fp32
+# up to several hundred tokens (at the OpenMoji config's 279 tokens the bf16 attention was 40% of a training
+# step), so up to this length the attention runs in fp32 (flash) inside the bf16 model. `python -m bench.run
+# --only dalle_attention_kernel dalle_attention_openmoji --repeats 3`, variants run in turn, tokens/s on a
+# 2-core EPYC: at the OpenMoji shape +10% (7,323 -> 8,046 at batch 8); with DALL-E's vocabularies, bf16 flash
+# / fp32 attention: 75 tokens 4,550 / 5,245; 279: 4,804 / 4,654; 463: 4,075 / 4,198; 739: 3,859 / 4,272;
+# 1,279: 3,750 / 3,497.
 CPU_FP32_ATTENTION_MAX_LEN = 640
 
 
