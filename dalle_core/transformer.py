@@ -25,10 +25,9 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 # Training attention on a CPU under bf16 autocast: PyTorch's CPU flash kernel is slower in bf16 than in fp32
-# up to several hundred tokens (at the OpenMoji config's 279 tokens the bf16 attention was 40% of a training
-# step), so up to this length the attention runs in fp32 (flash) inside the bf16 model. `python -m bench.run
-# --only dalle_attention_kernel dalle_attention_openmoji --repeats 3`, variants run in turn, tokens/s on a
-# 2-core EPYC: at the OpenMoji shape +10% (7,323 -> 8,046 at batch 8); with DALL-E's vocabularies, bf16 flash
+# up to several hundred tokens, so up to this length the attention runs in fp32 (flash) inside the bf16 model.
+# `python -m bench.run --only dalle_attention_kernel dalle_attention_openmoji --repeats 3`, variants run in
+# turn, tokens/s on a 2-core EPYC: at the OpenMoji shape +10% (7,323 -> 8,046 at batch 8); with DALL-E's vocabularies, bf16 flash
 # / fp32 attention: 75 tokens 4,550 / 5,245; 279: 4,804 / 4,654; 463: 4,075 / 4,198; 739: 3,859 / 4,272;
 # 1,279: 3,750 / 3,497.
 CPU_FP32_ATTENTION_MAX_LEN = 640
