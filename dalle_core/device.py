@@ -15,12 +15,7 @@ import torch
 
 from dalle_core.config import ConfigError
 
-# On CPU, SDPA's math kernel beats the fused flash kernel under bf16 at short sequences (its bf16 backward is
-# slow there) and loses at long ones: `python -m bench.run --only dalle_attention_kernel` (training with the
-# attention kept in bf16, dim 256, ~4k tokens a step, 2-core EPYC), tokens/s math / flash: 75 tokens 5,045 /
-# 4,550; 463: 3,073 / 4,075; 1,279: 1,560 / 3,750. The DALL-E transformer's own
-# attention runs in fp32 up to 640 tokens (dalle_core.transformer.causal_attention), so this choice is for the
-# attention that stays bf16: open_clip's CLIP towers (65 tokens or fewer in the configs).
+# bf16 attention on a CPU (CLIP's) uses the math kernel up to this length: faster there (docs/benchmarks.md)
 CPU_BF16_MATH_MAX_LEN = 200
 
 
@@ -65,10 +60,9 @@ def autocast(precision: str, device: torch.device | str = "cpu",
 
 
 def sampling_precision(precision: str, device: torch.device) -> str:
-    """`generate.precision` auto -> the faster one measured (bench dalle_sample, 4 images x 1,024 tokens, guidance 3):
-    bf16 on CPU (5.5 s against 7.8 s in fp32 on a 2-core EPYC), fp32 on CUDA (1.02 ms a token against 1.54 with
-    bf16 autocast on an H200: a launch-bound step at that size). `dalle_core.sampling.for_sampling` says what
-    bf16 means on each device."""
+    """`generate.precision` auto -> the one measured faster on each device (docs/benchmarks.md): bf16 on CPU,
+    fp32 on CUDA, where a step is launch-bound. `dalle_core.sampling.for_sampling` says what bf16 means on each
+    device."""
     if precision == "auto":
         return "fp32" if device.type == "cuda" else "bf16"
     return precision

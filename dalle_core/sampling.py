@@ -35,9 +35,9 @@ def top_p_threshold(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     """(rows, 1): the smallest logit of the nucleus, the fewest top tokens whose probability reaches top_p
     (the token that crosses top_p is kept).
 
-    On CPU, sorting all 8,192 image codes costs about 2 ms a step (bench dalle_sample), so the nucleus is
-    looked for among the top 64 logits first (0.1 ms), and only where that is not enough among all; a
-    trained model's sharp distributions need the small top-k. On GPUs the sort is cheap and needs no sync.
+    On CPU, sorting all image codes is slow (docs/benchmarks.md), so the nucleus is looked for among the top
+    64 logits first, and only where that is not enough among all; a trained model's sharp distributions need
+    the small top-k. On GPUs the sort is cheap and needs no sync.
     """
     V = logits.shape[-1]
     lse = torch.logsumexp(logits, dim=-1, keepdim=True)
@@ -53,7 +53,7 @@ def top_p_threshold(logits: torch.Tensor, top_p: float) -> torch.Tensor:
 
 def draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     """One index per row of (rows, V) probabilities, by the inverse CDF: one uniform number per row
-    (torch.multinomial draws V exponentials per row: 0.7 ms a step on CPU at 8,192 codes)."""
+    (torch.multinomial draws V exponentials per row, slow on a CPU: docs/benchmarks.md)."""
     cdf = probs.cumsum(-1)
     u = 1.0 - torch.rand(probs.shape[0], 1, generator=generator, device=probs.device, dtype=cdf.dtype)  # (0, 1]
     return torch.searchsorted(cdf, u * cdf[:, -1:]).clamp_(max=probs.shape[-1] - 1)  # (rows, 1)
@@ -70,7 +70,7 @@ def guided(logits: torch.Tensor, batch: int, cond_scale: float) -> torch.Tensor:
 class PackedLinear(torch.nn.Module):
     """A bf16 linear layer (optionally with its GELU) on the CPU, its weight packed once for oneDNN: F.linear
     re-packs the weight at every call, which at the 8 rows of a sampling step costs as much as the product
-    (1.6-2x faster, bench dalle_sample_parts). Inference only; its input is cast to bf16."""
+    (docs/benchmarks.md). Inference only; its input is cast to bf16."""
 
     def __init__(self, linear: torch.nn.Linear, rows: int, gelu: bool = False):
         super().__init__()
@@ -104,10 +104,10 @@ def for_sampling(model: DALLE, precision: str, rows: int) -> tuple[DALLE, contex
     bf16 on a GPU: a bf16 copy of the whole model, no autocast (no cast kernels in a launch-bound step);
     its KV cache is bf16 too, half the memory traffic. bf16 on a CPU: a copy whose linear layers are bf16,
     packed once for oneDNN (PackedLinear, the GELU fused into the MLP's first), run under autocast: the
-    CPU's bf16 linears are 2-3x faster at 8 rows. On a CPU each step's attention is the compiled kernel of
+    CPU's bf16 linears are faster at 8 rows. On a CPU each step's attention is the compiled kernel of
     dalle_core.cpu_attention, over a bf16 cache under bf16 (half the bytes a step reads, which bound it);
-    without that kernel, over an fp32 cache, since PyTorch's CPU attention is 2-6x slower over a bf16 cache
-    of 1,280 tokens (bench dalle_sample_parts).
+    without that kernel, over an fp32 cache, since PyTorch's CPU attention is much slower over a bf16 cache
+    (docs/benchmarks.md).
     """
     device = next(model.parameters()).device
     decode = cpu_attention.kernel() if device.type == "cpu" else None

@@ -24,12 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-# Training attention on a CPU under bf16 autocast: PyTorch's CPU flash kernel is slower in bf16 than in fp32
-# up to several hundred tokens, so up to this length the attention runs in fp32 (flash) inside the bf16 model.
-# `python -m bench.run --only dalle_attention_kernel dalle_attention_openmoji --repeats 3`, variants run in
-# turn, tokens/s on a 2-core EPYC: at the OpenMoji shape +10% (7,323 -> 8,046 at batch 8); with DALL-E's vocabularies, bf16 flash
-# / fp32 attention: 75 tokens 4,550 / 5,245; 279: 4,804 / 4,654; 463: 4,075 / 4,198; 739: 3,859 / 4,272;
-# 1,279: 3,750 / 3,497.
+# bf16 CPU attention up to this length runs in fp32: the flash kernel is faster in fp32 there (docs/benchmarks.md)
 CPU_FP32_ATTENTION_MAX_LEN = 640
 
 
