@@ -121,9 +121,9 @@ class DVAESection(Section):
     # (exponentially) over the first `temp_anneal` of it, the KL weight from 0 to kl_weight over the first
     # `kl_warmup`. kl_weight is the paper's beta: the KL to the uniform prior summed over grid cells, against
     # a reconstruction loss summed over pixel values. DALL-E used 6.6 against its logit-Laplace likelihood; against
-    # the MSE here that over-regularises (19 dB on the demo), and 0.35-0.5 gave the best hard-code PSNR with
-    # 60-77% of the codes used (bench/dvae_sweep.py, README). straight_through: hard one-hots forward, soft
-    # gradients backward (worse here). Validation, encoding and pre-tokenization always take the hard argmax.
+    # the MSE here that over-regularises, and 0.35-0.5 gave the best hard codes (docs/tokenizers.md).
+    # straight_through: hard one-hots forward, soft gradients backward (worse here). Validation, encoding and
+    # pre-tokenization always take the hard argmax.
     temp_start: float = Field(1.0, gt=0)
     temp_end: float = Field(1 / 16, gt=0)
     temp_anneal: float = Field(0.5, gt=0, le=1)
@@ -142,7 +142,7 @@ class DVAESection(Section):
     disc_start: int = Field(1000, ge=0)
     disc_weight: float = Field(0.8, ge=0)
     # Steps over which the generator term's weight ramps from 0 to full after disc_start (the discriminator
-    # learns at full rate meanwhile). 0 = taming's switch-on, which kicks a converged dVAE off by 10+ dB.
+    # learns at full rate meanwhile). 0 = taming's switch-on, which knocks a converged dVAE down (docs/tokenizers.md).
     disc_ramp: int = Field(0, ge=0)
     disc_layers: int = Field(3, ge=1, le=6)
     disc_channels: int = Field(64, ge=8)
@@ -157,8 +157,8 @@ class DVAESection(Section):
     ema_decay: float = Field(0.99, gt=0, lt=1)
     dead_code_threshold: float = Field(1.0, ge=0)  # EMA usage below this -> restart
     restart_every: int = Field(50, ge=1)
-    # Pre-tokenization: bf16 runs the encoder convolutions under autocast (bench dvae_encode_bf16: about
-    # 1.35x on CPUs with AVX512-BF16; the code search stays fp32). Near-tie cells may get a neighbouring
+    # Pre-tokenization: bf16 runs the encoder convolutions under autocast (faster on CPUs with AVX512-BF16:
+    # docs/benchmarks.md; the code search stays fp32). Near-tie cells may get a neighbouring
     # code; reconstruction PSNR stays the same (tested). Part of the tokens key, not the dVAE's.
     encode_precision: Literal["fp32", "bf16"] = "fp32"
     shuffle_buffer: int = Field(4096, ge=1)  # decoded images mixed per shuffle window (memory: rows x H x W x 3)
@@ -239,6 +239,14 @@ class GenerateConfig(Section):
     # `prime_rows` rows of tokens of every candidate; the rest is sampled
     prime_image: str | None = None
     prime_rows: int = Field(0, ge=0)
+
+    @field_validator("prompts")
+    @classmethod
+    def _prompts_have_text(cls, prompts: list[str]) -> list[str]:
+        for i, prompt in enumerate(prompts):
+            if not prompt.strip():
+                raise ValueError(f"prompt {i + 1} of {len(prompts)} is {prompt!r}; every prompt needs some text")
+        return prompts
 
 
 class EvaluateConfig(Section):
@@ -383,12 +391,35 @@ def _format_error(err: ValidationError) -> str:
     return f"{name}: {msg} (got {e.get('input')!r})"
 
 
+def _join_surrogates(value: Any, where: str) -> Any:
+    """Strings with YAML's `\\uD83D\\uDE00` escapes (JSON's spelling of one astral character) come back from
+    PyYAML as two lone surrogates; join each pair into its character, in lists and mappings too."""
+    if isinstance(value, str):
+        if not re.search("[\ud800-\udfff]", value):
+            return value
+        try:
+            return value.encode("utf-16", "surrogatepass").decode("utf-16")
+        except UnicodeDecodeError:
+            raise ConfigError(f"{where}: {value!r} holds half of a UTF-16 surrogate pair; give the whole character "
+                              "(or both \\uXXXX halves)") from None
+    if isinstance(value, list):
+        return [_join_surrogates(v, where) for v in value]
+    if isinstance(value, dict):
+        return {_join_surrogates(k, where): _join_surrogates(v, where) for k, v in value.items()}
+    return value
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
-    """`dvae.codebook_size=1024` -> (["dvae", "codebook_size"], 1024)."""
+    """`dvae.codebook_size=1024` -> (["dvae", "codebook_size"], 1024). The value is YAML (so JSON too); any
+    text, in any Unicode plane, round-trips exactly. Raises ConfigError on a malformed item."""
     if "=" not in text:
         raise ConfigError(f"--set {text!r}: expected key.path=value")
     key, raw = text.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else None
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--set {text!r}: the value is not valid YAML: {str(err).splitlines()[0]}") from None
+    return key.strip().split("."), _join_surrogates(value, f"--set {key.strip()}")
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
@@ -426,6 +457,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
             raw = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as err:
             raise ConfigError(f"config file {str(p)!r} is not valid YAML: {str(err).splitlines()[0]}") from None
+        raw = _join_surrogates(raw, f"config file {str(p)!r}")
         if not isinstance(raw, dict):
             raise ConfigError(f"config file {str(p)!r} must be a mapping of sections, got {type(raw).__name__}")
     cfg = config_from_dict(raw, overrides)

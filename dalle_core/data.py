@@ -7,6 +7,7 @@ reason instead of an image, so bad data is counted, never fatal.
 from __future__ import annotations
 
 import csv
+import functools
 import glob
 import hashlib
 import io
@@ -22,7 +23,14 @@ from dalle_core import shapes
 from dalle_core.config import DataConfig
 from dalle_core.images import to_rgb_square
 
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
+Image.init()
+# Pillow identifies these but cannot decode them on its own (stub plugins, video, Windows-only metafiles).
+_UNDECODABLE = {"BUFR", "GRIB", "HDF5", "MPEG", "WMF"}
+# Every extension Pillow can open: what an imagefolder picks up.
+IMAGE_EXTS = tuple(sorted(ext for ext, fmt in Image.registered_extensions().items()
+                          if fmt in Image.OPEN and fmt not in _UNDECODABLE))
+# Metadata files of an imagefolder, in the order `datasets` looks for them.
+METADATA_FILES = ("metadata.jsonl", "metadata.csv", "metadata.tsv", "metadata.parquet")
 
 
 class DataError(ValueError):
@@ -37,6 +45,7 @@ class Record:
     image: np.ndarray | None = None  # (S, S, 3) uint8 once decoded and cropped
     skip: str | None = None  # reason this record is not usable
     subset: str | None = None  # the source's own label for the row (e.g. unseen / seen-variant); evaluated apart
+    note: str | None = None  # what was left out of a usable record (e.g. the later frames of a multi-frame file)
 
 
 # What a source's own split column may say; anything else is an error naming the value.
@@ -49,8 +58,11 @@ def split_of(record_id: str, val_fraction: float) -> str:
     return "val" if h < val_fraction else "train"
 
 
-def _load_image(value, size: int) -> np.ndarray:
-    """Accept PIL images, raw bytes, {"bytes", "path"} dicts or a file path."""
+def _load_image(value, size: int) -> tuple[np.ndarray, str | None]:
+    """Accept PIL images, raw bytes, {"bytes", "path"} dicts or a file path; -> (pixels, note).
+
+    Raises Pillow's errors for undecodable files, `Image.DecompressionBombError` for images over
+    twice `Image.MAX_IMAGE_PIXELS`."""
     if isinstance(value, dict):
         value = value.get("bytes") or value.get("path")
     if isinstance(value, str):
@@ -58,12 +70,15 @@ def _load_image(value, size: int) -> np.ndarray:
             value = f.read()
     if isinstance(value, (bytes, bytearray, memoryview)):
         im = Image.open(io.BytesIO(bytes(value)))
+        if im.format in ("JPEG", "MPO"):
+            im.draft(None, (size, size))  # decode big JPEGs at 1/2..1/8 scale, still at least size x size
         im.load()
     elif isinstance(value, Image.Image):
         im = value
     else:
         raise TypeError(f"unsupported image value of type {type(value).__name__}")
-    return np.asarray(to_rgb_square(im, size))
+    note = "multi_frame_first_used" if getattr(im, "n_frames", 1) > 1 else None
+    return np.asarray(to_rgb_square(im, size)), note
 
 
 def _given_split(row: dict, cfg: DataConfig, where: str) -> tuple[str | None, str | None]:
@@ -89,9 +104,11 @@ def _record(rid: str, caption, image_value, cfg: DataConfig, split: str | None =
         rec.skip = "missing_file"
         return rec
     try:
-        rec.image = _load_image(image_value, cfg.image_size)
+        rec.image, rec.note = _load_image(image_value, cfg.image_size)
     except FileNotFoundError:
         rec.skip = "missing_file"
+    except Image.DecompressionBombError:
+        rec.skip = "too_large"
     except Exception:  # PIL raises many types for broken files
         rec.skip = "corrupt_image"
     return rec
@@ -104,29 +121,78 @@ def _shapes(cfg: DataConfig) -> Iterator[Record]:
         yield Record(rid, caption, split, image)
 
 
+def read_metadata(path: str) -> list[dict]:
+    """The rows of an imagefolder metadata file (.jsonl, .csv, .tsv or .parquet), as `datasets` reads them.
+
+    A UTF-8 byte-order mark (Excel's "CSV UTF-8") is dropped and header names are stripped; a .csv may
+    be separated by commas, semicolons or tabs. Raises DataError for a file that is not UTF-8 or not
+    valid JSON lines."""
+    name = os.path.basename(path)
+    if name.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        try:
+            return pq.read_table(path).to_pylist()
+        except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
+            raise DataError(f"{path} is not a readable Parquet file: {str(e).splitlines()[0]}") from None
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            if name.endswith(".jsonl"):
+                rows = []
+                for i, line in enumerate(f):
+                    if not line.strip():
+                        continue
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise DataError(f"{path} line {i + 1} is not JSON: {e.msg}") from None
+                    if not isinstance(row, dict):
+                        raise DataError(f"{path} line {i + 1} is a {type(row).__name__}, not a JSON object")
+                    rows.append(row)
+                return rows
+            header = f.readline()
+            f.seek(0)
+            try:  # Excel writes ";" where "," is the decimal mark
+                delimiter = csv.Sniffer().sniff(header, delimiters="\t" if name.endswith(".tsv") else ",;\t").delimiter
+            except csv.Error:  # one column, or nothing to tell by
+                delimiter = "\t" if name.endswith(".tsv") else ","
+            reader = csv.DictReader(f, delimiter=delimiter)
+            reader.fieldnames = [c.strip() for c in reader.fieldnames or []]
+            return list(reader)
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path} is not UTF-8 (byte {e.object[e.start]:#04x} at offset {e.start}); "
+                        "save it as UTF-8 (Excel: \"CSV UTF-8\")") from None
+
+
+def _metadata_columns(rows: list[dict], cfg: DataConfig, where: str) -> str:
+    """The caption column of metadata rows (data.caption_column, else `text`); DataError naming what is there."""
+    cols = list(rows[0]) if rows else []
+    cap_col = next((c for c in (cfg.caption_column, "text") if c in cols), None)
+    if rows and ("file_name" not in cols or cap_col is None):
+        raise DataError(f"{where} has columns {cols}; it needs file_name and a caption column "
+                        f"(data.caption_column, now {cfg.caption_column!r}, or text)")
+    return cap_col or cfg.caption_column
+
+
 def _imagefolder(cfg: DataConfig) -> Iterator[Record]:
-    """`metadata.jsonl`/`metadata.csv` (file_name + caption column), else `<stem>.txt` beside each image."""
+    """`metadata.{jsonl,csv,tsv,parquet}` (file_name + caption column), else `<stem>.txt` beside each image."""
     root = cfg.path
     if not os.path.isdir(root):
         raise DataError(f"data.path {root!r} is not a folder")
-    meta_jsonl, meta_csv = os.path.join(root, "metadata.jsonl"), os.path.join(root, "metadata.csv")
-    if os.path.exists(meta_jsonl) or os.path.exists(meta_csv):
-        meta_name = os.path.basename(meta_jsonl if os.path.exists(meta_jsonl) else meta_csv)
-        if os.path.exists(meta_jsonl):
-            with open(meta_jsonl) as f:
-                rows = [json.loads(line) for line in f if line.strip()]
-        else:
-            with open(meta_csv, newline="") as f:
-                rows = list(csv.DictReader(f))
-        cap_col = cfg.caption_column if rows and cfg.caption_column in rows[0] else "text"
+    meta = next((os.path.join(root, m) for m in METADATA_FILES if os.path.isfile(os.path.join(root, m))), None)
+    if meta is not None:
+        meta_name = os.path.basename(meta)
+        rows = read_metadata(meta)
+        cap_col = _metadata_columns(rows, cfg, meta)
         for i, row in enumerate(rows):
-            name = row.get("file_name", "")
+            name = str(row.get("file_name") or "")
             path = os.path.join(root, name)
             split, subset = _given_split(row, cfg, f"{meta_name} row {i + 1}")
-            yield _record(name, row.get(cap_col), path if os.path.isfile(path) else None, cfg, split, subset)
+            yield _record(name, row.get(cap_col), path if name and os.path.isfile(path) else None, cfg, split,
+                          subset)
         return
     files = sorted(p for p in glob.glob(os.path.join(root, "**", "*"), recursive=True)
-                   if p.lower().endswith(IMAGE_EXTS))
+                   if p.lower().endswith(IMAGE_EXTS) and os.path.isfile(p))
     for path in files:
         rid = os.path.relpath(path, root)
         txt = os.path.splitext(path)[0] + ".txt"
@@ -154,11 +220,19 @@ def _from_datasets(ds, cfg: DataConfig, prefix: str, image_col: str, caption_col
         yield _record(rid, row.get(caption_col), row.get(image_col), cfg, split, subset)
 
 
+def _parquet_files(cfg: DataConfig) -> list[str]:
+    return sorted(glob.glob(os.path.join(cfg.path, "**", "*.parquet"), recursive=True)) \
+        if os.path.isdir(cfg.path) else sorted(glob.glob(cfg.path))
+
+
+def _tar_files(cfg: DataConfig) -> list[str]:
+    return sorted(glob.glob(os.path.join(cfg.path, "*.tar"))) if os.path.isdir(cfg.path) else sorted(glob.glob(cfg.path))
+
+
 def _parquet(cfg: DataConfig) -> Iterator[Record]:
     import datasets
 
-    files = sorted(glob.glob(os.path.join(cfg.path, "**", "*.parquet"), recursive=True)) \
-        if os.path.isdir(cfg.path) else sorted(glob.glob(cfg.path))
+    files = _parquet_files(cfg)
     if not files:
         raise DataError(f"data.path {cfg.path!r} matches no .parquet files")
     ds = datasets.load_dataset("parquet", data_files=files, split="train", streaming=True)
@@ -179,7 +253,7 @@ def _hf(cfg: DataConfig) -> Iterator[Record]:
 def _webdataset(cfg: DataConfig) -> Iterator[Record]:
     import datasets
 
-    files = sorted(glob.glob(os.path.join(cfg.path, "*.tar"))) if os.path.isdir(cfg.path) else sorted(glob.glob(cfg.path))
+    files = _tar_files(cfg)
     if not files:
         raise DataError(f"data.path {cfg.path!r} matches no .tar shards")
     ds = datasets.load_dataset("webdataset", data_files=files, split="train", streaming=True)
@@ -187,6 +261,60 @@ def _webdataset(cfg: DataConfig) -> Iterator[Record]:
     image_col = next((c for c in ("png", "jpg", "jpeg", "webp") if c in feats), cfg.image_column)
     caption_col = next((c for c in ("txt", "caption", "text") if c in feats), cfg.caption_column)
     yield from _from_datasets(ds, cfg, "wds", image_col, caption_col)
+
+
+def source_fingerprint(cfg: DataConfig) -> str | None:
+    """A digest of what the configured source holds now, cheap enough for every stage-key computation.
+
+    Local files: each file's path (relative to data.path), size and mtime, with the content of an
+    imagefolder's metadata file; image bytes are never read. A hub dataset name (source hf): its current
+    revision, when the hub answers. None for the shapes source (its config says all) and for a hub name
+    the hub cannot resolve (offline), so the key is then the config's alone. 16 hex digits."""
+    if cfg.source == "shapes":
+        return None
+    if cfg.source == "imagefolder":
+        if not os.path.isdir(cfg.path):
+            return None  # reading it raises the error
+        picked = IMAGE_EXTS + (".txt", *METADATA_FILES)
+        files = [p for p in _walk(cfg.path) if p.lower().endswith(picked)]
+    elif cfg.source == "parquet":
+        files = _parquet_files(cfg)
+    elif cfg.source == "webdataset":
+        files = _tar_files(cfg)
+    elif os.path.exists(cfg.path):  # hf: a save_to_disk folder, or a local dataset script/data folder
+        files = list(_walk(cfg.path)) if os.path.isdir(cfg.path) else [cfg.path]
+    else:
+        revision = _hub_revision(cfg.path)
+        return None if revision is None else hashlib.sha256(revision.encode()).hexdigest()[:16]
+    h = hashlib.sha256()
+    base = cfg.path if os.path.isdir(cfg.path) else ""
+    for path in sorted(files):
+        st = os.stat(path)
+        h.update(json.dumps([os.path.relpath(path, base) if base else path, st.st_size, st.st_mtime_ns]).encode())
+        if os.path.basename(path) in METADATA_FILES:  # captions can change within one mtime tick
+            with open(path, "rb") as f:
+                while chunk := f.read(1 << 22):
+                    h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def _walk(root: str) -> Iterator[str]:
+    for folder, dirs, names in os.walk(root):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]  # .cache, .git: not the data
+        for name in names:
+            if not name.startswith("."):
+                yield os.path.join(folder, name)
+
+
+@functools.lru_cache(maxsize=8)
+def _hub_revision(name: str) -> str | None:
+    """The commit a hub dataset name resolves to now; looked up once per process, so all stages of a run agree."""
+    try:
+        from huggingface_hub import HfApi
+
+        return HfApi().dataset_info(name, timeout=10).sha
+    except Exception:  # offline, unknown name, no hub client: the key falls back to the config alone
+        return None
 
 
 SOURCES = {"shapes": _shapes, "imagefolder": _imagefolder, "parquet": _parquet, "hf": _hf, "webdataset": _webdataset}

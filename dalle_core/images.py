@@ -2,17 +2,76 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import textwrap
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageCms, ImageDraw, ImageFont, ImageOps
+
+
+def to_viewer_rgb(image: Image.Image) -> Image.Image:
+    """Any Pillow image -> 8-bit sRGB "RGB", as an image viewer shows it.
+
+    EXIF/XMP orientation is applied; 16-bit, 32-bit integer and float pixels are scaled to 0-255, not
+    clipped; transparency (alpha, palette or colour-key) is composited onto white; an embedded ICC
+    profile is converted to sRGB; CMYK, YCbCr, LAB, HSV, 1-bit and palette modes are converted. Only the
+    current (first) frame of a multi-frame file is used. Raises what Pillow raises for an undecodable file.
+    """
+    icc = image.info.get("icc_profile")
+    try:
+        image = ImageOps.exif_transpose(image)
+    except Exception:  # a malformed EXIF block: the stored orientation is the best we know
+        pass
+    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        image = _high_depth_to_l(image)
+    if image.mode in ("RGBA", "LA", "La", "PA", "RGBa") or "transparency" in image.info:
+        # Viewers, browsers and our own sample grids show transparent areas on white.
+        rgba = (image.convert("LA") if image.mode == "La" else image).convert("RGBA")
+        image = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image.alpha_composite(rgba)
+        image = image.convert("RGB")
+    elif image.mode not in ("RGB", "L", "CMYK"):  # the modes an ICC profile can describe
+        image = image.convert("L" if image.mode == "1" else "RGB")
+    if icc:
+        try:
+            return ImageCms.applyTransform(image, _to_srgb(icc, image.mode))
+        except (ImageCms.PyCMSError, OSError, ValueError):  # an unreadable profile: read the numbers as sRGB
+            pass
+    return image.convert("RGB")
+
+
+def _high_depth_to_l(image: Image.Image) -> Image.Image:
+    """16-bit and 32-bit integer or float greyscale -> 8-bit "L", scaled over the range the data is in.
+
+    Unsigned 16-bit (PNG/TIFF) spans 0-65535. Mode "I" and "F" carry no bit depth: values within 0-65535
+    (integers) or 0-1 (floats) are read on that scale, anything else is stretched from its min to its max.
+    """
+    pixels = np.asarray(image).astype(np.float64)
+    if image.mode.startswith("I;16") or (image.mode == "I" and pixels.min() >= 0 and pixels.max() <= 65535):
+        lo, hi = 0.0, 65535.0
+    elif image.mode == "F" and pixels.min() >= 0 and pixels.max() <= 1:
+        lo, hi = 0.0, 1.0
+    else:
+        lo, hi = float(np.nanmin(pixels)), float(np.nanmax(pixels))
+        hi = hi if hi > lo else lo + 1
+    scaled = np.nan_to_num((pixels - lo) / (hi - lo) * 255, nan=0.0)
+    out = Image.fromarray(np.clip(np.round(scaled), 0, 255).astype(np.uint8), "L")
+    out.info = {k: v for k, v in image.info.items() if k != "transparency"}  # a 16-bit colour key no longer applies
+    return out
+
+
+@functools.lru_cache(maxsize=16)
+def _to_srgb(icc: bytes, mode: str) -> ImageCms.ImageCmsTransform:
+    """The transform from an embedded profile to sRGB (phones embed the same few profiles: kept)."""
+    return ImageCms.buildTransform(ImageCms.ImageCmsProfile(io.BytesIO(icc)), ImageCms.createProfile("sRGB"),
+                                   mode, "RGB")
 
 
 def to_rgb_square(image: Image.Image, size: int) -> Image.Image:
-    """RGB, shorter side resized to `size`, centre-cropped to size x size."""
-    image = image.convert("RGB")
+    """As a viewer shows it (`to_viewer_rgb`), shorter side resized to `size`, centre-cropped to size x size."""
+    image = to_viewer_rgb(image)
     w, h = image.size
     scale = size / min(w, h)
     if (w, h) != (size, size):

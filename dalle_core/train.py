@@ -58,6 +58,10 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         g["lr"] = lr
 
 
+class TrainingError(ValueError):
+    """Training cannot go on for a reason the user can fix (a diverged loss); the message is one line."""
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The model inside a DistributedDataParallel wrapper (or the model itself)."""
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
@@ -159,6 +163,16 @@ def fit(model: nn.Module, batches: Iterable, t: TrainConfig, optimizer: torch.op
     ddp = isinstance(model, nn.parallel.DistributedDataParallel)
     model.train()
     step, items, t0 = start_step, 0, time.perf_counter()
+    # The first step whose loss or gradient norm was not finite (-1: none), kept on the device so that the
+    # check costs no GPU sync per step; it is read before anything is logged, run or saved.
+    bad_step = torch.full((), -1, dtype=torch.long, device=device)
+
+    def stop_if_diverged() -> None:
+        if (first := int(bad_step)) >= 0:
+            raise TrainingError(f"training diverged: the loss or its gradient is not finite at step {first} "
+                                f"(learning rate {lr_at(first, t, budget.horizon):.3g}, train.lr={t.lr:g}); "
+                                f"lower train.lr; nothing from step {first} on was saved")
+
     done = budget.check(step)
     while not done:
         lr = lr_at(step, t, budget.horizon)
@@ -175,11 +189,17 @@ def fit(model: nn.Module, batches: Iterable, t: TrainConfig, optimizer: torch.op
                 (loss / t.grad_accum).backward()
             items += n
         grad_norm = nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip or float("inf"))
+        finite = torch.isfinite(grad_norm).to(device)  # the same on every DDP rank: the gradients are all-reduced
+        if not ddp:
+            finite &= torch.isfinite(loss.detach()).all()
+        bad_step.masked_fill_(~finite & (bad_step < 0), step)
         optimizer.step()
         if after_step:
             after_step(step)
         step += 1
         done = budget.check(step)
+        if done or step % t.log_every == 0 or step % t.checkpoint_every == 0 or any(step % n == 0 for n, _ in every):
+            stop_if_diverged()
         if log and (step % t.log_every == 0 or done):
             elapsed = time.perf_counter() - t0
             log(step, {"loss": loss.item(), **metrics(), "lr": lr, "grad_norm": float(grad_norm),

@@ -15,29 +15,75 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from dalle_core.openmoji import OpenMojiError
     from dalle_core.perceptual import PerceptualError
     from dalle_core.pretrained import PretrainedError
+    from dalle_core.train import TrainingError
     from storage.store import StoreError
     from storage.tracking import TrackingError
 
     return (ConfigError, DataError, OpenMojiError, PerceptualError, PretrainedError, StoreError, TrackingError,
-            FileNotFoundError)
+            TrainingError, FileNotFoundError)
 
 
 def check_prefect_server() -> None:
-    """With PREFECT_API_URL set, fail in one line if that server does not answer."""
-    import urllib.error
-    import urllib.request
+    """Point the flows at their Prefect API: PREFECT_API_URL, which must answer, else this command's own server
+    (ended with the command, even under kill -9). One-line ConfigError when neither works."""
+    from flows.server import ensure_prefect_api
 
-    url = os.environ.get("PREFECT_API_URL")
-    if not url:
-        return  # flows run on an embedded server
+    ensure_prefect_api()
+
+
+def check_store(cfg) -> None:
+    """Fail in one line, before Prefect starts, when the store cannot be opened or written (a write and a
+    delete of a small file at its root: StoreError naming the URL and the reason), or when an HTTP MLflow
+    tracking server does not answer (TrackingError)."""
+    import uuid
+
+    from storage.store import ArtifactStore, StoreError
+    from storage.tracking import one_line_error
+
+    url, store = cfg.store.root, None
     try:
-        with urllib.request.urlopen(f"{url.rstrip('/')}/health", timeout=5):
-            pass
-    except urllib.error.HTTPError:
-        pass  # it answered
-    except OSError as err:
-        raise ConfigError(f"Prefect server at PREFECT_API_URL={url!r} is unreachable: "
-                          f"{getattr(err, 'reason', err)}") from None
+        store = ArtifactStore(url, cfg.store.storage_options)
+        probe = f"{store.root}/.tmp-probe-{uuid.uuid4().hex}"  # a .tmp- name: never taken for an artifact
+        store.write_bytes(probe, b"probe")
+        store.fs.rm(probe)
+    except StoreError:
+        raise
+    except Exception as err:  # fsspec backends raise their own kinds (botocore's NoCredentialsError, ...)
+        reason = one_line_error(err)
+        if isinstance(err, NotImplementedError) and store is not None:
+            reason = f"fsspec's {type(store.fs).__name__} cannot write files"
+        raise StoreError(f"store {url!r} cannot be written: {reason}") from None
+    uri = cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI", "")
+    if uri.startswith(("http://", "https://")):  # a tracking server must answer before any work, too
+        from storage.tracking import _probe
+
+        _probe(uri)
+
+
+def check_batches(cfg, stages: list[str]) -> None:
+    """Once the images are ingested: every stage of `stages` still to train can fill a batch (one-line
+    ConfigError naming the key otherwise)."""
+    from tasks.checks import check_batch_sizes
+    from tasks.common import open_store, stage_keys
+
+    check_batch_sizes(cfg, open_store(cfg), stage_keys(cfg), stages)
+
+
+def _ingested(cfg) -> bool:
+    from tasks.common import open_store, stage_keys
+
+    return open_store(cfg).is_complete("images", stage_keys(cfg)["images"])
+
+
+def _with_upstream(command: str) -> list[str]:
+    """The pipeline stages a stage command runs: its own and every one upstream of it, in pipeline order."""
+    from tasks.pipeline import NEEDS, STAGES
+
+    todo = [{"train-dvae": "dvae", "train-bpe": "bpe", "train-transformer": "transformer",
+             "train-clip": "clip"}.get(command, command)]
+    for stage in todo:
+        todo += [n for n in NEEDS[stage] if n not in todo]
+    return [s for s in STAGES if s in todo]
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -70,24 +116,29 @@ def _human(n: float) -> str:
 
 
 def cmd_status(args) -> int:
+    """List the artifacts with their state; a damaged one says what is wrong and how to redo it."""
+    from storage.store import redo_hint
     from tasks.common import open_store, stage_keys
 
     cfg = load_config(args.config, args.overrides)
     store = open_store(cfg)
     current = stage_keys(cfg)
-    rows = store.artifacts()
+    rows = store.artifacts(verify=args.verify)
     print(f"store: {store.url}")
     if not rows:
         print("(empty)")
     for a in rows:
-        state = "complete" if a.complete else "INCOMPLETE"
         mark = "*" if current.get(a.stage) == a.key else " "
-        print(f"{mark} {a.stage:<12} {a.key:<14} {_human(a.size):>9}  {a.created or '-':<20}  {state}")
-    print("(* = the artifact the given config uses)")
-    return 0
+        why = f": {a.problem}; {redo_hint(a.stage) if mark == '*' else '`dalle gc` removes it'}" if a.problem else ""
+        print(f"{mark} {a.stage:<12} {a.key:<14} {_human(a.size):>9}  {a.created or '-':<20}  {a.state}{why}")
+    print("(* = the artifact the given config uses; " + ("checksums verified)" if args.verify else
+                                                         "--verify also checks checksums)"))
+    return 1 if args.verify and any(a.state == "DAMAGED" for a in rows) else 0
 
 
 def cmd_gc(args) -> int:
+    """Remove incomplete and damaged artifacts (and, with --unreferenced, those the config does not use);
+    an artifact another run is working on is kept."""
     from tasks.common import open_store, stage_keys
 
     cfg = load_config(args.config, args.overrides)
@@ -95,10 +146,15 @@ def cmd_gc(args) -> int:
     keep = set(stage_keys(cfg).items())
     removed = 0
     for a in store.artifacts():
-        if not a.complete or (args.unreferenced and (a.stage, a.key) not in keep):
-            print(f"removing {a.stage}/{a.key} ({'incomplete' if not a.complete else 'unreferenced'})")
-            store.remove(a.stage, a.key)
-            removed += 1
+        if a.complete and not (args.unreferenced and (a.stage, a.key) not in keep):
+            continue
+        if a.state == "INCOMPLETE" and (owner := store.claimed_by(a.stage, a.key)) is not None:
+            print(f"keeping {a.stage}/{a.key} (in progress: pid {owner.get('pid', '?')} on {owner.get('host', '?')})")
+            continue
+        why = "unreferenced" if a.complete else f"damaged: {a.problem}" if a.state == "DAMAGED" else "incomplete"
+        print(f"removing {a.stage}/{a.key} ({why})")
+        store.remove(a.stage, a.key)
+        removed += 1
     print(f"removed {removed} artifact(s)")
     return 0
 
@@ -154,7 +210,15 @@ def cmd_stage(args) -> int:
         if args.prime:
             args.overrides += [f"generate.prime_image={json.dumps(args.prime)}", f"generate.prime_rows={args.prime_rows}"]
     cfg = load_config(args.config, args.overrides)  # fail on a bad config before Prefect starts
+    check_store(cfg)
+    from tasks.checks import trains
+
+    stages = _with_upstream(args.command)
+    check_batches(cfg, stages)
     check_prefect_server()
+    if any(trains(cfg, s) for s in stages) and not _ingested(cfg):  # the batch checks need the row counts
+        _stage_flows()["ingest"](config=args.config, overrides=args.overrides)
+        check_batches(cfg, stages)
     result = _stage_flows()[args.command](config=args.config, overrides=args.overrides)
     print(result)
     _print_results(cfg, {"generate": ["generate"], "evaluate": ["evaluate"]}.get(args.command, []))
@@ -195,8 +259,10 @@ def cmd_run(args) -> int:
     stages = select_stages(args.only, args.from_stage)
     for s in args.force or []:
         select_stages([s], None)
+    check_store(cfg)
     if not args.force:
         check_upstream(cfg, stages)
+        check_batches(cfg, stages)
     check_prefect_server()
     refs = pipeline_flow(config=args.config, overrides=args.overrides, only=args.only, from_stage=args.from_stage,
                          force=args.force)
@@ -229,13 +295,17 @@ def build_parser() -> argparse.ArgumentParser:
                      help="with --prime: how many token rows of the image to keep (default 4)")
     for name, func, help_ in (("status", cmd_status, "list the artifacts in the store"),
                               ("ls", cmd_status, "alias of status"),
-                              ("gc", cmd_gc, "remove incomplete artifacts")):
+                              ("gc", cmd_gc, "remove incomplete and damaged artifacts")):
         p = sub.add_parser(name, help=help_)
         _common(p)
         p.set_defaults(func=func)
         if name == "gc":
             p.add_argument("--unreferenced", action="store_true",
                            help="also remove complete artifacts the given config does not use")
+        else:
+            p.add_argument("--verify", action="store_true",
+                           help="also check every file against the sha256 in its manifest (reads every file); "
+                                "exit code 1 when one does not match")
     data = sub.add_parser("data", help="build a public data set as an imagefolder").add_subparsers(
         dest="dataset", required=True)
     p = data.add_parser("openmoji", help="OpenMoji emoji (CC BY-SA 4.0) with CLDR captions; needs the openmoji extra")
@@ -264,14 +334,43 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _local_store_root(args) -> str | None:
+    """The store's folder when the command's config names a local store that exists (for the failure log)."""
+    if not hasattr(args, "config"):
+        return None  # a command without a run config (`dalle data`)
+    try:
+        root = load_config(args.config, args.overrides).store.root
+    except Exception:  # the config itself may be what failed
+        return None
+    return os.path.abspath(root) if "://" not in root and os.path.isdir(root) else None
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except _user_errors() as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    from flows.console import FailureLog
+
+    with FailureLog(args.command) as log:
+        try:
+            code = args.func(args)
+        except _user_errors() as err:
+            log.discard()
+            print(f"error: {log.failed_in + ': ' if log.failed_in else ''}{err}", file=sys.stderr)
+            return 2
+        except Exception as err:  # a bug or an outside failure: one line here, the traceback in the log file
+            from storage.tracking import one_line_error
+
+            path = log.keep(err, _local_store_root(args))
+            print(f"error: {log.failed_in or args.command} failed: {one_line_error(err)}", file=sys.stderr)
+            print(f"full traceback: {path}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:  # Ctrl-C: finished stages and checkpoints are kept; the same command resumes
+            log.discard()
+            print(f"error: {args.command} interrupted; run the same command again to resume from the last "
+                  "checkpoint", file=sys.stderr)
+            return 130
+    log.discard()
+    return code
 
 
 if __name__ == "__main__":

@@ -15,7 +15,8 @@ from flows.train_clip import train_clip_flow
 from flows.train_dvae import train_dvae_flow
 from flows.train_transformer import train_transformer_flow
 from storage.tracking import one_line_error
-from tasks.common import ArtifactRef
+from tasks.checks import TRAINED, check_batch_sizes
+from tasks.common import ArtifactRef, open_store, stage_keys
 from tasks.pipeline import (
     NEEDS,
     Stage,
@@ -47,6 +48,8 @@ def pipeline_flow(config: str | None = None, overrides: list[str] | None = None,
     refs: dict[str, ArtifactRef] = {}
     try:
         for stage in stages:  # each stage gets its upstream artifacts: Prefect draws the DAG from them
+            if stage in TRAINED and not any(s in TRAINED for s in refs):  # the images exist; nothing trained yet
+                check_batch_sizes(cfg, open_store(cfg), stage_keys(cfg), stages)
             inputs = {need: refs[need] for need in NEEDS[stage] if need in refs}
             refs[stage] = run_stage(STAGE_FLOWS[stage], config, overrides, run_id, upstream=False, inputs=inputs)
     except BaseException as err:

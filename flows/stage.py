@@ -37,10 +37,12 @@ def run_stage(stage_flow: Callable, *args, inputs: dict[str, ArtifactRef], **kwa
 
 @contextlib.contextmanager
 def failing_run(cfg: Config, plan: StagePlan) -> Iterator[None]:
-    """Work reporting to a stage run opened by an earlier task: an error marks the run FAILED, with the error."""
+    """Work reporting to a stage run opened by an earlier task: an error marks the run FAILED, with the error,
+    and ends the stage's claim."""
     try:
         yield
     except BaseException as err:
+        plan.abandon(cfg)  # another run may redo the stage
         if plan.run_id:
             fail_stage_run(cfg, plan.run_id, one_line_error(err))
         raise

@@ -65,23 +65,24 @@ def shard_paths(store: ArtifactStore, stage: str, key: str, split: str) -> list[
 
 
 def read_shard(store: ArtifactStore, path: str, columns: list[str] | None = None) -> pa.Table:
-    """Read a whole shard (memory-mapped when the store is local)."""
-    if store.local:
-        return pq.read_table(path, columns=columns, memory_map=True)
-    with store.fs.open(path, "rb") as f:
-        return pq.read_table(f, columns=columns)
+    """Read a whole shard (memory-mapped when the store is local); a damaged one is a StoreError naming it."""
+    with store.reading(path):
+        if store.local:
+            return pq.read_table(path, columns=columns, memory_map=True)
+        with store.fs.open(path, "rb") as f:
+            return pq.read_table(f, columns=columns)
 
 
 def iter_batches(store: ArtifactStore, paths: list[str], columns: list[str] | None = None,
                  batch_size: int = ROW_GROUP) -> Iterator[pa.RecordBatch]:
     """Stream record batches over shards, one row group at a time."""
     for path in paths:
-        with store.fs.open(path, "rb") as f:
+        with store.reading(path), store.fs.open(path, "rb") as f:
             yield from pq.ParquetFile(f).iter_batches(batch_size=batch_size, columns=columns)
 
 
 def count_rows(store: ArtifactStore, path: str) -> int:
-    with store.fs.open(path, "rb") as f:
+    with store.reading(path), store.fs.open(path, "rb") as f:
         return pq.ParquetFile(f).metadata.num_rows
 
 
@@ -113,11 +114,11 @@ class ParquetShards:
 
     def row_groups(self, path: str) -> list[int]:
         if path not in self._groups:
-            with self._file(path) as f:
+            with self.store.reading(path), self._file(path) as f:
                 meta = f.metadata
             self._groups[path] = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
         return self._groups[path]
 
     def read(self, path: str, group: int, columns: list[str]) -> pa.Table:
-        with self._file(path) as f:
+        with self.store.reading(path), self._file(path) as f:
             return f.read_row_group(group, columns=columns)

@@ -8,8 +8,12 @@ threads (or other processes) where that global state does not follow.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
+import posixpath
+import re
+import socket
 import subprocess
 import tempfile
 import time
@@ -60,7 +64,14 @@ def _artifact_location(uri: str, store: ArtifactStore) -> str | None:
 def _client(uri: str):
     from mlflow import MlflowClient
 
-    return MlflowClient(tracking_uri=uri)
+    db = uri.removeprefix("sqlite:///")
+    if db == uri or db.startswith(":memory:"):
+        return MlflowClient(tracking_uri=uri)
+    from filelock import FileLock
+
+    # the client creates and migrates the database on first use: a second process doing it at once fails
+    with FileLock(f"{db}.lock"):
+        return MlflowClient(tracking_uri=uri)
 
 
 def _probe(uri: str, timeout: float = 5.0) -> None:
@@ -78,28 +89,85 @@ def _probe(uri: str, timeout: float = 5.0) -> None:
         raise TrackingError(f"MLflow tracking at {uri!r} is unreachable: {reason}") from None
 
 
+_swept: set[tuple[str, str]] = set()  # (uri, experiment id) whose orphaned runs this process has ended
+
+
 def experiment_id(uri: str, name: str, store: ArtifactStore) -> str:
+    """The id of experiment `name` at `uri`, created if missing. The first call per experiment in a process
+    also ends the runs left RUNNING by killed processes (`end_orphaned_runs`). Raises TrackingError."""
     if uri.startswith(("http://", "https://")):
         _probe(uri)
     client = _client(uri)
     try:
-        exp = client.get_experiment_by_name(name)
-        if exp is not None:
-            if "mlflow.experimentKind" not in exp.tags:  # made by an older version, or by hand
-                client.set_experiment_tag(exp.experiment_id, "mlflow.experimentKind", EXPERIMENT_KIND)
-            return exp.experiment_id
-        try:
-            # a training experiment: MLflow 3 would otherwise open it in its GenAI view ("Evaluations")
-            return client.create_experiment(name, artifact_location=_artifact_location(uri, store),
-                                            tags={"mlflow.experimentKind": EXPERIMENT_KIND})
-        except Exception:  # created meanwhile by a parallel task
-            exp = client.get_experiment_by_name(name)
-            if exp is None:
-                raise
-            return exp.experiment_id
+        exp_id = _get_or_create_experiment(client, uri, name, store)
+        if (uri, exp_id) not in _swept:
+            end_orphaned_runs(client, exp_id)
+            _swept.add((uri, exp_id))
+        return exp_id
     except Exception as err:
         first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
         raise TrackingError(f"MLflow tracking at {uri!r} is unreachable or unusable: {first}") from None
+
+
+def _get_or_create_experiment(client, uri: str, name: str, store: ArtifactStore) -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        if "mlflow.experimentKind" not in exp.tags:  # made by an older version, or by hand
+            client.set_experiment_tag(exp.experiment_id, "mlflow.experimentKind", EXPERIMENT_KIND)
+        return exp.experiment_id
+    try:
+        # a training experiment: MLflow 3 would otherwise open it in its GenAI view ("Evaluations")
+        return client.create_experiment(name, artifact_location=_artifact_location(uri, store),
+                                        tags={"mlflow.experimentKind": EXPERIMENT_KIND})
+    except Exception:  # created meanwhile by a parallel task
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def process_tags() -> dict[str, str]:
+    """Tags naming the process that owns a run and will end it: `host`, `pid` and `process_start` (unix
+    seconds, which tells a reused pid apart)."""
+    import psutil
+
+    me = psutil.Process()
+    return {"host": socket.gethostname(), "pid": str(me.pid), "process_start": f"{me.create_time():.2f}"}
+
+
+def _process_alive(pid: int, started: float) -> bool:
+    import psutil
+
+    try:
+        proc = psutil.Process(pid)
+        return abs(proc.create_time() - started) < 1.0 and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.AccessDenied:
+        return True  # it exists; whose it is cannot be told
+
+
+def end_orphaned_runs(client, exp_id: str) -> list[str]:
+    """End as KILLED, with an `end_reason` tag, the RUNNING runs of experiment `exp_id` whose owner process
+    (`process_tags`) on this host is gone: a killed command never ends its runs. Runs of other hosts and runs
+    without owner tags are left alone, as their processes cannot be checked. One search query; returns the ids
+    of the runs ended."""
+    host = socket.gethostname()
+    runs = client.search_runs([exp_id], f"attributes.status = 'RUNNING' and tags.host = '{host}'",
+                              max_results=1000)
+    ended = []
+    for run in runs:
+        tags = run.data.tags
+        try:
+            pid, started = int(tags["pid"]), float(tags["process_start"])
+        except (KeyError, ValueError):
+            continue
+        if _process_alive(pid, started):
+            continue
+        client.set_tag(run.info.run_id, "end_reason", f"process {pid} on {host} is gone")
+        client.set_terminated(run.info.run_id, "KILLED")
+        ended.append(run.info.run_id)
+    return ended
 
 
 @functools.lru_cache(maxsize=1)
@@ -139,6 +207,44 @@ def one_line_error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0]}"[:500] if text else type(exc).__name__
 
 
+_NOT_NAME_CHAR = re.compile(r"[^\w./ :-]")  # MLflow keys: alphanumerics (any script), _ - . / space colon
+MAX_KEY_LENGTH = 250  # MLflow's limit on metric, param and tag keys
+
+
+def valid_name(name: str) -> str:
+    """`name` as a valid MLflow metric, param or tag key: every other character becomes `_`, and path-like
+    spellings MLflow rejects (empty, `.`, `..` segments, a leading `/`) are filled with `_`. A valid name is
+    returned unchanged; one over 250 characters is cut, with a hash of the whole name at its end."""
+    clean = _NOT_NAME_CHAR.sub("_", name)
+    clean = "/".join("_" if part in ("", ".", "..") else part for part in clean.split("/"))
+    if clean.startswith(".."):  # MLflow reads any leading `..` as a way out of the run's folder
+        clean = "_" + clean
+    if len(clean) > MAX_KEY_LENGTH:
+        clean = f"{clean[:MAX_KEY_LENGTH - 9]}-{_short_hash(name)}"
+    assert posixpath.normpath(clean) == clean and clean not in (".", "") and not clean.startswith(("/", "..")), clean
+    return clean
+
+
+def _short_hash(name: str) -> str:
+    return hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+
+
+def valid_names(names: list[str]) -> dict[str, str]:
+    """Each name -> a distinct valid MLflow key (`valid_name`). Names already valid keep their spelling; a
+    changed name that would collide with another gets `-<hash of the original>` appended."""
+    out: dict[str, str] = {n: n for n in names if valid_name(n) == n}
+    taken = set(out.values())
+    for name in names:
+        if name in out:
+            continue
+        key = valid_name(name)
+        if key in taken:
+            key = f"{key[:MAX_KEY_LENGTH - 9]}-{_short_hash(name)}"
+        out[name] = key
+        taken.add(key)
+    return out
+
+
 def _param_value(v: Any) -> str:
     s = v if isinstance(v, str) else json.dumps(v)
     return s[:500]
@@ -154,7 +260,8 @@ class StageRun:
         self.client = _client(uri)
         exp = experiment_id(uri, experiment, store)
         all_tags = {"mlflow.runName": name, "mlflow.source.type": "LOCAL",
-                    "mlflow.source.name": source or "(built-in defaults)", **code_version(), **(tags or {})}
+                    "mlflow.source.name": source or "(built-in defaults)", **code_version(), **process_tags(),
+                    **(tags or {})}
         if stage:
             all_tags["stage"] = stage
         if key:
@@ -187,7 +294,8 @@ class StageRun:
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
 
-        items = [Param(k, _param_value(v)) for k, v in sorted(params.items())]
+        keys = valid_names(sorted(params))  # names can come from the data or the user
+        items = [Param(keys[k], _param_value(v)) for k, v in sorted(params.items())]
         for i in range(0, len(items), 100):
             self.client.log_batch(self.run_id, params=items[i:i + 100])
 
@@ -195,13 +303,15 @@ class StageRun:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        items = [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None and np.isfinite(v)]
+        keys = valid_names(list(metrics))  # e.g. splits.<a val subset's label>.prompts
+        items = [Metric(keys[k], float(v), now, step) for k, v in metrics.items() if v is not None and np.isfinite(v)]
         if items:
             self.client.log_batch(self.run_id, metrics=items)
 
     def set_tags(self, tags: dict[str, str]) -> None:
+        keys = valid_names(list(tags))
         for k, v in tags.items():
-            self.client.set_tag(self.run_id, k, v)
+            self.client.set_tag(self.run_id, keys[k], v)
 
     def log_image(self, image: np.ndarray, name: str) -> None:
         self.client.log_image(self.run_id, image, artifact_file=name)

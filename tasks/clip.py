@@ -32,6 +32,7 @@ from tasks.common import (
     ArtifactRef,
     Training,
     batch_stream,
+    claimed,
     drop_checkpoints,
     logger,
     open_store,
@@ -88,7 +89,11 @@ def load_scorer(cfg: Config, store: ArtifactStore | None = None, device: torch.d
     store = store or open_store(cfg)
     key = stage_keys(cfg)["clip"]
     store.require("clip", key)
-    return scorer_from_bytes(store.read_bytes(store.path("clip", key, "model.safetensors"))).to(device)
+    path = store.path("clip", key, "model.safetensors")
+    data = store.read_bytes(path)
+    with store.reading(path):
+        scorer = scorer_from_bytes(data)
+    return scorer.to(device)
 
 
 def _val_recall(model, c: CLIPConfig, tokenizer: TextTokenizer, cfg: Config, store: ArtifactStore,
@@ -160,8 +165,9 @@ def train_clip_task(cfg: Config, parent_run_id: str | None = None) -> ArtifactRe
     store, key = open_store(cfg), stage_keys(cfg)["clip"]  # a pretrained CLIP: check it loads, record which
     if done := reuse(store, "clip", key, cfg, parent_run_id):
         return done
-    store.prepare("clip", key)
-    load_scorer(cfg)
-    store.finish("clip", key, config=c.model_dump(mode="json"), inputs={}, pretrained=c.pretrained)
+    with claimed(store, "clip", key):
+        store.prepare("clip", key)
+        load_scorer(cfg)
+        store.finish("clip", key, config=c.model_dump(mode="json"), inputs={}, pretrained=c.pretrained)
     logger().info("clip/%s: using pretrained %s", key, c.pretrained)
     return ref(store, "clip", key, cached=False)

@@ -3,6 +3,7 @@ input streams, checkpoints, and running a training stage (in-process or as DDP u
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -19,6 +20,7 @@ from prefect.runtime import flow_run
 
 from dalle_core import pretrained
 from dalle_core.config import Config, TrainConfig, flatten
+from dalle_core.data import source_fingerprint
 from dalle_core.device import prefetch_to_device
 from dalle_core.evaluation import METRICS_VERSION
 from dalle_core.loader import Decode, ShardStream
@@ -56,7 +58,9 @@ def pretrained_source(cfg: Config) -> dict:
 def stage_keys(cfg: Config) -> dict[str, str]:
     """The content-addressed key of every stage, from its config section and its inputs' keys."""
     k: dict[str, str] = {}
-    k["images"] = stage_key(cfg.data.model_dump(mode="json"))
+    fingerprint = source_fingerprint(cfg.data)  # changed data is a new artifact; shapes need none
+    k["images"] = stage_key({**cfg.data.model_dump(mode="json"),
+                             **({"source_fingerprint": fingerprint} if fingerprint else {})})
     dvae = cfg.dvae.model_dump(mode="json", exclude={"encode_precision"})  # how tokens are made, not the model
     if cfg.dvae.pretrained:  # a loaded tokenizer is its files' content and the input normalisation, not paths
         src = pretrained_source(cfg)
@@ -125,15 +129,22 @@ def logger():
 
 
 def reuse(store: ArtifactStore, stage: str, key: str, cfg: Config | None = None,
-          parent_run_id: str | None = None) -> ArtifactRef | None:
+          parent_run_id: str | None = None, claim: bool = True) -> ArtifactRef | None:
     """A reference to the finished artifact if there is one: a finished stage is never redone.
+
+    Otherwise None, and this process holds the key's claim (`ArtifactStore.begin`): a second run of the
+    same key waits here for the first and then reuses its artifact. The stage's `store.finish` ends the
+    claim; on failure `store.release` (or the process's exit) does. A damaged artifact (unreadable manifest,
+    a file of the wrong size) is moved aside and redone. `claim=False`: look only (the machines of one
+    multi-node training job all run this task and meet in torchrun's rendezvous instead).
 
     Inside a pipeline run (`parent_run_id`), the reuse is recorded as a short child run tagged
     `cached=true`, linked to the run that made the artifact (`source_run_id`), so the MLflow run
     table shows which stages ran and which were reused."""
-    if not store.is_complete(stage, key):
+    log = logger()
+    if store.begin(stage, key, log.info, claim=claim) is None:
         return None
-    logger().info("%s/%s is complete; reusing it", stage, key)
+    log.info("%s/%s is complete; reusing it", stage, key)
     if cfg is not None and parent_run_id:
         uri = tracking_uri(cfg.tracking.uri, store)
         source = producer_run(uri, cfg.tracking.experiment, stage, key)
@@ -144,6 +155,24 @@ def reuse(store: ArtifactStore, stage: str, key: str, cfg: Config | None = None,
                              + (f"made by run {source}." if source else "(its run is not in this tracking store).")})
         run.end()
     return ref(store, stage, key, cached=True)
+
+
+@contextlib.contextmanager
+def claimed(store: ArtifactStore, stage: str, key: str) -> Iterator[None]:
+    """The work of a stage whose key `reuse` claimed: an error ends the claim, so another run may redo it."""
+    try:
+        yield
+    except BaseException:
+        store.release(stage, key)
+        raise
+
+
+def no_retry_on_user_error(task, task_run, state) -> bool:
+    """Prefect `retry_condition_fn`: retry storage hiccups, not errors a retry cannot fix (a damaged file)."""
+    from dalle_core.config import ConfigError
+    from storage.store import StoreError
+
+    return not isinstance(state.result(raise_on_failure=False), (StoreError, ConfigError))
 
 
 def stage_run(cfg: Config, store: ArtifactStore, stage: str, key: str, params: dict,
@@ -167,6 +196,13 @@ class StagePlan:
     todo: list
     run_id: str | None = None
     cached: ArtifactRef | None = None  # the finished artifact, when there is nothing to do
+    stage: str = ""  # the store stage and key this process claimed for the work
+    key: str = ""
+
+    def abandon(self, cfg: Config) -> None:
+        """The work failed: end the claim, so another run may redo the stage."""
+        if self.key:
+            open_store(cfg).release(self.stage, self.key)
 
 
 def attach_run(cfg: Config, store: ArtifactStore, run_id: str) -> StageRun:
@@ -227,10 +263,14 @@ def state_bytes(model) -> bytes:
     return save({k: v.detach().clone().contiguous() for k, v in model.state_dict().items()})
 
 
-def load_state_bytes(model, data: bytes) -> None:
+def load_state_file(store: ArtifactStore, path: str, model) -> None:
+    """Load safetensors weights from the store into `model`; a truncated or mismatched file is a StoreError
+    naming it, its stage and how to redo it."""
     from safetensors.torch import load
 
-    model.load_state_dict(load(data))
+    data = store.read_bytes(path)
+    with store.reading(path):
+        model.load_state_dict(load(data))
 
 
 def save_checkpoint(store: ArtifactStore, stage: str, key: str, model, optimizer, step: int,
@@ -258,8 +298,10 @@ def load_checkpoint(store: ArtifactStore, stage: str, key: str, model, optimizer
         return 0, {}
     info = store.read_json(latest)
     base = store.path(stage, key, "checkpoints", info["dir"])
-    load_state_bytes(model, store.read_bytes(f"{base}/model.safetensors"))
-    load_training_state(optimizer, store.read_bytes(f"{base}/training_state.pt"))
+    load_state_file(store, f"{base}/model.safetensors", model)
+    state = store.read_bytes(f"{base}/training_state.pt")
+    with store.reading(f"{base}/training_state.pt"):
+        load_training_state(optimizer, state)
     logger().info("resuming %s/%s from its checkpoint at step %d", stage, key, info["step"])
     return int(info["step"]), info
 
@@ -358,8 +400,18 @@ def train_stage_task(cfg: Config, stage: str, needs: tuple[str, ...], run_traini
     """
     store, keys = open_store(cfg), stage_keys(cfg)
     key = keys[stage]
-    if done := reuse(store, stage, key, cfg, parent_run_id):
+    if done := reuse(store, stage, key, cfg, parent_run_id, claim=getattr(cfg, stage).train.nnodes == 1):
         return done
+    try:
+        _train(cfg, store, stage, key, keys, needs, run_training, parent_run_id)
+    finally:  # finish ended the claim if rank 0 ran here; a DDP run's rank 0 finished in another process
+        store.release(stage, key)
+    store.require(stage, key)
+    return ref(store, stage, key, cached=False)
+
+
+def _train(cfg: Config, store: ArtifactStore, stage: str, key: str, keys: dict, needs: tuple[str, ...],
+           run_training: Callable, parent_run_id: str | None) -> None:
     for need in needs:
         store.require(need, keys[need])
     store.prepare(stage, key)
@@ -379,8 +431,6 @@ def train_stage_task(cfg: Config, stage: str, needs: tuple[str, ...], run_traini
         if code != 0:
             raise RuntimeError(f"torchrun with {t.nproc} process(es) per machine exited with code {code}; "
                                "see the log above")
-    store.require(stage, key)
-    return ref(store, stage, key, cached=False)
 
 
 def torchrun_args(cfg: Config, stage: str) -> list[str]:

@@ -23,7 +23,7 @@ from tasks.common import (
     Training,
     batch_stream,
     drop_checkpoints,
-    load_state_bytes,
+    load_state_file,
     logger,
     open_store,
     pretrained_source,
@@ -44,7 +44,7 @@ def load_dvae(store: ArtifactStore, key: str, device: torch.device | str = "cpu"
                                           c["norm_std"])
     else:
         model = dvae.DiscreteVAE(dvae.DVAEConfig(**meta["model"]))
-    load_state_bytes(model, store.read_bytes(store.path("dvae", key, "model.safetensors")))
+    load_state_file(store, store.path("dvae", key, "model.safetensors"), model)
     model = model.to(device, memory_format=torch.channels_last)  # faster convolutions; same results
     return model.eval(), Norm(tuple(meta["norm"]["mean"]), tuple(meta["norm"]["std"]))
 

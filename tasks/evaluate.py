@@ -41,6 +41,7 @@ from storage.tracking import StageRun
 from tasks.common import (
     ArtifactRef,
     Progress,
+    claimed,
     open_store,
     ref,
     reuse,
@@ -103,7 +104,8 @@ def evaluate_task(cfg: Config, parent_run_id: str | None = None) -> ArtifactRef:
     for stage in ("dvae", "transformer", "clip", "bpe", "images"):
         store.require(stage, keys[stage])
     store.prepare("evaluation", key)
-    with stage_run(cfg, store, "evaluation", key, e.model_dump(mode="json"), parent_run_id) as run:
+    with claimed(store, "evaluation", key), stage_run(cfg, store, "evaluation", key, e.model_dump(mode="json"),
+                                                      parent_run_id) as run:
         _evaluate(cfg, store, keys, run)
     return ref(store, "evaluation", key, cached=False)
 

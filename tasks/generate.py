@@ -37,7 +37,9 @@ from tasks.common import (
     ArtifactRef,
     StagePlan,
     attach_run,
+    claimed,
     logger,
+    no_retry_on_user_error,
     open_store,
     ref,
     reuse,
@@ -79,11 +81,8 @@ def val_captions(store: ArtifactStore, images_key: str, limit: int, distinct: bo
 
 
 def resolve_prompts(cfg: Config, store: ArtifactStore) -> list[str]:
-    """The configured prompts, or the first distinct val captions; empty prompts are refused."""
+    """The configured prompts (the config refuses empty ones), or the first distinct val captions."""
     prompts = list(cfg.generate.prompts)
-    for i, p in enumerate(prompts):
-        if not p.strip():
-            raise ConfigError(f"prompt {i + 1} of {len(prompts)} is empty; every prompt needs some text")
     return prompts or val_captions(store, stage_keys(cfg)["images"], cfg.generate.num_val_prompts)
 
 
@@ -94,20 +93,21 @@ def plan_generation(cfg: Config, parent_run_id: str | None = None) -> StagePlan:
     store, keys = open_store(cfg), stage_keys(cfg)
     if done := reuse(store, "generations", keys["generations"], cfg, parent_run_id):
         return StagePlan([], cached=done)
-    for stage in ("transformer", "dvae", "bpe"):
-        store.require(stage, keys[stage])
-    prompts = resolve_prompts(cfg, store)
-    prime_image(cfg)  # a missing or unreadable prime image fails here, in one line, before any work
-    store.prepare("generations", keys["generations"])
-    parts = [(i, prompts[i:i + PROMPTS_PER_PART]) for i in range(0, len(prompts), PROMPTS_PER_PART)]
-    todo = [(i, p) for i, p in parts
-            if not store.exists(store.path("generations", keys["generations"], "parts",
-                                           shard_name(i // PROMPTS_PER_PART)))]
-    logger().info("generate: %d prompts x %d candidates, %d part(s) to do", len(prompts),
-                  cfg.generate.num_candidates, len(todo))
-    run = stage_run(cfg, store, "generations", keys["generations"], cfg.generate.model_dump(mode="json"),
-                    parent_run_id)
-    return StagePlan(todo, run.run_id)
+    with claimed(store, "generations", keys["generations"]):
+        for stage in ("transformer", "dvae", "bpe"):
+            store.require(stage, keys[stage])
+        prompts = resolve_prompts(cfg, store)
+        prime_image(cfg)  # a missing or unreadable prime image fails here, in one line, before any work
+        store.prepare("generations", keys["generations"])
+        parts = [(i, prompts[i:i + PROMPTS_PER_PART]) for i in range(0, len(prompts), PROMPTS_PER_PART)]
+        todo = [(i, p) for i, p in parts
+                if not store.exists(store.path("generations", keys["generations"], "parts",
+                                               shard_name(i // PROMPTS_PER_PART)))]
+        logger().info("generate: %d prompts x %d candidates, %d part(s) to do", len(prompts),
+                      cfg.generate.num_candidates, len(todo))
+        run = stage_run(cfg, store, "generations", keys["generations"], cfg.generate.model_dump(mode="json"),
+                        parent_run_id)
+    return StagePlan(todo, run.run_id, stage="generations", key=keys["generations"])
 
 
 def candidate_rows(prompt: str, seed: int, images: np.ndarray, scores: np.ndarray, codes: np.ndarray,
@@ -144,7 +144,8 @@ def _prime(cfg: Config) -> tuple[torch.Tensor | None, str | None]:
     return prefix, f"{cfg.generate.prime_image} (top {cfg.generate.prime_rows} rows)"
 
 
-@task(name="generate-part", cache_policy=NONE, retries=1, retry_delay_seconds=2)
+@task(name="generate-part", cache_policy=NONE, retries=1, retry_delay_seconds=2,
+      retry_condition_fn=no_retry_on_user_error)
 def generate_part(cfg: Config, first: int, prompts: list[str]) -> dict:
     store, key, g = open_store(cfg), stage_keys(cfg)["generations"], cfg.generate
     out = store.path("generations", key, "parts", shard_name(first // PROMPTS_PER_PART))
@@ -192,7 +193,7 @@ def finish_generation(cfg: Config, plan: StagePlan, results: list[dict], wall_se
     store, keys = open_store(cfg), stage_keys(cfg)
     key = keys["generations"]
     inputs = {s: keys[s] for s in ("transformer", "dvae", "clip", "bpe")}
-    with attach_run(cfg, store, plan.run_id) as run:
+    with claimed(store, "generations", key), attach_run(cfg, store, plan.run_id) as run:
         parts = shard_paths(store, "generations", key, "parts")
         table = pa.concat_tables([read_shard(store, p) for p in parts])
         write_shard(store, store.path("generations", key, "generations.parquet"), table)

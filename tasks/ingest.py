@@ -9,10 +9,19 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
 
 from dalle_core.config import Config
-from dalle_core.data import DataError, read_source
+from dalle_core.data import DataError, read_source, source_fingerprint
 from dalle_core.images import grid, png_bytes
 from storage.parquet import IMAGES_SCHEMA, image_row_group, shard_name, write_shard
-from tasks.common import ArtifactRef, Progress, open_store, ref, reuse, stage_keys, stage_run
+from tasks.common import (
+    ArtifactRef,
+    Progress,
+    claimed,
+    open_store,
+    ref,
+    reuse,
+    stage_keys,
+    stage_run,
+)
 
 SPLITS = ("train", "val")
 
@@ -23,12 +32,18 @@ def ingest_images(cfg: Config, parent_run_id: str | None = None) -> ArtifactRef:
     store, key = open_store(cfg), stage_keys(cfg)["images"]
     if done := reuse(store, "images", key, cfg, parent_run_id):
         return done
+    fingerprint = source_fingerprint(cfg.data)
+    if earlier := _earlier_ingest(store, cfg, key):
+        log.info("data source %s at %r changed since images/%s was ingested from it; ingesting it again into "
+                 "images/%s", cfg.data.source, cfg.data.path, earlier, key)
     store.prepare("images", key)
-    with stage_run(cfg, store, "images", key, cfg.data.model_dump(mode="json"), parent_run_id) as run:
+    with claimed(store, "images", key), stage_run(cfg, store, "images", key, cfg.data.model_dump(mode="json"),
+                                                  parent_run_id) as run:
         buffers: dict[str, list] = {s: [] for s in SPLITS}
         shards: dict[str, int] = dict.fromkeys(SPLITS, 0)
         rows: Counter = Counter()
         skipped: Counter = Counter()
+        notes: Counter = Counter()
         subsets: Counter = Counter()
         examples: dict[str, list[str]] = defaultdict(list)
         samples: list = []
@@ -55,6 +70,8 @@ def ingest_images(cfg: Config, parent_run_id: str | None = None) -> ArtifactRef:
             buffers[rec.split].append({"id": rec.id, "caption": rec.caption, "image": png_bytes(rec.image),
                                        "subset": rec.subset})
             rows[rec.split] += 1
+            if rec.note:
+                notes[rec.note] += 1
             if rec.subset is not None:
                 subsets[f"{rec.split}.{rec.subset}"] += 1
             if len(samples) < 16:
@@ -66,6 +83,8 @@ def ingest_images(cfg: Config, parent_run_id: str | None = None) -> ArtifactRef:
 
         for reason, n in skipped.items():
             log.warning("skipped %d rows: %s (e.g. %s)", n, reason, ", ".join(examples[reason]))
+        for note, n in notes.items():
+            log.warning("%d images: %s", n, note)
         if not rows:
             raise DataError(f"data source {cfg.data.source!r} at {cfg.data.path!r} yielded no usable images "
                             f"(skipped: {dict(skipped) or 'none'})")
@@ -78,7 +97,18 @@ def ingest_images(cfg: Config, parent_run_id: str | None = None) -> ArtifactRef:
         run.log_image(grid([[img] for img, _ in samples], [c for _, c in samples], scale=3), "samples.png")
         manifest = store.finish("images", key, config=cfg.data.model_dump(mode="json"), inputs={},
                                 rows=dict(rows), subsets=dict(subsets), skipped=dict(skipped), skipped_examples=dict(examples),
-                                shards=dict(shards), image_size=cfg.data.image_size)
+                                shards=dict(shards), image_size=cfg.data.image_size, notes=dict(notes),
+                                source_fingerprint=fingerprint)
         run.log_dict(manifest, "manifest.json")
     log.info("ingested %s rows into images/%s (skipped %s)", dict(rows), key, dict(skipped) or "none")
     return ref(store, "images", key, cached=False)
+
+
+def _earlier_ingest(store, cfg: Config, key: str) -> str | None:
+    """The newest finished images artifact of the same data config under another key: the source has changed."""
+    config = cfg.data.model_dump(mode="json")
+    if cfg.data.source == "shapes":
+        return None
+    earlier = [m for a in store.artifacts("images") if a.complete and a.key != key
+               and (m := store.manifest("images", a.key)) is not None and m.get("config") == config]
+    return max(earlier, key=lambda m: m["created"])["key"] if earlier else None

@@ -12,12 +12,16 @@ from dalle_core.bpe import TextTokenizer, train_bpe
 from dalle_core.config import Config, ConfigError
 from storage.parquet import iter_batches, shard_paths
 from storage.store import ArtifactStore
-from tasks.common import ArtifactRef, open_store, ref, reuse, stage_keys, stage_run
+from tasks.common import ArtifactRef, claimed, open_store, ref, reuse, stage_keys, stage_run
 
 
 def load_tokenizer(store: ArtifactStore, key: str, text_len: int) -> TextTokenizer:
+    """The finished BPE tokenizer of `bpe/<key>`; a damaged file is a StoreError naming it."""
     store.require("bpe", key)
-    return TextTokenizer.from_str(store.read_bytes(store.path("bpe", key, "tokenizer.json")).decode(), text_len)
+    path = store.path("bpe", key, "tokenizer.json")
+    data = store.read_bytes(path)
+    with store.reading(path):
+        return TextTokenizer.from_str(data.decode(), text_len)
 
 
 def _captions(store: ArtifactStore, images_key: str, split: str):
@@ -33,7 +37,8 @@ def train_bpe_task(cfg: Config, parent_run_id: str | None = None) -> ArtifactRef
     if done := reuse(store, "bpe", key, cfg, parent_run_id):
         return done
     store.prepare("bpe", key)
-    with stage_run(cfg, store, "bpe", key, text.model_dump(mode="json"), parent_run_id) as run:
+    with claimed(store, "bpe", key), stage_run(cfg, store, "bpe", key, text.model_dump(mode="json"),
+                                               parent_run_id) as run:
         if text.tokenizer_path:
             if not os.path.isfile(text.tokenizer_path):
                 raise ConfigError(f"text.tokenizer_path {text.tokenizer_path!r} does not exist")

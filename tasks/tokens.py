@@ -33,6 +33,8 @@ from tasks.common import (
     ArtifactRef,
     StagePlan,
     attach_run,
+    claimed,
+    no_retry_on_user_error,
     open_store,
     ref,
     reuse,
@@ -44,9 +46,7 @@ from tasks.text import load_tokenizer
 
 SPLITS = ("train", "val")
 ENCODE_PIXELS = 512 * 32 * 32  # pixels per encoder batch on a CPU (512 images at 32 px); 8x that on a GPU
-# Shard work runs on this fixed pool, not on Prefect's worker threads: Prefect uses many threads over a
-# run, and each thread that decodes/encodes keeps its own allocator and oneDNN scratch memory, so peak RSS
-# grew with the number of shards. Two threads: one decodes PNGs while the other runs the dVAE.
+# A fixed pool, one thread decoding while one encodes: on Prefect's threads RSS grew with shards (docs/benchmarks.md)
 _SHARD_POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="encode-shard")
 
 
@@ -71,17 +71,18 @@ def plan_pretokenize(cfg: Config, parent_run_id: str | None = None) -> StagePlan
     store, keys = open_store(cfg), stage_keys(cfg)
     if done := reuse(store, "tokens", keys["tokens"], cfg, parent_run_id):
         return StagePlan([], cached=done)
-    for stage in ("images", "dvae", "bpe"):
-        store.require(stage, keys[stage])
-    store.prepare("tokens", keys["tokens"])
-    todo = []
-    for split in SPLITS:
-        for i, _ in enumerate(shard_paths(store, "images", keys["images"], split)):
-            if not store.exists(store.path("tokens", keys["tokens"], split, shard_name(i))):
-                todo.append((split, i))
-    get_run_logger().info("pretokenize: %d shard(s) to encode", len(todo))
-    run = stage_run(cfg, store, "tokens", keys["tokens"], {**_made(cfg), **_inputs(keys)}, parent_run_id)
-    return StagePlan(todo, run.run_id)
+    with claimed(store, "tokens", keys["tokens"]):
+        for stage in ("images", "dvae", "bpe"):
+            store.require(stage, keys[stage])
+        store.prepare("tokens", keys["tokens"])
+        todo = []
+        for split in SPLITS:
+            for i, _ in enumerate(shard_paths(store, "images", keys["images"], split)):
+                if not store.exists(store.path("tokens", keys["tokens"], split, shard_name(i))):
+                    todo.append((split, i))
+        get_run_logger().info("pretokenize: %d shard(s) to encode", len(todo))
+        run = stage_run(cfg, store, "tokens", keys["tokens"], {**_made(cfg), **_inputs(keys)}, parent_run_id)
+    return StagePlan(todo, run.run_id, stage="tokens", key=keys["tokens"])
 
 
 def _made(cfg: Config) -> dict:
@@ -92,7 +93,8 @@ def _inputs(keys: dict) -> dict:
     return {"images": keys["images"], "dvae": keys["dvae"], "bpe": keys["bpe"]}
 
 
-@task(name="encode-shard", cache_policy=NONE, retries=1, retry_delay_seconds=2)
+@task(name="encode-shard", cache_policy=NONE, retries=1, retry_delay_seconds=2,
+      retry_condition_fn=no_retry_on_user_error)
 def encode_shard(cfg: Config, split: str, index: int) -> dict:
     """Decode one image shard's PNGs, encode them with the dVAE, tokenize captions, write one token shard."""
     store, keys = open_store(cfg), stage_keys(cfg)
@@ -145,7 +147,7 @@ def finish_pretokenize(cfg: Config, plan: StagePlan, results: list[dict], wall_s
     """Check the token shards against the image shards, write the manifest, close the stage's MLflow run."""
     store, keys = open_store(cfg), stage_keys(cfg)
     key = keys["tokens"]
-    with attach_run(cfg, store, plan.run_id) as run:
+    with claimed(store, "tokens", key), attach_run(cfg, store, plan.run_id) as run:
         model, _, tokenizer = encoders(cfg)
         rows = {s: sum(count_rows(store, p) for p in shard_paths(store, "tokens", key, s)) for s in SPLITS}
         expected = {s: sum(count_rows(store, p) for p in shard_paths(store, "images", keys["images"], s))

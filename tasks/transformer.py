@@ -29,7 +29,7 @@ from tasks.common import (
     Training,
     batch_stream,
     drop_checkpoints,
-    load_state_bytes,
+    load_state_file,
     logger,
     open_store,
     stage_keys,
@@ -52,9 +52,10 @@ def model_config(cfg: Config, manifest: dict) -> DALLEConfig:
 
 
 def load_transformer(store: ArtifactStore, key: str, device: torch.device | str = "cpu") -> DALLE:
+    """A finished transformer from the store, on `device`, in eval mode; a damaged file is a StoreError."""
     store.require("transformer", key)
     model = DALLE(DALLEConfig(**store.read_json(store.path("transformer", key, "config.json"))))
-    load_state_bytes(model, store.read_bytes(store.path("transformer", key, "model.safetensors")))
+    load_state_file(store, store.path("transformer", key, "model.safetensors"), model)
     return model.to(device).eval()
 
 

@@ -64,3 +64,29 @@ def test_prime_rows_checked_against_the_grid_unless_a_pretrained_dvae_sets_it():
     with pytest.raises(ConfigError, match="prime_rows=0 must be at least 1"):
         config_from_dict({**base, "generate": {"prime_image": "cat.png", "prime_rows": 0},
                           "dvae": {"pretrained": "weights/openai"}})
+
+
+# Text the CLI passes through --set as JSON: every Unicode plane, and what YAML reads specially.
+ODD_TEXT = ["😀🎨🌈", "a 🐱 on a 🛹", "\U00020000\U0002A6D6 CJK ext B", "\ue000\U000F0000\U0010FFFD private use",
+            "日本語のテキスト", "quotes \" and ' and `", "# not a comment", "key: value", "- leading dash", "!tag",
+            "&anchor *alias", "%directive", "line\x85NEL", "line\u2028LS\u2029PS", "\ufeffBOM first", "nul\x00byte",
+            "tab\there", "back\\slash \\u0041", "  spaces kept  ", "null", "true", "1e3", "[not, a, list]", "{a: 1}"]
+
+
+@pytest.mark.parametrize("text", ODD_TEXT)
+def test_any_text_round_trips_through_a_json_override(text):
+    import json
+
+    cfg = load_config(TINY, [f"generate.prompts={json.dumps([text, 'plain'])}"])
+    assert cfg.generate.prompts == [text, "plain"]
+
+
+def test_a_lone_surrogate_escape_is_one_line_naming_the_key():
+    with pytest.raises(ConfigError, match=r"^--set generate\.prompts: .*half of a UTF-16 surrogate pair"):
+        load_config(TINY, ['generate.prompts=["\\ud83d alone"]'])
+
+
+@pytest.mark.parametrize("prompts", [[""], ["a cat", "   "], ["\t\n"]])
+def test_empty_prompts_fail_before_any_work(prompts):
+    with pytest.raises(ConfigError, match=r"^generate\.prompts: prompt \d of \d is '.*'; every prompt needs some text"):
+        config_from_dict({"generate": {"prompts": prompts}})

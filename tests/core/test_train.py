@@ -1,6 +1,7 @@
 """The one training loop: gradient accumulation, exact resume, tied embeddings, the dVAE's losses."""
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -9,6 +10,7 @@ from dalle_core.config import TrainConfig, config_from_dict
 from dalle_core.dvae import DiscreteVAE, DVAEConfig
 from dalle_core.images import to_tensor
 from dalle_core.train import (
+    TrainingError,
     dvae_step,
     fit,
     load_training_state,
@@ -17,6 +19,7 @@ from dalle_core.train import (
     transformer_step,
 )
 from dalle_core.transformer import DALLE, DALLEConfig
+from tests.conftest import DEVICES
 
 C = DALLEConfig(text_vocab=40, text_len=5, pad_id=0, image_vocab=16, image_grid=3, dim=32, depth=2, heads=4)
 
@@ -103,3 +106,23 @@ def test_recon_loss_setting_picks_the_loss():
             r = config_from_dict({"dvae": {"quantizer": "gumbel", "recon_loss": name}}).dvae
             loss, n, _ = dvae_step(r)(model, {"image": images}, 0)
             assert n == 4 and torch.allclose(loss, fn(recon, x) + q_loss), name
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_diverged_loss_stops_training_naming_the_step_and_keeps_the_last_good_checkpoint(device):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1).to(device)
+    x = torch.randn(8, 4)
+
+    def step_fn(m, batch, step):  # the loss blows up at step 5, as a learning-rate typo would make it
+        loss = m(batch).pow(2).mean() * (float("inf") if step == 5 else 1.0)
+        return loss, len(batch), dict
+
+    checkpoints, logged = [], []
+    t = TrainConfig(lr=3e-3, warmup_steps=0, max_steps=20, log_every=4, checkpoint_every=3, val_every=None)
+    with pytest.raises(TrainingError, match=r"^training diverged: .* not finite at step 5 \(learning rate 0.00\d+, "
+                                            r"train.lr=0.003\)") as err:
+        fit(model, iter(lambda: x, None), t, torch.optim.SGD(model.parameters(), lr=t.lr), step_fn, device=device,
+            log=lambda step, m: logged.append(step), checkpoint=lambda step, s: checkpoints.append(step))
+    assert "\n" not in str(err.value)
+    assert checkpoints == [3] and logged == [4]  # nothing saved or logged after the bad step

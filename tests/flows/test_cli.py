@@ -1,8 +1,11 @@
 """The `dalle` command's error paths: each exits 2 with one line naming what is wrong."""
 
+import io
+import logging
 import shutil
 
 import pytest
+from prefect import flow, task  # sets up Prefect's console logging outside any capture
 
 from flows.cli import main
 from tests.conftest import TINY
@@ -65,3 +68,110 @@ def test_gc_unreferenced_keeps_what_the_config_uses(generated, tmp_path, capsys)
     assert not any(key == keys[stage] for stage, key in removed)
     assert all(store.is_complete(s, k) for s, k in after)
     assert {("dvae", keys["dvae"]), ("transformer", keys["transformer"]), ("generations", keys["generations"])} <= after
+
+
+def _fake_flows(calls: list):
+    """Stage flows that only record the overrides they are given."""
+    from flows.cli import _stage_flows
+
+    def record(name):
+        return lambda config, overrides: calls.append((name, list(overrides))) or f"{name} (fake)"
+
+    return lambda: {name: record(name) for name in _stage_flows()}
+
+
+def test_emoji_and_other_planes_reach_the_flow_exactly(tiny, monkeypatch, capsys):
+    from dalle_core.config import load_config
+
+    config, make = tiny
+    calls: list = []
+    monkeypatch.setattr("flows.cli._stage_flows", _fake_flows(calls))
+    prompts = ["😀🎨🌈", "\U00020000 plane 2", "\ue000 private use", 'a "quoted" # prompt: - !&*%', "nel\x85ls\u2028"]
+    assert main(["generate", "-c", config, *_sets(make()), *prompts]) == 0
+    name, overrides = calls[-1]
+    assert name == "generate" and load_config(config, overrides).generate.prompts == prompts
+
+
+def test_empty_prompt_fails_before_prefect_starts(tiny, monkeypatch, capsys):
+    config, make = tiny
+    monkeypatch.setattr("flows.cli.check_prefect_server", lambda: pytest.fail("Prefect started"))
+    assert main(["generate", "-c", config, *_sets(make()), "a red circle", "  "]) == 2
+    _one_line_error(capsys, "generate.prompts: prompt 2 of 2 is '  '", "every prompt needs some text")
+
+
+def test_unwritable_store_fails_before_prefect_and_leaves_nothing_in_the_cwd(tiny, monkeypatch, tmp_path, capsys):
+    config, make = tiny
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("flows.cli.check_prefect_server", lambda: pytest.fail("Prefect started"))
+    assert main(["run", "-c", config, *_sets(make("store=http://127.0.0.1:9/x"))]) == 2
+    _one_line_error(capsys, "store 'http://127.0.0.1:9/x' cannot be written", "HTTPFileSystem cannot write")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no ./mlruns, no store
+
+
+def test_an_unexpected_failure_names_the_stage_and_the_log_file(tiny, monkeypatch, tmp_path, capsys):
+    from prefect.logging.formatters import PrefectFormatter
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    from flows.cli import _stage_flows
+
+    @task(name="train-bpe")
+    def broken_task():
+        raise RuntimeError("boom\nsecond line")
+
+    @flow(name="train-bpe")
+    def broken_flow(config, overrides):
+        return broken_task()
+
+    config, make = tiny
+    flows = {**_stage_flows(), "train-bpe": broken_flow}
+    monkeypatch.setattr("flows.cli._stage_flows", lambda: flows)
+    console = io.StringIO()  # a terminal with Prefect's handler (pytest holds the one Prefect set up)
+    handler = PrefectConsoleHandler(stream=console)
+    handler.setFormatter(PrefectFormatter(format="%(levelname)s %(message)s", flow_run_fmt="%(message)s",
+                                          task_run_fmt="%(message)s"))
+    logging.getLogger().addHandler(handler)
+    try:
+        assert main(["train-bpe", "-c", config, *_sets(make())]) == 1
+    finally:
+        logging.getLogger().removeHandler(handler)
+    shown = console.getvalue()
+    assert "boom" in shown and "Traceback" not in shown, shown  # Prefect's log lines, without tracebacks
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[-2] == "error: train-bpe failed: RuntimeError: boom", lines
+    path = lines[-1].removeprefix("full traceback: ")
+    assert path.startswith(str(tmp_path / "store" / "logs")), path
+    log = open(path, encoding="utf-8").read()
+    assert "Traceback" in log and 'raise RuntimeError("boom' in log and "second line" in log
+
+
+def test_a_batch_larger_than_the_data_fails_before_anything_trains(tiny, capsys):
+    from dalle_core.config import load_config
+    from tasks.common import open_store, stage_keys
+
+    config, make = tiny
+    small = make("data.shapes.num_images=60", "data.val_fraction=0.2", "clip.train.batch_size=64")
+    assert main(["run", "-c", config, *_sets(small)]) == 2  # fresh store: checked in the pipeline after ingest
+    cfg = load_config(config, small)
+    store, keys = open_store(cfg), stage_keys(cfg)
+    rows = store.manifest("images", keys["images"])["rows"]["train"]
+    assert rows < 64
+    expect = f"clip.train.batch_size=64 is larger than the {rows} training rows of images/{keys['images']}; " \
+             f"use at most {rows}"
+    assert _one_line_error(capsys, expect)
+    assert not store.exists(store.path("dvae", keys["dvae"]))  # nothing trained
+    assert main(["train-clip", "-c", config, *_sets(small)]) == 2  # images there: checked before Prefect
+    _one_line_error(capsys, expect)
+
+
+def test_ctrl_c_is_one_line_and_exit_130(tiny, monkeypatch, capsys):
+    from flows.cli import _stage_flows
+
+    def interrupted(config, overrides):
+        raise KeyboardInterrupt
+
+    config, make = tiny
+    monkeypatch.setattr("flows.cli._stage_flows", lambda: {**_stage_flows(), "train-bpe": interrupted})
+    monkeypatch.setattr("flows.cli.check_batches", lambda cfg, stages: None)
+    monkeypatch.setattr("flows.cli._ingested", lambda cfg: True)
+    assert main(["train-bpe", "-c", config, *_sets(make())]) == 130
+    _one_line_error(capsys, "train-bpe interrupted", "run the same command again")

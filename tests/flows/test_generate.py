@@ -142,7 +142,7 @@ def test_same_seed_same_images_and_prompts_from_cli(generated, tmp_path, capsys)
 
 def test_empty_and_too_long_prompts(generated, capsys):
     _, ov, _ = generated
-    with pytest.raises(ConfigError, match="prompt 2 of 2 is empty"):
+    with pytest.raises(ConfigError, match=r"^generate.prompts: prompt 2 of 2 is '  '; every prompt needs some text"):
         generate_flow(config=str(TINY), overrides=[*ov, 'generate.prompts=["a red circle", "  "]'])
     long = "a small red circle in the top left " * 4
     ref = generate_flow(config=str(TINY), overrides=[*ov, f'generate.prompts=["{long.strip()}"]'])

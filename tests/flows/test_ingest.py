@@ -147,3 +147,38 @@ def test_source_with_no_usable_rows_fails_clearly(tiny, tmp_path):
     config, ov = tiny
     with pytest.raises(DataError, match="yielded no usable images"):
         ingest_flow(config=config, overrides=ov("data.source=imagefolder", f"data.path={folder}"))
+
+
+def test_changed_folder_is_ingested_again(tiny, tmp_path, caplog):
+    """30 captioned images in an Excel "CSV UTF-8" metadata.csv (BOM); 30 more and one caption edited -> all 60
+    rows with the new caption, and one line saying the source changed."""
+    folder = tmp_path / "grow"
+    folder.mkdir()
+
+    def write(n: int, captions: dict[int, str]) -> None:
+        for i in range(n):
+            if not (folder / f"{i}.png").exists():
+                (folder / f"{i}.png").write_bytes(_image_bytes(i))
+        lines = ["file_name,caption"] + [f"{i}.png,{captions.get(i, f'picture {i}')}" for i in range(n)]
+        (folder / "metadata.csv").write_bytes(("\r\n".join(lines) + "\r\n").encode("utf-8-sig"))
+
+    config, ov = tiny
+    overrides = ov("data.source=imagefolder", f"data.path={folder}", "data.val_fraction=0.3")
+    write(30, {})
+    first = ingest_flow(config=config, overrides=overrides)
+    store = open_store(load_config(config, overrides))
+    assert sum(store.manifest("images", first.key)["rows"].values()) == 30
+    write(60, {3: "an edited caption"})
+    caplog.clear()
+    second = ingest_flow(config=config, overrides=overrides)
+    assert not second.cached and second.key != first.key
+    m = store.manifest("images", second.key)
+    assert sum(m["rows"].values()) == 60 and m["skipped"] == {}
+    captions = {}
+    for split in ("train", "val"):
+        for path in shard_paths(store, "images", second.key, split):
+            t = read_shard(store, path)
+            captions.update(zip(t.column("id").to_pylist(), t.column("caption").to_pylist()))
+    assert captions["3.png"] == "an edited caption" and captions["59.png"] == "picture 59"
+    changed = [r.getMessage() for r in caplog.records if "changed since" in r.getMessage()]
+    assert len(changed) == 1 and f"images/{first.key}" in changed[0]

@@ -1,5 +1,6 @@
 """Operating the pipeline: real servers (Prefect, MLflow, S3), Dask, kill -9, bad stores."""
 
+import contextlib
 import json
 import os
 import shutil
@@ -264,3 +265,46 @@ def test_deployment_runs_on_a_real_prefect_server(generated, tmp_path):
         if worker is not None:
             stop(worker)
         stop(server)
+
+
+def test_kill_9_of_a_command_takes_its_prefect_server_along_and_the_next_command_ends_its_runs(tmp_path):
+    """`dalle train-dvae` with a fresh PREFECT_HOME starts its own Prefect server (not Prefect's unwatched one);
+    kill -9 of the command ends that server, and the next command on the store ends the run left RUNNING."""
+    import psutil
+
+    from storage import tracking
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    ov = [f"store.root={tmp_path / 'store'}", f"tracking.uri={uri}", "dvae.train.max_steps=100000"]
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env.pop("PREFECT_API_URL", None)
+    log = tmp_path / "dalle.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([str(BIN / "dalle"), "train-dvae", "-c", str(TINY), *sum((["--set", o] for o in ov), [])],
+                                env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        cfg, deadline = load_config(TINY, ov), time.monotonic() + 300
+        client = tracking._client(uri)
+        while True:
+            assert time.monotonic() < deadline and proc.poll() is None, log.read_text()[-3000:]
+            time.sleep(1)
+            exp = client.get_experiment_by_name(cfg.tracking.experiment)
+            if exp and client.search_runs([exp.experiment_id], "attributes.status = 'RUNNING' and tags.stage = 'dvae'"):
+                break
+        children = psutil.Process(proc.pid).children(recursive=True)
+        assert not [c for c in children if "uvicorn" in " ".join(c.cmdline())], "Prefect started its own server"
+        servers = [c for c in children if "flows.server" in c.cmdline()]
+        assert len(servers) == 1
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        _, alive = psutil.wait_procs(servers, timeout=30)
+        assert not alive, "the Prefect server outlived its command"
+
+        tracking.experiment_id(uri, cfg.tracking.experiment, open_store(cfg))  # what the next command does first
+        runs = client.search_runs([exp.experiment_id])
+        assert not [r for r in runs if r.info.status == "RUNNING"]
+        killed = [r for r in runs if r.info.status == "KILLED"]
+        assert [r.data.tags["end_reason"] for r in killed] == [f"process {proc.pid} on {socket.gethostname()} is gone"]
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)

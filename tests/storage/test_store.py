@@ -141,3 +141,87 @@ def test_token_schema_types(tmp_path):
     write_shard(store, store.path("tokens", "k", "train", shard_name(0)), t)
     ds = pads.dataset(store.path("tokens", "k", "train"), format="parquet")
     assert ds.to_table().column("image_tokens").to_pylist()[0] == list(range(64))
+
+
+# ------------------------------------------------------------- damaged artifacts
+
+def _finished(store, stage="dvae", key="k", data=b"w" * 10):
+    store.write_bytes(store.path(stage, key, "model.safetensors"), data)
+    return store.finish(stage, key, config={}, inputs={})
+
+
+def test_invalid_manifest_json_is_damaged_and_redone_not_reused(store):
+    _finished(store, "tokens")
+    with store.fs.open(store.path("tokens", "k", "manifest.json"), "wb") as f:
+        f.write(b'{"stage": "tok')  # cut off mid-write by a full disk or a copy
+    assert not store.is_complete("tokens", "k")
+    with pytest.raises(StoreError) as err:
+        store.require("tokens", "k")
+    assert "\n" not in str(err.value)
+    assert "tokens/k" in str(err.value) and "manifest.json is not valid JSON" in str(err.value)
+    assert "`dalle run --force pretokenize`" in str(err.value)
+    assert [(a.stage, a.key, a.state) for a in store.artifacts()] == [("tokens", "k", "DAMAGED")]
+    assert store.begin("tokens", "k") is None  # not reused: claimed, to be redone
+    try:
+        assert not store.exists(store.path("tokens", "k"))
+        (aside,) = [a for a in store.artifacts()]
+        assert aside.key.startswith("k.damaged-") and aside.state == "DAMAGED"
+        assert store.exists(store.path("tokens", aside.key, "model.safetensors"))  # evidence kept
+    finally:
+        store.release("tokens", "k")
+
+
+def test_file_of_another_size_is_damaged_at_reuse(store):
+    _finished(store)
+    store.write_bytes(store.path("dvae", "k", "model.safetensors"), b"w" * 4)  # truncated
+    assert store.check("dvae", "k")[:2] == ("damaged", "model.safetensors is 4 bytes, the manifest recorded 10")
+    store.fs.rm(store.path("dvae", "k", "model.safetensors"))
+    assert store.check("dvae", "k")[:2] == ("damaged", "model.safetensors is missing")
+    assert store.begin("dvae", "k") is None
+    store.release("dvae", "k")
+
+
+def test_verify_finds_a_changed_byte_that_sizes_miss(store):
+    _finished(store, data=b"0123456789")
+    store.write_bytes(store.path("dvae", "k", "model.safetensors"), b"0123456780")
+    assert store.check("dvae", "k")[0] == "complete"
+    assert store.check("dvae", "k", verify=True)[:2] == ("damaged",
+                                                         "model.safetensors does not match its recorded sha256")
+
+
+def test_artifact_made_from_a_redone_input_is_not_reused(store):
+    _finished(store, "dvae")
+    store.write_bytes(store.path("tokens", "t", "train", shard_name(0)), b"codes")
+    store.finish("tokens", "t", config={}, inputs={"dvae": "k"})
+    assert store.is_complete("tokens", "t")
+    store.remove("dvae", "k")
+    _finished(store, "dvae")  # redone: another dVAE under the same key
+    assert store.check("tokens", "t")[:2] == ("damaged", "made from an earlier dvae/k (it was redone)")
+
+
+def test_finish_never_rewrites_a_complete_artifact(store):
+    first = _finished(store)
+    store.write_bytes(store.path("dvae", "k", "model.safetensors"), b"other run!")
+    with pytest.raises(StoreError, match=r"^dvae/k is already complete in store .*never rewritten$"):
+        store.finish("dvae", "k", config={}, inputs={})
+    assert store.manifest("dvae", "k") == first
+
+
+def test_truncated_parquet_shard_is_one_line_naming_file_and_stage(store):
+    from storage.parquet import ParquetShards, count_rows, iter_batches
+
+    schema = tokens_schema(4, 100)
+    table = pa.Table.from_pylist([{"id": "a", "caption": "c", "text_tokens": [1], "image_tokens": [1, 2, 3, 4]}],
+                                 schema=schema)
+    path = store.path("tokens", "k", "train", shard_name(0))
+    write_shard(store, path, table)
+    data = store.read_bytes(path)
+    with store.fs.open(path, "wb") as f:
+        f.write(data[:len(data) // 2])
+    for read in (lambda: read_shard(store, path), lambda: count_rows(store, path),
+                 lambda: list(iter_batches(store, [path])), lambda: ParquetShards(store).row_groups(path)):
+        with pytest.raises(StoreError) as err:
+            read()
+        msg = str(err.value)
+        assert "\n" not in msg and store.uri(path) in msg and "(tokens artifact)" in msg
+        assert "ArrowInvalid" in msg and "`dalle run --force pretokenize`" in msg
