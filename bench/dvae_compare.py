@@ -18,9 +18,9 @@ import numpy as np
 import torch
 
 from dalle_core.config import load_config
+from dalle_core.dvae import evaluate_dvae, laplacian_variance
 from dalle_core.images import grid, png_bytes, to_tensor, to_uint8
 from dalle_core.loader import decode_images
-from dalle_core.train import evaluate_dvae, laplacian_variance
 from storage.parquet import shard_paths
 from tasks.common import batch_stream, open_store, stage_keys
 from tasks.dvae import load_dvae

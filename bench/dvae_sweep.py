@@ -39,8 +39,9 @@ def _data(cfg, num: int, split: str, seed: int) -> np.ndarray:
 def run_one(spec: str, steps: int | None, device: str, train_images: int, val_images: int, threads: int,
             config: str = "configs/shapes.yaml") -> dict:
     from dalle_core.config import load_config
-    from dalle_core.dvae import DiscreteVAE, config_for
-    from dalle_core.train import Norm, dvae_schedule, dvae_step, evaluate_dvae, fit, make_optimizer
+    from dalle_core.dvae import DiscreteVAE, dvae_schedule, dvae_step, evaluate_dvae
+    from dalle_core.images import ImageNormalization
+    from dalle_core.train import fit, make_optimizer
 
     torch.set_num_threads(threads)
     overrides = [o for o in spec.split(";") if o]
@@ -49,7 +50,7 @@ def run_one(spec: str, steps: int | None, device: str, train_images: int, val_im
     cfg = load_config(ROOT / config, overrides)
     d, t = cfg.dvae, cfg.dvae.train
     torch.manual_seed(t.seed)
-    model = DiscreteVAE(config_for(d, cfg.data.image_size)).to(device)
+    model = DiscreteVAE(d.dvae_config(cfg.data.image_size)).to(device)
     train = torch.from_numpy(_data(cfg, train_images, "train", 1))
     val = torch.from_numpy(_data(cfg, val_images, "val", 2))
     gen = torch.Generator().manual_seed(0)
@@ -65,7 +66,7 @@ def run_one(spec: str, steps: int | None, device: str, train_images: int, val_im
     seconds = time.perf_counter() - t0
     with torch.inference_mode():
         m = evaluate_dvae(model, ({"image": val[i:i + 500]} for i in range(0, len(val), 500)),
-                          Norm(d.norm_mean, d.norm_std), device)
+                          ImageNormalization(d.norm_mean, d.norm_std), device)
     return {"spec": spec, "steps": result.step, "train_s": round(seconds, 1),
             "val_psnr": round(m["val_psnr"], 2), "codes_used": round(m["val_code_usage_fraction"], 3),
             "perplexity": round(m["val_perplexity"], 1)}

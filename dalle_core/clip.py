@@ -15,9 +15,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from dalle_core.bpe import TextTokenizer
+from dalle_core.train import StepFn
 
 
 @dataclass
@@ -76,7 +78,7 @@ def clip_pixels(images: np.ndarray | torch.Tensor, size: int, device: torch.devi
     return (x - mean) / std
 
 
-class Scorer:
+class CLIPReranker:
     """Cosine similarity of images and captions, whichever CLIP is behind it, on the model's device."""
 
     def __init__(self, model, image_size: int, tokenize):
@@ -88,12 +90,12 @@ class Scorer:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def to(self, device: torch.device | str) -> Scorer:
+    def to(self, device: torch.device | str) -> CLIPReranker:
         self.model.to(device)
         return self
 
     @classmethod
-    def ours(cls, model, c: CLIPConfig, tokenizer: TextTokenizer) -> Scorer:
+    def ours(cls, model, c: CLIPConfig, tokenizer: TextTokenizer) -> CLIPReranker:
         def tokenize(captions):
             ids, _ = tokenizer.encode(captions)
             return clip_text_ids(torch.from_numpy(ids), c)
@@ -113,7 +115,7 @@ class Scorer:
         return (self.embed_images(images) * self.embed_texts(captions)).sum(-1).cpu()
 
 
-def load_open_clip(spec: str) -> Scorer:
+def load_open_clip(spec: str) -> CLIPReranker:
     """`<model>:<pretrained tag or local file>` through open_clip (weights from the hub or a file)."""
     import open_clip
 
@@ -121,7 +123,7 @@ def load_open_clip(spec: str) -> Scorer:
     model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained or None)
     size = model.visual.image_size
     size = size[0] if isinstance(size, (tuple, list)) else size
-    return Scorer(model, size, open_clip.get_tokenizer(name))
+    return CLIPReranker(model, size, open_clip.get_tokenizer(name))
 
 
 def contrastive_loss(model, images: torch.Tensor, text_ids: torch.Tensor, rank: int = 0,
@@ -136,6 +138,18 @@ def contrastive_loss(model, images: torch.Tensor, text_ids: torch.Tensor, rank: 
         image_features, text_features, logit_scale = out[:3]
     loss_fn = ClipLoss(gather_with_grad=world_size > 1, rank=rank, world_size=world_size)
     return loss_fn(image_features, text_features, logit_scale), logit_scale.detach()
+
+
+def clip_step(c: CLIPConfig, rank: int = 0, world_size: int = 1) -> StepFn:
+    """Contrastive loss on a batch {"image": (B, H, W, 3) uint8, "text": (B, text_len) BPE ids}. Under DDP the
+    features of all ranks are gathered, so every rank contrasts against the global batch."""
+
+    def step_fn(model: nn.Module, batch: dict, step: int):
+        pixels, text = clip_pixels(batch["image"], c.image_size), clip_text_ids(batch["text"], c)
+        loss, logit_scale = contrastive_loss(model, pixels, text, rank, world_size)
+        return loss, text.shape[0], lambda: {"temperature": 1.0 / float(logit_scale)}
+
+    return step_fn
 
 
 @torch.inference_mode()

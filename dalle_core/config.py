@@ -7,6 +7,7 @@ codebook_size?`). `load_config(path, overrides)` is the single entry point.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import json
 import math
@@ -26,7 +27,7 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-class TrainConfig(Section):
+class TrainSection(Section):
     """Optimisation settings shared by every trained stage."""
 
     batch_size: int = Field(64, ge=1)
@@ -49,7 +50,7 @@ class TrainConfig(Section):
     nnodes: int = Field(1, ge=1)  # >1: machines in the DDP run; they meet at runner.rdzv_endpoint
 
 
-class ShapesConfig(Section):
+class ShapesSection(Section):
     """The built-in procedural dataset (spec in dalle_core/shapes.py)."""
 
     num_images: int = Field(20000, ge=2)
@@ -72,7 +73,7 @@ class ShapesConfig(Section):
         return pairs
 
 
-class DataConfig(Section):
+class DataSection(Section):
     source: Literal["shapes", "imagefolder", "parquet", "hf", "webdataset"] = "shapes"
     path: str | None = None  # folder / files / hub name, per source
     split: str = "train"  # hub split for source=hf
@@ -87,17 +88,18 @@ class DataConfig(Section):
     val_fraction: float = Field(0.05, gt=0, lt=1)
     shard_size: int = Field(4096, ge=1)  # rows per Parquet shard
     max_images: int | None = Field(None, ge=1)
-    shapes: ShapesConfig = ShapesConfig()
+    shapes: ShapesSection = ShapesSection()
 
     @model_validator(mode="after")
-    def _path_needed(self) -> DataConfig:
+    def _path_needed(self) -> DataSection:
         if self.source != "shapes" and not self.path:
             raise ValueError(f"data.path is required for source {self.source!r}")
         return self
 
 
 class DVAESection(Section):
-    """The `dvae` run-config section (the model itself is built from `dalle_core.dvae.DVAEConfig`)."""
+    """The `dvae` run-config section: the tokenizer's model fields (built into `dalle_core.dvae.DVAEConfig` by
+    `dvae_config`), its loss and schedules, and how it trains."""
 
     quantizer: Literal["gumbel", "vq", "pixel-kmeans"] = "vq"
     # A tokenizer others trained, instead of training one (dalle_core.pretrained): a local folder with OpenAI's
@@ -162,7 +164,7 @@ class DVAESection(Section):
     # code; reconstruction PSNR stays the same (tested). Part of the tokens key, not the dVAE's.
     encode_precision: Literal["fp32", "bf16"] = "fp32"
     shuffle_buffer: int = Field(4096, ge=1)  # decoded images mixed per shuffle window (memory: rows x H x W x 3)
-    train: TrainConfig = TrainConfig(batch_size=64, lr=2e-3, max_steps=2000)
+    train: TrainSection = TrainSection(batch_size=64, lr=2e-3, max_steps=2000)
 
     @model_validator(mode="after")
     def _kmeans_is_one_process(self):
@@ -180,15 +182,26 @@ class DVAESection(Section):
                              f"(got dvae.train.nproc={self.train.nproc}, nnodes={self.train.nnodes}); set both to 1")
         return self
 
+    def dvae_config(self, image_size: int):
+        """The model config (`dalle_core.dvae.DVAEConfig`) at `image_size`: every field the two share by name,
+        the logit-Laplace output from recon_loss, and a discriminator only when adversarial."""
+        from dalle_core.dvae import DVAEConfig
 
-class TextConfig(Section):
+        return _build(DVAEConfig, self, image_size=image_size, logit_laplace=self.recon_loss == "logit_laplace",
+                      disc_layers=self.disc_layers if self.adversarial else 0)
+
+
+class TextSection(Section):
     vocab_size: int = Field(1000, ge=260)  # byte-level: 256 bytes + specials + merges
     text_len: int = Field(32, ge=2)
     lowercase: bool = True
     tokenizer_path: str | None = None  # use an existing tokenizer.json instead of training
 
 
-class TransformerConfig(Section):
+class TransformerSection(Section):
+    """The `transformer` run-config section: the model fields (built into `dalle_core.transformer.DALLEConfig` by
+    `dalle_config`), caption dropout and how it trains."""
+
     dim: int = Field(256, ge=8)
     depth: int = Field(4, ge=1)
     heads: int = Field(8, ge=1)
@@ -198,17 +211,26 @@ class TransformerConfig(Section):
     caption_dropout: float = Field(0.1, ge=0, le=1)  # enables classifier-free guidance
     shuffle_buffer: int = Field(8192, ge=1)
     sample_every: int = Field(1000, ge=1)
-    train: TrainConfig = TrainConfig(batch_size=16, lr=1e-3, weight_decay=0.1, max_steps=2000)
+    train: TrainSection = TrainSection(batch_size=16, lr=1e-3, weight_decay=0.1, max_steps=2000)
 
     @model_validator(mode="after")
-    def _heads_divide_dim(self) -> TransformerConfig:
+    def _heads_divide_dim(self) -> TransformerSection:
         if self.dim % self.heads:
             raise ValueError(f"transformer.dim {self.dim} is not divisible by heads {self.heads}")
         return self
 
+    def dalle_config(self, text_vocab: int, text_len: int, pad_id: int, image_vocab: int, image_grid: int):
+        """The model config (`dalle_core.transformer.DALLEConfig`) for the vocabularies and sequence shape the
+        token shards were made with."""
+        from dalle_core.transformer import DALLEConfig
+
+        return _build(DALLEConfig, self, text_vocab=text_vocab, text_len=text_len, pad_id=pad_id,
+                      image_vocab=image_vocab, image_grid=image_grid)
+
 
 class CLIPSection(Section):
-    """The `clip` run-config section (the model itself is built from `dalle_core.clip.CLIPConfig`)."""
+    """The `clip` run-config section: the small CLIP's model fields (built into `dalle_core.clip.CLIPConfig` by
+    `clip_config`), or a pretrained one, and how it trains."""
 
     pretrained: str | None = None  # "<open_clip model>:<tag>" or a local checkpoint file
     embed_dim: int = Field(128, ge=8)
@@ -219,10 +241,24 @@ class CLIPSection(Section):
     text_heads: int = Field(4, ge=1)
     text_layers: int = Field(4, ge=1)
     shuffle_buffer: int = Field(4096, ge=1)  # decoded images mixed per shuffle window
-    train: TrainConfig = TrainConfig(batch_size=128, lr=1e-3, weight_decay=0.1, max_steps=1000)
+    train: TrainSection = TrainSection(batch_size=128, lr=1e-3, weight_decay=0.1, max_steps=1000)
+
+    def clip_config(self, image_size: int, text_vocab: int, text_len: int, pad_id: int):
+        """The model config (`dalle_core.clip.CLIPConfig`) for `image_size` images and the BPE's ids."""
+        from dalle_core.clip import CLIPConfig
+
+        return _build(CLIPConfig, self, image_size=image_size, text_vocab=text_vocab, text_len=text_len,
+                      pad_id=pad_id)
 
 
-class GenerateConfig(Section):
+def _build(model_config: type, section: Section, **given: Any):
+    """A model's dataclass config from the section's fields of the same names (tuples as tuples), plus `given`
+    (what the section does not hold: shapes from data and upstream artifacts)."""
+    names = {f.name for f in dataclasses.fields(model_config)} & set(type(section).model_fields) - set(given)
+    return model_config(**{n: getattr(section, n) for n in names}, **given)
+
+
+class GenerateSection(Section):
     prompts: list[str] = []  # empty: use val captions
     num_val_prompts: int = Field(8, ge=1)
     num_candidates: int = Field(16, ge=1)
@@ -249,7 +285,7 @@ class GenerateConfig(Section):
         return prompts
 
 
-class EvaluateConfig(Section):
+class EvaluateSection(Section):
     num_prompts: int = Field(64, ge=1)  # val captions sampled for the evaluation
     num_candidates: int = Field(16, ge=1)  # reranking gain is reported at N = 1, 4, 16 (those <= this)
     # Seen-caption prompts: this many training rows are drawn as prompts too (the "seen" split, next to the val
@@ -277,18 +313,18 @@ class EvaluateConfig(Section):
         return value
 
 
-class StoreConfig(Section):
+class StoreSection(Section):
     root: str = "./artifacts"  # any fsspec URL: memory://, s3://bucket/prefix, gs://...
     storage_options: dict[str, Any] = {}
 
 
-class TrackingConfig(Section):
+class TrackingSection(Section):
     uri: str | None = None  # default: $MLFLOW_TRACKING_URI, else sqlite in the store
     experiment: str = "dalle"
     source: str | None = None  # the config file of the run (filled in by load_config): MLflow's mlflow.source.name
 
 
-class RunnerConfig(Section):
+class RunnerSection(Section):
     """Where work runs. Nothing here changes results, so no stage key depends on it."""
 
     kind: Literal["local", "dask"] = "local"
@@ -315,16 +351,16 @@ def prime_rows_error(k: int, rows: int, grid: str) -> str:
 
 
 class Config(Section):
-    data: DataConfig = DataConfig()
+    data: DataSection = DataSection()
     dvae: DVAESection = DVAESection()
-    text: TextConfig = TextConfig()
-    transformer: TransformerConfig = TransformerConfig()
+    text: TextSection = TextSection()
+    transformer: TransformerSection = TransformerSection()
     clip: CLIPSection = CLIPSection()
-    generate: GenerateConfig = GenerateConfig()
-    evaluate: EvaluateConfig = EvaluateConfig()
-    store: StoreConfig = StoreConfig()
-    tracking: TrackingConfig = TrackingConfig()
-    runner: RunnerConfig = RunnerConfig()
+    generate: GenerateSection = GenerateSection()
+    evaluate: EvaluateSection = EvaluateSection()
+    store: StoreSection = StoreSection()
+    tracking: TrackingSection = TrackingSection()
+    runner: RunnerSection = RunnerSection()
 
     @field_validator("store", mode="before")
     @classmethod

@@ -1,6 +1,6 @@
 """Captioned-image sources: the built-in shapes set, image folders, Parquet, hub datasets, webdataset.
 
-Every source yields `Record`s; a record that cannot be used carries a `skip`
+Every source yields `SourceRow`s; a row that cannot be used carries a `skip`
 reason instead of an image, so bad data is counted, never fatal.
 """
 
@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 from dalle_core import shapes
-from dalle_core.config import DataConfig
+from dalle_core.config import DataSection
 from dalle_core.images import to_rgb_square
 
 Image.init()
@@ -38,7 +38,7 @@ class DataError(ValueError):
 
 
 @dataclass
-class Record:
+class SourceRow:
     id: str
     caption: str
     split: str
@@ -81,7 +81,7 @@ def _load_image(value, size: int) -> tuple[np.ndarray, str | None]:
     return np.asarray(to_rgb_square(im, size)), note
 
 
-def _given_split(row: dict, cfg: DataConfig, where: str) -> tuple[str | None, str | None]:
+def _given_split(row: dict, cfg: DataSection, where: str) -> tuple[str | None, str | None]:
     """(split, subset) from the row's own columns (data.split_column / data.subset_column), if it has them."""
     value, subset = row.get(cfg.split_column), row.get(cfg.subset_column)
     subset = None if subset is None else str(subset)
@@ -93,10 +93,10 @@ def _given_split(row: dict, cfg: DataConfig, where: str) -> tuple[str | None, st
     return split, subset
 
 
-def _record(rid: str, caption, image_value, cfg: DataConfig, split: str | None = None,
-            subset: str | None = None) -> Record:
+def _record(rid: str, caption, image_value, cfg: DataSection, split: str | None = None,
+            subset: str | None = None) -> SourceRow:
     caption = " ".join(str(caption or "").split())
-    rec = Record(rid, caption, split or split_of(rid, cfg.val_fraction), subset=subset)
+    rec = SourceRow(rid, caption, split or split_of(rid, cfg.val_fraction), subset=subset)
     if not caption:
         rec.skip = "empty_caption"
         return rec
@@ -114,11 +114,11 @@ def _record(rid: str, caption, image_value, cfg: DataConfig, split: str | None =
     return rec
 
 
-def _shapes(cfg: DataConfig) -> Iterator[Record]:
+def _shapes(cfg: DataSection) -> Iterator[SourceRow]:
     s = cfg.shapes
     for rid, split, caption, image in shapes.generate(s.num_images, cfg.image_size, s.seed,
                                                       s.two_object_fraction, s.holdout, cfg.val_fraction):
-        yield Record(rid, caption, split, image)
+        yield SourceRow(rid, caption, split, image)
 
 
 def read_metadata(path: str) -> list[dict]:
@@ -150,13 +150,20 @@ def read_metadata(path: str) -> list[dict]:
                         raise DataError(f"{path} line {i + 1} is a {type(row).__name__}, not a JSON object")
                     rows.append(row)
                 return rows
-            header = f.readline()
-            f.seek(0)
-            try:  # Excel writes ";" where "," is the decimal mark
-                delimiter = csv.Sniffer().sniff(header, delimiters="\t" if name.endswith(".tsv") else ",;\t").delimiter
-            except csv.Error:  # one column, or nothing to tell by
-                delimiter = "\t" if name.endswith(".tsv") else ","
-            reader = csv.DictReader(f, delimiter=delimiter)
+            lines = f.read().splitlines(keepends=True)
+            while lines and not lines[0].strip():  # blank lines before the header
+                lines.pop(0)
+            declared = lines[0].strip() if lines else ""
+            if len(declared) == 5 and declared.lower().startswith("sep="):  # Excel's separator line
+                delimiter = declared[4]
+                lines.pop(0)
+            else:
+                try:  # Excel writes ";" where "," is the decimal mark
+                    delimiter = csv.Sniffer().sniff(lines[0] if lines else "",
+                                                    delimiters="\t" if name.endswith(".tsv") else ",;\t").delimiter
+                except csv.Error:  # one column, or nothing to tell by
+                    delimiter = "\t" if name.endswith(".tsv") else ","
+            reader = csv.DictReader(io.StringIO("".join(lines)), delimiter=delimiter)
             reader.fieldnames = [c.strip() for c in reader.fieldnames or []]
             return list(reader)
     except UnicodeDecodeError as e:
@@ -164,7 +171,7 @@ def read_metadata(path: str) -> list[dict]:
                         "save it as UTF-8 (Excel: \"CSV UTF-8\")") from None
 
 
-def _metadata_columns(rows: list[dict], cfg: DataConfig, where: str) -> str:
+def _metadata_columns(rows: list[dict], cfg: DataSection, where: str) -> str:
     """The caption column of metadata rows (data.caption_column, else `text`); DataError naming what is there."""
     cols = list(rows[0]) if rows else []
     cap_col = next((c for c in (cfg.caption_column, "text") if c in cols), None)
@@ -174,7 +181,7 @@ def _metadata_columns(rows: list[dict], cfg: DataConfig, where: str) -> str:
     return cap_col or cfg.caption_column
 
 
-def _imagefolder(cfg: DataConfig) -> Iterator[Record]:
+def _imagefolder(cfg: DataSection) -> Iterator[SourceRow]:
     """`metadata.{jsonl,csv,tsv,parquet}` (file_name + caption column), else `<stem>.txt` beside each image."""
     root = cfg.path
     if not os.path.isdir(root):
@@ -188,23 +195,31 @@ def _imagefolder(cfg: DataConfig) -> Iterator[Record]:
             name = str(row.get("file_name") or "")
             path = os.path.join(root, name)
             split, subset = _given_split(row, cfg, f"{meta_name} row {i + 1}")
+            if name and os.path.isfile(path) and not name.lower().endswith(IMAGE_EXTS):
+                yield SourceRow(name, "", split or split_of(name, cfg.val_fraction), skip="unsupported_format")
+                continue
             yield _record(name, row.get(cap_col), path if name and os.path.isfile(path) else None, cfg, split,
                           subset)
         return
+    # an image file, or any other file with a caption beside it (a format Pillow cannot read: counted, not lost)
     files = sorted(p for p in glob.glob(os.path.join(root, "**", "*"), recursive=True)
-                   if p.lower().endswith(IMAGE_EXTS) and os.path.isfile(p))
+                   if os.path.isfile(p) and not p.lower().endswith(".txt")
+                   and (p.lower().endswith(IMAGE_EXTS) or os.path.isfile(os.path.splitext(p)[0] + ".txt")))
     for path in files:
         rid = os.path.relpath(path, root)
         txt = os.path.splitext(path)[0] + ".txt"
+        if not path.lower().endswith(IMAGE_EXTS):
+            yield SourceRow(rid, "", split_of(rid, cfg.val_fraction), skip="unsupported_format")
+            continue
         if not os.path.exists(txt):
-            yield Record(rid, "", split_of(rid, cfg.val_fraction), skip="missing_file")
+            yield SourceRow(rid, "", split_of(rid, cfg.val_fraction), skip="missing_file")
             continue
         with open(txt, encoding="utf-8", errors="replace") as f:
             lines = [ln.strip() for ln in f if ln.strip()]
         yield _record(rid, lines[0] if lines else "", path, cfg)
 
 
-def _from_datasets(ds, cfg: DataConfig, prefix: str, image_col: str, caption_col: str) -> Iterator[Record]:
+def _from_datasets(ds, cfg: DataSection, prefix: str, image_col: str, caption_col: str) -> Iterator[SourceRow]:
     import datasets
 
     cols = set(ds.column_names or [])
@@ -220,16 +235,16 @@ def _from_datasets(ds, cfg: DataConfig, prefix: str, image_col: str, caption_col
         yield _record(rid, row.get(caption_col), row.get(image_col), cfg, split, subset)
 
 
-def _parquet_files(cfg: DataConfig) -> list[str]:
+def _parquet_files(cfg: DataSection) -> list[str]:
     return sorted(glob.glob(os.path.join(cfg.path, "**", "*.parquet"), recursive=True)) \
         if os.path.isdir(cfg.path) else sorted(glob.glob(cfg.path))
 
 
-def _tar_files(cfg: DataConfig) -> list[str]:
+def _tar_files(cfg: DataSection) -> list[str]:
     return sorted(glob.glob(os.path.join(cfg.path, "*.tar"))) if os.path.isdir(cfg.path) else sorted(glob.glob(cfg.path))
 
 
-def _parquet(cfg: DataConfig) -> Iterator[Record]:
+def _parquet(cfg: DataSection) -> Iterator[SourceRow]:
     import datasets
 
     files = _parquet_files(cfg)
@@ -239,7 +254,7 @@ def _parquet(cfg: DataConfig) -> Iterator[Record]:
     yield from _from_datasets(ds, cfg, "parquet", cfg.image_column, cfg.caption_column)
 
 
-def _hf(cfg: DataConfig) -> Iterator[Record]:
+def _hf(cfg: DataSection) -> Iterator[SourceRow]:
     import datasets
 
     if os.path.isdir(cfg.path) and os.path.exists(os.path.join(cfg.path, "dataset_info.json")):
@@ -250,7 +265,7 @@ def _hf(cfg: DataConfig) -> Iterator[Record]:
     yield from _from_datasets(ds, cfg, cfg.path.rstrip("/").split("/")[-1], cfg.image_column, cfg.caption_column)
 
 
-def _webdataset(cfg: DataConfig) -> Iterator[Record]:
+def _webdataset(cfg: DataSection) -> Iterator[SourceRow]:
     import datasets
 
     files = _tar_files(cfg)
@@ -263,7 +278,7 @@ def _webdataset(cfg: DataConfig) -> Iterator[Record]:
     yield from _from_datasets(ds, cfg, "wds", image_col, caption_col)
 
 
-def source_fingerprint(cfg: DataConfig) -> str | None:
+def source_fingerprint(cfg: DataSection) -> str | None:
     """A digest of what the configured source holds now, cheap enough for every stage-key computation.
 
     Local files: each file's path (relative to data.path), size and mtime, with the content of an
@@ -299,7 +314,7 @@ def source_fingerprint(cfg: DataConfig) -> str | None:
 
 
 def _walk(root: str) -> Iterator[str]:
-    for folder, dirs, names in os.walk(root):
+    for folder, dirs, names in os.walk(root, followlinks=True):  # glob, which reads them, follows links too
         dirs[:] = [d for d in dirs if not d.startswith(".")]  # .cache, .git: not the data
         for name in names:
             if not name.startswith("."):
@@ -320,7 +335,7 @@ def _hub_revision(name: str) -> str | None:
 SOURCES = {"shapes": _shapes, "imagefolder": _imagefolder, "parquet": _parquet, "hf": _hf, "webdataset": _webdataset}
 
 
-def read_source(cfg: DataConfig) -> Iterator[Record]:
+def read_source(cfg: DataSection) -> Iterator[SourceRow]:
     """All records of the configured source, at most `max_images` of them usable."""
     usable = 0
     for rec in SOURCES[cfg.source](cfg):

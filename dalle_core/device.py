@@ -13,10 +13,8 @@ from typing import Any
 
 import torch
 
+from dalle_core import cpu_fast
 from dalle_core.config import ConfigError
-
-# bf16 attention on a CPU (CLIP's) uses the math kernel up to this length: faster there (docs/benchmarks.md)
-CPU_BF16_MATH_MAX_LEN = 200
 
 
 def resolve_device(spec: str = "auto") -> torch.device:
@@ -43,19 +41,16 @@ def autocast(precision: str, device: torch.device | str = "cpu",
              seq_len: int | None = None) -> contextlib.AbstractContextManager:
     """bf16 autocast for the forward pass (fp32 weights and optimizer), or nothing for fp32.
 
-    On CPU, for attention over at most CPU_BF16_MATH_MAX_LEN tokens (`seq_len`, the longest sequence
-    the model attends over; None = short), it also picks SDPA's math kernel. On GPU the default
-    (flash / memory-efficient) kernels are kept.
+    On CPU it also picks SDPA's kernel for the longest sequence the model attends over, `seq_len` (None = short):
+    dalle_core.cpu_fast.bf16_attention_kernel. On GPU the default (flash / memory-efficient) kernels are kept.
     """
     if precision != "bf16":
         return contextlib.nullcontext()
     kind = torch.device(device).type
     stack = contextlib.ExitStack()
     stack.enter_context(torch.autocast(device_type=kind, dtype=torch.bfloat16))
-    if kind == "cpu" and (seq_len is None or seq_len <= CPU_BF16_MATH_MAX_LEN):
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        stack.enter_context(sdpa_kernel(SDPBackend.MATH))
+    if kind == "cpu":
+        stack.enter_context(cpu_fast.bf16_attention_kernel(seq_len))
     return stack
 
 

@@ -19,16 +19,29 @@ The encoder downsamples first and works at low resolution, so encoding (the
 bulk pre-tokenization path) stays cheap; the decoder carries the capacity.
 With `logit_laplace` the decoder emits DALL-E's logit-Laplace statistics
 instead of pixels (`logit_laplace_nll`, `DiscreteVAE.to_image`).
+
+The training objective follows the model: `dvae_step` (reconstruction +
+quantizer loss, VQGAN's adversarial terms in `vqgan_losses`), `dvae_schedule`
+(gumbel temperature and KL ramps, dead-code restarts) and `evaluate_dvae`.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from dalle_core.device import to_device
+from dalle_core.images import ImageNormalization, psnr, to_tensor
+from dalle_core.train import StepFn, distributed, unwrap
+
+if TYPE_CHECKING:
+    from dalle_core.config import DVAESection
 
 
 @dataclass
@@ -58,19 +71,6 @@ class DVAEConfig:
     @property
     def grid_size(self) -> int:
         return self.image_size // 2 ** self.num_downsamples
-
-
-def config_for(section, image_size: int) -> DVAEConfig:
-    """The model shape of a `dvae` run-config section (`dalle_core.config.DVAESection`) at `image_size`."""
-    return DVAEConfig(image_size=image_size, codebook_size=section.codebook_size, codebook_dim=section.codebook_dim,
-                      hidden=section.hidden, num_downsamples=section.num_downsamples,
-                      num_res_blocks=section.num_res_blocks, quantizer=section.quantizer,
-                      commitment=section.commitment, ema_decay=section.ema_decay,
-                      dead_code_threshold=section.dead_code_threshold, straight_through=section.straight_through,
-                      logit_laplace=section.recon_loss == "logit_laplace", norm_mean=tuple(section.norm_mean),
-                      norm_std=tuple(section.norm_std),
-                      disc_layers=section.disc_layers if section.adversarial else 0,
-                      disc_channels=section.disc_channels)
 
 
 class ResBlock(nn.Module):
@@ -343,3 +343,135 @@ def fit_kmeans(model: DiscreteVAE, pixels: torch.Tensor, iters: int = 20, seed: 
             log(i + 1, mse)
     q.ema_sum.copy_(q.embed)
     return mse
+
+
+# ------------------------------------------------------------------ training objective
+
+
+def code_usage(counts: torch.Tensor) -> tuple[float, float]:
+    """(perplexity, fraction of codes used) of (K,) code counts: exp of the usage entropy in nats (K when every
+    code is used equally, 1 when one code takes all) and how many codes appear at all."""
+    p = counts.float() / counts.sum()
+    entropy = -(p[p > 0] * p[p > 0].log()).sum()
+    return float(entropy.exp()), float((counts > 0).float().mean())
+
+
+def dvae_step(section: DVAESection) -> StepFn:
+    """The dVAE's loss on a batch {"image": (B, H, W, 3) uint8}: reconstruction + quantizer loss, and for VQGAN
+    (`section.adversarial`) the LPIPS term when it has weights, the adaptive-weight generator term and the
+    discriminator's hinge loss."""
+    norm = ImageNormalization(section.norm_mean, section.norm_std)
+    lpips = None
+    if section.adversarial and section.perceptual_vgg and section.perceptual_weight > 0:
+        from dalle_core.perceptual import load_lpips
+
+        lpips = load_lpips(section.perceptual_vgg, section.perceptual_lpips)
+
+    def step_fn(model: nn.Module, batch: dict, step: int):
+        x = to_tensor(batch["image"], norm.mean, norm.std)
+        out, idx, q_loss = model(x)
+        if section.recon_loss == "logit_laplace":
+            rec_loss = logit_laplace_nll(out, norm.to_unit(x))
+            recon = unwrap(model).to_image(out if lpips is not None or section.adversarial else out.detach())
+        else:
+            recon = out.float()
+            rec_loss = F.mse_loss(recon, x) if section.recon_loss == "mse" else F.l1_loss(recon, x)
+        adv: dict[str, torch.Tensor] = {}
+        if lpips is not None:
+            lpips.to(x.device)  # in place; nothing moves after the first step
+            adv["perceptual"] = lpips(2 * norm.to_unit(x) - 1, 2 * norm.to_unit(recon) - 1).mean()
+            rec_loss = rec_loss + section.perceptual_weight * adv["perceptual"]
+        loss = rec_loss + q_loss
+        if section.adversarial and step >= section.disc_start:
+            ramp = min(1.0, (step - section.disc_start + 1) / section.disc_ramp) if section.disc_ramp else 1.0
+            adv.update(vqgan_losses(unwrap(model), x, recon, rec_loss, section.disc_weight * ramp))
+            loss = loss + adv["adaptive_weight"] * adv["generator_loss"] + adv["discriminator_loss"]
+        elif section.adversarial and distributed():  # every parameter gets a gradient each step, as DDP expects
+            loss = loss + 0 * sum(p.sum() for p in unwrap(model).discriminator.parameters())
+
+        def metrics() -> dict[str, float]:
+            ppl, used = code_usage(torch.bincount(idx.flatten(), minlength=section.codebook_size))
+            with torch.no_grad():
+                recon_psnr = psnr(F.mse_loss(norm.to_unit(recon.detach()), norm.to_unit(x)).item())
+            return {"recon_mse": F.mse_loss(recon.detach().float(), x).item(), "psnr": recon_psnr, "perplexity": ppl,
+                    "code_usage_fraction": used, "quantizer_loss": q_loss.item(),
+                    "temperature": getattr(unwrap(model).quantizer, "temperature", float("nan")),
+                    "kl_per_cell": float(getattr(unwrap(model).quantizer, "last_kl", float("nan"))),
+                    **{k: float(v.detach()) for k, v in adv.items()}}
+
+        return loss, x.shape[0], metrics
+
+    return step_fn
+
+
+def vqgan_losses(model: nn.Module, x: torch.Tensor, recon: torch.Tensor, rec_loss: torch.Tensor,
+                 disc_weight: float) -> dict[str, torch.Tensor]:
+    """Taming-transformers' adversarial terms for normalised images `x` and reconstructions `recon`.
+
+    generator_loss = -D(recon), to be weighted by adaptive_weight = disc_weight x |grad rec_loss| /
+    |grad generator_loss| at the decoder's last layer (so neither term drowns the other); its gradient reaches
+    the dVAE only (D's parameters are detached for it). discriminator_loss = hinge on D(x) and D(recon.detach()),
+    its gradient reaches D only."""
+    d = model.discriminator
+    frozen = {name: p.detach() for name, p in d.named_parameters()}
+    generator_loss = -torch.func.functional_call(d, frozen, (recon,)).float().mean()
+    last = model.decoder.net[-1].weight
+    g_rec = torch.autograd.grad(rec_loss, last, retain_graph=True)[0]
+    g_adv = torch.autograd.grad(generator_loss, last, retain_graph=True)[0]
+    weight = (g_rec.norm() / (g_adv.norm() + 1e-4)).clamp(0, 1e4).detach() * disc_weight
+    real, fake = d(x).float(), d(recon.detach()).float()
+    disc_loss = 0.5 * (F.relu(1 - real).mean() + F.relu(1 + fake).mean())
+    return {"generator_loss": generator_loss, "adaptive_weight": weight, "discriminator_loss": disc_loss,
+            "logits_real": real.detach().mean(), "logits_fake": fake.detach().mean()}
+
+
+def dvae_schedule(model: nn.Module, section: DVAESection
+                  ) -> tuple[Callable[[int, int], None], Callable[[int], None]]:
+    """(before_step, after_step): the gumbel temperature and KL ramps over the run's horizon (the step the
+    budget says it will end at); VQ dead-code restarts."""
+    quantizer, c = unwrap(model).quantizer, unwrap(model).c
+    cells_per_value = c.grid_size ** 2 / (3 * c.image_size ** 2)  # KL summed over cells, recon over pixel values
+
+    def before(step: int, horizon: int) -> None:
+        if section.quantizer == "gumbel":
+            frac = min(1.0, step / max(1.0, section.temp_anneal * horizon))
+            quantizer.temperature = section.temp_start * (section.temp_end / section.temp_start) ** frac
+            kl_ramp = min(1.0, step / max(1.0, section.kl_warmup * horizon))
+            quantizer.kl_weight = section.kl_weight * cells_per_value * kl_ramp
+
+    def after(step: int) -> None:
+        if section.quantizer == "vq" and (step + 1) % section.restart_every == 0:
+            quantizer.restart_dead_codes()
+
+    return before, after
+
+
+@torch.inference_mode()
+def evaluate_dvae(model: nn.Module, batches: Iterable[dict], norm: ImageNormalization,
+                  device: torch.device | str = "cpu") -> dict[str, float]:
+    """Validation PSNR of the hard-code reconstruction (over all pixels of all batches), codebook usage, and
+    sharpness: the variance of the reconstructions' Laplacian over the originals' (1 = as sharp; blur < 1)."""
+    model.eval()
+    se, n, lap_recon, lap_real = 0.0, 0, 0.0, 0.0
+    counts = torch.zeros(model.c.codebook_size, device=device)
+    for batch in batches:
+        x = to_tensor(to_device(batch["image"], torch.device(device)), norm.mean, norm.std)
+        tokens = model.encode(x)
+        recon = model.decode(tokens)
+        se += F.mse_loss(norm.to_unit(recon), norm.to_unit(x), reduction="sum").item()
+        n += x.numel()
+        lap_recon += laplacian_variance(norm.to_unit(recon)).sum().item()
+        lap_real += laplacian_variance(norm.to_unit(x)).sum().item()
+        counts += torch.bincount(tokens.flatten(), minlength=model.c.codebook_size).float()
+    mse = se / max(n, 1)
+    perplexity, used = code_usage(counts)
+    return {"val_psnr": psnr(mse), "val_mse": mse, "val_code_usage_fraction": used, "val_perplexity": perplexity,
+            "val_sharpness_ratio": lap_recon / max(lap_real, 1e-12)}
+
+
+def laplacian_variance(unit: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) images in [0, 1] -> (B,) variance of the 3x3 Laplacian of their luma: a standard focus
+    measure, high for sharp edges and fine texture, low for blur."""
+    luma = (unit.float() * torch.tensor([0.299, 0.587, 0.114], device=unit.device).view(1, 3, 1, 1)).sum(1, True)
+    kernel = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]], device=unit.device).view(1, 1, 3, 3)
+    return F.conv2d(luma, kernel).flatten(1).var(1)

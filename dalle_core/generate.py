@@ -8,23 +8,24 @@ import numpy as np
 import torch
 
 from dalle_core.bpe import TextTokenizer
-from dalle_core.clip import Scorer
+from dalle_core.clip import CLIPReranker
 from dalle_core.dvae import DiscreteVAE
-from dalle_core.images import to_tensor, to_uint8_tensor
+from dalle_core.images import ImageNormalization, to_tensor, to_uint8_tensor
 from dalle_core.sampling import sample
-from dalle_core.train import Norm
 from dalle_core.transformer import DALLE
 
 
 @dataclass
-class Generator:
-    """The models of a run, all on one device; `precision` is the sampling precision (fp32 or bf16)."""
+class DALLEPipeline:
+    """A trained text-to-image model as diffusers bundles one: the transformer, the image tokenizer (dVAE) with
+    its pixel normalisation, the text tokenizer and the CLIP reranker, all on one device; `precision` is the
+    sampling precision (fp32 or bf16). (Not the Prefect pipeline that trains them.)"""
 
     transformer: DALLE
     dvae: DiscreteVAE
-    norm: Norm
+    normalization: ImageNormalization
     tokenizer: TextTokenizer
-    scorer: Scorer
+    reranker: CLIPReranker
     precision: str = "fp32"
 
     @property
@@ -34,9 +35,9 @@ class Generator:
     @torch.inference_mode()
     def prime(self, image: np.ndarray, rows: int) -> tuple[torch.Tensor, np.ndarray]:
         """A (H, W, 3) uint8 image at the dVAE's size -> (its top `rows` rows of codes, flat; its reconstruction)."""
-        x = to_tensor(image[None], self.norm.mean, self.norm.std).to(self.device)
+        x = to_tensor(image[None], self.normalization.mean, self.normalization.std).to(self.device)
         codes = self.dvae.encode(x)
-        recon = to_uint8_tensor(self.dvae.decode(codes), self.norm.mean, self.norm.std)[0].cpu().numpy()
+        recon = to_uint8_tensor(self.dvae.decode(codes), self.normalization.mean, self.normalization.std)[0].cpu().numpy()
         return codes[0, :rows].flatten(), recon
 
     @torch.inference_mode()
@@ -71,8 +72,8 @@ class Generator:
                 codes = sample(self.transformer, rows, temperature=temperature, top_k=top_k, top_p=top_p,
                                cond_scale=cond_scale, image_prefix=fixed, generator=[gens[j] for j in group],
                                precision=self.precision)
-                pixels = to_uint8_tensor(self.dvae.decode(codes.view(-1, side, side)), self.norm.mean, self.norm.std)
-                s = self.scorer.scores(pixels, [prompts[j] for j in group for _ in range(b)]).float().numpy()
+                pixels = to_uint8_tensor(self.dvae.decode(codes.view(-1, side, side)), self.normalization.mean, self.normalization.std)
+                s = self.reranker.scores(pixels, [prompts[j] for j in group for _ in range(b)]).float().numpy()
                 decoded, drawn = pixels.cpu().numpy(), codes.cpu().numpy()
                 for k, j in enumerate(group):
                     images[j].append(decoded[k * b:(k + 1) * b])

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import functools
 import io
+import math
 import textwrap
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -122,6 +124,20 @@ def to_tensor(images: np.ndarray | torch.Tensor, mean=(0.5, 0.5, 0.5), std=(0.5,
     return (x - m) / s
 
 
+@dataclass
+class ImageNormalization:
+    """The per-channel pixel mean and std (torchvision's `Normalize`) that map [0, 1] images to a model's input."""
+
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    def to_unit(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised (B, 3, H, W) -> [0, 1] float32."""
+        m = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
+        s = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
+        return (x.float() * s + m).clamp(0, 1)
+
+
 def to_uint8_tensor(x: torch.Tensor, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)) -> torch.Tensor:
     """Normalised (B, 3, H, W) -> (B, H, W, 3) uint8 on the same device."""
     m = torch.tensor(mean, device=x.device).view(1, 3, 1, 1)
@@ -134,10 +150,13 @@ def to_uint8(x: torch.Tensor, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)) -> np.n
     return to_uint8_tensor(x, mean, std).cpu().numpy()
 
 
-def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    """PSNR in dB of two image batches in [0, 1] (mean over the batch of per-batch MSE)."""
-    mse = torch.mean((a.float() - b.float()) ** 2).item()
-    return float("inf") if mse == 0 else 10 * np.log10(1.0 / mse)
+PSNR_OF_IDENTICAL_IMAGES = 99.0  # dB; finite, so MLflow and JSON take it
+
+
+def psnr(mse: float) -> float:
+    """Peak signal-to-noise ratio in dB of images in [0, 1] whose mean squared error over all pixel values is
+    `mse` (peak 1: 10 log10(1 / mse)); PSNR_OF_IDENTICAL_IMAGES when mse is 0."""
+    return PSNR_OF_IDENTICAL_IMAGES if mse == 0 else 10 * math.log10(1.0 / mse)
 
 
 def grid(rows: list[list[np.ndarray]], captions: list[str] | None = None, scale: int = 2,

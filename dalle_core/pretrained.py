@@ -50,7 +50,7 @@ _TORCH_REBUILD = {
 }
 
 
-class Record:
+class InertObject:
     """What the restricted unpickler makes of any class it does not allow: the pickled state, inert."""
 
     def __init__(self, *args, **kwargs):
@@ -68,7 +68,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
             return super().find_class(module, name)
         if module == "torch" and name in ("float32", "float16", "bfloat16", "float64", "int64", "uint8"):
             return getattr(torch, name)
-        return type(name, (Record,), {})  # a class or a function alike: calling it only records its arguments
+        return type(name, (InertObject,), {})  # a class or a function alike: calling it only records its arguments
 
 
 class _RestrictedPickle:
@@ -87,7 +87,7 @@ def read_pickle(path: Path) -> Any:
 
 
 def module_state(node: Any, prefix: str = "") -> dict[str, torch.Tensor]:
-    """The state dict of a pickled `nn.Module` read as `Record`s: its parameters and buffers by dotted name."""
+    """The state dict of a pickled `nn.Module` read as `InertObject`s: its parameters and buffers by dotted name."""
     out: dict[str, torch.Tensor] = {}
     for kind in ("_parameters", "_buffers"):
         for name, t in (getattr(node, kind, None) or {}).items():

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import functools
 
 import torch
 import torch.nn.functional as F
 
-from dalle_core import cpu_attention
+from dalle_core import cpu_fast
 from dalle_core.transformer import DALLE, KVCache
 
 
@@ -67,64 +66,19 @@ def guided(logits: torch.Tensor, batch: int, cond_scale: float) -> torch.Tensor:
     return uncond + cond_scale * (cond - uncond)
 
 
-class PackedLinear(torch.nn.Module):
-    """A bf16 linear layer (optionally with its GELU) on the CPU, its weight packed once for oneDNN: F.linear
-    re-packs the weight at every call, which at the 8 rows of a sampling step costs as much as the product
-    (docs/benchmarks.md). Inference only; its input is cast to bf16."""
+def for_sampling(model: DALLE, precision: str,
+                 rows: int) -> tuple[DALLE, contextlib.AbstractContextManager, torch.dtype]:
+    """The model (or a copy) to sample `rows` rows with, the context to run it in, and its KV cache's dtype, for
+    `precision` fp32 or bf16. The model passed in is never changed.
 
-    def __init__(self, linear: torch.nn.Linear, rows: int, gelu: bool = False):
-        super().__init__()
-        self.weight = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach().to(torch.bfloat16), rows)
-        self.bias = None if linear.bias is None else linear.bias.detach().to(torch.bfloat16)
-        self.post_op, self.algorithm = ("gelu", "tanh") if gelu else ("none", "")
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x.to(torch.bfloat16), self.weight, self.bias, self.post_op, [],
-                                                  self.algorithm)
-
-
-@functools.cache
-def packed_linear_works() -> bool:
-    """Whether this PyTorch build has oneDNN's packed bf16 linear (a private op) and it computes F.linear."""
-    try:
-        with torch.inference_mode(), torch.random.fork_rng(devices=[]):  # leaves the caller's RNG stream as it was
-            linear = torch.nn.Linear(16, 8)
-            x = torch.randn(3, 2, 16).to(torch.bfloat16)
-            expect = F.gelu(F.linear(x, linear.weight.to(torch.bfloat16), linear.bias.to(torch.bfloat16)).float(),
-                            approximate="tanh")
-            return torch.allclose(PackedLinear(linear, 8, gelu=True)(x).float(), expect, atol=0.05)
-    except (RuntimeError, AttributeError):
-        return False
-
-
-def for_sampling(model: DALLE, precision: str, rows: int) -> tuple[DALLE, contextlib.AbstractContextManager, dict]:
-    """The model (or a copy) to sample `rows` rows with, the context to run it in, for `precision` fp32 or
-    bf16, and the KV cache's options (dtype, decode attention).
-
-    bf16 on a GPU: a bf16 copy of the whole model, no autocast (no cast kernels in a launch-bound step);
-    its KV cache is bf16 too, half the memory traffic. bf16 on a CPU: a copy whose linear layers are bf16,
-    packed once for oneDNN (PackedLinear, the GELU fused into the MLP's first), run under autocast: the
-    CPU's bf16 linears are faster at 8 rows. On a CPU each step's attention is the compiled kernel of
-    dalle_core.cpu_attention, over a bf16 cache under bf16 (half the bytes a step reads, which bound it);
-    without that kernel, over an fp32 cache, since PyTorch's CPU attention is much slower over a bf16 cache
-    (docs/benchmarks.md).
+    On a CPU, the CPU's fast copy (dalle_core.cpu_fast.for_sampling). bf16 on a GPU: a bf16 copy of the whole
+    model, no autocast (no cast kernels in a launch-bound step), and a bf16 KV cache: half the memory traffic.
     """
-    device = next(model.parameters()).device
-    decode = cpu_attention.kernel() if device.type == "cpu" else None
-    if precision != "bf16":
-        return model, contextlib.nullcontext(), {"dtype": torch.float32, "decode": decode}
-    twin = copy.deepcopy(model)
-    if device.type != "cpu":
-        return twin.to(torch.bfloat16), contextlib.nullcontext(), {"dtype": torch.bfloat16, "decode": None}
-    packed = packed_linear_works()
-    for block in twin.blocks if packed else []:
-        block.mlp.fc, block.mlp.gelu = PackedLinear(block.mlp.fc, rows, gelu=True), torch.nn.Identity()
-    for parent in [*twin.modules()]:
-        for name, child in parent.named_children():
-            if isinstance(child, torch.nn.Linear):
-                setattr(parent, name, PackedLinear(child, rows) if packed else child.to(torch.bfloat16))
-    cache = {"dtype": torch.bfloat16 if decode is not None else torch.float32, "decode": decode}
-    return twin, torch.autocast("cpu", dtype=torch.bfloat16), cache
+    if next(model.parameters()).device.type == "cpu":
+        return cpu_fast.for_sampling(model, precision, rows)
+    if precision == "bf16":
+        return copy.deepcopy(model).to(torch.bfloat16), contextlib.nullcontext(), torch.bfloat16
+    return model, contextlib.nullcontext(), torch.float32
 
 
 @torch.inference_mode()
@@ -152,9 +106,9 @@ def sample(model: DALLE, text: torch.Tensor, *, temperature: float = 1.0, top_k:
     if n_prefix >= N:
         raise ValueError(f"an image prefix of {n_prefix} codes leaves nothing to sample: "
                          f"the image has {N} codes, so a prefix may have 0 to {N - 1}")
-    model, context, cache_options = for_sampling(model, precision, rows.shape[0])
+    model, context, cache_dtype = for_sampling(model, precision, rows.shape[0])
     with context:
-        cache = KVCache(c, rows.shape[0], device=text.device, **cache_options)
+        cache = KVCache(c, rows.shape[0], device=text.device, dtype=cache_dtype)
         out = torch.empty(B, N, dtype=torch.long, device=text.device)
         x = model.embed_text(rows)
         if n_prefix:

@@ -4,8 +4,9 @@
 budget, bf16 autocast on the run's device, gradient accumulation (without DDP
 gradient sync on all but the last micro-batch), clipping, logging, checkpoints.
 A stage gives it only a model (optionally DDP-wrapped), batches and a step
-function `(model, batch, step) -> (loss, items, metrics)`: `dvae_step`,
-`transformer_step` and `clip_step` below. The loop knows nothing about where
+function `(model, batch, step) -> (loss, items, metrics)`, which lives beside
+its model: `dalle_core.dvae.dvae_step`, `dalle_core.transformer.transformer_step`
+and `dalle_core.clip.clip_step`. The loop knows nothing about where
 data, checkpoints or metrics live: it calls `log(step, metrics)` and
 `checkpoint(step, elapsed_s)`.
 """
@@ -22,12 +23,9 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from dalle_core.config import DVAESection, TrainConfig
+from dalle_core.config import TrainSection
 from dalle_core.device import autocast, rng_state, set_rng_state, to_device
-from dalle_core.dvae import logit_laplace_nll
-from dalle_core.images import to_tensor
 
 LogFn = Callable[[int, dict[str, float]], None]
 CheckpointFn = Callable[[int, float], None]
@@ -35,7 +33,7 @@ CheckpointFn = Callable[[int, float], None]
 StepFn = Callable[[nn.Module, Any, int], tuple[torch.Tensor, int, Callable[[], dict[str, float]]]]
 
 
-def lr_at(step: int, t: TrainConfig, horizon: int | None = None) -> float:
+def lr_at(step: int, t: TrainSection, horizon: int | None = None) -> float:
     """Linear warmup, then cosine decay to lr * min_lr_ratio at `horizon` (default max_steps)."""
     if step < t.warmup_steps:
         return t.lr * (step + 1) / t.warmup_steps
@@ -44,7 +42,7 @@ def lr_at(step: int, t: TrainConfig, horizon: int | None = None) -> float:
     return t.lr * (t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def make_optimizer(model: nn.Module, t: TrainConfig) -> torch.optim.AdamW:
+def make_optimizer(model: nn.Module, t: TrainSection) -> torch.optim.AdamW:
     """AdamW with weight decay on matrices only (no decay on biases, norms, embeddings' 1-D params)."""
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
@@ -89,7 +87,7 @@ class Budget:
 
     MIN_STEPS_TO_PROJECT = 20
 
-    def __init__(self, t: TrainConfig, start_step: int = 0, elapsed_s: float = 0.0):
+    def __init__(self, t: TrainSection, start_step: int = 0, elapsed_s: float = 0.0):
         self.max_steps = t.max_steps
         self.horizon = t.max_steps
         self.start_step, self.t0, self.elapsed_before = start_step, time.monotonic(), elapsed_s
@@ -142,7 +140,7 @@ class FitResult:
     elapsed_s: float  # training time of the whole run, resumes included
 
 
-def fit(model: nn.Module, batches: Iterable, t: TrainConfig, optimizer: torch.optim.Optimizer, step_fn: StepFn, *,
+def fit(model: nn.Module, batches: Iterable, t: TrainSection, optimizer: torch.optim.Optimizer, step_fn: StepFn, *,
         start_step: int = 0, elapsed_s: float = 0.0, device: torch.device | str = "cpu", seq_len: int | None = None,
         log: LogFn | None = None, checkpoint: CheckpointFn | None = None,
         before_step: Callable[[int, int], None] | None = None, after_step: Callable[[int], None] | None = None,
@@ -214,220 +212,3 @@ def fit(model: nn.Module, batches: Iterable, t: TrainConfig, optimizer: torch.op
             checkpoint(step, budget.elapsed())
         t0 += time.perf_counter() - hooks_t0  # throughput counts training only, not validation or checkpoints
     return FitResult(step, budget.stopped_by, budget.elapsed())
-
-
-# ------------------------------------------------------------------ the dVAE
-
-
-def code_stats(tokens: torch.Tensor, codebook_size: int) -> tuple[float, float]:
-    """(perplexity of code usage, fraction of codes used) over a batch of token grids."""
-    counts = torch.bincount(tokens.flatten(), minlength=codebook_size).float()
-    p = counts / counts.sum()
-    entropy = -(p[p > 0] * p[p > 0].log()).sum()
-    return float(entropy.exp()), float((counts > 0).float().mean())
-
-
-@dataclass
-class Norm:
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-
-    def to_unit(self, x: torch.Tensor) -> torch.Tensor:
-        """Normalised -> [0, 1]."""
-        m = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
-        s = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
-        return (x.float() * s + m).clamp(0, 1)
-
-
-def psnr_unit(a: torch.Tensor, b: torch.Tensor) -> float:
-    mse = F.mse_loss(a, b).item()
-    return 99.0 if mse == 0 else 10 * math.log10(1 / mse)
-
-
-def dvae_step(r: DVAESection) -> StepFn:
-    """The dVAE's loss on a batch {"image": (B, H, W, 3) uint8}: reconstruction + quantizer loss, and for VQGAN
-    (`r.adversarial`) the LPIPS term when it has weights, the adaptive-weight generator term and the
-    discriminator's hinge loss."""
-    norm = Norm(r.norm_mean, r.norm_std)
-    lpips = None
-    if r.adversarial and r.perceptual_vgg and r.perceptual_weight > 0:
-        from dalle_core.perceptual import load_lpips
-
-        lpips = load_lpips(r.perceptual_vgg, r.perceptual_lpips)
-
-    def step_fn(model: nn.Module, batch: dict, step: int):
-        x = to_tensor(batch["image"], norm.mean, norm.std)
-        out, idx, q_loss = model(x)
-        if r.recon_loss == "logit_laplace":
-            rec_loss = logit_laplace_nll(out, norm.to_unit(x))
-            recon = unwrap(model).to_image(out if lpips is not None or r.adversarial else out.detach())
-        else:
-            recon = out.float()
-            rec_loss = F.mse_loss(recon, x) if r.recon_loss == "mse" else F.l1_loss(recon, x)
-        adv: dict[str, torch.Tensor] = {}
-        if lpips is not None:
-            lpips.to(x.device)  # in place; nothing moves after the first step
-            adv["perceptual"] = lpips(2 * norm.to_unit(x) - 1, 2 * norm.to_unit(recon) - 1).mean()
-            rec_loss = rec_loss + r.perceptual_weight * adv["perceptual"]
-        loss = rec_loss + q_loss
-        if r.adversarial and step >= r.disc_start:
-            ramp = min(1.0, (step - r.disc_start + 1) / r.disc_ramp) if r.disc_ramp else 1.0
-            adv.update(vqgan_losses(unwrap(model), x, recon, rec_loss, r.disc_weight * ramp))
-            loss = loss + adv["adaptive_weight"] * adv["generator_loss"] + adv["discriminator_loss"]
-        elif r.adversarial and distributed():  # every parameter gets a gradient each step, as DDP expects
-            loss = loss + 0 * sum(p.sum() for p in unwrap(model).discriminator.parameters())
-
-        def metrics() -> dict[str, float]:
-            ppl, used = code_stats(idx, r.codebook_size)
-            with torch.no_grad():
-                psnr = psnr_unit(norm.to_unit(recon.detach()), norm.to_unit(x))
-            return {"recon_mse": F.mse_loss(recon.detach().float(), x).item(), "psnr": psnr, "perplexity": ppl,
-                    "code_usage_fraction": used, "quantizer_loss": q_loss.item(),
-                    "temperature": getattr(unwrap(model).quantizer, "temperature", float("nan")),
-                    "kl_per_cell": float(getattr(unwrap(model).quantizer, "last_kl", float("nan"))),
-                    **{k: float(v.detach()) for k, v in adv.items()}}
-
-        return loss, x.shape[0], metrics
-
-    return step_fn
-
-
-def vqgan_losses(model: nn.Module, x: torch.Tensor, recon: torch.Tensor, rec_loss: torch.Tensor,
-                 disc_weight: float) -> dict[str, torch.Tensor]:
-    """Taming-transformers' adversarial terms for normalised images `x` and reconstructions `recon`.
-
-    generator_loss = -D(recon), to be weighted by adaptive_weight = disc_weight x |grad rec_loss| /
-    |grad generator_loss| at the decoder's last layer (so neither term drowns the other); its gradient reaches
-    the dVAE only (D's parameters are detached for it). discriminator_loss = hinge on D(x) and D(recon.detach()),
-    its gradient reaches D only."""
-    d = model.discriminator
-    frozen = {name: p.detach() for name, p in d.named_parameters()}
-    generator_loss = -torch.func.functional_call(d, frozen, (recon,)).float().mean()
-    last = model.decoder.net[-1].weight
-    g_rec = torch.autograd.grad(rec_loss, last, retain_graph=True)[0]
-    g_adv = torch.autograd.grad(generator_loss, last, retain_graph=True)[0]
-    weight = (g_rec.norm() / (g_adv.norm() + 1e-4)).clamp(0, 1e4).detach() * disc_weight
-    real, fake = d(x).float(), d(recon.detach()).float()
-    disc_loss = 0.5 * (F.relu(1 - real).mean() + F.relu(1 + fake).mean())
-    return {"generator_loss": generator_loss, "adaptive_weight": weight, "discriminator_loss": disc_loss,
-            "logits_real": real.detach().mean(), "logits_fake": fake.detach().mean()}
-
-
-def dvae_schedule(model: nn.Module, r: DVAESection) -> tuple[Callable[[int, int], None], Callable[[int], None]]:
-    """(before_step, after_step): the gumbel temperature and KL ramps over the run's horizon (the step the
-    budget says it will end at); VQ dead-code restarts."""
-    q = unwrap(model).quantizer
-
-    c = unwrap(model).c
-    cells_per_value = c.grid_size ** 2 / (3 * c.image_size ** 2)  # KL summed over cells, recon over pixel values
-
-    def before(step: int, horizon: int) -> None:
-        if r.quantizer == "gumbel":
-            frac = min(1.0, step / max(1.0, r.temp_anneal * horizon))
-            q.temperature = r.temp_start * (r.temp_end / r.temp_start) ** frac
-            q.kl_weight = r.kl_weight * cells_per_value * min(1.0, step / max(1.0, r.kl_warmup * horizon))
-
-    def after(step: int) -> None:
-        if r.quantizer == "vq" and (step + 1) % r.restart_every == 0:
-            q.restart_dead_codes()
-
-    return before, after
-
-
-@torch.inference_mode()
-def evaluate_dvae(model: nn.Module, batches: Iterable[dict], norm: Norm,
-                  device: torch.device | str = "cpu") -> dict[str, float]:
-    """Validation PSNR of the hard-code reconstruction (over all pixels of all batches), codebook usage, and
-    sharpness: the variance of the reconstructions' Laplacian over the originals' (1 = as sharp; blur < 1)."""
-    model.eval()
-    se, n, lap_recon, lap_real = 0.0, 0, 0.0, 0.0
-    counts = torch.zeros(model.c.codebook_size, device=device)
-    for batch in batches:
-        x = to_tensor(to_device(batch["image"], torch.device(device)), norm.mean, norm.std)
-        tokens = model.encode(x)
-        recon = model.decode(tokens)
-        se += F.mse_loss(norm.to_unit(recon), norm.to_unit(x), reduction="sum").item()
-        n += x.numel()
-        lap_recon += laplacian_variance(norm.to_unit(recon)).sum().item()
-        lap_real += laplacian_variance(norm.to_unit(x)).sum().item()
-        counts += torch.bincount(tokens.flatten(), minlength=model.c.codebook_size).float()
-    mse = se / max(n, 1)
-    p = counts / counts.sum()
-    entropy = -(p[p > 0] * p[p > 0].log()).sum()
-    return {"val_psnr": 99.0 if mse == 0 else 10 * math.log10(1 / mse), "val_mse": mse,
-            "val_code_usage_fraction": float((counts > 0).float().mean()), "val_perplexity": float(entropy.exp()),
-            "val_sharpness_ratio": lap_recon / max(lap_real, 1e-12)}
-
-
-def laplacian_variance(unit: torch.Tensor) -> torch.Tensor:
-    """(B, 3, H, W) images in [0, 1] -> (B,) variance of the 3x3 Laplacian of their luma: a standard focus
-    measure, high for sharp edges and fine texture, low for blur."""
-    luma = (unit.float() * torch.tensor([0.299, 0.587, 0.114], device=unit.device).view(1, 3, 1, 1)).sum(1, True)
-    kernel = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]], device=unit.device).view(1, 1, 3, 3)
-    return F.conv2d(luma, kernel).flatten(1).var(1)
-
-
-# ----------------------------------------------------------- the transformer
-
-
-def drop_captions(text: torch.Tensor, p: float, pad_id: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Replace each caption by the all-padding caption with probability p (for classifier-free guidance)."""
-    if p <= 0:
-        return text
-    drop = torch.rand(text.shape[0], generator=generator) < p
-    return torch.where(drop.to(text.device)[:, None], torch.full_like(text, pad_id), text)
-
-
-def transformer_step(caption_dropout: float, pad_id: int, seed: int) -> StepFn:
-    """Next-token loss on a batch {"text": (B, text_len), "image": (B, N)} of ids, captions dropped for CFG.
-
-    Which captions are dropped depends on the seed and the step alone, so a resumed run drops the same.
-    """
-    gen, seeded = torch.Generator(), [-1]
-
-    def step_fn(model: nn.Module, batch: dict, step: int):
-        if seeded[0] != step:  # once per step: micro-batches of one step draw on from there
-            gen.manual_seed(seed * 1000003 + step)
-            seeded[0] = step
-        text, image = batch["text"], batch["image"]
-        text = drop_captions(text, caption_dropout, pad_id, gen)
-        loss, text_loss, image_loss = model(text, image)
-        return loss, text.numel() + image.numel(), lambda: {"text_loss": text_loss.item(),
-                                                           "image_loss": image_loss.item()}
-
-    return step_fn
-
-
-@torch.inference_mode()
-def evaluate_transformer(model: nn.Module, batches: Iterable[dict], precision: str = "fp32",
-                         device: torch.device | str = "cpu") -> dict[str, float]:
-    """Mean losses over all batches; image loss also in bits per image token."""
-    model.eval()
-    device = torch.device(device)
-    sums, n = torch.zeros(3, device=device), 0
-    for batch in batches:
-        batch = to_device(batch, device)
-        with autocast(precision, device, model.c.seq_len):
-            losses = model(batch["text"], batch["image"])
-        sums += torch.stack([x.float() for x in losses]) * batch["text"].shape[0]
-        n += batch["text"].shape[0]
-    loss, text_loss, image_loss = (sums / max(n, 1)).tolist()
-    return {"val_loss": loss, "val_text_loss": text_loss, "val_image_loss": image_loss,
-            "val_bits_per_image_token": image_loss / math.log(2)}
-
-
-# ------------------------------------------------------------------- CLIP
-
-
-def clip_step(c, rank: int = 0, world_size: int = 1) -> StepFn:
-    """Contrastive loss on a batch {"image": (B, H, W, 3) uint8, "text": (B, text_len) BPE ids} for a CLIP of
-    `dalle_core.clip.CLIPConfig` c. Under DDP the features of all ranks are gathered, so every rank
-    contrasts against the global batch."""
-    from dalle_core.clip import clip_pixels, clip_text_ids, contrastive_loss
-
-    def step_fn(model: nn.Module, batch: dict, step: int):
-        pixels, text = clip_pixels(batch["image"], c.image_size), clip_text_ids(batch["text"], c)
-        loss, logit_scale = contrastive_loss(model, pixels, text, rank, world_size)
-        return loss, text.shape[0], lambda: {"temperature": 1.0 / float(logit_scale)}
-
-    return step_fn

@@ -17,25 +17,16 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
-# bf16 CPU attention up to this length runs in fp32: the flash kernel is faster in fp32 there (docs/benchmarks.md)
-CPU_FP32_ATTENTION_MAX_LEN = 640
-
-
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:
-    """Causal SDPA of (B, nh, T, hs) q, k, v; on a CPU, bf16 inputs up to CPU_FP32_ATTENTION_MAX_LEN tokens are
-    attended in fp32 (flash kernel) and the result cast back."""
-    if q.device.type != "cpu" or q.dtype != torch.bfloat16 or q.shape[2] > CPU_FP32_ATTENTION_MAX_LEN:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
-    with torch.autocast("cpu", enabled=False), sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]):
-        y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True, dropout_p=dropout_p)
-    return y.to(torch.bfloat16)
+from dalle_core import cpu_fast
+from dalle_core.device import autocast, to_device
+from dalle_core.train import StepFn
 
 
 @dataclass
@@ -72,17 +63,17 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0, pos: int = 0) -> torch.Tensor:
         B, T, C = x.shape
-        qkv = self.qkv(x)
-        if cache is not None and T == 1 and cache.decode is not None:  # a sampling step on a CPU: one kernel
-            return self.resid_drop(self.proj(cache.decode(qkv, cache.k[layer], cache.v[layer], pos + 1)))
-        q, k, v = qkv.split(C, dim=2)
+        q, k, v = self.qkv(x).split(C, dim=2)
         q = q.view(B, T, self.heads, C // self.heads).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.heads, C // self.heads).transpose(1, 2)
         v = v.view(B, T, self.heads, C // self.heads).transpose(1, 2)
-        if cache is None:
-            y = causal_attention(q, k, v, self.dropout if self.training else 0.0)
-        else:  # write this step's keys/values, attend over everything so far
+        dropout_p = self.dropout if self.training else 0.0
+        if cache is not None:  # sampling: write this step's keys/values, attend over everything so far
             y = cache.attend(layer, pos, q, k, v)
+        elif x.device.type == "cpu":  # the CPU picks bf16 attention's precision and kernel (dalle_core.cpu_fast)
+            y = cpu_fast.causal_attention(q, k, v, dropout_p)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble heads
         return self.resid_drop(self.proj(y))
 
@@ -118,15 +109,13 @@ class KVCache:
     """Preallocated keys/values for every layer: (depth, B, nh, max_len, hs); no per-step allocation.
 
     Its dtype is the attention's: keys and values written in another dtype are cast on the way in, and the
-    query too (outside autocast). `decode`, where given, does one-token steps' cache writes and attention in
-    one call: the CPU's compiled kernel (dalle_core.cpu_attention), which reads a bf16 cache in fp32.
+    query too (outside autocast).
     """
 
-    def __init__(self, c: DALLEConfig, batch: int, device=None, dtype=torch.float32, decode=None):
+    def __init__(self, c: DALLEConfig, batch: int, device=None, dtype=torch.float32):
         shape = (c.depth, batch, c.heads, c.seq_len, c.dim // c.heads)
         self.k = torch.empty(shape, device=device, dtype=dtype)
         self.v = torch.empty(shape, device=device, dtype=dtype)
-        self.decode = decode
 
     def attend(self, layer: int, pos: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Write k, v (B, nh, T, hs) at positions pos .. pos+T-1, then causal attention of q over the cache."""
@@ -198,20 +187,55 @@ class DALLE(nn.Module):
         w = self.c.text_loss_weight
         return w * text_loss + (1 - w) * image_loss, text_loss, image_loss
 
-    def logits(self, text: torch.Tensor, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Full recompute (no cache): text logits (B, T-1, text_vocab), image logits (B, n+1, image_vocab)
-        for a text and the first n image codes (n may be 0)."""
-        T = self.c.text_len
-        x = self.embed_text(text)
-        if image.shape[1]:
-            x = torch.cat([x, self.embed_image(image)], dim=1)
-        h = self.hidden(x)
-        return self.text_head(h[:, : T - 1]), self.image_head(h[:, T - 1:])
-
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def flops_per_token(self) -> float:
-        """Training FLOPs per token (PaLM appendix B: 6N + 12 * L * dim * seq)."""
-        n = self.num_params() - self.text_emb.weight.numel() - self.image_emb.weight.numel()
-        return 6 * n + 12 * self.c.depth * self.c.dim * self.c.seq_len
+
+# ------------------------------------------------------------------ training objective
+
+
+def drop_captions(text: torch.Tensor, p: float, pad_id: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Replace each caption by the all-padding caption with probability p (for classifier-free guidance)."""
+    if p <= 0:
+        return text
+    drop = torch.rand(text.shape[0], generator=generator) < p
+    return torch.where(drop.to(text.device)[:, None], torch.full_like(text, pad_id), text)
+
+
+def transformer_step(caption_dropout: float, pad_id: int, seed: int) -> StepFn:
+    """Next-token loss (`DALLE.forward`) on a batch {"text": (B, text_len), "image": (B, N)} of ids, captions
+    dropped for classifier-free guidance.
+
+    Which captions are dropped depends on the seed and the step alone, so a resumed run drops the same.
+    """
+    rng, seeded = torch.Generator(), [-1]
+
+    def step_fn(model: nn.Module, batch: dict, step: int):
+        if seeded[0] != step:  # once per step: micro-batches of one step draw on from there
+            rng.manual_seed(seed * 1000003 + step)
+            seeded[0] = step
+        text, image = batch["text"], batch["image"]
+        text = drop_captions(text, caption_dropout, pad_id, rng)
+        loss, text_loss, image_loss = model(text, image)
+        return loss, text.numel() + image.numel(), lambda: {"text_loss": text_loss.item(),
+                                                           "image_loss": image_loss.item()}
+
+    return step_fn
+
+
+@torch.inference_mode()
+def evaluate_transformer(model: nn.Module, batches: Iterable[dict], precision: str = "fp32",
+                         device: torch.device | str = "cpu") -> dict[str, float]:
+    """Mean losses over all batches; image loss also in bits per image token."""
+    model.eval()
+    device = torch.device(device)
+    sums, n = torch.zeros(3, device=device), 0
+    for batch in batches:
+        batch = to_device(batch, device)
+        with autocast(precision, device, model.c.seq_len):
+            losses = model(batch["text"], batch["image"])
+        sums += torch.stack([x.float() for x in losses]) * batch["text"].shape[0]
+        n += batch["text"].shape[0]
+    loss, text_loss, image_loss = (sums / max(n, 1)).tolist()
+    return {"val_loss": loss, "val_text_loss": text_loss, "val_image_loss": image_loss,
+            "val_bits_per_image_token": image_loss / math.log(2)}

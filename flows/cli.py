@@ -203,8 +203,12 @@ def cmd_stage(args) -> int:
         if args.prompts_file:
             if not os.path.isfile(args.prompts_file):
                 raise ConfigError(f"--prompts-file {args.prompts_file!r} does not exist")
-            with open(args.prompts_file, encoding="utf-8") as f:
-                prompts += [line.strip() for line in f if line.strip()]
+            try:
+                with open(args.prompts_file, encoding="utf-8-sig") as f:  # -sig: Notepad's byte-order mark
+                    prompts += [line.strip() for line in f if line.strip()]
+            except UnicodeDecodeError as err:
+                raise ConfigError(f"--prompts-file {args.prompts_file!r} is not UTF-8 (byte "
+                                  f"{err.object[err.start]:#04x} at offset {err.start}); save it as UTF-8") from None
         if prompts:
             args.overrides.append(f"generate.prompts={json.dumps(prompts)}")
         if args.prime:

@@ -52,7 +52,8 @@ def ensure_prefect_api() -> str:
 def start_server(timeout_s: float | None = None) -> str:
     """Start a Prefect server on a free local port for this process and return its API URL once it answers.
 
-    The server stops when this process exits, and also when it is killed (SIGKILL included): it watches a pipe
+    The server runs in its own session, so a terminal's Ctrl-C reaches the command and not the server (whose
+    Prefect API the command still needs while it stops). The server stops when this process exits, and also when it is killed (SIGKILL included): it watches a pipe
     from this process and shuts down when the pipe closes. Starts are serialized per PREFECT_HOME because the
     server creates and migrates its SQLite database on start. `timeout_s` defaults to
     max(600, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS). Raises PrefectServerError (one line) when the
@@ -82,7 +83,7 @@ def _start(timeout_s: float, home: str) -> str:
         port = _free_port()
         url = f"http://127.0.0.1:{port}/api"
         proc = subprocess.Popen([sys.executable, "-m", "flows.server", str(port)], stdin=subprocess.PIPE,
-                                stdout=log, stderr=log, env=env)
+                                stdout=log, stderr=log, env=env, start_new_session=True)
         while proc.poll() is None and time.monotonic() < deadline:
             try:
                 _health(url, timeout=10)

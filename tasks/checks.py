@@ -34,13 +34,13 @@ def batch_size_problems(cfg: Config, store: ArtifactStore, keys: dict[str, str],
     for stage in stages:
         if not trains(cfg, stage) or store.is_complete(TRAINED[stage], keys[stage]):
             continue
-        t = getattr(cfg, stage).train
-        world = t.nproc * t.nnodes
+        train_cfg = getattr(cfg, stage).train
+        world = train_cfg.nproc * train_cfg.nnodes
         if world not in rows:
             rows[world] = min(sum(u.size for u in rank_units(reader, paths, r, world)) for r in range(world))
-        if t.batch_size > rows[world]:
+        if train_cfg.batch_size > rows[world]:
             each = "" if world == 1 else f" each of its {world} processes gets"
-            out.append(f"{stage}.train.batch_size={t.batch_size} is larger than the {rows[world]} training rows"
+            out.append(f"{stage}.train.batch_size={train_cfg.batch_size} is larger than the {rows[world]} training rows"
                        f"{each} of images/{keys['images']}; use at most {rows[world]}")
     return out
 

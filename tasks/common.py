@@ -19,7 +19,7 @@ from prefect import get_run_logger
 from prefect.runtime import flow_run
 
 from dalle_core import pretrained
-from dalle_core.config import Config, TrainConfig, flatten
+from dalle_core.config import Config, TrainSection, flatten
 from dalle_core.data import source_fingerprint
 from dalle_core.device import prefetch_to_device
 from dalle_core.evaluation import METRICS_VERSION
@@ -64,7 +64,7 @@ def stage_keys(cfg: Config) -> dict[str, str]:
     dvae = cfg.dvae.model_dump(mode="json", exclude={"encode_precision"})  # how tokens are made, not the model
     if cfg.dvae.pretrained:  # a loaded tokenizer is its files' content and the input normalisation, not paths
         src = pretrained_source(cfg)
-        dvae = {"pretrained": {"kind": src["kind"], **{r: f["sha256"] for r, f in src["files"].items()}},
+        dvae = {"pretrained": {"kind": src["kind"], **{runner: f["sha256"] for runner, f in src["files"].items()}},
                 "norm_mean": dvae["norm_mean"], "norm_std": dvae["norm_std"]}
     k["dvae"] = stage_key(dvae, {"images": k["images"]})
     text = cfg.text.model_dump(mode="json")
@@ -75,8 +75,8 @@ def stage_keys(cfg: Config) -> dict[str, str]:
         k["bpe"] = stage_key(text, {"images": k["images"]})
     encode = {} if cfg.dvae.encode_precision == "fp32" else {"encode_precision": cfg.dvae.encode_precision}
     k["tokens"] = stage_key(encode, {"images": k["images"], "dvae": k["dvae"], "bpe": k["bpe"]})
-    tr = cfg.transformer.model_dump(mode="json")
-    k["transformer"] = stage_key(tr, {"tokens": k["tokens"]})
+    transformer_cfg = cfg.transformer.model_dump(mode="json")
+    k["transformer"] = stage_key(transformer_cfg, {"tokens": k["tokens"]})
     k["clip"] = stage_key(cfg.clip.model_dump(mode="json"), {"images": k["images"], "bpe": k["bpe"]})
     gen = cfg.generate.model_dump(mode="json")
     if gen["prime_image"] and os.path.exists(gen["prime_image"]):  # a prime image is identified by its content
@@ -336,7 +336,7 @@ class Training:
     model: object
     wrapped: object
     optimizer: object
-    t: TrainConfig
+    train_cfg: TrainSection
     device: object
     rank: int
     world: int
@@ -344,18 +344,18 @@ class Training:
     elapsed_s: float
 
     @classmethod
-    def prepare(cls, store: ArtifactStore, stage: str, key: str, model, t: TrainConfig,
+    def prepare(cls, store: ArtifactStore, stage: str, key: str, model, train_cfg: TrainSection,
                 device, rank: int = 0, world: int = 1) -> Training:
         """Model to the device, optimizer, resume from the latest checkpoint, DDP wrapper when world > 1."""
         model = model.to(device)
-        optimizer = make_optimizer(model, t)
+        optimizer = make_optimizer(model, train_cfg)
         start, info = load_checkpoint(store, stage, key, model, optimizer)
         wrapped = model
         if world > 1:
             from torch.nn.parallel import DistributedDataParallel
 
             wrapped = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
-        return cls(store, stage, key, model, wrapped, optimizer, t, device, rank, world, start,
+        return cls(store, stage, key, model, wrapped, optimizer, train_cfg, device, rank, world, start,
                    float(info.get("elapsed_s", 0.0)))
 
     def fit(self, batches, step_fn: StepFn, run: StageRun | None, describe: Callable[[dict], str] = lambda m: "",
@@ -364,12 +364,12 @@ class Training:
 
         `validate()` -> val metrics, logged every `train.val_every` steps, so they are curves in MLflow."""
         log = checkpoint = None
-        if validate is not None and run is not None and self.t.val_every:
-            every = (*every, (self.t.val_every, lambda step: run.log_metrics(validate(), step)))
+        if validate is not None and run is not None and self.train_cfg.val_every:
+            every = (*every, (self.train_cfg.val_every, lambda step: run.log_metrics(validate(), step)))
         if self.rank == 0:
             assert run is not None
-            progress = Progress(f"train-{self.stage}", self.t.max_steps - self.start, "steps",
-                                max_minutes=self.t.max_minutes)
+            progress = Progress(f"train-{self.stage}", self.train_cfg.max_steps - self.start, "steps",
+                                max_minutes=self.train_cfg.max_minutes)
 
             def log(step: int, metrics: dict) -> None:
                 run.log_metrics(metrics, step)
@@ -380,12 +380,12 @@ class Training:
                 save_checkpoint(self.store, self.stage, self.key, self.model, self.optimizer, step,
                                 {"elapsed_s": elapsed_s})
 
-        result = fit(self.wrapped, batches, self.t, self.optimizer, step_fn, start_step=self.start,
+        result = fit(self.wrapped, batches, self.train_cfg, self.optimizer, step_fn, start_step=self.start,
                      elapsed_s=self.elapsed_s, device=self.device, log=log, checkpoint=checkpoint,
                      world_size=self.world, every=every, **kwargs)
         if run is not None:
             run.set_tags({"stopped_by": result.stopped_by, "steps_done": str(result.step),
-                          "steps_planned": str(self.t.max_steps), "resumed_from_step": str(self.start),
+                          "steps_planned": str(self.train_cfg.max_steps), "resumed_from_step": str(self.start),
                           "device": str(self.device), "world_size": str(self.world)})
         return result
 
@@ -415,8 +415,8 @@ def _train(cfg: Config, store: ArtifactStore, stage: str, key: str, keys: dict, 
     for need in needs:
         store.require(need, keys[need])
     store.prepare(stage, key)
-    t = getattr(cfg, stage).train
-    if t.nproc == 1 and t.nnodes == 1:
+    train_cfg = getattr(cfg, stage).train
+    if train_cfg.nproc == 1 and train_cfg.nnodes == 1:
         run_training(cfg, parent_run_id, flow_run.get_id())
     else:
         with tempfile.TemporaryDirectory() as tmp:
@@ -429,14 +429,14 @@ def _train(cfg: Config, store: ArtifactStore, stage: str, key: str, keys: dict, 
             code = subprocess.call(cmd, env={**os.environ,
                                              "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
         if code != 0:
-            raise RuntimeError(f"torchrun with {t.nproc} process(es) per machine exited with code {code}; "
+            raise RuntimeError(f"torchrun with {train_cfg.nproc} process(es) per machine exited with code {code}; "
                                "see the log above")
 
 
 def torchrun_args(cfg: Config, stage: str) -> list[str]:
     """torchrun's launch arguments for a stage: standalone on one machine, c10d rendezvous across several."""
-    t, r = getattr(cfg, stage).train, cfg.runner
-    if t.nnodes == 1:
-        return ["--standalone", f"--nproc-per-node={t.nproc}"]
-    return [f"--nnodes={t.nnodes}", f"--nproc-per-node={t.nproc}", "--rdzv-backend=c10d",
-            f"--rdzv-endpoint={r.rdzv_endpoint}", f"--rdzv-id={r.rdzv_id}-{stage}"]
+    train_cfg, runner = getattr(cfg, stage).train, cfg.runner
+    if train_cfg.nnodes == 1:
+        return ["--standalone", f"--nproc-per-node={train_cfg.nproc}"]
+    return [f"--nnodes={train_cfg.nnodes}", f"--nproc-per-node={train_cfg.nproc}", "--rdzv-backend=c10d",
+            f"--rdzv-endpoint={runner.rdzv_endpoint}", f"--rdzv-id={runner.rdzv_id}-{stage}"]

@@ -12,10 +12,9 @@ from prefect.cache_policies import NONE
 from dalle_core import dvae, pretrained
 from dalle_core.config import Config
 from dalle_core.device import resolve_device
-from dalle_core.dvae import fit_kmeans
-from dalle_core.images import grid, png_bytes, to_tensor, to_uint8
+from dalle_core.dvae import dvae_schedule, dvae_step, evaluate_dvae, fit_kmeans
+from dalle_core.images import ImageNormalization, grid, png_bytes, to_tensor, to_uint8
 from dalle_core.loader import decode_images
-from dalle_core.train import Norm, dvae_schedule, dvae_step, evaluate_dvae
 from storage.parquet import shard_paths
 from storage.store import ArtifactStore
 from tasks.common import (
@@ -34,97 +33,99 @@ from tasks.common import (
 )
 
 
-def load_dvae(store: ArtifactStore, key: str, device: torch.device | str = "cpu") -> tuple[dvae.DiscreteVAE, Norm]:
+def load_dvae(store: ArtifactStore, key: str, device: torch.device | str = "cpu") -> tuple[dvae.DiscreteVAE, ImageNormalization]:
     """A finished dVAE from the store, on `device`, in eval mode, with its input normalisation."""
     store.require("dvae", key)
     meta = store.read_json(store.path("dvae", key, "config.json"))
     if meta.get("pretrained"):
-        c = meta["model"]
-        model = pretrained.PretrainedDVAE(pretrained.Spec(**meta["pretrained"]), c["image_size"], c["norm_mean"],
-                                          c["norm_std"])
+        model_cfg = meta["model"]
+        model = pretrained.PretrainedDVAE(pretrained.Spec(**meta["pretrained"]), model_cfg["image_size"], model_cfg["norm_mean"],
+                                          model_cfg["norm_std"])
     else:
         model = dvae.DiscreteVAE(dvae.DVAEConfig(**meta["model"]))
     load_state_file(store, store.path("dvae", key, "model.safetensors"), model)
     model = model.to(device, memory_format=torch.channels_last)  # faster convolutions; same results
-    return model.eval(), Norm(tuple(meta["norm"]["mean"]), tuple(meta["norm"]["std"]))
+    return model.eval(), ImageNormalization(tuple(meta["norm"]["mean"]), tuple(meta["norm"]["std"]))
 
 
 def run_training(cfg: Config, parent_run_id: str | None, flow_run_id: str | None, rank: int = 0, world: int = 1,
                  device: torch.device | None = None) -> None:
     """The dVAE stage on one rank (world == 1: the single-process case); rank 0 reports and writes."""
     store, keys = open_store(cfg), stage_keys(cfg)
-    key, r, t = keys["dvae"], cfg.dvae, cfg.dvae.train
+    key, section, train_cfg = keys["dvae"], cfg.dvae, cfg.dvae.train
     device = device or resolve_device(cfg.runner.device)
-    torch.manual_seed(t.seed)
-    mcfg = dvae.config_for(r, cfg.data.image_size)
-    norm = Norm(r.norm_mean, r.norm_std)
+    torch.manual_seed(train_cfg.seed)
+    mcfg = section.dvae_config(cfg.data.image_size)
+    norm = ImageNormalization(section.norm_mean, section.norm_std)
     train_paths = shard_paths(store, "images", keys["images"], "train")
-    params = {**r.model_dump(mode="json"), "world_size": world}
-    if r.pretrained:  # nothing to train: load, validate and store the given tokenizer
+    params = {**section.model_dump(mode="json"), "world_size": world}
+    if section.pretrained:  # nothing to train: load, validate and store the given tokenizer
         src = pretrained_source(cfg)
-        model = pretrained.load(r.pretrained, r.pretrained_config, cfg.data.image_size, r.norm_mean, r.norm_std)
+        model = pretrained.load(section.pretrained, section.pretrained_config, cfg.data.image_size, section.norm_mean, section.norm_std)
         model = model.to(device)
         with stage_run(cfg, store, "dvae", key, params, parent_run_id, flow_run_id) as run:
             run.set_tags({"pretrained.kind": src["kind"],
                           **{f"pretrained.{role}": f"{f['path']} (sha256 {f['sha256']})"
                              for role, f in src["files"].items()}})
             logger().info("dvae/%s: loaded a pretrained %s tokenizer (%d codes, %dx%d grid) from %s", key,
-                          model.spec.kind, model.c.codebook_size, model.c.grid_size, model.c.grid_size, r.pretrained)
+                          model.spec.kind, model.c.codebook_size, model.c.grid_size, model.c.grid_size, section.pretrained)
             _finish(cfg, store, keys, model, norm, device, run, 0, world,
                     _validate(cfg, store, keys, model, norm, device), source=src)
         return
-    if r.quantizer == "pixel-kmeans":  # no gradient training: k-means over training pixels, one process
+    if section.quantizer == "pixel-kmeans":  # no gradient training: k-means over training pixels, one process
         model = dvae.DiscreteVAE(mcfg).to(device)
         with stage_run(cfg, store, "dvae", key, params, parent_run_id, flow_run_id) as run:
-            images = batch_stream(cfg, store, train_paths, ["image"], decode_images, 256, device, seed=t.seed,
-                                  window_rows=r.shuffle_buffer)
+            images = batch_stream(cfg, store, train_paths, ["image"], decode_images, 256, device, seed=train_cfg.seed,
+                                  window_rows=section.shuffle_buffer)
             with torch.inference_mode():
                 pixels = torch.cat([model.encoder(to_tensor(b["image"], norm.mean, norm.std)).permute(0, 2, 3, 1)
-                                    .reshape(-1, 3) for b in islice(images, -(-r.kmeans_images // 256))])
-            mse = fit_kmeans(model, pixels, r.kmeans_iters, t.seed, lambda i, m: run.log_metrics({"kmeans_mse": m}, i))
+                                    .reshape(-1, 3) for b in islice(images, -(-section.kmeans_images // 256))])
+            mse = fit_kmeans(model, pixels, section.kmeans_iters, train_cfg.seed, lambda i, m: run.log_metrics({"kmeans_mse": m}, i))
             logger().info("dvae/%s: k-means of %d pixels into %d colours, mse %.4f", key, len(pixels),
-                          r.codebook_size, mse)
-            _finish(cfg, store, keys, model.eval(), norm, device, run, r.kmeans_iters, world,
+                          section.codebook_size, mse)
+            _finish(cfg, store, keys, model.eval(), norm, device, run, section.kmeans_iters, world,
                     _validate(cfg, store, keys, model, norm, device))
         return
-    tr = Training.prepare(store, "dvae", key, dvae.DiscreteVAE(mcfg), t, device, rank, world)
-    batches = batch_stream(cfg, store, train_paths, ["image", "caption"], decode_images, t.batch_size, device,
-                           seed=t.seed, window_rows=r.shuffle_buffer, rank=rank, world=world,
-                           start_batch=tr.start * t.grad_accum)
-    before, after = dvae_schedule(tr.model, r)
+    training = Training.prepare(store, "dvae", key, dvae.DiscreteVAE(mcfg), train_cfg, device, rank, world)
+    batches = batch_stream(cfg, store, train_paths, ["image", "caption"], decode_images, train_cfg.batch_size, device,
+                           seed=train_cfg.seed, window_rows=section.shuffle_buffer, rank=rank, world=world,
+                           start_batch=training.start * train_cfg.grad_accum)
+    before, after = dvae_schedule(training.model, section)
     fit_args = {"before_step": before, "after_step": after, "unit": "images"}
-    step = dvae_step(r)
+    step = dvae_step(section)
     if rank != 0:
-        tr.fit(batches, step, None, **fit_args)
+        training.fit(batches, step, None, **fit_args)
         return
     with stage_run(cfg, store, "dvae", key, params, parent_run_id, flow_run_id) as run:
-        model = tr.model
-        if r.adversarial:
-            lpips = (f"on, weight {r.perceptual_weight}" if r.perceptual_vgg and r.perceptual_weight > 0 else
+        model = training.model
+        if section.adversarial:
+            lpips = (f"on, weight {section.perceptual_weight}" if section.perceptual_vgg and section.perceptual_weight > 0 else
                      "off: dvae.perceptual_vgg is not set (no VGG16 weights on disk, and nothing is downloaded)")
             run.set_tags({"perceptual": lpips})
-            logger().info("dvae/%s: VQGAN: PatchGAN discriminator from step %d; LPIPS term %s", key, r.disc_start,
+            logger().info("dvae/%s: VQGAN: PatchGAN discriminator from step %d; LPIPS term %s", key, section.disc_start,
                           lpips)
 
         def validate() -> dict:
             return _validate(cfg, store, keys, model, norm, device)
 
-        result = tr.fit(batches, step, run, lambda m: f"psnr {m['psnr']:.1f}", validate, **fit_args)
+        result = training.fit(batches, step, run, lambda m: f"psnr {m['psnr']:.1f}", validate, **fit_args)
         model.drop_discriminator()
         _finish(cfg, store, keys, model, norm, device, run, result.step, world, validate())
 
 
-def _validate(cfg: Config, store: ArtifactStore, keys: dict, model: dvae.DiscreteVAE, norm: Norm, device) -> dict:
+def _validate(cfg: Config, store: ArtifactStore, keys: dict, model: dvae.DiscreteVAE, norm: ImageNormalization,
+              device) -> dict:
     """Hard-code val PSNR and code usage over the val split (the first `train.val_batches` batches)."""
     val = batch_stream(cfg, store, shard_paths(store, "images", keys["images"], "val"), ["image"], decode_images,
                        256, device, shuffle=False)
     return evaluate_dvae(model, islice(val, cfg.dvae.train.val_batches), norm, device)
 
 
-def _finish(cfg: Config, store: ArtifactStore, keys: dict, model: dvae.DiscreteVAE, norm: Norm, device, run,
+def _finish(cfg: Config, store: ArtifactStore, keys: dict, model: dvae.DiscreteVAE, norm: ImageNormalization,
+            device, run,
             steps: int, world: int, metrics: dict, source: dict | None = None) -> None:
     """Log the final val metrics, draw reconstructions, write `dvae/<key>/` and its manifest."""
-    key, r = keys["dvae"], cfg.dvae
+    key, section = keys["dvae"], cfg.dvae
     run.set_tags({"input.images": keys["images"]})
     run.log_metrics(metrics, steps)
     logger().info("dvae/%s: val PSNR %.2f dB, %.0f%% of codes used", key, metrics["val_psnr"],
@@ -145,7 +146,7 @@ def _finish(cfg: Config, store: ArtifactStore, keys: dict, model: dvae.DiscreteV
                      {"model": asdict(model.c), "norm": {"mean": list(norm.mean), "std": list(norm.std)}, **spec})
     store.write_json(store.path("dvae", key, "metrics.json"), {**metrics, "steps": steps})
     drop_checkpoints(store, "dvae", key)
-    manifest = store.finish("dvae", key, config=r.model_dump(mode="json"), inputs={"images": keys["images"]},
+    manifest = store.finish("dvae", key, config=section.model_dump(mode="json"), inputs={"images": keys["images"]},
                             grid=[model.c.grid_size, model.c.grid_size], codebook_size=model.c.codebook_size,
                             steps=steps, world_size=world, metrics=metrics,
                             **({"pretrained": source} if source else {}))

@@ -33,7 +33,7 @@ from dalle_core.evaluation import (
     ssim,
     subset_groups,
 )
-from dalle_core.generate import prompt_seed, prompts_per_batch
+from dalle_core.generate import DALLEPipeline, prompt_seed, prompts_per_batch
 from dalle_core.images import decode_png, grid, png_bytes, psnr, to_tensor, to_uint8
 from storage.parquet import GENERATIONS_SCHEMA, iter_batches, shard_paths, write_shard
 from storage.store import ArtifactStore
@@ -48,7 +48,7 @@ from tasks.common import (
     stage_keys,
     stage_run,
 )
-from tasks.generate import candidate_rows, generator
+from tasks.generate import candidate_rows, load_pipeline
 
 
 def _val_rows(store, images_key: str, limit: int) -> tuple[list[str], np.ndarray, list[str]]:
@@ -74,7 +74,7 @@ class TrainSide:
     prompt_images: np.ndarray  # (P, H, W, 3)
 
 
-def _train_side(store, images_key: str, scorer, limit: int, prompts: int, seed: int) -> TrainSide:
+def _train_side(store, images_key: str, reranker, limit: int, prompts: int, seed: int) -> TrainSide:
     """Embed the first `limit` training images in one pass, a batch at a time; only the drawn prompts' images
     are kept."""
     total = min(limit, store.manifest("images", images_key)["rows"]["train"])
@@ -87,7 +87,7 @@ def _train_side(store, images_key: str, scorer, limit: int, prompts: int, seed: 
         start = len(captions)
         pixels = np.stack([decode_png(b) for b in batch.column("image").to_pylist()[:total - start]])
         captions += batch.column("caption").to_pylist()[:len(pixels)]
-        embeddings.append(scorer.embed_images(pixels).cpu())
+        embeddings.append(reranker.embed_images(pixels).cpu())
         kept += [pixels[i - start] for i in rows if start <= i < len(captions)]
         if len(captions) >= total:
             break
@@ -98,13 +98,13 @@ def _train_side(store, images_key: str, scorer, limit: int, prompts: int, seed: 
 @task(name="evaluate", cache_policy=NONE)
 def evaluate_task(cfg: Config, parent_run_id: str | None = None) -> ArtifactRef:
     store, keys = open_store(cfg), stage_keys(cfg)
-    key, e = keys["evaluation"], cfg.evaluate
+    key, eval_cfg = keys["evaluation"], cfg.evaluate
     if done := reuse(store, "evaluation", key, cfg, parent_run_id):
         return done
     for stage in ("dvae", "transformer", "clip", "bpe", "images"):
         store.require(stage, keys[stage])
     store.prepare("evaluation", key)
-    with claimed(store, "evaluation", key), stage_run(cfg, store, "evaluation", key, e.model_dump(mode="json"),
+    with claimed(store, "evaluation", key), stage_run(cfg, store, "evaluation", key, eval_cfg.model_dump(mode="json"),
                                                       parent_run_id) as run:
         _evaluate(cfg, store, keys, run)
     return ref(store, "evaluation", key, cached=False)
@@ -112,8 +112,8 @@ def evaluate_task(cfg: Config, parent_run_id: str | None = None) -> ArtifactRef:
 
 def _evaluate(cfg: Config, store: ArtifactStore, keys: dict, run: StageRun) -> None:
     """Measure, write `evaluation/<key>/` and log it to the stage's MLflow run."""
-    key, e, g = keys["evaluation"], cfg.evaluate, cfg.generate
-    gen = generator(cfg)
+    key, eval_cfg, gen_cfg = keys["evaluation"], cfg.evaluate, cfg.generate
+    pipe = load_pipeline(cfg)
     report: dict = {"keys": {s: keys[s] for s in ("images", "dvae", "bpe", "tokens", "transformer", "clip")}}
     dvae_m = store.read_json(store.path("dvae", keys["dvae"], "metrics.json"))
     report["dvae"] = {"val_psnr": dvae_m["val_psnr"], "val_code_usage_fraction": dvae_m["val_code_usage_fraction"]}
@@ -124,21 +124,21 @@ def _evaluate(cfg: Config, store: ArtifactStore, keys: dict, run: StageRun) -> N
         report["clip"] = {k: clip_m[k] for k in ("val_i2t_recall_at_1", "val_t2i_recall_at_1", "val_chance_recall_at_1")
                           if k in clip_m}
 
-    val_captions, val_real, val_subsets = _val_rows(store, keys["images"], e.num_prompts)
-    train = _train_side(store, keys["images"], gen.scorer, e.train_images, e.train_prompts, e.seed)
+    val_captions, val_real, val_subsets = _val_rows(store, keys["images"], eval_cfg.num_prompts)
+    train = _train_side(store, keys["images"], pipe.reranker, eval_cfg.train_images, eval_cfg.train_prompts, eval_cfg.seed)
     # Prompts: the val captions first (their seeds are those of earlier evaluations), then the drawn train rows.
     captions = val_captions + train.prompt_captions
     real = np.concatenate([val_real, train.prompt_images]) if train.prompt_captions else val_real
-    n_val, n = len(val_captions), e.num_candidates
+    n_val, n = len(val_captions), eval_cfg.num_candidates
     scores = np.zeros((len(captions), n), dtype=np.float32)
     top1, random_pick, rows = [], [], []
     progress = Progress("evaluate", len(captions), "prompts")
     t0 = time.perf_counter()
-    per_call = prompts_per_batch(n, g.batch_size)  # one sampling batch per call
+    per_call = prompts_per_batch(n, gen_cfg.batch_size)  # one sampling batch per call
     for first in range(0, len(captions), per_call):
         group = captions[first:first + per_call]
-        seeds = [prompt_seed(e.seed, first + j) for j in range(len(group))]
-        results = gen.candidates(group, n, seeds, g.batch_size, g.temperature, g.top_k, g.top_p, g.cond_scale)
+        seeds = [prompt_seed(eval_cfg.seed, first + j) for j in range(len(group))]
+        results = pipe.candidates(group, n, seeds, gen_cfg.batch_size, gen_cfg.temperature, gen_cfg.top_k, gen_cfg.top_p, gen_cfg.cond_scale)
         for i, caption, seed, (images, s, _, codes) in zip(range(first, first + len(group)), group, seeds, results):
             scores[i] = s
             top1.append(images[int(np.argmax(s))])
@@ -149,10 +149,10 @@ def _evaluate(cfg: Config, store: ArtifactStore, keys: dict, run: StageRun) -> N
                             "images_per_s": len(captions) * n / max(time.perf_counter() - t0, 1e-9)}
 
     with torch.inference_mode():
-        recon = np.concatenate([_reconstruct(gen, real[i:i + 256]) for i in range(0, len(real), 256)])
+        recon = np.concatenate([_reconstruct(pipe, real[i:i + 256]) for i in range(0, len(real), 256)])
     groups = subset_groups(val_subsets, len(train.prompt_captions))
-    report["splits"] = _split_metrics(gen, groups, captions, n_val, real, recon, np.stack(top1),
-                                      np.stack(random_pick), train, e)
+    report["splits"] = _split_metrics(pipe, groups, captions, n_val, real, recon, np.stack(top1),
+                                      np.stack(random_pick), train, eval_cfg)
 
     if all(is_shapes_caption(c) for c in val_captions):
         vc = val_captions
@@ -177,44 +177,44 @@ def _evaluate(cfg: Config, store: ArtifactStore, keys: dict, run: StageRun) -> N
                 pa.Table.from_pylist(rows, schema=GENERATIONS_SCHEMA))
     store.write_bytes(store.path("evaluation", key, "top1_vs_random.png"), png_bytes(sheet))
     store.write_json(store.path("evaluation", key, "evaluation.json"), report)
-    store.finish("evaluation", key, config=e.model_dump(mode="json"),
+    store.finish("evaluation", key, config=eval_cfg.model_dump(mode="json"),
                  inputs={s: keys[s] for s in ("images", "dvae", "bpe", "transformer", "clip")},
                  rows={"generations": len(rows)})
 
 
-def _reconstruct(gen, images: np.ndarray) -> np.ndarray:
-    x = to_tensor(torch.from_numpy(images).to(gen.device), gen.norm.mean, gen.norm.std)
-    return to_uint8(gen.dvae.decode(gen.dvae.encode(x)), gen.norm.mean, gen.norm.std)
+def _reconstruct(pipe: DALLEPipeline, images: np.ndarray) -> np.ndarray:
+    x = to_tensor(torch.from_numpy(images).to(pipe.device), pipe.normalization.mean, pipe.normalization.std)
+    return to_uint8(pipe.dvae.decode(pipe.dvae.encode(x)), pipe.normalization.mean, pipe.normalization.std)
 
 
-def _split_metrics(gen, groups: dict[str, list[int]], captions: list[str], n_val: int, real: np.ndarray,
-                   recon: np.ndarray, top1: np.ndarray, random_pick: np.ndarray, train: TrainSide, e
+def _split_metrics(pipe: DALLEPipeline, groups: dict[str, list[int]], captions: list[str], n_val: int, real: np.ndarray,
+                   recon: np.ndarray, top1: np.ndarray, random_pick: np.ndarray, train: TrainSide, eval_cfg
                    ) -> dict[str, dict]:
     """Per split: CLIP R-precision (top-1, random candidate, real image), Fréchet distance in CLIP space against
     half of the real images (with the other real half as the floor), nearest-training-image memorisation, and
     the dVAE's reconstruction PSNR and SSIM."""
     pool = list(dict.fromkeys(captions))  # distinct captions: the R-precision candidates
     truth = [pool.index(c) for c in captions]
-    text_emb = torch.cat([gen.scorer.embed_texts(pool[i:i + 512]).cpu() for i in range(0, len(pool), 512)])
+    text_emb = torch.cat([pipe.reranker.embed_texts(pool[i:i + 512]).cpu() for i in range(0, len(pool), 512)])
 
     def embed(images):
-        return torch.cat([gen.scorer.embed_images(images[i:i + 256]).cpu() for i in range(0, len(images), 256)])
+        return torch.cat([pipe.reranker.embed_images(images[i:i + 256]).cpu() for i in range(0, len(images), 256)])
 
     emb = {"top1": embed(top1), "random": embed(random_pick), "real": embed(real)}
     nn_index, nn_sim = {}, {}
     for k in ("top1", "real"):
         nn_index[k], nn_sim[k] = nearest_neighbours(emb[k], train.embeddings)
     in_train = set(train.captions)
-    fid = InceptionFID(e.inception_weights, gen.device) if e.inception_weights else None
+    fid = InceptionFID(eval_cfg.inception_weights, pipe.device) if eval_cfg.inception_weights else None
     x, y = (torch.from_numpy(a).permute(0, 3, 1, 2).float() / 255 for a in (real, recon))
     out: dict[str, dict] = {}
     for name, idx in groups.items():
         m: dict = {"prompts": len(idx)}
-        t = [truth[i] for i in idx]
+        truths = [truth[i] for i in idx]
         if len(pool) >= 2:
             for k in ("top1", "random", "real"):
-                m[f"r_precision_{k}"], m["r_precision_chance"] = r_precision(emb[k][idx], text_emb, t,
-                                                                             e.r_precision_distractors, e.seed)
+                m[f"r_precision_{k}"], m["r_precision_chance"] = r_precision(emb[k][idx], text_emb, truths,
+                                                                             eval_cfg.r_precision_distractors, eval_cfg.seed)
         if len(idx) >= 4:  # Fréchet distance against real half A; real half B is the floor (same sample sizes)
             a, b = idx[0::2], idx[1::2][:len(idx[0::2])]
             m["fd_clip_top1"] = frechet_distance(emb["top1"][b].numpy(), emb["real"][a].numpy())
@@ -229,7 +229,7 @@ def _split_metrics(gen, groups: dict[str, list[int]], captions: list[str], n_val
         fresh = [i for i in idx if i < n_val]  # real val images, not train rows
         if fresh:
             m["nn_similarity_real"] = float(nn_sim["real"][fresh].mean())
-        m["dvae_psnr"] = psnr(x[idx], y[idx])
+        m["dvae_psnr"] = psnr(torch.mean((x[idx] - y[idx]) ** 2).item())
         m["dvae_ssim"] = float(ssim(x[idx], y[idx]).mean())
         out[name] = m
     return out

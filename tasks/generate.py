@@ -21,7 +21,7 @@ from prefect.cache_policies import NONE
 
 from dalle_core.config import Config, ConfigError, config_from_dict, prime_rows_error
 from dalle_core.device import resolve_device, sampling_precision
-from dalle_core.generate import Generator, prompt_seed, ranks
+from dalle_core.generate import DALLEPipeline, prompt_seed, ranks
 from dalle_core.images import decode_png, grid, png_bytes, to_rgb_square
 from storage.parquet import (
     GENERATIONS_SCHEMA,
@@ -32,7 +32,7 @@ from storage.parquet import (
     write_shard,
 )
 from storage.store import ArtifactStore
-from tasks.clip import load_scorer
+from tasks.clip import load_reranker
 from tasks.common import (
     ArtifactRef,
     StagePlan,
@@ -54,19 +54,19 @@ PROMPTS_PER_PART = 4
 
 
 @functools.lru_cache(maxsize=2)
-def _generator(cfg_json: str) -> Generator:
+def _load_pipeline(cfg_json: str) -> DALLEPipeline:
     cfg = config_from_dict(json.loads(cfg_json))
     store, keys = open_store(cfg), stage_keys(cfg)
     device = resolve_device(cfg.runner.device)
-    dvae_model, norm = load_dvae(store, keys["dvae"], device)
-    return Generator(load_transformer(store, keys["transformer"], device), dvae_model, norm,
-                     load_tokenizer(store, keys["bpe"], cfg.text.text_len), load_scorer(cfg, store, device),
-                     sampling_precision(cfg.generate.precision, device))
+    dvae_model, normalization = load_dvae(store, keys["dvae"], device)
+    return DALLEPipeline(load_transformer(store, keys["transformer"], device), dvae_model, normalization,
+                         load_tokenizer(store, keys["bpe"], cfg.text.text_len), load_reranker(cfg, store, device),
+                         sampling_precision(cfg.generate.precision, device))
 
 
-def generator(cfg: Config) -> Generator:
+def load_pipeline(cfg: Config) -> DALLEPipeline:
     """The models of this config (transformer, dVAE, tokenizer, CLIP) on its device, loaded once per process."""
-    return _generator(json.dumps(cfg.model_dump(mode="json"), sort_keys=True))
+    return _load_pipeline(json.dumps(cfg.model_dump(mode="json"), sort_keys=True))
 
 
 def val_captions(store: ArtifactStore, images_key: str, limit: int, distinct: bool = True) -> list[str]:
@@ -136,26 +136,26 @@ def _prime(cfg: Config) -> tuple[torch.Tensor | None, str | None]:
     image = prime_image(cfg)
     if image is None:
         return None, None
-    gen, k = generator(cfg), cfg.generate.prime_rows
-    rows = gen.transformer.c.image_grid
+    pipe, k = load_pipeline(cfg), cfg.generate.prime_rows
+    rows = pipe.transformer.c.image_grid
     if k >= rows:  # the config could not check it: a pretrained dVAE's grid is known from its files only
         raise ConfigError(prime_rows_error(k, rows, "the dVAE's token grid"))
-    prefix, _ = gen.prime(image, k)
+    prefix, _ = pipe.prime(image, k)
     return prefix, f"{cfg.generate.prime_image} (top {cfg.generate.prime_rows} rows)"
 
 
 @task(name="generate-part", cache_policy=NONE, retries=1, retry_delay_seconds=2,
       retry_condition_fn=no_retry_on_user_error)
 def generate_part(cfg: Config, first: int, prompts: list[str]) -> dict:
-    store, key, g = open_store(cfg), stage_keys(cfg)["generations"], cfg.generate
+    store, key, gen_cfg = open_store(cfg), stage_keys(cfg)["generations"], cfg.generate
     out = store.path("generations", key, "parts", shard_name(first // PROMPTS_PER_PART))
     t0 = time.perf_counter()
-    gen = generator(cfg)
+    pipe = load_pipeline(cfg)
     rows, truncated = [], []
-    seeds = [prompt_seed(g.seed, first + j) for j in range(len(prompts))]
+    seeds = [prompt_seed(gen_cfg.seed, first + j) for j in range(len(prompts))]
     prefix, prime = _prime(cfg)
-    results = gen.candidates(prompts, g.num_candidates, seeds, g.batch_size, g.temperature, g.top_k, g.top_p,
-                             g.cond_scale, prefix)
+    results = pipe.candidates(prompts, gen_cfg.num_candidates, seeds, gen_cfg.batch_size, gen_cfg.temperature, gen_cfg.top_k, gen_cfg.top_p,
+                             gen_cfg.cond_scale, prefix)
     for prompt, seed, (images, scores, was_truncated, codes) in zip(prompts, seeds, results):
         if was_truncated:
             truncated.append(prompt)
@@ -199,7 +199,7 @@ def finish_generation(cfg: Config, plan: StagePlan, results: list[dict], wall_se
         write_shard(store, store.path("generations", key, "generations.parquet"), table)
         lead, labels = [], []
         if (image := prime_image(cfg)) is not None:
-            lead = [image, generator(cfg).prime(image, cfg.generate.prime_rows)[1]]
+            lead = [image, load_pipeline(cfg).prime(image, cfg.generate.prime_rows)[1]]
             labels = ["prime", "its dVAE recon"]
         prompts, grids, sheet = best_grids(table, cfg.generate.best_k, lead, labels)
         scores = table.column("clip_score").to_numpy()

@@ -50,6 +50,9 @@ def check_inputs(cfg: Config, inputs: dict | None) -> None:
     keys = stage_keys(cfg)
     for stage, given in (inputs or {}).items():
         want = keys[STORE_NAME[stage]]
+        if given.key != want and stage == "ingest":  # the source's fingerprint is part of the images key
+            raise ConfigError(f"the data at data.path={cfg.data.path!r} changed during this run (ingested as "
+                              f"images/{given.key}, now images/{want}); run the command again to use the new data")
         if given.key != want:
             raise ConfigError(f"upstream {stage} artifact {given.key!r} is not the one this config reads ({want!r})")
 

@@ -20,8 +20,7 @@ from dalle_core.device import resolve_device, sampling_precision
 from dalle_core.images import grid, png_bytes, to_uint8
 from dalle_core.loader import decode_tokens
 from dalle_core.sampling import sample
-from dalle_core.train import evaluate_transformer, transformer_step
-from dalle_core.transformer import DALLE, DALLEConfig
+from dalle_core.transformer import DALLE, DALLEConfig, evaluate_transformer, transformer_step
 from storage.parquet import read_shard, shard_paths
 from storage.store import ArtifactStore
 from tasks.common import (
@@ -42,15 +41,6 @@ from tasks.dvae import load_dvae
 TOKEN_COLUMNS = ["text_tokens", "image_tokens"]
 
 
-def model_config(cfg: Config, manifest: dict) -> DALLEConfig:
-    """The transformer's shape from the config and what the token shards say about their vocabularies."""
-    tr = cfg.transformer
-    return DALLEConfig(text_vocab=manifest["vocab_size"], text_len=manifest["text_len"], pad_id=manifest["pad_id"],
-                       image_vocab=manifest["codebook_size"], image_grid=manifest["grid"][0], dim=tr.dim,
-                       depth=tr.depth, heads=tr.heads, dropout=tr.dropout, tie_image_embedding=tr.tie_image_embedding,
-                       text_loss_weight=tr.text_loss_weight)
-
-
 def load_transformer(store: ArtifactStore, key: str, device: torch.device | str = "cpu") -> DALLE:
     """A finished transformer from the store, on `device`, in eval mode; a damaged file is a StoreError."""
     store.require("transformer", key)
@@ -62,14 +52,14 @@ def load_transformer(store: ArtifactStore, key: str, device: torch.device | str 
 def sample_sheet(model: DALLE, dvae_model, norm, text: torch.Tensor, captions: list[str], cfg: Config,
                  per_caption: int = 4) -> np.ndarray:
     """A grid: for each caption, `per_caption` sampled images decoded by the dVAE (on the model's device)."""
-    g = cfg.generate
+    gen_cfg = cfg.generate
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    gen = torch.Generator(device=device).manual_seed(g.seed)
-    codes = sample(model, text.to(device).repeat_interleave(per_caption, 0), temperature=g.temperature,
-                   top_k=g.top_k, top_p=g.top_p, cond_scale=g.cond_scale, generator=gen,
-                   precision=sampling_precision(g.precision, device))
+    gen = torch.Generator(device=device).manual_seed(gen_cfg.seed)
+    codes = sample(model, text.to(device).repeat_interleave(per_caption, 0), temperature=gen_cfg.temperature,
+                   top_k=gen_cfg.top_k, top_p=gen_cfg.top_p, cond_scale=gen_cfg.cond_scale, generator=gen,
+                   precision=sampling_precision(gen_cfg.precision, device))
     side = model.c.image_grid
     with torch.inference_mode():
         images = to_uint8(dvae_model.decode(codes.view(-1, side, side)), norm.mean, norm.std)
@@ -82,29 +72,31 @@ def run_training(cfg: Config, parent_run_id: str | None, flow_run_id: str | None
                  world: int = 1, device: torch.device | None = None) -> None:
     """The whole stage on one rank (world == 1 is the single-process case)."""
     store, keys = open_store(cfg), stage_keys(cfg)
-    key, tr_cfg, t = keys["transformer"], cfg.transformer, cfg.transformer.train
+    key, section, train_cfg = keys["transformer"], cfg.transformer, cfg.transformer.train
     device = device or resolve_device(cfg.runner.device)
     manifest = store.require("tokens", keys["tokens"])
-    torch.manual_seed(t.seed)
-    mcfg = model_config(cfg, manifest)
-    tr = Training.prepare(store, "transformer", key, DALLE(mcfg), t, device, rank, world)
-    model = tr.model
+    torch.manual_seed(train_cfg.seed)
+    mcfg = section.dalle_config(text_vocab=manifest["vocab_size"], text_len=manifest["text_len"],
+                               pad_id=manifest["pad_id"], image_vocab=manifest["codebook_size"],
+                               image_grid=manifest["grid"][0])  # the vocabularies the shards were made with
+    training = Training.prepare(store, "transformer", key, DALLE(mcfg), train_cfg, device, rank, world)
+    model = training.model
     train_paths = shard_paths(store, "tokens", keys["tokens"], "train")
     val_paths = shard_paths(store, "tokens", keys["tokens"], "val")
-    batches = batch_stream(cfg, store, train_paths, TOKEN_COLUMNS, decode_tokens, t.batch_size, device,
-                           seed=t.seed, window_rows=tr_cfg.shuffle_buffer, rank=rank, world=world,
-                           start_batch=tr.start * t.grad_accum)
-    step_fn = transformer_step(tr_cfg.caption_dropout, mcfg.pad_id, t.seed)
+    batches = batch_stream(cfg, store, train_paths, TOKEN_COLUMNS, decode_tokens, train_cfg.batch_size, device,
+                           seed=train_cfg.seed, window_rows=section.shuffle_buffer, rank=rank, world=world,
+                           start_batch=training.start * train_cfg.grad_accum)
+    step_fn = transformer_step(section.caption_dropout, mcfg.pad_id, train_cfg.seed)
     fit_args = {"seq_len": mcfg.seq_len, "unit": "tokens"}
     if rank != 0:  # workers only train; rank 0 reports and checkpoints
-        tr.fit(batches, step_fn, None, **fit_args)
+        training.fit(batches, step_fn, None, **fit_args)
         return
     dvae_model, norm = load_dvae(store, keys["dvae"], device)
     fixed = read_shard(store, val_paths[0], ["caption", *TOKEN_COLUMNS])
     n_show = min(8, fixed.num_rows)
     captions = fixed.column("caption").to_pylist()[:n_show]
     fixed_text = torch.from_numpy(decode_tokens(fixed.slice(0, n_show))["text"])
-    params = {**tr_cfg.model_dump(mode="json"), "num_params": model.num_params(), "world_size": world}
+    params = {**section.model_dump(mode="json"), "num_params": model.num_params(), "world_size": world}
     with stage_run(cfg, store, "transformer", key, params, parent_run_id, flow_run_id) as run:
         run.set_tags({"input.tokens": keys["tokens"]})
 
@@ -114,10 +106,10 @@ def run_training(cfg: Config, parent_run_id: str | None, flow_run_id: str | None
 
         def validate() -> dict:
             val_batches = batch_stream(cfg, store, val_paths, TOKEN_COLUMNS, decode_tokens, 256, device, shuffle=False)
-            return evaluate_transformer(model, islice(val_batches, t.val_batches), t.precision, device)
+            return evaluate_transformer(model, islice(val_batches, train_cfg.val_batches), train_cfg.precision, device)
 
-        result = tr.fit(batches, step_fn, run, lambda m: f"image {m['image_loss']:.3f} {m['tokens_per_s']:.0f} tok/s",
-                        validate, every=((tr_cfg.sample_every, on_sample),), **fit_args)
+        result = training.fit(batches, step_fn, run, lambda m: f"image {m['image_loss']:.3f} {m['tokens_per_s']:.0f} tok/s",
+                        validate, every=((section.sample_every, on_sample),), **fit_args)
         val = validate()
         run.log_metrics(val, result.step)
         logger().info("transformer/%s: val image loss %.3f nats = %.3f bits per image token", key,
@@ -129,7 +121,7 @@ def run_training(cfg: Config, parent_run_id: str | None, flow_run_id: str | None
         store.write_json(store.path("transformer", key, "config.json"), asdict(mcfg))
         store.write_json(store.path("transformer", key, "metrics.json"), {**val, "steps": result.step})
         drop_checkpoints(store, "transformer", key)
-        done = store.finish("transformer", key, config=tr_cfg.model_dump(mode="json"),
+        done = store.finish("transformer", key, config=section.model_dump(mode="json"),
                             inputs={"tokens": keys["tokens"]}, steps=result.step, world_size=world,
                             num_params=model.num_params(), metrics=val)
         run.log_dict(done, "manifest.json")

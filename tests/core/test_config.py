@@ -90,3 +90,22 @@ def test_a_lone_surrogate_escape_is_one_line_naming_the_key():
 def test_empty_prompts_fail_before_any_work(prompts):
     with pytest.raises(ConfigError, match=r"^generate\.prompts: prompt \d of \d is '.*'; every prompt needs some text"):
         config_from_dict({"generate": {"prompts": prompts}})
+
+
+def test_each_section_builds_its_models_config_from_its_own_fields():
+    from dalle_core.clip import CLIPConfig
+    from dalle_core.dvae import DVAEConfig
+    from dalle_core.transformer import DALLEConfig
+
+    cfg = config_from_dict({"dvae": {"codebook_size": 64, "recon_loss": "logit_laplace", "norm_mean": [0.1, 0.2, 0.3],
+                                     "disc_layers": 2},
+                            "transformer": {"dim": 48, "heads": 6, "text_loss_weight": 0.25},
+                            "clip": {"patch_size": 8, "text_layers": 2}})
+    dvae = cfg.dvae.dvae_config(16)
+    assert dvae == DVAEConfig(image_size=16, codebook_size=64, logit_laplace=True, norm_mean=(0.1, 0.2, 0.3))
+    assert cfg.dvae.model_copy(update={"adversarial": True}).dvae_config(16).disc_layers == 2  # else no discriminator
+    assert cfg.transformer.dalle_config(text_vocab=300, text_len=8, pad_id=1, image_vocab=64, image_grid=4) == \
+        DALLEConfig(text_vocab=300, text_len=8, pad_id=1, image_vocab=64, image_grid=4, dim=48, heads=6,
+                    text_loss_weight=0.25)
+    assert cfg.clip.clip_config(16, 300, 8, 1) == CLIPConfig(image_size=16, text_vocab=300, text_len=8, pad_id=1,
+                                                             patch_size=8, text_layers=2)

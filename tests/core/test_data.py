@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from dalle_core.config import DataConfig
+from dalle_core.config import DataSection
 from dalle_core.data import DataError, read_source, source_fingerprint
 
 
@@ -17,8 +17,8 @@ def _png(colour=(200, 100, 50), size=(12, 10), fmt="PNG", **save) -> bytes:
     return buf.getvalue()
 
 
-def _folder_cfg(folder, **kw) -> DataConfig:
-    return DataConfig(source="imagefolder", path=str(folder), image_size=8, val_fraction=0.5, **kw)
+def _folder_cfg(folder, **kw) -> DataSection:
+    return DataSection(source="imagefolder", path=str(folder), image_size=8, val_fraction=0.5, **kw)
 
 
 def _captioned_folder(folder, n=3):
@@ -64,11 +64,11 @@ def test_fingerprint_of_txt_captions_and_file_sources(tmp_path):
     assert source_fingerprint(cfg) != before
 
     pq.write_table(pa.table({"image": [_png()], "caption": ["x"]}), tmp_path / "d.parquet")
-    pcfg = DataConfig(source="parquet", path=str(tmp_path / "*.parquet"))
+    pcfg = DataSection(source="parquet", path=str(tmp_path / "*.parquet"))
     before = source_fingerprint(pcfg)
     os.utime(tmp_path / "d.parquet", ns=(1, 10**18))
     assert source_fingerprint(pcfg) != before
-    assert source_fingerprint(DataConfig()) is None  # shapes: the config says all
+    assert source_fingerprint(DataSection()) is None  # shapes: the config says all
 
 
 # ---------------------------------------------------------------- metadata files as spreadsheets write them
@@ -145,3 +145,46 @@ def test_big_jpeg_decodes_at_reduced_scale_with_right_pixels(tmp_path):
     (folder / "big.txt").write_text("big")
     (rec,) = read_source(_folder_cfg(folder))
     assert rec.image.shape == (8, 8, 3) and np.abs(rec.image.astype(int) - (200, 100, 50)).max() <= 3
+
+
+def test_fingerprint_sees_changes_inside_a_symlinked_folder(tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "a.png").write_bytes(_png())
+    (outside / "a.txt").write_text("a photo")
+    folder = tmp_path / "data"
+    folder.mkdir()
+    (folder / "linked").symlink_to(outside, target_is_directory=True)
+    cfg = _folder_cfg(folder)
+    assert [r.id for r in read_source(cfg)] == ["linked/a.png"]
+    before = source_fingerprint(cfg)
+    (outside / "b.png").write_bytes(_png())
+    (outside / "b.txt").write_text("b photo")
+    assert [r.id for r in read_source(cfg)] == ["linked/a.png", "linked/b.png"]
+    assert source_fingerprint(cfg) != before
+
+
+def test_captioned_files_pillow_cannot_read_are_counted(tmp_path):
+    folder = tmp_path / "txt"
+    folder.mkdir()
+    (folder / "ok.png").write_bytes(_png())
+    (folder / "ok.txt").write_text("a photo")
+    (folder / "phone.heic").write_bytes(b"\x00\x00\x00\x18ftypheic")
+    (folder / "phone.txt").write_text("a phone photo")
+    (folder / "notes.md").write_text("not data: no caption beside it")
+    assert sorted((r.id, r.skip) for r in read_source(_folder_cfg(folder))) == [
+        ("ok.png", None), ("phone.heic", "unsupported_format")]
+    meta = _captioned_folder(tmp_path / "meta", n=1)
+    (meta / "clip.heic").write_bytes(b"\x00\x00\x00\x18ftypheic")
+    (meta / "metadata.csv").write_text("file_name,caption\n0.png,photo 0\nclip.heic,a phone photo\n")
+    assert [(r.id, r.skip) for r in read_source(_folder_cfg(meta))] == [
+        ("0.png", None), ("clip.heic", "unsupported_format")]
+
+
+@pytest.mark.parametrize("head", ["\n\n", "sep=;\n", "\r\nsep=;\r\n"])
+def test_metadata_csv_with_blank_lines_or_excels_separator_line(tmp_path, head):
+    folder = _captioned_folder(tmp_path / "csv")
+    (folder / "metadata.csv").write_text(head + "file_name;caption\n" + "".join(f"{i}.png;photo {i}, left\n"
+                                                                             for i in range(3)))
+    recs = list(read_source(_folder_cfg(folder)))
+    assert [(r.id, r.caption, r.skip) for r in recs] == [(f"{i}.png", f"photo {i}, left", None) for i in range(3)]

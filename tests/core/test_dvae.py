@@ -5,9 +5,9 @@ import torch.nn.functional as F
 
 from dalle_core import shapes
 from dalle_core.config import config_from_dict
-from dalle_core.dvae import DiscreteVAE, DVAEConfig, VectorQuantizer
+from dalle_core.dvae import DiscreteVAE, DVAEConfig, VectorQuantizer, dvae_schedule, dvae_step
 from dalle_core.images import to_tensor
-from dalle_core.train import dvae_schedule, dvae_step, fit, make_optimizer
+from dalle_core.train import fit, make_optimizer
 
 
 def small(quantizer: str, downsamples: int = 2, **kw) -> DVAEConfig:
@@ -139,7 +139,7 @@ def test_vqgan_losses_send_each_gradient_to_its_own_side():
     """The generator term trains the dVAE through a frozen discriminator; the hinge loss trains the
     discriminator on detached reconstructions; the adaptive weight is proportional to the reconstruction
     loss's gradient norm at the decoder's last layer."""
-    from dalle_core.train import vqgan_losses
+    from dalle_core.dvae import vqgan_losses
 
     torch.manual_seed(0)
     model = DiscreteVAE(small("vq", disc_layers=2, disc_channels=16))
@@ -161,7 +161,7 @@ def test_vqgan_losses_send_each_gradient_to_its_own_side():
 
 
 def test_sharpness_ratio_sees_blur_not_contrast():
-    from dalle_core.train import laplacian_variance
+    from dalle_core.dvae import laplacian_variance
 
     edges = torch.zeros(1, 3, 32, 32)
     edges[..., 16:, :] = 1.0  # one hard edge
@@ -192,3 +192,10 @@ def test_vq_nearest_code_is_exact_under_bf16_autocast():
     exact = torch.cdist(z.double(), q.embed.double()).argmin(1)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert torch.equal(q.nearest(z), exact)
+
+
+def test_code_usage_is_perplexity_and_fraction_of_codes_used():
+    from dalle_core.dvae import code_usage
+
+    assert code_usage(torch.tensor([5, 5, 5, 5])) == pytest.approx((4.0, 1.0))
+    assert code_usage(torch.tensor([8, 0, 0, 0])) == pytest.approx((1.0, 0.25))

@@ -114,3 +114,10 @@ def test_srgb_profile_keeps_pixels():
     srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
     got = np.asarray(to_viewer_rgb(_file(Image.fromarray(rgb), "PNG", icc_profile=srgb))).astype(int)
     assert np.abs(got - rgb).max() <= 1
+
+
+def test_one_psnr_in_db_of_unit_range_images():
+    from dalle_core.images import PSNR_OF_IDENTICAL_IMAGES, psnr
+
+    assert psnr(0.01) == pytest.approx(20.0) and psnr(1.0) == 0.0
+    assert psnr(0.0) == PSNR_OF_IDENTICAL_IMAGES  # finite, for MLflow and JSON

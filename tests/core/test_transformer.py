@@ -2,12 +2,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dalle_core import cpu_attention, sampling
-from dalle_core.config import TrainConfig
+from dalle_core import cpu_fast, sampling
+from dalle_core.config import TrainSection
 from dalle_core.device import autocast
 from dalle_core.sampling import filter_logits, sample
-from dalle_core.train import fit, make_optimizer, transformer_step
-from dalle_core.transformer import DALLE, DALLEConfig
+from dalle_core.train import fit, make_optimizer
+from dalle_core.transformer import DALLE, DALLEConfig, transformer_step
 from tests.conftest import DEVICES
 
 C = DALLEConfig(text_vocab=50, text_len=6, pad_id=0, image_vocab=20, image_grid=3, dim=32, depth=2, heads=4)
@@ -20,6 +20,17 @@ def model():
     with torch.no_grad():  # untrained heads are near-uniform; sharpen so comparisons mean something
         m.image_head.weight.mul_(50)
     return m
+
+
+def full_logits(model: DALLE, text: torch.Tensor, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Full recompute (no cache): text logits (B, T-1, text_vocab), image logits (B, n+1, image_vocab) for a text
+    and the first n image codes (n may be 0)."""
+    T = model.c.text_len
+    x = model.embed_text(text)
+    if image.shape[1]:
+        x = torch.cat([x, model.embed_image(image)], dim=1)
+    h = model.hidden(x)
+    return model.text_head(h[:, : T - 1]), model.image_head(h[:, T - 1:])
 
 
 def _text(b=3):
@@ -37,7 +48,7 @@ def test_cached_sampling_matches_full_recompute_every_step(model, device):
     assert sorted(seen) == list(range(C.image_len))
     with torch.inference_mode():
         for i in range(C.image_len):
-            _, image_logits = model.logits(text, codes[:, :i])
+            _, image_logits = full_logits(model, text, codes[:, :i])
             assert torch.allclose(image_logits[:, -1], seen[i], atol=1e-4), i
 
 
@@ -47,9 +58,13 @@ def test_bf16_sampling_tracks_the_full_recompute(model, device, packed, monkeypa
     """bf16 sampling: keys/values in bf16 (on CPUs where the compiled decode attention builds; fp32 where
     not, as PyTorch's bf16 attention is slower there); the logits stay near an fp32 full recompute."""
     if not packed:
-        monkeypatch.setattr(sampling, "packed_linear_works", lambda: False)
+        monkeypatch.setattr(cpu_fast, "packed_linear_works", lambda: False)
     model, text = model.to(device), _text().to(device)
-    seen, caches = {}, []
+    seen, caches, kernel_steps = {}, [], []
+    compiled = device == "cpu" and cpu_fast.kernel() is not None
+    if compiled:
+        real_kernel = cpu_fast.kernel()
+        monkeypatch.setattr(cpu_fast, "kernel", lambda: lambda *a: kernel_steps.append(1) or real_kernel(*a))
     real_cache = sampling.KVCache
 
     def spy(*args, **kwargs):
@@ -62,13 +77,12 @@ def test_bf16_sampling_tracks_the_full_recompute(model, device, packed, monkeypa
                        on_logits=lambda i, lg: seen.__setitem__(i, lg.float().clone()), precision="bf16")
     finally:
         sampling.KVCache = real_cache
-    compiled = device == "cpu" and cpu_attention.kernel() is not None
     assert caches[0].k.dtype == (torch.bfloat16 if device == "cuda" or compiled else torch.float32)
-    assert (caches[0].decode is not None) == compiled
+    assert bool(kernel_steps) == compiled
     with torch.inference_mode():
         for i in range(0, C.image_len, 3):
-            _, cond = model.logits(text, codes[:, :i])
-            _, uncond = model.logits(torch.full_like(text, C.pad_id), codes[:, :i])
+            _, cond = full_logits(model, text, codes[:, :i])
+            _, uncond = full_logits(model, torch.full_like(text, C.pad_id), codes[:, :i])
             expect = uncond[:, -1] + 2.0 * (cond[:, -1] - uncond[:, -1])
             scale = expect.abs().max()
             assert (seen[i] - expect).abs().max() < 0.05 * scale, (i, (seen[i] - expect).abs().max(), scale)
@@ -81,8 +95,8 @@ def test_cached_guided_sampling_matches_recompute(model):
                    on_logits=lambda i, lg: seen.__setitem__(i, lg.clone()))
     with torch.inference_mode():
         for i in (0, 4, C.image_len - 1):
-            _, cond = model.logits(text, codes[:, :i])
-            _, uncond = model.logits(torch.full_like(text, C.pad_id), codes[:, :i])
+            _, cond = full_logits(model, text, codes[:, :i])
+            _, uncond = full_logits(model, torch.full_like(text, C.pad_id), codes[:, :i])
             expect = uncond[:, -1] + 3.0 * (cond[:, -1] - uncond[:, -1])
             assert torch.allclose(expect, seen[i], atol=1e-3), i
 
@@ -92,13 +106,13 @@ def test_future_tokens_never_change_past_logits(model, precision):
     text = _text(2)
     image = torch.randint(0, C.image_vocab, (2, C.image_len))
     with torch.inference_mode(), autocast(precision, "cpu", C.seq_len):
-        t1, i1 = model.logits(text, image[:, :-1])
+        t1, i1 = full_logits(model, text, image[:, :-1])
         changed = image.clone()
         changed[:, 5] = (changed[:, 5] + 1) % C.image_vocab
-        t2, i2 = model.logits(text, changed[:, :-1])
+        t2, i2 = full_logits(model, text, changed[:, :-1])
         text2 = text.clone()
         text2[:, 3] = (text2[:, 3] + 1) % C.text_vocab
-        t3, _ = model.logits(text2, image[:, :-1])
+        t3, _ = full_logits(model, text2, image[:, :-1])
     assert torch.equal(t1, t2) and torch.allclose(i1[:, :6], i2[:, :6])  # image pos j predicts code j
     assert not torch.allclose(i1[:, 6:], i2[:, 6:])
     assert torch.allclose(t1[:, :3], t3[:, :3]) and not torch.allclose(t1[:, 3:], t3[:, 3:])
@@ -108,7 +122,7 @@ def test_text_and_image_positions_use_their_own_vocabularies(model):
     text = _text(2)
     image = torch.randint(0, C.image_vocab, (2, C.image_len))
     with torch.inference_mode():
-        text_logits, image_logits = model.logits(text, image[:, :-1])
+        text_logits, image_logits = full_logits(model, text, image[:, :-1])
     assert text_logits.shape == (2, C.text_len - 1, C.text_vocab)
     assert image_logits.shape == (2, C.image_len, C.image_vocab)
     codes = sample(model, _text(8), temperature=5.0)
@@ -119,7 +133,7 @@ def test_overfits_a_few_sequences():
     torch.manual_seed(0)
     m = DALLE(C)
     text, image = _text(4), torch.randint(0, C.image_vocab, (4, C.image_len))
-    t = TrainConfig(batch_size=4, lr=3e-3, warmup_steps=10, max_steps=300, log_every=50, grad_clip=1.0)
+    t = TrainSection(batch_size=4, lr=3e-3, warmup_steps=10, max_steps=300, log_every=50, grad_clip=1.0)
     with torch.no_grad():
         losses = [m(text, image)[2].item()]  # about ln(20) before training
     fit(m, iter(lambda: {"text": text, "image": image}, None), t, make_optimizer(m, t),
@@ -146,8 +160,8 @@ def test_primed_sampling_matches_a_full_recompute_after_the_prefix(model, cond_s
     assert torch.equal(codes[:, :4], prefix) and sorted(seen) == list(range(4, C.image_len))
     with torch.inference_mode():
         for i in seen:
-            _, cond = model.logits(text, codes[:, :i])
-            _, uncond = model.logits(torch.full_like(text, C.pad_id), codes[:, :i])
+            _, cond = full_logits(model, text, codes[:, :i])
+            _, uncond = full_logits(model, torch.full_like(text, C.pad_id), codes[:, :i])
             expect = uncond[:, -1] + cond_scale * (cond[:, -1] - uncond[:, -1]) if cond_scale != 1 else cond[:, -1]
             assert torch.allclose(expect, seen[i], atol=1e-3), i
 
@@ -165,9 +179,9 @@ def test_losses_are_next_token_cross_entropies_weighted_text_and_image():
     text, image = _text(2), torch.randint(0, C.image_vocab, (2, C.image_len))
     with torch.inference_mode():
         loss, text_loss, image_loss = m(text, image)
-        text_logits, _ = m.logits(text, image[:, :0])
+        text_logits, _ = full_logits(m, text, image[:, :0])
         by_hand_text = torch.stack([F.cross_entropy(text_logits[:, i], text[:, i + 1]) for i in range(C.text_len - 1)])
-        by_hand_image = torch.stack([F.cross_entropy(m.logits(text, image[:, :j])[1][:, -1], image[:, j])
+        by_hand_image = torch.stack([F.cross_entropy(full_logits(m, text, image[:, :j])[1][:, -1], image[:, j])
                                      for j in range(C.image_len)])
     assert torch.allclose(text_loss, by_hand_text.mean(), atol=1e-5)
     assert torch.allclose(image_loss, by_hand_image.mean(), atol=1e-5)
@@ -224,7 +238,7 @@ def test_bf16_training_tracks_fp32(device):
     for precision in ("fp32", "bf16"):
         torch.manual_seed(0)
         m = DALLE(C).to(device)
-        t = TrainConfig(batch_size=8, lr=2e-3, warmup_steps=5, max_steps=60, log_every=10, precision=precision)
+        t = TrainSection(batch_size=8, lr=2e-3, warmup_steps=5, max_steps=60, log_every=10, precision=precision)
         curves[precision] = []
         fit(m, iter(lambda: {"text": text, "image": image}, None), t, make_optimizer(m, t),
             transformer_step(0.1, C.pad_id, t.seed), device=device,
@@ -237,7 +251,7 @@ def test_cpu_bf16_sampling_packs_every_linear_layer_and_fuses_the_gelu(model):
     if not torch.backends.mkldnn.is_available():
         pytest.skip("this PyTorch build has no oneDNN: CPU bf16 sampling uses F.linear")
     twin, _, _ = sampling.for_sampling(model, "bf16", rows=6)
-    packed = [m for m in twin.modules() if isinstance(m, sampling.PackedLinear)]
+    packed = [m for m in twin.modules() if isinstance(m, cpu_fast.PackedLinear)]
     assert len(packed) == 4 * C.depth + 2 and not any(isinstance(m, torch.nn.Linear) for m in twin.modules())
     x = torch.randn(6, 1, C.dim)
     with torch.inference_mode():

@@ -175,3 +175,21 @@ def test_ctrl_c_is_one_line_and_exit_130(tiny, monkeypatch, capsys):
     monkeypatch.setattr("flows.cli._ingested", lambda cfg: True)
     assert main(["train-bpe", "-c", config, *_sets(make())]) == 130
     _one_line_error(capsys, "train-bpe interrupted", "run the same command again")
+
+
+@pytest.mark.parametrize("data,expect", [(b"caf\xe9\n", "is not UTF-8 (byte 0xe9 at offset 3)"),
+                                         ("\ufeffa red circle\n".encode(), None)])
+def test_prompts_file_encoding(tiny, monkeypatch, tmp_path, capsys, data, expect):
+    import flows.cli
+
+    seen = []
+    monkeypatch.setattr(flows.cli, "check_store", lambda cfg: seen.append(list(cfg.generate.prompts)) or 1 / 0)
+    path = tmp_path / "prompts.txt"
+    path.write_bytes(data)
+    config, make = tiny
+    code = main(["generate", "-c", config, "--prompts-file", str(path), *_sets(make())])
+    if expect:
+        assert code == 2
+        _one_line_error(capsys, f"--prompts-file '{path}'", expect)
+    else:  # the byte-order mark is not part of the first prompt
+        assert code == 1 and seen == [["a red circle"]]

@@ -3,13 +3,13 @@ import pyarrow.parquet as pq
 import pytest
 from mlflow import MlflowClient
 
-from dalle_core.clip import Scorer, recall_at
+from dalle_core.clip import CLIPReranker, recall_at
 from dalle_core.config import ConfigError, load_config
 from dalle_core.images import decode_png
 from flows.cli import main
 from flows.generate import generate_flow
 from storage.parquet import read_shard, shard_paths
-from tasks.clip import load_scorer
+from tasks.clip import load_reranker
 from tasks.common import open_store, stage_keys
 from tests.conftest import TINY
 
@@ -31,7 +31,7 @@ def test_clip_recall_beats_chance_and_shuffled_captions_do_not(generated):
     store = open_store(cfg)
     m = store.read_json(store.path("clip", stage_keys(cfg)["clip"], "metrics.json"))
     assert m["steps"] == 60
-    scorer = load_scorer(cfg)
+    scorer = load_reranker(cfg)
     images, captions = _val_images(cfg)
     shuffled = [captions[(i + 7) % len(captions)] for i in range(len(captions))]  # every image gets another's
     emb_i = scorer.embed_images(images)
@@ -43,7 +43,7 @@ def test_clip_recall_beats_chance_and_shuffled_captions_do_not(generated):
 
 def test_scorer_prefers_the_true_caption_of_real_images(generated):
     _, ov, _ = generated
-    scorer = load_scorer(load_config(TINY, ov))
+    scorer = load_reranker(load_config(TINY, ov))
     images, captions = _val_images(load_config(TINY, ov))
     others = [captions[(i + 7) % len(captions)] for i in range(len(captions))]
     keep = [i for i in range(len(captions)) if captions[i] != others[i]]
@@ -58,13 +58,13 @@ def test_local_clip_checkpoint_gives_identical_scores(generated, tmp_path):
     store = open_store(cfg)
     path = tmp_path / "my-clip.safetensors"
     path.write_bytes(store.read_bytes(store.path("clip", stage_keys(cfg)["clip"], "model.safetensors")))
-    ours = load_scorer(cfg)
-    theirs = load_scorer(load_config(TINY, [*ov, f"clip.pretrained={path}"]))
+    ours = load_reranker(cfg)
+    theirs = load_reranker(load_config(TINY, [*ov, f"clip.pretrained={path}"]))
     images = np.random.default_rng(0).integers(0, 255, (4, 32, 32, 3), dtype=np.uint8)
     captions = ["a red circle", "a blue square above a green diamond", "a small white triangle", "x"]
     assert np.array_equal(ours.scores(images, captions).numpy(), theirs.scores(images, captions).numpy())
     with pytest.raises(ConfigError, match="does not exist"):
-        load_scorer(load_config(TINY, [*ov, f"clip.pretrained={tmp_path}/nope.safetensors"]))
+        load_reranker(load_config(TINY, [*ov, f"clip.pretrained={tmp_path}/nope.safetensors"]))
 
 
 @pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
@@ -89,8 +89,8 @@ def test_open_clip_model_with_local_weights(tmp_path, suffix):
         torch.save(model.state_dict(), weights)
     else:
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, weights)
-    loaded = load_scorer(load_config(TINY, [f"clip.pretrained={name}:{weights}"]))
-    in_memory = Scorer(model, 32, open_clip.get_tokenizer(name))
+    loaded = load_reranker(load_config(TINY, [f"clip.pretrained={name}:{weights}"]))
+    in_memory = CLIPReranker(model, 32, open_clip.get_tokenizer(name))
     images = np.random.default_rng(0).integers(0, 255, (2, 32, 32, 3), dtype=np.uint8)
     assert torch.equal(loaded.scores(images, ["a cat", "a dog"]), in_memory.scores(images, ["a cat", "a dog"]))
 
@@ -185,8 +185,8 @@ def test_image_completion_keeps_the_prime_rows(generated, tmp_path, capsys, monk
         capsys.readouterr().err
     import tasks.generate
 
-    models = tasks.generate.generator(cfg)
-    monkeypatch.setattr(tasks.generate, "generator", lambda _: models)
+    models = tasks.generate.load_pipeline(cfg)
+    monkeypatch.setattr(tasks.generate, "load_pipeline", lambda _: models)
     cfg.generate.prime_rows = 8  # past the config's check, as with a pretrained dVAE (its grid is in its files)
     with pytest.raises(ConfigError, match="the dVAE's token grid has 8 rows, so use 1 to 7$"):
         tasks.generate._prime(cfg)

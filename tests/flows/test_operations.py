@@ -295,6 +295,8 @@ def test_kill_9_of_a_command_takes_its_prefect_server_along_and_the_next_command
         assert not [c for c in children if "uvicorn" in " ".join(c.cmdline())], "Prefect started its own server"
         servers = [c for c in children if "flows.server" in c.cmdline()]
         assert len(servers) == 1
+        # a terminal's Ctrl-C goes to its foreground process group: the command's, not its server's
+        assert os.getpgid(servers[0].pid) != os.getpgid(proc.pid)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
         _, alive = psutil.wait_procs(servers, timeout=30)

@@ -96,7 +96,7 @@ def test_failed_stage_shows_failed_in_mlflow(generated_copy, monkeypatch):
     def broken(cfg):
         raise RuntimeError("out of GPU memory (on purpose)")
 
-    monkeypatch.setattr(tasks.generate, "generator", broken)
+    monkeypatch.setattr(tasks.generate, "load_pipeline", broken)
     with pytest.raises(RuntimeError, match="on purpose"):
         pipeline_flow(config=str(TINY), overrides=generated_copy, only=["generate"], force=["generate"])
     client = MlflowClient(load_config(TINY, generated_copy).tracking.uri)
@@ -210,7 +210,7 @@ def test_openmoji_subset_end_to_end_at_64_px(tiny, openmoji_subset):
     from dalle_core.evaluation import r_precision
     from dalle_core.images import decode_png
     from storage.parquet import iter_batches, shard_paths
-    from tasks.generate import generator
+    from tasks.generate import load_pipeline
 
     folder, _, _ = openmoji_subset
     config, make = tiny
@@ -235,7 +235,7 @@ def test_openmoji_subset_end_to_end_at_64_px(tiny, openmoji_subset):
         assert {"r_precision_top1", "r_precision_random", "r_precision_real", "dvae_psnr", "dvae_ssim"} <= set(m)
     assert splits["seen"]["nn_own_image_top1"] >= 0 and "fd_clip_real_halves" in splits["seen"]
 
-    scorer = generator(cfg).scorer
+    scorer = load_pipeline(cfg).reranker
     captions, images = [], []
     for split in ("train", "val"):
         for batch in iter_batches(store, shard_paths(store, "images", keys["images"], split), ["caption", "image"]):

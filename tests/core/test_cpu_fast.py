@@ -6,13 +6,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dalle_core import cpu_attention, sampling
+from dalle_core import cpu_fast, sampling
 from dalle_core.transformer import DALLE, DALLEConfig
 
 
 @pytest.fixture
 def attend():
-    k = cpu_attention.kernel()
+    k = cpu_fast.kernel()
     if k is None and shutil.which(os.environ.get("CC") or "cc") is None:
         pytest.skip("no C compiler on this machine: sampling uses PyTorch's attention")
     assert k is not None, "there is a C compiler, but the decode attention did not build or failed its self-check"
@@ -52,7 +52,7 @@ def test_sampling_with_and_without_the_kernel_sees_the_same_logits(attend, monke
     model, text = _model()
     runs = []
     for kernel in (attend, None):
-        monkeypatch.setattr(cpu_attention, "kernel", lambda kernel=kernel: kernel)
+        monkeypatch.setattr(cpu_fast, "kernel", lambda kernel=kernel: kernel)
         seen = {}
         codes = sampling.sample(model, text, cond_scale=3.0, precision=precision,
                                 on_logits=lambda i, lg, seen=seen: seen.__setitem__(i, lg),
@@ -68,42 +68,67 @@ def test_sampling_with_and_without_the_kernel_sees_the_same_logits(attend, monke
 def test_no_compiler_falls_back_with_a_warning(tmp_path, monkeypatch):
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
     monkeypatch.setenv("DALLE_KERNEL_DIR", str(tmp_path / "kernels"))
-    cpu_attention.kernel.cache_clear()
+    cpu_fast.kernel.cache_clear()
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            assert cpu_attention.kernel() is None
+            assert cpu_fast.kernel() is None
         assert any("compiled decode attention is unavailable" in str(w.message) for w in caught)
         model, text = _model()
         codes = sampling.sample(model, text, cond_scale=3.0, precision="bf16")  # PyTorch's attention instead
         assert codes.shape == (2, 9)
     finally:
-        cpu_attention.kernel.cache_clear()
+        cpu_fast.kernel.cache_clear()
 
 
 def test_a_broken_build_is_not_used(tmp_path, monkeypatch):
     """A compiler that succeeds but builds a wrong kernel is caught by the self-check."""
     wrong = tmp_path / "wrong.c"
-    wrong.write_text(cpu_attention.SOURCE.read_text().replace("STORE(o[d] / sum)", "STORE(o[d])"))
-    monkeypatch.setattr(cpu_attention, "SOURCE", wrong)
+    wrong.write_text(cpu_fast.SOURCE.read_text().replace("STORE(o[d] / sum)", "STORE(o[d])"))
+    monkeypatch.setattr(cpu_fast, "SOURCE", wrong)
     monkeypatch.setenv("DALLE_KERNEL_DIR", str(tmp_path / "kernels"))
-    cpu_attention.kernel.cache_clear()
+    cpu_fast.kernel.cache_clear()
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            result = cpu_attention.kernel()
+            result = cpu_fast.kernel()
         if not list((tmp_path / "kernels").glob("*.so")):
             pytest.skip("no C compiler on this machine")
         assert result is None
         assert any("differs from PyTorch's attention" in str(w.message) for w in caught)
     finally:
-        cpu_attention.kernel.cache_clear()
+        cpu_fast.kernel.cache_clear()
 
 
 def test_switched_off_by_environment(monkeypatch):
     monkeypatch.setenv("DALLE_CPU_KERNEL", "0")
-    cpu_attention.kernel.cache_clear()
+    cpu_fast.kernel.cache_clear()
     try:
-        assert cpu_attention.kernel() is None
+        assert cpu_fast.kernel() is None
     finally:
-        cpu_attention.kernel.cache_clear()
+        cpu_fast.kernel.cache_clear()
+
+
+def test_fast_copy_leaves_the_model_alone_and_fp32_shares_its_weights(attend):
+    model, _ = _model()
+    for precision in ("fp32", "bf16"):
+        twin, _, cache_dtype = cpu_fast.for_sampling(model, precision, rows=4)
+        assert twin is not model and all(isinstance(b.attn, cpu_fast.DecodeAttention) for b in twin.blocks)
+        assert not any(isinstance(m, (cpu_fast.DecodeAttention, cpu_fast.PackedLinear)) for m in model.modules())
+        assert cache_dtype == (torch.float32 if precision == "fp32" else torch.bfloat16)
+    fp32_twin, _, _ = cpu_fast.for_sampling(model, "fp32", rows=4)
+    assert all(a is b for a, b in zip(fp32_twin.parameters(), model.parameters()))
+
+
+def test_bf16_attention_in_fp32_tracks_fp32_and_the_limit_can_be_set():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 40, 16, generator=g) for _ in range(3))
+    expect = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    bf16 = [t.to(torch.bfloat16) for t in (q, k, v)]
+    in_fp32 = cpu_fast.causal_attention(*bf16)
+    with cpu_fast.fp32_attention_up_to(0):
+        in_bf16 = cpu_fast.causal_attention(*bf16)
+    assert in_fp32.dtype == in_bf16.dtype == torch.bfloat16
+    assert not torch.equal(in_fp32, in_bf16)
+    assert torch.allclose(in_fp32.float(), expect, atol=0.02) and torch.allclose(in_bf16.float(), expect, atol=0.05)
+    assert torch.equal(cpu_fast.causal_attention(*bf16), in_fp32)  # the shipped limit is back
