@@ -11,8 +11,9 @@ CONFIG ?= configs/shapes.yaml
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 
 OPENMOJI := data/openmoji-64
+NOTO := data/noto-64
 
-.PHONY: install demo demo-openmoji test lint bench clean
+.PHONY: install demo demo-openmoji demo-noto test lint bench clean
 
 $(BIN)/.installed: pyproject.toml
 	@command -v $(PY) >/dev/null || { echo "need $(PY) on PATH (set PY=...)"; exit 1; }
@@ -32,6 +33,12 @@ demo: install
 demo-openmoji: install
 	$(BIN)/dalle data openmoji --out $(OPENMOJI) --size 64
 	$(BIN)/dalle run --config configs/openmoji.yaml
+
+# The same recipe on a second style: Google's Noto Emoji (Apache 2.0) from `npm pack emoji-datasource-google`
+# (needs npm; or pass the tarball: make demo-noto NOTO_FROM=path/to/emoji-datasource-google-16.0.0.tgz).
+demo-noto: install
+	$(BIN)/dalle data noto $(if $(NOTO_FROM),--from $(NOTO_FROM)) --out $(NOTO) --size 64
+	$(BIN)/dalle run --config configs/noto.yaml
 
 test: install
 	PREFECT_HOME=$(CURDIR)/.pytest_cache/prefect $(BIN)/python -m pytest tests

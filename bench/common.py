@@ -18,6 +18,11 @@ from dalle_core.transformer import DALLEConfig
 # hidden 64, 2 downsamples); transformer dim 256, depth 4, 8 heads, text_len 32, text vocab 1000, batch 16.
 REF_TRANSFORMER = DALLEConfig(text_vocab=1000, text_len=32, image_vocab=512, image_grid=8, dim=256, depth=4, heads=8)
 REF_DVAE = DVAEConfig(image_size=32, codebook_size=512, codebook_dim=256, hidden=64, num_downsamples=2)
+# The two tokenizer architectures at 64 px with DALL-E's 8x factor (8x8 tokens): the small net at the OpenMoji
+# config's width, and taming's net (docs/tokenizers.md "Architectures").
+SMALL_NET_64 = DVAEConfig(image_size=64, codebook_size=1024, codebook_dim=32, hidden=96, num_downsamples=3)
+TAMING_NET_64 = DVAEConfig(image_size=64, codebook_size=1024, codebook_dim=32, hidden=32, num_downsamples=3,
+                           channel_mult=(1, 2, 2, 4))
 # DALL-E's shape at the bench's width (the GPU/scale issue): text_len 256, text vocab 16,384, a 32x32 grid
 # (1,024 tokens) from 8,192 codes: 1,280-token sequences, batch 4.
 DALLE_SHAPE = DALLEConfig(text_vocab=16384, text_len=256, image_vocab=8192, image_grid=32, dim=256, depth=4, heads=8)

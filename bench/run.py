@@ -2,8 +2,8 @@
 
 Prints one table and writes JSON (bench/results/<time>.json) so runs compare. Each measurement: warm-up,
 then repeats, median reported (bench/common.py). Never part of the tests. The benches, by what they measure:
-bench/training.py, bench/sampling.py, bench/data.py, and bench/anchor.py (lucidrains' dalle-pytorch, the
-reference column). Reference configuration: bench/common.py.
+bench/training.py, bench/sampling.py, bench/data.py, bench/serving.py (using a trained model), and bench/anchor.py
+(lucidrains' dalle-pytorch, the reference column). Reference configuration: bench/common.py.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
-from bench import anchor, data, sampling, training
-from bench.common import DALLE_SHAPE, Settings
+from bench import anchor, data, sampling, serving, training
+from bench.common import DALLE_SHAPE, SMALL_NET_64, TAMING_NET_64, Settings
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,8 @@ BENCHES = [
     bench("clip_train_bf16", training.clip_train, precision="bf16"),
     bench("dvae_train", training.dvae_train),
     bench("dvae_train_bf16", training.dvae_train, precision="bf16"),
+    bench("dvae_train_64px_small_net", training.dvae_train, precision="bf16", batch=8, c=SMALL_NET_64),
+    bench("dvae_train_64px_taming_net", training.dvae_train, precision="bf16", batch=8, c=TAMING_NET_64),
     bench("dvae_encode", data.dvae_encode),
     bench("dvae_encode_bf16", data.dvae_encode, precision="bf16"),
     bench("token_loader", data.token_loader),
@@ -70,6 +72,9 @@ BENCHES = [
     bench("dalle_config_256", training.config_transformer, on="cuda"),
     bench("dalle_config_256_sample_fp32", sampling.config_sampling, on="cuda", precision="fp32"),
     bench("dalle_config_256_sample_bf16", sampling.config_sampling, on="cuda", precision="bf16"),
+    bench("serve_api_16", serving.api_request),  # `dalle serve`: the page's request, browser excluded
+    bench("cold_start", serving.cold_generate),  # a fresh process: load an exported model, draw one image
+    bench("cold_start_1thread", serving.cold_generate, threads=1),
     bench("pretokenize_10x", data.pretokenize, scale=10),  # the peak-memory check, skipped by --skip-rss
 ]
 

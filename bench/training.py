@@ -22,7 +22,7 @@ from bench.common import (
 from dalle_core import cpu_fast
 from dalle_core.config import TrainSection
 from dalle_core.device import autocast
-from dalle_core.dvae import DiscreteVAE
+from dalle_core.dvae import DiscreteVAE, DVAEConfig
 from dalle_core.train import make_optimizer
 from dalle_core.transformer import DALLE, DALLEConfig
 
@@ -117,12 +117,12 @@ def clip_train(s: Settings, precision: str, steps: int = 5, batch: int = 128) ->
     return {"seconds_per_step": sec / steps, "images_per_s": steps * batch / sec}
 
 
-def dvae_train(s: Settings, precision: str = "fp32", steps: int = 5, batch: int = 64) -> dict:
-    """The reference dVAE's training images/s (reconstruction MSE + quantizer loss)."""
+def dvae_train(s: Settings, precision: str = "fp32", steps: int = 5, batch: int = 64, c: DVAEConfig = REF_DVAE) -> dict:
+    """Training images/s of the dVAE at config c (the reference by default): reconstruction MSE + quantizer loss."""
     torch.manual_seed(0)
-    model = DiscreteVAE(REF_DVAE).train()
+    model = DiscreteVAE(c).train()
     opt = make_optimizer(model, TrainSection())
-    x = torch.randn(batch, 3, 32, 32)
+    x = torch.randn(batch, 3, c.image_size, c.image_size)
 
     def run():
         for _ in range(steps):

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Annotated
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from annotated_types import Ge
 
 from dalle_core.bpe import TextTokenizer
 from dalle_core.train import StepFn
@@ -24,17 +26,21 @@ from dalle_core.train import StepFn
 
 @dataclass
 class CLIPConfig:
+    """The small CLIP's shape (open_clip's CLIP). Each field's type carries its allowed range: the run config's
+    `clip` section is built from these fields (`dalle_core.config`). `image_size` and the text ids are set by
+    the stage from the data and the BPE."""
+
     image_size: int = 32
-    patch_size: int = 4  # 4x4 patches: an 8x8 grid of patches for 32x32 images
-    vision_width: int = 128
-    vision_layers: int = 4
+    patch_size: Annotated[int, Ge(1)] = 4  # 4x4 patches: an 8x8 grid of patches for 32x32 images
+    vision_width: Annotated[int, Ge(8)] = 128
+    vision_layers: Annotated[int, Ge(1)] = 4
     text_vocab: int = 1000  # BPE vocabulary; the model adds one id for end-of-text
     text_len: int = 32  # BPE tokens; the model's context is text_len + 1
     pad_id: int = 0
-    text_width: int = 128
-    text_heads: int = 4
-    text_layers: int = 4
-    embed_dim: int = 128
+    text_width: Annotated[int, Ge(8)] = 128
+    text_heads: Annotated[int, Ge(1)] = 4
+    text_layers: Annotated[int, Ge(1)] = 4
+    embed_dim: Annotated[int, Ge(8)] = 128  # the joint image-text embedding
 
     @property
     def eot_id(self) -> int:

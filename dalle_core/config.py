@@ -12,11 +12,24 @@ import difflib
 import json
 import math
 import re
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_validator,
+)
+
+from dalle_core.clip import CLIPConfig
+from dalle_core.dvae import DVAEConfig
+from dalle_core.transformer import DALLEConfig
 
 
 class ConfigError(ValueError):
@@ -97,41 +110,40 @@ class DataSection(Section):
         return self
 
 
-class DVAESection(Section):
-    """The `dvae` run-config section: the tokenizer's model fields (built into `dalle_core.dvae.DVAEConfig` by
-    `dvae_config`), its loss and schedules, and how it trains."""
+def _with_model_fields(section: type[Section], model_config: type, derived: set[str], doc: str) -> type[Section]:
+    """`section` plus every field of the model's dataclass but the `derived` ones (set by the stage from the
+    data and upstream artifacts), with the dataclass's type, range and default: one place per model field."""
+    hints = typing.get_type_hints(model_config, include_extras=True)
+    fields = {f.name: (hints[f.name], f.default) for f in dataclasses.fields(model_config) if f.name not in derived}
+    name = section.__name__.removeprefix("_").replace("Training", "Section")
+    return create_model(name, __base__=section, __module__=__name__, __doc__=doc, **fields)
 
-    quantizer: Literal["gumbel", "vq", "pixel-kmeans"] = "vq"
+
+class _DVAETraining(Section):
+    """The `dvae` section's own fields: a pretrained tokenizer, the loss and its schedules, and how it trains.
+    `DVAESection` adds the model's fields from `dalle_core.dvae.DVAEConfig`."""
+
     # A tokenizer others trained, instead of training one (dalle_core.pretrained): a local folder with OpenAI's
     # encoder.pkl + decoder.pkl, or a taming-transformers VQGAN .ckpt (its .yaml next to it, in ../configs/, or
     # at pretrained_config). The codebook and shape come from the files; the quantizer, widths and train
     # settings here are then unused. The files' sha256 are part of the stage key and the manifest.
     pretrained: str | None = None
     pretrained_config: str | None = None
-    codebook_size: int = Field(512, ge=2, le=65536)  # uint16 token shards
-    codebook_dim: int = Field(256, ge=1)
-    hidden: int = Field(64, ge=8)  # channels of the encoder/decoder convolutions
-    num_downsamples: int = Field(2, ge=0, le=5)  # grid = image_size / 2**num_downsamples (0: pixel-kmeans only)
-    num_res_blocks: int = Field(1, ge=0)
     # logit_laplace: DALL-E's likelihood (pixels mapped into [0.1, 0.9], a location and scale per value); against
     # it the paper's kl_weight for gumbel was 6.6
     recon_loss: Literal["mse", "l1", "logit_laplace"] = "mse"
-    norm_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
-    norm_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
     # gumbel (DALL-E's recipe). The schedules follow the run's real horizon (its last step, the wall-clock
     # budget included), not a fixed step count: the temperature goes from temp_start to temp_end
     # (exponentially) over the first `temp_anneal` of it, the KL weight from 0 to kl_weight over the first
     # `kl_warmup`. kl_weight is the paper's beta: the KL to the uniform prior summed over grid cells, against
     # a reconstruction loss summed over pixel values. DALL-E used 6.6 against its logit-Laplace likelihood; against
-    # the MSE here that over-regularises, and 0.35-0.5 gave the best hard codes (docs/tokenizers.md).
-    # straight_through: hard one-hots forward, soft gradients backward (worse here). Validation, encoding and
-    # pre-tokenization always take the hard argmax.
+    # the MSE here that over-regularises (docs/tokenizers.md). Validation, encoding and pre-tokenization always
+    # take the hard argmax.
     temp_start: float = Field(1.0, gt=0)
     temp_end: float = Field(1 / 16, gt=0)
     temp_anneal: float = Field(0.5, gt=0, le=1)
     kl_weight: float = Field(0.5, ge=0)
     kl_warmup: float = Field(0.1, gt=0, le=1)
-    straight_through: bool = False
     # pixel-kmeans: K = codebook_size colours (minGPT: 512) from k-means over the pixels (block averages) of
     # `kmeans_images` training images, `kmeans_iters` rounds; no gradient training, no network
     kmeans_images: int = Field(2048, ge=1)
@@ -147,18 +159,13 @@ class DVAESection(Section):
     # learns at full rate meanwhile). 0 = taming's switch-on, which knocks a converged dVAE down (docs/tokenizers.md).
     disc_ramp: int = Field(0, ge=0)
     disc_layers: int = Field(3, ge=1, le=6)
-    disc_channels: int = Field(64, ge=8)
     # A perceptual term (LPIPS on VGG16 features) needs weights on local disk, since nothing is downloaded:
     # perceptual_vgg = torchvision's vgg16 state dict (.pth), perceptual_lpips = LPIPS' linear layers (vgg.pth
     # of the lpips package; taken from an installed lpips package when unset). Off when perceptual_vgg is unset.
     perceptual_weight: float = Field(1.0, ge=0)
     perceptual_vgg: str | None = None
     perceptual_lpips: str | None = None
-    # vq: EMA codebook, commitment loss, dead-code restart
-    commitment: float = Field(0.25, ge=0)
-    ema_decay: float = Field(0.99, gt=0, lt=1)
-    dead_code_threshold: float = Field(1.0, ge=0)  # EMA usage below this -> restart
-    restart_every: int = Field(50, ge=1)
+    restart_every: int = Field(50, ge=1)  # steps between dead-code restarts (vq and gumbel)
     # Pre-tokenization: bf16 runs the encoder convolutions under autocast (faster on CPUs with AVX512-BF16:
     # docs/benchmarks.md; the code search stays fp32). Near-tie cells may get a neighbouring
     # code; reconstruction PSNR stays the same (tested). Part of the tokens key, not the dVAE's.
@@ -171,6 +178,13 @@ class DVAESection(Section):
         if self.quantizer != "pixel-kmeans" and self.num_downsamples < 1:
             raise ValueError(f"dvae.num_downsamples: 0 (one token per pixel) is for quantizer pixel-kmeans only; "
                              f"{self.quantizer} needs 1 to 5")
+        if self.channel_mult and len(self.channel_mult) != self.num_downsamples + 1:
+            raise ValueError(f"dvae.channel_mult {list(self.channel_mult)} has {len(self.channel_mult)} levels; "
+                             f"num_downsamples={self.num_downsamples} needs {self.num_downsamples + 1} "
+                             f"(full resolution first), or [] for the small net")
+        if self.attention and not self.channel_mult:
+            raise ValueError("dvae.attention needs dvae.channel_mult (the small net has no attention); "
+                             "set channel_mult, e.g. [1, 1, 2, 4]")
         if self.adversarial and self.quantizer == "pixel-kmeans":
             raise ValueError("dvae.adversarial: a discriminator needs a trained decoder; quantizer pixel-kmeans has "
                              "none (use vq or gumbel)")
@@ -185,10 +199,14 @@ class DVAESection(Section):
     def dvae_config(self, image_size: int):
         """The model config (`dalle_core.dvae.DVAEConfig`) at `image_size`: every field the two share by name,
         the logit-Laplace output from recon_loss, and a discriminator only when adversarial."""
-        from dalle_core.dvae import DVAEConfig
-
         return _build(DVAEConfig, self, image_size=image_size, logit_laplace=self.recon_loss == "logit_laplace",
                       disc_layers=self.disc_layers if self.adversarial else 0)
+
+
+DVAESection = _with_model_fields(
+    _DVAETraining, DVAEConfig, derived={"image_size", "logit_laplace", "disc_layers"},
+    doc="""The `dvae` run-config section: the tokenizer's model fields (`dalle_core.dvae.DVAEConfig`, built by
+    `dvae_config`), its loss and schedules, and how it trains.""")
 
 
 class TextSection(Section):
@@ -198,23 +216,17 @@ class TextSection(Section):
     tokenizer_path: str | None = None  # use an existing tokenizer.json instead of training
 
 
-class TransformerSection(Section):
-    """The `transformer` run-config section: the model fields (built into `dalle_core.transformer.DALLEConfig` by
-    `dalle_config`), caption dropout and how it trains."""
+class _TransformerTraining(Section):
+    """The `transformer` section's own fields: caption dropout, sampling during training, and how it trains.
+    `TransformerSection` adds the model's fields from `dalle_core.transformer.DALLEConfig`."""
 
-    dim: int = Field(256, ge=8)
-    depth: int = Field(4, ge=1)
-    heads: int = Field(8, ge=1)
-    dropout: float = Field(0.0, ge=0, lt=1)
-    tie_image_embedding: bool = False  # image head shares the image token embedding
-    text_loss_weight: float = Field(1 / 8, ge=0)  # DALL-E: 1/8 text, 7/8 image
     caption_dropout: float = Field(0.1, ge=0, le=1)  # enables classifier-free guidance
     shuffle_buffer: int = Field(8192, ge=1)
     sample_every: int = Field(1000, ge=1)
     train: TrainSection = TrainSection(batch_size=16, lr=1e-3, weight_decay=0.1, max_steps=2000)
 
     @model_validator(mode="after")
-    def _heads_divide_dim(self) -> TransformerSection:
+    def _heads_divide_dim(self):
         if self.dim % self.heads:
             raise ValueError(f"transformer.dim {self.dim} is not divisible by heads {self.heads}")
         return self
@@ -222,39 +234,40 @@ class TransformerSection(Section):
     def dalle_config(self, text_vocab: int, text_len: int, pad_id: int, image_vocab: int, image_grid: int):
         """The model config (`dalle_core.transformer.DALLEConfig`) for the vocabularies and sequence shape the
         token shards were made with."""
-        from dalle_core.transformer import DALLEConfig
-
         return _build(DALLEConfig, self, text_vocab=text_vocab, text_len=text_len, pad_id=pad_id,
                       image_vocab=image_vocab, image_grid=image_grid)
 
 
-class CLIPSection(Section):
-    """The `clip` run-config section: the small CLIP's model fields (built into `dalle_core.clip.CLIPConfig` by
-    `clip_config`), or a pretrained one, and how it trains."""
+TransformerSection = _with_model_fields(
+    _TransformerTraining, DALLEConfig, derived={"text_vocab", "text_len", "pad_id", "image_vocab", "image_grid"},
+    doc="""The `transformer` run-config section: the model's fields (`dalle_core.transformer.DALLEConfig`, built by
+    `dalle_config`), caption dropout and how it trains.""")
+
+
+class _CLIPTraining(Section):
+    """The `clip` section's own fields: a pretrained CLIP, and how it trains. `CLIPSection` adds the small
+    CLIP's model fields from `dalle_core.clip.CLIPConfig`."""
 
     pretrained: str | None = None  # "<open_clip model>:<tag>" or a local checkpoint file
-    embed_dim: int = Field(128, ge=8)
-    vision_width: int = Field(128, ge=8)
-    vision_layers: int = Field(4, ge=1)
-    patch_size: int = Field(4, ge=1)
-    text_width: int = Field(128, ge=8)
-    text_heads: int = Field(4, ge=1)
-    text_layers: int = Field(4, ge=1)
     shuffle_buffer: int = Field(4096, ge=1)  # decoded images mixed per shuffle window
     train: TrainSection = TrainSection(batch_size=128, lr=1e-3, weight_decay=0.1, max_steps=1000)
 
     def clip_config(self, image_size: int, text_vocab: int, text_len: int, pad_id: int):
         """The model config (`dalle_core.clip.CLIPConfig`) for `image_size` images and the BPE's ids."""
-        from dalle_core.clip import CLIPConfig
-
         return _build(CLIPConfig, self, image_size=image_size, text_vocab=text_vocab, text_len=text_len,
                       pad_id=pad_id)
 
 
+CLIPSection = _with_model_fields(
+    _CLIPTraining, CLIPConfig, derived={"image_size", "text_vocab", "text_len", "pad_id"},
+    doc="""The `clip` run-config section: the small CLIP's model fields (`dalle_core.clip.CLIPConfig`, built by
+    `clip_config`), or a pretrained one, and how it trains.""")
+
+
 def _build(model_config: type, section: Section, **given: Any):
-    """A model's dataclass config from the section's fields of the same names (tuples as tuples), plus `given`
-    (what the section does not hold: shapes from data and upstream artifacts)."""
-    names = {f.name for f in dataclasses.fields(model_config)} & set(type(section).model_fields) - set(given)
+    """A model's dataclass config from the section's copy of its fields, plus `given` (the derived fields: shapes
+    from data and upstream artifacts, and what the stage sets from its loss)."""
+    names = {f.name for f in dataclasses.fields(model_config)} - set(given)
     return model_config(**{n: getattr(section, n) for n in names}, **given)
 
 

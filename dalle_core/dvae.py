@@ -30,14 +30,16 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Annotated, Literal
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from annotated_types import Ge, Gt, Le, Lt
 
 from dalle_core.device import to_device
 from dalle_core.images import ImageNormalization, psnr, to_tensor
+from dalle_core.taming import TamingDecoder, TamingEncoder
 from dalle_core.train import StepFn, distributed, unwrap
 
 if TYPE_CHECKING:
@@ -46,27 +48,38 @@ if TYPE_CHECKING:
 
 @dataclass
 class DVAEConfig:
+    """The tokenizer's architecture and quantizer. Each field's type carries its allowed range: the run config's
+    `dvae` section is built from these fields (`dalle_core.config`), so this is the one place they are declared.
+    `image_size`, `logit_laplace` and `disc_layers` are set by the stage (from the data and the loss)."""
+
     image_size: int = 32
-    codebook_size: int = 512  # K, the image vocabulary of the transformer
-    codebook_dim: int = 256  # D, size of one code embedding
-    hidden: int = 64  # conv channels
-    num_downsamples: int = 2  # grid = image_size / 2**num_downsamples
-    num_res_blocks: int = 1  # per resolution level
-    quantizer: str = "vq"  # "gumbel" | "vq" | "pixel-kmeans"
-    commitment: float = 0.25  # VQ-VAE's beta
-    ema_decay: float = 0.99
-    dead_code_threshold: float = 1.0  # EMA count below which a code is restarted
+    codebook_size: Annotated[int, Ge(2), Le(65536)] = 512  # K, the transformer's image vocabulary (uint16 shards)
+    codebook_dim: Annotated[int, Ge(1)] = 256  # D, size of one code embedding
+    hidden: Annotated[int, Ge(8)] = 64  # conv channels (the small net), or the base width (channel_mult)
+    num_downsamples: Annotated[int, Ge(0), Le(5)] = 2  # grid = image_size / 2**num_downsamples (0: pixel-kmeans)
+    num_res_blocks: Annotated[int, Ge(0)] = 1  # per resolution level
+    # Empty: the small net (one width, no normalisation). Set: taming-transformers' encoder/decoder, level i (full
+    # resolution first, num_downsamples + 1 levels) hidden * channel_mult[i] wide, with GroupNorm and swish.
+    channel_mult: tuple[Annotated[int, Ge(1)], ...] = ()
+    attention: bool = False  # self-attention at the lowest resolution (channel_mult only)
+    quantizer: Literal["gumbel", "vq", "pixel-kmeans"] = "vq"
+    commitment: Annotated[float, Ge(0)] = 0.25  # VQ-VAE's beta
+    ema_decay: Annotated[float, Gt(0), Lt(1)] = 0.99  # the vq codebook follows the encoder by this EMA
+    dead_code_threshold: Annotated[float, Ge(0)] = 1.0  # EMA usage below which a code is restarted
     straight_through: bool = False  # gumbel: hard one-hots forward, soft gradients backward
     # DALL-E's logit-Laplace likelihood: the decoder emits a location and a log-scale per pixel value (6 channels)
     # for pixels mapped into [eps, 1 - eps]; its image is the unmapped sigmoid of the location. The image is
     # normalised with norm_mean / norm_std like every other decoder output.
     logit_laplace: bool = False
-    norm_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    norm_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)  # per-channel pixel mean and std the model sees
     norm_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
     # VQGAN (taming-transformers): a PatchGAN discriminator trained beside the dVAE; 0 layers = none. It exists
     # only while training: the stage's artifact is the tokenizer without it.
     disc_layers: int = 0
-    disc_channels: int = 64
+    disc_channels: Annotated[int, Ge(8)] = 64
+
+    def __post_init__(self):
+        self.channel_mult = tuple(self.channel_mult)  # a list when read back from an artifact's JSON
 
     @property
     def grid_size(self) -> int:
@@ -84,6 +97,8 @@ class ResBlock(nn.Module):
 
 
 class Encoder(nn.Module):
+    """The small net's encoder: stride-2 convolutions first, then residual blocks at the grid's resolution."""
+
     def __init__(self, c: DVAEConfig, out_ch: int):
         super().__init__()
         layers: list[nn.Module] = []
@@ -100,6 +115,8 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
+    """The small net's decoder: residual blocks at the grid's resolution, then transposed convolutions."""
+
     def __init__(self, c: DVAEConfig):
         super().__init__()
         layers: list[nn.Module] = [nn.Conv2d(c.codebook_dim, c.hidden, 1)]
@@ -113,6 +130,14 @@ class Decoder(nn.Module):
 
     def forward(self, z):  # (B, D, h, w) -> (B, 3, H, W), or (B, 6, H, W) logit-Laplace statistics
         return self.net(z)
+
+
+def taming_ddconfig(c: DVAEConfig, z_channels: int, out_ch: int) -> dict:
+    """taming's `ddconfig` for this tokenizer: width hidden * channel_mult[i] at level i, attention (and the
+    middle block's) only at the lowest resolution when `attention`."""
+    return dict(ch=c.hidden, ch_mult=list(c.channel_mult), num_res_blocks=c.num_res_blocks,
+                resolution=c.image_size, attn_resolutions=[c.grid_size] if c.attention else [],
+                mid_attention=c.attention, in_channels=3, z_channels=z_channels, out_ch=out_ch)
 
 
 class VectorQuantizer(nn.Module):
@@ -195,6 +220,8 @@ class GumbelQuantizer(nn.Module):
         self.temperature = 1.0  # annealed by the training loop
         self.kl_weight = 0.0  # ramped by the training loop
         self.last_kl = torch.zeros(())
+        # argmax usage by EMA, as the vq codebook keeps it; training state only (not in the artifact)
+        self.register_buffer("ema_count", torch.ones(c.codebook_size), persistent=False)
 
     def forward(self, logits: torch.Tensor):
         idx = logits.argmax(1)  # (B, h, w)
@@ -203,10 +230,47 @@ class GumbelQuantizer(nn.Module):
         else:
             soft = F.one_hot(idx, self.c.codebook_size).permute(0, 3, 1, 2).float()
         z = torch.einsum("bkhw,kd->bdhw", soft, self.embed.weight)
+        if self.training:
+            self._count(idx)
         logq = F.log_softmax(logits.float(), dim=1)
         kl = (logq.exp() * (logq + math.log(self.c.codebook_size))).sum(1).mean()  # KL(q || uniform) per cell
         self.last_kl = kl.detach()
         return z, idx, self.kl_weight * kl
+
+    @torch.no_grad()
+    def _count(self, idx: torch.Tensor) -> None:
+        counts = torch.bincount(idx.flatten(), minlength=self.c.codebook_size).float()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(counts)  # every rank restarts the same codes
+        self.ema_count.mul_(self.c.ema_decay).add_(counts, alpha=1 - self.c.ema_decay)
+
+    @torch.no_grad()
+    def restart_dead_codes(self, logits_layer: nn.Conv2d) -> int:
+        """Split the busiest codes into the dead ones (EMA usage below the threshold), as k-means splits a
+        cluster: a dead code gets a busy code's logit row (`logits_layer`, the encoder's last 1x1 conv) and
+        embedding, each pair nudged apart along a random direction, so the busy code's cells divide between the
+        two. The direction comes from a fixed-seed generator, so DDP ranks stay identical. Returns the number
+        of codes restarted."""
+        dead = (self.ema_count < self.c.dead_code_threshold).nonzero().squeeze(1)
+        if dead.numel() == 0:
+            return 0
+        splittable = int((self.ema_count >= 2 * self.c.dead_code_threshold).sum())  # both halves stay alive
+        donors = self.ema_count.topk(min(dead.numel(), splittable)).indices
+        dead = dead[:donors.numel()]
+        if dead.numel() == 0:
+            return 0
+        self.restarts = getattr(self, "restarts", 0) + 1
+        g = torch.Generator().manual_seed(self.restarts)
+        for table in (logits_layer.weight, self.embed.weight):
+            rows = table[donors].flatten(1)
+            nudge = torch.randn(rows.shape, generator=g).to(rows) * 0.01 * rows.norm(dim=1, keepdim=True).clamp_min(1e-3)
+            nudge /= rows.shape[1] ** 0.5
+            table[dead] = (rows - nudge).view_as(table[dead])
+            table[donors] = (rows + nudge).view_as(table[donors])
+        logits_layer.bias[dead] = logits_layer.bias[donors]
+        self.ema_count[donors] /= 2
+        self.ema_count[dead] = self.ema_count[donors]
+        return int(dead.numel())
 
 
 class PatchDiscriminator(nn.Module):
@@ -245,9 +309,13 @@ class DiscreteVAE(nn.Module):
             self.quantizer = VectorQuantizer(replace(c, codebook_dim=3))
             self.decoder = nn.Upsample(scale_factor=f, mode="nearest") if f > 1 else nn.Identity()
             return
-        self.encoder = Encoder(c, c.codebook_size if c.quantizer == "gumbel" else c.codebook_dim)
+        enc_out, dec_out = c.codebook_size if c.quantizer == "gumbel" else c.codebook_dim, 6 if c.logit_laplace else 3
+        if c.channel_mult:
+            self.encoder = TamingEncoder(taming_ddconfig(c, enc_out, dec_out))
+        else:
+            self.encoder = Encoder(c, enc_out)
         self.quantizer = GumbelQuantizer(c) if c.quantizer == "gumbel" else VectorQuantizer(c)
-        self.decoder = Decoder(c)
+        self.decoder = TamingDecoder(taming_ddconfig(c, c.codebook_dim, dec_out)) if c.channel_mult else Decoder(c)
         self.discriminator = PatchDiscriminator(c) if c.disc_layers else None
 
     def drop_discriminator(self) -> None:
@@ -273,6 +341,15 @@ class DiscreteVAE(nn.Module):
         mean = torch.tensor(self.c.norm_mean, device=out.device).view(1, 3, 1, 1)
         std = torch.tensor(self.c.norm_std, device=out.device).view(1, 3, 1, 1)
         return (unit - mean) / std
+
+    def restart_dead_codes(self) -> int:
+        """Restart the codes nobody uses (vq: onto recent encoder outputs; gumbel: splits of the busiest codes).
+        Returns how many were restarted."""
+        if self.c.quantizer == "vq":
+            return self.quantizer.restart_dead_codes()
+        if self.c.quantizer == "gumbel":
+            return self.quantizer.restart_dead_codes(self.encoder.conv_out if self.c.channel_mult else self.encoder.net[-1])
+        return 0
 
     def code_embeddings(self, tokens: torch.Tensor) -> torch.Tensor:
         weight = self.quantizer.embed.weight if self.c.quantizer == "gumbel" else self.quantizer.embed
@@ -415,7 +492,7 @@ def vqgan_losses(model: nn.Module, x: torch.Tensor, recon: torch.Tensor, rec_los
     d = model.discriminator
     frozen = {name: p.detach() for name, p in d.named_parameters()}
     generator_loss = -torch.func.functional_call(d, frozen, (recon,)).float().mean()
-    last = model.decoder.net[-1].weight
+    last = (model.decoder.conv_out if model.c.channel_mult else model.decoder.net[-1]).weight
     g_rec = torch.autograd.grad(rec_loss, last, retain_graph=True)[0]
     g_adv = torch.autograd.grad(generator_loss, last, retain_graph=True)[0]
     weight = (g_rec.norm() / (g_adv.norm() + 1e-4)).clamp(0, 1e4).detach() * disc_weight
@@ -428,7 +505,7 @@ def vqgan_losses(model: nn.Module, x: torch.Tensor, recon: torch.Tensor, rec_los
 def dvae_schedule(model: nn.Module, section: DVAESection
                   ) -> tuple[Callable[[int, int], None], Callable[[int], None]]:
     """(before_step, after_step): the gumbel temperature and KL ramps over the run's horizon (the step the
-    budget says it will end at); VQ dead-code restarts."""
+    budget says it will end at); dead-code restarts every `restart_every` steps."""
     quantizer, c = unwrap(model).quantizer, unwrap(model).c
     cells_per_value = c.grid_size ** 2 / (3 * c.image_size ** 2)  # KL summed over cells, recon over pixel values
 
@@ -440,8 +517,8 @@ def dvae_schedule(model: nn.Module, section: DVAESection
             quantizer.kl_weight = section.kl_weight * cells_per_value * kl_ramp
 
     def after(step: int) -> None:
-        if section.quantizer == "vq" and (step + 1) % section.restart_every == 0:
-            quantizer.restart_dead_codes()
+        if (step + 1) % section.restart_every == 0:
+            unwrap(model).restart_dead_codes()
 
     return before, after
 

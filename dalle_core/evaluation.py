@@ -1,5 +1,6 @@
 """What the evaluation stage measures: the gain from CLIP reranking, caption faithfulness on shapes, and for any
-data the embedding-space metrics (Fréchet distance, CLIP R-precision, nearest-neighbour memorisation) and SSIM."""
+data the embedding-space metrics (Fréchet distance, CLIP R-precision, nearest-neighbour memorisation), the
+pixel-space nearest-neighbour check and SSIM."""
 
 from __future__ import annotations
 
@@ -13,8 +14,9 @@ from dalle_core import shapes
 
 ATTRIBUTES = ("colour", "shape", "size", "position", "relation")
 # Part of the evaluation stage key: bump when what a metric measures changes, so cached evaluations
-# are redone (2: the checker places shape templates at whole-pixel corners; 3: per-subset embedding metrics).
-METRICS_VERSION = 3
+# are redone (2: the checker places shape templates at whole-pixel corners; 3: per-subset embedding metrics;
+# 4: the pixel-space nearest-neighbour check).
+METRICS_VERSION = 4
 
 
 def rerank_gain(scores: np.ndarray, ns=(1, 4, 16)) -> dict[str, float]:
@@ -102,18 +104,66 @@ def r_precision(image_emb: torch.Tensor, text_emb: torch.Tensor, truth: list[int
     return float(np.mean(hits)), 1.0 / (k + 1)
 
 
-def nearest_neighbours(query: torch.Tensor, reference: torch.Tensor, chunk: int = 4096
+def nearest_neighbours(query: torch.Tensor, reference: torch.Tensor, chunk: int = 4096, metric: str = "cosine"
                        ) -> tuple[np.ndarray, np.ndarray]:
-    """For each query row, the index of the most similar reference row and that cosine similarity."""
-    best_sim = torch.full((query.shape[0],), -2.0)
+    """For each query row (N, D), the index of the nearest reference row (M, D) and how near it is: the cosine
+    similarity of unit vectors (`metric="cosine"`) or the Euclidean distance (`metric="l2"`). Returns (N,) int64
+    indices and (N,) float32 values; the reference is compared `chunk` rows at a time to bound memory."""
+    if metric not in ("cosine", "l2"):
+        raise ValueError(f"metric {metric!r} is not known; use 'cosine' or 'l2'")
+    best_score = torch.full((query.shape[0],), -float("inf"))  # larger is nearer: similarity or minus distance
     best_idx = torch.zeros(query.shape[0], dtype=torch.long)
     q = query.float().cpu()
     for start in range(0, reference.shape[0], chunk):
-        sims = q @ reference[start:start + chunk].float().cpu().t()
-        value, index = sims.max(1)
-        better = value > best_sim
-        best_sim[better], best_idx[better] = value[better], index[better] + start
-    return best_idx.numpy(), best_sim.numpy()
+        ref = reference[start:start + chunk].float().cpu()
+        scores = q @ ref.t() if metric == "cosine" else -torch.cdist(q, ref)
+        value, index = scores.max(1)
+        better = value > best_score
+        best_score[better], best_idx[better] = value[better], index[better] + start
+    return best_idx.numpy(), (best_score if metric == "cosine" else -best_score).numpy()
+
+
+# Side of the downsampled images the pixel-space nearest-neighbour check compares: coarse enough that a few
+# pixels of shift or noise do not matter, fine enough to tell one emoji or shape layout from another.
+PIXEL_NN_SIZE = 16
+
+
+def pixel_features(images: np.ndarray | torch.Tensor, size: int = PIXEL_NN_SIZE) -> torch.Tensor:
+    """(N, H, W, 3) uint8 images (numpy or tensor) -> (N, 3 * s * s) float32 rows in [0, 1]: each image
+    box-filtered (area averaging) down to s x s, s = min(size, H, W) (smaller images are compared as they are).
+    Raises ValueError on another shape or dtype, or size < 1."""
+    x = images if isinstance(images, torch.Tensor) else torch.from_numpy(np.asarray(images))
+    if x.ndim != 4 or x.shape[-1] != 3 or x.dtype != torch.uint8:
+        raise ValueError(f"images of shape {tuple(x.shape)} and dtype {x.dtype}: expected (N, H, W, 3) uint8")
+    if size < 1:
+        raise ValueError(f"size {size} is out of range; use at least 1 pixel")
+    x = x.cpu().permute(0, 3, 1, 2).float() / 255  # (N, 3, H, W)
+    return F.adaptive_avg_pool2d(x, min(size, x.shape[2], x.shape[3])).flatten(1)
+
+
+def pixel_nearest_neighbours(images: np.ndarray | torch.Tensor, train_features: torch.Tensor,
+                             size: int = PIXEL_NN_SIZE) -> np.ndarray:
+    """For each of N (N, H, W, 3) uint8 images, the index (N,) of its nearest training image by L2 distance in
+    downsampled pixel space; `train_features` (M, 3 * s * s) are `pixel_features(train_images, size)` of training
+    images of the same H x W. Raises ValueError when the two feature sizes differ.
+
+    The recognition/memorisation signal that needs no learned model, unlike CLIP-space neighbours (which a weak
+    CLIP blurs): a generated image that draws the prompt's object lands on that object's training image. Pixel-L2
+    nearest training images are the usual memorisation check (BigGAN, Brock et al. 2019, appendix; Carlini et
+    al. 2023, "Extracting training data from diffusion models"); downsampling makes it tolerate small shifts.
+    """
+    features = pixel_features(images, size)
+    if features.shape[1] != train_features.shape[1]:
+        raise ValueError(f"train_features have {train_features.shape[1]} columns and these images' pixel_features "
+                         f"{features.shape[1]}; downsample both with pixel_features at the same size")
+    return nearest_neighbours(features, train_features, metric="l2")[0]
+
+
+def own_image_share(nn_index: np.ndarray, prompt_captions: list[str], train_captions: list[str]) -> float:
+    """Share of prompts whose image's nearest training image (`nn_index[i]` into `train_captions`) is one of the
+    prompt's own, i.e. a training row with the same caption; in [0, 1]. Only meaningful for seen captions."""
+    assert len(nn_index) == len(prompt_captions) > 0
+    return float(np.mean([train_captions[j] == c for j, c in zip(nn_index, prompt_captions)]))
 
 
 def ssim(a: torch.Tensor, b: torch.Tensor, window: int = 11, sigma: float = 1.5) -> torch.Tensor:

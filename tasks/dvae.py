@@ -13,6 +13,7 @@ from dalle_core import dvae, pretrained
 from dalle_core.config import Config
 from dalle_core.device import resolve_device
 from dalle_core.dvae import dvae_schedule, dvae_step, evaluate_dvae, fit_kmeans
+from dalle_core.export import build_dvae
 from dalle_core.images import ImageNormalization, grid, png_bytes, to_tensor, to_uint8
 from dalle_core.loader import decode_images
 from storage.parquet import shard_paths
@@ -37,12 +38,7 @@ def load_dvae(store: ArtifactStore, key: str, device: torch.device | str = "cpu"
     """A finished dVAE from the store, on `device`, in eval mode, with its input normalisation."""
     store.require("dvae", key)
     meta = store.read_json(store.path("dvae", key, "config.json"))
-    if meta.get("pretrained"):
-        model_cfg = meta["model"]
-        model = pretrained.PretrainedDVAE(pretrained.Spec(**meta["pretrained"]), model_cfg["image_size"], model_cfg["norm_mean"],
-                                          model_cfg["norm_std"])
-    else:
-        model = dvae.DiscreteVAE(dvae.DVAEConfig(**meta["model"]))
+    model = build_dvae(meta)
     load_state_file(store, store.path("dvae", key, "model.safetensors"), model)
     model = model.to(device, memory_format=torch.channels_last)  # faster convolutions; same results
     return model.eval(), ImageNormalization(tuple(meta["norm"]["mean"]), tuple(meta["norm"]["std"]))

@@ -4,7 +4,8 @@ Collects each stage's validation numbers, samples candidates for a fixed set of
 val captions (and some training captions) to measure the CLIP reranking gain
 (best of N vs a random candidate) and, per split (seen captions, each val
 subset), CLIP R-precision, Fréchet distance in CLIP space with its real-halves
-floor, nearest-training-image memorisation and the dVAE's PSNR/SSIM. On the
+floor, nearest-training-image memorisation (in CLIP space, and in downsampled
+pixel space for the top-1 and a random candidate) and the dVAE's PSNR/SSIM. On the
 shapes dataset it also checks caption faithfulness of the top-1 image, a random
 candidate, and the dVAE reconstruction of the real image.
 """
@@ -28,6 +29,9 @@ from dalle_core.evaluation import (
     has_pair,
     is_shapes_caption,
     nearest_neighbours,
+    own_image_share,
+    pixel_features,
+    pixel_nearest_neighbours,
     r_precision,
     rerank_gain,
     ssim,
@@ -65,33 +69,35 @@ def _val_rows(store, images_key: str, limit: int) -> tuple[list[str], np.ndarray
 
 @dataclass
 class TrainSide:
-    """What the evaluation knows of the training images: their captions and CLIP embeddings (for the
-    nearest-neighbour check), and a few rows drawn as seen-caption prompts."""
+    """What the evaluation knows of the training images: their captions, CLIP embeddings and downsampled pixels
+    (for the nearest-neighbour checks), and a few rows drawn as seen-caption prompts."""
 
     captions: list[str]
     embeddings: torch.Tensor  # (N, D) unit vectors on the CPU
+    pixels: torch.Tensor  # (N, 3 * PIXEL_NN_SIZE ** 2) pixel_features, in [0, 1]
     prompt_captions: list[str]
     prompt_images: np.ndarray  # (P, H, W, 3)
 
 
 def _train_side(store, images_key: str, reranker, limit: int, prompts: int, seed: int) -> TrainSide:
-    """Embed the first `limit` training images in one pass, a batch at a time; only the drawn prompts' images
-    are kept."""
+    """Embed and downsample the first `limit` training images in one pass, a batch at a time; only the drawn
+    prompts' full images are kept."""
     total = min(limit, store.manifest("images", images_key)["rows"]["train"])
     rows = sorted(int(i) for i in np.random.default_rng(seed).choice(total, size=min(prompts, total), replace=False))
     captions: list[str] = []
     kept: list[np.ndarray] = []
-    embeddings = []
+    embeddings, small = [], []
     for batch in iter_batches(store, shard_paths(store, "images", images_key, "train"), ["caption", "image"],
                               batch_size=256):
         start = len(captions)
         pixels = np.stack([decode_png(b) for b in batch.column("image").to_pylist()[:total - start]])
         captions += batch.column("caption").to_pylist()[:len(pixels)]
         embeddings.append(reranker.embed_images(pixels).cpu())
+        small.append(pixel_features(pixels))
         kept += [pixels[i - start] for i in rows if start <= i < len(captions)]
         if len(captions) >= total:
             break
-    return TrainSide(captions, torch.cat(embeddings), [captions[i] for i in rows],
+    return TrainSide(captions, torch.cat(embeddings), torch.cat(small), [captions[i] for i in rows],
                      np.stack(kept) if kept else np.zeros((0,)))
 
 
@@ -191,8 +197,9 @@ def _split_metrics(pipe: DALLEPipeline, groups: dict[str, list[int]], captions: 
                    recon: np.ndarray, top1: np.ndarray, random_pick: np.ndarray, train: TrainSide, eval_cfg
                    ) -> dict[str, dict]:
     """Per split: CLIP R-precision (top-1, random candidate, real image), Fréchet distance in CLIP space against
-    half of the real images (with the other real half as the floor), nearest-training-image memorisation, and
-    the dVAE's reconstruction PSNR and SSIM."""
+    half of the real images (with the other real half as the floor), nearest-training-image memorisation in CLIP
+    space and in downsampled pixel space (the top-1 and, as the baseline, a random candidate), and the dVAE's
+    reconstruction PSNR and SSIM."""
     pool = list(dict.fromkeys(captions))  # distinct captions: the R-precision candidates
     truth = [pool.index(c) for c in captions]
     text_emb = torch.cat([pipe.reranker.embed_texts(pool[i:i + 512]).cpu() for i in range(0, len(pool), 512)])
@@ -204,6 +211,8 @@ def _split_metrics(pipe: DALLEPipeline, groups: dict[str, list[int]], captions: 
     nn_index, nn_sim = {}, {}
     for k in ("top1", "real"):
         nn_index[k], nn_sim[k] = nearest_neighbours(emb[k], train.embeddings)
+    pixel_index = {"top1": pixel_nearest_neighbours(top1, train.pixels),
+                   "random": pixel_nearest_neighbours(random_pick, train.pixels)}
     in_train = set(train.captions)
     fid = InceptionFID(eval_cfg.inception_weights, pipe.device) if eval_cfg.inception_weights else None
     x, y = (torch.from_numpy(a).permute(0, 3, 1, 2).float() / 255 for a in (real, recon))
@@ -224,7 +233,10 @@ def _split_metrics(pipe: DALLEPipeline, groups: dict[str, list[int]], captions: 
                 m["fid_top1"], m["fid_real_halves"] = fid(top1[b], real[a]), fid(real[b], real[a])
         own = [i for i in idx if captions[i] in in_train]
         if own:  # the prompt's own training image is the generated image's nearest training image
-            m["nn_own_image_top1"] = float(np.mean([train.captions[nn_index["top1"][i]] == captions[i] for i in own]))
+            own_captions = [captions[i] for i in own]
+            m["nn_own_image_top1"] = own_image_share(nn_index["top1"][own], own_captions, train.captions)
+            m["nn_pixel_own_top1"] = own_image_share(pixel_index["top1"][own], own_captions, train.captions)
+            m["nn_pixel_own_random"] = own_image_share(pixel_index["random"][own], own_captions, train.captions)
         m["nn_similarity_top1"] = float(nn_sim["top1"][idx].mean())
         fresh = [i for i in idx if i < n_val]  # real val images, not train rows
         if fresh:
@@ -238,7 +250,8 @@ def _split_metrics(pipe: DALLEPipeline, groups: dict[str, list[int]], captions: 
 # The per-split table's rows, in reading order (evaluation.json stores keys sorted).
 SPLIT_METRICS = ("prompts", "r_precision_top1", "r_precision_random", "r_precision_real", "r_precision_chance",
                  "fd_clip_top1", "fd_clip_random", "fd_clip_real_halves", "fid_top1", "fid_real_halves",
-                 "nn_own_image_top1", "nn_similarity_top1", "nn_similarity_real", "dvae_psnr", "dvae_ssim")
+                 "nn_own_image_top1", "nn_pixel_own_top1", "nn_pixel_own_random", "nn_similarity_top1",
+                 "nn_similarity_real", "dvae_psnr", "dvae_ssim")
 
 
 def flat_metrics(report: dict, prefix: str = "") -> dict[str, float]:

@@ -109,3 +109,32 @@ def test_each_section_builds_its_models_config_from_its_own_fields():
                     text_loss_weight=0.25)
     assert cfg.clip.clip_config(16, 300, 8, 1) == CLIPConfig(image_size=16, text_vocab=300, text_len=8, pad_id=1,
                                                              patch_size=8, text_layers=2)
+
+
+def test_tokenizer_levels_are_checked_in_one_line():
+    with pytest.raises(ConfigError, match=r"^dvae.channel_mult \[1, 2\] has 2 levels; num_downsamples=3 needs 4"):
+        config_from_dict({"dvae": {"num_downsamples": 3, "channel_mult": [1, 2]}})
+    with pytest.raises(ConfigError, match=r"dvae.attention needs dvae.channel_mult"):
+        config_from_dict({"dvae": {"attention": True}})
+    with pytest.raises(ConfigError, match=r"^dvae.channel_mult.1: Input should be greater than or equal to 1"):
+        config_from_dict({"dvae": {"num_downsamples": 2, "channel_mult": [1, 0, 2]}})
+
+
+def test_model_fields_are_declared_once_in_the_model_dataclasses():
+    """The sections take each model field (type, range, default) from the model's dataclass: a range set there
+    is enforced on the YAML key, and every field reaches the built model config."""
+    from dalle_core.clip import CLIPConfig
+    from dalle_core.dvae import DVAEConfig
+    from dalle_core.transformer import DALLEConfig
+
+    with pytest.raises(ConfigError, match=r"^transformer.dropout: Input should be less than 1 \(got 1.0\)$"):
+        config_from_dict({"transformer": {"dropout": 1.0}})
+    with pytest.raises(ConfigError, match=r"^dvae.codebook_size: Input should be less than or equal to 65536"):
+        config_from_dict({"dvae": {"codebook_size": 70000}})
+    cfg = config_from_dict({"dvae": {"hidden": 48, "channel_mult": [1, 2, 4], "disc_channels": 32},
+                            "transformer": {"depth": 3, "text_loss_weight": 0.2}, "clip": {"text_heads": 2}})
+    assert cfg.dvae.dvae_config(64) == DVAEConfig(image_size=64, hidden=48, channel_mult=(1, 2, 4), disc_channels=32)
+    assert cfg.transformer.dalle_config(500, 12, 0, 64, 8) == DALLEConfig(
+        text_vocab=500, text_len=12, pad_id=0, image_vocab=64, image_grid=8, depth=3, text_loss_weight=0.2)
+    assert cfg.clip.clip_config(32, 500, 12, 0) == CLIPConfig(image_size=32, text_vocab=500, text_len=12, pad_id=0,
+                                                             text_heads=2)

@@ -36,10 +36,68 @@ def test_decode_of_encode_matches_forward_in_eval():
         assert torch.allclose(recon, model.decode(idx), atol=1e-5)
 
 
+@pytest.mark.parametrize("quantizer", ["gumbel", "vq"])
+@pytest.mark.parametrize("attention", [False, True])
+def test_taming_net_is_built_from_channel_mult_with_upstream_names(quantizer, attention):
+    """channel_mult switches to taming's encoder/decoder: one level per entry, widths hidden * mult, GroupNorm, an
+    8x grid from 3 downsamples, attention only where asked; the parameter names are upstream's, so the same
+    modules load VQGAN checkpoints (dalle_core.pretrained)."""
+    c = small(quantizer, 3, channel_mult=[1, 2, 2, 4], attention=attention)  # a list, as read back from JSON
+    model = DiscreteVAE(c).eval()
+    names = dict(model.named_parameters())
+    assert names["encoder.conv_in.weight"].shape == (32, 3, 3, 3)
+    assert names["encoder.down.3.block.0.conv1.weight"].shape == (128, 64, 3, 3)
+    assert names["decoder.up.0.block.1.conv2.weight"].shape == (32, 32, 3, 3)
+    assert any(isinstance(m, torch.nn.GroupNorm) for m in model.modules())
+    assert ("encoder.mid.attn_1.q.weight" in names) == attention
+    x = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        tokens = model.encode(x)
+        assert tokens.shape == (2, 4, 4)
+        assert model.decode(tokens).shape == (2, 3, 32, 32)
+    again = DiscreteVAE(DVAEConfig(**{**c.__dict__}))
+    again.load_state_dict(model.state_dict())  # an artifact's config.json rebuilds the same modules
+
+
+def test_gumbel_dead_code_restart_splits_the_busiest_codes():
+    torch.manual_seed(0)
+    model = DiscreteVAE(small("gumbel", dead_code_threshold=0.5)).train()
+    q, logits = model.quantizer, model.encoder.net[-1]
+    q.ema_count.fill_(2.0)
+    q.ema_count[[3, 9]] = 0.1  # two dead codes
+    q.ema_count[[20, 40]] = torch.tensor([50.0, 30.0])  # the two busiest
+    assert model.restart_dead_codes() == 2
+    w = logits.weight.detach().flatten(1)
+    for dead, donor in ((3, 20), (9, 40)):  # a copy of the donor, nudged apart from it
+        assert 0 < (w[dead] - w[donor]).norm() < 0.1 * w[donor].norm()
+        assert F.cosine_similarity(q.embed.weight[dead], q.embed.weight[donor], dim=0) > 0.99
+        assert logits.bias[dead] == logits.bias[donor]
+    assert q.ema_count[3] == q.ema_count[20] == 25.0  # the donor's usage is shared out
+    assert model.restart_dead_codes() == 0
+
+
+def test_gumbel_training_keeps_codes_alive():
+    """Usage is counted in training and the schedule restarts dead gumbel codes, as it does vq's."""
+    torch.manual_seed(0)
+    model = DiscreteVAE(small("gumbel")).train()
+    run = config_from_dict({"dvae": {"quantizer": "gumbel", "restart_every": 1}}).dvae
+    logits = model.encoder.net[-1]
+    with torch.no_grad():
+        logits.bias[:8] += 50.0  # 8 codes take every cell: the other 56 are dead
+    model(torch.randn(2, 3, 32, 32))
+    _, after = dvae_schedule(model, run)
+    for step in range(10):
+        model(torch.randn(2, 3, 32, 32))
+        after(step)
+    with torch.no_grad():
+        used = model(torch.randn(8, 3, 32, 32))[1].unique().numel()
+    assert used > 8, used  # without restarts only the 8 boosted codes can win a cell
+
+
 # logit-Laplace spends its first steps on the scales: 0.71 of the baseline after these 150 steps
-@pytest.mark.parametrize("quantizer,recon_loss,ratio", [("gumbel", "mse", 0.5), ("vq", "mse", 0.5),
-                                                        ("vq", "logit_laplace", 0.8)])
-def test_overfits_a_handful_of_shapes_with_hard_codes(quantizer, recon_loss, ratio):
+@pytest.mark.parametrize("quantizer,recon_loss,ratio,channel_mult", [
+    ("gumbel", "mse", 0.5, ()), ("vq", "mse", 0.5, ()), ("vq", "logit_laplace", 0.8, ()), ("vq", "mse", 0.5, (1, 1, 2))])
+def test_overfits_a_handful_of_shapes_with_hard_codes(quantizer, recon_loss, ratio, channel_mult):
     """Trained on 8 images, the eval-mode round trip through hard codes (argmax / nearest code, what
     pre-tokenization stores) reconstructs them far better than the trivial baseline, their mean image."""
     torch.manual_seed(0)
@@ -47,7 +105,8 @@ def test_overfits_a_handful_of_shapes_with_hard_codes(quantizer, recon_loss, rat
     run = config_from_dict({"dvae": {"quantizer": quantizer, "codebook_size": 64, "codebook_dim": 32, "hidden": 32,
                                      "temp_anneal": 1.0, "kl_weight": 0.0, "recon_loss": recon_loss,
                                      "train": {"max_steps": 150, "lr": 3e-3, "warmup_steps": 10, "log_every": 10}}}).dvae
-    model = DiscreteVAE(small(quantizer, logit_laplace=recon_loss == "logit_laplace"))
+    taming = {"channel_mult": channel_mult, "num_res_blocks": 0} if channel_mult else {}  # its middle block only
+    model = DiscreteVAE(small(quantizer, logit_laplace=recon_loss == "logit_laplace", **taming))
     before, after = dvae_schedule(model, run)
     fit(model, iter(lambda: {"image": images}, None), run.train, make_optimizer(model, run.train), dvae_step(run),
         before_step=before, after_step=after)

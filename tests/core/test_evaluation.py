@@ -127,3 +127,89 @@ def test_inception_fid_from_a_local_weights_file(inception_weights):
     assert config_from_dict({"evaluate": {"inception_weights": inception_weights}}).evaluate.inception_weights
     with pytest.raises(ConfigError, match="evaluate.inception_weights: no such file"):
         config_from_dict({"evaluate": {"inception_weights": "/nowhere/inception.pth"}})
+
+
+def test_nearest_neighbours_by_l2_across_chunks():
+    import torch
+
+    from dalle_core.evaluation import nearest_neighbours
+
+    g = torch.Generator().manual_seed(0)
+    ref, query = torch.rand(50, 12, generator=g), torch.rand(7, 12, generator=g)
+    index, dist = nearest_neighbours(query, ref, chunk=6, metric="l2")
+    brute = torch.cdist(query.double(), ref.double())
+    assert index.tolist() == brute.argmin(1).tolist()
+    assert np.allclose(dist, brute.min(1).values.numpy(), atol=1e-5)
+    with pytest.raises(ValueError, match="metric 'l1' is not known; use 'cosine' or 'l2'"):
+        nearest_neighbours(query, ref, metric="l1")
+
+
+def test_pixel_features_are_box_filtered_rows_in_unit_range():
+    import torch
+
+    from dalle_core.evaluation import pixel_features
+
+    blocks = np.random.default_rng(0).integers(0, 256, (2, 16, 16, 3), dtype=np.uint8)
+    images = blocks.repeat(4, axis=1).repeat(4, axis=2)  # (2, 64, 64, 3): constant 4x4 blocks
+    features = pixel_features(images, 16)
+    assert features.shape == (2, 3 * 16 * 16) and features.dtype == torch.float32
+    want = torch.from_numpy(blocks).permute(0, 3, 1, 2).float().flatten(1) / 255  # channels first, like the model
+    assert torch.allclose(features, want, atol=1e-6)
+    assert torch.allclose(pixel_features(torch.from_numpy(images), 16), features)  # tensors too
+    checker = np.indices((8, 8)).sum(0) % 2 * 255  # box filter of a 1-pixel checkerboard: mid grey
+    assert torch.allclose(pixel_features(np.repeat(checker[None, :, :, None], 3, 3).astype(np.uint8), 4),
+                          torch.full((1, 48), 0.5))
+    assert pixel_features(images[:, :8, :8], 16).shape == (2, 3 * 8 * 8)  # smaller images are kept as they are
+    with pytest.raises(ValueError, match=r"images of shape \(2, 64, 64\) and dtype torch.uint8: expected"):
+        pixel_features(images[..., 0])
+    with pytest.raises(ValueError, match="dtype torch.float32: expected"):
+        pixel_features(torch.zeros(1, 8, 8, 3))
+    with pytest.raises(ValueError, match="size 0 is out of range"):
+        pixel_features(images, 0)
+
+
+def _redrawn(images: np.ndarray, seed: int, shift: int) -> np.ndarray:
+    """Real images as a good generator might redraw them: moved by up to `shift` pixels, with pixel noise."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for image in images:
+        moved = np.roll(image, tuple(rng.integers(-shift, shift + 1, size=2)), axis=(0, 1))
+        out.append(np.clip(moved + rng.normal(0, 16, image.shape), 0, 255).astype(np.uint8))
+    return np.stack(out)
+
+
+def _openmoji_train_rows(folder) -> tuple[np.ndarray, list[str]]:
+    import json
+
+    from PIL import Image
+
+    with open(folder / "metadata.jsonl") as f:
+        rows = [r for r in map(json.loads, f) if r["split"] == "train"]
+    return (np.stack([np.asarray(Image.open(folder / r["file_name"]).convert("RGB")) for r in rows]),
+            [r["caption"] for r in rows])
+
+
+@pytest.mark.parametrize("source", ["openmoji", "shapes"])
+def test_pixel_own_image_share_is_high_for_real_images_and_near_zero_for_shuffled_captions(source, request):
+    """The pixel-space check on real pictures redrawn with noise and a small shift: nearly every one finds its
+    own training image; with the captions shuffled, or for flat blobs (the failure it is meant to show), almost
+    none does."""
+    from dalle_core.evaluation import own_image_share, pixel_features, pixel_nearest_neighbours
+
+    if source == "openmoji":
+        images, captions = _openmoji_train_rows(request.getfixturevalue("openmoji_subset")[0])
+        generated = _redrawn(images, seed=0, shift=1)  # 2 pixels can cross to a neighbouring skin tone's image
+    else:
+        rows = list(shapes.generate(300, 32, seed=3))
+        images, captions = np.stack([r[3] for r in rows]), [r[2] for r in rows]
+        generated = _redrawn(images, seed=0, shift=1)
+    assert len(set(captions)) > 50
+    train = pixel_features(images)
+    index = pixel_nearest_neighbours(generated, train)
+    assert own_image_share(index, captions, captions) >= 0.95
+    shuffled = [captions[i] for i in np.random.default_rng(1).permutation(len(captions))]
+    assert own_image_share(index, shuffled, captions) < 0.05
+    blobs = np.broadcast_to(np.array([230, 190, 40], np.uint8), generated.shape)  # one yellow blob for every prompt
+    assert own_image_share(pixel_nearest_neighbours(blobs, train), captions, captions) < 0.05
+    with pytest.raises(ValueError, match="train_features have 768 columns and these images' pixel_features 192"):
+        pixel_nearest_neighbours(generated[:, :8, :8], train)

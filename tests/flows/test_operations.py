@@ -73,7 +73,7 @@ def test_killed_stage_rerun_gives_the_same_artifacts(pretokenized, tmp_path):
     from prefect.settings import PREFECT_API_URL
 
     src, _, _ = pretokenized
-    steps = ["transformer.train.max_steps=400", "transformer.train.checkpoint_every=20"]
+    steps = ["transformer.train.max_steps=200", "transformer.train.checkpoint_every=10"]
     clean = _copy(src, tmp_path / "clean") + steps
     killed = _copy(src, tmp_path / "killed") + steps
     ref = train_transformer_flow(config=str(TINY), overrides=clean)

@@ -210,6 +210,7 @@ def test_openmoji_subset_end_to_end_at_64_px(tiny, openmoji_subset):
     from dalle_core.evaluation import r_precision
     from dalle_core.images import decode_png
     from storage.parquet import iter_batches, shard_paths
+    from tasks.evaluate import format_report
     from tasks.generate import load_pipeline
 
     folder, _, _ = openmoji_subset
@@ -234,6 +235,12 @@ def test_openmoji_subset_end_to_end_at_64_px(tiny, openmoji_subset):
     for m in splits.values():
         assert {"r_precision_top1", "r_precision_random", "r_precision_real", "dvae_psnr", "dvae_ssim"} <= set(m)
     assert splits["seen"]["nn_own_image_top1"] >= 0 and "fd_clip_real_halves" in splits["seen"]
+    client = MlflowClient(cfg.tracking.uri)
+    logged = client.search_runs([client.get_experiment_by_name("dalle").experiment_id],
+                                "tags.stage = 'evaluation'")[0].data.metrics
+    for k in ("nn_pixel_own_top1", "nn_pixel_own_random"):  # the pixel-space check: json, table and MLflow
+        assert 0 <= splits["seen"][k] <= 1 and k not in splits["unseen"]
+        assert k in format_report(report) and logged[f"splits.seen.{k}"] == splits["seen"][k]
 
     scorer = load_pipeline(cfg).reranker
     captions, images = [], []

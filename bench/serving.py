@@ -1,0 +1,157 @@
+"""Using a trained model: `dalle serve`'s API request end to end (16 candidates, as the page asks for them), and
+a cold Python process that loads an exported model and draws one image.
+
+The model is the shapes demo's: its trained store when `make demo` has run here (configs/shapes.yaml), else a
+folder of untrained weights at its shapes (sampling time depends on the shapes; untrained weights give near-
+uniform distributions, the slow case for the demo's top_p), so the row says which with `trained`.
+DALLE_BENCH_MODEL=<exported folder> measures that model instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict
+
+import torch
+
+from bench.common import Settings, median_seconds
+
+SHAPES = "configs/shapes.yaml"
+
+
+def shapes_model(folder: str) -> bool:
+    """Write the shapes demo's model to `folder` (or copy $DALLE_BENCH_MODEL's); True if it is a trained one."""
+    if os.environ.get("DALLE_BENCH_MODEL"):
+        shutil.copytree(os.environ["DALLE_BENCH_MODEL"], folder)
+        return True
+    from dalle_core.config import load_config
+    from tasks.common import open_store, stage_keys
+    from tasks.export import export_model
+
+    cfg = load_config(SHAPES)
+    store, keys = open_store(cfg), stage_keys(cfg)
+    if all(store.is_complete(s, keys[s]) for s in ("transformer", "dvae", "bpe", "clip")):
+        export_model(cfg, folder)
+        return True
+    _untrained_folder(cfg, folder)
+    return False
+
+
+def _untrained_folder(cfg, folder: str) -> None:
+    from safetensors.torch import save
+
+    from dalle_core import shapes
+    from dalle_core.bpe import TextTokenizer, train_bpe
+    from dalle_core.clip import build_clip
+    from dalle_core.dvae import DiscreteVAE
+    from dalle_core.export import clip_files, index, json_bytes, write_folder
+    from dalle_core.transformer import DALLE
+    from tasks.clip import checkpoint_bytes
+    from tasks.export import sampling_defaults
+
+    captions = [caption for _, _, caption, _ in shapes.generate(2000, cfg.data.image_size)]
+    tokenizer = TextTokenizer(train_bpe(captions, cfg.text.vocab_size), cfg.text.text_len)
+    torch.manual_seed(0)
+    dvae = DiscreteVAE(cfg.dvae.dvae_config(cfg.data.image_size))
+    c = cfg.transformer.dalle_config(tokenizer.vocab_size, cfg.text.text_len, tokenizer.pad_id,
+                                     dvae.c.codebook_size, dvae.c.grid_size)
+    clip_cfg = cfg.clip.clip_config(cfg.data.image_size, tokenizer.vocab_size, cfg.text.text_len, tokenizer.pad_id)
+
+    def weights(model) -> bytes:
+        return save({k: v.detach().clone().contiguous() for k, v in model.state_dict().items()})
+
+    norm = {"mean": list(dvae.c.norm_mean), "std": list(dvae.c.norm_std)}
+    files = {"transformer/config.json": json_bytes(asdict(c)), "transformer/model.safetensors": weights(DALLE(c)),
+             "dvae/config.json": json_bytes({"model": asdict(dvae.c), "norm": norm}),
+             "dvae/model.safetensors": weights(dvae), "tokenizer/tokenizer.json": tokenizer.tokenizer.to_str().encode(),
+             "tokenizer/config.json": json_bytes({"text_len": cfg.text.text_len, "pad_id": tokenizer.pad_id}),
+             "model_index.json": json_bytes(index(cfg.data.image_size, sampling_defaults(cfg)))}
+    clip = checkpoint_bytes(build_clip(clip_cfg), clip_cfg, tokenizer)
+    files.update({f"clip/{name}": data for name, data in clip_files(clip).items()})
+    write_folder(folder, files)
+
+
+def api_request(s: Settings, candidates: int = 16) -> dict:
+    """What the page waits for after the button, browser excluded: POST /api/jobs, poll the job as the page does,
+    then fetch its candidates' PNGs, against `dalle serve`'s app under uvicorn on 127.0.0.1 (warmed up as
+    `dalle serve` warms it)."""
+    import httpx
+    import uvicorn
+
+    from dalle_core.generate import DALLEPipeline
+    from flows.serve import create_app
+
+    with tempfile.TemporaryDirectory() as tmp:
+        trained = shapes_model(os.path.join(tmp, "model"))
+        pipe = DALLEPipeline.from_pretrained(os.path.join(tmp, "model"), device=str(s.device))
+    pipe("warm-up", candidates)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(create_app(pipe), log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.01)
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    served = []
+
+    def request() -> None:
+        with httpx.Client(base_url=url, timeout=120) as http:
+            job = http.post("/api/jobs", json={"prompt": "a small red circle in the top left",
+                                               "num_candidates": candidates}).json()
+            while job["state"] in ("queued", "running"):
+                time.sleep(0.02)
+                job = http.get(f"/api/jobs/{job['id']}").json()
+            assert job["state"] == "done", job
+            for image in job["result"]["images"]:
+                http.get(image["url"]).raise_for_status()
+            served.append(job["seconds"])
+
+    try:
+        sec = median_seconds(request, s.repeats, torch.device("cpu"))
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+    return {"seconds": sec, "server_seconds": sorted(served)[len(served) // 2], "candidates": candidates,
+            "trained": float(trained)}
+
+
+COLD = """
+import sys, time
+t0 = time.perf_counter()
+from dalle_core.generate import DALLEPipeline
+t1 = time.perf_counter()
+pipe = DALLEPipeline.from_pretrained(sys.argv[1], device=sys.argv[2])
+t2 = time.perf_counter()
+out = pipe("a small red circle in the top left", num_candidates=1)
+t3 = time.perf_counter()
+print(f'{{"import_s": {t1 - t0}, "load_s": {t2 - t1}, "generate_s": {t3 - t2}}}')
+"""
+
+
+def cold_generate(s: Settings, threads: int | None = None) -> dict:
+    """A fresh Python process: import, load the exported model, draw and rank one image. `to_image_s` from the
+    first import to the ranked image, `seconds` the whole process (interpreter start and exit included), and the
+    parts; medians of `--repeats` processes. `threads`: OMP_NUM_THREADS of the process (None: PyTorch's default,
+    one per core)."""
+    env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = os.path.join(tmp, "model")
+        trained = shapes_model(folder)
+        runs = []
+        for _ in range(s.repeats + 1):  # the first warms the disk cache and the compiled CPU kernel
+            t0 = time.perf_counter()
+            out = subprocess.run([sys.executable, "-c", COLD, folder, str(s.device)], capture_output=True, text=True,
+                                 check=True, env=env)
+            parts = json.loads(out.stdout.strip().splitlines()[-1])
+            runs.append({"seconds": time.perf_counter() - t0, "to_image_s": sum(parts.values()), **parts})
+    runs = runs[1:]
+    return {k: sorted(r[k] for r in runs)[len(runs) // 2] for k in runs[0]} | {"trained": float(trained)}

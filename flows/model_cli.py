@@ -1,0 +1,160 @@
+"""The `dalle` commands that use a trained model rather than train one: `export` (a model folder, optionally
+registered in MLflow), `generate --model` (no store, no Prefect) and `serve` (the web page and JSON API).
+flows/cli.py parses their arguments; none of them starts a Prefect server."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+from dalle_core.config import ConfigError, load_config
+
+# `--set` keys that `generate --model` and `serve` take (the model carries everything else)
+SAMPLING_KEYS = ("num_candidates", "cond_scale", "temperature", "top_k", "top_p", "seed", "batch_size")
+
+
+def cmd_export(args) -> int:
+    """Export the run's models as a folder (--out) and/or register them as an MLflow model (--register)."""
+    from storage.registry import check_model_name
+    from tasks.export import export_model, register_export
+
+    if not args.out and not args.register:
+        raise ConfigError("give --out DIR (a model folder) and/or --register NAME (an MLflow registered model)")
+    if args.register:
+        check_model_name(args.register)
+    cfg = load_config(args.config, args.overrides)
+    with tempfile.TemporaryDirectory(prefix="dalle-export-") as tmp:
+        export = export_model(cfg, args.out or os.path.join(tmp, "model"))
+        if args.out:
+            print(f"exported {args.out} ({len(export.files)} files; samples from {export.samples_from})")
+            print(f"model card: {os.path.join(args.out, 'README.md')}")
+        if args.register:
+            registered = register_export(cfg, export, args.register)
+            print(f"registered {registered.uri} (MLflow run {registered.run_id})")
+            print(f"serve it: mlflow models serve -m {registered.uri} --env-manager local")
+    return 0
+
+
+def register_after_run(cfg, name: str) -> None:
+    """`dalle run --register NAME`: the finished pipeline's models, registered as the next version of NAME."""
+    from tasks.export import export_model, register_export
+
+    with tempfile.TemporaryDirectory(prefix="dalle-export-") as tmp:
+        registered = register_export(cfg, export_model(cfg, os.path.join(tmp, "model")), name)
+    print(f"registered {registered.uri} (MLflow run {registered.run_id})")
+
+
+def sampling_settings(overrides: list[str]) -> tuple[dict, str, str]:
+    """(sampling keyword arguments, device, precision) from `--set generate.<key>=...` and `runner.device=...`,
+    checked as the run config checks them; any other key is a one-line ConfigError."""
+    allowed = {f"generate.{k}" for k in (*SAMPLING_KEYS, "precision")} | {"runner.device"}
+    for item in overrides:
+        key = item.split("=", 1)[0].strip()
+        if key not in allowed:
+            raise ConfigError(f"--set {key}: with --model only {', '.join(sorted(allowed))} apply (the model "
+                              "folder holds the rest)")
+    cfg = load_config(None, overrides)
+    given = {item.split("=", 1)[0].strip().removeprefix("generate.") for item in overrides}
+    kwargs = {k: getattr(cfg.generate, k) for k in SAMPLING_KEYS if k in given}
+    return kwargs, cfg.runner.device, cfg.generate.precision
+
+
+def _model_source(args) -> tuple[str, list[str], str | None, list[str]]:
+    """(what to load, overrides of the run config, MLflow tracking URI, sampling overrides) from --model / -c and
+    --set: with a run config, its `generate.*` and `runner.*` keys set the sampling and the rest the run (its
+    store, its tracking URI, where a models:/ URI is looked up); with --model alone, only sampling keys apply."""
+    if not args.config:
+        if not args.model:
+            raise ConfigError("give --model (an exported folder or models:/NAME/VERSION) or -c CONFIG (a run's store)")
+        return args.model, [], None, list(args.overrides)
+    sampling = [o for o in args.overrides if o.startswith(("generate.", "runner."))]
+    run = [o for o in args.overrides if o not in sampling]
+    if not args.model:
+        return args.config, run, None, sampling
+    from storage.tracking import tracking_uri
+    from tasks.common import open_store
+
+    cfg = load_config(args.config, run)
+    return args.model, [], tracking_uri(cfg.tracking.uri, open_store(cfg)), sampling
+
+
+def cmd_generate_model(args, prompts: list[str]) -> int:
+    """`dalle generate --model SRC PROMPT ... --out DIR`: CLIP-ranked candidates with no store and no Prefect;
+    writes generations.parquet, one grid per prompt and a contact sheet to --out, as the generate stage does."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from dalle_core.images import png_bytes
+    from storage.parquet import GENERATIONS_SCHEMA
+    from tasks.generate import best_grids, candidate_rows
+    from tasks.models import load_model
+
+    if not prompts:
+        raise ConfigError("give at least one prompt (or --prompts-file) to draw with --model")
+    if not args.out:
+        raise ConfigError("--model needs --out DIR: the folder for the grids and generations.parquet")
+    if args.prime_rows is not None and args.prime_rows < 1:
+        raise ConfigError(f"--prime-rows is {args.prime_rows}; it must be at least 1")
+    source, overrides, uri, sampling = _model_source(args)
+    kwargs, device, precision = sampling_settings(sampling)
+    pipe = load_model(source, device=device, precision=precision, overrides=overrides, tracking_uri=uri)
+    out = pipe(prompts, **kwargs, prime_image=args.prime, prime_rows=args.prime_rows if args.prime else None)
+    prime = f"{args.prime} (top {args.prime_rows} rows)" if args.prime else None
+    rows = [row for p, seed, images, scores, codes in zip(out.prompts, out.seeds, out.pixels, out.scores, out.image_tokens)
+            for row in candidate_rows(p, seed, images, scores, codes, prime)]
+    table = pa.Table.from_pylist(rows, schema=GENERATIONS_SCHEMA)
+    lead, labels = ([out.prime], ["prime"]) if out.prime is not None else ([], [])
+    names, grids, sheet = best_grids(table, 4, lead, labels)
+    os.makedirs(os.path.join(args.out, "grids"), exist_ok=True)
+    pq.write_table(table, os.path.join(args.out, "generations.parquet"))
+    files = {"contact_sheet.png": sheet, **{f"grids/prompt-{i:04d}.png": grids[p] for i, p in enumerate(names)}}
+    for rel, image in files.items():
+        with open(os.path.join(args.out, rel), "wb") as f:
+            f.write(png_bytes(image))
+    for p, scores, truncated in zip(out.prompts, out.scores, out.truncated):
+        cut = " (truncated to the model's text length)" if truncated else ""
+        print(f"{p!r}{cut}: {len(scores)} candidates, top-1 CLIP score {scores[0]:.3f}")
+    print(f"seed {out.seed}; wrote {os.path.join(args.out, 'generations.parquet')} and {len(files)} PNGs")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    """`dalle serve`: load the model once, warm it up, then serve the page and the JSON API with uvicorn."""
+    import uvicorn
+
+    from flows.serve import create_app
+    from tasks.models import load_model
+
+    if args.max_candidates < 1:
+        raise ConfigError(f"--max-candidates is {args.max_candidates}; it must be at least 1")
+    source, overrides, uri, sampling = _model_source(args)
+    kwargs, device, precision = sampling_settings(sampling)
+    pipe = load_model(source, device=device, precision=precision, overrides=overrides, tracking_uri=uri)
+    pipe.sampling.update(kwargs)
+    name = os.path.basename(os.path.normpath(source)) if "://" not in source and ":/" not in source else source
+    print(f"loaded {source} on {pipe.device} ({pipe.precision}); warming up ...", flush=True)
+    pipe("warm-up", min(16, pipe.sampling.get("num_candidates", 16), args.max_candidates))  # first-call kernels
+    app = create_app(pipe, name=name, max_candidates=args.max_candidates)
+    print(f"dalle serve: http://{args.host}:{args.port}  (JSON API: docs/serving.md; OpenAPI schema at /openapi.json)", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
+def add_commands(sub, common) -> None:
+    """The `export` and `serve` sub-commands and `generate`'s --model, on flows/cli.py's parser."""
+    p = sub.add_parser("export", help="write the run's models as a self-contained folder with a model card "
+                                      "(--out), and/or register them in MLflow (--register)")
+    common(p)
+    p.add_argument("--out", help="the folder to write (new, empty, or an earlier export to replace)")
+    p.add_argument("--register", metavar="NAME", help="also log the model to MLflow and register it as NAME")
+    p.set_defaults(func=cmd_export)
+    p = sub.add_parser("serve", help="a web page and JSON API for trying prompts on a trained model")
+    common(p)
+    p.add_argument("--model", help="an exported folder or models:/NAME/VERSION (default: the -c run's store)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-candidates", type=int, default=64, help="the most candidates one request may ask for")
+    p.set_defaults(func=cmd_serve)
+    sub.choices["generate"].add_argument("--model", help="draw with an exported folder or models:/NAME/VERSION "
+                                                         "instead of a run's store (no Prefect); needs --out")
+

@@ -1,0 +1,204 @@
+"""The routes of `dalle serve`: the page, and the JSON API behind it (documented in docs/serving.md).
+
+    GET  /                            the page (static/index.html)
+    GET  /api/model                   the model: image size, token grid, sampling defaults, this server's limits
+    POST /api/jobs                    queue a request -> 202 {id, state, ahead}
+    GET  /api/jobs/{id}               its state, progress and, when done, the ranked candidates with CLIP scores
+    GET  /api/jobs/{id}/images/{rank}.png   one candidate as a PNG download (rank 0 = the best)
+    POST /api/generate                the same request, answered when done, images inline (base64 PNG)
+
+Bad requests get HTTP 4xx and {"error": "<one line>"}; nothing a request sends can stop the server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import json
+import secrets
+from importlib import resources
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException
+
+from dalle_core.generate import DALLEPipeline, GenerationError, load_prime
+from dalle_core.images import png_bytes
+from flows.serve.jobs import Job, JobQueue, QueueFull
+
+MAX_PRIME_BYTES = 10 * 2**20
+
+
+class GenerateRequest(BaseModel):
+    """One prompt and its sampling settings; a setting left out takes the model's default."""
+
+    model_config = ConfigDict(extra="forbid")
+    prompt: str
+    num_candidates: int | None = Field(None, ge=1)
+    cond_scale: float | None = Field(None, ge=0)
+    temperature: float | None = Field(None, gt=0)
+    top_k: int | None = Field(None, ge=0)  # 0 = off
+    top_p: float | None = Field(None, gt=0, le=1)  # 1 = off
+    seed: int | None = Field(None, ge=0, lt=2**63)  # none: the server draws one and reports it
+    prime_image: str | None = None  # image file bytes, base64 or a data: URL
+    prime_rows: int | None = Field(None, ge=1)
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str):
+        self.status, self.message = status, message
+
+
+def _one_line(err: RequestValidationError) -> str:
+    """The first validation error as `field: what is wrong (got value)`."""
+    first = err.errors()[0]
+    if first.get("type") == "json_invalid":
+        return f"the request body is not valid JSON: {first.get('ctx', {}).get('error', 'JSON decode error')}"
+    where = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or "request body"
+    got = first.get("input")
+    shown = "" if first.get("type") == "missing" or isinstance(got, dict) else f" (got {json.dumps(got)[:80]})"
+    return f"{where}: {first.get('msg', 'invalid')}{shown}"
+
+
+def _prime(req: GenerateRequest, pipe: DALLEPipeline) -> tuple[bytes | None, int | None]:
+    """The decoded prime image's bytes (checked now, so a bad one is a 400 before it queues) and its rows."""
+    if req.prime_image is None:
+        if req.prime_rows is not None:
+            raise APIError(400, "prime_rows is set but no prime_image was sent")
+        return None, None
+    text = req.prime_image.split(",", 1)[1] if req.prime_image.startswith("data:") else req.prime_image
+    if len(text) > MAX_PRIME_BYTES * 4 // 3 + 4:
+        raise APIError(413, f"prime_image is over {MAX_PRIME_BYTES // 2**20} MB")
+    try:
+        data = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise APIError(400, "prime_image is not base64 (send the image file's bytes base64-encoded, or a data: URL)") from None
+    load_prime(data, pipe.image_size)  # GenerationError for bytes that are no image
+    rows = pipe.transformer.c.image_grid
+    if req.prime_rows is not None and req.prime_rows >= rows:
+        raise APIError(400, f"prime_rows is {req.prime_rows}; allowed: 1 to {rows - 1} (the token grid has {rows} rows)")
+    return data, req.prime_rows
+
+
+def create_app(pipe: DALLEPipeline, *, name: str = "model", max_candidates: int = 64, max_waiting: int = 16) -> FastAPI:
+    """The FastAPI app serving `pipe`: requests queue (flows/serve/jobs.py) and run one at a time."""
+    defaults = {"num_candidates": 16, **pipe.sampling}
+
+    def work(job: Job) -> None:
+        r = job.request
+        out = pipe(r["prompt"], r["num_candidates"], cond_scale=r["cond_scale"], temperature=r["temperature"],
+                   top_k=r["top_k"], top_p=r["top_p"], seed=r["seed"], prime_image=r["prime_image"],
+                   prime_rows=r["prime_rows"], progress=job.progress)
+        job.images = [png_bytes(image) for image in out.pixels[0]]
+        job.result = {"prompt": out.prompts[0], "seed": out.seed, "truncated": out.truncated[0],
+                      "scores": [float(s) for s in out.scores[0]]}
+
+    jobs = JobQueue(work, max_waiting=max_waiting)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI):
+        yield
+        jobs.close()  # the running request finishes; the waiting ones are dropped with the process
+
+    app = FastAPI(title=f"dalle serve: {name}", version="1", lifespan=lifespan,
+                  description="Text to image with CLIP reranking; see docs/serving.md")
+    app.state.jobs, app.state.pipeline = jobs, pipe
+
+    @app.exception_handler(APIError)
+    async def api_error(_: Request, err: APIError) -> JSONResponse:
+        return JSONResponse({"error": err.message}, status_code=err.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, err: RequestValidationError) -> JSONResponse:
+        return JSONResponse({"error": _one_line(err)}, status_code=400)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_: Request, err: HTTPException) -> JSONResponse:
+        return JSONResponse({"error": str(err.detail)}, status_code=err.status_code)
+
+    @app.exception_handler(GenerationError)
+    async def bad_generation(_: Request, err: GenerationError) -> JSONResponse:
+        return JSONResponse({"error": str(err)}, status_code=400)
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def page() -> str:
+        return resources.files("flows.serve").joinpath("static/index.html").read_text(encoding="utf-8")
+
+    @app.get("/api/model")
+    def model() -> dict:
+        return {"name": name, "image_size": pipe.image_size, "token_grid": pipe.transformer.c.image_grid,
+                "text_len": pipe.tokenizer.text_len, "device": str(pipe.device), "precision": pipe.precision,
+                "defaults": defaults, "limits": {"max_candidates": max_candidates, "max_waiting": max_waiting,
+                                                 "max_prime_mb": MAX_PRIME_BYTES // 2**20}}
+
+    def submit(req: GenerateRequest) -> Job:
+        if not req.prompt.strip():
+            raise APIError(400, "prompt is empty; type what the image should show")
+        n = req.num_candidates or defaults["num_candidates"]
+        if n > max_candidates:
+            raise APIError(400, f"num_candidates is {n}; allowed: 1 to {max_candidates} (this server's limit, "
+                                "dalle serve --max-candidates)")
+        prime, rows = _prime(req, pipe)
+        seed = req.seed if req.seed is not None else secrets.randbelow(2**31)
+        request = {k: defaults.get(k) if v is None else v for k, v in req.model_dump().items()}  # as sampled
+        request.update(num_candidates=n, seed=seed, prime_image=prime, prime_rows=rows)
+        try:
+            return jobs.submit(request)
+        except QueueFull as err:
+            raise APIError(429, str(err)) from None
+
+    def described(job: Job, inline: bool = False) -> dict:
+        out = {"id": job.id, "state": job.state, "ahead": jobs.ahead_of(job) if job.state == "queued" else 0,
+               "progress": job.steps_done / job.steps_total if job.steps_total else 0.0,
+               "steps_done": job.steps_done, "steps_total": job.steps_total, "seconds": job.seconds}
+        if job.error:
+            out["error"] = job.error
+        if job.result:
+            r = job.request
+            out["result"] = {**job.result, "settings": {k: r[k] for k in ("num_candidates", "cond_scale", "temperature",
+                                                                          "top_k", "top_p", "prime_rows")},
+                             "primed": r["prime_image"] is not None, "images": [
+                {"rank": i, "clip_score": s, "url": f"/api/jobs/{job.id}/images/{i}.png",
+                 **({"png_base64": base64.b64encode(job.images[i]).decode()} if inline else {})}
+                for i, s in enumerate(job.result["scores"])]}
+        return out
+
+    @app.post("/api/jobs", status_code=202)
+    def create_job(req: GenerateRequest) -> dict:
+        return described(submit(req))
+
+    @app.get("/api/jobs/{job_id}")
+    def get_job(job_id: str) -> dict:
+        return described(_job(job_id))
+
+    @app.get("/api/jobs/{job_id}/images/{rank}.png", response_class=Response)
+    def image(job_id: str, rank: int) -> Response:
+        job = _job(job_id)
+        if job.state != "done":
+            raise APIError(409, f"job {job_id} is {job.state}; its images come when it is done")
+        if not 0 <= rank < len(job.images):
+            raise APIError(404, f"rank {rank} does not exist; job {job_id} has ranks 0 to {len(job.images) - 1}")
+        filename = f"dalle-seed{job.result['seed']}-rank{rank + 1}.png"
+        return Response(job.images[rank], media_type="image/png",
+                        headers={"Content-Disposition": f'attachment; filename="{filename}"'})
+
+    @app.post("/api/generate")
+    async def generate(req: GenerateRequest) -> JSONResponse:
+        job = submit(req)
+        await asyncio.wrap_future(job.future)
+        body = described(job, inline=True)
+        status = 200 if job.state == "done" else 400 if job.bad_request else 500
+        return JSONResponse(body if status == 200 else {"error": job.error}, status_code=status)
+
+    def _job(job_id: str) -> Job:
+        job = jobs.get(job_id)
+        if job is None:
+            raise APIError(404, f"no job {job_id!r} (unknown, or forgotten: the server keeps the last "
+                                f"{jobs.keep} finished jobs)")
+        return job
+
+    return app

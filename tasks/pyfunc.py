@@ -1,0 +1,96 @@
+"""The exported model as an MLflow `pyfunc` model: prompts and sampling parameters in, PNG images and CLIP
+scores out, so `mlflow models serve` and `mlflow.pyfunc.load_model(...).predict` work on a registered model.
+
+Request (MLflow's scoring protocol): a DataFrame with a `prompt` column (and an optional `prime_image` column of
+image file bytes, base64 in JSON, the same in every row) and the sampling settings as `params`. Response: one
+row per candidate, best first within each prompt: `prompt`, `rank` (0 = best), `clip_score`, `seed` (the
+prompt's sampling seed), `image` (PNG bytes, base64 in JSON). Imports neither Prefect nor the store.
+"""
+
+from __future__ import annotations
+
+import os
+
+import mlflow.pyfunc
+import numpy as np
+import pandas as pd
+
+from dalle_core.generate import SAMPLING_DEFAULTS, DALLEPipeline, GenerationError
+from dalle_core.images import png_bytes
+
+ARTIFACT = "model_dir"  # the exported folder's name among the pyfunc model's artifacts
+DEVICE_ENV = "DALLE_DEVICE"  # where a served model runs: auto (default) | cpu | cuda | cuda:N
+
+
+def signature(sampling: dict):
+    """The model's MLflow signature; the params' defaults are the model's own sampling defaults (top_k 0 and
+    top_p 1 mean off, as MLflow params cannot be None)."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+
+    s = {**SAMPLING_DEFAULTS, **sampling}
+    inputs = Schema([ColSpec("string", "prompt"), ColSpec("binary", "prime_image", required=False)])
+    outputs = Schema([ColSpec("string", "prompt"), ColSpec("long", "rank"), ColSpec("double", "clip_score"),
+                      ColSpec("long", "seed"), ColSpec("binary", "image")])
+    params = ParamSchema([ParamSpec("num_candidates", "long", int(s["num_candidates"])),
+                          ParamSpec("cond_scale", "double", float(s["cond_scale"])),
+                          ParamSpec("temperature", "double", float(s["temperature"])),
+                          ParamSpec("top_k", "long", int(s["top_k"] or 0)),
+                          ParamSpec("top_p", "double", float(s["top_p"] or 1.0)),
+                          ParamSpec("seed", "long", int(s["seed"])),
+                          ParamSpec("prime_rows", "long", 0)])
+    return ModelSignature(inputs=inputs, outputs=outputs, params=params)
+
+
+def _bad_request(message: str) -> Exception:
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+    return MlflowException(message, error_code=INVALID_PARAMETER_VALUE)  # the scoring server answers 400
+
+
+class DALLEPyfunc(mlflow.pyfunc.PythonModel):
+    """A `DALLEPipeline` behind MLflow's pyfunc interface; the model folder is the `model_dir` artifact."""
+
+    def load_context(self, context) -> None:
+        self.pipeline = DALLEPipeline.from_pretrained(context.artifacts[ARTIFACT], os.environ.get(DEVICE_ENV, "auto"))
+
+    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
+        """One row per candidate of every prompt, ranked; MlflowException (HTTP 400) for a bad request."""
+        if not isinstance(model_input, pd.DataFrame) or "prompt" not in model_input:
+            raise _bad_request("the input needs a `prompt` column (one prompt per row)")
+        p = {k: v for k, v in (params or {}).items() if v is not None}
+        prime = None
+        if "prime_image" in model_input:
+            primes = {bytes(v) for v in model_input["prime_image"] if v is not None and not _missing(v)}
+            if len(primes) > 1:
+                raise _bad_request("prime_image must be the same in every row of a request (one prime per request)")
+            prime = primes.pop() if primes else None
+        try:
+            out = self.pipeline(model_input["prompt"].tolist(), p.get("num_candidates"), cond_scale=p.get("cond_scale"),
+                                temperature=p.get("temperature"), top_k=p.get("top_k"), top_p=p.get("top_p"),
+                                seed=p.get("seed"), prime_image=prime, prime_rows=p.get("prime_rows") or None)
+        except GenerationError as err:
+            raise _bad_request(str(err)) from None
+        rows = [{"prompt": prompt, "rank": rank, "clip_score": float(score), "seed": seed, "image": png_bytes(image)}
+                for prompt, seed, images, scores in zip(out.prompts, out.seeds, out.pixels, out.scores)
+                for rank, (image, score) in enumerate(zip(images, scores))]
+        return pd.DataFrame(rows, columns=["prompt", "rank", "clip_score", "seed", "image"])
+
+
+def _missing(value) -> bool:
+    return isinstance(value, float) and np.isnan(value)
+
+
+def requirements() -> list[str]:
+    """The packages the model needs at load time, pinned to this environment's versions (the project itself
+    must be installed too: serve with `--env-manager local`)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = []
+    for dist in ("torch", "safetensors", "tokenizers", "open_clip_torch", "pillow", "numpy", "pandas", "mlflow"):
+        try:
+            out.append(f"{dist}=={version(dist)}")
+        except PackageNotFoundError:
+            out.append(dist)
+    return out

@@ -1,0 +1,242 @@
+"""`dalle export`, the exported folder, the Python API on it, `dalle generate --model`, and the registered MLflow
+model through MLflow's own loading and scoring paths."""
+
+import base64
+import io
+import json
+import os
+import shutil
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from dalle_core.config import load_config
+from dalle_core.export import ModelFolderError
+from dalle_core.generate import DALLEPipeline, GenerationError, prompt_seed
+from flows.cli import main
+from tasks.common import open_store, stage_keys
+from tests.conftest import DEVICES, TINY
+from tests.flows.exported_model import exported_folder
+
+
+def _sets(ov):
+    return sum((["--set", o] for o in ov), [])
+
+
+@pytest.fixture(scope="session")
+def exported(generated):
+    tmp, ov, _ = generated
+    return exported_folder(str(tmp), tuple(ov))
+
+
+@pytest.fixture(scope="session")
+def pipe(exported):
+    return DALLEPipeline.from_pretrained(exported, device="cpu")
+
+
+def test_export_is_a_self_contained_folder_and_byte_identical_twice(generated, exported, tmp_path, capsys):
+    _, ov, _ = generated
+    index = json.loads((exported / "model_index.json").read_text())
+    assert {"transformer", "dvae", "tokenizer", "clip"} <= set(index) and index["format"] == "dalle-pipeline"
+    for part in ("transformer", "dvae", "clip"):
+        assert (exported / part / "model.safetensors").is_file() and (exported / part / "config.json").is_file()
+    assert (exported / "tokenizer" / "tokenizer.json").is_file()
+    again = tmp_path / "again"
+    assert main(["export", "-c", str(TINY), *_sets(ov), "--out", str(again)]) == 0
+    assert str(again) in capsys.readouterr().out
+    files = sorted(p.relative_to(exported) for p in exported.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(again) for p in again.rglob("*") if p.is_file())
+    for rel in files:
+        assert (exported / rel).read_bytes() == (again / rel).read_bytes(), rel
+    assert main(["export", "-c", str(TINY), *_sets(ov), "--out", str(again)]) == 0  # replaces an earlier export
+    assert (again / "model_index.json").read_bytes() == (exported / "model_index.json").read_bytes()
+
+
+def test_model_card_has_licence_config_metrics_commit_and_samples(generated, exported):
+    _, ov, _ = generated
+    card = (exported / "README.md").read_text()
+    keys = stage_keys(load_config(TINY, ov))
+    assert card.startswith("---\nlicense: mit\n")
+    assert "shapes" in card and "MIT licence" in card
+    assert "transformer.val_bits_per_image_token" in card and "dvae.val_psnr" in card
+    assert "git commit `" in card and keys["transformer"] in card
+    assert "codebook_size: 64" in card  # the run's config
+    assert "](samples.png)" in card and Image.open(exported / "samples.png").size[0] > 32
+    assert str(generated[0]) not in card  # no machine paths (store, tracking) in a card meant to be shared
+
+
+def test_imagefolder_licence_and_attribution_travel_with_the_model(tmp_path):
+    from tasks.model_card import data_licence
+
+    (tmp_path / "ATTRIBUTION.md").write_text("All emojis designed by OpenMoji. License: CC BY-SA 4.0\n")
+    (tmp_path / "LICENSE.txt").write_text("Attribution-ShareAlike 4.0 International\n")
+    cfg = load_config(TINY, ["data.source=imagefolder", f"data.path={tmp_path}"])
+    licence = data_licence(cfg)
+    assert licence.spdx == "cc-by-sa-4.0" and set(licence.files) == {"ATTRIBUTION.md", "LICENSE.txt"}
+    assert "> All emojis designed by OpenMoji" in licence.text and "same licence" in licence.text
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    unknown = data_licence(load_config(TINY, ["data.source=imagefolder", f"data.path={bare}"]))
+    assert unknown.spdx == "other" and "add it before sharing" in unknown.text
+
+
+def test_a_fresh_process_loads_the_folder_without_store_prefect_or_mlflow(exported, tmp_path):
+    import subprocess
+    import sys
+
+    code = ("import sys; from dalle_core.generate import DALLEPipeline; "
+            f"out = DALLEPipeline.from_pretrained({str(exported)!r})('a red circle', 2); "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'prefect', 'mlflow', 'fsspec', 'storage', "
+            "'tasks', 'flows'}), len(out.images[0]))")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # a single image: one thread is as fast, and steady on a busy CPU
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=120,
+                            env=env)
+    assert result.stdout.split() == ["[]", "2"], result.stderr[-2000:]
+
+
+def test_exported_model_draws_what_the_store_model_draws(generated, pipe):
+    from tasks.generate import load_pipeline
+
+    _, ov, _ = generated
+    cfg = load_config(TINY, ov)
+    prompts = ["a red circle", "a blue square above a green diamond"]
+    out = pipe(prompts, 4, seed=7, cond_scale=1.5, top_k=20)
+    store_pipe = load_pipeline(cfg)
+    assert store_pipe.precision == pipe.precision
+    want = store_pipe.candidates(prompts, 4, [prompt_seed(7, i) for i in range(2)], 64, 1.0, 20, None, 1.5)
+    for j, (images, scores, _, codes) in enumerate(want):
+        order = np.argsort(-scores, kind="stable")
+        assert np.array_equal(out.image_tokens[j], codes[order]) and np.array_equal(out.pixels[j], images[order])
+        assert np.allclose(out.scores[j], scores[order]) and all(np.diff(out.scores[j]) <= 0)
+    assert out.seeds == [prompt_seed(7, 0), prompt_seed(7, 1)] and len(out.images[0]) == 4
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"prompts": [""]}, "prompt 1 of 1 is ''"),
+    ({"prompts": []}, "no prompts given"),
+    ({"num_candidates": 0}, "num_candidates is 0; allowed: at least 1"),
+    ({"top_p": 1.5}, "top_p is 1.5"),
+    ({"temperature": 0}, "temperature is 0"),
+    ({"cond_scale": -1}, "cond_scale is -1"),
+    ({"top_k": 2.5}, "top_k is 2.5; it must be a whole number"),
+    ({"prime_image": b"not an image"}, "is not an image file"),
+    ({"prime_image": "/nonexistent.png"}, "does not exist"),
+    ({"prime_image": np.zeros((32, 32, 3), np.uint8), "prime_rows": 8}, "prime_rows is 8; allowed: 1 to 7"),
+    ({"prime_rows": 2}, "no prime image was given"),
+])
+def test_bad_generation_settings_are_one_line_errors(pipe, kwargs, message):
+    kwargs = {"prompts": ["a red circle"], **kwargs}
+    with pytest.raises(GenerationError, match=message.replace("(", r"\(")) as err:
+        pipe(kwargs.pop("prompts"), **kwargs)
+    assert "\n" not in str(err.value)
+
+
+def test_priming_keeps_the_top_rows_of_the_prime(pipe):
+    from dalle_core.generate import load_prime
+
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(buf, format="PNG")
+    prime = load_prime(buf.getvalue(), 32)  # resized (shorter side) and centre-cropped to the dVAE's input
+    codes, _ = pipe.prime(prime, 3)
+    out = pipe("a red circle", 3, prime_image=buf.getvalue(), prime_rows=3)
+    assert prime.shape == (32, 32, 3) and np.array_equal(out.prime, prime)
+    assert all(np.array_equal(row[:24], codes.numpy()) for row in out.image_tokens[0])  # 3 rows of 8 codes
+
+
+def test_a_damaged_or_foreign_folder_is_one_line(exported, tmp_path):
+    with pytest.raises(ModelFolderError, match="has no model_index.json"):
+        DALLEPipeline.from_pretrained(tmp_path)
+    broken = tmp_path / "broken"
+    shutil.copytree(exported, broken)
+    (broken / "dvae" / "model.safetensors").write_bytes(b"\0" * 10)
+    with pytest.raises(ModelFolderError, match="dvae/model.safetensors"):
+        DALLEPipeline.from_pretrained(broken)
+    (broken / "transformer" / "config.json").unlink()
+    with pytest.raises(ModelFolderError, match="transformer/config.json is missing"):
+        DALLEPipeline.from_pretrained(broken)
+
+
+def test_export_refuses_a_folder_that_is_not_an_export(generated, tmp_path, capsys):
+    _, ov, _ = generated
+    (tmp_path / "notes.txt").write_text("mine")
+    assert main(["export", "-c", str(TINY), *_sets(ov), "--out", str(tmp_path)]) == 2
+    assert "is not an exported model folder" in capsys.readouterr().err and (tmp_path / "notes.txt").exists()
+    assert main(["export", "-c", str(TINY), *_sets(ov)]) == 2
+    assert "--out DIR" in capsys.readouterr().err
+
+
+def test_generate_with_model_writes_ranked_candidates_without_a_store(exported, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = ["generate", "--model", str(exported), "a red circle", "a blue square", "--out", str(out),
+            "--set", "generate.num_candidates=3", "--set", "generate.seed=5", "--set", "runner.device=cpu"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "seed 5" in printed and "top-1 CLIP score" in printed
+    table = pq.read_table(out / "generations.parquet").to_pylist()
+    assert len(table) == 6 and {r["seed"] for r in table} == {prompt_seed(5, 0), prompt_seed(5, 1)}
+    assert (out / "contact_sheet.png").is_file() and (out / "grids" / "prompt-0001.png").is_file()
+    assert main(["generate", "--model", str(exported), "x", "--out", str(out), "--set", "dvae.hidden=3"]) == 2
+    assert "with --model only" in capsys.readouterr().err
+    assert main(["generate", "--model", str(tmp_path / "nope"), "x", "--out", str(out)]) == 2
+    assert "is not an exported folder" in capsys.readouterr().err
+
+
+def test_registered_model_serves_four_images_through_mlflow_scoring(generated, exported, tmp_path, capsys):
+    """`dalle export --register` -> models:/NAME/1, linked to the stage runs, answering MLflow's scoring protocol."""
+    import mlflow
+    from fastapi.testclient import TestClient
+    from mlflow import MlflowClient
+    from mlflow.pyfunc import scoring_server
+
+    from storage.tracking import StageRun
+    from tasks.models import load_model
+
+    src, ov, _ = generated
+    shutil.copytree(src / "store", tmp_path / "store", ignore=shutil.ignore_patterns("mlflow.db", "mlartifacts"))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    ov = [*(o for o in ov if not o.startswith(("store.", "tracking."))), f"store.root={tmp_path / 'store'}",
+          f"tracking.uri={uri}"]
+    cfg = load_config(TINY, ov)
+    keys = stage_keys(cfg)
+    made_by = {}
+    for stage in ("transformer", "dvae", "clip"):  # the training runs a real pipeline would have recorded
+        with StageRun(uri, "dalle", open_store(cfg), f"{stage}-{keys[stage]}", stage=stage, key=keys[stage],
+                      tags={"cached": "false"}) as run:
+            made_by[stage] = run.run_id
+    assert main(["export", "-c", str(TINY), *_sets(ov), "--register", "tiny-dalle"]) == 0
+    assert "registered models:/tiny-dalle/1" in capsys.readouterr().out
+    client = MlflowClient(uri)
+    version = client.get_model_version("tiny-dalle", "1")
+    assert {version.tags[f"source_run.{s}"] for s in made_by} == set(made_by.values())
+    assert client.get_run(made_by["transformer"]).data.tags["registered_model.tiny-dalle"] == "1"
+    assert client.get_run(version.run_id).data.metrics["transformer.val_bits_per_image_token"] > 0
+
+    mlflow.set_tracking_uri(uri)
+    model = mlflow.pyfunc.load_model("models:/tiny-dalle/1")
+    params = model.metadata.get_params_schema().to_dict()
+    assert {p["name"] for p in params} >= {"num_candidates", "cond_scale", "top_k", "top_p", "temperature", "seed"}
+    http = TestClient(scoring_server.init(model))
+    reply = http.post("/invocations", json={"dataframe_split": {"columns": ["prompt"], "data": [["a red circle"]]},
+                                            "params": {"num_candidates": 4, "seed": 3}})
+    assert reply.status_code == 200, reply.text
+    rows = reply.json()["predictions"]
+    assert [r["rank"] for r in rows] == [0, 1, 2, 3] and rows[0]["clip_score"] >= rows[3]["clip_score"]
+    image = Image.open(io.BytesIO(base64.b64decode(rows[0]["image"])))
+    assert image.format == "PNG" and image.size == (32, 32)
+    same = load_model("models:/tiny-dalle/1", tracking_uri=uri)("a red circle", 4, seed=3)
+    assert np.allclose([r["clip_score"] for r in rows], same.scores[0], atol=1e-5)
+    bad = http.post("/invocations", json={"dataframe_split": {"columns": ["prompt"], "data": [[""]]}})
+    assert bad.status_code == 400 and "every prompt needs some text" in bad.json()["message"]
+    # the pipeline's end: `dalle run --register` registers the next version
+    assert main(["run", "-c", str(TINY), *_sets(ov), "--only", "generate", "--register", "tiny-dalle"]) == 0
+    assert "registered models:/tiny-dalle/2" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_exported_model_runs_on_each_device(exported, device):
+    pipe = DALLEPipeline.from_pretrained(exported, device=device)
+    out = pipe(["a red circle"], 3, seed=1)
+    assert pipe.device.type == device and out.pixels[0].shape == (3, 32, 32, 3)
+    assert all(np.diff(out.scores[0]) <= 0)

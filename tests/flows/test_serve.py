@@ -1,0 +1,200 @@
+"""`dalle serve`: the JSON API in-process, the queue over real HTTP, and the page in a real headless browser."""
+
+import base64
+import io
+import os
+import re
+import shutil
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+import uvicorn
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from dalle_core.generate import DALLEPipeline
+from flows.serve import create_app
+from tests.flows.exported_model import exported_folder
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+NO_CHROMIUM = ("needs Debian's Chromium (apt-get install -y chromium) and the playwright package (dev extra); "
+               ".ci/run installs both")
+
+
+@pytest.fixture(scope="module")
+def pipe(generated):
+    tmp, ov, _ = generated
+    return DALLEPipeline.from_pretrained(exported_folder(str(tmp), tuple(ov)), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def client(pipe):
+    return TestClient(create_app(pipe, name="tiny", max_candidates=8))
+
+
+@pytest.fixture
+def live(pipe):
+    """The app under uvicorn on 127.0.0.1 (a free port), in a thread: (base URL, the pipeline it serves)."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(create_app(pipe, name="tiny", max_candidates=8), log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.02)
+    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+def _png(size=(40, 30)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, (200, 30, 30)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_generate_returns_ranked_candidates_with_scores_and_the_seed(client):
+    reply = client.post("/api/generate", json={"prompt": "a red circle", "num_candidates": 5, "seed": 11})
+    assert reply.status_code == 200, reply.text
+    result = reply.json()["result"]
+    scores = [im["clip_score"] for im in result["images"]]
+    assert result["seed"] == 11 and len(scores) == 5 and scores == sorted(scores, reverse=True)
+    assert Image.open(io.BytesIO(base64.b64decode(result["images"][0]["png_base64"]))).size == (32, 32)
+    again = client.post("/api/generate", json={"prompt": "a red circle", "num_candidates": 5, "seed": 11}).json()
+    assert [im["png_base64"] for im in again["result"]["images"]] == [im["png_base64"] for im in result["images"]]
+    drawn = client.post("/api/generate", json={"prompt": "a red circle", "num_candidates": 2}).json()["result"]
+    assert isinstance(drawn["seed"], int)  # no seed given: the server draws one and reports it
+
+
+def test_job_progress_and_image_download(client):
+    job = client.post("/api/jobs", json={"prompt": "a blue square", "num_candidates": 3, "seed": 2})
+    assert job.status_code == 202 and job.json()["state"] in ("queued", "running", "done")
+    while (state := client.get(f"/api/jobs/{job.json()['id']}").json())["state"] in ("queued", "running"):
+        time.sleep(0.02)
+    assert state["state"] == "done" and state["progress"] == 1.0 and state["steps_done"] == state["steps_total"] > 0
+    image = client.get(state["result"]["images"][2]["url"])
+    assert image.status_code == 200 and image.headers["content-type"] == "image/png"
+    assert image.headers["content-disposition"] == 'attachment; filename="dalle-seed2-rank3.png"'
+    assert client.get(f"/api/jobs/{job.json()['id']}/images/3.png").status_code == 404
+
+
+@pytest.mark.parametrize("body, status, message", [
+    ({"prompt": ""}, 400, "prompt is empty"),
+    ({"prompt": "x", "num_candidates": 9}, 400, "num_candidates is 9; allowed: 1 to 8"),
+    ({"prompt": "x", "num_candidates": 0}, 400, "num_candidates: Input should be greater than or equal to 1 (got 0)"),
+    ({"prompt": "x", "top_p": 1.5}, 400, "top_p: Input should be less than or equal to 1 (got 1.5)"),
+    ({"prompt": "x", "colour": "red"}, 400, "colour: Extra inputs are not permitted"),
+    ({"prompt": "x", "prime_image": "%%%"}, 400, "prime_image is not base64"),
+    ({"prompt": "x", "prime_image": base64.b64encode(b"GIF89a broken").decode()}, 400, "is not an image file"),
+    ({"prompt": "x", "prime_image": base64.b64encode(_png()).decode(), "prime_rows": 8}, 400, "prime_rows is 8; allowed: 1 to 7"),
+    ({"prompt": "x", "prime_rows": 2}, 400, "no prime_image was sent"),
+    ({}, 400, "prompt: Field required"),
+])
+def test_bad_requests_are_4xx_with_one_line(client, body, status, message):
+    reply = client.post("/api/generate", json=body)
+    assert reply.status_code == status and message in reply.json()["error"], reply.text
+    assert "\n" not in reply.json()["error"]
+
+
+def test_malformed_json_and_unknown_jobs(client):
+    reply = client.post("/api/jobs", content=b"{prompt: 1", headers={"content-type": "application/json"})
+    assert reply.status_code == 400 and reply.json()["error"].startswith("the request body is not valid JSON")
+    assert client.get("/api/jobs/nope").status_code == 404
+    assert client.post("/api/generate", json={"prompt": "still serving", "num_candidates": 1}).status_code == 200
+
+
+def test_primed_request_keeps_the_prime_rows(client, pipe):
+    prime = base64.b64encode(_png()).decode()
+    reply = client.post("/api/generate", json={"prompt": "x", "num_candidates": 2, "seed": 1,
+                                               "prime_image": f"data:image/png;base64,{prime}", "prime_rows": 2})
+    assert reply.status_code == 200 and reply.json()["result"]["primed"]
+    assert reply.json()["result"]["settings"]["prime_rows"] == 2
+
+
+def test_a_failing_model_fails_the_request_not_the_server(pipe, monkeypatch):
+    client = TestClient(create_app(pipe, max_candidates=8))
+    broken = {"on": True}
+    real = pipe.candidates
+
+    def candidates(*args, **kwargs):
+        if broken["on"]:
+            raise RuntimeError("out of memory\nsecond line")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipe, "candidates", candidates)
+    reply = client.post("/api/generate", json={"prompt": "x", "num_candidates": 1})
+    assert reply.status_code == 500 and reply.json()["error"] == "generation failed: RuntimeError: out of memory"
+    broken["on"] = False
+    assert client.post("/api/generate", json={"prompt": "x", "num_candidates": 1}).status_code == 200
+
+
+def test_concurrent_requests_queue_and_never_run_the_model_twice_at_once(live, pipe, monkeypatch):
+    running, most, real = [0], [0], pipe.candidates
+    lock = threading.Lock()
+
+    def candidates(*args, **kwargs):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        try:
+            time.sleep(0.05)  # widen the window two overlapping runs would show in
+            return real(*args, **kwargs)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    monkeypatch.setattr(pipe, "candidates", candidates)
+    with ThreadPoolExecutor(6) as pool:
+        replies = list(pool.map(lambda i: httpx.post(f"{live}/api/generate", timeout=60,
+                                                     json={"prompt": f"prompt {i}", "num_candidates": 2, "seed": i}),
+                                range(6)))
+    assert [r.status_code for r in replies] == [200] * 6 and most[0] == 1
+    assert [r.json()["result"]["prompt"] for r in replies] == [f"prompt {i}" for i in range(6)]
+
+
+@pytest.mark.skipif(CHROMIUM is None and not os.environ.get("DALLE_REQUIRE_BROWSER"), reason=NO_CHROMIUM)
+def test_the_page_in_a_headless_browser(live, tmp_path):
+    """Type a prompt, wait for the grid, check N images with scores, download one; an empty prompt shows the
+    server's error. DALLE_SCREENSHOT=<path> also saves the page (the README's screenshot)."""
+    from playwright.sync_api import expect, sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True)
+        page = browser.new_page(viewport={"width": 1100, "height": 640}, accept_downloads=True)
+        page.goto(live)
+        expect(page.locator("#model-info")).to_contain_text("32px images")
+        page.fill("#prompt", "a small red circle in the top left")
+        page.fill("#num_candidates", "6")
+        page.fill("#seed", "42")
+        page.click("#go")
+        figures = page.locator("#grid figure.candidate")
+        expect(figures).to_have_count(6, timeout=30_000)
+        for i in range(6):
+            expect(figures.nth(i).locator(".score")).to_have_text(re.compile(rf"^#{i + 1} · CLIP -?\d\.\d{{3}}$"))
+            expect(figures.nth(i).locator("img")).to_have_js_property("naturalWidth", 32)  # the PNG loaded
+        scores = [float(figures.nth(i).locator(".score").inner_text().split("CLIP ")[1]) for i in range(6)]
+        assert scores == sorted(scores, reverse=True)
+        expect(page.locator("#seed-shown")).to_have_text("42")
+        if os.environ.get("DALLE_SCREENSHOT"):
+            page.screenshot(path=os.environ["DALLE_SCREENSHOT"])
+        with page.expect_download() as download:
+            figures.nth(0).locator("a.download").click()
+        path = tmp_path / download.value.suggested_filename
+        download.value.save_as(path)
+        assert path.name == "dalle-seed42-rank1.png" and Image.open(path).size == (32, 32)
+        prime = tmp_path / "prime.png"
+        prime.write_bytes(_png())
+        page.locator("summary", has_text="Image completion").click()
+        page.set_input_files("#prime", str(prime))
+        expect(page.locator("#prime-preview")).to_be_visible()
+        page.click("#go")
+        expect(page.locator("#settings-shown")).to_contain_text("primed (4 rows)")
+        expect(figures).to_have_count(6)
+        page.fill("#prompt", "")
+        page.click("#go")
+        expect(page.locator("#error")).to_have_text("prompt is empty; type what the image should show")
+        browser.close()
