@@ -182,6 +182,13 @@ class _DVAETraining(Section):
             raise ValueError(f"dvae.channel_mult {list(self.channel_mult)} has {len(self.channel_mult)} levels; "
                              f"num_downsamples={self.num_downsamples} needs {self.num_downsamples + 1} "
                              f"(full resolution first), or [] for the small net")
+        widest = self.hidden * max(self.channel_mult, default=1)
+        if widest > 4096:  # a typo's width would exhaust memory minutes into training
+            raise ValueError(f"dvae.hidden {self.hidden} x channel_mult {list(self.channel_mult)} makes a level "
+                             f"{widest} channels wide; keep hidden * max(channel_mult) at most 4096")
+        if self.quantizer == "pixel-kmeans" and (self.channel_mult or self.attention):
+            raise ValueError("dvae.channel_mult and dvae.attention shape a network; quantizer pixel-kmeans has "
+                             "none (use vq or gumbel, or leave them unset)")
         if self.attention and not self.channel_mult:
             raise ValueError("dvae.attention needs dvae.channel_mult (the small net has no attention); "
                              "set channel_mult, e.g. [1, 1, 2, 4]")

@@ -85,22 +85,34 @@ def open_clip_files(model, model_name: str) -> dict[str, bytes]:
 def write_folder(folder: str | os.PathLike, files: dict[str, bytes]) -> list[str]:
     """Write {relative path: bytes} as `folder`, replacing an earlier export there; a folder that holds
     anything else is refused (ModelFolderError). The files are written beside it first and swapped in, so a
-    failed export never leaves half a model. Returns the paths written, sorted."""
-    folder = Path(folder)
-    if folder.exists() and (not folder.is_dir() or (any(folder.iterdir()) and not (folder / INDEX).is_file())):
-        raise ModelFolderError(f"--out {str(folder)!r} exists and is not an exported model folder; "
+    failed export never leaves half a model; an existing folder keeps its own directory entry (it may be the
+    current directory) and has its contents swapped. Returns the paths written, sorted."""
+    given, folder = str(folder), Path(folder).resolve()  # resolved: `.` and `..` have no name to put tmp beside
+    if folder.exists() and not folder.is_dir():
+        raise ModelFolderError(f"--out {given!r} is a file; give a folder")
+    if folder.exists() and any(folder.iterdir()) and not (folder / INDEX).is_file():
+        raise ModelFolderError(f"--out {given!r} exists and is not an exported model folder; "
                                "give a new or empty folder, or an earlier export to replace")
+    if not folder.name:
+        raise ModelFolderError(f"--out {given!r} is the file system's root; give a folder under it")
     tmp = folder.with_name(f".{folder.name}.tmp-{uuid.uuid4().hex[:8]}")
+    old = folder.with_name(f".{folder.name}.old-{uuid.uuid4().hex[:8]}")
     try:
         for rel, data in sorted(files.items()):
             path = tmp / rel
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(data)
-        if folder.exists():
-            shutil.rmtree(folder)
-        tmp.rename(folder)
+        if not folder.exists():
+            tmp.rename(folder)
+        else:
+            old.mkdir()
+            for entry in list(folder.iterdir()):
+                entry.rename(old / entry.name)
+            for entry in list(tmp.iterdir()):
+                entry.rename(folder / entry.name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
     return [str(folder / rel) for rel in sorted(files)]
 
 

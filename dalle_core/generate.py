@@ -7,6 +7,7 @@ reranking did (Ramesh et al. 2021, section 2.5).
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 from collections.abc import Callable
@@ -101,7 +102,7 @@ class DALLEPipeline:
         array; resized to the dVAE's input, shorter side then centre crop) fixes the top `prime_rows` token
         rows of every candidate (DALL-E's image completion; default half the rows). `progress(done, total)`
         is called after every sampling step. Raises GenerationError (one line) for a bad value."""
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        prompts = check_prompts(prompts)
         s = {**SAMPLING_DEFAULTS, **self.sampling}
         n = _integer("num_candidates", s["num_candidates"] if num_candidates is None else num_candidates, 1)
         settings = check_sampling(s["cond_scale"] if cond_scale is None else cond_scale,
@@ -109,11 +110,6 @@ class DALLEPipeline:
                                   s["top_k"] if top_k is None else top_k, s["top_p"] if top_p is None else top_p)
         seed = _integer("seed", s["seed"] if seed is None else seed, 0, 2**63 - 1)
         batch = _integer("batch_size", s["batch_size"] if batch_size is None else batch_size, 1)
-        if not prompts:
-            raise GenerationError("no prompts given; give at least one")
-        for i, prompt in enumerate(prompts):
-            if not isinstance(prompt, str) or not prompt.strip():
-                raise GenerationError(f"prompt {i + 1} of {len(prompts)} is {prompt!r}; every prompt needs some text")
         prefix, prime = None, None
         if prime_image is not None:
             rows = self.transformer.c.image_grid
@@ -211,6 +207,26 @@ def prompt_seed(seed: int, index: int) -> int:
     return (seed * 1_000_003 + index) % (2**63)
 
 
+def check_prompts(prompts) -> list[str]:
+    """`prompts` (one string or a list of them) as a non-empty list of prompts that each hold some text and
+    encode as UTF-8 (no lone surrogates, which JSON's \\ud800 escapes can carry); GenerationError otherwise."""
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    elif not isinstance(prompts, (list, tuple)):
+        raise GenerationError(f"prompts is {prompts!r}; give a string or a list of strings")
+    if not prompts:
+        raise GenerationError("no prompts given; give at least one")
+    for i, prompt in enumerate(prompts):
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise GenerationError(f"prompt {i + 1} of {len(prompts)} is {prompt!r}; every prompt needs some text")
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise GenerationError(f"prompt {i + 1} of {len(prompts)} is not valid text: character {err.start + 1} "
+                                  f"is {prompt[err.start]!r}, a lone UTF-16 surrogate") from None
+    return list(prompts)
+
+
 def _integer(name: str, value, low: int, high: int | None = None) -> int:
     """`value` as an int in [low, high]; GenerationError naming `name` otherwise."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
@@ -240,24 +256,49 @@ def check_sampling(cond_scale: float, temperature: float, top_k: int | None,
     return float(temperature), top_k, None if top_p is None or top_p == 1 else float(top_p), float(cond_scale)
 
 
+MAX_PRIME_PIXELS = 4096 * 4096  # decoding is width * height * 4 bytes; a tiny PNG can claim a huge canvas
+
+
+@contextlib.contextmanager
+def open_prime(image):
+    """The PIL image of a prime image file (a path or the file's bytes), opened from its header only (no pixels
+    decoded yet) and checked to hold at most MAX_PRIME_PIXELS pixels. GenerationError (one line) for a missing
+    file, a directory, bytes that are no image, or too many pixels."""
+    is_bytes = isinstance(image, (bytes, bytearray, memoryview))
+    what = f"prime image ({len(image)} bytes)" if is_bytes else f"prime image {str(image)!r}"
+    if not is_bytes:
+        if not isinstance(image, (str, os.PathLike)):
+            raise GenerationError(f"prime image is a {type(image).__name__}; give a path, image file bytes, "
+                                  "a PIL image or an (H, W, 3) uint8 array")
+        if os.path.isdir(image):
+            raise GenerationError(f"{what} is a directory; give an image file")
+        if not os.path.isfile(image):
+            raise GenerationError(f"{what} does not exist")
+    try:
+        with Image.open(io.BytesIO(image) if is_bytes else image) as im:
+            w, h = im.size
+            if w * h > MAX_PRIME_PIXELS:
+                raise GenerationError(f"{what} is {w}x{h} pixels; allowed: at most {MAX_PRIME_PIXELS} pixels "
+                                      f"(e.g. 4096x4096); shrink it first")
+            yield im
+    except Image.UnidentifiedImageError:
+        raise GenerationError(f"{what} is not an image file PNG, JPEG, WebP or another format Pillow reads") from None
+    except (OSError, ValueError, Image.DecompressionBombError) as err:  # a truncated or damaged file
+        if isinstance(err, GenerationError):
+            raise
+        raise GenerationError(f"{what} cannot be decoded as an image: "
+                              f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+
+
 def load_prime(image, size: int) -> np.ndarray:
     """A prime image (a file path, image file bytes, a PIL image or an (H, W, 3) uint8 array) as (size, size, 3)
-    uint8, as a viewer shows it: shorter side resized to `size`, centre crop. GenerationError if unreadable."""
+    uint8, as a viewer shows it: shorter side resized to `size`, centre crop. GenerationError (one line) if
+    unreadable, a directory, or over MAX_PRIME_PIXELS pixels (checked from the header, before decoding)."""
     if isinstance(image, np.ndarray):
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
             raise GenerationError(f"prime image array is {image.dtype} {image.shape}; expected (H, W, 3) uint8")
         image = Image.fromarray(image)
     if isinstance(image, Image.Image):
         return np.array(to_rgb_square(image, size))
-    source = io.BytesIO(image) if isinstance(image, (bytes, bytearray)) else image
-    what = f"prime image {'(' + str(len(image)) + ' bytes)' if isinstance(image, (bytes, bytearray)) else repr(str(image))}"
-    if not isinstance(image, (bytes, bytearray)) and not os.path.isfile(image):
-        raise GenerationError(f"{what} does not exist")
-    try:
-        with Image.open(source) as im:
-            return np.array(to_rgb_square(im, size))
-    except Image.UnidentifiedImageError:
-        raise GenerationError(f"{what} is not an image file PNG, JPEG, WebP or another format Pillow reads") from None
-    except (OSError, ValueError, Image.DecompressionBombError) as err:  # a truncated or damaged file
-        raise GenerationError(f"{what} cannot be decoded as an image: "
-                              f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+    with open_prime(image) as im:
+        return np.array(to_rgb_square(im, size))

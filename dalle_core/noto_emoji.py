@@ -159,13 +159,17 @@ class NotoEmoji:
         if "package/LICENSE" in files:
             with open(os.path.join(folder, "LICENSE-emoji-datasource.txt"), "wb") as f:
                 f.write(files["package/LICENSE"])
+        # Apache 2.0 section 4(a): a copy of the licence goes with the images (the package links it only)
+        shutil.copyfile(os.path.join(os.path.dirname(__file__), "licenses", "Apache-2.0.txt"),
+                        os.path.join(folder, "LICENSE-Apache-2.0.txt"))
         readme = files.get("package/README.md", b"").decode("utf-8", "replace").splitlines()
         says = [line.strip(" *") for line in readme if "Noto" in line and "Apache" in line]
         quote = f'; the package\'s README says: "{says[0]}"' if says else ""
         sha = self._sha256()
         with open(os.path.join(folder, "ATTRIBUTION.md"), "w", encoding="utf-8") as f:
             f.write(f"{self.attribution}.\n\n"
-                    f"Licence of the images: Apache License 2.0 ({APACHE_URL}){quote}\n"
+                    f"Licence of the images: Apache License 2.0 ({APACHE_URL}, copied as LICENSE-Apache-2.0.txt)"
+                    f"{quote}\n"
                     f"Source: the npm package {PACKAGE} {self.version} (https://github.com/iamcal/emoji-data, "
                     f"MIT licence, copied as LICENSE-emoji-datasource.txt), its {IMAGE_DIR.removeprefix('package/')} "
                     f"PNGs; tarball sha256 {sha}.\n"

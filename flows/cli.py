@@ -217,8 +217,11 @@ def cmd_stage(args) -> int:
             return cmd_generate_model(args, prompts)
         if prompts:
             args.overrides.append(f"generate.prompts={json.dumps(prompts)}")
+        if args.prime_rows is not None and not args.prime:
+            raise ConfigError(f"--prime-rows is {args.prime_rows} but no --prime image was given")
         if args.prime:
-            args.overrides += [f"generate.prime_image={json.dumps(args.prime)}", f"generate.prime_rows={args.prime_rows}"]
+            rows = 4 if args.prime_rows is None else args.prime_rows
+            args.overrides += [f"generate.prime_image={json.dumps(args.prime)}", f"generate.prime_rows={rows}"]
     cfg = load_config(args.config, args.overrides)  # fail on a bad config before Prefect starts
     check_store(cfg)
     from tasks.checks import trains
@@ -262,8 +265,11 @@ def cmd_data_emoji(args) -> int:
 
         summary = build(args.out, opts, rendered)
     state = "already built" if summary["cached"] else "built"
-    print(f"{args.out}: {state}: {summary['images']} images of {summary['concepts']} concepts "
-          f"(left out: {summary['skipped']})")
+    def counts(d: dict) -> str:
+        return ", ".join(f"{n} {name}" for name, n in d.items()) or "none"
+
+    print(f"{args.out}: {state}: {sum(summary['images'].values())} images ({counts(summary['images'])}) of "
+          f"{summary['concepts']} concepts; left out: {counts(summary['skipped'])}")
     print(f"{summary['attribution']}; see {os.path.join(args.out, 'ATTRIBUTION.md')}")
     return 0
 
@@ -317,7 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompts-file", help="a text file with one prompt per line")
     gen.add_argument("--out", help="also copy the grids and generations.parquet to this folder")
     gen.add_argument("--prime", metavar="IMAGE", help="image completion: this image's top rows of tokens are kept")
-    gen.add_argument("--prime-rows", type=int, default=4, metavar="K",
+    gen.add_argument("--prime-rows", type=int, default=None, metavar="K",
                      help="with --prime: how many token rows of the image to keep (default 4)")
     from flows.model_cli import add_commands
 

@@ -4,7 +4,10 @@ flows/cli.py parses their arguments; none of them starts a Prefect server."""
 
 from __future__ import annotations
 
+import errno
 import os
+import shlex
+import socket
 import tempfile
 
 from dalle_core.config import ConfigError, load_config
@@ -22,6 +25,8 @@ def cmd_export(args) -> int:
         raise ConfigError("give --out DIR (a model folder) and/or --register NAME (an MLflow registered model)")
     if args.register:
         check_model_name(args.register)
+    if args.out:
+        args.out = check_out_folder(args.out)
     cfg = load_config(args.config, args.overrides)
     with tempfile.TemporaryDirectory(prefix="dalle-export-") as tmp:
         export = export_model(cfg, args.out or os.path.join(tmp, "model"))
@@ -31,7 +36,7 @@ def cmd_export(args) -> int:
         if args.register:
             registered = register_export(cfg, export, args.register)
             print(f"registered {registered.uri} (MLflow run {registered.run_id})")
-            print(f"serve it: mlflow models serve -m {registered.uri} --env-manager local")
+            print(f"serve it: mlflow models serve -m {shlex.quote(registered.uri)} --env-manager local")
     return 0
 
 
@@ -42,6 +47,40 @@ def register_after_run(cfg, name: str) -> None:
     with tempfile.TemporaryDirectory(prefix="dalle-export-") as tmp:
         registered = register_export(cfg, export_model(cfg, os.path.join(tmp, "model")), name)
     print(f"registered {registered.uri} (MLflow run {registered.run_id})")
+
+
+def check_out_folder(out: str) -> str:
+    """`--out` as an absolute path (so `.` has a name), or ConfigError (one line) when it names a file."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ConfigError(f"--out {out!r} is a file; give a folder")
+    return os.path.abspath(out)
+
+
+def check_listen(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port (for uvicorn to listen on), or ConfigError (one line) for a port out of range,
+    a host that does not resolve or is not this machine's, or a port another program holds."""
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"--port is {port}; allowed: 0 to 65535 (0: any free port)")
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+    except (socket.gaierror, UnicodeError) as err:
+        raise ConfigError(f"--host {host!r} does not resolve ({err}); give an address such as 127.0.0.1 or "
+                          "0.0.0.0 (all interfaces)") from None
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: restarts reuse the port
+        sock.bind(address)
+    except OSError as err:
+        sock.close()
+        if err.errno == errno.EADDRINUSE:
+            raise ConfigError(f"--port {port} on {host} is taken by another program; stop it or pick another "
+                              "--port") from None
+        if err.errno == errno.EADDRNOTAVAIL:
+            raise ConfigError(f"--host {host!r} is not an address of this machine; give 127.0.0.1 (this machine "
+                              "only) or 0.0.0.0 (all interfaces)") from None
+        raise ConfigError(f"cannot listen on {host}:{port}: {err.strerror or err}") from None
+    return sock
 
 
 def sampling_settings(overrides: list[str]) -> tuple[dict, str, str]:
@@ -93,13 +132,17 @@ def cmd_generate_model(args, prompts: list[str]) -> int:
         raise ConfigError("give at least one prompt (or --prompts-file) to draw with --model")
     if not args.out:
         raise ConfigError("--model needs --out DIR: the folder for the grids and generations.parquet")
+    check_out_folder(args.out)
+    if args.prime_rows is not None and not args.prime:
+        raise ConfigError(f"--prime-rows is {args.prime_rows} but no --prime image was given")
     if args.prime_rows is not None and args.prime_rows < 1:
         raise ConfigError(f"--prime-rows is {args.prime_rows}; it must be at least 1")
+    prime_rows = (4 if args.prime_rows is None else args.prime_rows) if args.prime else None
     source, overrides, uri, sampling = _model_source(args)
     kwargs, device, precision = sampling_settings(sampling)
     pipe = load_model(source, device=device, precision=precision, overrides=overrides, tracking_uri=uri)
-    out = pipe(prompts, **kwargs, prime_image=args.prime, prime_rows=args.prime_rows if args.prime else None)
-    prime = f"{args.prime} (top {args.prime_rows} rows)" if args.prime else None
+    out = pipe(prompts, **kwargs, prime_image=args.prime, prime_rows=prime_rows)
+    prime = f"{args.prime} (top {prime_rows} rows)" if args.prime else None
     rows = [row for p, seed, images, scores, codes in zip(out.prompts, out.seeds, out.pixels, out.scores, out.image_tokens)
             for row in candidate_rows(p, seed, images, scores, codes, prime)]
     table = pa.Table.from_pylist(rows, schema=GENERATIONS_SCHEMA)
@@ -129,14 +172,21 @@ def cmd_serve(args) -> int:
         raise ConfigError(f"--max-candidates is {args.max_candidates}; it must be at least 1")
     source, overrides, uri, sampling = _model_source(args)
     kwargs, device, precision = sampling_settings(sampling)
-    pipe = load_model(source, device=device, precision=precision, overrides=overrides, tracking_uri=uri)
+    sock = check_listen(args.host, args.port)  # held from here on, so nothing takes the port while the model loads
+    try:
+        pipe = load_model(source, device=device, precision=precision, overrides=overrides, tracking_uri=uri)
+    except BaseException:
+        sock.close()
+        raise
     pipe.sampling.update(kwargs)
     name = os.path.basename(os.path.normpath(source)) if "://" not in source and ":/" not in source else source
     print(f"loaded {source} on {pipe.device} ({pipe.precision}); warming up ...", flush=True)
     pipe("warm-up", min(16, pipe.sampling.get("num_candidates", 16), args.max_candidates))  # first-call kernels
     app = create_app(pipe, name=name, max_candidates=args.max_candidates)
-    print(f"dalle serve: http://{args.host}:{args.port}  (JSON API: docs/serving.md; OpenAPI schema at /openapi.json)", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    host, port = sock.getsockname()[:2]
+    shown = f"[{host}]" if ":" in host else host
+    print(f"dalle serve: http://{shown}:{port}  (JSON API: docs/serving.md; OpenAPI schema at /openapi.json)", flush=True)
+    uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
     return 0
 
 

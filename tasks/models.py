@@ -14,6 +14,7 @@ from dalle_core.export import INDEX
 from dalle_core.generate import DALLEPipeline
 
 URI_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:/", "s3://", "gs://", "file://", "http://", "https://")
+TRACKED_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:/")  # resolved through a tracking server
 
 
 def load_model(source: str | os.PathLike, *, device: str = "auto", precision: str = "auto",
@@ -32,7 +33,8 @@ def load_model(source: str | os.PathLike, *, device: str = "auto", precision: st
     if os.path.isdir(text):
         return DALLEPipeline.from_pretrained(text, device, precision)
     if text.startswith(URI_SCHEMES):
-        return DALLEPipeline.from_pretrained(download_model(text, tracking_uri), device, precision)
+        with tempfile.TemporaryDirectory(prefix="dalle-model-") as tmp:  # loaded into memory, then removed
+            return DALLEPipeline.from_pretrained(download_model(text, tracking_uri, tmp), device, precision)
     if text.endswith((".yaml", ".yml")) or os.path.isfile(text):
         cfg = load_config(text, [*overrides, *([f"runner.device={device}"] if device != "auto" else []),
                                  *([f"generate.precision={precision}"] if precision != "auto" else [])])
@@ -49,17 +51,28 @@ def store_model(cfg) -> DALLEPipeline:
     return dataclasses.replace(load_pipeline(cfg), sampling=sampling_defaults(cfg))
 
 
-def download_model(uri: str, tracking_uri: str | None = None) -> str:
-    """The exported folder inside an MLflow model (tasks/pyfunc.py's `model_dir` artifact), downloaded to a
-    temporary folder; TrackingError (one line) when MLflow cannot find it."""
+def download_model(uri: str, tracking_uri: str | None, dst: str) -> str:
+    """The exported folder inside an MLflow model (tasks/pyfunc.py's `model_dir` artifact), downloaded under
+    `dst` (the caller removes it). A models:/, runs:/ or mlflow-artifacts:/ URI is looked up in `tracking_uri`
+    (default $MLFLOW_TRACKING_URI); with neither, ConfigError (one line) rather than MLflow's default of a new
+    ./mlflow.db. TrackingError (one line) when MLflow cannot find the model."""
+    import logging
+
+    tracking_uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri.startswith(TRACKED_SCHEMES) and not tracking_uri:
+        raise ConfigError(f"{uri!r} is looked up in an MLflow tracking store and none is configured; pass "
+                          "-c CONFIG (the run whose tracking.uri holds it) or set MLFLOW_TRACKING_URI")
     import mlflow
+
+    for name in ("mlflow", "alembic"):  # their INFO lines (store migrations, downloads) are not this command's
+        logging.getLogger(name).setLevel(logging.WARNING)
 
     from storage.tracking import TrackingError, one_line_error
 
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)
     try:
-        local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tempfile.mkdtemp(prefix="dalle-model-"))
+        local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=dst)
     except Exception as err:
         raise TrackingError(f"cannot load MLflow model {uri!r} from {mlflow.get_tracking_uri()!r}: "
                             f"{one_line_error(err)}") from None

@@ -26,7 +26,13 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
-from dalle_core.generate import DALLEPipeline, GenerationError, load_prime
+from dalle_core.generate import (
+    MAX_PRIME_PIXELS,
+    DALLEPipeline,
+    GenerationError,
+    check_prompts,
+    open_prime,
+)
 from dalle_core.images import png_bytes
 from flows.serve.jobs import Job, JobQueue, QueueFull
 
@@ -38,14 +44,14 @@ class GenerateRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     prompt: str
-    num_candidates: int | None = Field(None, ge=1)
+    num_candidates: int | None = Field(None, ge=1, strict=True)  # strict: "4", true and 2.0 are refused
     cond_scale: float | None = Field(None, ge=0)
     temperature: float | None = Field(None, gt=0)
-    top_k: int | None = Field(None, ge=0)  # 0 = off
+    top_k: int | None = Field(None, ge=0, strict=True)  # 0 = off
     top_p: float | None = Field(None, gt=0, le=1)  # 1 = off
-    seed: int | None = Field(None, ge=0, lt=2**63)  # none: the server draws one and reports it
+    seed: int | None = Field(None, ge=0, lt=2**63, strict=True)  # none: the server draws one and reports it
     prime_image: str | None = None  # image file bytes, base64 or a data: URL
-    prime_rows: int | None = Field(None, ge=1)
+    prime_rows: int | None = Field(None, ge=1, strict=True)
 
 
 class APIError(Exception):
@@ -58,35 +64,47 @@ def _one_line(err: RequestValidationError) -> str:
     first = err.errors()[0]
     if first.get("type") == "json_invalid":
         return f"the request body is not valid JSON: {first.get('ctx', {}).get('error', 'JSON decode error')}"
-    where = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or "request body"
     got = first.get("input")
-    shown = "" if first.get("type") == "missing" or isinstance(got, dict) else f" (got {json.dumps(got)[:80]})"
+    if isinstance(got, (bytes, bytearray, str)) and tuple(first.get("loc", ())) == ("body",):
+        # FastAPI parses the body as JSON only when the request says Content-Type: application/json
+        return "the request body is not JSON (send a JSON object with the header Content-Type: application/json)"
+    where = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or "request body"
+    shown = "" if first.get("type") == "missing" or isinstance(got, dict) else \
+        f" (got {json.dumps(got, default=repr, ensure_ascii=True)[:80]})"
     return f"{where}: {first.get('msg', 'invalid')}{shown}"
 
 
 def _prime(req: GenerateRequest, pipe: DALLEPipeline) -> tuple[bytes | None, int | None]:
-    """The decoded prime image's bytes (checked now, so a bad one is a 400 before it queues) and its rows."""
+    """The prime image file's bytes and the token rows it keeps (default: the pipeline's, half the grid). Its
+    header is checked now (format, pixel count), so a bad one is a 400 before it queues; its pixels are decoded
+    by the generation queue, not on the server's request threads."""
     if req.prime_image is None:
         if req.prime_rows is not None:
             raise APIError(400, "prime_rows is set but no prime_image was sent")
         return None, None
-    text = req.prime_image.split(",", 1)[1] if req.prime_image.startswith("data:") else req.prime_image
+    text = req.prime_image
+    if text.startswith("data:"):
+        if "," not in text:
+            raise APIError(400, f"prime_image is a data: URL with no data ({text[:40]!r}); expected "
+                                "data:image/png;base64,<the file's bytes, base64>")
+        text = text.split(",", 1)[1]
     if len(text) > MAX_PRIME_BYTES * 4 // 3 + 4:
         raise APIError(413, f"prime_image is over {MAX_PRIME_BYTES // 2**20} MB")
     try:
         data = base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
         raise APIError(400, "prime_image is not base64 (send the image file's bytes base64-encoded, or a data: URL)") from None
-    load_prime(data, pipe.image_size)  # GenerationError for bytes that are no image
+    with open_prime(data):  # GenerationError (400) for bytes that are no image or too many pixels
+        pass
     rows = pipe.transformer.c.image_grid
     if req.prime_rows is not None and req.prime_rows >= rows:
         raise APIError(400, f"prime_rows is {req.prime_rows}; allowed: 1 to {rows - 1} (the token grid has {rows} rows)")
-    return data, req.prime_rows
+    return data, rows // 2 if req.prime_rows is None else req.prime_rows  # as DALLEPipeline's default
 
 
 def create_app(pipe: DALLEPipeline, *, name: str = "model", max_candidates: int = 64, max_waiting: int = 16) -> FastAPI:
     """The FastAPI app serving `pipe`: requests queue (flows/serve/jobs.py) and run one at a time."""
-    defaults = {"num_candidates": 16, **pipe.sampling}
+    defaults = {"num_candidates": 16, **pipe.sampling, "seed": None}  # no seed sent: the server draws one
 
     def work(job: Job) -> None:
         r = job.request
@@ -133,11 +151,13 @@ def create_app(pipe: DALLEPipeline, *, name: str = "model", max_candidates: int 
         return {"name": name, "image_size": pipe.image_size, "token_grid": pipe.transformer.c.image_grid,
                 "text_len": pipe.tokenizer.text_len, "device": str(pipe.device), "precision": pipe.precision,
                 "defaults": defaults, "limits": {"max_candidates": max_candidates, "max_waiting": max_waiting,
-                                                 "max_prime_mb": MAX_PRIME_BYTES // 2**20}}
+                                                 "max_prime_mb": MAX_PRIME_BYTES // 2**20,
+                                                 "max_prime_pixels": MAX_PRIME_PIXELS}}
 
     def submit(req: GenerateRequest) -> Job:
         if not req.prompt.strip():
             raise APIError(400, "prompt is empty; type what the image should show")
+        check_prompts(req.prompt)  # GenerationError (400): text that is no valid Unicode
         n = req.num_candidates or defaults["num_candidates"]
         if n > max_candidates:
             raise APIError(400, f"num_candidates is {n}; allowed: 1 to {max_candidates} (this server's limit, "

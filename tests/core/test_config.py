@@ -116,6 +116,10 @@ def test_tokenizer_levels_are_checked_in_one_line():
         config_from_dict({"dvae": {"num_downsamples": 3, "channel_mult": [1, 2]}})
     with pytest.raises(ConfigError, match=r"dvae.attention needs dvae.channel_mult"):
         config_from_dict({"dvae": {"attention": True}})
+    with pytest.raises(ConfigError, match=r"makes a level 64000 channels wide; keep hidden \* max\(channel_mult\) at"):
+        config_from_dict({"dvae": {"num_downsamples": 2, "channel_mult": [1, 1000, 2]}})
+    with pytest.raises(ConfigError, match=r"quantizer pixel-kmeans has none"):
+        config_from_dict({"dvae": {"quantizer": "pixel-kmeans", "num_downsamples": 2, "channel_mult": [1, 2, 2]}})
     with pytest.raises(ConfigError, match=r"^dvae.channel_mult.1: Input should be greater than or equal to 1"):
         config_from_dict({"dvae": {"num_downsamples": 2, "channel_mult": [1, 0, 2]}})
 

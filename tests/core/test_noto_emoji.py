@@ -146,6 +146,7 @@ def test_images_are_composited_on_white_and_attributed(built):
     assert "Noto Emoji" in attribution and "Apache License 2.0" in attribution
     assert "emoji-datasource-google 16.0.0" in attribution and "MIT" in attribution
     assert "Cal Henderson" in (out / "LICENSE-emoji-datasource.txt").read_text()
+    assert "Apache License" in (out / "LICENSE-Apache-2.0.txt").read_text()  # section 4(a): the text travels
 
 
 def test_same_tarball_and_options_give_the_same_bytes(built, tmp_path):

@@ -125,6 +125,10 @@ def test_exported_model_draws_what_the_store_model_draws(generated, pipe):
     ({"prime_image": "/nonexistent.png"}, "does not exist"),
     ({"prime_image": np.zeros((32, 32, 3), np.uint8), "prime_rows": 8}, "prime_rows is 8; allowed: 1 to 7"),
     ({"prime_rows": 2}, "no prime image was given"),
+    ({"prompts": None}, "prompts is None; give a string or a list of strings"),
+    ({"prompts": 5}, "prompts is 5; give a string or a list of strings"),
+    ({"prompts": ["ok", "a \ud800"]}, "prompt 2 of 2 is not valid text: character 3"),
+    ({"prime_image": "/"}, "prime image '/' is a directory; give an image file"),
 ])
 def test_bad_generation_settings_are_one_line_errors(pipe, kwargs, message):
     kwargs = {"prompts": ["a red circle"], **kwargs}
@@ -143,6 +147,17 @@ def test_priming_keeps_the_top_rows_of_the_prime(pipe):
     out = pipe("a red circle", 3, prime_image=buf.getvalue(), prime_rows=3)
     assert prime.shape == (32, 32, 3) and np.array_equal(out.prime, prime)
     assert all(np.array_equal(row[:24], codes.numpy()) for row in out.image_tokens[0])  # 3 rows of 8 codes
+
+
+def test_a_prime_with_too_many_pixels_is_refused_before_decoding(pipe, tmp_path):
+    from dalle_core.generate import load_prime
+
+    path = tmp_path / "huge.png"
+    Image.new("1", (4097, 4097)).save(path)  # a few KB on disk, 67 MB once decoded as RGBA
+    with pytest.raises(GenerationError, match="is 4097x4097 pixels; allowed: at most 16777216 pixels"):
+        load_prime(str(path), 32)
+    with pytest.raises(GenerationError, match="4097x4097"):
+        pipe("x", 1, prime_image=path.read_bytes())
 
 
 def test_a_damaged_or_foreign_folder_is_one_line(exported, tmp_path):
@@ -165,6 +180,50 @@ def test_export_refuses_a_folder_that_is_not_an_export(generated, tmp_path, caps
     assert "is not an exported model folder" in capsys.readouterr().err and (tmp_path / "notes.txt").exists()
     assert main(["export", "-c", str(TINY), *_sets(ov)]) == 2
     assert "--out DIR" in capsys.readouterr().err
+
+
+def test_export_into_the_current_directory(generated, tmp_path, monkeypatch, capsys):
+    _, ov, _ = generated
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    assert main(["export", "-c", str(TINY), *_sets(ov), "--out", "."]) == 0, capsys.readouterr().err
+    assert (here / "model_index.json").is_file() and os.path.samefile(os.getcwd(), here)  # still the cwd
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["here"]  # no temporary folder left beside it
+    assert main(["export", "-c", str(TINY), *_sets(ov), "--out", "."]) == 0  # replaces itself in place
+    assert (here / "model_index.json").is_file() and os.path.samefile(os.getcwd(), here)
+
+
+def test_out_naming_a_file_and_prime_rows_without_prime_are_one_line(exported, tmp_path, capsys):
+    afile = tmp_path / "x"
+    afile.write_text("mine")
+    assert main(["generate", "--model", str(exported), "p", "--out", str(afile)]) == 2
+    assert f"--out {str(afile)!r} is a file; give a folder" in capsys.readouterr().err
+    assert main(["export", "-c", str(TINY), "--out", str(afile)]) == 2
+    assert f"--out {str(afile)!r} is a file; give a folder" in capsys.readouterr().err and afile.read_text() == "mine"
+    out = tmp_path / "out"
+    assert main(["generate", "--model", str(exported), "p", "--out", str(out), "--prime-rows", "3"]) == 2
+    assert "--prime-rows is 3 but no --prime image was given" in capsys.readouterr().err and not out.exists()
+
+
+def test_a_registered_model_without_a_tracking_store_is_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert main(["generate", "--model", "models:/tiny-dalle/1", "p", "--out", "out"]) == 2
+    err = capsys.readouterr().err
+    assert "pass -c CONFIG" in err and "MLFLOW_TRACKING_URI" in err and len(err.strip().splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []  # no ./mlflow.db, no out/
+
+
+def test_a_downloaded_model_leaves_no_temporary_folder(exported, tmp_path, monkeypatch):
+    import tempfile
+
+    from tasks.models import load_model
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    pipe = load_model(f"file://{exported}", device="cpu")
+    assert pipe("a red circle", 1, seed=0).pixels[0].shape == (1, 32, 32, 3)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_generate_with_model_writes_ranked_candidates_without_a_store(exported, tmp_path, capsys):

@@ -32,6 +32,12 @@ def pipe(generated):
 
 
 @pytest.fixture(scope="module")
+def exported_model(generated) -> str:
+    tmp, ov, _ = generated
+    return str(exported_folder(str(tmp), tuple(ov)))
+
+
+@pytest.fixture(scope="module")
 def client(pipe):
     return TestClient(create_app(pipe, name="tiny", max_candidates=8))
 
@@ -51,9 +57,9 @@ def live(pipe):
     thread.join(timeout=10)
 
 
-def _png(size=(40, 30)) -> bytes:
+def _png(size=(40, 30), mode="RGB") -> bytes:
     buf = io.BytesIO()
-    Image.new("RGB", size, (200, 30, 30)).save(buf, format="PNG")
+    Image.new(mode, size, (200, 30, 30) if mode == "RGB" else 1).save(buf, format="PNG")
     return buf.getvalue()
 
 
@@ -93,6 +99,13 @@ def test_job_progress_and_image_download(client):
     ({"prompt": "x", "prime_image": base64.b64encode(_png()).decode(), "prime_rows": 8}, 400, "prime_rows is 8; allowed: 1 to 7"),
     ({"prompt": "x", "prime_rows": 2}, 400, "no prime_image was sent"),
     ({}, 400, "prompt: Field required"),
+    ({"prompt": "x", "prime_image": "data:image/png"}, 400, "prime_image is a data: URL with no data"),
+    ({"prompt": "x", "prime_image": base64.b64encode(_png((4097, 4097), "1")).decode()}, 400,
+     "is 4097x4097 pixels; allowed: at most 16777216 pixels"),
+    ({"prompt": "x", "num_candidates": "4"}, 400, "num_candidates: Input should be a valid integer"),
+    ({"prompt": "x", "num_candidates": True}, 400, "num_candidates: Input should be a valid integer"),
+    ({"prompt": "x", "num_candidates": 2.0}, 400, "num_candidates: Input should be a valid integer"),
+    ({"prompt": "x", "seed": "7"}, 400, "seed: Input should be a valid integer"),
 ])
 def test_bad_requests_are_4xx_with_one_line(client, body, status, message):
     reply = client.post("/api/generate", json=body)
@@ -105,6 +118,65 @@ def test_malformed_json_and_unknown_jobs(client):
     assert reply.status_code == 400 and reply.json()["error"].startswith("the request body is not valid JSON")
     assert client.get("/api/jobs/nope").status_code == 404
     assert client.post("/api/generate", json={"prompt": "still serving", "num_candidates": 1}).status_code == 200
+
+
+def test_a_body_sent_without_the_json_content_type_is_a_400(client):
+    reply = client.post("/api/generate", content=b'{"prompt": "x"}', headers={"content-type": "text/plain"})
+    assert reply.status_code == 400 and reply.json()["error"].startswith("the request body is not JSON"), reply.text
+    reply = client.post("/api/jobs", content=b'{"prompt": "x"}', headers={"content-type": ""})
+    assert reply.status_code == 400 and "Content-Type: application/json" in reply.json()["error"], reply.text
+
+
+def test_a_prompt_that_is_no_valid_text_is_a_400(client):
+    reply = client.post("/api/jobs", content=b'{"prompt": "a \\ud800 b"}', headers={"content-type": "application/json"})
+    assert reply.status_code == 400 and reply.json()["error"].startswith("prompt 1 of 1 is not valid text"), reply.text
+    assert "\n" not in reply.json()["error"]
+
+
+def test_a_huge_prime_is_refused_from_its_header_without_decoding(client, monkeypatch):
+    from PIL import ImageFile
+
+    decoded = []
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: decoded.append(self.size))
+    prime = base64.b64encode(_png((4097, 4097), "1")).decode()
+    reply = client.post("/api/jobs", json={"prompt": "x", "prime_image": prime})
+    assert reply.status_code == 400 and "4097x4097 pixels" in reply.json()["error"] and decoded == []
+
+
+def test_model_info_says_the_seed_is_drawn_and_reports_default_prime_rows(client):
+    assert client.get("/api/model").json()["defaults"]["seed"] is None  # each request without one draws one
+    prime = base64.b64encode(_png()).decode()
+    reply = client.post("/api/generate", json={"prompt": "x", "num_candidates": 1, "prime_image": prime})
+    assert reply.status_code == 200 and reply.json()["result"]["settings"]["prime_rows"] == 4  # half the 8 rows
+
+
+@pytest.mark.parametrize("host, port, message", [
+    ("127.0.0.1", 70000, "--port is 70000; allowed: 0 to 65535"),
+    ("no-such-host.invalid", 8000, "--host 'no-such-host.invalid' does not resolve"),
+    ("192.0.2.1", 0, "--host '192.0.2.1' is not an address of this machine"),
+])
+def test_serve_checks_host_and_port_before_loading_the_model(exported_model, host, port, message, capsys):
+    from flows.cli import main
+
+    assert main(["serve", "--model", exported_model, "--host", host, "--port", str(port)]) == 2
+    err = capsys.readouterr()
+    assert message in err.err and "loaded" not in err.out and "http://" not in err.out
+
+
+def test_serve_refuses_a_port_that_is_taken(exported_model, capsys, monkeypatch):
+    import tasks.models
+    from flows.cli import main
+
+    monkeypatch.setattr(tasks.models, "load_model", lambda *a, **k: pytest.fail("loaded the model"))
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    try:
+        port = taken.getsockname()[1]
+        assert main(["serve", "--model", exported_model, "--port", str(port)]) == 2
+        assert f"--port {port} on 127.0.0.1 is taken" in capsys.readouterr().err
+    finally:
+        taken.close()
 
 
 def test_primed_request_keeps_the_prime_rows(client, pipe):
