@@ -13,6 +13,7 @@ from dalle_core.config import DataSection
 from dalle_core.data import read_source
 from dalle_core.emoji_set import BuildOptions, EmojiSetError, assign_splits, catalogue
 from dalle_core.noto_emoji import NotoEmoji, build, npm_pack
+from tests.core.emoji_sets import metadata_rows, split_by_concept
 
 RED = (220, 30, 30, 255)
 HALF_BLUE = (0, 0, 255, 128)  # half-transparent: over white it must come out light blue, not dark blue
@@ -73,9 +74,6 @@ def _tarball(path, entries=ENTRIES, name="emoji-datasource-google", drop=("1f34c
     return str(path)
 
 
-def _rows(folder):
-    with open(os.path.join(folder, "metadata.jsonl"), encoding="utf-8") as f:
-        return [json.loads(line) for line in f]
 
 
 OPTS = BuildOptions(val_fraction=0.3, variant_fraction=1.0)
@@ -91,7 +89,7 @@ def built(tmp_path_factory):
 
 def test_captions_are_cldr_names_with_skin_tones_and_leave_outs_counted(built):
     _, out, summary = built
-    rows = {r["file_name"]: r for r in _rows(out)}
+    rows = {r["file_name"]: r for r in metadata_rows(out)}
     assert set(next(iter(rows.values()))) == {"file_name", "caption", "split", "subset", "concept"}
     assert rows["images/1F600.png"]["caption"] == "grinning face"
     assert rows["images/2764-FE0F.png"]["caption"] == "red heart" and rows["images/2764-FE0F.png"]["concept"] == "2764"
@@ -106,13 +104,8 @@ def test_captions_are_cldr_names_with_skin_tones_and_leave_outs_counted(built):
 
 def test_split_is_by_concept_with_skin_tone_seen_variants(built):
     tarball, out, summary = built
-    rows = _rows(out)
-    train_concepts = {r["concept"] for r in rows if r["split"] == "train"}
-    unseen = [r for r in rows if r["subset"] == "unseen"]
-    variants = [r for r in rows if r["subset"] == "seen-variant"]
-    assert unseen and variants
-    assert all(r["split"] == "val" and r["concept"] not in train_concepts for r in unseen)
-    assert all(r["split"] == "val" and r["concept"] in train_concepts for r in variants)
+    rows = metadata_rows(out)
+    train_concepts, unseen, variants = split_by_concept(rows)
     assert any("skin tone" in r["caption"] for r in variants)  # another skin tone of a trained emoji
     multi = {r["concept"] for r in rows if r["concept"] in train_concepts and "skin tone" in r["caption"]}
     assert sorted(r["concept"] for r in variants) == sorted(multi)  # variant_fraction=1: one from each, no more
@@ -167,7 +160,7 @@ def test_same_tarball_and_options_give_the_same_bytes(built, tmp_path):
 def test_smaller_size_and_no_skin_tones(built, tmp_path):
     tarball, _, _ = built
     summary = build(str(tmp_path / "small"), tarball, BuildOptions(size=32, skin_tones=False))
-    rows = _rows(tmp_path / "small")
+    rows = metadata_rows(tmp_path / "small")
     with Image.open(tmp_path / "small" / rows[0]["file_name"]) as im:
         assert im.size == (32, 32) and im.getpixel((0, 0)) == (255, 255, 255)
     assert not any("skin tone" in r["caption"] for r in rows) and len(rows) == 13

@@ -1,14 +1,9 @@
-import json
 
 import pytest
 from PIL import Image
 
 from dalle_core.openmoji import BuildOptions, OpenMojiError, build, catalogue, tidy
-
-
-def _rows(folder):
-    with open(folder / "metadata.jsonl", encoding="utf-8") as f:
-        return [json.loads(line) for line in f]
+from tests.core.emoji_sets import metadata_rows, split_by_concept
 
 
 def test_captions_are_cldr_names_without_flags():
@@ -28,14 +23,9 @@ def test_captions_are_cldr_names_without_flags():
 
 def test_subset_build_splits_by_concept_and_is_deterministic(openmoji_subset, tmp_path):
     folder, opts, summary = openmoji_subset
-    rows = _rows(folder)
+    rows = metadata_rows(folder)
     assert 40 <= len(rows) <= 200 and summary["concepts"] == 40
-    train_concepts = {r["concept"] for r in rows if r["split"] == "train"}
-    unseen = [r for r in rows if r["subset"] == "unseen"]
-    variants = [r for r in rows if r["subset"] == "seen-variant"]
-    assert unseen and variants
-    assert all(r["split"] == "val" and r["concept"] not in train_concepts for r in unseen)
-    assert all(r["split"] == "val" and r["concept"] in train_concepts for r in variants)
+    train_concepts, unseen, variants = split_by_concept(rows)
     with Image.open(folder / rows[0]["file_name"]) as im:
         assert im.size == (64, 64) and im.mode == "RGB"
         assert im.getpixel((0, 0)) == (255, 255, 255)  # composited on white
@@ -43,7 +33,7 @@ def test_subset_build_splits_by_concept_and_is_deterministic(openmoji_subset, tm
 
     again = tmp_path / "again"
     build(str(again), opts)
-    assert _rows(again) == rows
+    assert metadata_rows(again) == rows
     name = rows[-1]["file_name"]
     assert (again / name).read_bytes() == (folder / name).read_bytes()
     assert build(str(again), opts)["cached"] is True  # the same build is not redone
