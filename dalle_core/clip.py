@@ -126,10 +126,16 @@ def load_open_clip(spec: str) -> CLIPReranker:
     import open_clip
 
     name, _, pretrained = spec.partition(":")
-    model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained or None)
+    return open_clip_reranker(open_clip.create_model(name, pretrained=pretrained or None), name)
+
+
+def open_clip_reranker(model, name: str) -> CLIPReranker:
+    """An open_clip CLIP model named `name` (its weights already in place) as a reranker, with its tokenizer and
+    input size."""
+    import open_clip
+
     size = model.visual.image_size
-    size = size[0] if isinstance(size, (tuple, list)) else size
-    return CLIPReranker(model, size, open_clip.get_tokenizer(name))
+    return CLIPReranker(model, size[0] if isinstance(size, (tuple, list)) else size, open_clip.get_tokenizer(name))
 
 
 def contrastive_loss(model, images: torch.Tensor, text_ids: torch.Tensor, rank: int = 0,

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from dalle_core.bpe import TextTokenizer
-from dalle_core.clip import CLIPConfig, CLIPReranker, build_clip
+from dalle_core.clip import CLIPConfig, CLIPReranker, build_clip, open_clip_reranker
 from dalle_core.device import resolve_device, sampling_precision
 from dalle_core.dvae import DiscreteVAE, DVAEConfig
 from dalle_core.generate import DALLEPipeline
@@ -159,9 +159,7 @@ def build_reranker(folder: Path, meta: dict) -> CLIPReranker:
 
         model = open_clip.create_model(meta["model_name"], pretrained=None)
         _load_weights(folder, "clip", model)
-        size = model.visual.image_size
-        return CLIPReranker(model, size[0] if isinstance(size, (tuple, list)) else size,
-                            open_clip.get_tokenizer(meta["model_name"]))
+        return open_clip_reranker(model, meta["model_name"])
     if meta.get("kind") != "dalle-clip":
         raise ModelFolderError(f"clip/config.json kind {meta.get('kind')!r} is not dalle-clip or open_clip")
     c = CLIPConfig(**meta["model"])
