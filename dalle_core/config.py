@@ -61,6 +61,9 @@ class TrainSection(Section):
     checkpoint_every: int = Field(500, ge=1)
     nproc: int = Field(1, ge=1)  # >1: DDP processes per machine through torchrun
     nnodes: int = Field(1, ge=1)  # >1: machines in the DDP run; they meet at runner.rdzv_endpoint
+    # Fine-tuning: parts that keep their (init_from) weights, e.g. [embeddings, blocks.0-5, head]
+    # (dalle_core.train.parse_freeze); transformer and clip only
+    freeze: list[str] = []
 
 
 class ShapesSection(Section):
@@ -70,6 +73,7 @@ class ShapesSection(Section):
     seed: int = 0
     two_object_fraction: float = Field(0.3, ge=0, le=1)
     holdout: list[str] = []  # colour-shape pairs kept out of train, e.g. "purple triangle"
+    colours: list[str] = []  # the palette scenes are drawn from, train and val (empty: all 8)
 
     @field_validator("holdout")
     @classmethod
@@ -84,6 +88,18 @@ class ShapesSection(Section):
                     f"and shape in {list(SHAPES)}"
                 )
         return pairs
+
+    @model_validator(mode="after")
+    def _known_colours(self) -> ShapesSection:
+        from dalle_core.shapes import COLOURS
+
+        unknown = [c for c in self.colours if c not in COLOURS]
+        if unknown:
+            raise ValueError(f"data.shapes.colours: {unknown[0]!r} is not a colour; allowed: {', '.join(COLOURS)}")
+        if self.two_object_fraction > 0 and len(set(self.colours)) == 1:
+            raise ValueError(f"data.shapes.colours {self.colours} has one colour; two-object scenes need two "
+                             "different ones (add one, or set two_object_fraction: 0)")
+        return self
 
 
 class DataSection(Section):
@@ -129,6 +145,9 @@ class _DVAETraining(Section):
     # settings here are then unused. The files' sha256 are part of the stage key and the manifest.
     pretrained: str | None = None
     pretrained_config: str | None = None
+    # Fine-tune: start from this dVAE's weights (docs/finetuning.md): an exported model folder, a store artifact
+    # folder, or dvae/<key> in this run's store; its content digest, not its path, is part of the stage key
+    init_from: str | None = None
     # logit_laplace: DALL-E's likelihood (pixels mapped into [0.1, 0.9], a location and scale per value); against
     # it the paper's kl_weight for gumbel was 6.6
     recon_loss: Literal["mse", "l1", "logit_laplace"] = "mse"
@@ -198,6 +217,12 @@ class _DVAETraining(Section):
         if self.pretrained and (self.train.nproc > 1 or self.train.nnodes > 1):
             raise ValueError(f"dvae.pretrained loads a tokenizer in one process, nothing trains under DDP "
                              f"(got dvae.train.nproc={self.train.nproc}, nnodes={self.train.nnodes}); set both to 1")
+        if self.train.freeze:
+            raise ValueError(f"dvae.train.freeze {self.train.freeze}: freezing is for transformer and clip; "
+                             "the dVAE trains whole (leave it empty)")
+        if self.init_from and (self.pretrained or self.quantizer == "pixel-kmeans"):
+            raise ValueError("dvae.init_from fine-tunes a trained dVAE; dvae.pretrained and quantizer pixel-kmeans "
+                             "train none: use one of them")
         if self.quantizer == "pixel-kmeans" and (self.train.nproc > 1 or self.train.nnodes > 1):
             raise ValueError(f"dvae.quantizer=pixel-kmeans trains by k-means in one process, not under DDP "
                              f"(got dvae.train.nproc={self.train.nproc}, nnodes={self.train.nnodes}); set both to 1")
@@ -228,6 +253,9 @@ class _TransformerTraining(Section):
     `TransformerSection` adds the model's fields from `dalle_core.transformer.DALLEConfig`."""
 
     caption_dropout: float = Field(0.1, ge=0, le=1)  # enables classifier-free guidance
+    # Fine-tune: start from this transformer's weights (docs/finetuning.md): an exported model folder, a store
+    # artifact folder, or transformer/<key> in this run's store; its content digest is part of the stage key
+    init_from: str | None = None
     shuffle_buffer: int = Field(8192, ge=1)
     sample_every: int = Field(1000, ge=1)
     train: TrainSection = TrainSection(batch_size=16, lr=1e-3, weight_decay=0.1, max_steps=2000)
@@ -236,6 +264,12 @@ class _TransformerTraining(Section):
     def _heads_divide_dim(self):
         if self.dim % self.heads:
             raise ValueError(f"transformer.dim {self.dim} is not divisible by heads {self.heads}")
+        from dalle_core.train import parse_freeze
+
+        parts, blocks = parse_freeze(self.train.freeze, self.depth, "transformer.train.freeze")
+        if parts == {"embeddings", "head"} and len(blocks) == self.depth:
+            raise ValueError(f"transformer.train.freeze {self.train.freeze} freezes every parameter; leave a part "
+                             "to train")
         return self
 
     def dalle_config(self, text_vocab: int, text_len: int, pad_id: int, image_vocab: int, image_grid: int):
@@ -256,8 +290,21 @@ class _CLIPTraining(Section):
     CLIP's model fields from `dalle_core.clip.CLIPConfig`."""
 
     pretrained: str | None = None  # "<open_clip model>:<tag>" or a local checkpoint file
+    # Fine-tune: start from this project's CLIP (docs/finetuning.md): an exported model folder, a store artifact
+    # folder, or clip/<key> in this run's store; its content digest is part of the stage key
+    init_from: str | None = None
     shuffle_buffer: int = Field(4096, ge=1)  # decoded images mixed per shuffle window
     train: TrainSection = TrainSection(batch_size=128, lr=1e-3, weight_decay=0.1, max_steps=1000)
+
+    @model_validator(mode="after")
+    def _fine_tuning(self):
+        from dalle_core.train import parse_freeze
+
+        if self.init_from and self.pretrained:
+            raise ValueError("clip.init_from fine-tunes this project's CLIP; clip.pretrained uses one as it is: "
+                             "set one of them")
+        parse_freeze(self.train.freeze, max(self.vision_layers, self.text_layers), "clip.train.freeze")
+        return self
 
     def clip_config(self, image_size: int, text_vocab: int, text_len: int, pad_id: int):
         """The model config (`dalle_core.clip.CLIPConfig`) for `image_size` images and the BPE's ids."""
@@ -295,6 +342,40 @@ class GenerateSection(Section):
     # `prime_rows` rows of tokens of every candidate; the rest is sampled
     prime_image: str | None = None
     prime_rows: int = Field(0, ge=0)
+    # editing (docs/editing.md): edit_image, resized to the dVAE's input and encoded, keeps its codes in every
+    # candidate except in the cells the mode samples: inpaint (edit_region x0,y0,x1,y1, pixels of the resized image
+    # snapped outward to whole cells, or the white of edit_mask, a PNG of the image's size), outpaint (all but
+    # edit_region, where the image is resized into an empty canvas), variations (a share 1 - edit_keep, default
+    # 0.5, of the cells, seeded per candidate)
+    edit_mode: Literal["inpaint", "outpaint", "variations"] | None = None
+    edit_image: str | None = None
+    edit_region: list[int] | None = None
+    edit_mask: str | None = None
+    edit_keep: float | None = Field(None, gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _edit_keys_agree(self) -> GenerateSection:
+        mode, used = self.edit_mode, {k for k in ("edit_region", "edit_mask", "edit_keep") if getattr(self, k) is not None}
+        if (mode is None) != (self.edit_image is None):
+            raise ValueError(f"generate.edit_mode is {mode} but no generate.edit_image is set" if mode else
+                             "generate.edit_image is set but generate.edit_mode is not: inpaint, outpaint or variations")
+        if mode is None:
+            if used:
+                raise ValueError(f"generate.{min(used)} is set but no generate.edit_mode / edit_image")
+            return self
+        if self.prime_image is not None:
+            raise ValueError("generate.prime_image and generate.edit_image are both set; give one source image")
+        allowed = {"inpaint": {"edit_region", "edit_mask"}, "outpaint": {"edit_region"}, "variations": {"edit_keep"}}[mode]
+        if used - allowed:
+            raise ValueError(f"generate.{min(used - allowed)} does not apply to edit_mode {mode} (it takes "
+                             f"{' or '.join(f'generate.{k}' for k in sorted(allowed))})")
+        if mode == "inpaint" and len(used) != 1:
+            raise ValueError("edit_mode inpaint needs one of generate.edit_region (x0,y0,x1,y1) and generate.edit_mask")
+        if mode == "outpaint" and not used:
+            raise ValueError("edit_mode outpaint needs generate.edit_region (x0,y0,x1,y1): the box the image goes in")
+        if self.edit_region is not None and len(self.edit_region) != 4:
+            raise ValueError(f"generate.edit_region is {self.edit_region}; expected [x0, y0, x1, y1] in pixels")
+        return self
 
     @field_validator("prompts")
     @classmethod
@@ -381,6 +462,9 @@ class Config(Section):
     store: StoreSection = StoreSection()
     tracking: TrackingSection = TrackingSection()
     runner: RunnerSection = RunnerSection()
+    # The image and text tokenizers of an exported model folder (docs/finetuning.md): the dvae and bpe stages copy
+    # them instead of training, keyed by their content digest, and the tokens stage encodes this run's data with them
+    tokenizers_from: str | None = None
 
     @field_validator("store", mode="before")
     @classmethod
@@ -400,6 +484,27 @@ class Config(Section):
             return self
         if not 1 <= g.prime_rows < rows:
             raise ValueError(prime_rows_error(g.prime_rows, rows, "the token grid"))
+        return self
+
+    @model_validator(mode="after")
+    def _edit_region_fits_the_image(self) -> Config:
+        from dalle_core.editing import region_edit_mask
+
+        g, size = self.generate, self.data.image_size
+        if g.edit_region is not None:  # a loaded tokenizer's grid is in its files: tasks.generate checks the cells
+            known = self.dvae.pretrained is None and not getattr(self, "tokenizers_from", None)
+            region_edit_mask(g.edit_mode, g.edit_region, size, size // 2 ** self.dvae.num_downsamples if known else None,
+                             "generate.edit_region")
+        return self
+
+    @model_validator(mode="after")
+    def _one_tokenizer_source(self) -> Config:
+        if self.tokenizers_from:
+            for key, value in (("dvae.pretrained", self.dvae.pretrained), ("dvae.init_from", self.dvae.init_from),
+                               ("text.tokenizer_path", self.text.tokenizer_path)):
+                if value:
+                    raise ValueError(f"tokenizers_from takes the dVAE and the BPE from {self.tokenizers_from!r}; "
+                                     f"{key} ({value!r}) names another source: set one of them")
         return self
 
     @model_validator(mode="after")

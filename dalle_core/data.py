@@ -117,7 +117,7 @@ def _record(rid: str, caption, image_value, cfg: DataSection, split: str | None 
 def _shapes(cfg: DataSection) -> Iterator[SourceRow]:
     s = cfg.shapes
     for rid, split, caption, image in shapes.generate(s.num_images, cfg.image_size, s.seed,
-                                                      s.two_object_fraction, s.holdout, cfg.val_fraction):
+                                                      s.two_object_fraction, s.holdout, cfg.val_fraction, s.colours):
         yield SourceRow(rid, caption, split, image)
 
 

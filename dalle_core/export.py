@@ -11,11 +11,13 @@ no store, no run config, no Prefect, no MLflow.
     README.md          the model card (written by tasks/export.py), with samples.png
 
 `write_folder` writes the bytes a caller assembled (tasks/export.py, from a run's store), so exporting the
-same run twice gives the same bytes; `load_folder` reads them back into a `DALLEPipeline`.
+same run twice gives the same bytes; `load_folder` reads them back into a `DALLEPipeline`. A run fine-tunes from
+a folder's components (`init_from`, `tokenizers_from`: tasks/model_source.py), keyed by their `content_digest`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -40,6 +42,13 @@ INDEX = "model_index.json"
 # component -> (the module and class that load it), as diffusers' model_index.json names them
 COMPONENTS = {"transformer": ("dalle_core.transformer", "DALLE"), "dvae": ("dalle_core.dvae", "DiscreteVAE"),
               "tokenizer": ("dalle_core.bpe", "TextTokenizer"), "clip": ("dalle_core.clip", "CLIPReranker")}
+
+
+# The files that are a component's content (`init_from` and `tokenizers_from` key it by their digest): weights and
+# config; this project's CLIP checkpoint holds its config and tokenizer in its metadata. A store artifact holds the
+# same bytes under the same names, so a model and its export have one digest.
+CONTENT_FILES = {"transformer": ("config.json", "model.safetensors"), "dvae": ("config.json", "model.safetensors"),
+                 "clip": ("model.safetensors",), "tokenizer": ("tokenizer.json",)}
 
 
 class ModelFolderError(ValueError):
@@ -169,9 +178,16 @@ def build_reranker(folder: Path, meta: dict) -> CLIPReranker:
     return CLIPReranker.ours(model, c, TextTokenizer.from_str(tokenizer, c.text_len))
 
 
-def load_folder(folder: str | os.PathLike, device: str = "auto", precision: str = "auto") -> DALLEPipeline:
-    """The `DALLEPipeline` exported to `folder`, in eval mode on `device` (auto | cpu | cuda | cuda:N), sampling
-    in `precision` (auto | fp32 | bf16). ModelFolderError (one line) for a missing part or a newer format."""
+def content_digest(file_digests: dict[str, str]) -> str:
+    """One 16-hex-digit digest of a component from its files' sha256 digests ({name: hex}): the same files give
+    the same digest wherever they lie (a folder, a store, moved or copied)."""
+    lines = "".join(f"{name} {digest}\n" for name, digest in sorted(file_digests.items()))
+    return hashlib.sha256(lines.encode()).hexdigest()[:16]
+
+
+def read_index(folder: str | os.PathLike) -> dict:
+    """The model_index.json of an exported folder; ModelFolderError (one line) when there is none or its format
+    is newer than this code reads."""
     folder = Path(folder)
     if not (folder / INDEX).is_file():
         what = "does not exist" if not folder.exists() else f"has no {INDEX}"
@@ -180,6 +196,14 @@ def load_folder(folder: str | os.PathLike, device: str = "auto", precision: str 
     if idx.get("format") != FORMAT or int(idx.get("format_version", 0)) > FORMAT_VERSION:
         raise ModelFolderError(f"{str(folder / INDEX)!r} is format {idx.get('format')!r} version "
                                f"{idx.get('format_version')!r}; this code reads {FORMAT!r} up to {FORMAT_VERSION}")
+    return idx
+
+
+def load_folder(folder: str | os.PathLike, device: str = "auto", precision: str = "auto") -> DALLEPipeline:
+    """The `DALLEPipeline` exported to `folder`, in eval mode on `device` (auto | cpu | cuda | cuda:N), sampling
+    in `precision` (auto | fp32 | bf16). ModelFolderError (one line) for a missing part or a newer format."""
+    folder = Path(folder)
+    idx = read_index(folder)
     if precision not in ("auto", "fp32", "bf16"):
         raise ModelFolderError(f"precision is {precision!r}; allowed: auto, fp32, bf16")
     dev = resolve_device(device)

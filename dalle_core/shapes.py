@@ -105,8 +105,8 @@ def _place_in_cell(rng: np.random.Generator, cell: int, side: int, image_size: i
     return int(rng.choice(choices))
 
 
-def _single(rng: np.random.Generator, image_size: int) -> tuple[str, list[Obj]]:
-    colour = str(rng.choice(list(COLOURS)))
+def _single(rng: np.random.Generator, image_size: int, palette: list[str]) -> tuple[str, list[Obj]]:
+    colour = str(rng.choice(palette))
     shape = str(rng.choice(SHAPES))
     size = str(rng.choice(list(SIZES)))
     pos = int(rng.integers(9))
@@ -119,8 +119,8 @@ def _single(rng: np.random.Generator, image_size: int) -> tuple[str, list[Obj]]:
     return caption, [obj]
 
 
-def _pair(rng: np.random.Generator, image_size: int) -> tuple[str, list[Obj]]:
-    c1, c2 = (str(c) for c in rng.choice(list(COLOURS), size=2, replace=False))
+def _pair(rng: np.random.Generator, image_size: int, palette: list[str]) -> tuple[str, list[Obj]]:
+    c1, c2 = (str(c) for c in rng.choice(palette, size=2, replace=False))
     s1, s2 = (str(s) for s in rng.choice(SHAPES, size=2))
     relation = str(rng.choice(RELATIONS))
     side = box_side(PAIR_SIZE, image_size)
@@ -134,18 +134,25 @@ def _pair(rng: np.random.Generator, image_size: int) -> tuple[str, list[Obj]]:
             return f"a {c1} {s1} {relation} a {c2} {s2}", [a, b]
 
 
-def make_scene(rng: np.random.Generator, image_size: int, two_object_fraction: float) -> tuple[str, list[Obj]]:
+def make_scene(rng: np.random.Generator, image_size: int, two_object_fraction: float,
+               colours: list[str] = ()) -> tuple[str, list[Obj]]:
+    """One random scene and its caption, its colours drawn from `colours` (default: all of COLOURS)."""
+    palette = [c for c in COLOURS if c in colours] if colours else list(COLOURS)
     if rng.random() < two_object_fraction:
-        return _pair(rng, image_size)
-    return _single(rng, image_size)
+        return _pair(rng, image_size, palette)
+    return _single(rng, image_size, palette)
 
 
 def generate(num_images: int, image_size: int = 32, seed: int = 0, two_object_fraction: float = 0.3,
-             holdout: list[str] = (), val_fraction: float = 0.05) -> Iterator[tuple[str, str, str, np.ndarray]]:
+             holdout: list[str] = (), val_fraction: float = 0.05,
+             colours: list[str] = ()) -> Iterator[tuple[str, str, str, np.ndarray]]:
     """Yield (id, split, caption, HxWx3 uint8 image); the same arguments give the same bytes.
 
     The first round(val_fraction * num_images) images are the val split. Train
-    images never contain a held-out colour-shape pair; val images may.
+    images never contain a held-out colour-shape pair; val images may. `colours`
+    (default: all 8) is the palette of every image, train and val: a colour left
+    out of it is in no image and no caption (the fine-tuning measurement's base,
+    docs/finetuning.md). Two-object scenes need two colours.
     """
     num_val = max(1, int(round(val_fraction * num_images)))
     held = set(holdout)
@@ -153,7 +160,7 @@ def generate(num_images: int, image_size: int = 32, seed: int = 0, two_object_fr
         rng = np.random.default_rng([seed, i])
         split = "val" if i < num_val else "train"
         while True:
-            caption, objects = make_scene(rng, image_size, two_object_fraction)
+            caption, objects = make_scene(rng, image_size, two_object_fraction, colours)
             if split == "val" or not any(f"{o.colour} {o.shape}" in held for o in objects):
                 break
         yield f"shapes-{seed}-{i:07d}", split, caption, render(objects, image_size)

@@ -8,7 +8,8 @@ function `(model, batch, step) -> (loss, items, metrics)`, which lives beside
 its model: `dalle_core.dvae.dvae_step`, `dalle_core.transformer.transformer_step`
 and `dalle_core.clip.clip_step`. The loop knows nothing about where
 data, checkpoints or metrics live: it calls `log(step, metrics)` and
-`checkpoint(step, elapsed_s)`.
+`checkpoint(step, elapsed_s)`. Fine-tuning's `freeze` (named parts of the
+transformer or CLIP that keep their weights) is set before the optimizer is made.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import io
 import math
+import re
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -214,3 +216,67 @@ def fit(model: nn.Module, batches: Iterable, t: TrainSection, optimizer: torch.o
             checkpoint(step, budget.elapsed())
         t0 += time.perf_counter() - hooks_t0  # throughput counts training only, not validation or checkpoints
     return FitResult(step, budget.stopped_by, budget.elapsed())
+
+
+# ------------------------------------------------------------ fine-tuning: which parameters train
+
+@dataclass(frozen=True)
+class Parts:
+    """A model's freezable parts by parameter name: a prefix ending in "." names a module, anything else one
+    parameter. `blocks` holds one `{i}` pattern per tower (block i of each tower that has one)."""
+
+    embeddings: tuple[str, ...]
+    blocks: tuple[str, ...]
+    head: tuple[str, ...]
+
+
+# The parameter names of dalle_core.transformer.DALLE: token and position embeddings, blocks, final norm and heads.
+DALLE_PARTS = Parts(embeddings=("text_emb.", "text_pos.", "image_emb.", "row_emb.", "col_emb."), blocks=("blocks.{i}.",),
+                    head=("ln_f.", "text_head.", "image_head."))
+# open_clip's CLIP (dalle_core.clip.build_clip): patch and token embeddings with their positions (and the norm on
+# the patch embeddings), the two towers' residual blocks, and the norms and projections into the joint space.
+CLIP_PARTS = Parts(embeddings=("token_embedding.", "positional_embedding", "visual.conv1.", "visual.class_embedding",
+                               "visual.positional_embedding", "visual.ln_pre."),
+                   blocks=("visual.transformer.resblocks.{i}.", "transformer.resblocks.{i}."),
+                   head=("ln_final.", "text_projection", "visual.ln_post.", "visual.proj", "logit_scale"))
+_BLOCKS = re.compile(r"blocks\.(\d+)(?:-(\d+))?")
+
+
+def parse_freeze(names: list[str], depth: int, where: str) -> tuple[set[str], set[int]]:
+    """`["embeddings", "blocks.0-5", "head"]` -> ({"embeddings", "head"}, {0, ..., 5}) for a model of `depth`
+    blocks. ValueError (one line, starting with `where`) for a name that is none of embeddings, head, blocks.N
+    or blocks.A-B (inclusive), or a block outside 0 .. depth-1."""
+    allowed = f"embeddings, head, blocks.N or blocks.A-B with 0 <= A <= B <= {depth - 1}"
+    parts: set[str] = set()
+    blocks: set[int] = set()
+    for name in names:
+        if name in ("embeddings", "head"):
+            parts.add(name)
+            continue
+        m = _BLOCKS.fullmatch(name)
+        if m is None:
+            raise ValueError(f"{where}: {name!r} is not a part of the model; allowed: {allowed}")
+        first, last = int(m[1]), int(m[2] or m[1])
+        if first > last or last >= depth:
+            raise ValueError(f"{where}: {name!r} names blocks {first} to {last} but the model has {depth} "
+                             f"(blocks.0 to blocks.{depth - 1}); allowed: {allowed}")
+        blocks.update(range(first, last + 1))
+    return parts, blocks
+
+
+def _in_part(name: str, prefixes: tuple[str, ...]) -> bool:
+    return any(name.startswith(p) if p.endswith(".") else name == p for p in prefixes)
+
+
+def freeze(model: nn.Module, names: list[str], parts: Parts, depth: int) -> tuple[int, int]:
+    """Stop the named parts of `model` training (`requires_grad = False`; `parse_freeze`'s names); returns
+    (trainable, total) parameter counts. Call it before `make_optimizer`, which takes the trainable ones only,
+    so frozen weights stay bit-identical (no update, no weight decay). A weight tied to a frozen one is frozen."""
+    chosen, blocks = parse_freeze(names, depth, "freeze")
+    prefixes = tuple(p for part in chosen for p in getattr(parts, part))
+    prefixes += tuple(p.format(i=i) for i in sorted(blocks) for p in parts.blocks)
+    for name, p in model.named_parameters():
+        if _in_part(name, prefixes):
+            p.requires_grad_(False)
+    params = list(model.parameters())  # each tied tensor once
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)

@@ -217,17 +217,17 @@ def cmd_stage(args) -> int:
             return cmd_generate_model(args, prompts)
         if prompts:
             args.overrides.append(f"generate.prompts={json.dumps(prompts)}")
-        if args.prime_rows is not None and not args.prime:
-            raise ConfigError(f"--prime-rows is {args.prime_rows} but no --prime image was given")
-        if args.prime:
-            rows = 4 if args.prime_rows is None else args.prime_rows
-            args.overrides += [f"generate.prime_image={json.dumps(args.prime)}", f"generate.prime_rows={rows}"]
+        from flows.model_cli import edit_overrides
+
+        args.overrides += edit_overrides(args)  # --prime, --edit, ...: checked as with --model, before Prefect starts
     cfg = load_config(args.config, args.overrides)  # fail on a bad config before Prefect starts
     check_store(cfg)
     from tasks.checks import trains
+    from tasks.model_source import check_fine_tuning
 
     stages = _with_upstream(args.command)
     check_batches(cfg, stages)
+    check_fine_tuning(cfg, stages)
     check_prefect_server()
     if any(trains(cfg, s) for s in stages) and not _ingested(cfg):  # the batch checks need the row counts
         _stage_flows()["ingest"](config=args.config, overrides=args.overrides)
@@ -276,6 +276,7 @@ def cmd_data_emoji(args) -> int:
 
 def cmd_run(args) -> int:
     from flows.pipeline import pipeline_flow
+    from tasks.model_source import check_fine_tuning
     from tasks.pipeline import check_upstream, select_stages
 
     cfg = load_config(args.config, args.overrides)
@@ -290,6 +291,7 @@ def cmd_run(args) -> int:
     if not args.force:
         check_upstream(cfg, stages)
         check_batches(cfg, stages)
+    check_fine_tuning(cfg, stages)
     check_prefect_server()
     refs = pipeline_flow(config=args.config, overrides=args.overrides, only=args.only, from_stage=args.from_stage,
                          force=args.force)
@@ -389,7 +391,9 @@ def _local_store_root(args) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    args = build_parser().parse_args(argv)
+    from flows.model_cli import join_signed_values
+
+    args = build_parser().parse_args(join_signed_values(sys.argv[1:] if argv is None else list(argv)))
     from flows.console import FailureLog
 
     with FailureLog(args.command) as log:

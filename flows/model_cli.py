@@ -5,7 +5,9 @@ flows/cli.py parses their arguments; none of them starts a Prefect server."""
 from __future__ import annotations
 
 import errno
+import json
 import os
+import re
 import shlex
 import socket
 import tempfile
@@ -14,6 +16,115 @@ from dalle_core.config import ConfigError, load_config
 
 # `--set` keys that `generate --model` and `serve` take (the model carries everything else)
 SAMPLING_KEYS = ("num_candidates", "cond_scale", "temperature", "top_k", "top_p", "seed", "batch_size")
+# generate's flags for `dalle_core.generate.load_edit`'s arguments, in its errors
+EDIT_FLAGS = {"prime_image": "--prime", "prime_rows": "--prime-rows", "edit_image": "--edit",
+              "outpaint_image": "--outpaint", "variations": "--variations", "region": "--region", "mask": "--mask",
+              "keep": "--keep"}
+
+
+def edit_arguments(args, size: int | None, grid: int | None) -> dict:
+    """`DALLEPipeline.__call__`'s editing arguments from generate's --prime/--prime-rows, --edit, --outpaint,
+    --variations, --region, --mask and --keep, checked (one source image, each flag with the image it applies to,
+    the images readable, the region inside the image, the mask's size and colours) before any model loads, at the
+    model's `size` pixels and `grid` tokens when known (None: what needs them is checked once the model is loaded).
+    GenerationError (one line) naming the flag otherwise."""
+    from dalle_core.generate import GenerationError, edit_source, load_edit
+
+    kwargs = {name: getattr(args, flag.removeprefix("--").replace("-", "_")) for name, flag in EDIT_FLAGS.items()}
+    if args.prime and args.prime_rows is None:
+        kwargs["prime_rows"] = 4
+    if kwargs["keep"] is not None:  # a string, so `--keep abc` is this line rather than argparse's usage
+        try:
+            keep = float(kwargs["keep"])
+        except ValueError:
+            keep = None
+        if keep is None or not 0 < keep < 1:
+            shown = kwargs["keep"] if keep is not None else repr(kwargs["keep"])
+            raise GenerationError(f"--keep is {shown}; allowed: a number more than 0 and less than 1 (the share of "
+                                  "token cells kept)")
+        kwargs["keep"] = keep
+    rows = kwargs["prime_rows"]
+    if args.prime and rows is not None and (rows < 1 or grid is not None and rows >= grid):
+        top = f"1 to {grid - 1}" if grid is not None else "at least 1 (and less than the token grid's rows)"
+        raise GenerationError(f"--prime-rows is {rows}; allowed: {top}")
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    if size is not None and grid is not None:
+        load_edit(size, grid, **kwargs, names=EDIT_FLAGS)
+    else:
+        edit_source(**kwargs, names=EDIT_FLAGS)
+    return kwargs
+
+
+def edit_overrides(args) -> list[str]:
+    """The run config's `generate.*` overrides for generate's --prime/--prime-rows and editing flags (see
+    `edit_arguments`), checked before the overrides are built and Prefect starts, against the token grid where
+    the config knows it."""
+    cfg = load_config(args.config, args.overrides)
+    grid = None if cfg.dvae.pretrained or getattr(cfg, "tokenizers_from", None) else \
+        cfg.data.image_size // 2 ** cfg.dvae.num_downsamples
+    kwargs = edit_arguments(args, cfg.data.image_size, grid)
+    if "prime_image" in kwargs:
+        return [f"generate.prime_image={json.dumps(args.prime)}", f"generate.prime_rows={kwargs['prime_rows']}"]
+    mode = next((m for k, m in (("edit_image", "inpaint"), ("outpaint_image", "outpaint"),
+                                ("variations", "variations")) if k in kwargs), None)
+    if mode is None:
+        return []
+    out = [f"generate.edit_mode={mode}", f"generate.edit_image={json.dumps(args.edit or args.outpaint or args.variations)}"]
+    if args.region is not None:
+        out.append(f"generate.edit_region={json.dumps(list(parse_region(args.region, '--region')))}")
+    if args.mask is not None:
+        out.append(f"generate.edit_mask={json.dumps(args.mask)}")
+    if "keep" in kwargs:
+        out.append(f"generate.edit_keep={kwargs['keep']}")
+    return out
+
+
+# generate's flags whose value may start with '-' (a negative coordinate or share)
+SIGNED_FLAGS = ("--region", "--keep")
+
+
+def join_signed_values(argv: list[str]) -> list[str]:
+    """`generate ... --region -4,0,8,8` as `--region=-4,0,8,8`: argparse takes a value starting with '-' (other
+    than a plain negative number) for a flag and stops with its usage text, so the value would never reach the
+    one-line check that names it. Only numeric-looking values are joined, so `--region --edit x.png` still says
+    --region lacks its value."""
+    if not argv or argv[0] != "generate":
+        return argv
+    out, i = [], 0
+    while i < len(argv):
+        if argv[i] == "--":
+            return out + argv[i:]
+        if argv[i] in SIGNED_FLAGS and i + 1 < len(argv) and re.match(r"-[\d.,]", argv[i + 1]):
+            out.append(f"{argv[i]}={argv[i + 1]}")
+            i += 2
+            continue
+        out.append(argv[i])
+        i += 1
+    return out
+
+
+def parse_region(text: str, name: str) -> tuple[int, int, int, int]:
+    from dalle_core.editing import EditError
+    from dalle_core.editing import parse_region as parse
+    from dalle_core.generate import GenerationError
+
+    try:
+        return parse(text, name)
+    except EditError as err:
+        raise GenerationError(str(err)) from None
+
+
+def folder_shape(source: str) -> tuple[int | None, int | None]:
+    """(image size, token grid) of an exported model folder from its JSON files, no weights loaded; (None, None)
+    for a registry URI or a folder that does not read (loading it then says why)."""
+    try:
+        with open(os.path.join(source, "model_index.json")) as f:
+            size = json.load(f)["image_size"]
+        with open(os.path.join(source, "transformer", "config.json")) as f:
+            grid = json.load(f)["image_grid"]
+        return int(size), int(grid)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None, None
 
 
 def cmd_export(args) -> int:
@@ -120,12 +231,13 @@ def _model_source(args) -> tuple[str, list[str], str | None, list[str]]:
 def cmd_generate_model(args, prompts: list[str]) -> int:
     """`dalle generate --model SRC PROMPT ... --out DIR`: CLIP-ranked candidates with no store and no Prefect;
     writes generations.parquet, one grid per prompt and a contact sheet to --out, as the generate stage does."""
+    import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     from dalle_core.images import png_bytes
     from storage.parquet import GENERATIONS_SCHEMA
-    from tasks.generate import best_grids, candidate_rows
+    from tasks.generate import best_grids, candidate_rows, edit_lead
     from tasks.models import load_model
 
     if not prompts:
@@ -133,21 +245,20 @@ def cmd_generate_model(args, prompts: list[str]) -> int:
     if not args.out:
         raise ConfigError("--model needs --out DIR: the folder for the grids and generations.parquet")
     check_out_folder(args.out)
-    if args.prime_rows is not None and not args.prime:
-        raise ConfigError(f"--prime-rows is {args.prime_rows} but no --prime image was given")
-    if args.prime_rows is not None and args.prime_rows < 1:
-        raise ConfigError(f"--prime-rows is {args.prime_rows}; it must be at least 1")
-    prime_rows = (4 if args.prime_rows is None else args.prime_rows) if args.prime else None
     source, overrides, uri, sampling = _model_source(args)
+    edit = edit_arguments(args, *(folder_shape(source) if os.path.isdir(source) else (None, None)))
     kwargs, device, precision = sampling_settings(sampling)
     pipe = load_model(source, device=device, precision=precision, overrides=overrides, tracking_uri=uri)
-    out = pipe(prompts, **kwargs, prime_image=args.prime, prime_rows=prime_rows)
-    prime = f"{args.prime} (top {prime_rows} rows)" if args.prime else None
-    rows = [row for p, seed, images, scores, codes in zip(out.prompts, out.seeds, out.pixels, out.scores, out.image_tokens)
-            for row in candidate_rows(p, seed, images, scores, codes, prime)]
+    out = pipe(prompts, **kwargs, **edit)
+    prime = f"{args.prime} (top {edit['prime_rows']} rows)" if args.prime else None
+    rows = []
+    for j, (p, seed, images, scores, codes) in enumerate(zip(out.prompts, out.seeds, out.pixels, out.scores,
+                                                              out.image_tokens)):
+        drawn = np.argsort(out.candidates[j])  # back to sampling order, as the generate stage writes its rows
+        masks = out.masks[j][drawn] if out.edit is not None else None
+        rows += candidate_rows(p, seed, images[drawn], scores[drawn], codes[drawn], prime, out.edit, masks)
     table = pa.Table.from_pylist(rows, schema=GENERATIONS_SCHEMA)
-    lead, labels = ([out.prime], ["prime"]) if out.prime is not None else ([], [])
-    names, grids, sheet = best_grids(table, 4, lead, labels)
+    names, grids, sheet = best_grids(table, 4, *edit_lead(out.edit))
     os.makedirs(os.path.join(args.out, "grids"), exist_ok=True)
     pq.write_table(table, os.path.join(args.out, "generations.parquet"))
     files = {"contact_sheet.png": sheet, **{f"grids/prompt-{i:04d}.png": grids[p] for i, p in enumerate(names)}}
@@ -205,6 +316,21 @@ def add_commands(sub, common) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-candidates", type=int, default=64, help="the most candidates one request may ask for")
     p.set_defaults(func=cmd_serve)
-    sub.choices["generate"].add_argument("--model", help="draw with an exported folder or models:/NAME/VERSION "
-                                                         "instead of a run's store (no Prefect); needs --out")
+    gen = sub.choices["generate"]
+    gen.add_argument("--model", help="draw with an exported folder or models:/NAME/VERSION instead of a run's store "
+                                     "(no Prefect); needs --out")
+    gen.add_argument("--edit", metavar="IMAGE", help="inpainting: regenerate --region or --mask of IMAGE, keep the "
+                                                     "rest of its tokens (docs/editing.md)")
+    gen.add_argument("--outpaint", metavar="IMAGE", help="outpainting: IMAGE resized into --region of an empty "
+                                                         "canvas and kept; everything around it is drawn")
+    gen.add_argument("--variations", metavar="IMAGE", help="variations: keep a random share --keep of IMAGE's "
+                                                           "token cells (drawn per candidate), redraw the rest")
+    gen.add_argument("--region", metavar="X0,Y0,X1,Y1",
+                     help="with --edit or --outpaint: a box in pixels of IMAGE as resized to the model's image size "
+                          "(its shorter side to the dVAE's input, e.g. 32 for the tiny config, then a centre crop), "
+                          "snapped outward to whole token cells")
+    gen.add_argument("--mask", metavar="MASK.png", help="with --edit: white = regenerate, black = keep (diffusers' "
+                                                        "convention); the same size as IMAGE")
+    gen.add_argument("--keep", metavar="SHARE",
+                     help="with --variations: the share of token cells kept, more than 0 and less than 1 (default 0.5)")
 

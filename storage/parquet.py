@@ -33,6 +33,11 @@ GENERATIONS_SCHEMA = pa.schema([
     pa.field("image", pa.binary(), nullable=False),
     pa.field("image_tokens", pa.list_(pa.uint16())),  # the sampled codes (the dVAE decodes them to `image`)
     pa.field("prime", pa.string()),  # image completion: the prime image's file and its rows, else null
+    # editing (priming too): the edit (prime, inpaint, outpaint, variations), its source image's file and sha256,
+    # and the candidate's token mask in raster order, 1 = sampled, 0 = the source's code kept; else null
+    pa.field("edit", pa.string()),
+    pa.field("source", pa.string()),
+    pa.field("mask", pa.string()),
 ])
 
 

@@ -17,8 +17,8 @@ def trains(cfg: Config, stage: str) -> bool:
     """Whether pipeline stage `stage` draws full training batches under this config."""
     if stage not in TRAINED:
         return False
-    if stage == "dvae":
-        return not cfg.dvae.pretrained and cfg.dvae.quantizer != "pixel-kmeans"
+    if stage == "dvae":  # a loaded, k-means or taken (tokenizers_from) dVAE draws no batches
+        return not (cfg.dvae.pretrained or cfg.tokenizers_from) and cfg.dvae.quantizer != "pixel-kmeans"
     if stage == "clip":
         return not cfg.clip.pretrained
     return True

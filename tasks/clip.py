@@ -42,6 +42,8 @@ from tasks.common import (
     stage_run,
     train_stage_task,
 )
+from tasks.fine_tuning import source_note, source_tags, start_model
+from tasks.model_source import check_fine_tuning
 from tasks.text import load_tokenizer
 
 
@@ -110,9 +112,12 @@ def run_training(cfg: Config, parent_run_id: str | None, flow_run_id: str | None
     key, section, train_cfg = keys["clip"], cfg.clip, cfg.clip.train
     device = device or resolve_device(cfg.runner.device)
     tokenizer = load_tokenizer(store, keys["bpe"], cfg.text.text_len)
+    check_fine_tuning(cfg, ["clip"], store, keys)  # init_from against the BPE's vocabulary, before any work
     mcfg = section.clip_config(cfg.data.image_size, tokenizer.vocab_size, cfg.text.text_len, tokenizer.pad_id)
     torch.manual_seed(train_cfg.seed)
-    training = Training.prepare(store, "clip", key, build_clip(mcfg), train_cfg, device, rank, world)
+    model = build_clip(mcfg)
+    start = start_model(cfg, "clip", model, store)
+    training = Training.prepare(store, "clip", key, model, train_cfg, device, rank, world)
     train_paths = shard_paths(store, "images", keys["images"], "train")
     val_paths = shard_paths(store, "images", keys["images"], "val")
     batches = batch_stream(cfg, store, train_paths, ["image", "caption"], DecodeCaptioned(tokenizer), train_cfg.batch_size,
@@ -127,13 +132,20 @@ def run_training(cfg: Config, parent_run_id: str | None, flow_run_id: str | None
     if rank != 0:
         training.fit(batches, clip_step(mcfg, rank, world), None, **fit_args)
         return
-    with stage_run(cfg, store, "clip", key, {**section.model_dump(mode="json"), "world_size": world}, parent_run_id,
-                   flow_run_id) as run:
+    params = {**section.model_dump(mode="json"), "trainable_params": start.trainable, "world_size": world}
+    with stage_run(cfg, store, "clip", key, params, parent_run_id, flow_run_id) as run:
         run.set_tags({"input.images": keys["images"], "input.bpe": keys["bpe"]})
+        logger().info("clip/%s: %s", key, start.describe())
+        tags = source_tags(cfg, start.source, store) if start.source else {}
+        if start.source:
+            run.set_tags({**tags, "mlflow.note.content": source_note(tags)})
 
         def validate() -> dict:
             limit = 256 * train_cfg.val_batches if train_cfg.val_batches else 1024
             return _val_recall(training.model, mcfg, tokenizer, cfg, store, val_paths, device, limit)
+
+        if start.source and training.start == 0:  # the source's recall on this data: where the curve starts
+            run.log_metrics(validate(), 0)
 
         result = training.fit(batches, clip_step(mcfg, rank, world), run, validate=validate, **fit_args)
         metrics = validate()
@@ -145,7 +157,7 @@ def run_training(cfg: Config, parent_run_id: str | None, flow_run_id: str | None
         drop_checkpoints(store, "clip", key)
         manifest = store.finish("clip", key, config=section.model_dump(mode="json"),
                                 inputs={"images": keys["images"], "bpe": keys["bpe"]}, steps=result.step,
-                                world_size=world, metrics=metrics)
+                                world_size=world, metrics=metrics, **start.manifest(tags))
         run.log_dict(manifest, "manifest.json")
 
 

@@ -55,39 +55,72 @@ def pretrained_source(cfg: Config) -> dict:
     return {"kind": kind, "files": {role: {"path": str(p), "sha256": file_digest(p)} for role, p in files.items()}}
 
 
+def trained_section(cfg: Config, stage: str, **dump) -> dict:
+    """A training stage's section as its key sees it: `init_from` as its source's content digest (moving the
+    source keeps the key, changing a weight does not), and the fine-tuning keys left out while unset, so that
+    the keys made before they existed stay what they were."""
+    section = getattr(cfg, stage).model_dump(mode="json", **dump)
+    if section["init_from"] is None:
+        del section["init_from"]
+    else:
+        from tasks.model_source import source_digest
+
+        section["init_from"] = source_digest(section["init_from"], stage, open_store(cfg))
+    if not section["train"]["freeze"]:
+        del section["train"]["freeze"]
+    return section
+
+
+EDIT_KEYS = ("edit_mode", "edit_image", "edit_region", "edit_mask", "edit_keep")  # generate.*: editing an image
+
+
 def stage_keys(cfg: Config) -> dict[str, str]:
     """The content-addressed key of every stage, from its config section and its inputs' keys."""
     k: dict[str, str] = {}
     fingerprint = source_fingerprint(cfg.data)  # changed data is a new artifact; shapes need none
-    k["images"] = stage_key({**cfg.data.model_dump(mode="json"),
-                             **({"source_fingerprint": fingerprint} if fingerprint else {})})
-    dvae = cfg.dvae.model_dump(mode="json", exclude={"encode_precision"})  # how tokens are made, not the model
+    data = cfg.data.model_dump(mode="json")
+    if not data["shapes"]["colours"]:  # all colours: the key of the runs made before the option existed
+        del data["shapes"]["colours"]
+    k["images"] = stage_key({**data, **({"source_fingerprint": fingerprint} if fingerprint else {})})
+    dvae = trained_section(cfg, "dvae", exclude={"encode_precision"})  # how tokens are made, not the model
     if cfg.dvae.pretrained:  # a loaded tokenizer is its files' content and the input normalisation, not paths
         src = pretrained_source(cfg)
         dvae = {"pretrained": {"kind": src["kind"], **{runner: f["sha256"] for runner, f in src["files"].items()}},
                 "norm_mean": dvae["norm_mean"], "norm_std": dvae["norm_std"]}
-    k["dvae"] = stage_key(dvae, {"images": k["images"]})
     text = cfg.text.model_dump(mode="json")
-    if cfg.text.tokenizer_path:  # a given tokenizer is identified by its content, not its path
-        text["tokenizer_path"] = file_digest(cfg.text.tokenizer_path) if os.path.exists(cfg.text.tokenizer_path) else cfg.text.tokenizer_path
-        k["bpe"] = stage_key(text)
+    if cfg.tokenizers_from:  # an exported model's tokenizers: their content, not their path, and no input
+        from tasks.model_source import source_digest
+
+        k["dvae"] = stage_key({"tokenizers_from": source_digest(cfg.tokenizers_from, "dvae", None)})
+        k["bpe"] = stage_key({"tokenizers_from": source_digest(cfg.tokenizers_from, "tokenizer", None),
+                              "text_len": cfg.text.text_len})
     else:
-        k["bpe"] = stage_key(text, {"images": k["images"]})
+        k["dvae"] = stage_key(dvae, {"images": k["images"]})
+        if cfg.text.tokenizer_path:  # a given tokenizer is identified by its content, not its path
+            text["tokenizer_path"] = file_digest(cfg.text.tokenizer_path) if os.path.exists(cfg.text.tokenizer_path) else cfg.text.tokenizer_path
+            k["bpe"] = stage_key(text)
+        else:
+            k["bpe"] = stage_key(text, {"images": k["images"]})
     encode = {} if cfg.dvae.encode_precision == "fp32" else {"encode_precision": cfg.dvae.encode_precision}
     k["tokens"] = stage_key(encode, {"images": k["images"], "dvae": k["dvae"], "bpe": k["bpe"]})
-    transformer_cfg = cfg.transformer.model_dump(mode="json")
-    k["transformer"] = stage_key(transformer_cfg, {"tokens": k["tokens"]})
-    k["clip"] = stage_key(cfg.clip.model_dump(mode="json"), {"images": k["images"], "bpe": k["bpe"]})
+    k["transformer"] = stage_key(trained_section(cfg, "transformer"), {"tokens": k["tokens"]})
+    k["clip"] = stage_key(trained_section(cfg, "clip"), {"images": k["images"], "bpe": k["bpe"]})
     gen = cfg.generate.model_dump(mode="json")
     if gen["prime_image"] and os.path.exists(gen["prime_image"]):  # a prime image is identified by its content
         gen["prime_image"] = file_digest(gen["prime_image"])
     elif gen["prime_image"] is None:  # keys of runs without priming stay what they were
         del gen["prime_image"], gen["prime_rows"]
+    for name in ("edit_image", "edit_mask"):  # an edit's source and mask images are identified by their content
+        if gen[name] and os.path.exists(gen[name]):
+            gen[name] = file_digest(gen[name])
+    if gen["edit_mode"] is None:  # keys of runs without editing stay what they were
+        for name in EDIT_KEYS:
+            del gen[name]
     k["generations"] = stage_key(gen,
                                  {"transformer": k["transformer"], "dvae": k["dvae"], "clip": k["clip"], "bpe": k["bpe"],
                                   "images": k["images"]})
     sampling = cfg.generate.model_dump(mode="json", exclude={"prompts", "num_val_prompts", "best_k", "batch_size",
-                                                             "prime_image", "prime_rows"})
+                                                             "prime_image", "prime_rows", *EDIT_KEYS})
     k["evaluation"] = stage_key({**cfg.evaluate.model_dump(mode="json"), "sampling": sampling,
                                  "metrics_version": METRICS_VERSION},
                                 {s: k[s] for s in ("images", "dvae", "bpe", "transformer", "clip")})

@@ -32,6 +32,8 @@ from tasks.common import (
     state_bytes,
     train_stage_task,
 )
+from tasks.fine_tuning import source_note, source_tags, start_model, take_tokenizer
+from tasks.model_source import check_fine_tuning
 
 
 def load_dvae(store: ArtifactStore, key: str, device: torch.device | str = "cpu") -> tuple[dvae.DiscreteVAE, ImageNormalization]:
@@ -82,7 +84,10 @@ def run_training(cfg: Config, parent_run_id: str | None, flow_run_id: str | None
             _finish(cfg, store, keys, model.eval(), norm, device, run, section.kmeans_iters, world,
                     _validate(cfg, store, keys, model, norm, device))
         return
-    training = Training.prepare(store, "dvae", key, dvae.DiscreteVAE(mcfg), train_cfg, device, rank, world)
+    check_fine_tuning(cfg, ["dvae"], store, keys)  # init_from against this run's dVAE, before any work
+    model = dvae.DiscreteVAE(mcfg)
+    start = start_model(cfg, "dvae", model, store)
+    training = Training.prepare(store, "dvae", key, model, train_cfg, device, rank, world)
     batches = batch_stream(cfg, store, train_paths, ["image", "caption"], decode_images, train_cfg.batch_size, device,
                            seed=train_cfg.seed, window_rows=section.shuffle_buffer, rank=rank, world=world,
                            start_batch=training.start * train_cfg.grad_accum)
@@ -94,6 +99,11 @@ def run_training(cfg: Config, parent_run_id: str | None, flow_run_id: str | None
         return
     with stage_run(cfg, store, "dvae", key, params, parent_run_id, flow_run_id) as run:
         model = training.model
+        tags = source_tags(cfg, start.source, store) if start.source else {}
+        if start.source:
+            run.set_tags({**tags, "mlflow.note.content": source_note(tags)})
+            logger().info("dvae/%s: %s", key, start.describe())
+        run.log_params({"trainable_params": start.trainable})
         if section.adversarial:
             lpips = (f"on, weight {section.perceptual_weight}" if section.perceptual_vgg and section.perceptual_weight > 0 else
                      "off: dvae.perceptual_vgg is not set (no VGG16 weights on disk, and nothing is downloaded)")
@@ -104,9 +114,11 @@ def run_training(cfg: Config, parent_run_id: str | None, flow_run_id: str | None
         def validate() -> dict:
             return _validate(cfg, store, keys, model, norm, device)
 
+        if start.source and training.start == 0:  # the source's reconstructions of this data: the curve's start
+            run.log_metrics(validate(), 0)
         result = training.fit(batches, step, run, lambda m: f"psnr {m['psnr']:.1f}", validate, **fit_args)
         model.drop_discriminator()
-        _finish(cfg, store, keys, model, norm, device, run, result.step, world, validate())
+        _finish(cfg, store, keys, model, norm, device, run, result.step, world, validate(), extra=start.manifest(tags))
 
 
 def _validate(cfg: Config, store: ArtifactStore, keys: dict, model: dvae.DiscreteVAE, norm: ImageNormalization,
@@ -119,7 +131,7 @@ def _validate(cfg: Config, store: ArtifactStore, keys: dict, model: dvae.Discret
 
 def _finish(cfg: Config, store: ArtifactStore, keys: dict, model: dvae.DiscreteVAE, norm: ImageNormalization,
             device, run,
-            steps: int, world: int, metrics: dict, source: dict | None = None) -> None:
+            steps: int, world: int, metrics: dict, source: dict | None = None, extra: dict | None = None) -> None:
     """Log the final val metrics, draw reconstructions, write `dvae/<key>/` and its manifest."""
     key, section = keys["dvae"], cfg.dvae
     run.set_tags({"input.images": keys["images"]})
@@ -145,10 +157,12 @@ def _finish(cfg: Config, store: ArtifactStore, keys: dict, model: dvae.DiscreteV
     manifest = store.finish("dvae", key, config=section.model_dump(mode="json"), inputs={"images": keys["images"]},
                             grid=[model.c.grid_size, model.c.grid_size], codebook_size=model.c.codebook_size,
                             steps=steps, world_size=world, metrics=metrics,
-                            **({"pretrained": source} if source else {}))
+                            **({"pretrained": source} if source else {}), **(extra or {}))
     run.log_dict(manifest, "manifest.json")
 
 
 @task(name="train-dvae", cache_policy=NONE)
 def train_dvae_task(cfg: Config, parent_run_id: str | None = None) -> ArtifactRef:
+    if cfg.tokenizers_from:  # an exported model's dVAE, copied as it is
+        return take_tokenizer(cfg, "dvae", parent_run_id)
     return train_stage_task(cfg, "dvae", ("images",), run_training, parent_run_id)

@@ -3,13 +3,21 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass
 
 from dalle_core.bpe import TextTokenizer
 from dalle_core.config import Config, ConfigError, flatten
-from dalle_core.export import clip_files, index, json_bytes, open_clip_files, write_folder
+from dalle_core.export import (
+    COMPONENTS,
+    clip_files,
+    index,
+    json_bytes,
+    open_clip_files,
+    write_folder,
+)
 from dalle_core.generate import SAMPLING_DEFAULTS
 from dalle_core.images import grid, png_bytes
 from storage.store import ArtifactStore
@@ -118,8 +126,11 @@ def export_model(cfg: Config, out_dir: str) -> Export:
               "stage_keys": {s: keys[s] for s in (*MODEL_STAGES, "images", "tokens")}}
     image_size = json.loads(files["dvae/config.json"])["model"]["image_size"]
     metrics = headline_metrics(manifests, evaluation)
+    # each component file's sha256 (first 16 hex digits), so a damaged copy is found before it is loaded
+    checksums = {name: hashlib.sha256(data).hexdigest()[:16] for name, data in sorted(files.items())
+                 if name.split("/")[0] in COMPONENTS}
     files["model_index.json"] = json_bytes(index(image_size, sampling_defaults(cfg), source=source,
-                                                 data_licence=licence.spdx, metrics=metrics))
+                                                 data_licence=licence.spdx, metrics=metrics, sha256=checksums))
     example = (val_captions(store, keys["images"], 1) if store.is_complete("images", keys["images"]) else []) or \
         ["a red circle"]
     files["README.md"] = model_card(cfg, manifests, metrics, evaluation, licence, source, samples_from,

@@ -14,15 +14,14 @@ import time
 
 import numpy as np
 import pyarrow as pa
-import torch
-from PIL import Image
 from prefect import task
 from prefect.cache_policies import NONE
 
 from dalle_core.config import Config, ConfigError, config_from_dict, prime_rows_error
 from dalle_core.device import resolve_device, sampling_precision
-from dalle_core.generate import DALLEPipeline, prompt_seed, ranks
-from dalle_core.images import decode_png, grid, png_bytes, to_rgb_square
+from dalle_core.editing import Edit, outline, pack
+from dalle_core.generate import DALLEPipeline, GenerationError, load_edit, prompt_seed, ranks
+from dalle_core.images import decode_png, grid, png_bytes
 from storage.parquet import (
     GENERATIONS_SCHEMA,
     iter_batches,
@@ -97,7 +96,7 @@ def plan_generation(cfg: Config, parent_run_id: str | None = None) -> StagePlan:
         for stage in ("transformer", "dvae", "bpe"):
             store.require(stage, keys[stage])
         prompts = resolve_prompts(cfg, store)
-        prime_image(cfg)  # a missing or unreadable prime image fails here, in one line, before any work
+        source_edit(cfg)  # a missing or unreadable source image, or a mask that does not fit, fails here in one line
         store.prepare("generations", keys["generations"])
         parts = [(i, prompts[i:i + PROMPTS_PER_PART]) for i in range(0, len(prompts), PROMPTS_PER_PART)]
         todo = [(i, p) for i, p in parts
@@ -111,37 +110,52 @@ def plan_generation(cfg: Config, parent_run_id: str | None = None) -> StagePlan:
 
 
 def candidate_rows(prompt: str, seed: int, images: np.ndarray, scores: np.ndarray, codes: np.ndarray,
-                   prime: str | None = None) -> list[dict]:
-    """GENERATIONS_SCHEMA rows of one prompt's ranked candidates."""
+                   prime: str | None = None, edit: Edit | None = None, masks: np.ndarray | None = None) -> list[dict]:
+    """GENERATIONS_SCHEMA rows of one prompt's candidates, in the order given; `masks` (n, h*w) their token masks
+    when `edit` is set."""
+    edited = {} if edit is None else {"edit": edit.mode, "source": f"{edit.source} (sha256 {edit.digest})"}
     return [{"prompt": prompt, "candidate": cand, "rank": int(rank), "clip_score": float(score), "seed": seed,
-             "image": png_bytes(image), "image_tokens": tokens.astype(np.uint16), "prime": prime}
+             "image": png_bytes(image), "image_tokens": tokens.astype(np.uint16), "prime": prime, **edited,
+             **({} if edit is None else {"mask": pack(masks[cand])})}
             for cand, (image, score, rank, tokens) in enumerate(zip(images, scores, ranks(scores), codes))]
 
 
-def prime_image(cfg: Config) -> np.ndarray | None:
-    """`generate.prime_image` as (H, W, 3) uint8 at the dVAE's input size (shorter side resized, centre crop)."""
-    path = cfg.generate.prime_image
-    if path is None:
+# the config keys that stand for `load_edit`'s arguments, in its errors
+CONFIG_NAMES = {"prime_image": "generate.prime_image", "prime_rows": "generate.prime_rows",
+                "edit_image": "generate.edit_image", "outpaint_image": "generate.edit_image",
+                "variations": "generate.edit_image", "region": "generate.edit_region", "mask": "generate.edit_mask",
+                "keep": "generate.edit_keep"}
+
+
+def source_edit(cfg: Config) -> Edit | None:
+    """`generate.prime_image` or `generate.edit_*` as the `Edit` the sampler keeps codes of, at the model's image
+    size and token grid (loading the models); None without one. ConfigError (one line) for a missing or
+    unreadable image, or a region or mask that does not fit the grid."""
+    g = cfg.generate
+    if g.prime_image is None and g.edit_image is None:
         return None
-    if not os.path.isfile(path):
-        raise ConfigError(f"generate.prime_image {path!r} does not exist")
-    try:
-        with Image.open(path) as im:
-            return np.asarray(to_rgb_square(im, cfg.data.image_size))
-    except OSError as err:
-        raise ConfigError(f"generate.prime_image {path!r} is not a readable image: {err}") from None
-
-
-def _prime(cfg: Config) -> tuple[torch.Tensor | None, str | None]:
-    image = prime_image(cfg)
-    if image is None:
-        return None, None
-    pipe, k = load_pipeline(cfg), cfg.generate.prime_rows
+    pipe = load_pipeline(cfg)
     rows = pipe.transformer.c.image_grid
-    if k >= rows:  # the config could not check it: a pretrained dVAE's grid is known from its files only
-        raise ConfigError(prime_rows_error(k, rows, "the dVAE's token grid"))
-    prefix, _ = pipe.prime(image, k)
-    return prefix, f"{cfg.generate.prime_image} (top {cfg.generate.prime_rows} rows)"
+    if g.prime_image is not None and g.prime_rows >= rows:  # a pretrained dVAE's grid is known from its files only
+        raise ConfigError(prime_rows_error(g.prime_rows, rows, "the dVAE's token grid"))
+    source = {"inpaint": "edit_image", "outpaint": "outpaint_image", "variations": "variations"}.get(g.edit_mode)
+    try:
+        return load_edit(pipe.image_size, rows, prime_image=g.prime_image, prime_rows=g.prime_rows or None,
+                         **({} if source is None else {source: g.edit_image}), region=g.edit_region,
+                         mask=g.edit_mask, keep=g.edit_keep, names=CONFIG_NAMES)
+    except GenerationError as err:
+        raise ConfigError(str(err)) from None
+
+
+def edit_lead(edit: Edit | None) -> tuple[list[np.ndarray], list[str]]:
+    """The images a grid shows before the candidates, and their labels: the source and its sampled cells (dimmed,
+    outlined); for variations, whose masks differ per candidate, the source only."""
+    if edit is None:
+        return [], []
+    if edit.mask is None:
+        return [edit.image], [f"source (keeps {edit.keep:.0%} of cells)"]
+    return [edit.image, outline(edit.image, edit.mask)], [edit.mode if edit.mode == "prime" else "source",
+                                                          "sampled cells"]
 
 
 @task(name="generate-part", cache_policy=NONE, retries=1, retry_delay_seconds=2,
@@ -153,15 +167,17 @@ def generate_part(cfg: Config, first: int, prompts: list[str]) -> dict:
     pipe = load_pipeline(cfg)
     rows, truncated = [], []
     seeds = [prompt_seed(gen_cfg.seed, first + j) for j in range(len(prompts))]
-    prefix, prime = _prime(cfg)
+    edit = source_edit(cfg)
+    prime = f"{gen_cfg.prime_image} (top {gen_cfg.prime_rows} rows)" if gen_cfg.prime_image else None
     results = pipe.candidates(prompts, gen_cfg.num_candidates, seeds, gen_cfg.batch_size, gen_cfg.temperature, gen_cfg.top_k, gen_cfg.top_p,
-                             gen_cfg.cond_scale, prefix)
+                             gen_cfg.cond_scale, edit)
     for prompt, seed, (images, scores, was_truncated, codes) in zip(prompts, seeds, results):
         if was_truncated:
             truncated.append(prompt)
             logger().warning("prompt %r is longer than text_len=%d tokens and was truncated", prompt,
                              cfg.text.text_len)
-        rows += candidate_rows(prompt, seed, images, scores, codes, prime)
+        masks = None if edit is None else edit.masks(seed, gen_cfg.num_candidates)
+        rows += candidate_rows(prompt, seed, images, scores, codes, prime, edit, masks)
     write_shard(store, out, pa.Table.from_pylist(rows, schema=GENERATIONS_SCHEMA))
     seconds = time.perf_counter() - t0
     logger().info("generated prompts %d-%d: %d images in %.1fs (%.1f prompts/s, %.0f images/s)", first,
@@ -172,7 +188,7 @@ def generate_part(cfg: Config, first: int, prompts: list[str]) -> dict:
 def best_grids(table: pa.Table, best_k: int, lead: list[np.ndarray] = (), lead_labels: list[str] = (),
                ) -> tuple[list[str], dict[str, np.ndarray], np.ndarray]:
     """Per prompt, a grid of its best_k images with the prompt under it; and a contact sheet of all prompts.
-    `lead`: images shown first in every row (image completion: the prime and its dVAE reconstruction)."""
+    `lead`: images shown first in every row (editing: the source and its sampled cells, `edit_lead`)."""
     prompts, best = [], {}
     for row in table.select(["prompt", "rank", "image"]).to_pylist():
         if row["prompt"] not in best:
@@ -197,10 +213,7 @@ def finish_generation(cfg: Config, plan: StagePlan, results: list[dict], wall_se
         parts = shard_paths(store, "generations", key, "parts")
         table = pa.concat_tables([read_shard(store, p) for p in parts])
         write_shard(store, store.path("generations", key, "generations.parquet"), table)
-        lead, labels = [], []
-        if (image := prime_image(cfg)) is not None:
-            lead = [image, load_pipeline(cfg).prime(image, cfg.generate.prime_rows)[1]]
-            labels = ["prime", "its dVAE recon"]
+        lead, labels = edit_lead(source_edit(cfg))
         prompts, grids, sheet = best_grids(table, cfg.generate.best_k, lead, labels)
         scores = table.column("clip_score").to_numpy()
         top1 = table.filter(pa.compute.equal(table.column("rank"), 0)).column("clip_score").to_numpy()

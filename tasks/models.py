@@ -1,6 +1,7 @@
 """Load a trained model from wherever it is: an exported folder, a registered MLflow model, or a run's store
 named by its config. The Python API's one entry point (`load_model`), and what `dalle serve` and
-`dalle generate --model` read."""
+`dalle generate --model` read. Where a training stage starts from when it fine-tunes: tasks/model_source.py
+and tasks/fine_tuning.py."""
 
 from __future__ import annotations
 

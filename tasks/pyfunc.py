@@ -1,8 +1,10 @@
 """The exported model as an MLflow `pyfunc` model: prompts and sampling parameters in, PNG images and CLIP
 scores out, so `mlflow models serve` and `mlflow.pyfunc.load_model(...).predict` work on a registered model.
 
-Request (MLflow's scoring protocol): a DataFrame with a `prompt` column (and an optional `prime_image` column of
-image file bytes, base64 in JSON, the same in every row) and the sampling settings as `params`. Response: one
+Request (MLflow's scoring protocol): a DataFrame with a `prompt` column (and an optional `prime_image` or
+`edit_image` column of image file bytes, base64 in JSON, the same in every row) and the sampling settings as
+`params`; an edit (docs/editing.md) takes `edit_mode` (inpaint, outpaint, variations), `region` ("x0,y0,x1,y1",
+pixels of the image resized to the model's size) and `keep` as params. Response: one
 row per candidate, best first within each prompt: `prompt`, `rank` (0 = best), `clip_score`, `seed` (the
 prompt's sampling seed), `image` (PNG bytes, base64 in JSON). Imports neither Prefect nor the store.
 """
@@ -29,7 +31,8 @@ def signature(sampling: dict):
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
     s = {**SAMPLING_DEFAULTS, **sampling}
-    inputs = Schema([ColSpec("string", "prompt"), ColSpec("binary", "prime_image", required=False)])
+    inputs = Schema([ColSpec("string", "prompt"), ColSpec("binary", "prime_image", required=False),
+                     ColSpec("binary", "edit_image", required=False)])
     outputs = Schema([ColSpec("string", "prompt"), ColSpec("long", "rank"), ColSpec("double", "clip_score"),
                       ColSpec("long", "seed"), ColSpec("binary", "image")])
     params = ParamSchema([ParamSpec("num_candidates", "long", int(s["num_candidates"])),
@@ -38,7 +41,10 @@ def signature(sampling: dict):
                           ParamSpec("top_k", "long", int(s["top_k"] or 0)),
                           ParamSpec("top_p", "double", float(s["top_p"] or 1.0)),
                           ParamSpec("seed", "long", int(s["seed"])),
-                          ParamSpec("prime_rows", "long", 0)])
+                          ParamSpec("prime_rows", "long", 0),
+                          ParamSpec("edit_mode", "string", "inpaint"),
+                          ParamSpec("region", "string", ""),  # "x0,y0,x1,y1"; empty: none
+                          ParamSpec("keep", "double", 0.5)])
     return ModelSignature(inputs=inputs, outputs=outputs, params=params)
 
 
@@ -60,22 +66,34 @@ class DALLEPyfunc(mlflow.pyfunc.PythonModel):
         if not isinstance(model_input, pd.DataFrame) or "prompt" not in model_input:
             raise _bad_request("the input needs a `prompt` column (one prompt per row)")
         p = {k: v for k, v in (params or {}).items() if v is not None}
-        prime = None
-        if "prime_image" in model_input:
-            primes = {bytes(v) for v in model_input["prime_image"] if v is not None and not _missing(v)}
-            if len(primes) > 1:
-                raise _bad_request("prime_image must be the same in every row of a request (one prime per request)")
-            prime = primes.pop() if primes else None
+        prime, edit = _image_column(model_input, "prime_image"), _image_column(model_input, "edit_image")
+        mode = p.get("edit_mode") or "inpaint"
+        sources = {"inpaint": "edit_image", "outpaint": "outpaint_image", "variations": "variations"}
+        if mode not in sources:
+            raise _bad_request(f"edit_mode is {mode!r}; allowed: inpaint, outpaint, variations")
+        edits = {} if edit is None else {sources[mode]: edit, "region": p.get("region") or None,
+                                         **({"keep": p.get("keep")} if mode == "variations" else {})}
         try:
             out = self.pipeline(model_input["prompt"].tolist(), p.get("num_candidates"), cond_scale=p.get("cond_scale"),
                                 temperature=p.get("temperature"), top_k=p.get("top_k"), top_p=p.get("top_p"),
-                                seed=p.get("seed"), prime_image=prime, prime_rows=p.get("prime_rows") or None)
+                                seed=p.get("seed"), prime_image=prime, prime_rows=p.get("prime_rows") or None,
+                                **edits)
         except GenerationError as err:
             raise _bad_request(str(err)) from None
         rows = [{"prompt": prompt, "rank": rank, "clip_score": float(score), "seed": seed, "image": png_bytes(image)}
                 for prompt, seed, images, scores in zip(out.prompts, out.seeds, out.pixels, out.scores)
                 for rank, (image, score) in enumerate(zip(images, scores))]
         return pd.DataFrame(rows, columns=["prompt", "rank", "clip_score", "seed", "image"])
+
+
+def _image_column(model_input: pd.DataFrame, column: str) -> bytes | None:
+    """The image file bytes of an optional column, the same in every row (one image per request), or None."""
+    if column not in model_input:
+        return None
+    images = {bytes(v) for v in model_input[column] if v is not None and not _missing(v)}
+    if len(images) > 1:
+        raise _bad_request(f"{column} must be the same in every row of a request (one image per request)")
+    return images.pop() if images else None
 
 
 def _missing(value) -> bool:

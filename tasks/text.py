@@ -34,6 +34,10 @@ def train_bpe_task(cfg: Config, parent_run_id: str | None = None) -> ArtifactRef
     log = get_run_logger()
     store, keys = open_store(cfg), stage_keys(cfg)
     key, text = keys["bpe"], cfg.text
+    if cfg.tokenizers_from:  # an exported model's BPE, copied as it is
+        from tasks.fine_tuning import take_tokenizer
+
+        return take_tokenizer(cfg, "bpe", parent_run_id)
     if done := reuse(store, "bpe", key, cfg, parent_run_id):
         return done
     store.prepare("bpe", key)

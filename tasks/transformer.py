@@ -37,6 +37,8 @@ from tasks.common import (
     train_stage_task,
 )
 from tasks.dvae import load_dvae
+from tasks.fine_tuning import source_note, source_tags, start_model
+from tasks.model_source import check_fine_tuning
 
 TOKEN_COLUMNS = ["text_tokens", "image_tokens"]
 
@@ -75,11 +77,14 @@ def run_training(cfg: Config, parent_run_id: str | None, flow_run_id: str | None
     key, section, train_cfg = keys["transformer"], cfg.transformer, cfg.transformer.train
     device = device or resolve_device(cfg.runner.device)
     manifest = store.require("tokens", keys["tokens"])
+    check_fine_tuning(cfg, ["transformer"], store, keys)  # init_from against the shards' vocabularies, before work
     torch.manual_seed(train_cfg.seed)
     mcfg = section.dalle_config(text_vocab=manifest["vocab_size"], text_len=manifest["text_len"],
                                pad_id=manifest["pad_id"], image_vocab=manifest["codebook_size"],
                                image_grid=manifest["grid"][0])  # the vocabularies the shards were made with
-    training = Training.prepare(store, "transformer", key, DALLE(mcfg), train_cfg, device, rank, world)
+    model = DALLE(mcfg)
+    start = start_model(cfg, "transformer", model, store)
+    training = Training.prepare(store, "transformer", key, model, train_cfg, device, rank, world)
     model = training.model
     train_paths = shard_paths(store, "tokens", keys["tokens"], "train")
     val_paths = shard_paths(store, "tokens", keys["tokens"], "val")
@@ -96,9 +101,11 @@ def run_training(cfg: Config, parent_run_id: str | None, flow_run_id: str | None
     n_show = min(8, fixed.num_rows)
     captions = fixed.column("caption").to_pylist()[:n_show]
     fixed_text = torch.from_numpy(decode_tokens(fixed.slice(0, n_show))["text"])
-    params = {**section.model_dump(mode="json"), "num_params": model.num_params(), "world_size": world}
+    params = {**section.model_dump(mode="json"), "num_params": model.num_params(), "trainable_params": start.trainable,
+              "world_size": world}
     with stage_run(cfg, store, "transformer", key, params, parent_run_id, flow_run_id) as run:
         run.set_tags({"input.tokens": keys["tokens"]})
+        logger().info("transformer/%s: %s", key, start.describe())
 
         def on_sample(step: int) -> None:
             sheet = sample_sheet(model, dvae_model, norm, fixed_text, captions, cfg)
@@ -108,6 +115,11 @@ def run_training(cfg: Config, parent_run_id: str | None, flow_run_id: str | None
             val_batches = batch_stream(cfg, store, val_paths, TOKEN_COLUMNS, decode_tokens, 256, device, shuffle=False)
             return evaluate_transformer(model, islice(val_batches, train_cfg.val_batches), train_cfg.precision, device)
 
+        tags = source_tags(cfg, start.source, store) if start.source else {}
+        if start.source:
+            run.set_tags({**tags, "mlflow.note.content": source_note(tags)})
+            if training.start == 0:  # the source's loss on this data: where the fine-tune's curve starts
+                run.log_metrics(validate(), 0)
         result = training.fit(batches, step_fn, run, lambda m: f"image {m['image_loss']:.3f} {m['tokens_per_s']:.0f} tok/s",
                         validate, every=((section.sample_every, on_sample),), **fit_args)
         val = validate()
@@ -123,7 +135,7 @@ def run_training(cfg: Config, parent_run_id: str | None, flow_run_id: str | None
         drop_checkpoints(store, "transformer", key)
         done = store.finish("transformer", key, config=section.model_dump(mode="json"),
                             inputs={"tokens": keys["tokens"]}, steps=result.step, world_size=world,
-                            num_params=model.num_params(), metrics=val)
+                            num_params=model.num_params(), metrics=val, **start.manifest(tags))
         run.log_dict(done, "manifest.json")
 
 

@@ -19,19 +19,21 @@ import contextlib
 import json
 import secrets
 from importlib import resources
+from typing import Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
 from starlette.exceptions import HTTPException
 
+from dalle_core.editing import EditError, pack, region_edit_mask
 from dalle_core.generate import (
     MAX_PRIME_PIXELS,
     DALLEPipeline,
     GenerationError,
     check_prompts,
-    open_prime,
+    open_image,
 )
 from dalle_core.images import png_bytes
 from flows.serve.jobs import Job, JobQueue, QueueFull
@@ -52,6 +54,13 @@ class GenerateRequest(BaseModel):
     seed: int | None = Field(None, ge=0, lt=2**63, strict=True)  # none: the server draws one and reports it
     prime_image: str | None = None  # image file bytes, base64 or a data: URL
     prime_rows: int | None = Field(None, ge=1, strict=True)
+    # editing (docs/editing.md): the image (as prime_image) and the cells to sample: inpaint (inside `region`, x0,
+    # y0, x1, y1 pixels of the image resized to the model's image size), outpaint (the image resized into
+    # `region`, all around it sampled), variations (a share 1 - `keep` of the cells)
+    edit_image: str | None = None
+    edit_mode: Literal["inpaint", "outpaint", "variations"] | None = None  # None: inpaint, when edit_image is sent
+    region: list[StrictInt] | None = None  # strict: true and 8.0 are refused
+    keep: float | None = Field(None, gt=0, lt=1)
 
 
 class APIError(Exception):
@@ -69,37 +78,80 @@ def _one_line(err: RequestValidationError) -> str:
         # FastAPI parses the body as JSON only when the request says Content-Type: application/json
         return "the request body is not JSON (send a JSON object with the header Content-Type: application/json)"
     where = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or "request body"
-    shown = "" if first.get("type") == "missing" or isinstance(got, dict) else \
-        f" (got {json.dumps(got, default=repr, ensure_ascii=True)[:80]})"
+    if first.get("type") == "extra_forbidden":  # its value may be a whole base64 image: name the field only
+        return f"{where} is not a field of this API; allowed: {', '.join(GenerateRequest.model_fields)}"
+    shown = json.dumps(got, default=repr, ensure_ascii=True)
+    if first.get("type") == "missing" or isinstance(got, dict):
+        shown = ""
+    elif len(shown) > 40:  # a long value (an image's base64) is described, not echoed
+        shown = f" (got a string of {len(got)} characters)" if isinstance(got, str) else \
+            f" (got a list of {len(got)} items)" if isinstance(got, list) else ""
+    else:
+        shown = f" (got {shown})"
     return f"{where}: {first.get('msg', 'invalid')}{shown}"
 
 
+def _image_bytes(text: str, field: str) -> bytes:
+    """An image file sent as base64 or a data: URL -> its bytes. Its header is checked now (format, pixel count),
+    so a bad one is a 400 before it queues; its pixels are decoded by the generation queue, not on the server's
+    request threads."""
+    if text.startswith("data:"):
+        if "," not in text:
+            raise APIError(400, f"{field} is a data: URL with no data ({text[:40]!r}); expected "
+                                "data:image/png;base64,<the file's bytes, base64>")
+        text = text.split(",", 1)[1]
+    if len(text) > MAX_PRIME_BYTES * 4 // 3 + 4:
+        raise APIError(413, f"{field} is over {MAX_PRIME_BYTES // 2**20} MB")
+    try:
+        data = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise APIError(400, f"{field} is not base64 (send the image file's bytes base64-encoded, or a data: URL)") from None
+    with open_image(data, field.replace("_", " ")):  # GenerationError (400) for bytes that are no image or too many pixels
+        pass
+    return data
+
+
 def _prime(req: GenerateRequest, pipe: DALLEPipeline) -> tuple[bytes | None, int | None]:
-    """The prime image file's bytes and the token rows it keeps (default: the pipeline's, half the grid). Its
-    header is checked now (format, pixel count), so a bad one is a 400 before it queues; its pixels are decoded
-    by the generation queue, not on the server's request threads."""
+    """The prime image file's bytes and the token rows it keeps (default: the pipeline's, half the grid)."""
     if req.prime_image is None:
         if req.prime_rows is not None:
             raise APIError(400, "prime_rows is set but no prime_image was sent")
         return None, None
-    text = req.prime_image
-    if text.startswith("data:"):
-        if "," not in text:
-            raise APIError(400, f"prime_image is a data: URL with no data ({text[:40]!r}); expected "
-                                "data:image/png;base64,<the file's bytes, base64>")
-        text = text.split(",", 1)[1]
-    if len(text) > MAX_PRIME_BYTES * 4 // 3 + 4:
-        raise APIError(413, f"prime_image is over {MAX_PRIME_BYTES // 2**20} MB")
-    try:
-        data = base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError):
-        raise APIError(400, "prime_image is not base64 (send the image file's bytes base64-encoded, or a data: URL)") from None
-    with open_prime(data):  # GenerationError (400) for bytes that are no image or too many pixels
-        pass
+    data = _image_bytes(req.prime_image, "prime_image")
     rows = pipe.transformer.c.image_grid
     if req.prime_rows is not None and req.prime_rows >= rows:
         raise APIError(400, f"prime_rows is {req.prime_rows}; allowed: 1 to {rows - 1} (the token grid has {rows} rows)")
     return data, rows // 2 if req.prime_rows is None else req.prime_rows  # as DALLEPipeline's default
+
+
+def _edit(req: GenerateRequest, pipe: DALLEPipeline) -> dict:
+    """`DALLEPipeline.__call__`'s editing arguments of a request, checked before it queues (the image's header, the
+    region against the model's image size and token grid); {} when it edits nothing."""
+    edit_mode = req.edit_mode or "inpaint"
+    mode = {"inpaint": "edit_image", "outpaint": "outpaint_image", "variations": "variations"}[edit_mode]
+    for key, value, modes in (("edit_mode", req.edit_mode, ()), ("region", req.region, ("inpaint", "outpaint")),
+                              ("keep", req.keep, ("variations",))):
+        if value is not None and req.edit_image is None:
+            shown = f" {value}" if key == "edit_mode" else ""
+            raise APIError(400, f"{key}{shown} is set but no edit_image was sent (the image to edit, as prime_image)")
+        if value is not None and modes and edit_mode not in modes:
+            raise APIError(400, f"{key} does not apply to edit_mode {edit_mode} (only to {' and '.join(modes)})")
+    if req.edit_image is None:
+        return {}
+    if req.prime_image is not None:
+        raise APIError(400, "prime_image and edit_image were both sent; send one (priming keeps the top rows, "
+                            "an edit the cells outside its region)")
+    kwargs = {k: v for k, v in (("region", None if req.region is None else tuple(req.region)), ("keep", req.keep))
+              if v is not None}
+    if edit_mode != "variations":
+        if req.region is None:
+            raise APIError(400, f"edit_mode {edit_mode} needs region [x0, y0, x1, y1]: pixels of the image resized "
+                                f"to the model's {pipe.image_size} px")
+        try:
+            region_edit_mask(edit_mode, tuple(req.region), pipe.image_size, pipe.transformer.c.image_grid)
+        except EditError as err:
+            raise APIError(400, str(err)) from None
+    return {mode: _image_bytes(req.edit_image, "edit_image"), **kwargs}
 
 
 def create_app(pipe: DALLEPipeline, *, name: str = "model", max_candidates: int = 64, max_waiting: int = 16) -> FastAPI:
@@ -110,10 +162,15 @@ def create_app(pipe: DALLEPipeline, *, name: str = "model", max_candidates: int 
         r = job.request
         out = pipe(r["prompt"], r["num_candidates"], cond_scale=r["cond_scale"], temperature=r["temperature"],
                    top_k=r["top_k"], top_p=r["top_p"], seed=r["seed"], prime_image=r["prime_image"],
-                   prime_rows=r["prime_rows"], progress=job.progress)
+                   prime_rows=r["prime_rows"], **r["edit"], progress=job.progress)
         job.images = [png_bytes(image) for image in out.pixels[0]]
         job.result = {"prompt": out.prompts[0], "seed": out.seed, "truncated": out.truncated[0],
                       "scores": [float(s) for s in out.scores[0]]}
+        if out.edit is not None and out.edit.mode != "prime":  # the codes, so a client can see what was kept
+            job.result["edit"] = {"mode": out.edit.mode, "region": r["region"], "keep": r["keep"],
+                                  "source_tokens": pipe.encode(out.edit.image).tolist(),
+                                  "masks": [pack(m) for m in out.masks[0]],
+                                  "image_tokens": out.image_tokens[0].tolist()}
 
     jobs = JobQueue(work, max_waiting=max_waiting)
 
@@ -162,10 +219,11 @@ def create_app(pipe: DALLEPipeline, *, name: str = "model", max_candidates: int 
         if n > max_candidates:
             raise APIError(400, f"num_candidates is {n}; allowed: 1 to {max_candidates} (this server's limit, "
                                 "dalle serve --max-candidates)")
+        edit = _edit(req, pipe)
         prime, rows = _prime(req, pipe)
         seed = req.seed if req.seed is not None else secrets.randbelow(2**31)
         request = {k: defaults.get(k) if v is None else v for k, v in req.model_dump().items()}  # as sampled
-        request.update(num_candidates=n, seed=seed, prime_image=prime, prime_rows=rows)
+        request.update(num_candidates=n, seed=seed, prime_image=prime, prime_rows=rows, edit=edit, edit_image=None)
         try:
             return jobs.submit(request)
         except QueueFull as err:
@@ -181,6 +239,7 @@ def create_app(pipe: DALLEPipeline, *, name: str = "model", max_candidates: int 
             r = job.request
             out["result"] = {**job.result, "settings": {k: r[k] for k in ("num_candidates", "cond_scale", "temperature",
                                                                           "top_k", "top_p", "prime_rows")},
+                             "edited": bool(r["edit"]),
                              "primed": r["prime_image"] is not None, "images": [
                 {"rank": i, "clip_score": s, "url": f"/api/jobs/{job.id}/images/{i}.png",
                  **({"png_base64": base64.b64encode(job.images[i]).decode()} if inline else {})}

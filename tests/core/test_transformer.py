@@ -258,3 +258,101 @@ def test_cpu_bf16_sampling_packs_every_linear_layer_and_fuses_the_gelu(model):
         for block, fp32 in zip(twin.blocks, model.blocks):
             expect = fp32.mlp(x)
             assert (block.mlp(x).float() - expect).abs().max() < 0.02 * expect.abs().max()
+
+
+# ------------------------------------------------------------------ masked sampling (editing)
+
+
+def _masks(rows: int, seed: int) -> torch.Tensor:
+    """(rows, N) random token masks (True = sample), each sampling and keeping some positions, one row keeping
+    position 0 and one sampling it, so both the prefill and the step-by-step feeding of kept codes are used."""
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.rand(rows, C.image_len, generator=g) < 0.5
+    mask[:, 1], mask[:, 2] = True, False
+    mask[0, 0], mask[-1, 0] = False, True
+    return mask
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])  # bf16 on a CPU: the fast copy (cpu_fast.for_sampling)
+@pytest.mark.parametrize("cond_scale", [1.0, 2.0])
+def test_masked_sampling_keeps_every_unmasked_code(model, precision, cond_scale):
+    text = _text(4)
+    source = torch.randint(0, C.image_vocab, (4, C.image_len), generator=torch.Generator().manual_seed(3))
+    for mask in (_masks(4, 5), _masks(1, 6)[0]):  # one mask per row, and one (N,) mask shared by every row
+        codes = sample(model, text, image=source, mask=mask, cond_scale=cond_scale, top_p=0.9, precision=precision,
+                       generator=[torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)])
+        full = mask.expand(4, -1)
+        assert torch.equal(codes[~full], source[~full])
+        assert not torch.equal(codes[full], source[full])  # the sampled codes are the model's, not the source's
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_an_all_sampled_mask_equals_unmasked_sampling(model, precision):
+    text = _text(4)
+    source = torch.randint(0, C.image_vocab, (4, C.image_len))
+    gens = lambda: [torch.Generator().manual_seed(8), torch.Generator().manual_seed(9)]  # noqa: E731
+    plain = sample(model, text, cond_scale=2.0, top_p=0.9, generator=gens(), precision=precision)
+    masked = sample(model, text, image=source, mask=torch.ones(C.image_len, dtype=torch.bool), cond_scale=2.0,
+                    top_p=0.9, generator=gens(), precision=precision)
+    assert torch.equal(plain, masked)
+
+
+@pytest.mark.parametrize("cond_scale", [1.0, 2.0])
+def test_a_top_rows_mask_fed_step_by_step_equals_prefilled_priming(model, cond_scale):
+    """Rows that keep the top rows, batched with rows that sample from position 0 (so nothing is prefilled and the
+    kept codes are fed one step at a time, their group drawing nothing there), equal priming's prefilled result."""
+    text = _text(2)
+    prefix = torch.randint(0, C.image_vocab, (2, 4))
+    primed = sample(model, text, image_prefix=prefix, cond_scale=cond_scale, generator=torch.Generator().manual_seed(4))
+    source = torch.cat([prefix, torch.zeros(2, C.image_len - 4, dtype=torch.long)], dim=1)
+    mask = torch.arange(C.image_len) >= 4
+    mixed = sample(model, torch.cat([text, _text(2)]), image=torch.cat([source, source]),
+                   mask=torch.stack([mask, mask, torch.ones_like(mask), torch.ones_like(mask)]), cond_scale=cond_scale,
+                   generator=[torch.Generator().manual_seed(4), torch.Generator().manual_seed(5)])
+    assert torch.equal(mixed[:2], primed) and torch.equal(primed[:, :4], prefix)
+
+
+def _recomputed_masked_sample(model, text, source, mask, cond_scale, top_p, gens):
+    """The masked sampler without a KV cache: a full forward pass over [text ; codes so far] at every position, the
+    same draws (a generator group draws where one of its rows samples), kept codes forced."""
+    B, N = text.shape[0], C.image_len
+    per = B // len(gens)
+    out = source.clone()
+    with torch.inference_mode():
+        for i in range(N):
+            if not mask[:, i].any():
+                continue
+            _, cond = full_logits(model, text, out[:, :i])
+            _, uncond = full_logits(model, torch.full_like(text, C.pad_id), out[:, :i])
+            logits = sampling.guided(torch.cat([cond[:, -1], uncond[:, -1]]), B, cond_scale)
+            probs = F.softmax(filter_logits(logits, top_p=top_p), dim=-1)
+            for g, gen in enumerate(gens):
+                rows = slice(g * per, (g + 1) * per)
+                if mask[rows, i].any():
+                    drawn = sampling.draw(probs[rows], gen)[:, 0]
+                    out[rows, i] = torch.where(mask[rows, i], drawn, source[rows, i])
+    return out
+
+
+@pytest.mark.parametrize("seed", [5, 7])
+def test_cached_masked_sampling_equals_a_full_recompute(model, seed):
+    text, mask = _text(4), _masks(4, seed)
+    mask[:, :2] = False  # a leading kept run in every row: prefilled
+    source = torch.randint(0, C.image_vocab, (4, C.image_len), generator=torch.Generator().manual_seed(seed))
+    gens = lambda: [torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed + 1)]  # noqa: E731
+    seen = []
+    cached = sample(model, text, image=source, mask=mask, cond_scale=2.0, top_p=0.9, generator=gens(),
+                    on_logits=lambda i, lg: seen.append(i))
+    assert seen == [i for i in range(C.image_len) if mask[:, i].any()]  # logits only where some row samples
+    assert torch.equal(cached, _recomputed_masked_sample(model, text, source, mask, 2.0, 0.9, gens()))
+
+
+def test_bad_masks_are_one_line_errors(model):
+    text, source = _text(2), torch.zeros(2, C.image_len, dtype=torch.long)
+    for kwargs, message in [({"mask": torch.ones(C.image_len)}, r"mask is torch.float32 \(9,\); expected torch.bool"),
+                            ({"mask": torch.ones(3, C.image_len, dtype=torch.bool)}, r"of shape \(9,\) or \(2, 9\)"),
+                            ({"mask": torch.zeros(C.image_len, dtype=torch.bool)}, "samples none of the 9 codes"),
+                            ({"mask": None}, "without a mask"),
+                            ({"image": None, "mask": torch.ones(C.image_len, dtype=torch.bool)}, r"is None; expected \(2, 9\)")]:
+        with pytest.raises(ValueError, match=message):
+            sample(model, text, **{"image": source, **kwargs})

@@ -181,12 +181,190 @@ def test_image_completion_keeps_the_prime_rows(generated, tmp_path, capsys, monk
     sheet = decode_png(store.read_bytes(store.path("generations", keys["generations"], "grids", "prompt-0000.png")))
     assert sheet.shape[1] == (2 + cfg.generate.best_k) * (32 * 4 + 2)  # prime, recon, best_k completions
     assert main(["generate", "-c", str(TINY), *sets, "a red circle", "--prime", str(prime), "--prime-rows", "8"]) == 2
-    assert "generate.prime_rows=8 must leave rows to sample: the token grid has 8 rows, so use 1 to 7" in \
-        capsys.readouterr().err
+    assert capsys.readouterr().err == "error: --prime-rows is 8; allowed: 1 to 7\n"  # as with --model
     import tasks.generate
 
     models = tasks.generate.load_pipeline(cfg)
     monkeypatch.setattr(tasks.generate, "load_pipeline", lambda _: models)
     cfg.generate.prime_rows = 8  # past the config's check, as with a pretrained dVAE (its grid is in its files)
     with pytest.raises(ConfigError, match="the dVAE's token grid has 8 rows, so use 1 to 7$"):
-        tasks.generate._prime(cfg)
+        tasks.generate.source_edit(cfg)
+    assert set(table.column("mask").to_pylist()) == {"0" * 24 + "1" * 40}  # priming is the top-rows mask
+
+
+def _source_codes(cfg, path) -> np.ndarray:
+    """The dVAE codes of an image as the model sees it (resized, centre-cropped), flat."""
+    import torch
+    from PIL import Image
+
+    from dalle_core.images import to_rgb_square, to_tensor
+    from tasks.dvae import load_dvae
+
+    store, keys = open_store(cfg), stage_keys(cfg)
+    dvae, norm = load_dvae(store, keys["dvae"])
+    with Image.open(path) as im, torch.inference_mode():
+        return dvae.encode(to_tensor(np.asarray(to_rgb_square(im, 32))[None], norm.mean, norm.std))[0].flatten().numpy()
+
+
+def test_inpainting_from_the_cli_keeps_every_code_outside_the_region(generated, tmp_path):
+    """`dalle generate CAPTION --edit IMAGE --region x0,y0,x1,y1`: every candidate keeps the source's codes outside
+    the region (snapped outward to whole 4 px cells), so its decoded pixels there come from the same codes; the
+    parquet records the edit, the source and the mask, the grid shows the source and the mask first, and the
+    stage key follows the image's content, not its path."""
+    import shutil
+
+    from PIL import Image
+
+    from dalle_core.editing import pack, unpack
+
+    _, ov, _ = generated
+    images, captions = _val_images(load_config(TINY, ov), 2)
+    source = tmp_path / "source.png"
+    Image.fromarray(images[1]).resize((40, 32)).save(source)
+    sets = sum((["--set", o] for o in ov), [])
+    assert main(["generate", "-c", str(TINY), *sets, captions[1], "--edit", str(source), "--region", "5,4,18,13"]) == 0
+    edit = [f'generate.prompts=["{captions[1]}"]', "generate.edit_mode=inpaint", f"generate.edit_image={source}",
+            "generate.edit_region=[5,4,18,13]"]
+    cfg = load_config(TINY, [*ov, *edit])
+    store, keys = open_store(cfg), stage_keys(cfg)
+    table = _table(store, keys["generations"])
+    codes = np.stack(table.column("image_tokens").to_pylist())
+    mask = np.zeros((8, 8), bool)
+    mask[1:4, 1:5] = True  # x 5-18 -> cells 1-4, y 4-13 -> rows 1-3
+    kept = _source_codes(cfg, source)
+    assert (codes[:, ~mask.reshape(-1)] == kept[~mask.reshape(-1)]).all()
+    assert (codes[:, mask.reshape(-1)] != kept[mask.reshape(-1)]).any()  # the region is redrawn
+    assert set(table.column("mask").to_pylist()) == {pack(mask)} and np.array_equal(unpack(pack(mask), 8), mask)
+    assert set(table.column("edit").to_pylist()) == {"inpaint"}
+    (recorded,) = set(table.column("source").to_pylist())
+    assert recorded.startswith(f"{source} (sha256 ") and len(recorded.split("sha256 ")[1]) == 17  # 16 hex + ")"
+    sheet = decode_png(store.read_bytes(store.path("generations", keys["generations"], "grids", "prompt-0000.png")))
+    assert sheet.shape[1] == (2 + cfg.generate.best_k) * (32 * 4 + 2)  # source, its sampled cells, best_k
+    moved = tmp_path / "moved.png"
+    shutil.copy(source, moved)
+    assert stage_keys(load_config(TINY, [*ov, *edit[:2], f"generate.edit_image={moved}", edit[3]]))["generations"] \
+        == keys["generations"]
+    assert stage_keys(load_config(TINY, [*ov, *edit[:3], "generate.edit_region=[5,4,18,17]"]))["generations"] \
+        != keys["generations"]
+    Image.fromarray(images[0]).save(moved)
+    assert stage_keys(load_config(TINY, [*ov, *edit[:2], f"generate.edit_image={moved}", edit[3]]))["generations"] \
+        != keys["generations"]
+
+
+def test_outpainting_and_variations_with_an_exported_model(generated, tmp_path):
+    """`dalle generate --model DIR --outpaint IMAGE --region ...` keeps the codes of the box the image is placed
+    in; `--variations IMAGE --keep 0.5` keeps half the cells of each candidate, drawn per candidate from (seed,
+    candidate), and writes the same rows as the generate stage (`-c`) for the same prompt and seed."""
+    from PIL import Image
+
+    from dalle_core.editing import random_mask, unpack
+    from tests.flows.exported_model import exported_folder
+
+    tmp, ov, _ = generated
+    folder = str(exported_folder(str(tmp), tuple(ov)))
+    images, captions = _val_images(load_config(TINY, ov), 1)
+    source = tmp_path / "source.png"
+    Image.fromarray(images[0]).save(source)
+    out = tmp_path / "outpaint"
+    assert main(["generate", "--model", folder, captions[0], "--outpaint", str(source), "--region", "8,8,24,24",
+                 "--out", str(out)]) == 0
+    table = pq.read_table(out / "generations.parquet").to_pylist()
+    box = np.zeros((8, 8), bool)
+    box[2:6, 2:6] = True
+    assert {r["edit"] for r in table} == {"outpaint"} and all(np.array_equal(unpack(r["mask"], 8), ~box) for r in table)
+    placed = np.zeros((32, 32, 3), np.uint8)
+    placed[8:24, 8:24] = np.asarray(Image.open(source).resize((16, 16), Image.BICUBIC))
+    Image.fromarray(placed).save(tmp_path / "placed.png")
+    kept = _source_codes(load_config(TINY, ov), tmp_path / "placed.png")[box.reshape(-1)]
+    assert all((np.array(r["image_tokens"])[box.reshape(-1)] == kept).all() for r in table)
+    out = tmp_path / "variations"
+    assert main(["generate", "--model", folder, captions[0], "--variations", str(source), "--keep", "0.5",
+                 "--out", str(out)]) == 0
+    table = pq.read_table(out / "generations.parquet").to_pylist()
+    kept = _source_codes(load_config(TINY, ov), source)
+    masks = [unpack(r["mask"], 8).reshape(-1) for r in table]
+    assert all((~m).sum() == 32 for m in masks) and len({m.tobytes() for m in masks}) == len(masks)
+    assert all((np.array(r["image_tokens"])[~m] == kept[~m]).all() for r, m in zip(table, masks))
+    # `candidate` is the sampling index c (its mask drawn from (seed, c)), not the rank, and the rows are the
+    # generate stage's own for the same prompt and seed
+    assert [r["rank"] for r in table] != list(range(len(table)))  # CLIP's order differs from sampling order
+    assert all(np.array_equal(m, random_mask(8, 0.5, r["seed"], r["candidate"]).reshape(-1))
+               for r, m in zip(table, masks))
+    sets = sum((["--set", o] for o in ov), [])
+    assert main(["generate", "-c", str(TINY), *sets, captions[0], "--variations", str(source), "--keep", "0.5",
+                 "--out", str(tmp_path / "stage")]) == 0
+    stage = pq.read_table(tmp_path / "stage" / "generations.parquet").to_pylist()
+    assert [(r["candidate"], r["rank"], r["mask"], list(r["image_tokens"])) for r in table] == \
+        [(r["candidate"], r["rank"], r["mask"], list(r["image_tokens"])) for r in stage]
+
+
+def _edit_errors(tmp_path) -> list[tuple[list[str], str]]:
+    from PIL import Image
+
+    img = tmp_path / "img.png"
+    Image.new("RGB", (40, 30), (200, 30, 30)).save(img)
+    Image.new("L", (20, 20), 255).save(tmp_path / "small.png")
+    Image.new("L", (40, 30), 0).save(tmp_path / "black.png")
+    Image.new("L", (40, 30), 255).save(tmp_path / "white.png")
+    (tmp_path / "junk.png").write_bytes(b"not a picture")
+    i, t = str(img), str(tmp_path)
+    return [
+        (["--edit", i, "--region", "0,0,40,8"], "--region 0,0,40,8 is outside the 32x32 image (pixels of the image "
+                                                "resized to the model's 32 px)"),
+        (["--edit", i, "--region", "9,0,9,8"], "--region 9,0,9,8 is empty: x0=9 must be less than x1=9"),
+        (["--edit", i, "--region", "0,0,8"], "--region is '0,0,8'; expected x0,y0,x1,y1"),
+        (["--edit", i, "--region", "1,0,32,31"], "--region covers all 64 token cells, so nothing of the image is kept"),
+        (["--outpaint", i, "--region", "0,0,29,32"], "--region covers all 64 token cells, so nothing is left to outpaint"),
+        (["--edit", i, "--mask", f"{t}/small.png"], "--mask is 20x20 pixels but --edit is 40x30"),
+        (["--edit", i, "--mask", f"{t}/black.png"], "error: --mask is all black (nothing to regenerate); paint"),
+        (["--edit", i, "--mask", f"{t}/white.png"], "error: --mask is all white (all regenerated, nothing kept); paint"),
+        (["--edit", f"{t}/junk.png", "--region", "0,0,4,4"], f"--edit '{t}/junk.png' is not an image file"),
+        (["--edit", f"{t}/none.png", "--region", "0,0,4,4"], f"--edit '{t}/none.png' does not exist"),
+        (["--edit", i, "--mask", f"{t}/junk.png"], f"--mask '{t}/junk.png' is not an image file"),
+        (["--variations", i, "--keep", "1.5"], "--keep is 1.5; allowed: a number more than 0 and less than 1"),
+        (["--variations", i, "--keep", "0"], "--keep is 0; allowed: a number more than 0 and less than 1"),
+        (["--variations", i, "--keep", "abc"], "--keep is 'abc'; allowed: a number more than 0 and less than 1"),
+        (["--variations", i, "--keep", "-0.5"], "--keep is -0.5; allowed: a number more than 0 and less than 1"),
+        (["--variations", i, "--keep", "-.5,"], "--keep is '-.5,'; allowed: a number more than 0 and less than 1"),
+        (["--edit", i, "--region", "-4,0,8,8"], "error: --region -4,0,8,8 is outside the 32x32 image"),
+        (["--edit", i, "--region", "-4,0,8"], "error: --region is '-4,0,8'; expected x0,y0,x1,y1"),
+        (["--edit", i, "--region", "0,0,4,4", "--mask", f"{t}/black.png"],
+         "error: --region and --mask were both given; give one of them"),
+        (["--prime", i, "--prime-rows", "-1"], "error: --prime-rows is -1; allowed: 1 to 7"),
+        (["--prime", i, "--prime-rows", "0"], "error: --prime-rows is 0; allowed: 1 to 7"),
+        (["--prime", i, "--prime-rows", "8"], "error: --prime-rows is 8; allowed: 1 to 7"),
+        (["--prime-rows", "3"], "error: --prime-rows is 3 but no --prime image was given"),
+        (["--edit", i, "--prime", i, "--region", "0,0,4,4"], "--prime and --edit were both given; give one of --prime, "
+                                                             "--edit, --outpaint, --variations"),
+        (["--region", "0,0,4,4"], "--region is '0,0,4,4' but no --edit or --outpaint was given"),
+        (["--outpaint", i, "--region", "0,0,4,4", "--mask", f"{t}/black.png"], "but no --edit was given"),
+        (["--edit", i, "--keep", "0.5", "--region", "0,0,4,4"], "--keep is 0.5 but no --variations was given"),
+        (["--edit", i], "--edit needs --region x0,y0,x1,y1 or --mask"),
+        (["--outpaint", i], "--outpaint needs --region x0,y0,x1,y1"),
+    ]
+
+
+def test_bad_edit_flags_are_one_line_before_any_work(tiny, tmp_path, capsys, monkeypatch):
+    """Each bad editing flag fails in one line naming it, before a Prefect server starts or a store is opened."""
+    import flows.cli
+
+    monkeypatch.setattr(flows.cli, "check_prefect_server", lambda: pytest.fail("started Prefect"))
+    monkeypatch.setattr(flows.cli, "check_store", lambda cfg: pytest.fail("opened the store"))
+    config, make = tiny
+    for flags, message in _edit_errors(tmp_path):
+        assert main(["generate", "-c", config, *sum((["--set", o] for o in make()), []), "a red circle", *flags]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, (flags, err)
+
+
+def test_bad_edit_flags_with_a_model_fail_before_it_loads(generated, tmp_path, capsys, monkeypatch):
+    import tasks.models
+    from tests.flows.exported_model import exported_folder
+
+    tmp, ov, _ = generated
+    folder = str(exported_folder(str(tmp), tuple(ov)))
+    monkeypatch.setattr(tasks.models, "load_model", lambda *a, **k: pytest.fail("loaded the model"))
+    for flags, message in _edit_errors(tmp_path):
+        assert main(["generate", "--model", folder, "a red circle", "--out", str(tmp_path / "out"), *flags]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, (flags, err)

@@ -11,6 +11,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import numpy as np
 import pytest
 import uvicorn
 from fastapi.testclient import TestClient
@@ -93,7 +94,7 @@ def test_job_progress_and_image_download(client):
     ({"prompt": "x", "num_candidates": 9}, 400, "num_candidates is 9; allowed: 1 to 8"),
     ({"prompt": "x", "num_candidates": 0}, 400, "num_candidates: Input should be greater than or equal to 1 (got 0)"),
     ({"prompt": "x", "top_p": 1.5}, 400, "top_p: Input should be less than or equal to 1 (got 1.5)"),
-    ({"prompt": "x", "colour": "red"}, 400, "colour: Extra inputs are not permitted"),
+    ({"prompt": "x", "colour": "red"}, 400, "colour is not a field of this API; allowed: prompt, num_candidates"),
     ({"prompt": "x", "prime_image": "%%%"}, 400, "prime_image is not base64"),
     ({"prompt": "x", "prime_image": base64.b64encode(b"GIF89a broken").decode()}, 400, "is not an image file"),
     ({"prompt": "x", "prime_image": base64.b64encode(_png()).decode(), "prime_rows": 8}, 400, "prime_rows is 8; allowed: 1 to 7"),
@@ -106,11 +107,46 @@ def test_job_progress_and_image_download(client):
     ({"prompt": "x", "num_candidates": True}, 400, "num_candidates: Input should be a valid integer"),
     ({"prompt": "x", "num_candidates": 2.0}, 400, "num_candidates: Input should be a valid integer"),
     ({"prompt": "x", "seed": "7"}, 400, "seed: Input should be a valid integer"),
+    ({"prompt": "x", "edit_image": base64.b64encode(_png()).decode()}, 400, "edit_mode inpaint needs region"),
+    ({"prompt": "x", "edit_image": base64.b64encode(_png()).decode(), "region": [0, 0, 40, 8]}, 400,
+     "region 0,0,40,8 is outside the 32x32 image"),
+    ({"prompt": "x", "edit_image": base64.b64encode(_png()).decode(), "region": [0, 0, 32, 32]}, 400,
+     "nothing of the image is kept"),
+    ({"prompt": "x", "edit_image": base64.b64encode(_png()).decode(), "region": [8, 0, 8, 4]}, 400, "is empty: x0=8"),
+    ({"prompt": "x", "edit_image": base64.b64encode(_png()).decode(), "edit_mode": "outpaint", "region": [1, 1, 31, 31]},
+     400, "nothing is left to outpaint"),
+    ({"prompt": "x", "edit_image": "%%%", "region": [0, 0, 4, 4]}, 400, "edit_image is not base64"),
+    ({"prompt": "x", "edit_image": base64.b64encode(b"GIF89a broken").decode(), "region": [0, 0, 4, 4]}, 400,
+     "edit image (13 bytes) is not an image file"),
+    ({"prompt": "x", "region": [0, 0, 4, 4]}, 400, "region is set but no edit_image was sent"),
+    ({"prompt": "x", "edit_mode": "outpaint"}, 400, "edit_mode outpaint is set but no edit_image was sent"),
+    ({"prompt": "x", "edit_mode": "inpaint"}, 400, "edit_mode inpaint is set but no edit_image was sent"),
+    ({"prompt": "x", "edit_mode": "variations", "keep": 0.5}, 400, "edit_mode variations is set but no edit_image"),
+    ({"prompt": "x", "edit_image": base64.b64encode(_png()).decode(), "region": [True, 0, 8, 8]}, 400,
+     "region.0: Input should be a valid integer (got true)"),
+    ({"prompt": "x", "edit_image": base64.b64encode(_png()).decode(), "region": [0, 0, 8.0, 8]}, 400,
+     "region.2: Input should be a valid integer (got 8.0)"),
+    ({"prompt": "x", "edit_image": base64.b64encode(_png()).decode(), "edit_mode": "variations", "keep": 1}, 400,
+     "keep: Input should be less than 1"),
+    ({"prompt": "x", "edit_image": base64.b64encode(_png()).decode(), "edit_mode": "variations",
+      "region": [0, 0, 4, 4]}, 400, "region does not apply to edit_mode variations"),
+    ({"prompt": "x", "edit_image": base64.b64encode(_png()).decode(), "prime_image": base64.b64encode(_png()).decode(),
+      "region": [0, 0, 4, 4]}, 400, "prime_image and edit_image were both sent"),
 ])
 def test_bad_requests_are_4xx_with_one_line(client, body, status, message):
     reply = client.post("/api/generate", json=body)
     assert reply.status_code == status and message in reply.json()["error"], reply.text
     assert "\n" not in reply.json()["error"]
+
+
+def test_a_long_value_is_described_not_echoed(client):
+    image = base64.b64encode(_png()).decode()
+    for body, message in (({"prompt": "x", "image": image}, "image is not a field of this API; allowed: prompt, "),
+                          ({"prompt": "x", "prime_rows": image}, f"prime_rows: Input should be a valid integer (got a "
+                                                                 f"string of {len(image)} characters)")):
+        reply = client.post("/api/generate", json=body)
+        error = reply.json()["error"]
+        assert reply.status_code == 400 and error.startswith(message) and image[:8] not in error, error
 
 
 def test_malformed_json_and_unknown_jobs(client):
@@ -185,6 +221,32 @@ def test_primed_request_keeps_the_prime_rows(client, pipe):
                                                "prime_image": f"data:image/png;base64,{prime}", "prime_rows": 2})
     assert reply.status_code == 200 and reply.json()["result"]["primed"]
     assert reply.json()["result"]["settings"]["prime_rows"] == 2
+
+
+def _kept_codes_hold(result: dict) -> bool:
+    """Whether every candidate of an edit's result has the source's code in each cell its mask keeps ('0'),
+    and some candidate differs from the source where it samples."""
+    edit = result["edit"]
+    source = edit["source_tokens"]
+    kept = all(codes[i] == source[i] for codes, mask in zip(edit["image_tokens"], edit["masks"])
+               for i, m in enumerate(mask) if m == "0")
+    redrawn = any(codes[i] != source[i] for codes, mask in zip(edit["image_tokens"], edit["masks"])
+                  for i, m in enumerate(mask) if m == "1")
+    return kept and redrawn and len(edit["image_tokens"]) == len(result["images"])
+
+
+def test_an_edit_request_keeps_the_codes_outside_its_region(client):
+    image = base64.b64encode(_png((48, 40), "RGB")).decode()
+    reply = client.post("/api/generate", json={"prompt": "a red circle", "num_candidates": 3, "seed": 5,
+                                               "edit_image": f"data:image/png;base64,{image}", "region": [5, 4, 18, 13]})
+    assert reply.status_code == 200, reply.text
+    result = reply.json()["result"]
+    expect = ["1" if 1 <= y <= 3 and 1 <= x <= 4 else "0" for y in range(8) for x in range(8)]  # snapped outward
+    assert result["edited"] and result["edit"]["masks"] == ["".join(expect)] * 3 and _kept_codes_hold(result)
+    variations = client.post("/api/generate", json={"prompt": "a red circle", "num_candidates": 3, "seed": 5,
+                                                    "edit_image": image, "edit_mode": "variations", "keep": 0.25})
+    result = variations.json()["result"]
+    assert [m.count("0") for m in result["edit"]["masks"]] == [16] * 3 and _kept_codes_hold(result)
 
 
 def test_a_failing_model_fails_the_request_not_the_server(pipe, monkeypatch):
@@ -266,6 +328,27 @@ def test_the_page_in_a_headless_browser(live, tmp_path):
         page.click("#go")
         expect(page.locator("#settings-shown")).to_contain_text("primed (4 rows)")
         expect(figures).to_have_count(6)
+        page.set_input_files("#prime", [])  # edit instead: draw a rectangle on an uploaded image
+        page.locator("summary", has_text="Edit an image").click()
+        source = tmp_path / "source.png"
+        Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(source)
+        page.set_input_files("#edit", str(source))
+        canvas = page.locator("#edit-canvas")
+        expect(canvas).to_be_visible()
+        canvas.scroll_into_view_if_needed()
+        box = canvas.bounding_box()  # 256 px on screen for 32 model pixels: 8 screen px a model pixel
+        page.mouse.move(box["x"] + 5 * 8 + 3, box["y"] + 4 * 8 + 3)
+        page.mouse.down()
+        page.mouse.move(box["x"] + 12 * 8 + 3, box["y"] + 10 * 8 + 3, steps=4)
+        page.mouse.up()
+        expect(page.locator("#region-shown")).to_contain_text("region 5,4,13,11")  # both corner pixels inside
+        jobs = []
+        page.on("response", lambda r: jobs.append(r) if "/api/jobs/" in r.url and "/images/" not in r.url else None)
+        page.click("#go")
+        expect(page.locator("#settings-shown")).to_contain_text("inpaint of region 5,4,13,11")
+        expect(figures).to_have_count(6)
+        result = jobs[-1].json()["result"]
+        assert result["edit"]["region"] == [5, 4, 13, 11] and _kept_codes_hold(result)
         page.fill("#prompt", "")
         page.click("#go")
         expect(page.locator("#error")).to_have_text("prompt is empty; type what the image should show")
