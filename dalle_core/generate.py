@@ -161,15 +161,6 @@ class DALLEPipeline:
         return self.dvae.encode(x)[0].flatten()
 
     @torch.inference_mode()
-    def prime(self, image: np.ndarray, rows: int) -> tuple[torch.Tensor, np.ndarray]:
-        """A (H, W, 3) uint8 image at the dVAE's size -> (its top `rows` rows of codes, flat; its reconstruction)."""
-        codes = self.encode(image)
-        side = self.transformer.c.image_grid
-        recon = to_uint8_tensor(self.dvae.decode(codes.view(1, side, side)), self.normalization.mean,
-                                self.normalization.std)[0].cpu().numpy()
-        return codes[:rows * side], recon
-
-    @torch.inference_mode()
     def candidates(self, prompts: list[str], n: int, seeds: list[int], batch_size: int = 64,
                    temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
                    cond_scale: float = 1.0, edit: Edit | None = None, progress: Progress | None = None,
