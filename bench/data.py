@@ -18,7 +18,7 @@ from dalle_core.dvae import DiscreteVAE
 
 
 def dvae_encode(s: Settings, precision: str = "fp32", batch: int = 512, batches: int = 8) -> dict:
-    """The reference dVAE's encoding images/s on the CPU, channels-last as tasks.dvae loads it."""
+    """The reference dVAE's encoding images/s on the CPU, channels-last as tasks.models loads it."""
     model = DiscreteVAE(REF_DVAE).eval().to(memory_format=torch.channels_last)
     x = torch.randn(batch, 3, 32, 32)
 
@@ -31,9 +31,9 @@ def dvae_encode(s: Settings, precision: str = "fp32", batch: int = 512, batches:
 
 
 def pretokenize(s: Settings, precision: str = "fp32", scale: int = 1) -> dict:
-    """End-to-end pre-tokenization (the encode_shards flow) of `scale` x --pretokenize-images shapes images, with
-    the process's peak RSS. One timed run in a fresh process, not Timer's repeats: a second run would find the
-    stage finished, and the peak RSS must be this flow's alone."""
+    """End-to-end pre-tokenization (the pipeline's pretokenize stage) of `scale` x --pretokenize-images shapes
+    images, with the process's peak RSS. One timed run in a fresh process, not Timer's repeats: a second run would
+    find the stage finished, and the peak RSS must be this run's alone."""
     images = scale * s.pretokenize_images
     with tempfile.TemporaryDirectory() as root:
         out = subprocess.run([sys.executable, "-m", "bench.data", str(images), root, precision],
@@ -49,19 +49,17 @@ def _pretokenize_child(num_images: int, root: str, precision: str) -> dict:
     from prefect.testing.utilities import prefect_test_harness
 
     from dalle_core.config import config_from_dict
-    from flows.pretokenize import encode_shards_flow
-    from flows.train_bpe import train_bpe_flow
-    from tasks.common import open_store, stage_keys, state_bytes
+    from flows.pipeline import pipeline_flow
+    from tasks.artifacts import open_store
+    from tasks.checkpoints import state_bytes
+    from tasks.stages import stage_keys
 
     overrides = {"data": {"shapes": {"num_images": num_images}, "shard_size": 4096},
                  "dvae": {"codebook_size": 512, "codebook_dim": 256, "hidden": 64, "encode_precision": precision},
                  "store": root, "tracking": {"uri": f"sqlite:///{root}/mlflow.db"}}
     cfg = config_from_dict(overrides)
-    cfg_path = os.path.join(root, "bench.yaml")
-    with open(cfg_path, "w") as f:
-        json.dump(cfg.model_dump(mode="json"), f)
     with prefect_test_harness(server_startup_timeout=120):
-        train_bpe_flow(config=cfg_path)  # ingests first
+        pipeline_flow(cfg, until="bpe")  # ingests first
         store, keys = open_store(cfg), stage_keys(cfg)
         model = DiscreteVAE(REF_DVAE)  # untrained weights cost the same to run
         store.write_bytes(store.path("dvae", keys["dvae"], "model.safetensors"), state_bytes(model))
@@ -70,7 +68,7 @@ def _pretokenize_child(num_images: int, root: str, precision: str) -> dict:
         store.finish("dvae", keys["dvae"], config={}, inputs={})
         rss_before = peak_rss_mb()
         t0 = time.perf_counter()
-        encode_shards_flow(config=cfg_path)
+        pipeline_flow(cfg, only=["pretokenize"])
         seconds = time.perf_counter() - t0
     return {"images": num_images, "seconds": seconds, "images_per_s": num_images / seconds,
             "rss_before_mb": rss_before, "peak_rss_mb": peak_rss_mb()}
@@ -96,7 +94,7 @@ def token_loader(s: Settings) -> dict:
                               "image_tokens": pa.FixedSizeListArray.from_arrays(
                                   pa.array(rng.integers(0, 512, n * 64).astype(np.uint16)), 64)},
                              schema=tokens_schema(64, 1000))
-            paths.append(store.path("tokens", "bench", "train", shard_name(i)))
+            paths.append(store.path("pretokenize", "bench", "train", shard_name(i)))
             write_shard(store, paths[-1], table)
         batches = ShardStream(ParquetShards(store), paths, ["text_tokens", "image_tokens"], decode_tokens, 16,
                               window_rows=8192).batches()
@@ -132,7 +130,7 @@ def image_loader(s: Settings, workers: int, image_size: int = 256, images: int =
             rows.append({"id": rid, "caption": caption, "image": png_bytes(noisy)})
         paths = []
         for i in range(0, images, 256):
-            paths.append(store.path("images", "bench", "train", shard_name(i // 256)))
+            paths.append(store.path("ingest", "bench", "train", shard_name(i // 256)))
             write_shard(store, paths[-1], pa.Table.from_pylist(rows[i:i + 256], schema=IMAGES_SCHEMA),
                         image_row_group(image_size))
         png_kb = sum(len(r["image"]) for r in rows) / len(rows) / 1024

@@ -22,8 +22,10 @@ from dalle_core.dvae import evaluate_dvae, laplacian_variance
 from dalle_core.images import grid, png_bytes, to_tensor, to_uint8
 from dalle_core.loader import decode_images
 from storage.parquet import shard_paths
-from tasks.common import batch_stream, open_store, stage_keys
-from tasks.dvae import load_dvae
+from tasks.artifacts import open_store
+from tasks.models import load_dvae
+from tasks.stages import stage_keys
+from tasks.training import batch_stream
 
 
 def main() -> None:
@@ -39,7 +41,7 @@ def main() -> None:
         cfg = load_config(args.config, [o for o in overrides.split(";") if o])
         store, keys = open_store(cfg), stage_keys(cfg)
         model, norm = load_dvae(store, keys["dvae"])
-        val = shard_paths(store, "images", keys["images"], "val")
+        val = shard_paths(store, "ingest", keys["ingest"], "val")
 
         def batches(size: int = 256, cfg=cfg, store=store, val=val):
             return batch_stream(cfg, store, val, ["image"], decode_images, size, torch.device("cpu"), shuffle=False)

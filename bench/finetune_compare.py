@@ -16,7 +16,8 @@ from dalle_core.config import load_config
 from dalle_core.evaluation import faithfulness
 from dalle_core.images import decode_png
 from storage.parquet import read_shard
-from tasks.common import open_store, stage_keys
+from tasks.artifacts import open_store
+from tasks.stages import stage_keys
 
 
 def run_row(config: str, overrides: list[str], colour: str) -> dict:
@@ -25,9 +26,9 @@ def run_row(config: str, overrides: list[str], colour: str) -> dict:
     cfg = load_config(config, overrides)
     store, keys = open_store(cfg), stage_keys(cfg)
     transformer = store.require("transformer", keys["transformer"])
-    store.require("evaluation", keys["evaluation"])
-    report = store.read_json(store.path("evaluation", keys["evaluation"], "evaluation.json"))
-    rows = read_shard(store, store.path("evaluation", keys["evaluation"], "generations.parquet"),
+    store.require("evaluate", keys["evaluate"])
+    report = store.read_json(store.path("evaluate", keys["evaluate"], "evaluation.json"))
+    rows = read_shard(store, store.path("evaluate", keys["evaluate"], "generations.parquet"),
                       ["prompt", "candidate", "rank", "image"]).to_pylist()
     val = list(dict.fromkeys(r["prompt"] for r in rows))[:report["generation"]["prompts"]]  # val prompts first
     named = {p for p in val if colour in p.split()}

@@ -33,8 +33,9 @@ def shapes_model(folder: str) -> bool:
         shutil.copytree(os.environ["DALLE_BENCH_MODEL"], folder)
         return True
     from dalle_core.config import load_config
-    from tasks.common import open_store, stage_keys
+    from tasks.artifacts import open_store
     from tasks.export import export_model
+    from tasks.stages import stage_keys
 
     cfg = load_config(SHAPES)
     store, keys = open_store(cfg), stage_keys(cfg)

@@ -215,3 +215,52 @@ class InceptionFID:
                 x = torch.from_numpy(np.ascontiguousarray(images[i:i + batch])).permute(0, 3, 1, 2).to(self.device)
                 metric.update(x, real=is_real)
         return float(metric.compute())
+
+
+# ------------------------------------------------------------ the evaluation table
+
+# The per-split table's rows, in reading order (evaluation.json stores keys sorted).
+SPLIT_METRICS = ("prompts", "r_precision_top1", "r_precision_random", "r_precision_real", "r_precision_chance",
+                 "fd_clip_top1", "fd_clip_random", "fd_clip_real_halves", "fid_top1", "fid_real_halves",
+                 "nn_own_image_top1", "nn_pixel_own_top1", "nn_pixel_own_random", "nn_similarity_top1",
+                 "nn_similarity_real", "dvae_psnr", "dvae_ssim")
+
+
+def flat_metrics(report: dict, prefix: str = "") -> dict[str, float]:
+    """The report's numbers as `section.sub.name` -> float (MLflow metric names: `@` becomes `_at_`)."""
+    out = {}
+    for k, v in report.items():
+        if isinstance(v, dict):
+            out.update(flat_metrics(v, f"{prefix}{k}."))
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[f"{prefix}{k}".replace("@", "_at_")] = float(v)
+    return out
+
+
+def format_report(report: dict) -> str:
+    """The evaluation as a plain-text table."""
+    lines = ["evaluation", "-" * 64]
+    for section in ("dvae", "transformer", "clip", "generation"):
+        for k, v in report.get(section, {}).items():
+            lines.append(f"{section + '.' + k:<44} {v:>10.4g}" if isinstance(v, float) else f"{section + '.' + k:<44} {v:>10}")
+    splits = report.get("splits")
+    if splits:
+        names = list(splits)
+        lines += ["-" * 64, "per split".ljust(28) + "".join(f"{n[:13]:>14}" for n in names)]
+        present = {k for m in splits.values() for k in m}
+        metrics = [k for k in SPLIT_METRICS if k in present] + sorted(present - set(SPLIT_METRICS))
+        for k in metrics:
+            cells = [splits[n].get(k) for n in names]
+            lines.append(k.ljust(28) + "".join(f"{'-':>14}" if v is None else f"{v:>14}" if isinstance(v, int)
+                                               else f"{v:>14.3f}" for v in cells))
+    faith = report.get("faithfulness")
+    if faith:
+        cols = [c for c in ("top1", "random", "dvae_reconstruction") if c in faith]
+        labels = {"top1": "top-1", "random": "random", "dvae_reconstruction": "dVAE recon"}
+        lines += ["-" * 64, "caption faithfulness".ljust(28) + "".join(f"{labels[c]:>12}" for c in cols)]
+        for k in faith["top1"]:
+            lines.append(k.ljust(28) + "".join(f"{faith[c].get(k, float('nan')):>12.3f}" for c in cols))
+        if "holdout_pairs" in faith:
+            h = faith["holdout_pairs"]
+            lines.append(f"held-out colour-shape pairs ({h['prompts']} prompts): all attributes {h.get('overall.all', 0):.3f}")
+    return "\n".join(lines)

@@ -62,51 +62,10 @@ def check_store(cfg) -> None:
         _probe(uri)
 
 
-def check_batches(cfg, stages: list[str]) -> None:
-    """Once the images are ingested: every stage of `stages` still to train can fill a batch (one-line
-    ConfigError naming the key otherwise)."""
-    from tasks.checks import check_batch_sizes
-    from tasks.common import open_store, stage_keys
-
-    check_batch_sizes(cfg, open_store(cfg), stage_keys(cfg), stages)
-
-
-def _ingested(cfg) -> bool:
-    from tasks.common import open_store, stage_keys
-
-    return open_store(cfg).is_complete("images", stage_keys(cfg)["images"])
-
-
-def _with_upstream(command: str) -> list[str]:
-    """The pipeline stages a stage command runs: its own and every one upstream of it, in pipeline order."""
-    from tasks.pipeline import NEEDS, STAGES
-
-    todo = [{"train-dvae": "dvae", "train-bpe": "bpe", "train-transformer": "transformer",
-             "train-clip": "clip"}.get(command, command)]
-    for stage in todo:
-        todo += [n for n in NEEDS[stage] if n not in todo]
-    return [s for s in STAGES if s in todo]
-
-
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", "-c", default=None, help="YAML run config (default: built-in defaults)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config key, e.g. --set dvae.codebook_size=1024 (repeatable)")
-
-
-def _stage_flows() -> dict:
-    from flows.evaluate import evaluate_flow
-    from flows.generate import generate_flow
-    from flows.ingest import ingest_flow
-    from flows.pretokenize import pretokenize_flow
-    from flows.train_bpe import train_bpe_flow
-    from flows.train_clip import train_clip_flow
-    from flows.train_dvae import train_dvae_flow
-    from flows.train_transformer import train_transformer_flow
-
-    return {"ingest": ingest_flow, "train-dvae": train_dvae_flow, "train-bpe": train_bpe_flow,
-            "pretokenize": pretokenize_flow, "train-transformer": train_transformer_flow,
-            "train-clip": train_clip_flow, "generate": generate_flow, "evaluate": evaluate_flow}
 
 
 def _human(n: float) -> str:
@@ -120,7 +79,8 @@ def _human(n: float) -> str:
 def cmd_status(args) -> int:
     """List the artifacts with their state; a damaged one says what is wrong and how to redo it."""
     from storage.store import redo_hint
-    from tasks.common import open_store, stage_keys
+    from tasks.artifacts import open_store
+    from tasks.stages import stage_keys
 
     cfg = load_config(args.config, args.overrides)
     store = open_store(cfg)
@@ -141,7 +101,8 @@ def cmd_status(args) -> int:
 def cmd_gc(args) -> int:
     """Remove incomplete and damaged artifacts (and, with --unreferenced, those the config does not use);
     an artifact another run is working on is kept."""
-    from tasks.common import open_store, stage_keys
+    from tasks.artifacts import open_store
+    from tasks.stages import stage_keys
 
     cfg = load_config(args.config, args.overrides)
     store = open_store(cfg)
@@ -165,7 +126,7 @@ def cmd_ui(args) -> int:
     import subprocess
 
     from storage.tracking import has_runs, tracking_uri
-    from tasks.common import open_store
+    from tasks.artifacts import open_store
 
     cfg = load_config(args.config, args.overrides)
     uri = tracking_uri(cfg.tracking.uri, open_store(cfg))
@@ -178,18 +139,47 @@ def cmd_ui(args) -> int:
                             "--workers", str(args.workers)])
 
 
-def _print_results(cfg, stages_ran: list[str]) -> None:
+def _print_results(cfg, refs: dict) -> None:
     """After generation/evaluation: the evaluation table and where the pictures are."""
-    from tasks.common import open_store, stage_keys
+    from tasks.artifacts import open_store
     from tasks.evaluate import format_report
 
-    store, keys = open_store(cfg), stage_keys(cfg)
-    if "evaluate" in stages_ran and store.is_complete("evaluation", keys["evaluation"]):
-        print(format_report(store.read_json(store.path("evaluation", keys["evaluation"], "evaluation.json"))))
-        print(f"evaluation: {store.uri(store.path('evaluation', keys['evaluation'], 'evaluation.json'))}")
-        print(f"top-1 vs random candidate: {store.uri(store.path('evaluation', keys['evaluation'], 'top1_vs_random.png'))}")
-    if "generate" in stages_ran and store.is_complete("generations", keys["generations"]):
-        print(f"contact sheet: {store.uri(store.path('generations', keys['generations'], 'contact_sheet.png'))}")
+    store = open_store(cfg)
+    if "evaluate" in refs:
+        folder = store.path("evaluate", refs["evaluate"].key)
+        print(format_report(store.read_json(f"{folder}/evaluation.json")))
+        print(f"evaluation: {store.uri(folder + '/evaluation.json')}")
+        print(f"top-1 vs random candidate: {store.uri(folder + '/top1_vs_random.png')}")
+    if "generate" in refs:
+        folder = store.path("generate", refs["generate"].key)
+        print(f"contact sheet: {store.uri(folder + '/contact_sheet.png')}")
+
+
+def run_pipeline(cfg, only: list[str] | None = None, from_stage: str | None = None, until: str | None = None,
+                 force: list[str] | None = None) -> dict:
+    """Check what can be checked before Prefect starts (the store, the stages, the upstream artifacts, the
+    batch sizes once the images exist, fine-tuning sources), then run the pipeline flow and print its result."""
+    from flows.pipeline import pipeline_flow
+    from tasks.plan import PipelinePlan
+    from tasks.source_fit import check_fine_tuning
+
+    check_store(cfg)
+    plan = PipelinePlan(cfg, only, from_stage, until)
+    if force:
+        from tasks.stages import check_names
+
+        check_names(force, "--force")
+    else:
+        plan.check_upstream()
+        plan.check_batches(plan.stored("ingest"))
+    check_fine_tuning(cfg, plan.stages)
+    check_prefect_server()
+    refs = pipeline_flow(cfg, only=only, from_stage=from_stage, until=until, force=force)
+    print("\npipeline")
+    for stage, r in refs.items():
+        print(f"  {stage:<12} {r}")
+    _print_results(cfg, refs)
+    return refs
 
 
 def cmd_stage(args) -> int:
@@ -217,28 +207,17 @@ def cmd_stage(args) -> int:
             return cmd_generate_model(args, prompts)
         if prompts:
             args.overrides.append(f"generate.prompts={json.dumps(prompts)}")
-        from flows.model_cli import edit_overrides
+        from flows.edit_flags import edit_overrides
 
         args.overrides += edit_overrides(args)  # --prime, --edit, ...: checked as with --model, before Prefect starts
     cfg = load_config(args.config, args.overrides)  # fail on a bad config before Prefect starts
-    check_store(cfg)
-    from tasks.checks import trains
-    from tasks.model_source import check_fine_tuning
+    from tasks.stages import COMMANDS
 
-    stages = _with_upstream(args.command)
-    check_batches(cfg, stages)
-    check_fine_tuning(cfg, stages)
-    check_prefect_server()
-    if any(trains(cfg, s) for s in stages) and not _ingested(cfg):  # the batch checks need the row counts
-        _stage_flows()["ingest"](config=args.config, overrides=args.overrides)
-        check_batches(cfg, stages)
-    result = _stage_flows()[args.command](config=args.config, overrides=args.overrides)
-    print(result)
-    _print_results(cfg, {"generate": ["generate"], "evaluate": ["evaluate"]}.get(args.command, []))
+    refs = run_pipeline(cfg, until=COMMANDS[args.command])
     if args.command == "generate" and args.out:
         from tasks.generate import export_generations
 
-        for path in export_generations(cfg, result.key, args.out):
+        for path in export_generations(cfg, refs["generate"].key, args.out):
             print(path)
     return 0
 
@@ -246,15 +225,15 @@ def cmd_stage(args) -> int:
 def cmd_data_emoji(args) -> int:
     """Build the OpenMoji or Noto Emoji imagefolder (deterministic; an identical build already there is kept)."""
     from dalle_core.emoji_set import BuildOptions
-    from tasks.common import Progress
+    from tasks.logs import progress
 
     opts = BuildOptions(size=args.size, skin_tones=not args.no_skin_tones, val_fraction=args.val_fraction,
                         variant_fraction=args.variant_fraction, limit=args.limit)
-    progress = Progress(args.dataset, None, "images")
+    meter = progress(args.dataset, None, "images")
 
     def rendered(done: int, total: int) -> None:
-        progress.total = total  # known once the catalogue is read
-        progress.update()
+        meter.total = total  # known once the catalogue is read
+        meter.update()
 
     if args.dataset == "noto":
         from dalle_core.noto_emoji import build as build_noto
@@ -264,6 +243,7 @@ def cmd_data_emoji(args) -> int:
         from dalle_core.openmoji import build
 
         summary = build(args.out, opts, rendered)
+    meter.close()
     state = "already built" if summary["cached"] else "built"
     def counts(d: dict) -> str:
         return ", ".join(f"{n} {name}" for name, n in d.items()) or "none"
@@ -275,30 +255,12 @@ def cmd_data_emoji(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from flows.pipeline import pipeline_flow
-    from tasks.model_source import check_fine_tuning
-    from tasks.pipeline import check_upstream, select_stages
-
     cfg = load_config(args.config, args.overrides)
-    stages = select_stages(args.only, args.from_stage)
-    for s in args.force or []:
-        select_stages([s], None)
-    check_store(cfg)
     if args.register:
         from storage.registry import check_model_name
 
         check_model_name(args.register)
-    if not args.force:
-        check_upstream(cfg, stages)
-        check_batches(cfg, stages)
-    check_fine_tuning(cfg, stages)
-    check_prefect_server()
-    refs = pipeline_flow(config=args.config, overrides=args.overrides, only=args.only, from_stage=args.from_stage,
-                         force=args.force)
-    print("\npipeline")
-    for stage, r in refs.items():
-        print(f"  {stage:<12} {r}")
-    _print_results(cfg, stages)
+    run_pipeline(cfg, only=args.only, from_stage=args.from_stage, force=args.force)
     if args.register:
         from flows.model_cli import register_after_run
 
@@ -316,8 +278,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", nargs="+", metavar="STAGE", help="redo these stages and everything downstream")
     p.add_argument("--register", metavar="NAME", help="at the end, export the models and register them in MLflow as NAME")
     p.set_defaults(func=cmd_run)
-    for name in _stage_flows():
-        p = sub.add_parser(name, help=f"run the {name} stage (and any missing upstream stage)")
+    from tasks.stages import COMMANDS
+
+    for name, stage in COMMANDS.items():
+        p = sub.add_parser(name, help=f"run the pipeline up to the {stage} stage (finished stages are reused)")
         _common(p)
         p.set_defaults(func=cmd_stage)
     gen = sub.choices["generate"]
@@ -391,7 +355,8 @@ def _local_store_root(args) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    from flows.model_cli import join_signed_values
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "dalle")  # our log lines in the Prefect UI too
+    from flows.edit_flags import join_signed_values
 
     args = build_parser().parse_args(join_signed_values(sys.argv[1:] if argv is None else list(argv)))
     from flows.console import FailureLog

@@ -1,59 +1,46 @@
-"""The whole pipeline as one flow: each stage a subflow, one parent MLflow run, re-runs from cache."""
+"""The pipeline: one flow, whose body is the DAG. Each stage is a task that takes its upstream artifacts as
+arguments and returns its own, so Prefect draws the graph from the data; a stage command (`dalle
+train-transformer`) is this flow run up to that stage."""
 
 from __future__ import annotations
 
 from prefect import flow
 
-from dalle_core.config import load_config
-from flows.evaluate import evaluate_flow
-from flows.generate import generate_flow
-from flows.ingest import ingest_flow
-from flows.pretokenize import pretokenize_flow
-from flows.stage import run_stage
-from flows.train_bpe import train_bpe_flow
-from flows.train_clip import train_clip_flow
-from flows.train_dvae import train_dvae_flow
-from flows.train_transformer import train_transformer_flow
-from storage.tracking import one_line_error
-from tasks.checks import TRAINED, check_batch_sizes
-from tasks.common import ArtifactRef, open_store, stage_keys
-from tasks.pipeline import (
-    NEEDS,
-    Stage,
-    end_pipeline_run,
-    force_stages,
-    select_stages,
-    start_pipeline_run,
-)
-
-STAGE_FLOWS = {"ingest": ingest_flow, "dvae": train_dvae_flow, "bpe": train_bpe_flow, "pretokenize": pretokenize_flow,
-               "transformer": train_transformer_flow, "clip": train_clip_flow, "generate": generate_flow,
-               "evaluate": evaluate_flow}
+from dalle_core.config import Config
+from tasks.artifacts import ArtifactRef
+from tasks.bpe import train_bpe
+from tasks.clip import train_clip
+from tasks.dvae import train_dvae
+from tasks.evaluate import evaluate
+from tasks.generate import generate
+from tasks.ingest import ingest
+from tasks.plan import PipelinePlan
+from tasks.pretokenize import pretokenize
+from tasks.runs import pipeline_run
+from tasks.stages import StageName
+from tasks.transformer import train_transformer
 
 
-@flow(name="pipeline")
-def pipeline_flow(config: str | None = None, overrides: list[str] | None = None, only: list[Stage] | None = None,
-                  from_stage: Stage | None = None, force: list[Stage] | None = None) -> dict[str, str]:
-    """ingest -> (dvae, bpe) -> pretokenize -> transformer; bpe -> clip; (transformer, clip) -> generate, evaluate.
-
-    The stages run one after another: the independent ones (dVAE and BPE, transformer and CLIP) would
-    only compete for the same cores or GPU, since each training stage already uses all of them."""
-    cfg = load_config(config, overrides or [])
-    stages = select_stages(only, from_stage)
+@flow(name="pipeline", validate_parameters=True)
+def pipeline_flow(cfg: Config, only: list[StageName] | None = None, from_stage: StageName | None = None,
+                  until: StageName | None = None, force: list[StageName] | None = None) -> dict[str, ArtifactRef]:
+    """Train and evaluate a DALL-E-style model under the run config `cfg`: every stage, `only` some, all
+    `from_stage` on, or everything `until` reads and `until` itself. Finished stages are reused from the store;
+    `force` redoes those stages and everything after them. Returns the artifact of each stage that ran or was
+    reused."""
+    plan = PipelinePlan(cfg, only, from_stage, until)
     if force:
-        force_stages(cfg, force)
-    # A copy of the id that Prefect does not link to the task that made it: the parent MLflow run is
-    # bookkeeping, and an edge from start-pipeline-run to every stage would hide the DAG in the run graph.
-    run_id = start_pipeline_run(cfg, stages).encode().decode()
-    refs: dict[str, ArtifactRef] = {}
-    try:
-        for stage in stages:  # each stage gets its upstream artifacts: Prefect draws the DAG from them
-            if stage in TRAINED and not any(s in TRAINED for s in refs):  # the images exist; nothing trained yet
-                check_batch_sizes(cfg, open_store(cfg), stage_keys(cfg), stages)
-            inputs = {need: refs[need] for need in NEEDS[stage] if need in refs}
-            refs[stage] = run_stage(STAGE_FLOWS[stage], config, overrides, run_id, upstream=False, inputs=inputs)
-    except BaseException as err:
-        end_pipeline_run(cfg, run_id, refs, error=one_line_error(err))
-        raise
-    end_pipeline_run(cfg, run_id, refs)
-    return {stage: str(r) for stage, r in refs.items()}
+        plan.force(force)
+    plan.check_upstream()
+    with pipeline_run(cfg, plan.stages) as refs:
+        stage = plan.runner(refs)
+        images = stage(ingest)
+        plan.check_batches(images)
+        dvae = stage(train_dvae, images)
+        bpe = stage(train_bpe, images)
+        tokens = stage(pretokenize, images, dvae, bpe)
+        transformer = stage(train_transformer, tokens, dvae)
+        clip = stage(train_clip, images, bpe)
+        generations = stage(generate, images, dvae, bpe, transformer, clip)
+        stage(evaluate, images, dvae, bpe, transformer, clip, generations)
+    return refs

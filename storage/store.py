@@ -27,9 +27,10 @@ import filelock
 import fsspec
 
 MANIFEST = "manifest.json"
-STAGES = ("images", "dvae", "bpe", "tokens", "transformer", "clip", "generations", "evaluation")
-# The `dalle run --force` name of each store stage (the CLI names stages by what they do).
-COMMAND = {"images": "ingest", "tokens": "pretokenize", "generations": "generate", "evaluation": "evaluate"}
+# The pipeline's stages, one folder each (tasks/stages.py holds their graph); the retired folder names of stores
+# made before the stages had one name each are still listed, so `dalle gc --unreferenced` removes them.
+STAGES = ("ingest", "dvae", "bpe", "pretokenize", "transformer", "clip", "generate", "evaluate")
+RETIRED = ("images", "tokens", "generations", "evaluation")
 DAMAGED = ".damaged-"  # a damaged artifact is moved aside to `<stage>/<key>.damaged-<time>`
 LOCKS = ".locks"
 _log = logging.getLogger("dalle")
@@ -70,7 +71,7 @@ def code_version() -> str:
 
 def redo_hint(stage: str) -> str:
     """How a user redoes a store stage's artifact, as the end of an error line."""
-    return f"redo it with `dalle run --force {COMMAND.get(stage, stage)}`"
+    return f"redo it with `dalle run --force {stage}`"
 
 
 def file_sha256(fs, path: str) -> str:
@@ -506,7 +507,7 @@ class ArtifactStore:
         """Every artifact under the root with its state; damaged ones (and those moved aside) say why."""
         out = []
         for st in [stage] if stage else self.listdir(self.root):
-            if st not in STAGES:
+            if st not in STAGES + RETIRED:
                 continue
             for key in self.listdir(posixpath.join(self.root, st)):
                 state, problem, m = self.check(st, key, verify)

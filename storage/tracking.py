@@ -190,16 +190,20 @@ def code_version() -> dict[str, str]:
             "git_dirty": "true" if dirty else "false"}
 
 
-def producer_run(uri: str, experiment: str, stage: str, key: str) -> str | None:
-    """The id of the finished run that made artifact `stage/key`, if this tracking store has it."""
+def producer_run(uri: str, experiment: str | None, stage: str, key: str) -> tuple[str, str] | None:
+    """(run id, experiment id) of the finished run that made artifact `stage/key`, if this tracking store has it:
+    in `experiment`, or in any experiment when None."""
     client = _client(uri)
-    exp = client.get_experiment_by_name(experiment)
-    if exp is None:
+    if experiment is None:
+        ids = [e.experiment_id for e in client.search_experiments()]
+    else:
+        ids = [exp.experiment_id] if (exp := client.get_experiment_by_name(experiment)) else []
+    if not ids:
         return None
-    runs = client.search_runs([exp.experiment_id], f"tags.stage_key = '{key}' and tags.stage = '{stage}' and "
-                              "attributes.status = 'FINISHED'", order_by=["attributes.start_time DESC"],
-                              max_results=50)
-    return next((r.info.run_id for r in runs if r.data.tags.get("cached") != "true"), None)
+    runs = client.search_runs(ids, f"tags.stage_key = '{key}' and tags.stage = '{stage}' and "
+                              "attributes.status = 'FINISHED'", order_by=["attributes.start_time DESC"], max_results=50)
+    run = next((r for r in runs if r.data.tags.get("cached") != "true"), None)
+    return (run.info.run_id, run.info.experiment_id) if run else None
 
 
 def one_line_error(exc: BaseException) -> str:

@@ -8,9 +8,9 @@ from dalle_core.loader import rank_units
 from storage.parquet import ParquetShards, shard_paths
 from storage.store import ArtifactStore
 
-# Pipeline stage -> the store stage it writes; these three draw full training batches from the images' rows
-# (the transformer through the tokens, one row per image).
-TRAINED = {"dvae": "dvae", "transformer": "transformer", "clip": "clip"}
+# The stages that draw full training batches from the ingested rows (the transformer through the token shards,
+# one row per image).
+TRAINED = ("dvae", "transformer", "clip")
 
 
 def trains(cfg: Config, stage: str) -> bool:
@@ -27,12 +27,12 @@ def trains(cfg: Config, stage: str) -> bool:
 def batch_size_problems(cfg: Config, store: ArtifactStore, keys: dict[str, str], stages: list[str]) -> list[str]:
     """One line per stage of `stages` still to train whose `<stage>.train.batch_size` is larger than the
     training rows one of its processes gets (a shuffled stream yields full batches only)."""
-    paths = shard_paths(store, "images", keys["images"], "train")
+    paths = shard_paths(store, "ingest", keys["ingest"], "train")
     reader = ParquetShards(store)
     rows: dict[int, int] = {}  # processes -> the fewest training rows one of them gets
     out = []
     for stage in stages:
-        if not trains(cfg, stage) or store.is_complete(TRAINED[stage], keys[stage]):
+        if not trains(cfg, stage) or store.is_complete(stage, keys[stage]):
             continue
         train_cfg = getattr(cfg, stage).train
         world = train_cfg.nproc * train_cfg.nnodes
@@ -41,14 +41,14 @@ def batch_size_problems(cfg: Config, store: ArtifactStore, keys: dict[str, str],
         if train_cfg.batch_size > rows[world]:
             each = "" if world == 1 else f" each of its {world} processes gets"
             out.append(f"{stage}.train.batch_size={train_cfg.batch_size} is larger than the {rows[world]} training rows"
-                       f"{each} of images/{keys['images']}; use at most {rows[world]}")
+                       f"{each} of ingest/{keys['ingest']}; use at most {rows[world]}")
     return out
 
 
 def check_batch_sizes(cfg: Config, store: ArtifactStore, keys: dict[str, str], stages: list[str]) -> None:
     """Raise ConfigError (the first problem, one line) when a stage to train cannot fill one batch; nothing to
     check before the images are ingested."""
-    if not store.is_complete("images", keys["images"]):
+    if not store.is_complete("ingest", keys["ingest"]):
         return
     problems = batch_size_problems(cfg, store, keys, stages)
     if problems:

@@ -1,13 +1,10 @@
-"""Evaluation stage: how good are this pipeline's images? -> `evaluation/<key>/evaluation.json`.
+"""The evaluate stage: how good are this pipeline's images? -> `evaluate/<key>/evaluation.json`.
 
-Collects each stage's validation numbers, samples candidates for a fixed set of
-val captions (and some training captions) to measure the CLIP reranking gain
-(best of N vs a random candidate) and, per split (seen captions, each val
-subset), CLIP R-precision, Fréchet distance in CLIP space with its real-halves
-floor, nearest-training-image memorisation (in CLIP space, and in downsampled
-pixel space for the top-1 and a random candidate) and the dVAE's PSNR/SSIM. On the
-shapes dataset it also checks caption faithfulness of the top-1 image, a random
-candidate, and the dVAE reconstruction of the real image.
+Takes candidates for a fixed set of val captions (and some training captions): the generate stage's own where it
+sampled the same prompt with the same settings, the rest made by its `sample_candidates`. Measures the CLIP
+reranking gain (best of N vs a random candidate) and, per split (seen captions, each val subset), CLIP
+R-precision, Fréchet distance in CLIP space with its real-halves floor, nearest-training-image memorisation (in
+CLIP space, and in downsampled pixel space) and the dVAE's PSNR/SSIM; on shapes, caption faithfulness.
 """
 
 from __future__ import annotations
@@ -22,9 +19,11 @@ from prefect import task
 from prefect.cache_policies import NONE
 
 from dalle_core.config import Config
-from dalle_core.evaluation import (
+from dalle_core.evaluation import (  # noqa: F401  (the table's one implementation)
     InceptionFID,
     faithfulness,
+    flat_metrics,
+    format_report,
     frechet_distance,
     has_pair,
     is_shapes_caption,
@@ -37,28 +36,18 @@ from dalle_core.evaluation import (
     ssim,
     subset_groups,
 )
-from dalle_core.generate import DALLEPipeline, prompt_seed, prompts_per_batch
+from dalle_core.generate import DALLEPipeline, prompt_seed
 from dalle_core.images import decode_png, grid, png_bytes, psnr, to_tensor, to_uint8
-from storage.parquet import GENERATIONS_SCHEMA, iter_batches, shard_paths, write_shard
-from storage.store import ArtifactStore
-from storage.tracking import StageRun
-from tasks.common import (
-    ArtifactRef,
-    Progress,
-    claimed,
-    open_store,
-    ref,
-    reuse,
-    stage_keys,
-    stage_run,
-)
-from tasks.generate import candidate_rows, load_pipeline
+from storage.parquet import GENERATIONS_SCHEMA, iter_batches, read_shard, shard_paths, write_shard
+from tasks.artifacts import ArtifactRef, Work, run_name, run_stage
+from tasks.generate import MODELS, sample_candidates
+from tasks.models import load_pipeline
 
 
-def _val_rows(store, images_key: str, limit: int) -> tuple[list[str], np.ndarray, list[str]]:
+def _val_rows(store, ingest_key: str, limit: int) -> tuple[list[str], np.ndarray, list[str]]:
     """The first `limit` val rows: captions, images, and each row's subset label ("val" where the source has none)."""
     captions, images, subsets = [], [], []
-    for batch in iter_batches(store, shard_paths(store, "images", images_key, "val"), ["caption", "image", "subset"]):
+    for batch in iter_batches(store, shard_paths(store, "ingest", ingest_key, "val"), ["caption", "image", "subset"]):
         captions += batch.column("caption").to_pylist()
         images += [decode_png(b) for b in batch.column("image").to_pylist()]
         subsets += [s or "val" for s in batch.column("subset").to_pylist()]
@@ -79,15 +68,15 @@ class TrainSide:
     prompt_images: np.ndarray  # (P, H, W, 3)
 
 
-def _train_side(store, images_key: str, reranker, limit: int, prompts: int, seed: int) -> TrainSide:
+def _train_side(store, ingest_key: str, reranker, limit: int, prompts: int, seed: int) -> TrainSide:
     """Embed and downsample the first `limit` training images in one pass, a batch at a time; only the drawn
     prompts' full images are kept."""
-    total = min(limit, store.manifest("images", images_key)["rows"]["train"])
+    total = min(limit, store.manifest("ingest", ingest_key)["rows"]["train"])
     rows = sorted(int(i) for i in np.random.default_rng(seed).choice(total, size=min(prompts, total), replace=False))
     captions: list[str] = []
     kept: list[np.ndarray] = []
     embeddings, small = [], []
-    for batch in iter_batches(store, shard_paths(store, "images", images_key, "train"), ["caption", "image"],
+    for batch in iter_batches(store, shard_paths(store, "ingest", ingest_key, "train"), ["caption", "image"],
                               batch_size=256):
         start = len(captions)
         pixels = np.stack([decode_png(b) for b in batch.column("image").to_pylist()[:total - start]])
@@ -101,26 +90,20 @@ def _train_side(store, images_key: str, reranker, limit: int, prompts: int, seed
                      np.stack(kept) if kept else np.zeros((0,)))
 
 
-@task(name="evaluate", cache_policy=NONE)
-def evaluate_task(cfg: Config, parent_run_id: str | None = None) -> ArtifactRef:
-    store, keys = open_store(cfg), stage_keys(cfg)
-    key, eval_cfg = keys["evaluation"], cfg.evaluate
-    if done := reuse(store, "evaluation", key, cfg, parent_run_id):
-        return done
-    for stage in ("dvae", "transformer", "clip", "bpe", "images"):
-        store.require(stage, keys[stage])
-    store.prepare("evaluation", key)
-    with claimed(store, "evaluation", key), stage_run(cfg, store, "evaluation", key, eval_cfg.model_dump(mode="json"),
-                                                      parent_run_id) as run:
-        _evaluate(cfg, store, keys, run)
-    return ref(store, "evaluation", key, cached=False)
+@task(name="evaluate", task_run_name=run_name("evaluate"), cache_policy=NONE)
+def evaluate(cfg: Config, ingest: ArtifactRef, dvae: ArtifactRef, bpe: ArtifactRef, transformer: ArtifactRef,
+             clip: ArtifactRef, generate: ArtifactRef) -> ArtifactRef:
+    """The evaluation table of this pipeline's models, on `generate`'s candidates and more."""
+    inputs = dict(ingest=ingest, dvae=dvae, bpe=bpe, transformer=transformer, clip=clip, generate=generate)
+    return run_stage(cfg, "evaluate", inputs, _evaluate, cfg.evaluate.model_dump(mode="json"))
 
 
-def _evaluate(cfg: Config, store: ArtifactStore, keys: dict, run: StageRun) -> None:
-    """Measure, write `evaluation/<key>/` and log it to the stage's MLflow run."""
-    key, eval_cfg, gen_cfg = keys["evaluation"], cfg.evaluate, cfg.generate
-    pipe = load_pipeline(cfg)
-    report: dict = {"keys": {s: keys[s] for s in ("images", "dvae", "bpe", "tokens", "transformer", "clip")}}
+def _evaluate(w: Work) -> dict:
+    """Measure, write `evaluate/<key>/` and log it to the stage's MLflow run; the manifest's fields."""
+    cfg, store, run, eval_cfg = w.cfg, w.store, w.run, w.cfg.evaluate
+    keys = {s: r.key for s, r in w.inputs.items()}
+    pipe = load_pipeline(cfg, keys)
+    report: dict = {"keys": keys}
     dvae_m = store.read_json(store.path("dvae", keys["dvae"], "metrics.json"))
     report["dvae"] = {"val_psnr": dvae_m["val_psnr"], "val_code_usage_fraction": dvae_m["val_code_usage_fraction"]}
     tr_m = store.read_json(store.path("transformer", keys["transformer"], "metrics.json"))
@@ -130,29 +113,18 @@ def _evaluate(cfg: Config, store: ArtifactStore, keys: dict, run: StageRun) -> N
         report["clip"] = {k: clip_m[k] for k in ("val_i2t_recall_at_1", "val_t2i_recall_at_1", "val_chance_recall_at_1")
                           if k in clip_m}
 
-    val_captions, val_real, val_subsets = _val_rows(store, keys["images"], eval_cfg.num_prompts)
-    train = _train_side(store, keys["images"], pipe.reranker, eval_cfg.train_images, eval_cfg.train_prompts, eval_cfg.seed)
+    val_captions, val_real, val_subsets = _val_rows(store, keys["ingest"], eval_cfg.num_prompts)
+    train = _train_side(store, keys["ingest"], pipe.reranker, eval_cfg.train_images, eval_cfg.train_prompts,
+                        eval_cfg.seed)
     # Prompts: the val captions first (their seeds are those of earlier evaluations), then the drawn train rows.
     captions = val_captions + train.prompt_captions
     real = np.concatenate([val_real, train.prompt_images]) if train.prompt_captions else val_real
     n_val, n = len(val_captions), eval_cfg.num_candidates
-    scores = np.zeros((len(captions), n), dtype=np.float32)
-    top1, random_pick, rows = [], [], []
-    progress = Progress("evaluate", len(captions), "prompts")
-    t0 = time.perf_counter()
-    per_call = prompts_per_batch(n, gen_cfg.batch_size)  # one sampling batch per call
-    for first in range(0, len(captions), per_call):
-        group = captions[first:first + per_call]
-        seeds = [prompt_seed(eval_cfg.seed, first + j) for j in range(len(group))]
-        results = pipe.candidates(group, n, seeds, gen_cfg.batch_size, gen_cfg.temperature, gen_cfg.top_k, gen_cfg.top_p, gen_cfg.cond_scale)
-        for i, caption, seed, (images, s, _, codes) in zip(range(first, first + len(group)), group, seeds, results):
-            scores[i] = s
-            top1.append(images[int(np.argmax(s))])
-            random_pick.append(images[0])  # candidates are i.i.d. draws, so the first is a random one
-            rows += candidate_rows(caption, seed, images, s, codes)
-        progress.update(len(group), extra=f"{(first + len(group)) * n / (time.perf_counter() - t0):.0f} images/s")
-    report["generation"] = {"prompts": n_val, "candidates": n, **rerank_gain(scores[:n_val]),
-                            "images_per_s": len(captions) * n / max(time.perf_counter() - t0, 1e-9)}
+    rows, generation = _candidates(w, keys, captions, n)
+    scores = np.array([[r["clip_score"] for r in p] for p in rows], dtype=np.float32)
+    top1 = [decode_png(next(r for r in p if r["rank"] == 0)["image"]) for p in rows]
+    random_pick = [decode_png(p[0]["image"]) for p in rows]  # candidates are i.i.d. draws: the first is a random one
+    report["generation"] = {"prompts": n_val, "candidates": n, **rerank_gain(scores[:n_val]), **generation}
 
     with torch.inference_mode():
         recon = np.concatenate([_reconstruct(pipe, real[i:i + 256]) for i in range(0, len(real), 256)])
@@ -179,13 +151,44 @@ def _evaluate(cfg: Config, store: ArtifactStore, keys: dict, run: StageRun) -> N
     run.log_image(sheet, "top1_vs_random.png")
     run.log_dict(report, "evaluation.json")
     run.log_text(format_report(report), "evaluation.txt")
-    write_shard(store, store.path("evaluation", key, "generations.parquet"),
-                pa.Table.from_pylist(rows, schema=GENERATIONS_SCHEMA))
-    store.write_bytes(store.path("evaluation", key, "top1_vs_random.png"), png_bytes(sheet))
-    store.write_json(store.path("evaluation", key, "evaluation.json"), report)
-    store.finish("evaluation", key, config=eval_cfg.model_dump(mode="json"),
-                 inputs={s: keys[s] for s in ("images", "dvae", "bpe", "transformer", "clip")},
-                 rows={"generations": len(rows)})
+    table = pa.Table.from_pylist([r for p in rows for r in p], schema=GENERATIONS_SCHEMA)
+    write_shard(store, w.path("generations.parquet"), table)
+    store.write_bytes(w.path("top1_vs_random.png"), png_bytes(sheet))
+    store.write_json(w.path("evaluation.json"), report)
+    if store.exists(w.path("parts")):
+        store.fs.rm(w.path("parts"), recursive=True)
+    return {"config": eval_cfg.model_dump(mode="json"), "rows": {"generations": table.num_rows}}
+
+
+def _candidates(w: Work, keys: dict[str, str], captions: list[str], n: int) -> tuple[list[list[dict]], dict]:
+    """Per caption, its `n` candidates' rows in candidate order: the generate stage's own where it sampled that
+    prompt with these settings (the first time a caption appears), the rest sampled now by the generate stage's
+    `sample_candidates` (prompt i with seed `prompt_seed(evaluate.seed, i)`). And how many came from where."""
+    cfg, gen = w.cfg, w.cfg.generate
+    reused: dict[str, list[dict]] = {}
+    if n == gen.num_candidates and gen.prime_image is None and gen.edit_mode is None:
+        made = read_shard(w.store, w.input_path("generate", "generations.parquet"),
+                          ["prompt", "candidate", "rank", "clip_score", "seed", "image", "image_tokens"]).to_pylist()
+        for r in made:
+            reused.setdefault(r["prompt"], []).append(r)
+    take = {}
+    for i, c in enumerate(captions):
+        if c in reused and c not in take.values() and len(reused[c]) == n:
+            take[i] = c
+    todo = [i for i in range(len(captions)) if i not in take]
+    began = time.perf_counter()
+    table, _ = sample_candidates(cfg, {s: keys[s] for s in MODELS}, w.path("parts"), [captions[i] for i in todo],
+                                 [prompt_seed(cfg.evaluate.seed, i) for i in todo], n)
+    sampled = table.to_pylist()
+    rows: list[list[dict]] = []
+    for i in range(len(captions)):
+        if i in take:
+            rows.append(sorted(reused[take[i]], key=lambda r: r["candidate"]))
+        else:
+            j = todo.index(i)
+            rows.append(sampled[j * n:(j + 1) * n])
+    speed = {"images_per_s": len(todo) * n / max(time.perf_counter() - began, 1e-9)} if todo else {}
+    return rows, {"from_generate_stage": len(take), "sampled_for_evaluation": len(todo), **speed}
 
 
 def _reconstruct(pipe: DALLEPipeline, images: np.ndarray) -> np.ndarray:
@@ -245,49 +248,3 @@ def _split_metrics(pipe: DALLEPipeline, groups: dict[str, list[int]], captions: 
         m["dvae_ssim"] = float(ssim(x[idx], y[idx]).mean())
         out[name] = m
     return out
-
-
-# The per-split table's rows, in reading order (evaluation.json stores keys sorted).
-SPLIT_METRICS = ("prompts", "r_precision_top1", "r_precision_random", "r_precision_real", "r_precision_chance",
-                 "fd_clip_top1", "fd_clip_random", "fd_clip_real_halves", "fid_top1", "fid_real_halves",
-                 "nn_own_image_top1", "nn_pixel_own_top1", "nn_pixel_own_random", "nn_similarity_top1",
-                 "nn_similarity_real", "dvae_psnr", "dvae_ssim")
-
-
-def flat_metrics(report: dict, prefix: str = "") -> dict[str, float]:
-    out = {}
-    for k, v in report.items():
-        if isinstance(v, dict):
-            out.update(flat_metrics(v, f"{prefix}{k}."))
-        elif isinstance(v, (int, float)) and not isinstance(v, bool):
-            out[f"{prefix}{k}".replace("@", "_at_")] = float(v)
-    return out
-
-
-def format_report(report: dict) -> str:
-    """The evaluation as a plain-text table."""
-    lines = ["evaluation", "-" * 64]
-    for section in ("dvae", "transformer", "clip", "generation"):
-        for k, v in report.get(section, {}).items():
-            lines.append(f"{section + '.' + k:<44} {v:>10.4g}" if isinstance(v, float) else f"{section + '.' + k:<44} {v:>10}")
-    splits = report.get("splits")
-    if splits:
-        names = list(splits)
-        lines += ["-" * 64, "per split".ljust(28) + "".join(f"{n[:13]:>14}" for n in names)]
-        present = {k for m in splits.values() for k in m}
-        metrics = [k for k in SPLIT_METRICS if k in present] + sorted(present - set(SPLIT_METRICS))
-        for k in metrics:
-            cells = [splits[n].get(k) for n in names]
-            lines.append(k.ljust(28) + "".join(f"{'-':>14}" if v is None else f"{v:>14}" if isinstance(v, int)
-                                               else f"{v:>14.3f}" for v in cells))
-    faith = report.get("faithfulness")
-    if faith:
-        cols = [c for c in ("top1", "random", "dvae_reconstruction") if c in faith]
-        labels = {"top1": "top-1", "random": "random", "dvae_reconstruction": "dVAE recon"}
-        lines += ["-" * 64, "caption faithfulness".ljust(28) + "".join(f"{labels[c]:>12}" for c in cols)]
-        for k in faith["top1"]:
-            lines.append(k.ljust(28) + "".join(f"{faith[c].get(k, float('nan')):>12.3f}" for c in cols))
-        if "holdout_pairs" in faith:
-            h = faith["holdout_pairs"]
-            lines.append(f"held-out colour-shape pairs ({h['prompts']} prompts): all attributes {h.get('overall.all', 0):.3f}")
-    return "\n".join(lines)

@@ -21,9 +21,10 @@ from dalle_core.export import (
 from dalle_core.generate import SAMPLING_DEFAULTS
 from dalle_core.images import grid, png_bytes
 from storage.store import ArtifactStore
-from tasks.common import open_store, stage_keys
+from tasks.artifacts import open_store
 from tasks.generate import val_captions
 from tasks.model_card import data_licence, headline_metrics, model_card
+from tasks.stages import stage_keys
 
 MODEL_STAGES = ("transformer", "dvae", "bpe", "clip")
 
@@ -58,9 +59,9 @@ def model_files(cfg: Config, store: ArtifactStore, keys: dict[str, str]) -> dict
     files["tokenizer/config.json"] = json_bytes({"text_len": cfg.text.text_len, "pad_id": pad_id})
     spec = cfg.clip.pretrained
     if spec and not os.path.isfile(spec):  # an open_clip model: its weights as loaded
-        from tasks.clip import load_reranker
+        from tasks.models import load_reranker
 
-        clip = open_clip_files(load_reranker(cfg, store).model, spec.partition(":")[0])
+        clip = open_clip_files(load_reranker(cfg, store, keys["clip"]).model, spec.partition(":")[0])
     else:
         if spec:
             with open(spec, "rb") as f:
@@ -76,13 +77,13 @@ def model_files(cfg: Config, store: ArtifactStore, keys: dict[str, str]) -> dict
 def samples_picture(cfg: Config, store: ArtifactStore, keys: dict[str, str]) -> tuple[bytes, str]:
     """(PNG, where from) of the run's top-1 samples: the evaluation's top-1-vs-random sheet, else the generation
     stage's contact sheet, else top-1 of `generate.num_candidates` for four val captions, drawn now."""
-    for stage, key, name in (("evaluation", keys["evaluation"], "top1_vs_random.png"),
-                             ("generations", keys["generations"], "contact_sheet.png")):
+    for stage, key, name in (("evaluate", keys["evaluate"], "top1_vs_random.png"),
+                             ("generate", keys["generate"], "contact_sheet.png")):
         if store.is_complete(stage, key):
             return store.read_bytes(store.path(stage, key, name)), f"{stage}/{key}/{name}"
-    from tasks.generate import load_pipeline
+    from tasks.models import load_pipeline
 
-    prompts = val_captions(store, keys["images"], 4) if store.is_complete("images", keys["images"]) else []
+    prompts = val_captions(store, keys["ingest"], 4) if store.is_complete("ingest", keys["ingest"]) else []
     prompts = prompts or ["a red circle"]
     out = load_pipeline(cfg)(prompts, **sampling_defaults(cfg))
     sheet = grid([[images[0]] for images in out.pixels], prompts, scale=3,
@@ -96,9 +97,9 @@ def training_commit(cfg: Config, store: ArtifactStore, transformer_key: str) -> 
     from storage.tracking import _client, code_version, producer_run, tracking_uri
 
     uri = tracking_uri(cfg.tracking.uri, store)
-    run_id = producer_run(uri, cfg.tracking.experiment, "transformer", transformer_key)
+    found = producer_run(uri, cfg.tracking.experiment, "transformer", transformer_key)
     tags, of = code_version(), "export"
-    if run_id:
+    if run_id := found and found[0]:
         run_tags = _client(uri).get_run(run_id).data.tags
         if "mlflow.source.git.commit" in run_tags:
             tags, of = run_tags, "training"
@@ -119,11 +120,11 @@ def export_model(cfg: Config, out_dir: str) -> Export:
     licence = data_licence(cfg)
     files.update({f"data/{name}": data for name, data in licence.files.items()})
     evaluation = None
-    if store.is_complete("evaluation", keys["evaluation"]):
-        evaluation = store.read_json(store.path("evaluation", keys["evaluation"], "evaluation.json"))
+    if store.is_complete("evaluate", keys["evaluate"]):
+        evaluation = store.read_json(store.path("evaluate", keys["evaluate"], "evaluation.json"))
     config = os.path.basename(cfg.tracking.source) if cfg.tracking.source else None  # no machine paths
     source = {"config": config, **training_commit(cfg, store, keys["transformer"]),
-              "stage_keys": {s: keys[s] for s in (*MODEL_STAGES, "images", "tokens")}}
+              "stage_keys": {s: keys[s] for s in (*MODEL_STAGES, "ingest", "pretokenize")}}
     image_size = json.loads(files["dvae/config.json"])["model"]["image_size"]
     metrics = headline_metrics(manifests, evaluation)
     # each component file's sha256 (first 16 hex digits), so a damaged copy is found before it is loaded
@@ -131,7 +132,7 @@ def export_model(cfg: Config, out_dir: str) -> Export:
                  if name.split("/")[0] in COMPONENTS}
     files["model_index.json"] = json_bytes(index(image_size, sampling_defaults(cfg), source=source,
                                                  data_licence=licence.spdx, metrics=metrics, sha256=checksums))
-    example = (val_captions(store, keys["images"], 1) if store.is_complete("images", keys["images"]) else []) or \
+    example = (val_captions(store, keys["ingest"], 1) if store.is_complete("ingest", keys["ingest"]) else []) or \
         ["a red circle"]
     files["README.md"] = model_card(cfg, manifests, metrics, evaluation, licence, source, samples_from,
                                     example[0]).encode()
@@ -155,8 +156,8 @@ def register_export(cfg: Config, export: Export, name: str):
     store, keys = open_store(cfg), export.keys
     uri = tracking_uri(cfg.tracking.uri, store)
     idx = json.loads((Path(export.folder) / "model_index.json").read_text(encoding="utf-8"))
-    runs = {stage: producer_run(uri, cfg.tracking.experiment, stage, keys[stage])
-            for stage in ("dvae", "bpe", "transformer", "clip", "evaluation")}
+    runs = {stage: (producer_run(uri, cfg.tracking.experiment, stage, keys[stage]) or (None,))[0]
+            for stage in ("dvae", "bpe", "transformer", "clip", "evaluate")}
     made_by = ", ".join(f"{s} run `{r}`" for s, r in runs.items() if r) or "runs not in this tracking store"
     description = (f"`{idx['source']['config'] or '(built-in defaults)'}`'s model (transformer `{keys['transformer']}`), "
                    f"made by {made_by}. Serve it: `mlflow models serve -m models:/{name}/<version> --env-manager "

@@ -9,7 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dalle_core.config import ConfigError
-from tasks.model_source import ModelSource, check_fine_tuning, load_reason, model_source
+from tasks.model_source import ModelSource, load_reason, model_source
+from tasks.source_fit import check_fine_tuning
 
 
 @dataclass
@@ -48,13 +49,12 @@ def start_model(cfg, stage: str, model, store) -> Start:
         source = model_source(section.init_from, stage, store, f"{stage}.init_from")
         try:
             missing, unexpected = model.load_state_dict(source.state_dict(), strict=False)
+            missing = [k for k in missing if not k.startswith("discriminator.")]
+            why = f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}" if unexpected else ""
         except Exception as err:  # safetensors' and torch's own kinds: another shape, a damaged file
-            raise ConfigError(f"{stage}.init_from {source.spec!r} does not load into this run's {stage}: "
-                              f"{load_reason(err)}") from None
-        missing = [k for k in missing if not k.startswith("discriminator.")]
-        if missing or unexpected:
-            raise ConfigError(f"{stage}.init_from {source.spec!r} does not load into this run's {stage}: "
-                              f"{'missing ' + missing[0] if missing else 'unexpected ' + unexpected[0]}")
+            why = load_reason(err)
+        if why:
+            raise ConfigError(f"{stage}.init_from {source.spec!r} does not load into this run's {stage}: {why}")
     parts = {"transformer": (DALLE_PARTS, getattr(section, "depth", 0)),
              "clip": (CLIP_PARTS, max(getattr(section, "vision_layers", 0), getattr(section, "text_layers", 0)))}
     if stage in parts:
@@ -66,31 +66,16 @@ def start_model(cfg, stage: str, model, store) -> Start:
     return Start(source, list(section.train.freeze), trainable, total)
 
 
-def source_run(uri: str, stage: str, key: str) -> tuple[str, str] | None:
-    """(run id, experiment id) of the finished run that made `stage/key`, in any experiment of the tracking
-    store at `uri`; None when it is not there."""
-    from storage.tracking import _client
-
-    client = _client(uri)
-    ids = [e.experiment_id for e in client.search_experiments()]
-    if not ids:
-        return None
-    runs = client.search_runs(ids, f"tags.stage_key = '{key}' and tags.stage = '{stage}' and "
-                              "attributes.status = 'FINISHED'", order_by=["attributes.start_time DESC"], max_results=50)
-    run = next((r for r in runs if r.data.tags.get("cached") != "true"), None)
-    return (run.info.run_id, run.info.experiment_id) if run else None
-
-
 def source_tags(cfg, source: ModelSource, store, prefix: str = "init_from") -> dict[str, str]:
     """MLflow tags naming a source: `<prefix>` (the spec), `.digest`, `.kind`, and `.run_id` with a link to the
     run that made it when that run is in this run's tracking store (else `.run_id` says it is not)."""
-    from storage.tracking import tracking_uri
-    from tasks.pipeline import run_link
+    from storage.tracking import producer_run, tracking_uri
+    from tasks.runs import run_link
 
     tags = {prefix: source.spec, f"{prefix}.digest": source.digest, f"{prefix}.kind": source.kind,
             f"{prefix}.location": source.location}
     uri = tracking_uri(cfg.tracking.uri, store)
-    found = source_run(uri, *source.made_by) if source.made_by else None
+    found = producer_run(uri, None, *source.made_by) if source.made_by else None
     if found:
         tags[f"{prefix}.run_id"], tags[f"{prefix}.run_url"] = found[0], run_link(uri, found[1], found[0])
     else:
@@ -106,48 +91,42 @@ def source_note(tags: dict[str, str], prefix: str = "init_from") -> str:
     return f"{verb} `{tags[prefix]}` ({tags[prefix + '.kind']}, content digest {tags[prefix + '.digest']}){link}."
 
 
-def take_tokenizer(cfg, stage: str, parent_run_id: str | None = None):
-    """The dvae or bpe stage under `tokenizers_from`: the exported model's dVAE (config.json, model.safetensors)
-    or BPE (tokenizer.json) written to `<stage>/<key>` as they are, nothing trained; the key is their content
-    digest, and the manifest and MLflow run record where they came from. Returns the stage's ArtifactRef."""
+def take_tokenizer(w) -> dict:
+    """The dvae or bpe stage's work under `tokenizers_from`: the exported model's dVAE (config.json,
+    model.safetensors) or BPE (tokenizer.json) written to `<stage>/<key>` as they are, nothing trained; the key is
+    their content digest, and the manifest and MLflow run record where they came from. Returns the manifest's
+    fields."""
     from dalle_core.bpe import TextTokenizer
     from dalle_core.export import build_dvae, read_index
-    from tasks.common import claimed, logger, open_store, ref, reuse, stage_keys, stage_run
+    from tasks.logs import log
+    from tasks.stages import stage_keys
 
-    store, keys = open_store(cfg), stage_keys(cfg)
-    key, component = keys[stage], "dvae" if stage == "dvae" else "tokenizer"
-    if done := reuse(store, stage, key, cfg, parent_run_id):
-        return done
-    with claimed(store, stage, key):
-        check_fine_tuning(cfg, [], store, keys)
-        source = model_source(cfg.tokenizers_from, component, None, "tokenizers_from")
-        store.prepare(stage, key)
-        with stage_run(cfg, store, stage, key, {"tokenizers_from": cfg.tokenizers_from}, parent_run_id) as run:
-            tags = source_tags(cfg, source, store, "tokenizers_from")
-            run.set_tags({**tags, "mlflow.note.content": source_note(tags, "tokenizers_from")})
-            if stage == "dvae":
-                model = build_dvae(source.model_config())
-                try:  # a damaged file fails here, not in the tokens stage
-                    model.load_state_dict(source.state_dict())
-                except Exception as err:
-                    raise ConfigError(f"tokenizers_from {source.spec!r}: its dVAE does not load: {load_reason(err)}") from None
-                made = {"grid": [model.c.grid_size] * 2, "codebook_size": model.c.codebook_size}
-                names = ("config.json", "model.safetensors")
-                # the val numbers its own run measured (on that run's data), as the export's index keeps them
-                measured = read_index(Path(source.location).parent).get("metrics", {})
-                store.write_json(store.path(stage, key, "metrics.json"), {
-                    "val_psnr": measured.get("dvae.val_psnr", float("nan")),
-                    "val_code_usage_fraction": measured.get("dvae.val_code_usage_fraction", float("nan")),
-                    "steps": 0, "measured_on": f"the data of the run that made {source.spec}"})
-            else:
-                tok = TextTokenizer.from_str(source.read("tokenizer.json").decode(), cfg.text.text_len)
-                made = {"pad_id": tok.pad_id, "text_len": cfg.text.text_len, "vocab_size": tok.vocab_size}
-                names = ("tokenizer.json",)
-            for name in names:
-                store.write_bytes(store.path(stage, key, name), source.read(name))
-            manifest = store.finish(stage, key, config={"tokenizers_from": cfg.tokenizers_from}, inputs={}, steps=0,
-                                    tokenizers_from={**source.record(), "run_id": tags["tokenizers_from.run_id"]},
-                                    **made)
-            run.log_dict(manifest, "manifest.json")
-    logger().info("%s/%s: taken from %s (digest %s), not trained", stage, key, source.location, source.digest)
-    return ref(store, stage, key, cached=False)
+    cfg, store, stage, key = w.cfg, w.store, w.stage, w.key
+    component = "dvae" if stage == "dvae" else "tokenizer"
+    check_fine_tuning(cfg, [], store, stage_keys(cfg))
+    source = model_source(cfg.tokenizers_from, component, None, "tokenizers_from")
+    tags = source_tags(cfg, source, store, "tokenizers_from")
+    w.run.set_tags({**tags, "mlflow.note.content": source_note(tags, "tokenizers_from")})
+    if stage == "dvae":
+        model = build_dvae(source.model_config())
+        try:  # a damaged file fails here, not in the pretokenize stage
+            model.load_state_dict(source.state_dict())
+        except Exception as err:
+            raise ConfigError(f"tokenizers_from {source.spec!r}: its dVAE does not load: {load_reason(err)}") from None
+        made = {"grid": [model.c.grid_size] * 2, "codebook_size": model.c.codebook_size}
+        names = ("config.json", "model.safetensors")
+        # the val numbers its own run measured (on that run's data), as the export's index keeps them
+        measured = read_index(Path(source.location).parent).get("metrics", {})
+        store.write_json(w.path("metrics.json"), {
+            "val_psnr": measured.get("dvae.val_psnr", float("nan")),
+            "val_code_usage_fraction": measured.get("dvae.val_code_usage_fraction", float("nan")),
+            "steps": 0, "measured_on": f"the data of the run that made {source.spec}"})
+    else:
+        tok = TextTokenizer.from_str(source.read("tokenizer.json").decode(), cfg.text.text_len)
+        made = {"pad_id": tok.pad_id, "text_len": cfg.text.text_len, "vocab_size": tok.vocab_size}
+        names = ("tokenizer.json",)
+    for name in names:
+        store.write_bytes(w.path(name), source.read(name))
+    log.info("%s/%s: taken from %s (digest %s), not trained", stage, key, source.location, source.digest)
+    return {"config": {"tokenizers_from": cfg.tokenizers_from}, "steps": 0,
+            "tokenizers_from": {**source.record(), "run_id": tags["tokenizers_from.run_id"]}, **made}

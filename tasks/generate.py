@@ -1,26 +1,25 @@
-"""Generation stage: prompts -> N CLIP-ranked candidates each -> `generations/<key>/`.
+"""The generate stage: prompts -> N CLIP-ranked candidates each -> `generate/<key>/` (generations.parquet, a grid
+per prompt, a contact sheet).
 
-Prompts are split into parts, one mapped task per part; each part is written
-atomically, so a re-run only generates the missing parts.
+`sample_candidates` is the one way candidates are made, here and for the evaluate stage's other prompts: the
+prompts are split into parts, one mapped task per part on the config's task runner, each part written
+atomically, so a re-run only samples the missing parts.
 """
 
 from __future__ import annotations
 
-import functools
-import json
 import os
 import shutil
 import time
 
 import numpy as np
 import pyarrow as pa
-from prefect import task
+from prefect import task, unmapped
 from prefect.cache_policies import NONE
 
-from dalle_core.config import Config, ConfigError, config_from_dict, prime_rows_error
-from dalle_core.device import resolve_device, sampling_precision
+from dalle_core.config import Config, ConfigError, prime_rows_error
 from dalle_core.editing import Edit, outline, pack
-from dalle_core.generate import DALLEPipeline, GenerationError, load_edit, prompt_seed, ranks
+from dalle_core.generate import GenerationError, load_edit, prompt_seed, ranks
 from dalle_core.images import decode_png, grid, png_bytes
 from storage.parquet import (
     GENERATIONS_SCHEMA,
@@ -31,46 +30,125 @@ from storage.parquet import (
     write_shard,
 )
 from storage.store import ArtifactStore
-from tasks.clip import load_reranker
-from tasks.common import (
+from tasks.artifacts import (
     ArtifactRef,
-    StagePlan,
-    attach_run,
-    claimed,
-    logger,
+    Work,
     no_retry_on_user_error,
     open_store,
-    ref,
-    reuse,
-    stage_keys,
-    stage_run,
+    run_name,
+    run_stage,
 )
-from tasks.dvae import load_dvae
-from tasks.text import load_tokenizer
-from tasks.transformer import load_transformer
+from tasks.logs import log, progress
+from tasks.models import load_pipeline
+from tasks.runners import task_runner
 
 PROMPTS_PER_PART = 4
+MODELS = ("dvae", "bpe", "transformer", "clip")
 
 
-@functools.lru_cache(maxsize=2)
-def _load_pipeline(cfg_json: str) -> DALLEPipeline:
-    cfg = config_from_dict(json.loads(cfg_json))
-    store, keys = open_store(cfg), stage_keys(cfg)
-    device = resolve_device(cfg.runner.device)
-    dvae_model, normalization = load_dvae(store, keys["dvae"], device)
-    return DALLEPipeline(load_transformer(store, keys["transformer"], device), dvae_model, normalization,
-                         load_tokenizer(store, keys["bpe"], cfg.text.text_len), load_reranker(cfg, store, device),
-                         sampling_precision(cfg.generate.precision, device))
+@task(name="generate", task_run_name=run_name("generate"), cache_policy=NONE)
+def generate(cfg: Config, ingest: ArtifactRef, dvae: ArtifactRef, bpe: ArtifactRef, transformer: ArtifactRef,
+             clip: ArtifactRef) -> ArtifactRef:
+    """`generate.num_candidates` CLIP-ranked candidates for each prompt (`generate.prompts`, else the first
+    `generate.num_val_prompts` distinct val captions of `ingest`), edited or primed as `generate.*` says."""
+    inputs = {"ingest": ingest, "dvae": dvae, "bpe": bpe, "transformer": transformer, "clip": clip}
+    return run_stage(cfg, "generate", inputs, _generate, cfg.generate.model_dump(mode="json"))
 
 
-def load_pipeline(cfg: Config) -> DALLEPipeline:
-    """The models of this config (transformer, dVAE, tokenizer, CLIP) on its device, loaded once per process."""
-    return _load_pipeline(json.dumps(cfg.model_dump(mode="json"), sort_keys=True))
+def _generate(w: Work) -> dict:
+    cfg, store, gen = w.cfg, w.store, w.cfg.generate
+    keys = {s: w.inputs[s].key for s in MODELS}
+    prompts = resolve_prompts(cfg, store, w.inputs["ingest"].key)
+    edit = source_edit(cfg, keys)  # a missing or unreadable source image, or a mask that does not fit: one line
+    start = time.perf_counter()
+    table, made = sample_candidates(cfg, keys, w.path("parts"), prompts,
+                                    [prompt_seed(gen.seed, i) for i in range(len(prompts))], gen.num_candidates,
+                                    edit=True)
+    wall_seconds = time.perf_counter() - start
+    write_shard(store, w.path("generations.parquet"), table)
+    lead, labels = edit_lead(edit)
+    prompts, grids, sheet = best_grids(table, gen.best_k, lead, labels)
+    scores = table.column("clip_score").to_numpy()
+    top1 = table.filter(pa.compute.equal(table.column("rank"), 0)).column("clip_score").to_numpy()
+    metrics = {"prompts": len(prompts), "images": table.num_rows, "clip_score_mean": float(scores.mean()),
+               "clip_score_top1_mean": float(top1.mean())}
+    if made:
+        metrics["images_per_s"] = made * gen.num_candidates / max(wall_seconds, 1e-9)
+        metrics["prompts_per_s"] = made / max(wall_seconds, 1e-9)
+    w.run.log_metrics(metrics)
+    for i, p in enumerate(prompts):
+        store.write_bytes(w.path("grids", f"prompt-{i:04d}.png"), png_bytes(grids[p]))
+        w.run.log_image(grids[p], f"grids/prompt-{i:04d}.png")
+    store.write_bytes(w.path("contact_sheet.png"), png_bytes(sheet))
+    w.run.log_image(sheet, "contact_sheet.png")
+    store.fs.rm(w.path("parts"), recursive=True)
+    truncated = [p for p in prompts if _truncated(cfg, keys, p)]
+    log.info("generate/%s: %d prompts, top-1 CLIP score %.3f (mean %.3f)", w.key, len(prompts),
+             metrics["clip_score_top1_mean"], metrics["clip_score_mean"])
+    return {"config": gen.model_dump(mode="json"), "rows": {"generations": table.num_rows}, "prompts": prompts,
+            "truncated_prompts": truncated, "metrics": metrics}
 
 
-def val_captions(store: ArtifactStore, images_key: str, limit: int, distinct: bool = True) -> list[str]:
+def _truncated(cfg: Config, keys: dict, prompt: str) -> bool:
+    return bool(load_pipeline(cfg, keys).tokenizer.encode([prompt])[1][0])
+
+
+def sample_candidates(cfg: Config, keys: dict[str, str], parts_dir: str, prompts: list[str], seeds: list[int],
+                      n: int, edit: bool = False) -> tuple[pa.Table, int]:
+    """GENERATIONS_SCHEMA rows of `n` candidates for each prompt (prompt i drawn from `seeds[i]`), sampled with
+    `generate.*`'s settings by the models of `keys` (by stage), `PROMPTS_PER_PART` prompts per mapped task on the
+    config's task runner; parts are written under `parts_dir`, and those already there are read, not sampled.
+    `edit`: apply `generate.prime_image` / `generate.edit_*`. Returns (the rows in prompt order, prompts sampled
+    now)."""
+    store = open_store(cfg)
+    parts = [(i, prompts[i:i + PROMPTS_PER_PART], seeds[i:i + PROMPTS_PER_PART])
+             for i in range(0, len(prompts), PROMPTS_PER_PART)]
+    paths = [f"{parts_dir}/{shard_name(i // PROMPTS_PER_PART)}" for i, _, _ in parts]
+    todo = [j for j, path in enumerate(paths) if not store.exists(path)]
+    log.info("sampling %d prompts x %d candidates: %d part(s) to do", len(prompts), n, len(todo))
+    meter = progress("sample", sum(len(parts[j][1]) for j in todo), "prompts")
+    with task_runner(cfg) as runner:
+        futures = runner.map(generate_part, {"cfg": unmapped(cfg), "keys": unmapped(keys), "n": unmapped(n),
+                                             "edit": unmapped(edit), "path": [paths[j] for j in todo],
+                                             "prompts": [parts[j][1] for j in todo],
+                                             "seeds": [parts[j][2] for j in todo]})
+        for j, future in zip(todo, futures):
+            future.result()
+            meter.update(len(parts[j][1]))
+    meter.close()
+    table = pa.concat_tables([read_shard(store, p) for p in paths]) if paths else GENERATIONS_SCHEMA.empty_table()
+    return table, sum(len(parts[j][1]) for j in todo)
+
+
+@task(name="generate-part", cache_policy=NONE, retries=1, retry_delay_seconds=2,
+      retry_condition_fn=no_retry_on_user_error)
+def generate_part(cfg: Config, keys: dict[str, str], path: str, prompts: list[str], seeds: list[int], n: int,
+                  edit: bool) -> dict:
+    """Sample, rank and write one part of `sample_candidates` to `path` (atomically)."""
+    gen = cfg.generate
+    t0 = time.perf_counter()
+    pipe = load_pipeline(cfg, keys)
+    the_edit = source_edit(cfg, keys) if edit else None
+    prime = f"{gen.prime_image} (top {gen.prime_rows} rows)" if edit and gen.prime_image else None
+    results = pipe.candidates(prompts, n, seeds, gen.batch_size, gen.temperature, gen.top_k, gen.top_p,
+                              gen.cond_scale, the_edit)
+    rows = []
+    for prompt, seed, (images, scores, was_truncated, codes) in zip(prompts, seeds, results):
+        if was_truncated:
+            log.warning("prompt %r is longer than text_len=%d tokens and was truncated", prompt, cfg.text.text_len)
+        masks = None if the_edit is None else the_edit.masks(seed, n)
+        rows += candidate_rows(prompt, seed, images, scores, codes, prime, the_edit, masks)
+    write_shard(open_store(cfg), path, pa.Table.from_pylist(rows, schema=GENERATIONS_SCHEMA))
+    seconds = time.perf_counter() - t0
+    log.info("sampled %d prompts: %d images in %.1fs (%.1f prompts/s, %.0f images/s)", len(prompts), len(rows),
+             seconds, len(prompts) / seconds, len(rows) / seconds)
+    return {"prompts": len(prompts), "images": len(rows), "seconds": seconds}
+
+
+def val_captions(store: ArtifactStore, ingest_key: str, limit: int, distinct: bool = True) -> list[str]:
+    """The first `limit` (distinct) val captions of `ingest/<ingest_key>`."""
     out: list[str] = []
-    for batch in iter_batches(store, shard_paths(store, "images", images_key, "val"), ["caption"]):
+    for batch in iter_batches(store, shard_paths(store, "ingest", ingest_key, "val"), ["caption"]):
         for c in batch.column("caption").to_pylist():
             if not distinct or c not in out:
                 out.append(c)
@@ -79,34 +157,9 @@ def val_captions(store: ArtifactStore, images_key: str, limit: int, distinct: bo
     return out
 
 
-def resolve_prompts(cfg: Config, store: ArtifactStore) -> list[str]:
+def resolve_prompts(cfg: Config, store: ArtifactStore, ingest_key: str) -> list[str]:
     """The configured prompts (the config refuses empty ones), or the first distinct val captions."""
-    prompts = list(cfg.generate.prompts)
-    return prompts or val_captions(store, stage_keys(cfg)["images"], cfg.generate.num_val_prompts)
-
-
-@task(name="plan-generation", cache_policy=NONE)
-def plan_generation(cfg: Config, parent_run_id: str | None = None) -> StagePlan:
-    """(first prompt index, prompts) of every part still to generate, and the stage's MLflow run, opened as
-    the work starts; the finished artifact instead when there is nothing to do."""
-    store, keys = open_store(cfg), stage_keys(cfg)
-    if done := reuse(store, "generations", keys["generations"], cfg, parent_run_id):
-        return StagePlan([], cached=done)
-    with claimed(store, "generations", keys["generations"]):
-        for stage in ("transformer", "dvae", "bpe"):
-            store.require(stage, keys[stage])
-        prompts = resolve_prompts(cfg, store)
-        source_edit(cfg)  # a missing or unreadable source image, or a mask that does not fit, fails here in one line
-        store.prepare("generations", keys["generations"])
-        parts = [(i, prompts[i:i + PROMPTS_PER_PART]) for i in range(0, len(prompts), PROMPTS_PER_PART)]
-        todo = [(i, p) for i, p in parts
-                if not store.exists(store.path("generations", keys["generations"], "parts",
-                                               shard_name(i // PROMPTS_PER_PART)))]
-        logger().info("generate: %d prompts x %d candidates, %d part(s) to do", len(prompts),
-                      cfg.generate.num_candidates, len(todo))
-        run = stage_run(cfg, store, "generations", keys["generations"], cfg.generate.model_dump(mode="json"),
-                        parent_run_id)
-    return StagePlan(todo, run.run_id, stage="generations", key=keys["generations"])
+    return list(cfg.generate.prompts) or val_captions(store, ingest_key, cfg.generate.num_val_prompts)
 
 
 def candidate_rows(prompt: str, seed: int, images: np.ndarray, scores: np.ndarray, codes: np.ndarray,
@@ -127,14 +180,14 @@ CONFIG_NAMES = {"prime_image": "generate.prime_image", "prime_rows": "generate.p
                 "keep": "generate.edit_keep"}
 
 
-def source_edit(cfg: Config) -> Edit | None:
+def source_edit(cfg: Config, keys: dict[str, str] | None = None) -> Edit | None:
     """`generate.prime_image` or `generate.edit_*` as the `Edit` the sampler keeps codes of, at the model's image
-    size and token grid (loading the models); None without one. ConfigError (one line) for a missing or
-    unreadable image, or a region or mask that does not fit the grid."""
+    size and token grid (loading the models of `keys`, default the config's); None without one. ConfigError (one
+    line) for a missing or unreadable image, or a region or mask that does not fit the grid."""
     g = cfg.generate
     if g.prime_image is None and g.edit_image is None:
         return None
-    pipe = load_pipeline(cfg)
+    pipe = load_pipeline(cfg, keys)
     rows = pipe.transformer.c.image_grid
     if g.prime_image is not None and g.prime_rows >= rows:  # a pretrained dVAE's grid is known from its files only
         raise ConfigError(prime_rows_error(g.prime_rows, rows, "the dVAE's token grid"))
@@ -158,33 +211,6 @@ def edit_lead(edit: Edit | None) -> tuple[list[np.ndarray], list[str]]:
                                                           "sampled cells"]
 
 
-@task(name="generate-part", cache_policy=NONE, retries=1, retry_delay_seconds=2,
-      retry_condition_fn=no_retry_on_user_error)
-def generate_part(cfg: Config, first: int, prompts: list[str]) -> dict:
-    store, key, gen_cfg = open_store(cfg), stage_keys(cfg)["generations"], cfg.generate
-    out = store.path("generations", key, "parts", shard_name(first // PROMPTS_PER_PART))
-    t0 = time.perf_counter()
-    pipe = load_pipeline(cfg)
-    rows, truncated = [], []
-    seeds = [prompt_seed(gen_cfg.seed, first + j) for j in range(len(prompts))]
-    edit = source_edit(cfg)
-    prime = f"{gen_cfg.prime_image} (top {gen_cfg.prime_rows} rows)" if gen_cfg.prime_image else None
-    results = pipe.candidates(prompts, gen_cfg.num_candidates, seeds, gen_cfg.batch_size, gen_cfg.temperature, gen_cfg.top_k, gen_cfg.top_p,
-                             gen_cfg.cond_scale, edit)
-    for prompt, seed, (images, scores, was_truncated, codes) in zip(prompts, seeds, results):
-        if was_truncated:
-            truncated.append(prompt)
-            logger().warning("prompt %r is longer than text_len=%d tokens and was truncated", prompt,
-                             cfg.text.text_len)
-        masks = None if edit is None else edit.masks(seed, gen_cfg.num_candidates)
-        rows += candidate_rows(prompt, seed, images, scores, codes, prime, edit, masks)
-    write_shard(store, out, pa.Table.from_pylist(rows, schema=GENERATIONS_SCHEMA))
-    seconds = time.perf_counter() - t0
-    logger().info("generated prompts %d-%d: %d images in %.1fs (%.1f prompts/s, %.0f images/s)", first,
-                  first + len(prompts) - 1, len(rows), seconds, len(prompts) / seconds, len(rows) / seconds)
-    return {"prompts": len(prompts), "images": len(rows), "truncated": truncated, "seconds": seconds}
-
-
 def best_grids(table: pa.Table, best_k: int, lead: list[np.ndarray] = (), lead_labels: list[str] = (),
                ) -> tuple[list[str], dict[str, np.ndarray], np.ndarray]:
     """Per prompt, a grid of its best_k images with the prompt under it; and a contact sheet of all prompts.
@@ -203,55 +229,17 @@ def best_grids(table: pa.Table, best_k: int, lead: list[np.ndarray] = (), lead_l
     return prompts, grids, grid(rows, prompts, scale=3, header=header)
 
 
-@task(name="finish-generation", cache_policy=NONE)
-def finish_generation(cfg: Config, plan: StagePlan, results: list[dict], wall_seconds: float) -> ArtifactRef:
-    """Join the parts into generations.parquet, draw the grids and the contact sheet, close the MLflow run."""
-    store, keys = open_store(cfg), stage_keys(cfg)
-    key = keys["generations"]
-    inputs = {s: keys[s] for s in ("transformer", "dvae", "clip", "bpe")}
-    with claimed(store, "generations", key), attach_run(cfg, store, plan.run_id) as run:
-        parts = shard_paths(store, "generations", key, "parts")
-        table = pa.concat_tables([read_shard(store, p) for p in parts])
-        write_shard(store, store.path("generations", key, "generations.parquet"), table)
-        lead, labels = edit_lead(source_edit(cfg))
-        prompts, grids, sheet = best_grids(table, cfg.generate.best_k, lead, labels)
-        scores = table.column("clip_score").to_numpy()
-        top1 = table.filter(pa.compute.equal(table.column("rank"), 0)).column("clip_score").to_numpy()
-        metrics = {"prompts": len(prompts), "images": table.num_rows, "clip_score_mean": float(scores.mean()),
-                   "clip_score_top1_mean": float(top1.mean())}
-        made = sum(r["images"] for r in results)
-        if made:
-            metrics["images_per_s"] = made / max(wall_seconds, 1e-9)
-            metrics["prompts_per_s"] = sum(r["prompts"] for r in results) / max(wall_seconds, 1e-9)
-        run.log_metrics(metrics)
-        for i, p in enumerate(prompts):
-            data = png_bytes(grids[p])
-            store.write_bytes(store.path("generations", key, "grids", f"prompt-{i:04d}.png"), data)
-            run.log_image(grids[p], f"grids/prompt-{i:04d}.png")
-        store.write_bytes(store.path("generations", key, "contact_sheet.png"), png_bytes(sheet))
-        run.log_image(sheet, "contact_sheet.png")
-        store.fs.rm(store.path("generations", key, "parts"), recursive=True)
-        truncated = sorted({t for r in results for t in r["truncated"]})
-        manifest = store.finish("generations", key, config=cfg.generate.model_dump(mode="json"), inputs=inputs,
-                                rows={"generations": table.num_rows}, prompts=prompts, truncated_prompts=truncated,
-                                metrics=metrics)
-        run.log_dict(manifest, "manifest.json")
-    logger().info("generations/%s: %d prompts, top-1 CLIP score %.3f (mean %.3f)", key, len(prompts),
-                  metrics["clip_score_top1_mean"], metrics["clip_score_mean"])
-    return ref(store, "generations", key, cached=False)
-
-
 def export_generations(cfg: Config, key: str, out_dir: str) -> list[str]:
     """Copy generations.parquet, the per-prompt grids and the contact sheet to a plain folder."""
     store = open_store(cfg)
-    store.require("generations", key)
+    store.require("generate", key)
     os.makedirs(os.path.join(out_dir, "grids"), exist_ok=True)
     written = []
     for rel in ["generations.parquet", "contact_sheet.png",
-                *[f"grids/{n}" for n in store.listdir(store.path("generations", key, "grids"))]]:
+                *[f"grids/{n}" for n in store.listdir(store.path("generate", key, "grids"))]]:
         dest = os.path.join(out_dir, rel)
         with open(dest + ".tmp", "wb") as f:
-            f.write(store.read_bytes(store.path("generations", key, rel)))
+            f.write(store.read_bytes(store.path("generate", key, rel)))
         shutil.move(dest + ".tmp", dest)
         written.append(dest)
     return written

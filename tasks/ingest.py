@@ -1,107 +1,95 @@
-"""Ingestion: a captioned-image source -> `images/<key>/{train,val}/part-*.parquet`."""
+"""The ingest stage: a captioned-image source -> `ingest/<key>/{train,val}/part-*.parquet`."""
 
 from __future__ import annotations
 
 from collections import Counter, defaultdict
 
 import pyarrow as pa
-from prefect import get_run_logger, task
+from prefect import task
 from prefect.cache_policies import NONE
 
 from dalle_core.config import Config
 from dalle_core.data import DataError, read_source, source_fingerprint
 from dalle_core.images import grid, png_bytes
 from storage.parquet import IMAGES_SCHEMA, image_row_group, shard_name, write_shard
-from tasks.common import (
-    ArtifactRef,
-    Progress,
-    claimed,
-    open_store,
-    ref,
-    reuse,
-    stage_keys,
-    stage_run,
-)
+from tasks.artifacts import ArtifactRef, Work, run_name, run_stage
+from tasks.logs import log, progress
 
 SPLITS = ("train", "val")
 
 
-@task(name="ingest-images", cache_policy=NONE)
-def ingest_images(cfg: Config, parent_run_id: str | None = None) -> ArtifactRef:
-    log = get_run_logger()
-    store, key = open_store(cfg), stage_keys(cfg)["images"]
-    if done := reuse(store, "images", key, cfg, parent_run_id):
-        return done
+@task(name="ingest", task_run_name=run_name("ingest"), cache_policy=NONE)
+def ingest(cfg: Config) -> ArtifactRef:
+    """Read the configured captioned-image source into `ingest/<key>/{train,val}/part-*.parquet`."""
+    return run_stage(cfg, "ingest", {}, _ingest, params=cfg.data.model_dump(mode="json"))
+
+
+def _ingest(w: Work) -> dict:
+    cfg, store, key, run = w.cfg, w.store, w.key, w.run
     fingerprint = source_fingerprint(cfg.data)
     if earlier := _earlier_ingest(store, cfg, key):
-        log.info("data source %s at %r changed since images/%s was ingested from it; ingesting it again into "
-                 "images/%s", cfg.data.source, cfg.data.path, earlier, key)
-    store.prepare("images", key)
-    with claimed(store, "images", key), stage_run(cfg, store, "images", key, cfg.data.model_dump(mode="json"),
-                                                  parent_run_id) as run:
-        buffers: dict[str, list] = {s: [] for s in SPLITS}
-        shards: dict[str, int] = dict.fromkeys(SPLITS, 0)
-        rows: Counter = Counter()
-        skipped: Counter = Counter()
-        notes: Counter = Counter()
-        subsets: Counter = Counter()
-        examples: dict[str, list[str]] = defaultdict(list)
-        samples: list = []
-        progress = Progress("ingest", cfg.data.shapes.num_images if cfg.data.source == "shapes" else cfg.data.max_images,
-                            "images")
+        log.info("data source %s at %r changed since ingest/%s was made from it; ingesting it again into "
+                 "ingest/%s", cfg.data.source, cfg.data.path, earlier, key)
+    buffers: dict[str, list] = {s: [] for s in SPLITS}
+    shards: dict[str, int] = dict.fromkeys(SPLITS, 0)
+    rows: Counter = Counter()
+    skipped: Counter = Counter()
+    notes: Counter = Counter()
+    subsets: Counter = Counter()
+    examples: dict[str, list[str]] = defaultdict(list)
+    samples: list = []
+    meter = progress("ingest", cfg.data.shapes.num_images if cfg.data.source == "shapes" else cfg.data.max_images,
+                     "images")
 
-        def flush(split: str) -> None:
-            buf = buffers[split]
-            if not buf:
-                return
-            table = pa.Table.from_pylist(buf, schema=IMAGES_SCHEMA)
-            write_shard(store, store.path("images", key, split, shard_name(shards[split])), table,
-                        image_row_group(cfg.data.image_size))
-            shards[split] += 1
-            buf.clear()
+    def flush(split: str) -> None:
+        buf = buffers[split]
+        if not buf:
+            return
+        table = pa.Table.from_pylist(buf, schema=IMAGES_SCHEMA)
+        write_shard(store, w.path(split, shard_name(shards[split])), table, image_row_group(cfg.data.image_size))
+        shards[split] += 1
+        buf.clear()
 
-        for rec in read_source(cfg.data):
-            progress.update()
-            if rec.skip:
-                skipped[rec.skip] += 1
-                if len(examples[rec.skip]) < 5:
-                    examples[rec.skip].append(rec.id)
-                continue
-            buffers[rec.split].append({"id": rec.id, "caption": rec.caption, "image": png_bytes(rec.image),
-                                       "subset": rec.subset})
-            rows[rec.split] += 1
-            if rec.note:
-                notes[rec.note] += 1
-            if rec.subset is not None:
-                subsets[f"{rec.split}.{rec.subset}"] += 1
-            if len(samples) < 16:
-                samples.append((rec.image, rec.caption))
-            if len(buffers[rec.split]) >= cfg.data.shard_size:
-                flush(rec.split)
-        for split in SPLITS:
-            flush(split)
+    for rec in read_source(cfg.data):
+        meter.update()
+        if rec.skip:
+            skipped[rec.skip] += 1
+            if len(examples[rec.skip]) < 5:
+                examples[rec.skip].append(rec.id)
+            continue
+        buffers[rec.split].append({"id": rec.id, "caption": rec.caption, "image": png_bytes(rec.image),
+                                   "subset": rec.subset})
+        rows[rec.split] += 1
+        if rec.note:
+            notes[rec.note] += 1
+        if rec.subset is not None:
+            subsets[f"{rec.split}.{rec.subset}"] += 1
+        if len(samples) < 16:
+            samples.append((rec.image, rec.caption))
+        if len(buffers[rec.split]) >= cfg.data.shard_size:
+            flush(rec.split)
+    meter.close()
+    for split in SPLITS:
+        flush(split)
 
-        for reason, n in skipped.items():
-            log.warning("skipped %d rows: %s (e.g. %s)", n, reason, ", ".join(examples[reason]))
-        for note, n in notes.items():
-            log.warning("%d images: %s", n, note)
-        if not rows:
-            raise DataError(f"data source {cfg.data.source!r} at {cfg.data.path!r} yielded no usable images "
-                            f"(skipped: {dict(skipped) or 'none'})")
-        if not rows["val"] or not rows["train"]:
-            raise DataError(f"data source {cfg.data.source!r} gave {dict(rows)} rows; need both train and val "
-                            f"(data.val_fraction={cfg.data.val_fraction})")
-        run.log_metrics({"rows_train": rows["train"], "rows_val": rows["val"], "skipped": sum(skipped.values()),
-                         **{f"skipped_{r}": n for r, n in skipped.items()}})
-        run.set_tags({"source": cfg.data.source})
-        run.log_image(grid([[img] for img, _ in samples], [c for _, c in samples], scale=3), "samples.png")
-        manifest = store.finish("images", key, config=cfg.data.model_dump(mode="json"), inputs={},
-                                rows=dict(rows), subsets=dict(subsets), skipped=dict(skipped), skipped_examples=dict(examples),
-                                shards=dict(shards), image_size=cfg.data.image_size, notes=dict(notes),
-                                source_fingerprint=fingerprint)
-        run.log_dict(manifest, "manifest.json")
-    log.info("ingested %s rows into images/%s (skipped %s)", dict(rows), key, dict(skipped) or "none")
-    return ref(store, "images", key, cached=False)
+    for reason, n in skipped.items():
+        log.warning("skipped %d rows: %s (e.g. %s)", n, reason, ", ".join(examples[reason]))
+    for note, n in notes.items():
+        log.warning("%d images: %s", n, note)
+    if not rows:
+        raise DataError(f"data source {cfg.data.source!r} at {cfg.data.path!r} yielded no usable images "
+                        f"(skipped: {dict(skipped) or 'none'})")
+    if not rows["val"] or not rows["train"]:
+        raise DataError(f"data source {cfg.data.source!r} gave {dict(rows)} rows; need both train and val "
+                        f"(data.val_fraction={cfg.data.val_fraction})")
+    run.log_metrics({"rows_train": rows["train"], "rows_val": rows["val"], "skipped": sum(skipped.values()),
+                     **{f"skipped_{r}": n for r, n in skipped.items()}})
+    run.set_tags({"source": cfg.data.source})
+    run.log_image(grid([[img] for img, _ in samples], [c for _, c in samples], scale=3), "samples.png")
+    log.info("ingested %s rows into ingest/%s (skipped %s)", dict(rows), key, dict(skipped) or "none")
+    return {"config": cfg.data.model_dump(mode="json"), "rows": dict(rows), "subsets": dict(subsets),
+            "skipped": dict(skipped), "skipped_examples": dict(examples), "shards": dict(shards),
+            "image_size": cfg.data.image_size, "notes": dict(notes), "source_fingerprint": fingerprint}
 
 
 def _earlier_ingest(store, cfg: Config, key: str) -> str | None:
@@ -109,6 +97,6 @@ def _earlier_ingest(store, cfg: Config, key: str) -> str | None:
     config = cfg.data.model_dump(mode="json")
     if cfg.data.source == "shapes":
         return None
-    earlier = [m for a in store.artifacts("images") if a.complete and a.key != key
-               and (m := store.manifest("images", a.key)) is not None and m.get("config") == config]
+    earlier = [m for a in store.artifacts("ingest") if a.complete and a.key != key
+               and (m := store.manifest("ingest", a.key)) is not None and m.get("config") == config]
     return max(earlier, key=lambda m: m["created"])["key"] if earlier else None

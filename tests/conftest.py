@@ -9,6 +9,7 @@ import pytest
 import torch
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "dalle")
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -36,3 +37,14 @@ def openmoji_subset(tmp_path_factory):
     out = tmp_path_factory.mktemp("openmoji") / "openmoji-64"
     opts = BuildOptions(size=64, limit=40, val_fraction=0.2, variant_fraction=1.0)
     return out, opts, build(str(out), opts)
+
+
+def run_stage(stage: str, overrides: list[str], config: str | os.PathLike = TINY, **kwargs):
+    """The pipeline flow run up to `stage` (as `dalle <stage command>` runs it) under `config` + `overrides`;
+    returns that stage's ArtifactRef. `kwargs` go to the flow (only=, from_stage=, force=)."""
+    from dalle_core.config import load_config
+    from flows.pipeline import pipeline_flow
+
+    if not kwargs:
+        kwargs = {"until": stage}
+    return pipeline_flow(load_config(config, overrides), **kwargs)[stage]

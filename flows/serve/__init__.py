@@ -1,5 +1,5 @@
 """`dalle serve`: a local web page for trying prompts on a trained model, over a documented JSON HTTP API
-(docs/serving.md). FastAPI + uvicorn: app.py (the routes), jobs.py (the one-at-a-time queue), static/ (the page)."""
+(docs/serving.md). FastAPI + uvicorn: app.py (the routes), request.py (a request's checks), jobs.py (the queue)."""
 
 from flows.serve.app import create_app
 

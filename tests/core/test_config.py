@@ -59,7 +59,7 @@ def test_prime_rows_checked_against_the_grid_unless_a_pretrained_dvae_sets_it():
             "generate": {"prime_image": "cat.png", "prime_rows": 12}}  # 32 px / 4 = 8 rows
     with pytest.raises(ConfigError, match="the token grid has 8 rows, so use 1 to 7"):
         config_from_dict(base)
-    # a pretrained dVAE's grid comes from its files: K is checked when they are loaded (tasks.generate._prime)
+    # a pretrained dVAE's grid comes from its files: K is checked when they are loaded (tasks.generate.source_edit)
     config_from_dict({**base, "dvae": {"num_downsamples": 2, "pretrained": "weights/openai"}})
     with pytest.raises(ConfigError, match="prime_rows=0 must be at least 1"):
         config_from_dict({**base, "generate": {"prime_image": "cat.png", "prime_rows": 0},

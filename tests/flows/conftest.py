@@ -12,12 +12,11 @@ def prefect_backend():
 @pytest.fixture(scope="session")
 def pretokenized(tmp_path_factory, prefect_backend):
     """A store holding a finished tiny ingest -> dVAE -> BPE -> tokens run (shared, do not modify)."""
-    from flows.pretokenize import pretokenize_flow
-    from tests.conftest import TINY
+    from tests.conftest import run_stage
 
     tmp = tmp_path_factory.mktemp("pretokenized")
     ov = [f"store.root={tmp / 'store'}", f"tracking.uri=sqlite:///{tmp / 'mlflow.db'}"]
-    ref = pretokenize_flow(config=str(TINY), overrides=ov)
+    ref = run_stage("pretokenize", ov)
     return tmp, ov, ref
 
 
@@ -36,13 +35,12 @@ def generated(pretokenized, tmp_path_factory):
     """A tiny store with every stage through generation done (shared, do not modify)."""
     import shutil
 
-    from flows.generate import generate_flow
-    from tests.conftest import TINY
+    from tests.conftest import run_stage
 
     src, _, _ = pretokenized
     tmp = tmp_path_factory.mktemp("generated")
     shutil.copytree(src / "store", tmp / "store", ignore=shutil.ignore_patterns("mlflow.db", "mlartifacts"))
     ov = [f"store.root={tmp / 'store'}", f"tracking.uri=sqlite:///{tmp / 'mlflow.db'}",
           "clip.train.max_steps=60", "clip.train.checkpoint_every=30"]
-    ref = generate_flow(config=str(TINY), overrides=ov)
+    ref = run_stage("generate", ov)
     return tmp, ov, ref

@@ -4,8 +4,8 @@ import io
 import logging
 import shutil
 
+import prefect.main  # noqa: F401  (sets up Prefect's console logging outside any capture)
 import pytest
-from prefect import flow, task  # sets up Prefect's console logging outside any capture
 
 from flows.cli import main
 from tests.conftest import TINY
@@ -36,9 +36,10 @@ def test_bad_arguments_fail_in_one_line_before_any_work(tiny, capsys, args, expe
     _one_line_error(capsys, *expect)
 
 
-def test_only_a_stage_whose_upstream_is_missing(tiny, capsys):
-    config, make = tiny
-    assert main(["run", "-c", config, *_sets(make()), "--only", "generate"]) == 2
+def test_only_a_stage_whose_upstream_is_missing(store_copy, monkeypatch, capsys):
+    # the store has ingest..pretokenize: the first stage generate reads that is missing is the transformer
+    monkeypatch.setattr("flows.cli.check_prefect_server", lambda: pytest.fail("Prefect started"))
+    assert main(["run", "-c", str(TINY), *_sets(store_copy), "--only", "generate"]) == 2
     _one_line_error(capsys, "missing upstream artifact transformer/", "run that stage first")
 
 
@@ -50,7 +51,8 @@ def test_ui_on_an_empty_store(tiny, capsys):
 
 def test_gc_unreferenced_keeps_what_the_config_uses(generated, tmp_path, capsys):
     from dalle_core.config import load_config
-    from tasks.common import open_store, stage_keys
+    from tasks.artifacts import open_store
+    from tasks.stages import stage_keys
 
     src, ov, _ = generated
     shutil.copytree(src / "store", tmp_path / "store", ignore=shutil.ignore_patterns("mlflow.db", "mlartifacts"))
@@ -67,29 +69,17 @@ def test_gc_unreferenced_keeps_what_the_config_uses(generated, tmp_path, capsys)
     assert {("dvae", "0123456789ab"), ("clip", "ba9876543210")} <= removed
     assert not any(key == keys[stage] for stage, key in removed)
     assert all(store.is_complete(s, k) for s, k in after)
-    assert {("dvae", keys["dvae"]), ("transformer", keys["transformer"]), ("generations", keys["generations"])} <= after
-
-
-def _fake_flows(calls: list):
-    """Stage flows that only record the overrides they are given."""
-    from flows.cli import _stage_flows
-
-    def record(name):
-        return lambda config, overrides: calls.append((name, list(overrides))) or f"{name} (fake)"
-
-    return lambda: {name: record(name) for name in _stage_flows()}
+    assert {("dvae", keys["dvae"]), ("transformer", keys["transformer"]), ("generate", keys["generate"])} <= after
 
 
 def test_emoji_and_other_planes_reach_the_flow_exactly(tiny, monkeypatch, capsys):
-    from dalle_core.config import load_config
-
     config, make = tiny
     calls: list = []
-    monkeypatch.setattr("flows.cli._stage_flows", _fake_flows(calls))
+    monkeypatch.setattr("flows.pipeline.pipeline_flow", lambda cfg, **kw: calls.append((cfg, kw)) or {})
     prompts = ["😀🎨🌈", "\U00020000 plane 2", "\ue000 private use", 'a "quoted" # prompt: - !&*%', "nel\x85ls\u2028"]
     assert main(["generate", "-c", config, *_sets(make()), *prompts]) == 0
-    name, overrides = calls[-1]
-    assert name == "generate" and load_config(config, overrides).generate.prompts == prompts
+    cfg, kwargs = calls[-1]
+    assert kwargs["until"] == "generate" and cfg.generate.prompts == prompts
 
 
 def test_empty_prompt_fails_before_prefect_starts(tiny, monkeypatch, capsys):
@@ -112,19 +102,11 @@ def test_an_unexpected_failure_names_the_stage_and_the_log_file(tiny, monkeypatc
     from prefect.logging.formatters import PrefectFormatter
     from prefect.logging.handlers import PrefectConsoleHandler
 
-    from flows.cli import _stage_flows
-
-    @task(name="train-bpe")
-    def broken_task():
+    def broken(work):
         raise RuntimeError("boom\nsecond line")
 
-    @flow(name="train-bpe")
-    def broken_flow(config, overrides):
-        return broken_task()
-
     config, make = tiny
-    flows = {**_stage_flows(), "train-bpe": broken_flow}
-    monkeypatch.setattr("flows.cli._stage_flows", lambda: flows)
+    monkeypatch.setattr("tasks.bpe._train", broken)
     console = io.StringIO()  # a terminal with Prefect's handler (pytest holds the one Prefect set up)
     handler = PrefectConsoleHandler(stream=console)
     handler.setFormatter(PrefectFormatter(format="%(levelname)s %(message)s", flow_run_fmt="%(message)s",
@@ -137,42 +119,40 @@ def test_an_unexpected_failure_names_the_stage_and_the_log_file(tiny, monkeypatc
     shown = console.getvalue()
     assert "boom" in shown and "Traceback" not in shown, shown  # Prefect's log lines, without tracebacks
     lines = capsys.readouterr().err.strip().splitlines()
-    assert lines[-2] == "error: train-bpe failed: RuntimeError: boom", lines
+    assert lines[-2] == "error: bpe failed: RuntimeError: boom", lines
     path = lines[-1].removeprefix("full traceback: ")
     assert path.startswith(str(tmp_path / "store" / "logs")), path
     log = open(path, encoding="utf-8").read()
     assert "Traceback" in log and 'raise RuntimeError("boom' in log and "second line" in log
 
 
-def test_a_batch_larger_than_the_data_fails_before_anything_trains(tiny, capsys):
+def test_a_batch_larger_than_the_data_fails_before_anything_trains(tiny, monkeypatch, capsys):
     from dalle_core.config import load_config
-    from tasks.common import open_store, stage_keys
+    from tasks.artifacts import open_store
+    from tasks.stages import stage_keys
 
     config, make = tiny
     small = make("data.shapes.num_images=60", "data.val_fraction=0.2", "clip.train.batch_size=64")
     assert main(["run", "-c", config, *_sets(small)]) == 2  # fresh store: checked in the pipeline after ingest
     cfg = load_config(config, small)
     store, keys = open_store(cfg), stage_keys(cfg)
-    rows = store.manifest("images", keys["images"])["rows"]["train"]
+    rows = store.manifest("ingest", keys["ingest"])["rows"]["train"]
     assert rows < 64
-    expect = f"clip.train.batch_size=64 is larger than the {rows} training rows of images/{keys['images']}; " \
+    expect = f"clip.train.batch_size=64 is larger than the {rows} training rows of ingest/{keys['ingest']}; " \
              f"use at most {rows}"
     assert _one_line_error(capsys, expect)
     assert not store.exists(store.path("dvae", keys["dvae"]))  # nothing trained
+    monkeypatch.setattr("flows.cli.check_prefect_server", lambda: pytest.fail("Prefect started"))
     assert main(["train-clip", "-c", config, *_sets(small)]) == 2  # images there: checked before Prefect
     _one_line_error(capsys, expect)
 
 
 def test_ctrl_c_is_one_line_and_exit_130(tiny, monkeypatch, capsys):
-    from flows.cli import _stage_flows
-
-    def interrupted(config, overrides):
+    def interrupted(cfg, **kwargs):
         raise KeyboardInterrupt
 
     config, make = tiny
-    monkeypatch.setattr("flows.cli._stage_flows", lambda: {**_stage_flows(), "train-bpe": interrupted})
-    monkeypatch.setattr("flows.cli.check_batches", lambda cfg, stages: None)
-    monkeypatch.setattr("flows.cli._ingested", lambda cfg: True)
+    monkeypatch.setattr("flows.pipeline.pipeline_flow", interrupted)
     assert main(["train-bpe", "-c", config, *_sets(make())]) == 130
     _one_line_error(capsys, "train-bpe interrupted", "run the same command again")
 

@@ -10,8 +10,9 @@ from PIL import Image
 
 from dalle_core.config import load_config
 from flows.cli import main
-from tasks.common import open_store, stage_keys
-from tasks.transformer import load_transformer
+from tasks.artifacts import open_store
+from tasks.models import load_transformer
+from tasks.stages import stage_keys
 from tests.conftest import DEVICES, ROOT
 
 CONFIG = str(ROOT / "configs" / "dalle-256.yaml")
@@ -36,16 +37,16 @@ def test_dalle_256_config_runs_end_to_end_at_its_own_shape(tmp_path, capsys, dev
     assert main(["run", "-c", CONFIG, *sum((["--set", o] for o in ov), [])]) == 0
     cfg = load_config(CONFIG, ov)
     store, keys = open_store(cfg), stage_keys(cfg)
-    tokens = store.manifest("tokens", keys["tokens"])
+    tokens = store.manifest("pretokenize", keys["pretokenize"])
     assert tokens["grid"] == [32, 32] and tokens["codebook_size"] == 8192 and tokens["text_len"] == 256
     model = load_transformer(store, keys["transformer"])
     assert model.c.text_len + model.c.image_len == 1280 and model.c.image_vocab == 8192
     assert store.manifest("transformer", keys["transformer"])["steps"] == 2
-    table = pq.read_table(store.path("generations", keys["generations"], "generations.parquet"))
+    table = pq.read_table(store.path("generate", keys["generate"], "generations.parquet"))
     assert table.num_rows == 2 and cfg.generate.cond_scale == 3.0  # sampled with guidance
     for png in table.column("image").to_pylist():
         assert Image.open(io.BytesIO(png)).size == (256, 256)
-    rows = pq.read_table(store.path("tokens", keys["tokens"], "train")).column("image_tokens")
+    rows = pq.read_table(store.path("pretokenize", keys["pretokenize"], "train")).column("image_tokens")
     codes = np.stack(rows.to_numpy(zero_copy_only=False))
     assert codes.shape[1] == 1024 and codes.max() < 8192
     assert "evaluation" in capsys.readouterr().out

@@ -9,8 +9,9 @@ from prefect.states import Failed
 from dalle_core.transformer import DALLE, DALLEConfig
 from flows.cli import main
 from storage.store import ArtifactStore, StoreError
-from tasks.common import no_retry_on_user_error, state_bytes
-from tasks.transformer import load_transformer
+from tasks.artifacts import no_retry_on_user_error
+from tasks.checkpoints import state_bytes
+from tasks.models import load_transformer
 
 
 def _transformer(store: ArtifactStore, key: str = "k") -> str:

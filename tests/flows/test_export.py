@@ -16,7 +16,8 @@ from dalle_core.config import load_config
 from dalle_core.export import ModelFolderError
 from dalle_core.generate import DALLEPipeline, GenerationError, prompt_seed
 from flows.cli import main
-from tasks.common import open_store, stage_keys
+from tasks.artifacts import open_store
+from tasks.stages import stage_keys
 from tests.conftest import DEVICES, TINY
 from tests.flows.exported_model import exported_folder
 
@@ -97,7 +98,7 @@ def test_a_fresh_process_loads_the_folder_without_store_prefect_or_mlflow(export
 
 
 def test_exported_model_draws_what_the_store_model_draws(generated, pipe):
-    from tasks.generate import load_pipeline
+    from tasks.models import load_pipeline
 
     _, ov, _ = generated
     cfg = load_config(TINY, ov)

@@ -20,8 +20,10 @@ from dalle_core.config import ConfigError, load_config
 from dalle_core.images import decode_png, to_tensor
 from flows.cli import main
 from storage.parquet import read_shard, shard_paths
-from tasks.common import batch_stream, open_store, stage_keys
-from tests.conftest import TINY
+from tasks.artifacts import open_store
+from tasks.stages import stage_keys
+from tasks.training import batch_stream
+from tests.conftest import TINY, run_stage
 from tests.flows.exported_model import exported_folder
 
 EMBEDDINGS = ("text_emb.", "text_pos.", "image_emb.", "row_emb.", "col_emb.")  # DALLE's, spelled out apart
@@ -62,7 +64,7 @@ def _val_loss(cfg, model) -> float:
     from dalle_core.transformer import evaluate_transformer
 
     store, keys = open_store(cfg), stage_keys(cfg)
-    batches = batch_stream(cfg, store, shard_paths(store, "tokens", keys["tokens"], "val"),
+    batches = batch_stream(cfg, store, shard_paths(store, "pretokenize", keys["pretokenize"], "val"),
                            ["text_tokens", "image_tokens"], decode_tokens, 256, torch.device("cpu"), shuffle=False)
     return evaluate_transformer(model, batches)["val_loss"]
 
@@ -187,12 +189,12 @@ def test_tokenizers_from_and_init_from_must_agree(source, tiny, tmp_path, capsys
     assert main(["run", "-c", config, *sum((["--set", o] for o in ov), [])]) == 2
     assert "tokenizers_from" in (err := capsys.readouterr().err) and "text_len 16 there, 20 here (text.text_len)" in err
     # inside the stage, the shards' own vocabularies are what the source must fit
-    from tasks.model_source import check_fine_tuning
+    from tasks.source_fit import check_fine_tuning
 
     tmp, gov, _ = source
     cfg = load_config(TINY, [*gov, f"transformer.init_from={other}", f"store.root={tmp / 'store'}"])
     with pytest.raises(ConfigError, match=rf"text_vocab {meta['text_vocab'] + 7} there, {meta['text_vocab']} here "
-                                          rf"\(the shards tokens/{stage_keys(cfg)['tokens']}\)"):
+                                          rf"\(the shards pretokenize/{stage_keys(cfg)['pretokenize']}\)"):
         check_fine_tuning(cfg, ["transformer"])
     for spec, says in (("no/such/folder", "is not an exported model folder"),
                        ("dvae/" + stage_keys(cfg)["dvae"], "is a dvae artifact; give a transformer one")):
@@ -247,14 +249,13 @@ def test_clip_and_dvae_start_from_the_sources_weights(source, tiny):
 
 def test_fine_tune_from_an_export_starts_at_its_weights_and_links_its_run(source, store_copy, tmp_path):
     from dalle_core.export import load_folder
-    from flows.train_transformer import train_transformer_flow
     from tasks.model_source import model_source
 
     _, _, folder = source
     tracked = _tracked(tmp_path, source)
     ov = [*store_copy, *tracked, f"transformer.init_from={folder}", "transformer.train.max_steps=3",
           "transformer.train.warmup_steps=1"]
-    ref = train_transformer_flow(config=str(TINY), overrides=ov)
+    ref = run_stage("transformer", ov)
     cfg = load_config(TINY, ov)
     client, run = _run(cfg.tracking.uri, "transformer")
     # step 0 is the source itself: its val loss on these shards, computed here from the exported folder
@@ -274,13 +275,12 @@ def test_fine_tune_from_an_export_starts_at_its_weights_and_links_its_run(source
 
 
 def test_freeze_keeps_frozen_weights_and_trains_the_rest(source, store_copy, tmp_path):
-    from flows.train_transformer import train_transformer_flow
-    from tasks.transformer import load_transformer
+    from tasks.models import load_transformer
 
     src_key, artifact = _source_transformer(source)
     ov = [*store_copy, f"transformer.init_from={artifact}", "transformer.train.freeze=[embeddings, blocks.0]",
           "transformer.train.max_steps=3", "transformer.train.warmup_steps=1"]
-    ref = train_transformer_flow(config=str(TINY), overrides=ov)
+    ref = run_stage("transformer", ov)
     cfg = load_config(TINY, ov)
     store = open_store(cfg)
     before = load_transformer(open_store(load_config(TINY, [f"store.root={source[0] / 'store'}"])), src_key)
@@ -325,14 +325,13 @@ def _imagefolder(path: Path, n: int = 48) -> None:
 def test_tokenizers_from_encodes_new_data_with_the_exported_tokenizers(source, tiny, tmp_path):
     from dalle_core.bpe import TextTokenizer
     from dalle_core.export import build_dvae
-    from flows.pretokenize import pretokenize_flow
-    from tasks.model_source import check_fine_tuning
+    from tasks.source_fit import check_fine_tuning
 
     config, make = tiny
     folder = source[2]
     _imagefolder(tmp_path / "new")
     ov = make("data.source=imagefolder", f"data.path={tmp_path / 'new'}", f"tokenizers_from={folder}")
-    ref = pretokenize_flow(config=config, overrides=ov)
+    ref = run_stage("pretokenize", ov, config)
     cfg = load_config(config, ov)
     store, keys = open_store(cfg), stage_keys(cfg)
     # the dVAE and the BPE are the export's files, not trained: no steps, no training curve
@@ -354,8 +353,8 @@ def test_tokenizers_from_encodes_new_data_with_the_exported_tokenizers(source, t
     tokenizer = TextTokenizer.from_str((folder / "tokenizer" / "tokenizer.json").read_text(), cfg.text.text_len)
     rows = 0
     for split in ("train", "val"):
-        for images_path, tokens_path in zip(shard_paths(store, "images", keys["images"], split),
-                                            shard_paths(store, "tokens", ref.key, split), strict=True):
+        for images_path, tokens_path in zip(shard_paths(store, "ingest", keys["ingest"], split),
+                                            shard_paths(store, "pretokenize", ref.key, split), strict=True):
             images, tokens = read_shard(store, images_path), read_shard(store, tokens_path)
             pixels = torch.from_numpy(np.stack([decode_png(b) for b in images.column("image").to_pylist()]))
             with torch.inference_mode():

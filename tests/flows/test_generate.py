@@ -7,20 +7,27 @@ from dalle_core.clip import CLIPReranker, recall_at
 from dalle_core.config import ConfigError, load_config
 from dalle_core.images import decode_png
 from flows.cli import main
-from flows.generate import generate_flow
 from storage.parquet import read_shard, shard_paths
-from tasks.clip import load_reranker
-from tasks.common import open_store, stage_keys
-from tests.conftest import TINY
+from tasks.artifacts import open_store
+from tasks.models import load_dvae, load_reranker
+from tasks.stages import stage_keys
+from tests.conftest import TINY, run_stage
 
 
 def _table(store, key):
-    return pq.read_table(store.path("generations", key, "generations.parquet"))
+    return pq.read_table(store.path("generate", key, "generations.parquet"))
+
+
+def _reranker(cfg):
+    """The reranking CLIP the config's run uses (its clip stage's, or `clip.pretrained`)."""
+    if cfg.clip.pretrained:  # no store: opening one would create the config's store folder
+        return load_reranker(cfg, None, "")
+    return load_reranker(cfg, open_store(cfg), stage_keys(cfg)["clip"])
 
 
 def _val_images(cfg, n: int = 40):
     store, keys = open_store(cfg), stage_keys(cfg)
-    table = read_shard(store, shard_paths(store, "images", keys["images"], "val")[0], ["caption", "image"])
+    table = read_shard(store, shard_paths(store, "ingest", keys["ingest"], "val")[0], ["caption", "image"])
     images = np.stack([decode_png(b) for b in table.column("image").to_pylist()[:n]])
     return images, table.column("caption").to_pylist()[:n]
 
@@ -31,7 +38,7 @@ def test_clip_recall_beats_chance_and_shuffled_captions_do_not(generated):
     store = open_store(cfg)
     m = store.read_json(store.path("clip", stage_keys(cfg)["clip"], "metrics.json"))
     assert m["steps"] == 60
-    scorer = load_reranker(cfg)
+    scorer = _reranker(cfg)
     images, captions = _val_images(cfg)
     shuffled = [captions[(i + 7) % len(captions)] for i in range(len(captions))]  # every image gets another's
     emb_i = scorer.embed_images(images)
@@ -43,7 +50,7 @@ def test_clip_recall_beats_chance_and_shuffled_captions_do_not(generated):
 
 def test_scorer_prefers_the_true_caption_of_real_images(generated):
     _, ov, _ = generated
-    scorer = load_reranker(load_config(TINY, ov))
+    scorer = _reranker(load_config(TINY, ov))
     images, captions = _val_images(load_config(TINY, ov))
     others = [captions[(i + 7) % len(captions)] for i in range(len(captions))]
     keep = [i for i in range(len(captions)) if captions[i] != others[i]]
@@ -58,13 +65,13 @@ def test_local_clip_checkpoint_gives_identical_scores(generated, tmp_path):
     store = open_store(cfg)
     path = tmp_path / "my-clip.safetensors"
     path.write_bytes(store.read_bytes(store.path("clip", stage_keys(cfg)["clip"], "model.safetensors")))
-    ours = load_reranker(cfg)
-    theirs = load_reranker(load_config(TINY, [*ov, f"clip.pretrained={path}"]))
+    ours = _reranker(cfg)
+    theirs = _reranker(load_config(TINY, [*ov, f"clip.pretrained={path}"]))
     images = np.random.default_rng(0).integers(0, 255, (4, 32, 32, 3), dtype=np.uint8)
     captions = ["a red circle", "a blue square above a green diamond", "a small white triangle", "x"]
     assert np.array_equal(ours.scores(images, captions).numpy(), theirs.scores(images, captions).numpy())
     with pytest.raises(ConfigError, match="does not exist"):
-        load_reranker(load_config(TINY, [*ov, f"clip.pretrained={tmp_path}/nope.safetensors"]))
+        _reranker(load_config(TINY, [*ov, f"clip.pretrained={tmp_path}/nope.safetensors"]))
 
 
 @pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
@@ -89,7 +96,7 @@ def test_open_clip_model_with_local_weights(tmp_path, suffix):
         torch.save(model.state_dict(), weights)
     else:
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, weights)
-    loaded = load_reranker(load_config(TINY, [f"clip.pretrained={name}:{weights}"]))
+    loaded = _reranker(load_config(TINY, [f"clip.pretrained={name}:{weights}"]))
     in_memory = CLIPReranker(model, 32, open_clip.get_tokenizer(name))
     images = np.random.default_rng(0).integers(0, 255, (2, 32, 32, 3), dtype=np.uint8)
     assert torch.equal(loaded.scores(images, ["a cat", "a dog"]), in_memory.scores(images, ["a cat", "a dog"]))
@@ -101,7 +108,7 @@ def test_generation_writes_n_ranked_candidates_per_prompt(generated):
     store = open_store(cfg)
     t = _table(store, ref.key).to_pylist()
     n = cfg.generate.num_candidates
-    prompts = store.manifest("generations", ref.key)["prompts"]
+    prompts = store.manifest("generate", ref.key)["prompts"]
     assert len(prompts) == cfg.generate.num_val_prompts and len(t) == n * len(prompts)
     for p in prompts:
         rows = [r for r in t if r["prompt"] == p]
@@ -110,10 +117,12 @@ def test_generation_writes_n_ranked_candidates_per_prompt(generated):
         by_rank = sorted(rows, key=lambda r: r["rank"])
         assert all(a["clip_score"] >= b["clip_score"] for a, b in zip(by_rank, by_rank[1:]))
         assert decode_png(rows[0]["image"]).shape == (32, 32, 3)
-    files = store.manifest("generations", ref.key)["files"]
+    files = store.manifest("generate", ref.key)["files"]
     assert "contact_sheet.png" in files and sum(f.startswith("grids/") for f in files) == len(prompts)
     client = MlflowClient(cfg.tracking.uri)
-    run = client.search_runs([client.get_experiment_by_name("dalle").experiment_id], "tags.stage = 'generations'")[0]
+    (run,) = client.search_runs([client.get_experiment_by_name("dalle").experiment_id],
+                                f"tags.stage = 'generate' and tags.stage_key = '{ref.key}' and tags.cached = 'false'")
+    assert run.info.run_name == f"generate-{ref.key}"  # one name per stage: the run's name is <stage>-<key>
     assert {"clip_score_top1_mean", "clip_score_mean", "images_per_s"} <= set(run.data.metrics)
 
 
@@ -133,21 +142,20 @@ def test_same_seed_same_images_and_prompts_from_cli(generated, tmp_path, capsys)
     # Same config and seed from a clean store: the same images.
     cfg = load_config(TINY, [*ov, 'generate.prompts=["a green diamond", "a red circle", "a large blue square in the center"]'])
     store = open_store(cfg)
-    key = stage_keys(cfg)["generations"]
-    store.remove("generations", key)
-    again = generate_flow(config=str(TINY), overrides=[*ov, 'generate.prompts=["a green diamond", "a red circle", '
-                                                             '"a large blue square in the center"]'])
+    store.remove("generate", stage_keys(cfg)["generate"])
+    again = run_stage("generate", [*ov, 'generate.prompts=["a green diamond", "a red circle", '
+                                        '"a large blue square in the center"]'])
     assert _table(store, again.key).column("image").equals(first.column("image"))
 
 
 def test_empty_and_too_long_prompts(generated, capsys):
     _, ov, _ = generated
     with pytest.raises(ConfigError, match=r"^generate.prompts: prompt 2 of 2 is '  '; every prompt needs some text"):
-        generate_flow(config=str(TINY), overrides=[*ov, 'generate.prompts=["a red circle", "  "]'])
+        run_stage("generate", [*ov, 'generate.prompts=["a red circle", "  "]'])
     long = "a small red circle in the top left " * 4
-    ref = generate_flow(config=str(TINY), overrides=[*ov, f'generate.prompts=["{long.strip()}"]'])
+    ref = run_stage("generate", [*ov, f'generate.prompts=["{long.strip()}"]'])
     cfg = load_config(TINY, ov)
-    assert open_store(cfg).manifest("generations", ref.key)["truncated_prompts"] == [long.strip()]
+    assert open_store(cfg).manifest("generate", ref.key)["truncated_prompts"] == [long.strip()]
 
 
 def test_image_completion_keeps_the_prime_rows(generated, tmp_path, capsys, monkeypatch):
@@ -157,7 +165,6 @@ def test_image_completion_keeps_the_prime_rows(generated, tmp_path, capsys, monk
     from PIL import Image
 
     from dalle_core.images import to_rgb_square, to_tensor
-    from tasks.dvae import load_dvae
 
     _, ov, _ = generated
     cfg = load_config(TINY, ov)
@@ -169,7 +176,7 @@ def test_image_completion_keeps_the_prime_rows(generated, tmp_path, capsys, monk
     cfg = load_config(TINY, [*ov, f'generate.prompts=["{captions[0]}"]', f"generate.prime_image={prime}",
                              "generate.prime_rows=3"])
     store, keys = open_store(cfg), stage_keys(cfg)
-    table = _table(store, keys["generations"])
+    table = _table(store, keys["generate"])
     codes = np.stack(table.column("image_tokens").to_pylist())
     dvae, norm = load_dvae(store, keys["dvae"])
     with Image.open(prime) as im, torch.inference_mode():
@@ -178,14 +185,14 @@ def test_image_completion_keeps_the_prime_rows(generated, tmp_path, capsys, monk
     assert (codes[:, :24] == expected).all()  # 3 rows of the 8x8 grid, in every candidate
     assert len({c[24:].tobytes() for c in codes}) > 1  # the other rows are sampled
     assert set(table.column("prime").to_pylist()) == {f"{prime} (top 3 rows)"}
-    sheet = decode_png(store.read_bytes(store.path("generations", keys["generations"], "grids", "prompt-0000.png")))
+    sheet = decode_png(store.read_bytes(store.path("generate", keys["generate"], "grids", "prompt-0000.png")))
     assert sheet.shape[1] == (2 + cfg.generate.best_k) * (32 * 4 + 2)  # prime, recon, best_k completions
     assert main(["generate", "-c", str(TINY), *sets, "a red circle", "--prime", str(prime), "--prime-rows", "8"]) == 2
     assert capsys.readouterr().err == "error: --prime-rows is 8; allowed: 1 to 7\n"  # as with --model
     import tasks.generate
 
     models = tasks.generate.load_pipeline(cfg)
-    monkeypatch.setattr(tasks.generate, "load_pipeline", lambda _: models)
+    monkeypatch.setattr(tasks.generate, "load_pipeline", lambda *_: models)
     cfg.generate.prime_rows = 8  # past the config's check, as with a pretrained dVAE (its grid is in its files)
     with pytest.raises(ConfigError, match="the dVAE's token grid has 8 rows, so use 1 to 7$"):
         tasks.generate.source_edit(cfg)
@@ -198,7 +205,6 @@ def _source_codes(cfg, path) -> np.ndarray:
     from PIL import Image
 
     from dalle_core.images import to_rgb_square, to_tensor
-    from tasks.dvae import load_dvae
 
     store, keys = open_store(cfg), stage_keys(cfg)
     dvae, norm = load_dvae(store, keys["dvae"])
@@ -227,7 +233,7 @@ def test_inpainting_from_the_cli_keeps_every_code_outside_the_region(generated, 
             "generate.edit_region=[5,4,18,13]"]
     cfg = load_config(TINY, [*ov, *edit])
     store, keys = open_store(cfg), stage_keys(cfg)
-    table = _table(store, keys["generations"])
+    table = _table(store, keys["generate"])
     codes = np.stack(table.column("image_tokens").to_pylist())
     mask = np.zeros((8, 8), bool)
     mask[1:4, 1:5] = True  # x 5-18 -> cells 1-4, y 4-13 -> rows 1-3
@@ -238,17 +244,17 @@ def test_inpainting_from_the_cli_keeps_every_code_outside_the_region(generated, 
     assert set(table.column("edit").to_pylist()) == {"inpaint"}
     (recorded,) = set(table.column("source").to_pylist())
     assert recorded.startswith(f"{source} (sha256 ") and len(recorded.split("sha256 ")[1]) == 17  # 16 hex + ")"
-    sheet = decode_png(store.read_bytes(store.path("generations", keys["generations"], "grids", "prompt-0000.png")))
+    sheet = decode_png(store.read_bytes(store.path("generate", keys["generate"], "grids", "prompt-0000.png")))
     assert sheet.shape[1] == (2 + cfg.generate.best_k) * (32 * 4 + 2)  # source, its sampled cells, best_k
     moved = tmp_path / "moved.png"
     shutil.copy(source, moved)
-    assert stage_keys(load_config(TINY, [*ov, *edit[:2], f"generate.edit_image={moved}", edit[3]]))["generations"] \
-        == keys["generations"]
-    assert stage_keys(load_config(TINY, [*ov, *edit[:3], "generate.edit_region=[5,4,18,17]"]))["generations"] \
-        != keys["generations"]
+    assert stage_keys(load_config(TINY, [*ov, *edit[:2], f"generate.edit_image={moved}", edit[3]]))["generate"] \
+        == keys["generate"]
+    assert stage_keys(load_config(TINY, [*ov, *edit[:3], "generate.edit_region=[5,4,18,17]"]))["generate"] \
+        != keys["generate"]
     Image.fromarray(images[0]).save(moved)
-    assert stage_keys(load_config(TINY, [*ov, *edit[:2], f"generate.edit_image={moved}", edit[3]]))["generations"] \
-        != keys["generations"]
+    assert stage_keys(load_config(TINY, [*ov, *edit[:2], f"generate.edit_image={moved}", edit[3]]))["generate"] \
+        != keys["generate"]
 
 
 def test_outpainting_and_variations_with_an_exported_model(generated, tmp_path):

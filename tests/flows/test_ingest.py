@@ -12,9 +12,10 @@ from PIL import Image
 from dalle_core.config import load_config
 from dalle_core.data import DataError
 from dalle_core.images import decode_png
-from flows.ingest import ingest_flow
 from storage.parquet import IMAGES_SCHEMA, read_shard, shard_paths
-from tasks.common import open_store, stage_keys
+from tasks.artifacts import open_store
+from tasks.stages import stage_keys
+from tests.conftest import run_stage
 
 N_GOOD = 20
 
@@ -28,15 +29,15 @@ def _image_bytes(i: int, fmt: str = "PNG") -> bytes:
 
 
 def _check_ingest(config, overrides, expect_skipped):
-    ref = ingest_flow(config=config, overrides=overrides)
+    ref = run_stage("ingest", overrides, config)
     cfg = load_config(config, overrides)
     store = open_store(cfg)
-    m = store.manifest("images", ref.key)
+    m = store.manifest("ingest", ref.key)
     assert m is not None and not ref.cached
     assert sum(m["rows"].values()) == N_GOOD
     assert m["skipped"] == expect_skipped
     for split in ("train", "val"):
-        for path in shard_paths(store, "images", ref.key, split):
+        for path in shard_paths(store, "ingest", ref.key, split):
             t = read_shard(store, path)
             assert t.schema.equals(IMAGES_SCHEMA)
             assert decode_png(t.column("image")[0].as_py()).shape == (32, 32, 3)
@@ -45,21 +46,24 @@ def _check_ingest(config, overrides, expect_skipped):
 
 def test_shapes_ingest_then_rerun_is_cached_and_tracked(tiny):
     config, ov = tiny
-    ref = ingest_flow(config=config, overrides=ov())
+    ref = run_stage("ingest", ov(), config)
     cfg = load_config(config, ov())
     store = open_store(cfg)
-    m = store.manifest("images", ref.key)
-    assert ref.key == stage_keys(cfg)["images"]
+    m = store.manifest("ingest", ref.key)
+    assert ref.key == stage_keys(cfg)["ingest"]
     assert m["rows"] == {"train": 360, "val": 40} and m["skipped"] == {}
-    assert len(shard_paths(store, "images", ref.key, "train")) == 3  # 128 rows per shard
-    again = ingest_flow(config=config, overrides=ov())
+    assert len(shard_paths(store, "ingest", ref.key, "train")) == 3  # 128 rows per shard
+    again = run_stage("ingest", ov(), config)
     assert again.cached and again.key == ref.key
     # The MLflow run is there with params, counts and a sample grid.
     client = MlflowClient(cfg.tracking.uri)
     exp = client.get_experiment_by_name("dalle")
-    runs = client.search_runs([exp.experiment_id], "tags.stage = 'images'")
+    runs = client.search_runs([exp.experiment_id], "tags.stage = 'ingest' and tags.cached = 'false'")
     assert len(runs) == 1
     run = runs[0]
+    # The rerun is a short `(cached)` run linked to the run that made the artifact.
+    reused = client.search_runs([exp.experiment_id], "tags.stage = 'ingest' and tags.cached = 'true'")
+    assert [r.data.tags["source_run_id"] for r in reused] == [run.info.run_id]
     assert run.data.tags["stage_key"] == ref.key and run.data.tags["prefect.flow_run_id"]
     assert run.data.params["shapes.num_images"] == "400"
     assert run.data.metrics["rows_train"] == 360
@@ -146,7 +150,7 @@ def test_source_with_no_usable_rows_fails_clearly(tiny, tmp_path):
     (folder / "a.txt").write_text("junk")
     config, ov = tiny
     with pytest.raises(DataError, match="yielded no usable images"):
-        ingest_flow(config=config, overrides=ov("data.source=imagefolder", f"data.path={folder}"))
+        run_stage("ingest", ov("data.source=imagefolder", f"data.path={folder}"), config)
 
 
 def test_changed_folder_is_ingested_again(tiny, tmp_path, caplog):
@@ -165,20 +169,20 @@ def test_changed_folder_is_ingested_again(tiny, tmp_path, caplog):
     config, ov = tiny
     overrides = ov("data.source=imagefolder", f"data.path={folder}", "data.val_fraction=0.3")
     write(30, {})
-    first = ingest_flow(config=config, overrides=overrides)
+    first = run_stage("ingest", overrides, config)
     store = open_store(load_config(config, overrides))
-    assert sum(store.manifest("images", first.key)["rows"].values()) == 30
+    assert sum(store.manifest("ingest", first.key)["rows"].values()) == 30
     write(60, {3: "an edited caption"})
     caplog.clear()
-    second = ingest_flow(config=config, overrides=overrides)
+    second = run_stage("ingest", overrides, config)
     assert not second.cached and second.key != first.key
-    m = store.manifest("images", second.key)
+    m = store.manifest("ingest", second.key)
     assert sum(m["rows"].values()) == 60 and m["skipped"] == {}
     captions = {}
     for split in ("train", "val"):
-        for path in shard_paths(store, "images", second.key, split):
+        for path in shard_paths(store, "ingest", second.key, split):
             t = read_shard(store, path)
             captions.update(zip(t.column("id").to_pylist(), t.column("caption").to_pylist()))
     assert captions["3.png"] == "an edited caption" and captions["59.png"] == "picture 59"
     changed = [r.getMessage() for r in caplog.records if "changed since" in r.getMessage()]
-    assert len(changed) == 1 and f"images/{first.key}" in changed[0]
+    assert len(changed) == 1 and f"ingest/{first.key}" in changed[0]

@@ -3,69 +3,24 @@
 import contextlib
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
-import urllib.request
-from pathlib import Path
 
 import pytest
 
 from dalle_core.config import load_config
 from flows.pipeline import pipeline_flow
-from flows.pretokenize import pretokenize_flow
-from flows.train_dvae import train_dvae_flow
-from flows.train_transformer import train_transformer_flow
 from storage.parquet import shard_paths
 from storage.store import StoreError
-from tasks.common import open_store, stage_keys
-from tests.conftest import ROOT, TINY
+from tasks.artifacts import open_store
+from tasks.stages import stage_keys
+from tests.conftest import TINY, run_stage
+from tests.flows.servers import BIN, copy_store, free_port, get_json, stop, wait_http
 
 pytestmark = pytest.mark.slow
-BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_http(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}: {proc.stdout.read() if proc.stdout else ''}")
-        try:
-            with urllib.request.urlopen(url, timeout=2):
-                return
-        except OSError:
-            time.sleep(0.5)
-    raise TimeoutError(url)
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-
-
-def _get(url: str, payload: dict | None = None) -> dict:
-    req = urllib.request.Request(url, data=json.dumps(payload).encode() if payload is not None else None,
-                                 headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=30) as r:
-        return json.loads(r.read())
-
-
-def _copy(src_root: Path, dst: Path) -> list[str]:
-    shutil.copytree(src_root / "store", dst / "store", ignore=shutil.ignore_patterns("mlflow.db", "mlartifacts"))
-    return [f"store.root={dst / 'store'}", f"tracking.uri=sqlite:///{dst / 'mlflow.db'}"]
 
 
 def test_killed_stage_rerun_gives_the_same_artifacts(pretokenized, tmp_path):
@@ -74,9 +29,9 @@ def test_killed_stage_rerun_gives_the_same_artifacts(pretokenized, tmp_path):
 
     src, _, _ = pretokenized
     steps = ["transformer.train.max_steps=200", "transformer.train.checkpoint_every=10"]
-    clean = _copy(src, tmp_path / "clean") + steps
-    killed = _copy(src, tmp_path / "killed") + steps
-    ref = train_transformer_flow(config=str(TINY), overrides=clean)
+    clean = copy_store(src, tmp_path / "clean") + steps
+    killed = copy_store(src, tmp_path / "killed") + steps
+    ref = run_stage("transformer", clean)
     cfg = load_config(TINY, killed)
     store, key = open_store(cfg), stage_keys(cfg)["transformer"]
     latest = store.path("transformer", key, "checkpoints", "latest.json")
@@ -90,7 +45,7 @@ def test_killed_stage_rerun_gives_the_same_artifacts(pretokenized, tmp_path):
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not store.is_complete("transformer", key), "killed too late: the run had finished"
-    again = train_transformer_flow(config=str(TINY), overrides=killed)
+    again = run_stage("transformer", killed)
     assert again.key == ref.key and not again.cached
     clean_store = open_store(load_config(TINY, clean))
     assert (store.read_bytes(store.path("transformer", key, "model.safetensors"))
@@ -98,37 +53,40 @@ def test_killed_stage_rerun_gives_the_same_artifacts(pretokenized, tmp_path):
 
 
 def test_dvae_resume_is_exact(tiny, tmp_path, monkeypatch):
-    import tasks.common
+    import tasks.training
 
     config, make = tiny
     clean = [f"store.root={tmp_path / 'clean'}", f"tracking.uri=sqlite:///{tmp_path / 'c.db'}"]
-    train_dvae_flow(config=config, overrides=clean)
-    real_save = tasks.common.save_checkpoint
+    run_stage("dvae", clean, config)
+    real_save = tasks.training.save_checkpoint
 
     def save_then_die(*a, **k):
         real_save(*a, **k)
         raise RuntimeError("killed")
 
-    monkeypatch.setattr(tasks.common, "save_checkpoint", save_then_die)
-    with pytest.raises(RuntimeError):
-        train_dvae_flow(config=config, overrides=make())
-    monkeypatch.setattr(tasks.common, "save_checkpoint", real_save)
-    ref = train_dvae_flow(config=config, overrides=make())
-    a, b = open_store(load_config(config, make())), open_store(load_config(config, clean))
+    monkeypatch.setattr(tasks.training, "save_checkpoint", save_then_die)
+    with pytest.raises(RuntimeError, match="killed"):
+        run_stage("dvae", make(), config)
+    monkeypatch.setattr(tasks.training, "save_checkpoint", real_save)
+    a = open_store(load_config(config, make()))
+    assert a.exists(a.path("dvae", stage_keys(load_config(config, make()))["dvae"], "checkpoints", "latest.json"))
+    ref = run_stage("dvae", make(), config)
+    assert not ref.cached
+    b = open_store(load_config(config, clean))
     assert a.read_bytes(a.path("dvae", ref.key, "model.safetensors")) == \
         b.read_bytes(b.path("dvae", ref.key, "model.safetensors"))
 
 
 def test_pretokenize_on_a_dask_local_cluster(pretokenized, tmp_path):
     src, _, ref = pretokenized
-    ov = _copy(src, tmp_path)
+    ov = copy_store(src, tmp_path)
     cfg = load_config(TINY, ov)
     store = open_store(cfg)
-    expected = {p: store.read_bytes(p) for s in ("train", "val") for p in shard_paths(store, "tokens", ref.key, s)}
-    store.remove("tokens", ref.key)
-    again = pretokenize_flow(config=str(TINY), overrides=[*ov, "runner.kind=dask", "runner.workers=2"])
-    assert not again.cached
-    got = {p: store.read_bytes(p) for s in ("train", "val") for p in shard_paths(store, "tokens", ref.key, s)}
+    expected = {p: store.read_bytes(p) for s in ("train", "val") for p in shard_paths(store, "pretokenize", ref.key, s)}
+    store.remove("pretokenize", ref.key)
+    again = run_stage("pretokenize", [*ov, "runner.kind=dask", "runner.workers=2"])
+    assert not again.cached and again.key == ref.key
+    got = {p: store.read_bytes(p) for s in ("train", "val") for p in shard_paths(store, "pretokenize", ref.key, s)}
     assert got == expected
 
 
@@ -152,15 +110,15 @@ def test_ingest_and_pretokenize_on_s3(tiny, tmp_path):
         config, _ = tiny
         ov = ["store.root=s3://dalle-test/run", f"store.storage_options={json.dumps(opts)}",
               f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"]
-        ref = pretokenize_flow(config=config, overrides=ov)
+        ref = run_stage("pretokenize", ov, config)
         cfg = load_config(config, ov)
         keys = stage_keys(cfg)
         fs.invalidate_cache()
-        assert fs.exists(f"dalle-test/run/images/{keys['images']}/manifest.json")
-        assert fs.exists(f"dalle-test/run/tokens/{ref.key}/manifest.json")
-        table = pads.dataset(f"dalle-test/run/tokens/{ref.key}/train", filesystem=fs, format="parquet").to_table()
+        assert fs.exists(f"dalle-test/run/ingest/{keys['ingest']}/manifest.json")
+        assert fs.exists(f"dalle-test/run/pretokenize/{ref.key}/manifest.json")
+        table = pads.dataset(f"dalle-test/run/pretokenize/{ref.key}/train", filesystem=fs, format="parquet").to_table()
         assert table.num_rows == 360
-        assert pretokenize_flow(config=config, overrides=ov).cached
+        assert run_stage("pretokenize", ov, config).cached
     finally:
         stop(server)
 
@@ -176,19 +134,19 @@ def test_pipeline_against_a_real_mlflow_server(pretokenized, tmp_path, monkeypat
         wait_http(f"{url}/health", server)
         monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
         src, _, _ = pretokenized
-        ov = _copy(src, tmp_path)[:1]  # no tracking.uri: the environment variable decides
-        pipeline_flow(config=str(TINY), overrides=ov)
+        ov = copy_store(src, tmp_path)[:1]  # no tracking.uri: the environment variable decides
+        pipeline_flow(load_config(TINY, ov))
         api = f"{url}/api/2.0/mlflow"
-        exp = _get(f"{api}/experiments/get-by-name?experiment_name=dalle")["experiment"]["experiment_id"]
-        runs = _get(f"{api}/runs/search", {"experiment_ids": [exp], "max_results": 100})["runs"]
+        exp = get_json(f"{api}/experiments/get-by-name?experiment_name=dalle")["experiment"]["experiment_id"]
+        runs = get_json(f"{api}/runs/search", {"experiment_ids": [exp], "max_results": 100})["runs"]
         tags = {r["info"]["run_id"]: {t["key"]: t["value"] for t in r["data"].get("tags", [])} for r in runs}
         parent = next(rid for rid, t in tags.items() if t.get("stage") == "pipeline")
         children = {t["stage"]: rid for rid, t in tags.items()
                     if t.get("mlflow.parentRunId") == parent and t["cached"] == "false"}
-        assert set(children) == {"transformer", "clip", "generations", "evaluation"}  # the rest was cached
-        history = _get(f"{api}/metrics/get-history?run_id={children['transformer']}&metric_key=loss")["metrics"]
+        assert set(children) == {"transformer", "clip", "generate", "evaluate"}  # the rest was cached
+        history = get_json(f"{api}/metrics/get-history?run_id={children['transformer']}&metric_key=loss")["metrics"]
         assert [m["step"] for m in history] == [10, 20, 30]
-        files = _get(f"{api}/artifacts/list?run_id={children['generations']}")["files"]
+        files = get_json(f"{api}/artifacts/list?run_id={children['generate']}")["files"]
         assert {"contact_sheet.png", "grids", "manifest.json"} <= {f["path"] for f in files}
     finally:
         stop(server)
@@ -200,71 +158,27 @@ def test_unreachable_mlflow_server_is_one_line(tiny):
     config, make = tiny
     port = free_port()
     with pytest.raises(TrackingError, match=rf"^MLflow tracking at 'http://127.0.0.1:{port}' is unreachable"):
-        pipeline_flow(config=config, overrides=[*make(), f"tracking.uri=http://127.0.0.1:{port}"], only=["ingest"])
+        pipeline_flow(load_config(config, [*make(), f"tracking.uri=http://127.0.0.1:{port}"]), only=["ingest"])
 
 
 def test_full_store_is_one_line_and_keeps_finished_work(pretokenized, tmp_path, monkeypatch):
     src, _, ref = pretokenized
-    ov = _copy(src, tmp_path)
+    ov = copy_store(src, tmp_path)
     cfg = load_config(TINY, ov)
     store = open_store(cfg)
-    store.remove("tokens", ref.key)
+    store.remove("pretokenize", ref.key)
     real_open = store.fs.__class__.open
 
     def full_disk(self, path, mode="rb", *a, **k):
-        if "w" in mode and "/tokens/" in str(path):
+        if "w" in mode and "/pretokenize/" in str(path):
             raise OSError(28, "No space left on device")
         return real_open(self, path, mode, *a, **k)
 
     monkeypatch.setattr(store.fs.__class__, "open", full_disk)
-    with pytest.raises(StoreError, match=r"^cannot write '.*/tokens/.*part-0000\d\.parquet': No space left on device$"):
-        pretokenize_flow(config=str(TINY), overrides=ov)
+    with pytest.raises(StoreError, match=r"^cannot write '.*/pretokenize/.*part-0000\d\.parquet': No space left on device$"):
+        run_stage("pretokenize", ov)
     monkeypatch.undo()
-    assert store.is_complete("dvae", stage_keys(cfg)["dvae"]) and not store.is_complete("tokens", ref.key)
-
-
-def test_deployment_runs_on_a_real_prefect_server(generated, tmp_path):
-    """prefect server start -> prefect deploy (prefect.yaml) -> worker -> a deployment run of the tiny pipeline."""
-    port = free_port()
-    api = f"http://127.0.0.1:{port}/api"
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_API_URL": api,
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DALLE_PROJECT_DIR": str(ROOT)}
-    env.pop("PREFECT_SERVER_ALLOW_EPHEMERAL_MODE", None)
-    prefect = str(BIN / "prefect")
-    server = subprocess.Popen([prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)], env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
-    worker = None
-    try:
-        wait_http(f"{api}/health", server)
-
-        def cli(*args):
-            return subprocess.run([prefect, "--no-prompt", *args], env=env, cwd=ROOT, capture_output=True,
-                                  text=True, check=True, timeout=180).stdout
-
-        cli("work-pool", "create", "dalle-process", "--type", "process")
-        cli("deploy", "--name", "pipeline-tiny")
-        src, ov, _ = generated
-        params = {"overrides": _copy(src, tmp_path) + ov[2:]}
-        out = cli("deployment", "run", "pipeline/pipeline-tiny", "--params", json.dumps(params))
-        flow_run_id = next(w for line in out.splitlines() if "UUID" in line for w in line.split() if w.count("-") == 4)
-        worker = subprocess.Popen([prefect, "worker", "start", "--pool", "dalle-process", "--run-once"], env=env,
-                                  cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
-                                  start_new_session=True)
-        deadline = time.monotonic() + 300
-        state = None
-        while time.monotonic() < deadline:
-            state = _get(f"{api}/flow_runs/{flow_run_id}")["state"]["type"]
-            if state in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
-                break
-            time.sleep(1)
-        assert state == "COMPLETED"
-        deployments = _get(f"{api}/deployments/filter", {})
-        names = {d["name"] for d in deployments}
-        assert "pipeline-tiny" in names
-    finally:
-        if worker is not None:
-            stop(worker)
-        stop(server)
+    assert store.is_complete("dvae", stage_keys(cfg)["dvae"]) and not store.is_complete("pretokenize", ref.key)
 
 
 def test_kill_9_of_a_command_takes_its_prefect_server_along_and_the_next_command_ends_its_runs(tmp_path):
@@ -305,8 +219,9 @@ def test_kill_9_of_a_command_takes_its_prefect_server_along_and_the_next_command
         tracking.experiment_id(uri, cfg.tracking.experiment, open_store(cfg))  # what the next command does first
         runs = client.search_runs([exp.experiment_id])
         assert not [r for r in runs if r.info.status == "RUNNING"]
-        killed = [r for r in runs if r.info.status == "KILLED"]
-        assert [r.data.tags["end_reason"] for r in killed] == [f"process {proc.pid} on {socket.gethostname()} is gone"]
+        killed = {r.data.tags["stage"]: r.data.tags["end_reason"] for r in runs if r.info.status == "KILLED"}
+        gone = f"process {proc.pid} on {socket.gethostname()} is gone"
+        assert killed == {"pipeline": gone, "dvae": gone}  # a stage command is the pipeline run up to that stage
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)

@@ -11,8 +11,8 @@ from dalle_core.config import load_config
 from flows.cli import main
 from flows.pipeline import pipeline_flow
 from storage.store import StoreError
-from tasks.common import open_store, stage_keys
-from tasks.pipeline import downstream
+from tasks.artifacts import open_store
+from tasks.stages import NAMES, downstream, stage_keys
 from tests.conftest import NO_CUDA, TINY
 
 
@@ -33,17 +33,19 @@ def _duration_s(run) -> float:
 
 def test_rerun_from_cache_and_only_changed_stages_rerun(generated_copy):
     """Re-runs from cache, as Prefect and the MLflow UI show them: parent runs named by what ran, cached stages
-    as child runs linked to the run that made the artifact, Cached states and DAG edges in Prefect, stage runs
-    that last as long as their work, validation curves, code version and the headline numbers on the parent."""
+    as child runs linked to the run that made the artifact, reused stages named `(cached)` and DAG edges in
+    Prefect, stage runs that last as long as their work, validation curves, code version and the headline
+    numbers on the parent."""
     from prefect import get_client
 
     ov = generated_copy
-    first = pipeline_flow(config=str(TINY), overrides=ov)
-    assert [s for s, r in first.items() if not r.endswith("(cached)")] == ["evaluate"]
-    state = pipeline_flow(config=str(TINY), overrides=ov, return_state=True)
-    assert all(r.endswith("(cached)") for r in state.result().values())
-    changed = pipeline_flow(config=str(TINY), overrides=[*ov, "transformer.train.max_steps=20"])
-    assert [s for s, r in changed.items() if not r.endswith("(cached)")] == ["transformer", "generate", "evaluate"]
+    cfg = load_config(TINY, ov)
+    first = pipeline_flow(cfg)
+    assert [s for s, r in first.items() if not r.cached] == ["evaluate"]
+    state = pipeline_flow(cfg, return_state=True)
+    assert all(r.cached for r in state.result().values())
+    changed = pipeline_flow(load_config(TINY, [*ov, "transformer.train.max_steps=20"]))
+    assert [s for s, r in changed.items() if not r.cached] == ["transformer", "generate", "evaluate"]
 
     client = MlflowClient(load_config(TINY, ov).tracking.uri)
     exp = client.get_experiment_by_name("dalle")
@@ -52,10 +54,11 @@ def test_rerun_from_cache_and_only_changed_stages_rerun(generated_copy):
     assert [p.info.run_name for p in parents] == [
         "pipeline (ran: evaluate)", "pipeline (all cached)", "pipeline (ran: transformer, generate, evaluate)"]
     runs = [_children(client, exp.experiment_id, p.info.run_id) for p in parents]
-    assert runs[1]["evaluation"].data.tags["cached"] == "true"
-    assert runs[1]["evaluation"].data.tags["source_run_id"] == runs[0]["evaluation"].info.run_id
+    assert runs[1]["evaluate"].data.tags["cached"] == "true"
+    assert runs[1]["evaluate"].data.tags["source_run_id"] == runs[0]["evaluate"].info.run_id
     assert runs[2]["transformer"].data.tags["cached"] == "false"
-    assert runs[2]["images"].data.tags["cached"] == "true"
+    assert runs[2]["ingest"].data.tags["cached"] == "true"
+    assert runs[0]["evaluate"].info.run_name == f"evaluate-{first['evaluate'].key}"
 
     top = parents[0]
     assert top.data.tags["mlflow.source.name"] == str(TINY)
@@ -65,64 +68,73 @@ def test_rerun_from_cache_and_only_changed_stages_rerun(generated_copy):
     arts = {a.path for a in client.list_artifacts(top.info.run_id)}
     assert {"summary.html", "evaluation.json", "contact_sheet.png", "top1_vs_random.png", "config.yaml"} <= arts
     summary = client.download_artifacts(top.info.run_id, "summary.html")
-    assert runs[0]["evaluation"].info.run_id[:8] in open(summary).read()
+    assert runs[0]["evaluate"].info.run_id[:8] in open(summary).read()
 
-    for stage in ("generations", "evaluation"):  # opened when the work started, not when its results were logged
+    for stage in ("generate", "evaluate"):  # opened when the work started, not when its results were logged
         run = runs[2][stage]
         metrics = run.data.metrics
-        work_s = metrics["images"] / metrics["images_per_s"] if stage == "generations" else \
-            metrics["generation.prompts"] * metrics["generation.candidates"] / metrics["generation.images_per_s"]
+        work_s = metrics["images"] / metrics["images_per_s"] if stage == "generate" else \
+            metrics["generation.sampled_for_evaluation"] * metrics["generation.candidates"] \
+            / metrics["generation.images_per_s"]
         assert _duration_s(run) >= work_s, (stage, _duration_s(run), work_s)
+    # evaluation takes the generate stage's candidates for the prompts generate sampled (tiny: 2 of them)
+    assert runs[2]["evaluate"].data.metrics["generation.from_generate_stage"] == cfg.generate.num_val_prompts
     history = client.get_metric_history(runs[2]["transformer"].info.run_id, "val_loss")
     assert [m.step for m in history] == [10, 20]  # a curve: every val_every=10 steps
 
     with get_client(sync_client=True) as prefect:
         tasks = prefect.read_task_runs(flow_run_filter=FlowRunFilter(id={"any_": [state.state_details.flow_run_id]}))
-        by_name = {t.name.rsplit("-", 1)[0]: t for t in tasks}
-        assert by_name["train-transformer"].state.name == "Cached"
+        by_name = {t.name.removesuffix(" (cached)"): t for t in tasks}
+        assert set(by_name) == set(NAMES)  # one task run per stage, no nested flow runs
+        assert by_name["transformer"].name == "transformer (cached)"  # reuse shows in the run graph
+        assert by_name["transformer"].state.name == "Completed"
+        stage_of = {t.id: name for name, t in by_name.items()}
 
         def upstream(name):
-            ids = [i.id for i in by_name[name].task_inputs.get("inputs", [])]
-            return {prefect.read_flow(prefect.read_flow_run(i).flow_id).name for i in ids}
+            return {stage_of[i.id] for inputs in by_name[name].task_inputs.values() for i in inputs
+                    if i.input_type == "task_run"}
 
-        assert upstream("train-transformer") == {"pretokenize"}
-        assert upstream("generate") == {"train-transformer", "train-clip"}
-        assert upstream("pretokenize") == {"train-dvae", "train-bpe"}
+        assert upstream("transformer") == {"pretokenize", "dvae"}
+        assert upstream("generate") == {"ingest", "dvae", "bpe", "transformer", "clip"}
+        assert upstream("pretokenize") == {"ingest", "dvae", "bpe"}
 
 
 def test_failed_stage_shows_failed_in_mlflow(generated_copy, monkeypatch):
     import tasks.generate
 
-    def broken(cfg):
+    def broken(cfg, keys=None):
         raise RuntimeError("out of GPU memory (on purpose)")
 
     monkeypatch.setattr(tasks.generate, "load_pipeline", broken)
+    cfg = load_config(TINY, generated_copy)
     with pytest.raises(RuntimeError, match="on purpose"):
-        pipeline_flow(config=str(TINY), overrides=generated_copy, only=["generate"], force=["generate"])
-    client = MlflowClient(load_config(TINY, generated_copy).tracking.uri)
+        pipeline_flow(cfg, only=["generate"], force=["generate"])
+    client = MlflowClient(cfg.tracking.uri)
     exp = client.get_experiment_by_name("dalle").experiment_id
     parent = client.search_runs([exp], "tags.stage = 'pipeline'")[0]
-    run = _children(client, exp, parent.info.run_id)["generations"]
+    run = _children(client, exp, parent.info.run_id)["generate"]
     assert (run.info.status, parent.info.status) == ("FAILED", "FAILED")
     assert run.data.tags["error"] == "RuntimeError: out of GPU memory (on purpose)"
     assert parent.info.run_name == "pipeline (failed)"
 
 
-def test_only_a_stage_with_missing_upstream_fails_in_one_line(tiny):
-    config, make = tiny
+def test_only_a_stage_with_missing_upstream_fails_in_one_line(store_copy):
+    # the store has ingest..pretokenize: the first stage generate reads that is missing is the transformer
+    cfg = load_config(TINY, store_copy)
     with pytest.raises(StoreError, match=r"^missing upstream artifact transformer/\w+ in store .*run that stage first$"):
-        pipeline_flow(config=config, overrides=make(), only=["generate"])
+        pipeline_flow(cfg, only=["generate"])
+    assert MlflowClient(cfg.tracking.uri).get_experiment_by_name("dalle") is None  # checked before any run opened
 
 
 def test_force_redoes_a_stage_and_everything_downstream(generated_copy):
     ov = generated_copy
     assert downstream("dvae") == ["dvae", "pretokenize", "transformer", "generate", "evaluate"]
-    refs = pipeline_flow(config=str(TINY), overrides=ov, only=["ingest", "dvae", "bpe", "clip"], force=["dvae"])
-    assert not refs["dvae"].endswith("(cached)") and refs["clip"].endswith("(cached)")
     cfg = load_config(TINY, ov)
+    refs = pipeline_flow(cfg, only=["ingest", "dvae", "bpe", "clip"], force=["dvae"])
+    assert not refs["dvae"].cached and refs["clip"].cached
     store, keys = open_store(cfg), stage_keys(cfg)
-    assert not store.exists(store.path("tokens", keys["tokens"]))
-    assert not store.exists(store.path("generations", keys["generations"]))
+    assert not store.exists(store.path("pretokenize", keys["pretokenize"]))
+    assert not store.exists(store.path("generate", keys["generate"]))
     assert store.is_complete("clip", keys["clip"])
 
 
@@ -182,9 +194,9 @@ def test_tiny_pipeline_runs_every_stage_on_cuda(tiny):
     """Every stage on the GPU, sample grids during transformer training included."""
     config, make = tiny
     ov = make("runner.device=cuda", "transformer.sample_every=10", "runner.loader_workers=2")
-    refs = pipeline_flow(config=config, overrides=ov)
-    assert not any(r.endswith("(cached)") for r in refs.values())
     cfg = load_config(config, ov)
+    refs = pipeline_flow(cfg)
+    assert not any(r.cached for r in refs.values())
     client = MlflowClient(cfg.tracking.uri)
     exp = client.get_experiment_by_name("dalle").experiment_id
     for stage in ("dvae", "transformer", "clip"):
@@ -194,7 +206,7 @@ def test_tiny_pipeline_runs_every_stage_on_cuda(tiny):
     grids = [a.path for a in client.list_artifacts(transformer.info.run_id, "samples")]
     assert "samples/step-0000010.png" in grids  # the grid drawn mid-training, on the GPU
     store, keys = open_store(cfg), stage_keys(cfg)
-    assert store.is_complete("evaluation", keys["evaluation"])
+    assert store.is_complete("evaluate", keys["evaluate"])
 
 
 def test_openmoji_subset_end_to_end_at_64_px(tiny, openmoji_subset):
@@ -211,23 +223,23 @@ def test_openmoji_subset_end_to_end_at_64_px(tiny, openmoji_subset):
     from dalle_core.images import decode_png
     from storage.parquet import iter_batches, shard_paths
     from tasks.evaluate import format_report
-    from tasks.generate import load_pipeline
+    from tasks.models import load_pipeline
 
     folder, _, _ = openmoji_subset
     config, make = tiny
     ov = make("data.source=imagefolder", f"data.path={folder}", "data.image_size=64", "clip.patch_size=8",
               "evaluate.num_prompts=16", "evaluate.train_prompts=8", "clip.train.max_steps=60")
-    pipeline_flow(config=config, overrides=ov)
     cfg = load_config(config, ov)
+    pipeline_flow(cfg)
     store, keys = open_store(cfg), stage_keys(cfg)
-    assert store.manifest("tokens", keys["tokens"])["grid"] == [16, 16]
+    assert store.manifest("pretokenize", keys["pretokenize"])["grid"] == [16, 16]
     with open(folder / "metadata.jsonl") as f:
         subsets = Counter(f"{r['split']}.{r['subset']}" for r in map(json.loads, f))
-    assert store.manifest("images", keys["images"])["subsets"] == dict(subsets)
-    table = pq.read_table(store.path("generations", keys["generations"], "generations.parquet"))
+    assert store.manifest("ingest", keys["ingest"])["subsets"] == dict(subsets)
+    table = pq.read_table(store.path("generate", keys["generate"], "generations.parquet"))
     assert {Image.open(io.BytesIO(b)).size for b in table.column("image").to_pylist()} == {(64, 64)}
 
-    report = store.read_json(store.path("evaluation", keys["evaluation"], "evaluation.json"))
+    report = store.read_json(store.path("evaluate", keys["evaluate"], "evaluation.json"))
     assert "faithfulness" not in report  # no shapes checker for real pictures
     splits = report["splits"]
     assert set(splits) == {"seen", "unseen", "seen-variant"}
@@ -237,7 +249,7 @@ def test_openmoji_subset_end_to_end_at_64_px(tiny, openmoji_subset):
     assert splits["seen"]["nn_own_image_top1"] >= 0 and "fd_clip_real_halves" in splits["seen"]
     client = MlflowClient(cfg.tracking.uri)
     logged = client.search_runs([client.get_experiment_by_name("dalle").experiment_id],
-                                "tags.stage = 'evaluation'")[0].data.metrics
+                                "tags.stage = 'evaluate'")[0].data.metrics
     for k in ("nn_pixel_own_top1", "nn_pixel_own_random"):  # the pixel-space check: json, table and MLflow
         assert 0 <= splits["seen"][k] <= 1 and k not in splits["unseen"]
         assert k in format_report(report) and logged[f"splits.seen.{k}"] == splits["seen"][k]
@@ -245,7 +257,7 @@ def test_openmoji_subset_end_to_end_at_64_px(tiny, openmoji_subset):
     scorer = load_pipeline(cfg).reranker
     captions, images = [], []
     for split in ("train", "val"):
-        for batch in iter_batches(store, shard_paths(store, "images", keys["images"], split), ["caption", "image"]):
+        for batch in iter_batches(store, shard_paths(store, "ingest", keys["ingest"], split), ["caption", "image"]):
             captions += batch.column("caption").to_pylist()
             images += [decode_png(b) for b in batch.column("image").to_pylist()]
     pool = list(dict.fromkeys(captions))

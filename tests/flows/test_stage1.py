@@ -9,17 +9,14 @@ import torch
 import torch.nn.functional as F
 from mlflow import MlflowClient
 
-import tasks.common
+import tasks.training
 from dalle_core.config import load_config
 from dalle_core.images import decode_png, psnr, to_tensor
-from flows.pretokenize import pretokenize_flow
-from flows.train_bpe import train_bpe_flow
-from flows.train_dvae import train_dvae_flow
 from storage.parquet import read_shard, shard_paths
-from tasks.common import open_store, stage_keys
-from tasks.dvae import load_dvae
-from tasks.text import load_tokenizer
-from tests.conftest import TINY
+from tasks.artifacts import open_store
+from tasks.models import load_dvae, load_tokenizer
+from tasks.stages import stage_keys
+from tests.conftest import TINY, run_stage
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +30,8 @@ def test_token_shards_match_dvae_encode(done):
     store, keys = open_store(cfg), stage_keys(cfg)
     model, norm = load_dvae(store, keys["dvae"])
     for split in ("train", "val"):
-        for img_path, tok_path in zip(shard_paths(store, "images", keys["images"], split),
-                                      shard_paths(store, "tokens", ref.key, split), strict=True):
+        for img_path, tok_path in zip(shard_paths(store, "ingest", keys["ingest"], split),
+                                      shard_paths(store, "pretokenize", ref.key, split), strict=True):
             images, tokens = read_shard(store, img_path), read_shard(store, tok_path)
             assert tokens.column("id").to_pylist() == images.column("id").to_pylist()
             pixels = np.stack([decode_png(b) for b in images.column("image").to_pylist()])
@@ -47,13 +44,13 @@ def test_token_shards_match_dvae_encode(done):
 def test_token_schema_and_manifest(done):
     cfg, _, ref, _ = done
     store, keys = open_store(cfg), stage_keys(cfg)
-    m = store.manifest("tokens", ref.key)
+    m = store.manifest("pretokenize", ref.key)
     assert m["rows"] == {"train": 360, "val": 40}
     assert m["grid"] == [8, 8] and m["codebook_size"] == 64 and m["text_len"] == 16
     assert m["dvae_key"] == keys["dvae"] and m["bpe_key"] == keys["bpe"]
     tok = load_tokenizer(store, keys["bpe"], 16)
     assert m["vocab_size"] == tok.vocab_size
-    t = read_shard(store, shard_paths(store, "tokens", ref.key, "train")[0])
+    t = read_shard(store, shard_paths(store, "pretokenize", ref.key, "train")[0])
     assert t.schema.field("image_tokens").type == pa.list_(pa.uint16(), 64)
     assert t.schema.field("text_tokens").type == pa.list_(pa.uint16())
     row = t.slice(0, 1).to_pylist()[0]
@@ -64,7 +61,7 @@ def test_token_schema_and_manifest(done):
 def test_token_shards_readable_by_other_clients(done):
     cfg, _, ref, _ = done
     store = open_store(cfg)
-    base = store.path("tokens", ref.key)
+    base = store.path("pretokenize", ref.key)
     table = pads.dataset(f"{base}/train", format="parquet").to_table()
     assert table.num_rows == 360
     ds = datasets.load_dataset("parquet", data_files={"train": f"{base}/train/*.parquet",
@@ -80,36 +77,39 @@ def test_dvae_stage_tracked_and_reused(done):
     assert m["steps"] == 30 and {"model.safetensors", "config.json", "reconstructions.png"} <= set(m["files"])
     assert not any(f.startswith("checkpoints/") for f in m["files"])
     client = MlflowClient(cfg.tracking.uri)
-    run = client.search_runs([client.get_experiment_by_name("dalle").experiment_id], "tags.stage = 'dvae'")[0]
+    exp = client.get_experiment_by_name("dalle").experiment_id
+    run = client.search_runs([exp], "tags.stage = 'dvae' and tags.cached = 'false'")[0]
     for metric in ("loss", "recon_mse", "psnr", "perplexity", "code_usage_fraction", "lr", "images_per_s", "val_psnr"):
         assert metric in run.data.metrics, metric
     assert [h.step for h in client.get_metric_history(run.info.run_id, "loss")] == [10, 20, 30]
-    assert train_dvae_flow(config=str(TINY), overrides=ov).cached
+    assert run_stage("dvae", ov).cached
+    reused = client.search_runs([exp], "tags.stage = 'dvae' and tags.cached = 'true'")
+    assert reused and {r.data.tags["source_run_id"] for r in reused} == {run.info.run_id}
 
 
 def test_crash_after_one_shard_then_rerun_is_identical(done):
     cfg, ov, ref, tmp = done
     store = open_store(cfg)
-    clean = {p: store.read_bytes(p) for s in ("train", "val") for p in shard_paths(store, "tokens", ref.key, s)}
+    clean = {p: store.read_bytes(p) for s in ("train", "val") for p in shard_paths(store, "pretokenize", ref.key, s)}
     # Simulate a crash: only the first shard and a half-written temporary file survive.
     crashed_root = tmp / "crashed"
     shutil.copytree(store.root, crashed_root)
     ov2 = [f"store.root={crashed_root}", *ov[1:]]
     cfg2 = load_config(TINY, ov2)
     store2 = open_store(cfg2)
-    paths2 = sorted(p for s in ("train", "val") for p in shard_paths(store2, "tokens", ref.key, s))
+    paths2 = sorted(p for s in ("train", "val") for p in shard_paths(store2, "pretokenize", ref.key, s))
     for p in paths2[1:]:
         store2.fs.rm(p)
-    store2.fs.rm(store2.path("tokens", ref.key, "manifest.json"))
-    store2.write_bytes(store2.path("tokens", ref.key, "train", ".tmp-x-part-00001.parquet"), b"half")
+    store2.fs.rm(store2.path("pretokenize", ref.key, "manifest.json"))
+    store2.write_bytes(store2.path("pretokenize", ref.key, "train", ".tmp-x-part-00001.parquet"), b"half")
     kept_mtime = store2.fs.modified(paths2[0])
-    again = pretokenize_flow(config=str(TINY), overrides=ov2)
-    assert not again.cached and store2.is_complete("tokens", ref.key)
+    again = run_stage("pretokenize", ov2)
+    assert not again.cached and store2.is_complete("pretokenize", ref.key)
     assert store2.fs.modified(paths2[0]) == kept_mtime  # the finished shard was not redone
     redone = {p.replace(str(crashed_root), store.root): store2.read_bytes(p)
-              for s in ("train", "val") for p in shard_paths(store2, "tokens", ref.key, s)}
+              for s in ("train", "val") for p in shard_paths(store2, "pretokenize", ref.key, s)}
     assert redone == clean
-    assert not [p for p in store2.fs.find(store2.path("tokens", ref.key)) if ".tmp-" in p]
+    assert not [p for p in store2.fs.find(store2.path("pretokenize", ref.key)) if ".tmp-" in p]
 
 
 def test_bpe_truncates_and_accepts_existing_tokenizer(done, tmp_path):
@@ -121,7 +121,7 @@ def test_bpe_truncates_and_accepts_existing_tokenizer(done, tmp_path):
     assert (ids[1, 1:] == tok.pad_id).all()
     path = tmp_path / "tokenizer.json"
     path.write_bytes(store.read_bytes(store.path("bpe", keys["bpe"], "tokenizer.json")))
-    ref = train_bpe_flow(config=str(TINY), overrides=[*ov, f"text.tokenizer_path={path}"])
+    ref = run_stage("bpe", [*ov, f"text.tokenizer_path={path}"])
     assert ref.key != keys["bpe"]
     assert store.read_bytes(store.path("bpe", ref.key, "tokenizer.json")) == path.read_bytes()
 
@@ -129,21 +129,21 @@ def test_bpe_truncates_and_accepts_existing_tokenizer(done, tmp_path):
 def test_killed_dvae_training_resumes_from_checkpoint(tiny, monkeypatch):
     config, make = tiny
     ov = make()
-    real_save = tasks.common.save_checkpoint
+    real_save = tasks.training.save_checkpoint
 
     def save_then_die(*args, **kwargs):
         real_save(*args, **kwargs)
         raise RuntimeError("simulated kill after the first checkpoint")
 
-    monkeypatch.setattr(tasks.common, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(tasks.training, "save_checkpoint", save_then_die)
     with pytest.raises(RuntimeError, match="simulated kill"):
-        train_dvae_flow(config=config, overrides=ov)
+        run_stage("dvae", ov, config)
     cfg = load_config(config, ov)
     store, key = open_store(cfg), stage_keys(cfg)["dvae"]
     assert not store.is_complete("dvae", key)
     assert store.read_json(store.path("dvae", key, "checkpoints", "latest.json"))["step"] == 15
-    monkeypatch.setattr(tasks.common, "save_checkpoint", real_save)
-    ref = train_dvae_flow(config=config, overrides=ov)
+    monkeypatch.setattr(tasks.training, "save_checkpoint", real_save)
+    ref = run_stage("dvae", ov, config)
     assert not ref.cached and store.manifest("dvae", key)["steps"] == 30
     client = MlflowClient(cfg.tracking.uri)
     runs = client.search_runs([client.get_experiment_by_name("dalle").experiment_id],
@@ -161,16 +161,16 @@ def test_bf16_encode_is_its_own_tokens_artifact(done):
     ov2 = [f"store.root={root}", *ov[1:], "dvae.encode_precision=bf16"]
     cfg2 = load_config(TINY, ov2)
     keys, keys2 = stage_keys(cfg), stage_keys(cfg2)
-    assert keys2["dvae"] == keys["dvae"] and keys2["tokens"] != keys["tokens"]
-    out = pretokenize_flow(config=str(TINY), overrides=ov2)
-    assert not out.cached and out.key == keys2["tokens"]
+    assert keys2["dvae"] == keys["dvae"] and keys2["pretokenize"] != keys["pretokenize"]
+    out = run_stage("pretokenize", ov2)
+    assert not out.cached and out.key == keys2["pretokenize"]
     store = open_store(cfg2)
     model, norm = load_dvae(store, keys["dvae"])
-    images = read_shard(store, shard_paths(store, "images", keys["images"], "train")[0])
+    images = read_shard(store, shard_paths(store, "ingest", keys["ingest"], "train")[0])
     pixels = to_tensor(np.stack([decode_png(b) for b in images.column("image").to_pylist()]), norm.mean, norm.std)
     with torch.inference_mode():
         fp32, bf16 = model.encode(pixels).flatten(1).numpy(), model.encode(pixels, "bf16").flatten(1).numpy()
-    got = np.stack(read_shard(store, shard_paths(store, "tokens", out.key, "train")[0])
+    got = np.stack(read_shard(store, shard_paths(store, "pretokenize", out.key, "train")[0])
                    .column("image_tokens").to_numpy(zero_copy_only=False))
     assert np.array_equal(got, bf16)
     assert (got == fp32).mean() > 0.8  # near-tie cells may take a neighbouring code
@@ -179,18 +179,16 @@ def test_bf16_encode_is_its_own_tokens_artifact(done):
         recon = {k: norm.to_unit(model.decode(torch.from_numpy(c).long().view(-1, g, g))) for k, c in (("fp32", fp32), ("bf16", bf16))}
         recon_psnr = {k: psnr(F.mse_loss(r, norm.to_unit(pixels)).item()) for k, r in recon.items()}
     assert abs(recon_psnr["bf16"] - recon_psnr["fp32"]) < 0.1, recon_psnr  # same reconstruction quality
-    assert store.read_json(store.path("tokens", out.key, "manifest.json"))["config"]["encode_precision"] == "bf16"
+    assert store.read_json(store.path("pretokenize", out.key, "manifest.json"))["config"]["encode_precision"] == "bf16"
 
 
 def test_dvae_and_clip_train_under_torchrun(tiny):
     """The dVAE (its VQ codebook statistics all-reduced) and CLIP (features gathered across ranks) through the
     same DDP launcher as the transformer."""
-    from flows.train_clip import train_clip_flow
-
     config, make = tiny
     ov = make("dvae.train.nproc=2", "dvae.train.max_steps=20", "clip.train.nproc=2", "clip.train.max_steps=10")
-    dvae_ref = train_dvae_flow(config=config, overrides=ov)
-    clip_ref = train_clip_flow(config=config, overrides=ov)
+    dvae_ref = run_stage("dvae", ov, config)
+    clip_ref = run_stage("clip", ov, config)
     cfg = load_config(config, ov)
     store = open_store(cfg)
     dvae_m, clip_m = store.manifest("dvae", dvae_ref.key), store.manifest("clip", clip_ref.key)
@@ -203,12 +201,12 @@ def test_pixel_kmeans_tokenizer_through_the_stages(store_copy):
     per round in MLflow), and pre-tokenization uses it like any dVAE."""
     ov = [*store_copy, "dvae.quantizer=pixel-kmeans", "dvae.codebook_size=32", "dvae.kmeans_images=128",
           "dvae.kmeans_iters=4"]
-    pretokenize_flow(config=str(TINY), overrides=ov)
+    run_stage("pretokenize", ov)
     cfg = load_config(TINY, ov)
     store, keys = open_store(cfg), stage_keys(cfg)
     dvae_m = store.manifest("dvae", keys["dvae"])
     assert dvae_m["steps"] == 4 and dvae_m["metrics"]["val_psnr"] > 18, dvae_m["metrics"]
-    tokens_m = store.manifest("tokens", keys["tokens"])
+    tokens_m = store.manifest("pretokenize", keys["pretokenize"])
     assert tokens_m["grid"] == [8, 8] and tokens_m["codebook_size"] == 32
     client = MlflowClient(cfg.tracking.uri)
     run = client.search_runs([client.get_experiment_by_name("dalle").experiment_id],
@@ -227,17 +225,17 @@ def test_pretrained_tokenizer_through_the_stages(store_copy, tmp_path):
 
     enc, _ = openai_dvae(tmp_path / "dalle")
     ov = [*store_copy, f"dvae.pretrained={tmp_path / 'dalle'}"]
-    pretokenize_flow(config=str(TINY), overrides=ov)
+    run_stage("pretokenize", ov)
     cfg = load_config(TINY, ov)
     store, keys = open_store(cfg), stage_keys(cfg)
     dvae_m = store.manifest("dvae", keys["dvae"])
     digest = hashlib.sha256((tmp_path / "dalle" / "encoder.pkl").read_bytes()).hexdigest()[:16]
     assert dvae_m["pretrained"]["kind"] == "openai" and dvae_m["steps"] == 0
     assert dvae_m["pretrained"]["files"]["encoder"]["sha256"] == digest
-    tokens_m = store.manifest("tokens", keys["tokens"])
+    tokens_m = store.manifest("pretokenize", keys["pretokenize"])
     assert tokens_m["grid"] == [4, 4] and tokens_m["codebook_size"] == 512
-    images = read_shard(store, shard_paths(store, "images", keys["images"], "val")[0])
-    tokens = read_shard(store, shard_paths(store, "tokens", keys["tokens"], "val")[0])
+    images = read_shard(store, shard_paths(store, "ingest", keys["ingest"], "val")[0])
+    tokens = read_shard(store, shard_paths(store, "pretokenize", keys["pretokenize"], "val")[0])
     pixels = torch.from_numpy(np.stack([decode_png(b) for b in images.column("image").to_pylist()]))
     with torch.no_grad():
         want = enc(map_pixels(pixels.permute(0, 3, 1, 2).float() / 255)).argmax(1).flatten(1).numpy()
@@ -254,14 +252,12 @@ def test_vqgan_through_the_dvae_stage(store_copy, tmp_path):
     import torchvision
     from safetensors.torch import load
 
-    from flows.train_dvae import train_dvae_flow
-
     vgg = torchvision.models.vgg.make_layers(torchvision.models.vgg.cfgs["D"])
     torch.save(vgg.state_dict(), tmp_path / "vgg16.pth")  # random weights: nothing can be downloaded here
     ov = [*store_copy, "dvae.adversarial=true", "dvae.disc_start=6", "dvae.disc_layers=2",
           f"dvae.perceptual_vgg={tmp_path / 'vgg16.pth'}", "dvae.train.max_steps=12", "dvae.train.batch_size=8",
           "dvae.train.log_every=3"]
-    train_dvae_flow(config=str(TINY), overrides=ov)
+    run_stage("dvae", ov)
     cfg = load_config(TINY, ov)
     store, key = open_store(cfg), stage_keys(cfg)["dvae"]
     client = MlflowClient(cfg.tracking.uri)
@@ -275,7 +271,7 @@ def test_vqgan_through_the_dvae_stage(store_copy, tmp_path):
     model, _ = load_dvae(store, key)
     assert model.discriminator is None and model.c.disc_layers == 0
     off = [*store_copy, "dvae.adversarial=true", "dvae.train.max_steps=2"]
-    train_dvae_flow(config=str(TINY), overrides=off)
+    run_stage("dvae", off)
     cfg = load_config(TINY, off)
     run = client.search_runs([client.get_experiment_by_name("dalle").experiment_id],
                              f"tags.stage_key = '{stage_keys(cfg)['dvae']}'")[0]

@@ -3,12 +3,12 @@ import os
 import pytest
 from mlflow import MlflowClient
 
-import tasks.common
+import tasks.training
 from dalle_core.config import load_config
-from flows.train_transformer import train_transformer_flow
-from tasks.common import open_store, stage_keys
-from tasks.transformer import load_transformer
-from tests.conftest import TINY
+from tasks.artifacts import open_store, stored
+from tasks.models import load_transformer
+from tasks.stages import stage_keys
+from tests.conftest import TINY, run_stage
 
 
 def _runs(cfg, stage="transformer"):
@@ -19,11 +19,11 @@ def _runs(cfg, stage="transformer"):
 
 
 def test_trains_on_tokens_and_tracks_everything(store_copy):
-    ref = train_transformer_flow(config=str(TINY), overrides=store_copy)
+    ref = run_stage("transformer", store_copy)
     cfg = load_config(TINY, store_copy)
     store = open_store(cfg)
     m = store.manifest("transformer", ref.key)
-    assert m["steps"] == 30 and m["inputs"] == {"tokens": stage_keys(cfg)["tokens"]}
+    assert m["steps"] == 30 and m["inputs"] == {"pretokenize": stage_keys(cfg)["pretokenize"]}
     assert m["metrics"]["val_bits_per_image_token"] < 6.0  # log2(64) = 6 bits is chance
     model = load_transformer(store, ref.key)
     assert model.c.image_vocab == 64 and model.c.text_len == 16 and model.c.image_grid == 8
@@ -35,22 +35,25 @@ def test_trains_on_tokens_and_tracks_everything(store_copy):
     assert losses[-1] < losses[0]
     assert [a.path for a in client.list_artifacts(run.info.run_id, "samples")] == ["samples/step-0000030.png"]
     # Only the transformer stage ran: everything upstream came from the store.
-    assert [r.data.tags["stage"] for r in client.search_runs([run.info.experiment_id])] == ["transformer"]
-    assert train_transformer_flow(config=str(TINY), overrides=store_copy).cached
+    ran = client.search_runs([run.info.experiment_id], "tags.cached = 'false' and tags.stage != 'pipeline'")
+    assert [r.data.tags["stage"] for r in ran] == ["transformer"]
+    reused = client.search_runs([run.info.experiment_id], "tags.cached = 'true'")
+    assert sorted(r.data.tags["stage"] for r in reused) == ["bpe", "dvae", "ingest", "pretokenize"]
+    assert run_stage("transformer", store_copy).cached
 
 
 def test_killed_training_resumes_from_checkpoint(store_copy, monkeypatch):
-    real_save = tasks.common.save_checkpoint
+    real_save = tasks.training.save_checkpoint
 
     def save_then_die(*args, **kwargs):
         real_save(*args, **kwargs)
         raise RuntimeError("simulated kill")
 
-    monkeypatch.setattr(tasks.common, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(tasks.training, "save_checkpoint", save_then_die)
     with pytest.raises(RuntimeError, match="simulated kill"):
-        train_transformer_flow(config=str(TINY), overrides=store_copy)
-    monkeypatch.setattr(tasks.common, "save_checkpoint", real_save)
-    ref = train_transformer_flow(config=str(TINY), overrides=store_copy)
+        run_stage("transformer", store_copy)
+    monkeypatch.setattr(tasks.training, "save_checkpoint", real_save)
+    ref = run_stage("transformer", store_copy)
     cfg = load_config(TINY, store_copy)
     assert open_store(cfg).manifest("transformer", ref.key)["steps"] == 30
     client, runs = _runs(cfg)
@@ -64,7 +67,7 @@ def test_ddp_through_torchrun_trains_and_only_rank_zero_reports(store_copy):
     checked exactly in tests/core/test_ddp.py)."""
     steps = ["transformer.train.max_steps=20", "transformer.train.log_every=10"]
     single_key = stage_keys(load_config(TINY, [*store_copy, *steps])).get("transformer")
-    ddp = train_transformer_flow(config=str(TINY), overrides=[*store_copy, *steps, "transformer.train.nproc=2"])
+    ddp = run_stage("transformer", [*store_copy, *steps, "transformer.train.nproc=2"])
     assert ddp.key != single_key  # the world size is part of what a model is
     cfg = load_config(TINY, store_copy)
     store = open_store(cfg)
@@ -84,7 +87,7 @@ def test_two_machines_meet_at_the_rendezvous_endpoint(store_copy, tmp_path):
     import subprocess
     import sys
 
-    from tasks.common import torchrun_args
+    from tasks.training import torchrun_args
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -92,13 +95,16 @@ def test_two_machines_meet_at_the_rendezvous_endpoint(store_copy, tmp_path):
     ov = [*store_copy, "transformer.train.max_steps=10", "transformer.train.log_every=5",
           f"runner.rdzv_endpoint=127.0.0.1:{port}", "transformer.train.nnodes=2"]
     cfg = load_config(TINY, ov)
-    cfg_path = tmp_path / "config.json"
-    cfg_path.write_text(json.dumps(cfg.model_dump(mode="json")))
+    keys = stage_keys(cfg)
+    inputs = {s: stored(cfg, s, keys[s]).__dict__ for s in ("pretokenize", "dvae")}
+    spec = tmp_path / "stage.json"  # what `train_stage` writes for torchrun on each machine
+    spec.write_text(json.dumps({"stage": "transformer", "config": cfg.model_dump(mode="json"), "inputs": inputs,
+                                "parent_run": None, "flow_run": None}))
     cmd = [sys.executable, "-m", "torch.distributed.run", *torchrun_args(cfg, "transformer"),
-           "-m", "tasks.ddp", "transformer", str(cfg_path), "", ""]
+           "-m", "tasks.ddp", str(spec)]
     machines = [subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}) for _ in range(2)]
     assert [m.wait(timeout=240) for m in machines] == [0, 0]
-    key = stage_keys(cfg)["transformer"]
+    key = keys["transformer"]
     assert key != stage_keys(load_config(TINY, ov[:-1]))["transformer"]  # two machines: a different model
     m = open_store(cfg).manifest("transformer", key)
     assert m["world_size"] == 2 and m["steps"] == 10

@@ -1,5 +1,6 @@
 import json
 import os
+import posixpath
 import subprocess
 import sys
 
@@ -21,11 +22,11 @@ from storage.store import ArtifactStore, StoreError, stage_key
 
 
 def test_key_ignores_dict_order_and_float_spelling():
-    a = stage_key({"lr": 0.001, "n": 1, "sub": {"x": 1.0, "y": [1, 2]}}, {"images": "abc"})
-    b = stage_key({"sub": {"y": [1, 2], "x": 1}, "n": 1.0, "lr": 1e-3}, {"images": "abc"})
+    a = stage_key({"lr": 0.001, "n": 1, "sub": {"x": 1.0, "y": [1, 2]}}, {"ingest": "abc"})
+    b = stage_key({"sub": {"y": [1, 2], "x": 1}, "n": 1.0, "lr": 1e-3}, {"ingest": "abc"})
     assert a == b and len(a) == 12
     assert stage_key({"lr": 0.002}) != stage_key({"lr": 0.001})
-    assert stage_key({}, {"images": "abc"}) != stage_key({}, {"images": "abd"})
+    assert stage_key({}, {"ingest": "abc"}) != stage_key({}, {"ingest": "abd"})
 
 
 def test_key_stable_across_processes():
@@ -50,28 +51,37 @@ def test_manifest_written_last_marks_complete(store):
     assert not store.is_complete("dvae", "k1")
     store.write_bytes(store.path("dvae", "k1", "model.safetensors"), b"x" * 10)
     assert not store.is_complete("dvae", "k1") and store.manifest("dvae", "k1") is None
-    m = store.finish("dvae", "k1", config={"a": 1}, inputs={"images": "i"}, rows={"train": 3})
+    m = store.finish("dvae", "k1", config={"a": 1}, inputs={"ingest": "i"}, rows={"train": 3})
     assert store.is_complete("dvae", "k1")
     assert m["files"] == {"model.safetensors": 10} and m["size"] == 10
-    assert m["config"] == {"a": 1} and m["inputs"] == {"images": "i"} and m["rows"] == {"train": 3}
+    assert m["config"] == {"a": 1} and m["inputs"] == {"ingest": "i"} and m["rows"] == {"train": 3}
     assert {"created", "code_version"} <= set(m)
     assert store.manifest("dvae", "k1") == json.loads(json.dumps(m))
 
 
 def test_interrupted_write_leaves_no_manifest_and_is_cleaned(store):
     # A killed writer leaves a temporary file; the artifact stays incomplete.
-    store.write_bytes(store.path("tokens", "k", "train", shard_name(0)), b"done")
-    tmp = store.path("tokens", "k", "train", ".tmp-dead-part-00001.parquet")
+    store.write_bytes(store.path("pretokenize", "k", "train", shard_name(0)), b"done")
+    tmp = store.path("pretokenize", "k", "train", ".tmp-dead-part-00001.parquet")
     store.fs.makedirs(os.path.dirname(tmp), exist_ok=True)
     with store.fs.open(tmp, "wb") as f:
         f.write(b"half")
-    assert not store.is_complete("tokens", "k")
-    assert list(store.files("tokens", "k")) == ["train/part-00000.parquet"]
-    store.prepare("tokens", "k")
+    assert not store.is_complete("pretokenize", "k")
+    assert list(store.files("pretokenize", "k")) == ["train/part-00000.parquet"]
+    store.prepare("pretokenize", "k")
     assert not store.exists(tmp)  # leftovers gone ...
-    assert store.exists(store.path("tokens", "k", "train", shard_name(0)))  # ... finished parts kept
+    assert store.exists(store.path("pretokenize", "k", "train", shard_name(0)))  # ... finished parts kept
     infos = store.artifacts()
-    assert [(a.stage, a.key, a.complete) for a in infos] == [("tokens", "k", False)]
+    assert [(a.stage, a.key, a.complete) for a in infos] == [("pretokenize", "k", False)]
+
+
+def test_retired_stage_folders_are_still_listed(store):
+    # A store made before the stages were renamed keeps `tokens/` etc.: `dalle gc --unreferenced` must see them.
+    _finished(store, "tokens", "old")
+    _finished(store, "pretokenize", "new")
+    store.write_bytes(posixpath.join(store.root, "notes", "k", "x.txt"), b"not a stage")
+    assert sorted((a.stage, a.key, a.complete) for a in store.artifacts()) == [
+        ("pretokenize", "new", True), ("tokens", "old", True)]
 
 
 def test_missing_upstream_is_one_line(store):
@@ -113,16 +123,16 @@ def test_read_only_store_is_a_clear_error_and_loses_nothing():
         ro.write_bytes(ro.path("dvae", "k", "model.safetensors"), b"other weights")
     assert str(err.value) == "cannot write 'romem://ro-test/dvae/k/model.safetensors': Read-only file system"
     with pytest.raises(StoreError, match="^cannot write .*manifest.json': Read-only file system$"):
-        ro.finish("tokens", "k2", config={}, inputs={})
+        ro.finish("pretokenize", "k2", config={}, inputs={})
     assert {p: writable.read_bytes(p) for p in writable.fs.find(writable.path("dvae", "k"))} == before
-    assert not writable.exists(writable.path("tokens", "k2"))
+    assert not writable.exists(writable.path("pretokenize", "k2"))
 
 
 def test_parquet_shards_round_trip_with_schema(store):
     table = pa.Table.from_pylist([{"id": "a", "caption": "c", "image": b"png"}] * 5, schema=IMAGES_SCHEMA)
-    path = store.path("images", "k", "train", shard_name(0))
+    path = store.path("ingest", "k", "train", shard_name(0))
     write_shard(store, path, table, row_group_size=2)
-    assert shard_paths(store, "images", "k", "train") == [path]
+    assert shard_paths(store, "ingest", "k", "train") == [path]
     back = read_shard(store, path)
     assert back.schema.equals(IMAGES_SCHEMA) and back.num_rows == 5
     # Same table, same bytes.
@@ -138,8 +148,8 @@ def test_token_schema_types(tmp_path):
     store = ArtifactStore(str(tmp_path))
     t = pa.Table.from_pylist([{"id": "a", "caption": "c", "text_tokens": [1, 2], "image_tokens": list(range(64))}],
                              schema=schema)
-    write_shard(store, store.path("tokens", "k", "train", shard_name(0)), t)
-    ds = pads.dataset(store.path("tokens", "k", "train"), format="parquet")
+    write_shard(store, store.path("pretokenize", "k", "train", shard_name(0)), t)
+    ds = pads.dataset(store.path("pretokenize", "k", "train"), format="parquet")
     assert ds.to_table().column("image_tokens").to_pylist()[0] == list(range(64))
 
 
@@ -151,24 +161,24 @@ def _finished(store, stage="dvae", key="k", data=b"w" * 10):
 
 
 def test_invalid_manifest_json_is_damaged_and_redone_not_reused(store):
-    _finished(store, "tokens")
-    with store.fs.open(store.path("tokens", "k", "manifest.json"), "wb") as f:
+    _finished(store, "pretokenize")
+    with store.fs.open(store.path("pretokenize", "k", "manifest.json"), "wb") as f:
         f.write(b'{"stage": "tok')  # cut off mid-write by a full disk or a copy
-    assert not store.is_complete("tokens", "k")
+    assert not store.is_complete("pretokenize", "k")
     with pytest.raises(StoreError) as err:
-        store.require("tokens", "k")
+        store.require("pretokenize", "k")
     assert "\n" not in str(err.value)
-    assert "tokens/k" in str(err.value) and "manifest.json is not valid JSON" in str(err.value)
+    assert "pretokenize/k" in str(err.value) and "manifest.json is not valid JSON" in str(err.value)
     assert "`dalle run --force pretokenize`" in str(err.value)
-    assert [(a.stage, a.key, a.state) for a in store.artifacts()] == [("tokens", "k", "DAMAGED")]
-    assert store.begin("tokens", "k") is None  # not reused: claimed, to be redone
+    assert [(a.stage, a.key, a.state) for a in store.artifacts()] == [("pretokenize", "k", "DAMAGED")]
+    assert store.begin("pretokenize", "k") is None  # not reused: claimed, to be redone
     try:
-        assert not store.exists(store.path("tokens", "k"))
+        assert not store.exists(store.path("pretokenize", "k"))
         (aside,) = [a for a in store.artifacts()]
         assert aside.key.startswith("k.damaged-") and aside.state == "DAMAGED"
-        assert store.exists(store.path("tokens", aside.key, "model.safetensors"))  # evidence kept
+        assert store.exists(store.path("pretokenize", aside.key, "model.safetensors"))  # evidence kept
     finally:
-        store.release("tokens", "k")
+        store.release("pretokenize", "k")
 
 
 def test_file_of_another_size_is_damaged_at_reuse(store):
@@ -191,12 +201,12 @@ def test_verify_finds_a_changed_byte_that_sizes_miss(store):
 
 def test_artifact_made_from_a_redone_input_is_not_reused(store):
     _finished(store, "dvae")
-    store.write_bytes(store.path("tokens", "t", "train", shard_name(0)), b"codes")
-    store.finish("tokens", "t", config={}, inputs={"dvae": "k"})
-    assert store.is_complete("tokens", "t")
+    store.write_bytes(store.path("pretokenize", "t", "train", shard_name(0)), b"codes")
+    store.finish("pretokenize", "t", config={}, inputs={"dvae": "k"})
+    assert store.is_complete("pretokenize", "t")
     store.remove("dvae", "k")
     _finished(store, "dvae")  # redone: another dVAE under the same key
-    assert store.check("tokens", "t")[:2] == ("damaged", "made from an earlier dvae/k (it was redone)")
+    assert store.check("pretokenize", "t")[:2] == ("damaged", "made from an earlier dvae/k (it was redone)")
 
 
 def test_finish_never_rewrites_a_complete_artifact(store):
@@ -213,7 +223,7 @@ def test_truncated_parquet_shard_is_one_line_naming_file_and_stage(store):
     schema = tokens_schema(4, 100)
     table = pa.Table.from_pylist([{"id": "a", "caption": "c", "text_tokens": [1], "image_tokens": [1, 2, 3, 4]}],
                                  schema=schema)
-    path = store.path("tokens", "k", "train", shard_name(0))
+    path = store.path("pretokenize", "k", "train", shard_name(0))
     write_shard(store, path, table)
     data = store.read_bytes(path)
     with store.fs.open(path, "wb") as f:
@@ -223,5 +233,5 @@ def test_truncated_parquet_shard_is_one_line_naming_file_and_stage(store):
         with pytest.raises(StoreError) as err:
             read()
         msg = str(err.value)
-        assert "\n" not in msg and store.uri(path) in msg and "(tokens artifact)" in msg
+        assert "\n" not in msg and store.uri(path) in msg and "(pretokenize artifact)" in msg
         assert "ArrowInvalid" in msg and "`dalle run --force pretokenize`" in msg

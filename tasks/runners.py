@@ -1,4 +1,5 @@
-"""The task runner a config asks for: local threads, or Dask (a LocalCluster or a scheduler address)."""
+"""The task runner a config asks for, for the stages that map tasks over parts (pretokenize, generate): local
+threads, or Dask (a LocalCluster or a scheduler address)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from dalle_core.config import Config
 
 
 def task_runner(cfg: Config):
+    """A Prefect task runner, not yet started: `with task_runner(cfg) as runner: runner.map(task, {...})`."""
     if cfg.runner.kind == "dask":
         from prefect_dask import DaskTaskRunner
 

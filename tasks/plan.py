@@ -1,0 +1,62 @@
+"""What a pipeline run executes, checked before any work: the selected stages, the finished artifacts the
+others must supply, `--force`, and (once the images exist) whether every stage to train can fill a batch."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from dalle_core.config import Config
+from tasks.artifacts import ArtifactRef, open_store, stored
+from tasks.checks import check_batch_sizes
+from tasks.logs import log
+from tasks.stages import STAGES, check_names, downstream, select_stages, stage_keys
+
+
+class PipelinePlan:
+    """The stages to run (`select_stages`), in pipeline order; a stage outside them that one of them reads is
+    taken from the store, and must be there (`check_upstream`)."""
+
+    def __init__(self, cfg: Config, only: list[str] | None = None, from_stage: str | None = None,
+                 until: str | None = None):
+        self.cfg, self.stages = cfg, select_stages(only, from_stage, until)
+        self.keys = stage_keys(cfg)
+        self.needed = [s for s in STAGES if s in self.stages or any(s in STAGES[t].inputs for t in self.stages)]
+
+    def check_upstream(self) -> None:
+        """StoreError (one line) when a stage to run reads an artifact that neither exists nor is made by this
+        run (`--only generate` on an empty store)."""
+        store = open_store(self.cfg)
+        for stage in self.needed:
+            if stage not in self.stages:
+                store.require(stage, self.keys[stage])
+
+    def stored(self, stage: str) -> ArtifactRef | None:
+        """The finished artifact of `stage` under this config, if the store has it."""
+        store = open_store(self.cfg)
+        return stored(self.cfg, stage, self.keys[stage]) if store.is_complete(stage, self.keys[stage]) else None
+
+    def force(self, stages: list[str]) -> None:
+        """Remove the current artifacts of `stages` and of everything downstream of them, so they are redone."""
+        check_names(stages, "--force")
+        store, removed = open_store(self.cfg), []
+        for stage in sorted({d for s in stages for d in downstream(s)}, key=list(STAGES).index):
+            if store.exists(store.path(stage, self.keys[stage])):
+                store.remove(stage, self.keys[stage])
+                removed.append(f"{stage}/{self.keys[stage]}")
+        log.info("forced: removed %s", ", ".join(removed) or "nothing")
+
+    def runner(self, refs: dict[str, ArtifactRef]) -> Callable[..., ArtifactRef | None]:
+        """`stage(task, *inputs)`: run a selected stage's task on its inputs (recorded in `refs`), take an
+        unselected stage's artifact from the store where a selected one reads it, else None."""
+        def stage(stage_task, *inputs: ArtifactRef | None) -> ArtifactRef | None:
+            name = stage_task.name
+            if name in self.stages:
+                refs[name] = stage_task(self.cfg, *inputs)
+                return refs[name]
+            return stored(self.cfg, name, self.keys[name]) if name in self.needed else None
+        return stage
+
+    def check_batches(self, ingest: ArtifactRef | None) -> None:
+        """Every stage still to train can fill one batch from the ingested rows (one-line ConfigError)."""
+        if ingest is not None:
+            check_batch_sizes(self.cfg, open_store(self.cfg), {**self.keys, "ingest": ingest.key}, self.stages)

@@ -1,0 +1,127 @@
+"""The pipeline through Prefect's own API: the run graph's edges are the stage table's, a reused stage shows as
+`<stage> (cached)`, the run config is a typed parameter that Prefect checks before any stage runs, and a
+deployment run from prefect.yaml with a changed config value re-runs only the stages that value touches."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+
+import yaml
+
+from dalle_core.config import Config, load_config
+from flows.pipeline import pipeline_flow
+from tasks.stages import STAGES
+from tests.conftest import ROOT, TINY
+from tests.flows.servers import BIN, copy_store, free_port, get_json, stop, wait_http
+
+TABLE_EDGES = {(i, s.name) for s in STAGES.values() for i in s.inputs}
+
+
+def stage_runs(task_runs: list[dict]) -> tuple[set[tuple[str, str]], dict[str, str]]:
+    """(edges between stage task runs as (upstream stage, stage), {stage: task run name}) of one flow run's task
+    runs as Prefect's API returns them; mapped sub-tasks (encode-shard, generate-part) are not stages."""
+    stage_of = {r["id"]: r["name"].removesuffix(" (cached)") for r in task_runs
+                if r["name"].removesuffix(" (cached)") in STAGES}
+    edges = {(stage_of[i["id"]], stage_of[r["id"]]) for r in task_runs if r["id"] in stage_of
+             for inputs in r["task_inputs"].values() for i in inputs if i.get("id") in stage_of}
+    return edges, {stage_of[r["id"]]: r["name"] for r in task_runs if r["id"] in stage_of}
+
+
+def read_task_runs(flow_run_id) -> list[dict]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return [r.model_dump(mode="json") for r in runs]
+
+
+def test_run_graph_edges_are_the_stage_table_and_reused_stages_are_named_cached(generated, tmp_path):
+    src, ov, _ = generated
+    cfg = load_config(TINY, [*copy_store(src, tmp_path), *ov[2:]])
+    state = pipeline_flow(cfg, return_state=True)
+    assert state.is_completed()
+    edges, names = stage_runs(read_task_runs(state.state_details.flow_run_id))
+    assert edges == TABLE_EDGES
+    # the store held every stage up to generate: those are reused, evaluate runs
+    assert names == {**{s: f"{s} (cached)" for s in STAGES if s != "evaluate"}, "evaluate": "evaluate"}
+
+
+def test_an_invalid_config_value_fails_prefect_parameter_validation_before_any_stage(tmp_path):
+    cfg = load_config(TINY, [f"store.root={tmp_path / 'store'}", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"])
+    bad = cfg.model_dump(mode="json")
+    bad["dvae"]["codebook_size"] = 0  # the config allows 2 or more codes
+    state = pipeline_flow(cfg=bad, return_state=True)
+    assert state.is_failed()
+    assert "Validation of flow parameters failed" in state.message and "codebook_size" in state.message
+    assert read_task_runs(state.state_details.flow_run_id) == []
+    assert not (tmp_path / "store").exists()
+
+
+def test_prefect_yaml_configs_are_the_config_files():
+    """The deployments' `cfg` parameters are configs/shapes.yaml and configs/tiny.yaml, value for value."""
+    spec = yaml.safe_load((ROOT / "prefect.yaml").read_text())
+    for name in ("shapes", "tiny"):
+        given = Config.model_validate(spec["definitions"][name])
+        assert given.model_dump() == load_config(ROOT / "configs" / f"{name}.yaml").model_dump() | {
+            "tracking": given.tracking.model_dump()}
+        assert given.tracking.source == f"configs/{name}.yaml"
+    deployed = {d["name"]: d["parameters"] for d in spec["deployments"]}
+    assert {p.get("until") for p in deployed.values()} >= set(STAGES)
+
+
+def test_deployment_run_with_a_typed_config_change_reruns_only_what_it_touches(generated, tmp_path):
+    """prefect server -> `prefect deploy` (prefect.yaml) -> a run of pipeline-tiny whose `cfg` parameter changes
+    clip.train.lr: clip, generate and evaluate run, the rest is reused; a value of the wrong type is refused by
+    Prefect's parameter check, and no flow run is made."""
+    port = free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_API_URL": api,
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DALLE_PROJECT_DIR": str(ROOT)}
+    env.pop("PREFECT_SERVER_ALLOW_EPHEMERAL_MODE", None)
+    prefect = str(BIN / "prefect")
+    server = subprocess.Popen([prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
+    worker = None
+    try:
+        wait_http(f"{api}/health", server)
+
+        def cli(*args, check=True):
+            return subprocess.run([prefect, "--no-prompt", *args], env=env, cwd=ROOT, capture_output=True,
+                                  text=True, check=check, timeout=180)
+
+        cli("work-pool", "create", "dalle-process", "--type", "process")
+        cli("deploy", "--name", "pipeline-tiny")
+        src, ov, _ = generated
+        cfg = load_config(TINY, [*copy_store(src, tmp_path), *ov[2:]]).model_dump(mode="json")
+        bad = json.loads(json.dumps(cfg))
+        bad["transformer"]["depth"] = "deep"
+        refused = cli("deployment", "run", "pipeline/pipeline-tiny", "--params", json.dumps({"cfg": bad}), check=False)
+        assert refused.returncode != 0 and "depth" in refused.stdout + refused.stderr
+        assert get_json(f"{api}/flow_runs/filter", {}) == []
+
+        cfg["clip"]["train"]["lr"] = cfg["clip"]["train"]["lr"] / 2
+        out = cli("deployment", "run", "pipeline/pipeline-tiny", "--params", json.dumps({"cfg": cfg})).stdout
+        flow_run_id = next(w for line in out.splitlines() if "UUID" in line for w in line.split() if w.count("-") == 4)
+        worker = subprocess.Popen([prefect, "worker", "start", "--pool", "dalle-process", "--run-once"], env=env,
+                                  cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+                                  start_new_session=True)
+        deadline, state = time.monotonic() + 300, None
+        while time.monotonic() < deadline:
+            state = get_json(f"{api}/flow_runs/{flow_run_id}")["state"]["type"]
+            if state in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
+                break
+            time.sleep(1)
+        assert state == "COMPLETED"
+        task_runs = get_json(f"{api}/task_runs/filter", {"flow_runs": {"id": {"any_": [flow_run_id]}}})
+        edges, names = stage_runs(task_runs)
+        assert edges == TABLE_EDGES
+        ran = {"clip", "generate", "evaluate"}
+        assert names == {s: s if s in ran else f"{s} (cached)" for s in STAGES}
+    finally:
+        if worker is not None:
+            stop(worker)
+        stop(server)
