@@ -80,18 +80,21 @@ def cmd_status(args) -> int:
     """List the artifacts with their state; a damaged one says what is wrong and how to redo it."""
     from storage.store import redo_hint
     from tasks.artifacts import open_store
-    from tasks.stages import stage_keys
+    from tasks.stages import NAMES, RETIRED, stage_keys
 
     cfg = load_config(args.config, args.overrides)
     store = open_store(cfg)
     current = stage_keys(cfg)
-    rows = store.artifacts(verify=args.verify)
+    order = {s: i for i, s in enumerate(NAMES)}
+    rows = sorted(store.artifacts((*NAMES, *RETIRED), verify=args.verify), key=lambda a: order.get(a.stage, len(order)))
     print(f"store: {store.url}")
     if not rows:
         print("(empty)")
     for a in rows:
         mark = "*" if current.get(a.stage) == a.key else " "
         why = f": {a.problem}; {redo_hint(a.stage) if mark == '*' else '`dalle gc` removes it'}" if a.problem else ""
+        if a.stage in RETIRED and not why:
+            why = " (a folder of the store's layout before each stage had one name; `dalle gc --unreferenced` removes it)"
         print(f"{mark} {a.stage:<12} {a.key:<14} {_human(a.size):>9}  {a.created or '-':<20}  {a.state}{why}")
     print("(* = the artifact the given config uses; " + ("checksums verified)" if args.verify else
                                                          "--verify also checks checksums)"))
@@ -102,13 +105,13 @@ def cmd_gc(args) -> int:
     """Remove incomplete and damaged artifacts (and, with --unreferenced, those the config does not use);
     an artifact another run is working on is kept."""
     from tasks.artifacts import open_store
-    from tasks.stages import stage_keys
+    from tasks.stages import NAMES, RETIRED, stage_keys
 
     cfg = load_config(args.config, args.overrides)
     store = open_store(cfg)
     keep = set(stage_keys(cfg).items())
     removed = 0
-    for a in store.artifacts():
+    for a in store.artifacts((*NAMES, *RETIRED)):
         if a.complete and not (args.unreferenced and (a.stage, a.key) not in keep):
             continue
         if a.state == "INCOMPLETE" and (owner := store.claimed_by(a.stage, a.key)) is not None:
@@ -118,6 +121,9 @@ def cmd_gc(args) -> int:
         print(f"removing {a.stage}/{a.key} ({why})")
         store.remove(a.stage, a.key)
         removed += 1
+        folder = f"{store.root}/{a.stage}"
+        if not store.listdir(folder):  # an emptied stage folder (a retired one is never written again)
+            store.fs.rm(folder, recursive=True)
     print(f"removed {removed} artifact(s)")
     return 0
 
@@ -165,12 +171,8 @@ def run_pipeline(cfg, only: list[str] | None = None, from_stage: str | None = No
 
     check_store(cfg)
     plan = PipelinePlan(cfg, only, from_stage, until)
-    if force:
-        from tasks.stages import check_names
-
-        check_names(force, "--force")
-    else:
-        plan.check_upstream()
+    plan.check_upstream(force)
+    if not force:
         plan.check_batches(plan.stored("ingest"))
     check_fine_tuning(cfg, plan.stages)
     check_prefect_server()
@@ -183,7 +185,9 @@ def run_pipeline(cfg, only: list[str] | None = None, from_stage: str | None = No
 
 
 def cmd_stage(args) -> int:
-    stage = {"train-dvae": "dvae", "train-transformer": "transformer", "train-clip": "clip"}.get(args.command)
+    from tasks.stages import COMMANDS
+
+    stage = COMMANDS[args.command]
     if getattr(args, "nproc", None):
         args.overrides.append(f"{stage}.train.nproc={args.nproc}")
     if getattr(args, "nnodes", None):
@@ -278,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", nargs="+", metavar="STAGE", help="redo these stages and everything downstream")
     p.add_argument("--register", metavar="NAME", help="at the end, export the models and register them in MLflow as NAME")
     p.set_defaults(func=cmd_run)
-    from tasks.stages import COMMANDS
+    from tasks.stages import COMMANDS, STAGES, TRAINED
 
     for name, stage in COMMANDS.items():
         p = sub.add_parser(name, help=f"run the pipeline up to the {stage} stage (finished stages are reused)")
@@ -331,8 +335,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=5000)
     p.add_argument("--workers", type=int, default=1, help="MLflow server worker processes (default 1)")
     p.set_defaults(func=cmd_ui)
-    for name in ("train-dvae", "train-transformer", "train-clip"):
-        stage = name.removeprefix("train-")
+    for stage in TRAINED:
+        name = STAGES[stage].command
         sub.choices[name].add_argument("--nproc", type=int, default=None,
                                        help=f"DDP processes per machine (torchrun); same as --set {stage}.train.nproc=N")
         sub.choices[name].add_argument("--nnodes", type=int, default=None,

@@ -29,9 +29,9 @@ def pipeline_flow(cfg: Config, only: list[StageName] | None = None, from_stage: 
     `force` redoes those stages and everything after them. Returns the artifact of each stage that ran or was
     reused."""
     plan = PipelinePlan(cfg, only, from_stage, until)
+    plan.check_upstream(force)
     if force:
         plan.force(force)
-    plan.check_upstream()
     with pipeline_run(cfg, plan.stages) as refs:
         stage = plan.runner(refs)
         images = stage(ingest)

@@ -27,10 +27,9 @@ import filelock
 import fsspec
 
 MANIFEST = "manifest.json"
-# The pipeline's stages, one folder each (tasks/stages.py holds their graph); the retired folder names of stores
-# made before the stages had one name each are still listed, so `dalle gc --unreferenced` removes them.
-STAGES = ("ingest", "dvae", "bpe", "pretokenize", "transformer", "clip", "generate", "evaluate")
-RETIRED = ("images", "tokens", "generations", "evaluation")
+# Folders under the root that hold no stage's artifacts: MLflow's artifacts and the commands' failure logs (the
+# stages themselves are tasks/stages.py's, which the store does not know).
+NOT_STAGES = ("mlartifacts", "logs")
 DAMAGED = ".damaged-"  # a damaged artifact is moved aside to `<stage>/<key>.damaged-<time>`
 LOCKS = ".locks"
 _log = logging.getLogger("dalle")
@@ -390,8 +389,7 @@ class ArtifactStore:
         except StoreError:
             raise
         except Exception as err:  # the parsers' own types (SafetensorError, ArrowInvalid, JSONDecodeError, ...)
-            rel = posixpath.relpath(path, self.root).split("/")
-            stage = rel[0] if rel[0] in STAGES else "unknown"
+            stage = posixpath.relpath(path, self.root).split("/")[0]
             reason = (str(err).strip().splitlines() or [""])[0]
             raise StoreError(f"cannot read {self.uri(path)!r} ({stage} artifact): {type(err).__name__}: "
                              f"{reason}; the file is damaged: {redo_hint(stage)}") from None
@@ -503,12 +501,15 @@ class ArtifactStore:
         if self.fs.exists(base):
             self.fs.rm(base, recursive=True)
 
-    def artifacts(self, stage: str | None = None, verify: bool = False) -> list[ArtifactInfo]:
-        """Every artifact under the root with its state; damaged ones (and those moved aside) say why."""
+    def artifacts(self, stages: str | list[str] | tuple[str, ...] | None = None,
+                  verify: bool = False) -> list[ArtifactInfo]:
+        """Every artifact of `stages` (one name or several; default every folder under the root but hidden ones
+        and NOT_STAGES) with its state; damaged ones (and those moved aside) say why."""
         out = []
-        for st in [stage] if stage else self.listdir(self.root):
-            if st not in STAGES + RETIRED:
-                continue
+        names = [stages] if isinstance(stages, str) else stages or [
+            n for n in self.listdir(self.root) if not n.startswith(".") and n not in NOT_STAGES
+            and self.fs.isdir(posixpath.join(self.root, n))]
+        for st in names:
             for key in self.listdir(posixpath.join(self.root, st)):
                 state, problem, m = self.check(st, key, verify)
                 if DAMAGED in key:

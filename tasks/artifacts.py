@@ -128,8 +128,10 @@ def run_name(stage: str) -> Callable[..., str]:
     finished artifact, so reuse shows in the run graph (the state stays Prefect's own Completed)."""
     def name(parameters: dict) -> str:
         inputs = {s: r for s, r in parameters.items() if isinstance(r, ArtifactRef)}
+        cfg = parameters["cfg"]
+        cfg = cfg.unquote() if hasattr(cfg, "unquote") else cfg  # the flow passes it quoted
         try:
-            done = open_store(parameters["cfg"]).is_complete(stage, stage_key(parameters["cfg"], stage, inputs))
+            done = open_store(cfg).is_complete(stage, stage_key(cfg, stage, inputs))
         except Exception:  # the stage itself reports what is wrong
             done = False
         return f"{stage} (cached)" if done else stage

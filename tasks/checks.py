@@ -7,10 +7,7 @@ from dalle_core.config import Config, ConfigError
 from dalle_core.loader import rank_units
 from storage.parquet import ParquetShards, shard_paths
 from storage.store import ArtifactStore
-
-# The stages that draw full training batches from the ingested rows (the transformer through the token shards,
-# one row per image).
-TRAINED = ("dvae", "transformer", "clip")
+from tasks.stages import TRAINED
 
 
 def trains(cfg: Config, stage: str) -> bool:

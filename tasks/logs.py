@@ -17,13 +17,15 @@ log.setLevel(logging.INFO)
 
 
 class _LogLines:
-    """A file for tqdm: each refresh of the meter becomes one log line (a repeated one is dropped)."""
+    """A file for tqdm: each refresh of the meter becomes one log line; the refresh `close` makes of a count
+    already logged is dropped."""
 
     last = ""
 
     def write(self, text: str) -> None:
-        if (line := text.strip("\r\n ")) and line != self.last:
-            self.last = line
+        line = text.strip("\r\n ")
+        if line and line.partition(" [")[0] != self.last:
+            self.last = line.partition(" [")[0]
             log.info("%s", line)
 
     def flush(self) -> None:
@@ -35,5 +37,5 @@ def progress(what: str, total: int | None, unit: str = "it", every_s: float = 5.
     `.update(n)`, `.set_postfix_str(extra)` and `.close()` as with any tqdm bar."""
     return tqdm(total=total, desc=what, unit=f" {unit}", file=_LogLines(), mininterval=every_s, delay=every_s,
                 maxinterval=every_s * 12, ascii=True,
-                bar_format="{desc}: {n_fmt}/{total_fmt} {percentage:.0f}% [{elapsed}<{remaining}, {rate_fmt}]{postfix}"
-                if total else "{desc}: {n_fmt} [{elapsed}, {rate_fmt}]{postfix}")
+                bar_format="{desc}: {n_fmt}/{total_fmt} {percentage:.0f}% [{elapsed}<{remaining}, {rate_noinv_fmt}]{postfix}"
+                if total else "{desc}: {n_fmt} [{elapsed}, {rate_noinv_fmt}]{postfix}")

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from dalle_core.config import Config
+from prefect.utilities.annotations import quote
+
+from dalle_core.config import Config, ConfigError
 from tasks.artifacts import ArtifactRef, open_store, stored
 from tasks.checks import check_batch_sizes
 from tasks.logs import log
@@ -22,13 +24,23 @@ class PipelinePlan:
         self.keys = stage_keys(cfg)
         self.needed = [s for s in STAGES if s in self.stages or any(s in STAGES[t].inputs for t in self.stages)]
 
-    def check_upstream(self) -> None:
+    def check_upstream(self, force: list[str] | None = None) -> None:
         """StoreError (one line) when a stage to run reads an artifact that neither exists nor is made by this
-        run (`--only generate` on an empty store)."""
+        run (`--only generate` on an empty store); ConfigError when `force` would remove one (checked before
+        `force` removes anything)."""
+        removed, kept = set(self.removed_by(force or [])), [s for s in self.needed if s not in self.stages]
+        for stage in kept:
+            if stage in removed:
+                raise ConfigError(f"--force {' '.join(force)} would remove {stage}/{self.keys[stage]}, which this run "
+                                  f"reads but does not redo; run {stage} too (e.g. --from {force[0]})")
         store = open_store(self.cfg)
-        for stage in self.needed:
-            if stage not in self.stages:
-                store.require(stage, self.keys[stage])
+        for stage in kept:
+            store.require(stage, self.keys[stage])
+
+    def removed_by(self, force: list[str]) -> list[str]:
+        """The stages `force` redoes: those named and everything downstream of them, in pipeline order."""
+        check_names(force, "--force")
+        return sorted({d for s in force for d in downstream(s)}, key=list(STAGES).index)
 
     def stored(self, stage: str) -> ArtifactRef | None:
         """The finished artifact of `stage` under this config, if the store has it."""
@@ -37,9 +49,8 @@ class PipelinePlan:
 
     def force(self, stages: list[str]) -> None:
         """Remove the current artifacts of `stages` and of everything downstream of them, so they are redone."""
-        check_names(stages, "--force")
         store, removed = open_store(self.cfg), []
-        for stage in sorted({d for s in stages for d in downstream(s)}, key=list(STAGES).index):
+        for stage in self.removed_by(stages):
             if store.exists(store.path(stage, self.keys[stage])):
                 store.remove(stage, self.keys[stage])
                 removed.append(f"{stage}/{self.keys[stage]}")
@@ -50,8 +61,8 @@ class PipelinePlan:
         unselected stage's artifact from the store where a selected one reads it, else None."""
         def stage(stage_task, *inputs: ArtifactRef | None) -> ArtifactRef | None:
             name = stage_task.name
-            if name in self.stages:
-                refs[name] = stage_task(self.cfg, *inputs)
+            if name in self.stages:  # the config is quoted: Prefect would look inside it for upstream results
+                refs[name] = stage_task(quote(self.cfg), *inputs)
                 return refs[name]
             return stored(self.cfg, name, self.keys[name]) if name in self.needed else None
         return stage

@@ -110,13 +110,13 @@ def encode_shard(cfg: Config, ingest: ArtifactRef, dvae: ArtifactRef, bpe: Artif
     store = open_store(cfg)
     path = store.path("pretokenize", out, split, shard_name(index))
     if store.exists(path):
-        return {"split": split, "index": index, "rows": count_rows(store, path), "seconds": 0.0, "truncated": 0}
+        return {"rows": count_rows(store, path), "seconds": 0.0, "truncated": 0}
     t0 = time.perf_counter()
     rows, truncated = _on_shard_pool(cfg, store, (ingest, dvae, bpe), split, index, path)
     seconds = time.perf_counter() - t0
     log.info("encoded %s shard %d: %d images in %.2fs (%.0f images/s)", split, index, rows, seconds,
              rows / max(seconds, 1e-9))
-    return {"split": split, "index": index, "rows": rows, "seconds": seconds, "truncated": truncated}
+    return {"rows": rows, "seconds": seconds, "truncated": truncated}  # numbers only: Prefect links strings by id
 
 
 def _on_shard_pool(*args) -> tuple[int, int]:

@@ -33,6 +33,7 @@ class Stage:
     section: Callable[[Config], dict]
     command: str
     keyed: Callable[[Config], tuple[str, ...]] | None = None
+    trained: bool = False  # draws training batches through the one training stage (DDP flags, batch checks)
 
     def key_inputs(self, cfg: Config) -> tuple[str, ...]:
         return self.keyed(cfg) if self.keyed else self.inputs
@@ -156,17 +157,20 @@ def _get(cfg: Config, dotted: str):
 
 STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("ingest", (), _ingest, "ingest"),
-    Stage("dvae", ("ingest",), _dvae, "train-dvae", _no_inputs_when("tokenizers_from")),
+    Stage("dvae", ("ingest",), _dvae, "train-dvae", _no_inputs_when("tokenizers_from"), trained=True),
     Stage("bpe", ("ingest",), _bpe, "train-bpe", _no_inputs_when("tokenizers_from", "text.tokenizer_path")),
     Stage("pretokenize", ("ingest", "dvae", "bpe"), _pretokenize, "pretokenize"),
     Stage("transformer", ("pretokenize", "dvae"), lambda cfg: trained_section(cfg, "transformer"),
-          "train-transformer", lambda cfg: ("pretokenize",)),
-    Stage("clip", ("ingest", "bpe"), lambda cfg: trained_section(cfg, "clip"), "train-clip"),
+          "train-transformer", lambda cfg: ("pretokenize",), trained=True),
+    Stage("clip", ("ingest", "bpe"), lambda cfg: trained_section(cfg, "clip"), "train-clip", trained=True),
     Stage("generate", ("ingest", "dvae", "bpe", "transformer", "clip"), _generate, "generate"),
     Stage("evaluate", ("ingest", "dvae", "bpe", "transformer", "clip", "generate"), _evaluate, "evaluate"),
 )}
 NAMES: tuple[str, ...] = tuple(STAGES)
 COMMANDS = {s.command: s.name for s in STAGES.values()}
+TRAINED = tuple(s.name for s in STAGES.values() if s.trained)
+RETIRED = ("images", "tokens", "generations", "evaluation")  # the folders of ingest, pretokenize, generate, evaluate
+# in stores made before each stage had one name
 
 
 def stage_keys(cfg: Config) -> dict[str, str]:
@@ -202,17 +206,19 @@ def check_names(names: list[str], flag: str) -> None:
 
 def select_stages(only: list[str] | None = None, from_stage: str | None = None,
                   until: str | None = None) -> list[str]:
-    """The stages a run executes, in pipeline order: `only` these, everything `from_stage` on, or everything
-    `until` reads and `until` itself (a stage command); all of them by default."""
+    """The stages a run executes, in pipeline order: `only` these, `from_stage` and everything that reads its
+    output, or everything `until` reads and `until` itself (a stage command); all of them by default."""
     check_names(only or [], "--only")
     check_names([from_stage] if from_stage else [], "--from")
     check_names([until] if until else [], "until")
-    if only and from_stage:
-        raise ConfigError("use either --only or --from, not both")
+    given = [name for name, value in (("only (--only)", only), ("from_stage (--from)", from_stage),
+                                      ("until (a stage command)", until)) if value]
+    if len(given) > 1:
+        raise ConfigError(f"give one of only (--only), from_stage (--from) and until, not {' and '.join(given)}")
     if only:
         return [s for s in NAMES if s in only]
     if from_stage:
-        return list(NAMES[NAMES.index(from_stage):])
+        return downstream(from_stage)
     if until:
         return upstream(until)
     return list(NAMES)

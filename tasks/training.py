@@ -4,11 +4,6 @@ validation and files). Checkpoints in tasks/checkpoints.py; the loop itself in d
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -188,45 +183,21 @@ def train_rank(w: Work, build: Callable[..., Trainer], rank: int = 0, world: int
 # ------------------------------------------------------------ the launch
 
 def train_stage(cfg: Config, stage: str, inputs: dict[str, ArtifactRef]) -> ArtifactRef:
-    """A training stage: reuse a finished artifact, else train in this process, or launch `train.nproc`
-    DDP processes per machine through torchrun; rank 0 opens the stage's MLflow run and writes the artifact.
-
-    One machine: `torchrun --standalone`. Several (`train.nnodes` > 1): the same command runs on
-    every machine and they meet at `runner.rdzv_endpoint` (c10d rendezvous). NCCL on GPUs, gloo on CPUs.
-    """
+    """A training stage: reuse a finished artifact, else train in this process, or launch `train.nproc` DDP
+    processes per machine through torchrun (tasks/ddp.py); rank 0 opens the stage's MLflow run and writes the
+    artifact."""
     train_cfg = getattr(cfg, stage).train
 
     def launch(w: Work) -> dict:
         if train_cfg.nproc == 1 and train_cfg.nnodes == 1:
             train_rank(w, trainer_of(stage))
-            return {}
-        from tasks.runs import PARENT_RUN, _flow_run_id
+        else:
+            from tasks.ddp import launch_ranks
 
-        with tempfile.TemporaryDirectory() as tmp:
-            spec = os.path.join(tmp, "stage.json")
-            with open(spec, "w") as f:
-                json.dump({"stage": stage, "config": cfg.model_dump(mode="json"),
-                           "inputs": {s: r.__dict__ for s, r in inputs.items()}, "parent_run": PARENT_RUN.get(),
-                           "flow_run": _flow_run_id()}, f)
-            cmd = [sys.executable, "-m", "torch.distributed.run", *torchrun_args(cfg, stage), "-m", "tasks.ddp", spec]
-            log.info("launching DDP: %s", " ".join(cmd))
-            code = subprocess.call(cmd, env={**os.environ,
-                                             "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
-        if code != 0:
-            raise RuntimeError(f"torchrun with {train_cfg.nproc} process(es) per machine exited with code {code}; "
-                               "see the log above")
+            launch_ranks(cfg, stage, inputs)
         return {}
 
     return run_stage(cfg, stage, inputs, launch, mlflow_run=False, claim=train_cfg.nnodes == 1)
-
-
-def torchrun_args(cfg: Config, stage: str) -> list[str]:
-    """torchrun's launch arguments for a stage: standalone on one machine, c10d rendezvous across several."""
-    train_cfg, runner = getattr(cfg, stage).train, cfg.runner
-    if train_cfg.nnodes == 1:
-        return ["--standalone", f"--nproc-per-node={train_cfg.nproc}"]
-    return [f"--nnodes={train_cfg.nnodes}", f"--nproc-per-node={train_cfg.nproc}", "--rdzv-backend=c10d",
-            f"--rdzv-endpoint={runner.rdzv_endpoint}", f"--rdzv-id={runner.rdzv_id}-{stage}"]
 
 
 def trainer_of(stage: str) -> Callable[..., Trainer]:

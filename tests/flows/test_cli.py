@@ -24,8 +24,9 @@ def _one_line_error(capsys, *expect: str) -> str:
 
 
 @pytest.mark.parametrize("args,expect", [
-    (["run", "--only", "generate", "--from", "dvae"], ["--only or --from"]),
+    (["run", "--only", "generate", "--from", "dvae"], ["not only (--only) and from_stage (--from)"]),
     (["run", "--force", "dvea"], ["'dvea'", "stages are ingest"]),
+    (["run", "--only", "generate", "--force", "dvae"], ["--force dvae would remove dvae/", "e.g. --from dvae"]),
     (["generate", "--prompts-file", "/nonexistent/prompts.txt"], ["'/nonexistent/prompts.txt'", "does not exist"]),
     (["run", "--set", "transformer.depth"], ["'transformer.depth'", "key.path=value"]),
     (["run", "--set", "runner.device=gpu"], ["runner.device", "auto, cpu, cuda or cuda:N", "'gpu'"]),
@@ -173,3 +174,10 @@ def test_prompts_file_encoding(tiny, monkeypatch, tmp_path, capsys, data, expect
         _one_line_error(capsys, f"--prompts-file '{path}'", expect)
     else:  # the byte-order mark is not part of the first prompt
         assert code == 1 and seen == [["a red circle"]]
+
+
+def test_from_runs_the_stage_and_what_reads_it():
+    from tasks.stages import select_stages
+
+    assert select_stages(from_stage="pretokenize") == ["pretokenize", "transformer", "generate", "evaluate"]
+    assert select_stages(until="clip") == ["ingest", "bpe", "clip"]

@@ -21,12 +21,13 @@ TABLE_EDGES = {(i, s.name) for s in STAGES.values() for i in s.inputs}
 
 
 def stage_runs(task_runs: list[dict]) -> tuple[set[tuple[str, str]], dict[str, str]]:
-    """(edges between stage task runs as (upstream stage, stage), {stage: task run name}) of one flow run's task
-    runs as Prefect's API returns them; mapped sub-tasks (encode-shard, generate-part) are not stages."""
-    stage_of = {r["id"]: r["name"].removesuffix(" (cached)") for r in task_runs
-                if r["name"].removesuffix(" (cached)") in STAGES}
-    edges = {(stage_of[i["id"]], stage_of[r["id"]]) for r in task_runs if r["id"] in stage_of
-             for inputs in r["task_inputs"].values() for i in inputs if i.get("id") in stage_of}
+    """(every edge into a stage task run as (upstream task run's name, stage), {stage: task run name}) of one flow
+    run's task runs as Prefect's API returns them; mapped sub-tasks (encode-shard, generate-part) are not stages,
+    and an edge from one into a stage is an error the set shows."""
+    name = {r["id"]: r["name"].removesuffix(" (cached)") for r in task_runs}
+    stage_of = {i: n for i, n in name.items() if n in STAGES}
+    edges = {(name.get(i["id"], i["id"]), stage_of[r["id"]]) for r in task_runs if r["id"] in stage_of
+             for inputs in r["task_inputs"].values() for i in inputs if i.get("input_type") == "task_run"}
     return edges, {stage_of[r["id"]]: r["name"] for r in task_runs if r["id"] in stage_of}
 
 

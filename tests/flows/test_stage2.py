@@ -87,7 +87,7 @@ def test_two_machines_meet_at_the_rendezvous_endpoint(store_copy, tmp_path):
     import subprocess
     import sys
 
-    from tasks.training import torchrun_args
+    from tasks.ddp import torchrun_args
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -108,3 +108,20 @@ def test_two_machines_meet_at_the_rendezvous_endpoint(store_copy, tmp_path):
     assert key != stage_keys(load_config(TINY, ov[:-1]))["transformer"]  # two machines: a different model
     m = open_store(cfg).manifest("transformer", key)
     assert m["world_size"] == 2 and m["steps"] == 10
+
+
+def test_a_rank_s_error_comes_back_in_one_line_with_the_ranks_output_in_a_file(store_copy):
+    """A diverging DDP run raises the rank's TrainingError itself (the CLI's one-line error class), naming the file
+    that holds every rank's output with the traceback."""
+    from dalle_core.train import TrainingError
+    from tasks.ddp import launch_ranks
+
+    cfg = load_config(TINY, [*store_copy, "transformer.train.nproc=2", "transformer.train.lr=1e12",
+                             "transformer.train.warmup_steps=0"])
+    keys = stage_keys(cfg)
+    with pytest.raises(TrainingError, match=r"^training diverged.*\(every rank's output: (.*)\)$") as caught:
+        launch_ranks(cfg, "transformer", {s: stored(cfg, s, keys[s]) for s in ("pretokenize", "dvae")})
+    output = caught.value.args[0].rpartition("every rank's output: ")[2].rstrip(")")
+    with open(output) as f:
+        assert "Traceback (most recent call last)" in f.read()
+    assert "\n" not in str(caught.value)

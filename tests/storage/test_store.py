@@ -75,13 +75,15 @@ def test_interrupted_write_leaves_no_manifest_and_is_cleaned(store):
     assert [(a.stage, a.key, a.complete) for a in infos] == [("pretokenize", "k", False)]
 
 
-def test_retired_stage_folders_are_still_listed(store):
-    # A store made before the stages were renamed keeps `tokens/` etc.: `dalle gc --unreferenced` must see them.
+def test_artifacts_lists_the_stages_asked_for(store):
+    # `dalle status`/`gc` ask for the stages and the retired folders of older stores (`tokens/` ...), not `notes/`.
     _finished(store, "tokens", "old")
     _finished(store, "pretokenize", "new")
     store.write_bytes(posixpath.join(store.root, "notes", "k", "x.txt"), b"not a stage")
-    assert sorted((a.stage, a.key, a.complete) for a in store.artifacts()) == [
+    store.write_bytes(posixpath.join(store.root, "mlartifacts", "0", "r", "x.txt"), b"MLflow's")
+    assert sorted((a.stage, a.key, a.complete) for a in store.artifacts(["pretokenize", "tokens"])) == [
         ("pretokenize", "new", True), ("tokens", "old", True)]
+    assert {a.stage for a in store.artifacts()} == {"pretokenize", "tokens", "notes"}
 
 
 def test_missing_upstream_is_one_line(store):
