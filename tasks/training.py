@@ -84,9 +84,11 @@ class Training:
 
             def log_fn(step: int, metrics: dict) -> None:
                 run.log_metrics(metrics, step)
-                left = budget_s - (time.perf_counter() - began)
-                stops = f" (time budget ends in {int(left // 60)}m{int(left % 60):02d}s)" \
-                    if self.train_cfg.max_minutes and left < meter.format_dict.get("total", 0) else ""
+                elapsed = time.perf_counter() - began
+                left, steps_left = budget_s - elapsed, meter.total - (step - self.start)
+                by_steps = steps_left * elapsed / max(step - self.start, 1)  # the meter's own ETA
+                stops = f" (the time budget ends it in {int(left // 60)}m{int(left % 60):02d}s)" \
+                    if self.train_cfg.max_minutes and left < by_steps else ""
                 meter.set_postfix_str(f"loss {metrics['loss']:.4f} {describe(metrics)}{stops}", refresh=False)
                 meter.update(step - self.start - meter.n)
 
