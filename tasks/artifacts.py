@@ -70,6 +70,17 @@ class Work:
     def input_path(self, stage: str, *parts: str) -> str:
         return self.store.path(stage, self.inputs[stage].key, *parts)
 
+    def write_files(self, files: dict[str, bytes | dict], logged_as: Callable[[str], str] = lambda name: name) -> None:
+        """Write the artifact's files (a dict as JSON); each PNG is also shown in the stage's MLflow run, at
+        `logged_as(name)`."""
+        for name, data in files.items():
+            if isinstance(data, dict):
+                self.store.write_json(self.path(name), data)
+                continue
+            self.store.write_bytes(self.path(name), data)
+            if name.endswith(".png") and self.run is not None:
+                self.run.log_file(data, logged_as(name))
+
     def finish(self, **fields: Any) -> dict:
         """Write the manifest (last: the artifact is complete from then on) with the stage table's inputs;
         `config` defaults to the stage's section of the key. Logged to the stage's MLflow run."""

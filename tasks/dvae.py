@@ -112,10 +112,7 @@ def _finish(w: Work, model: dvae.DiscreteVAE, metrics: dict, steps: int, device,
     """A dVAE made without the training loop (loaded, k-means): its files and the manifest's fields."""
     w.run.log_metrics(metrics, steps)
     log.info("dvae/%s: %s", w.key, _report(metrics))
-    for name, data in _files(w, model, device, pretrained_spec=bool(extra)).items():
-        w.store.write_json(w.path(name), data) if isinstance(data, dict) else w.store.write_bytes(w.path(name), data)
-        if name.endswith(".png"):
-            w.run.log_file(data, name)
+    w.write_files(_files(w, model, device, pretrained_spec=bool(extra)))
     w.store.write_json(w.path("metrics.json"), {**metrics, "steps": steps})
     return {"config": w.cfg.dvae.model_dump(mode="json"), **_made(model), "steps": steps, "world_size": 1,
             "metrics": metrics, **(extra or {})}

@@ -169,13 +169,7 @@ def train_rank(w: Work, build: Callable[..., Trainer], rank: int = 0, world: int
         metrics = t.validate(model)
         run.log_metrics(metrics, result.step)
         log.info("%s/%s: %s", w.stage, w.key, t.report(metrics))
-        for name, data in t.files(model, metrics).items():  # weights, config, pictures (also shown in MLflow)
-            if isinstance(data, dict):
-                w.store.write_json(w.path(name), data)
-                continue
-            w.store.write_bytes(w.path(name), data)
-            if name.endswith(".png"):
-                run.log_file(data, t.logged_as(name, result.step))
+        w.write_files(t.files(model, metrics), lambda name: t.logged_as(name, result.step))
         w.store.write_json(w.path("metrics.json"), {**metrics, "steps": result.step})
         drop_checkpoints(w.store, w.stage, w.key)
         w.finish(config=section.model_dump(mode="json"), steps=result.step, world_size=world, metrics=metrics,
