@@ -15,18 +15,22 @@ from dalle_core import shapes
 ATTRIBUTES = ("colour", "shape", "size", "position", "relation")
 # Part of the evaluation stage key: bump when what a metric measures changes, so cached evaluations
 # are redone (2: the checker places shape templates at whole-pixel corners; 3: per-subset embedding metrics;
-# 4: the pixel-space nearest-neighbour check).
-METRICS_VERSION = 4
+# 4: the pixel-space nearest-neighbour check; 5: val prompts taken in turn from each val subset).
+METRICS_VERSION = 5
 
 
-def rerank_gain(scores: np.ndarray, ns=(1, 4, 16)) -> dict[str, float]:
+def rerank_gain(scores: np.ndarray, ns: tuple[int, ...] | None = None) -> dict[str, float]:
     """scores: (prompts, candidates) CLIP scores in sampling order (so candidate 0 is a random draw).
 
-    Mean score of the best of the first n candidates, for each n, and of a random candidate.
+    Mean score of the best of the first n candidates, for each n (default: 1, 4, 16, ... and all of them), and
+    of a random candidate.
     """
+    total = scores.shape[1]
+    if ns is None:
+        ns = (*(4**k for k in range(total.bit_length()) if 4**k < total), total)
     out = {"clip_random": float(scores[:, 0].mean())}
     for n in ns:
-        if n <= scores.shape[1]:
+        if n <= total:
             out[f"clip_top1_of_{n}"] = float(scores[:, :n].max(1).mean())
     return out
 

@@ -40,20 +40,8 @@ from dalle_core.generate import DALLEPipeline, prompt_seed
 from dalle_core.images import decode_png, grid, png_bytes, psnr, to_tensor, to_uint8
 from storage.parquet import GENERATIONS_SCHEMA, iter_batches, read_shard, shard_paths, write_shard
 from tasks.artifacts import ArtifactRef, Work, run_name, run_stage
-from tasks.generate import MODELS, sample_candidates
+from tasks.generate import MODELS, sample_candidates, val_rows
 from tasks.models import load_pipeline
-
-
-def _val_rows(store, ingest_key: str, limit: int) -> tuple[list[str], np.ndarray, list[str]]:
-    """The first `limit` val rows: captions, images, and each row's subset label ("val" where the source has none)."""
-    captions, images, subsets = [], [], []
-    for batch in iter_batches(store, shard_paths(store, "ingest", ingest_key, "val"), ["caption", "image", "subset"]):
-        captions += batch.column("caption").to_pylist()
-        images += [decode_png(b) for b in batch.column("image").to_pylist()]
-        subsets += [s or "val" for s in batch.column("subset").to_pylist()]
-        if len(captions) >= limit:
-            break
-    return captions[:limit], np.stack(images[:limit]), subsets[:limit]
 
 
 @dataclass
@@ -113,7 +101,9 @@ def _evaluate(w: Work) -> dict:
         report["clip"] = {k: clip_m[k] for k in ("val_i2t_recall_at_1", "val_t2i_recall_at_1", "val_chance_recall_at_1")
                           if k in clip_m}
 
-    val_captions, val_real, val_subsets = _val_rows(store, keys["ingest"], eval_cfg.num_prompts)
+    val = val_rows(store, keys["ingest"], eval_cfg.num_prompts, ("caption", "image"))
+    val_captions, val_subsets = val["caption"], val["subset"]
+    val_real = np.stack([decode_png(b) for b in val["image"]])
     train = _train_side(store, keys["ingest"], pipe.reranker, eval_cfg.train_images, eval_cfg.train_prompts,
                         eval_cfg.seed)
     # Prompts: the val captions first (their seeds are those of earlier evaluations), then the drawn train rows.

@@ -22,7 +22,7 @@ from dalle_core.generate import SAMPLING_DEFAULTS
 from dalle_core.images import grid, png_bytes
 from storage.store import ArtifactStore
 from tasks.artifacts import open_store
-from tasks.generate import val_captions
+from tasks.generate import val_rows
 from tasks.model_card import data_licence, headline_metrics, model_card
 from tasks.stages import stage_keys
 
@@ -83,7 +83,8 @@ def samples_picture(cfg: Config, store: ArtifactStore, keys: dict[str, str]) -> 
             return store.read_bytes(store.path(stage, key, name)), f"{stage}/{key}/{name}"
     from tasks.models import load_pipeline
 
-    prompts = val_captions(store, keys["ingest"], 4) if store.is_complete("ingest", keys["ingest"]) else []
+    done = store.is_complete("ingest", keys["ingest"])
+    prompts = val_rows(store, keys["ingest"], 4, distinct=True)["caption"] if done else []
     prompts = prompts or ["a red circle"]
     out = load_pipeline(cfg)(prompts, **sampling_defaults(cfg))
     sheet = grid([[images[0]] for images in out.pixels], prompts, scale=3,
@@ -132,8 +133,8 @@ def export_model(cfg: Config, out_dir: str) -> Export:
                  if name.split("/")[0] in COMPONENTS}
     files["model_index.json"] = json_bytes(index(image_size, sampling_defaults(cfg), source=source,
                                                  data_licence=licence.spdx, metrics=metrics, sha256=checksums))
-    example = (val_captions(store, keys["ingest"], 1) if store.is_complete("ingest", keys["ingest"]) else []) or \
-        ["a red circle"]
+    done = store.is_complete("ingest", keys["ingest"])
+    example = (val_rows(store, keys["ingest"], 1)["caption"] if done else []) or ["a red circle"]
     files["README.md"] = model_card(cfg, manifests, metrics, evaluation, licence, source, samples_from,
                                     example[0]).encode()
     written = write_folder(out_dir, files)

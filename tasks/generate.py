@@ -8,6 +8,7 @@ atomically, so a re-run only samples the missing parts.
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import time
@@ -145,21 +146,42 @@ def generate_part(cfg: Config, keys: dict[str, str], path: str, prompts: list[st
     return {"prompts": len(prompts), "images": len(rows), "seconds": seconds}
 
 
-def val_captions(store: ArtifactStore, ingest_key: str, limit: int, distinct: bool = True) -> list[str]:
-    """The first `limit` (distinct) val captions of `ingest/<ingest_key>`."""
-    out: list[str] = []
-    for batch in iter_batches(store, shard_paths(store, "ingest", ingest_key, "val"), ["caption"]):
-        for c in batch.column("caption").to_pylist():
-            if not distinct or c not in out:
-                out.append(c)
-            if len(out) >= limit:
-                return out
+def val_rows(store: ArtifactStore, ingest_key: str, limit: int, columns: tuple[str, ...] = ("caption",),
+             distinct: bool = False) -> dict[str, list]:
+    """`limit` val rows of `ingest/<ingest_key>`, taken in turn from each val subset (e.g. unseen, seen-variant;
+    in the order the subsets first appear), each subset's in its stored order, so every subset is measured on a
+    like share of the prompts; a source with one subset gets its first `limit` rows. `distinct`: a repeated
+    caption is skipped. Returns the asked columns plus `subset` ("val" where the source has none)."""
+    paths = shard_paths(store, "ingest", ingest_key, "val")
+    per_subset: dict[str, list[int]] = {}
+    seen: set[str] = set()
+    index = 0
+    for batch in iter_batches(store, paths, ["caption", "subset"]):  # every row: a subset may start late
+        for caption, subset in zip(batch.column("caption").to_pylist(), batch.column("subset").to_pylist()):
+            if not (distinct and caption in seen) and len(kept := per_subset.setdefault(subset, [])) < limit:
+                kept.append(index)
+            seen.add(caption)
+            index += 1
+    taken = [i for turn in itertools.zip_longest(*per_subset.values()) for i in turn if i is not None][:limit]
+    cols = list(dict.fromkeys([*columns, "subset"]))
+    rows: dict[int, dict] = {}
+    index, wanted = 0, set(taken)
+    for batch in iter_batches(store, paths, cols):
+        here = sorted(i for i in wanted if index <= i < index + batch.num_rows)
+        rows |= dict(zip(here, batch.take([i - index for i in here]).to_pylist()))
+        index += batch.num_rows
+        if len(rows) == len(wanted):
+            break
+    out = {c: [rows[i][c] for i in taken] for c in cols}
+    out["subset"] = [s or "val" for s in out["subset"]]
     return out
 
 
 def resolve_prompts(cfg: Config, store: ArtifactStore, ingest_key: str) -> list[str]:
-    """The configured prompts (the config refuses empty ones), or the first distinct val captions."""
-    return list(cfg.generate.prompts) or val_captions(store, ingest_key, cfg.generate.num_val_prompts)
+    """The configured prompts (the config refuses empty ones), or distinct val captions (`val_rows`)."""
+    if cfg.generate.prompts:
+        return list(cfg.generate.prompts)
+    return val_rows(store, ingest_key, cfg.generate.num_val_prompts, distinct=True)["caption"]
 
 
 def candidate_rows(prompt: str, seed: int, images: np.ndarray, scores: np.ndarray, codes: np.ndarray,

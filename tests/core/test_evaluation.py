@@ -11,6 +11,12 @@ def test_rerank_gain_is_best_of_first_n():
     g = rerank_gain(scores, ns=(1, 2, 4))
     assert g["clip_random"] == g["clip_top1_of_1"] == 0.25
     assert g["clip_top1_of_2"] == (0.5 + 0.4) / 2 and g["clip_top1_of_4"] == (0.5 + 0.6) / 2
+    # by default: 1, 4, 16, ... and every candidate (the reranking the evaluation's top-1 had)
+    wide = np.random.default_rng(0).random((3, 32))
+    assert set(rerank_gain(wide)) == {"clip_random", "clip_top1_of_1", "clip_top1_of_4", "clip_top1_of_16",
+                                      "clip_top1_of_32"}
+    assert rerank_gain(wide)["clip_top1_of_32"] == wide.max(1).mean()
+    assert set(rerank_gain(scores)) == {"clip_random", "clip_top1_of_1", "clip_top1_of_4"}
 
 
 def test_ranks_follow_scores():

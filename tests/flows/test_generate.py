@@ -374,3 +374,33 @@ def test_bad_edit_flags_with_a_model_fail_before_it_loads(generated, tmp_path, c
         assert main(["generate", "--model", folder, "a red circle", "--out", str(tmp_path / "out"), *flags]) == 2
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1, (flags, err)
+
+
+def test_val_prompts_take_each_subset_in_turn(tmp_path):
+    """Evaluation and generation prompts take val rows from each subset in turn (a subset listed after a long one
+    still gets its share), in stored order across shards, and fall back to the first rows without subsets."""
+    import pyarrow as pa
+
+    from storage.parquet import IMAGES_SCHEMA, shard_name, write_shard
+    from storage.store import ArtifactStore
+    from tasks.generate import val_rows
+
+    store = ArtifactStore(str(tmp_path))
+
+    def write(key, shards):
+        for i, rows in enumerate(shards):
+            table = pa.Table.from_pylist([{"id": c, "caption": c, "image": b"", "subset": s} for c, s in rows],
+                                         schema=IMAGES_SCHEMA)
+            write_shard(store, store.path("ingest", key, "val", shard_name(i)), table)
+
+    unseen = [(f"u{i}", "unseen") for i in range(30)]
+    variant = [("v0", "seen-variant"), ("u3", "seen-variant"), ("v1", "seen-variant"), ("v2", "seen-variant")]
+    write("k", [unseen[:20], unseen[20:] + variant])
+    rows = val_rows(store, "k", 8)
+    assert rows["caption"] == ["u0", "v0", "u1", "u3", "u2", "v1", "u3", "v2"]
+    assert rows["subset"] == ["unseen", "seen-variant"] * 4
+    assert val_rows(store, "k", 8, distinct=True)["caption"] == ["u0", "v0", "u1", "v1", "u2", "v2", "u3", "u4"]
+    assert val_rows(store, "k", 100)["caption"][-22:] == [f"u{i}" for i in range(8, 30)]
+
+    write("plain", [[(f"c{i}", None) for i in range(10)]])
+    assert val_rows(store, "plain", 4) == {"caption": ["c0", "c1", "c2", "c3"], "subset": ["val"] * 4}
