@@ -2,11 +2,13 @@
 image tokenizer's PSNR at a token grid, which carries cells x log2(codebook size) bits per image
 (docs/results.md, "The tokenizer's PSNR at 8x").
 
-    python -m bench.codec_psnr data/openmoji-64
+    python -m bench.codec_psnr data/openmoji-64 [--size 64]
 
-Reads the val rows of an imagefolder (`metadata.jsonl` with `file_name` and `split`), encodes each with Pillow's
-WebP and JPEG at several qualities, and prints a Markdown table: mean file size in bytes and PSNR over all pixel
-values (the dVAE's `val_psnr`: one mean squared error over every value of every image).
+Reads the val rows of an imagefolder (`metadata.jsonl` with `file_name` and `split`) as the pipeline does (a
+viewer's sRGB, shorter side resized to `--size` and centre-cropped: `dalle_core.generate.load_image`), encodes
+each with Pillow's WebP and JPEG at several qualities, and prints a Markdown table: mean file size in bytes and
+PSNR over all pixel values (the dVAE's `val_psnr`: one mean squared error over every value of every image).
+Bad input is one line (`error: ...`) naming the file and row.
 """
 
 from __future__ import annotations
@@ -19,23 +21,36 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from dalle_core.generate import GenerationError, load_image
 from dalle_core.images import psnr
 
-QUALITIES = (1, 5, 10, 20, 30, 50, 70, 90)
+QUALITIES = (0, 1, 5, 10, 20, 30, 50, 70, 90)
 
 
-def val_images(folder: Path) -> list[np.ndarray]:
-    """The imagefolder's val images as (H, W, 3) uint8 arrays, composited on white where they have alpha."""
-    with open(folder / "metadata.jsonl") as f:
-        rows = [r for r in map(json.loads, f) if r.get("split") == "val"]
-    if not rows:
-        raise SystemExit(f"error: {folder}/metadata.jsonl has no rows with split 'val'")
+def val_images(folder: Path, size: int) -> list[np.ndarray]:
+    """The imagefolder's val images as (size, size, 3) uint8 arrays. SystemExit (one line) for a missing folder
+    or metadata.jsonl, a row that is not a JSON object with `file_name`, an unreadable image, or no val rows."""
+    meta = folder / "metadata.jsonl"
+    if not meta.is_file():
+        raise SystemExit(f"error: {meta} does not exist; give an imagefolder (images + metadata.jsonl)")
     out = []
-    for r in rows:
-        with Image.open(folder / r["file_name"]) as im:
-            rgba = im.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        out.append(np.asarray(Image.alpha_composite(white, rgba).convert("RGB")))
+    with open(meta) as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise SystemExit(f"error: {meta} line {line_no} is not JSON ({err.msg})") from None
+            if not isinstance(row, dict) or not isinstance(row.get("file_name"), str):
+                raise SystemExit(f"error: {meta} line {line_no} needs a JSON object with a file_name")
+            if row.get("split") == "val":
+                try:
+                    out.append(load_image(str(folder / row["file_name"]), size, what=f"line {line_no}'s image"))
+                except GenerationError as err:
+                    raise SystemExit(f"error: {meta}: {err}") from None
+    if not out:
+        raise SystemExit(f"error: {meta} has no rows with split 'val'")
     return out
 
 
@@ -56,9 +71,12 @@ def codec_row(images: list[np.ndarray], fmt: str, quality: int) -> tuple[float, 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("folder", type=Path, help="an imagefolder (e.g. data/openmoji-64)")
+    parser.add_argument("--size", type=int, default=64, help="image side in px, as data.image_size (default 64)")
     args = parser.parse_args(argv)
-    images = val_images(args.folder)
-    print(f"{len(images)} val images of {args.folder}\n")
+    if args.size < 1:
+        parser.error(f"--size {args.size}: give a positive number of pixels")
+    images = val_images(args.folder, args.size)
+    print(f"{len(images)} val images of {args.folder} at {args.size} px\n")
     print("| codec, quality | bytes per image | PSNR (dB) |\n|---|---|---|")
     for fmt in ("WEBP", "JPEG"):
         for q in QUALITIES:

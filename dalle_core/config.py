@@ -388,7 +388,7 @@ class GenerateSection(Section):
 
 class EvaluateSection(Section):
     num_prompts: int = Field(64, ge=1)  # val captions for the evaluation, an equal share from each val subset
-    num_candidates: int = Field(16, ge=1)  # reranking gain is reported at N = 1, 4, 16, ... and this
+    num_candidates: int = Field(16, ge=1)  # reranking gain is reported at N = 1, 2, 4, 8, ... and this
     # Seen-caption prompts: this many training rows are drawn as prompts too (the "seen" split, next to the val
     # rows); their images are the memorisation check's "own training image".
     train_prompts: int = Field(64, ge=0)

@@ -22,12 +22,12 @@ METRICS_VERSION = 5
 def rerank_gain(scores: np.ndarray, ns: tuple[int, ...] | None = None) -> dict[str, float]:
     """scores: (prompts, candidates) CLIP scores in sampling order (so candidate 0 is a random draw).
 
-    Mean score of the best of the first n candidates, for each n (default: 1, 4, 16, ... and all of them), and
-    of a random candidate.
+    Mean score of the best of the first n candidates, for each n (default: 1, 2, 4, 8, ... and all of them, so
+    runs with other candidate counts share their smaller n), and of a random candidate.
     """
     total = scores.shape[1]
     if ns is None:
-        ns = (*(4**k for k in range(total.bit_length()) if 4**k < total), total)
+        ns = (*(2**k for k in range(total.bit_length()) if 2**k < total), total)
     out = {"clip_random": float(scores[:, 0].mean())}
     for n in ns:
         if n <= total:

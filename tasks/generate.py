@@ -158,9 +158,10 @@ def val_rows(store: ArtifactStore, ingest_key: str, limit: int, columns: tuple[s
     index = 0
     for batch in iter_batches(store, paths, ["caption", "subset"]):  # every row: a subset may start late
         for caption, subset in zip(batch.column("caption").to_pylist(), batch.column("subset").to_pylist()):
-            if not (distinct and caption in seen) and len(kept := per_subset.setdefault(subset, [])) < limit:
+            kept = per_subset.setdefault(subset, [])
+            if not (distinct and caption in seen) and len(kept) < limit:
                 kept.append(index)
-            seen.add(caption)
+                seen.add(caption)  # only a kept row's caption: a full subset's row takes no other's
             index += 1
     taken = [i for turn in itertools.zip_longest(*per_subset.values()) for i in turn if i is not None][:limit]
     cols = list(dict.fromkeys([*columns, "subset"]))

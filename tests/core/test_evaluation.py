@@ -11,12 +11,11 @@ def test_rerank_gain_is_best_of_first_n():
     g = rerank_gain(scores, ns=(1, 2, 4))
     assert g["clip_random"] == g["clip_top1_of_1"] == 0.25
     assert g["clip_top1_of_2"] == (0.5 + 0.4) / 2 and g["clip_top1_of_4"] == (0.5 + 0.6) / 2
-    # by default: 1, 4, 16, ... and every candidate (the reranking the evaluation's top-1 had)
-    wide = np.random.default_rng(0).random((3, 32))
-    assert set(rerank_gain(wide)) == {"clip_random", "clip_top1_of_1", "clip_top1_of_4", "clip_top1_of_16",
-                                      "clip_top1_of_32"}
-    assert rerank_gain(wide)["clip_top1_of_32"] == wide.max(1).mean()
-    assert set(rerank_gain(scores)) == {"clip_random", "clip_top1_of_1", "clip_top1_of_4"}
+    # by default: powers of two (comparable across candidate counts) and every candidate (the top-1's reranking)
+    wide = np.random.default_rng(0).random((3, 48))
+    assert set(rerank_gain(wide)) == {"clip_random", *(f"clip_top1_of_{n}" for n in (1, 2, 4, 8, 16, 32, 48))}
+    assert rerank_gain(wide)["clip_top1_of_48"] == wide.max(1).mean()
+    assert set(rerank_gain(scores)) == {"clip_random", "clip_top1_of_1", "clip_top1_of_2", "clip_top1_of_4"}
 
 
 def test_ranks_follow_scores():
@@ -219,3 +218,33 @@ def test_pixel_own_image_share_is_high_for_real_images_and_near_zero_for_shuffle
     assert own_image_share(pixel_nearest_neighbours(blobs, train), captions, captions) < 0.05
     with pytest.raises(ValueError, match="train_features have 768 columns and these images' pixel_features 192"):
         pixel_nearest_neighbours(generated[:, :8, :8], train)
+
+
+def test_codec_yardstick_reads_images_as_the_pipeline_and_refuses_bad_rows(tmp_path, capsys):
+    """bench/codec_psnr.py: a 16-bit PNG is scaled as the pipeline scales it (not clipped to white), a finer
+    quality costs more bytes and gains PSNR, and a bad metadata row is one line naming it."""
+    import json
+
+    from PIL import Image
+
+    from bench.codec_psnr import codec_row, main, val_images
+
+    ramp = (np.arange(64 * 64, dtype=np.uint16).reshape(64, 64) * 16).astype(np.uint16)  # 0..65520
+    Image.fromarray(ramp).save(tmp_path / "grey16.png")  # Pillow writes it as a 16-bit PNG (mode I;16)
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (96, 80, 3), dtype=np.uint8)).save(tmp_path / "c.png")
+    rows = [{"file_name": "grey16.png", "split": "val"}, {"file_name": "c.png", "split": "val"},
+            {"file_name": "c.png", "split": "train"}]
+    (tmp_path / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + "\n")
+    images = val_images(tmp_path, 32)
+    assert [im.shape for im in images] == [(32, 32, 3)] * 2
+    assert 100 < images[0].mean() < 155 and images[0].min() < 20  # the ramp's mid grey, not clipped to 255
+    (small, low_db), (large, high_db) = codec_row(images, "WEBP", 1), codec_row(images, "WEBP", 90)
+    assert small < large and low_db < high_db
+
+    (tmp_path / "metadata.jsonl").write_text(json.dumps(rows[0]) + "\n" + json.dumps({"file_name": "gone.png",
+                                                                                      "split": "val"}) + "\n")
+    with pytest.raises(SystemExit, match=r"line 2's image '.*gone.png' does not exist"):
+        main([str(tmp_path)])
+    (tmp_path / "metadata.jsonl").write_text("[1, 2]\n")
+    with pytest.raises(SystemExit, match="line 1 needs a JSON object with a file_name"):
+        main([str(tmp_path)])

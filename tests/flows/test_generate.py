@@ -402,5 +402,10 @@ def test_val_prompts_take_each_subset_in_turn(tmp_path):
     assert val_rows(store, "k", 8, distinct=True)["caption"] == ["u0", "v0", "u1", "v1", "u2", "v2", "u3", "u4"]
     assert val_rows(store, "k", 100)["caption"][-22:] == [f"u{i}" for i in range(8, 30)]
 
+    # a caption in a full subset's rows does not keep a later subset from taking it
+    write("full", [[(f"a{i}", "A") for i in range(5)] + [("x", "A"), ("x", "B"), ("b1", "B")]])
+    rows = val_rows(store, "full", 4, distinct=True)
+    assert rows["caption"] == ["a0", "x", "a1", "b1"] and rows["subset"] == ["A", "B", "A", "B"]
+
     write("plain", [[(f"c{i}", None) for i in range(10)]])
     assert val_rows(store, "plain", 4) == {"caption": ["c0", "c1", "c2", "c3"], "subset": ["val"] * 4}
