@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from dalle_core.data import DataError, read_metadata
 from dalle_core.generate import GenerationError, load_image
 from dalle_core.images import psnr
 
@@ -33,22 +33,19 @@ def val_images(folder: Path, size: int) -> list[np.ndarray]:
     meta = folder / "metadata.jsonl"
     if not meta.is_file():
         raise SystemExit(f"error: {meta} does not exist; give an imagefolder (images + metadata.jsonl)")
+    try:
+        rows = read_metadata(str(meta))  # the pipeline's reader: one line for a bad row
+    except DataError as err:
+        raise SystemExit(f"error: {err}") from None
     out = []
-    with open(meta) as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
+    for n, row in enumerate(rows, 1):
+        if not isinstance(row.get("file_name"), str):
+            raise SystemExit(f"error: {meta} row {n} has no file_name")
+        if row.get("split") == "val":
             try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise SystemExit(f"error: {meta} line {line_no} is not JSON ({err.msg})") from None
-            if not isinstance(row, dict) or not isinstance(row.get("file_name"), str):
-                raise SystemExit(f"error: {meta} line {line_no} needs a JSON object with a file_name")
-            if row.get("split") == "val":
-                try:
-                    out.append(load_image(str(folder / row["file_name"]), size, what=f"line {line_no}'s image"))
-                except GenerationError as err:
-                    raise SystemExit(f"error: {meta}: {err}") from None
+                out.append(load_image(str(folder / row["file_name"]), size, what=f"row {n}'s image"))
+            except GenerationError as err:
+                raise SystemExit(f"error: {meta}: {err}") from None
     if not out:
         raise SystemExit(f"error: {meta} has no rows with split 'val'")
     return out

@@ -243,8 +243,8 @@ def test_codec_yardstick_reads_images_as_the_pipeline_and_refuses_bad_rows(tmp_p
 
     (tmp_path / "metadata.jsonl").write_text(json.dumps(rows[0]) + "\n" + json.dumps({"file_name": "gone.png",
                                                                                       "split": "val"}) + "\n")
-    with pytest.raises(SystemExit, match=r"line 2's image '.*gone.png' does not exist"):
+    with pytest.raises(SystemExit, match=r"row 2's image '.*gone.png' does not exist"):
         main([str(tmp_path)])
     (tmp_path / "metadata.jsonl").write_text("[1, 2]\n")
-    with pytest.raises(SystemExit, match="line 1 needs a JSON object with a file_name"):
+    with pytest.raises(SystemExit, match="line 1 is a list, not a JSON object"):
         main([str(tmp_path)])
