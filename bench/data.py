@@ -18,7 +18,7 @@ from dalle_core.dvae import DiscreteVAE
 
 
 def dvae_encode(s: Settings, precision: str = "fp32", batch: int = 512, batches: int = 8) -> dict:
-    """The reference dVAE's encoding images/s on the CPU, channels-last as tasks.models loads it."""
+    """The reference dVAE's encoding images/s on the CPU, channels-last as pipeline.models loads it."""
     model = DiscreteVAE(REF_DVAE).eval().to(memory_format=torch.channels_last)
     x = torch.randn(batch, 3, 32, 32)
 
@@ -48,11 +48,11 @@ def _pretokenize_child(num_images: int, root: str, precision: str) -> dict:
 
     from prefect.testing.utilities import prefect_test_harness
 
-    from dalle_core.config import config_from_dict
     from flows.pipeline import pipeline_flow
-    from tasks.artifacts import open_store
-    from tasks.checkpoints import state_bytes
-    from tasks.stages import stage_keys
+    from pipeline.artifacts import open_store
+    from pipeline.checkpoints import state_bytes
+    from pipeline.config import config_from_dict
+    from pipeline.stage_table import stage_keys
 
     overrides = {"data": {"shapes": {"num_images": num_images}, "shard_size": 4096},
                  "dvae": {"codebook_size": 512, "codebook_dim": 256, "hidden": 64, "encode_precision": precision},
@@ -109,9 +109,9 @@ def image_loader(s: Settings, workers: int, image_size: int = 256, images: int =
     endless and its workers' start is not part of the rate."""
     import pyarrow as pa
 
-    from dalle_core import shapes
     from dalle_core.images import png_bytes
     from dalle_core.loader import ShardStream, decode_images
+    from data_sources import shapes
     from storage.parquet import (
         IMAGES_SCHEMA,
         ParquetShards,

@@ -17,15 +17,15 @@ from itertools import islice
 import numpy as np
 import torch
 
-from dalle_core.config import load_config
 from dalle_core.dvae import evaluate_dvae, laplacian_variance
 from dalle_core.images import grid, png_bytes, to_tensor, to_uint8
 from dalle_core.loader import decode_images
+from pipeline.artifacts import open_store
+from pipeline.config import load_config
+from pipeline.models import load_dvae
+from pipeline.stage_table import stage_keys
+from pipeline.training import batch_stream
 from storage.parquet import shard_paths
-from tasks.artifacts import open_store
-from tasks.models import load_dvae
-from tasks.stages import stage_keys
-from tasks.training import batch_stream
 
 
 def main() -> None:

@@ -6,7 +6,7 @@ overrides, on the same data and the same number of steps, and report hard-code v
     python -m bench.dvae_sweep --config configs/openmoji.yaml "" "dvae.train.batch_size=16"
 
 Shapes are drawn fresh (train and val from different seeds); any other source is read with its own
-train/val split (`dalle_core.data.read_source`).
+train/val split (`data_sources.reader.read_source`).
 
 Each argument is one run: overrides separated by ';'. Only dalle_core is used (no Prefect or MLflow),
 so it runs on any machine with torch. Prints one JSON line per run.
@@ -27,8 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _data(cfg, num: int, split: str, seed: int) -> np.ndarray:
-    from dalle_core import shapes
-    from dalle_core.data import read_source
+    from data_sources import shapes
+    from data_sources.reader import read_source
 
     if cfg.data.source == "shapes":
         return np.stack([r[3] for r in shapes.generate(num, cfg.data.image_size, seed=seed)])
@@ -38,10 +38,10 @@ def _data(cfg, num: int, split: str, seed: int) -> np.ndarray:
 
 def run_one(spec: str, steps: int | None, device: str, train_images: int, val_images: int, threads: int,
             config: str = "configs/shapes.yaml") -> dict:
-    from dalle_core.config import load_config
     from dalle_core.dvae import DiscreteVAE, dvae_schedule, dvae_step, evaluate_dvae
     from dalle_core.images import ImageNormalization
     from dalle_core.train import fit, make_optimizer
+    from pipeline.config import load_config
 
     torch.set_num_threads(threads)
     overrides = [o for o in spec.split(";") if o]

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import argparse
 
-from dalle_core.config import load_config
-from dalle_core.evaluation import faithfulness
 from dalle_core.images import decode_png
+from data_sources.shapes import faithfulness
+from pipeline.artifacts import open_store
+from pipeline.config import load_config
+from pipeline.stage_table import stage_keys
 from storage.parquet import read_shard
-from tasks.artifacts import open_store
-from tasks.stages import stage_keys
 
 
 def run_row(config: str, overrides: list[str], colour: str) -> dict:

@@ -32,10 +32,10 @@ def shapes_model(folder: str) -> bool:
     if os.environ.get("DALLE_BENCH_MODEL"):
         shutil.copytree(os.environ["DALLE_BENCH_MODEL"], folder)
         return True
-    from dalle_core.config import load_config
-    from tasks.artifacts import open_store
-    from tasks.export import export_model
-    from tasks.stages import stage_keys
+    from pipeline.artifacts import open_store
+    from pipeline.config import load_config
+    from pipeline.stage_table import stage_keys
+    from release.export import export_model
 
     cfg = load_config(SHAPES)
     store, keys = open_store(cfg), stage_keys(cfg)
@@ -49,14 +49,14 @@ def shapes_model(folder: str) -> bool:
 def _untrained_folder(cfg, folder: str) -> None:
     from safetensors.torch import save
 
-    from dalle_core import shapes
     from dalle_core.bpe import TextTokenizer, train_bpe
     from dalle_core.clip import build_clip
     from dalle_core.dvae import DiscreteVAE
-    from dalle_core.export import clip_files, index, json_bytes, write_folder
+    from dalle_core.model_folder import clip_files, index, json_bytes, write_folder
     from dalle_core.transformer import DALLE
+    from data_sources import shapes
+    from release.export import sampling_defaults
     from tasks.clip import checkpoint_bytes
-    from tasks.export import sampling_defaults
 
     captions = [caption for _, _, caption, _ in shapes.generate(2000, cfg.data.image_size)]
     tokenizer = TextTokenizer(train_bpe(captions, cfg.text.vocab_size), cfg.text.text_len)
@@ -88,7 +88,7 @@ def api_request(s: Settings, candidates: int = 16) -> dict:
     import uvicorn
 
     from dalle_core.generate import DALLEPipeline
-    from flows.serve import create_app
+    from serve import create_app
 
     with tempfile.TemporaryDirectory() as tmp:
         trained = shapes_model(os.path.join(tmp, "model"))

@@ -20,11 +20,11 @@ from bench.common import (
     peak_rss_mb,
 )
 from dalle_core import cpu_fast
-from dalle_core.config import TrainSection
 from dalle_core.device import autocast
 from dalle_core.dvae import DiscreteVAE, DVAEConfig
 from dalle_core.train import make_optimizer
 from dalle_core.transformer import DALLE, DALLEConfig
+from pipeline.config import TrainSection
 
 # A variant of the transformer's training step: (autocast precision, CPU bf16 attention: None for the shipped
 # choice, "fp32" at every length, "math" or "flash" in bf16 on that SDPA kernel).

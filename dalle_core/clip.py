@@ -27,7 +27,7 @@ from dalle_core.train import StepFn
 @dataclass
 class CLIPConfig:
     """The small CLIP's shape (open_clip's CLIP). Each field's type carries its allowed range: the run config's
-    `clip` section is built from these fields (`dalle_core.config`). `image_size` and the text ids are set by
+    `clip` section is built from these fields (`pipeline.config`). `image_size` and the text ids are set by
     the stage from the data and the BPE."""
 
     image_size: int = 32

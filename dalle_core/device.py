@@ -22,7 +22,7 @@ def resolve_device(spec: str = "auto") -> torch.device:
     Under torchrun (LOCAL_RANK set) `cuda` and `auto` mean this rank's own GPU.
     """
     # imported here: the config module builds its sections from the model modules, which import this one
-    from dalle_core.config import ConfigError
+    from pipeline.config import ConfigError
 
     if spec == "cpu" or (spec == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")

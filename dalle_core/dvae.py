@@ -43,13 +43,13 @@ from dalle_core.taming import TamingDecoder, TamingEncoder
 from dalle_core.train import StepFn, distributed, unwrap
 
 if TYPE_CHECKING:
-    from dalle_core.config import DVAESection
+    from pipeline.config import DVAESection
 
 
 @dataclass
 class DVAEConfig:
     """The tokenizer's architecture and quantizer. Each field's type carries its allowed range: the run config's
-    `dvae` section is built from these fields (`dalle_core.config`), so this is the one place they are declared.
+    `dvae` section is built from these fields (`pipeline.config`), so this is the one place they are declared.
     `image_size`, `logit_laplace` and `disc_layers` are set by the stage (from the data and the loss)."""
 
     image_size: int = 32

@@ -1,16 +1,12 @@
-"""What the evaluation stage measures: the gain from CLIP reranking, caption faithfulness on shapes, and for any
-data the embedding-space metrics (Fréchet distance, CLIP R-precision, nearest-neighbour memorisation), the
-pixel-space nearest-neighbour check and SSIM."""
+"""What the evaluation stage measures: the gain from CLIP reranking, and for any data the embedding-space
+metrics (Fréchet distance, CLIP R-precision, nearest-neighbour memorisation), the pixel-space nearest-neighbour
+check and SSIM. The shapes set's caption checker is data_sources/shapes.py."""
 
 from __future__ import annotations
-
-from collections import defaultdict
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-
-from dalle_core import shapes
 
 ATTRIBUTES = ("colour", "shape", "size", "position", "relation")
 # Part of the evaluation stage key: bump when what a metric measures changes, so cached evaluations
@@ -33,31 +29,6 @@ def rerank_gain(scores: np.ndarray, ns: tuple[int, ...] | None = None) -> dict[s
         if n <= total:
             out[f"clip_top1_of_{n}"] = float(scores[:, :n].max(1).mean())
     return out
-
-
-def faithfulness(images: list[np.ndarray], captions: list[str]) -> dict[str, float]:
-    """Share of images that have each attribute their caption names, split by scene kind.
-
-    Keys: `<kind>.<attribute>` and `<kind>.all` for kind in single, pair, overall.
-    """
-    hits: dict[str, list[bool]] = defaultdict(list)
-    for image, caption in zip(images, captions):
-        result = shapes.check(image, caption)
-        kind = "pair" if "relation" in result else "single"
-        for k in (kind, "overall"):
-            for attr, ok in result.items():
-                hits[f"{k}.{attr}"].append(ok)
-            hits[f"{k}.all"].append(all(result.values()))
-    return {k: float(np.mean(v)) for k, v in sorted(hits.items())}
-
-
-def is_shapes_caption(caption: str) -> bool:
-    return shapes.parse_caption(caption) is not None
-
-
-def has_pair(caption: str, pairs: list[str]) -> bool:
-    parsed = shapes.parse_caption(caption)
-    return parsed is not None and any(f"{c} {s}" in pairs for c, s in parsed["objects"])
 
 
 def subset_groups(val_subsets: list[str], train_prompts: int) -> dict[str, list[int]]:

@@ -1,6 +1,6 @@
 """Text to image: sample N candidates per prompt, decode them with the dVAE, rank them with CLIP.
 
-`DALLEPipeline.from_pretrained(folder)` loads an exported model (dalle_core/export.py) and
+`DALLEPipeline.from_pretrained(folder)` loads an exported model (dalle_core/model_folder.py) and
 `pipe(prompts, num_candidates=16, ...)` returns each prompt's candidates ranked by CLIP, as DALL-E's
 reranking did (Ramesh et al. 2021, section 2.5). The same call edits an image (priming, inpainting,
 outpainting, variations: dalle_core/editing.py's token masks over one masked sampler).
@@ -98,7 +98,7 @@ class DALLEPipeline:
         """The model exported to `folder` (`dalle export`), on `device` (auto | cpu | cuda | cuda:N), sampling in
         `precision` (auto: the faster one on that device; fp32; bf16). Needs no store, config, Prefect or MLflow.
         Raises ModelFolderError (one line) for a folder that is not a complete export."""
-        from dalle_core.export import load_folder
+        from dalle_core.model_folder import load_folder
 
         return load_folder(folder, device, precision)
 

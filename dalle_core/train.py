@@ -29,7 +29,7 @@ import torch.nn as nn
 from dalle_core.device import autocast, rng_state, set_rng_state, to_device
 
 if TYPE_CHECKING:
-    from dalle_core.config import TrainSection
+    from pipeline.config import TrainSection
 
 LogFn = Callable[[int, dict[str, float]], None]
 CheckpointFn = Callable[[int, float], None]

@@ -34,7 +34,7 @@ from dalle_core.train import StepFn
 @dataclass
 class DALLEConfig:
     """The transformer's shape. Each field's type carries its allowed range: the run config's `transformer`
-    section is built from these fields (`dalle_core.config`). The vocabularies and the sequence shape
+    section is built from these fields (`pipeline.config`). The vocabularies and the sequence shape
     (`text_vocab` .. `image_grid`) are set by the stage from the token shards."""
 
     text_vocab: int = 1000  # BPE vocabulary, pad included

@@ -6,18 +6,18 @@ from __future__ import annotations
 
 from prefect import flow
 
-from dalle_core.config import Config
-from tasks.artifacts import ArtifactRef
+from pipeline.artifacts import ArtifactRef
+from pipeline.config import Config
+from pipeline.plan import PipelinePlan
+from pipeline.runs import pipeline_run
+from pipeline.stage_table import StageName
 from tasks.bpe import train_bpe
 from tasks.clip import train_clip
 from tasks.dvae import train_dvae
 from tasks.evaluate import evaluate
 from tasks.generate import generate
 from tasks.ingest import ingest
-from tasks.plan import PipelinePlan
 from tasks.pretokenize import pretokenize
-from tasks.runs import pipeline_run
-from tasks.stages import StageName
 from tasks.transformer import train_transformer
 
 

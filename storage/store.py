@@ -28,7 +28,7 @@ import fsspec
 
 MANIFEST = "manifest.json"
 # Folders under the root that hold no stage's artifacts: MLflow's artifacts and the commands' failure logs (the
-# stages themselves are tasks/stages.py's, which the store does not know).
+# stages themselves are pipeline/stage_table.py's, which the store does not know).
 NOT_STAGES = ("mlartifacts", "logs")
 DAMAGED = ".damaged-"  # a damaged artifact is moved aside to `<stage>/<key>.damaged-<time>`
 LOCKS = ".locks"

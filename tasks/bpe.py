@@ -11,11 +11,11 @@ from prefect.cache_policies import NONE
 
 from dalle_core.bpe import TextTokenizer
 from dalle_core.bpe import train_bpe as train_bpe_model
-from dalle_core.config import Config, ConfigError
+from pipeline.artifacts import ArtifactRef, Work, run_name, run_stage
+from pipeline.config import Config, ConfigError
+from pipeline.logs import log
 from storage.parquet import iter_batches, shard_paths
 from storage.store import ArtifactStore
-from tasks.artifacts import ArtifactRef, Work, run_name, run_stage
-from tasks.logs import log
 
 
 def _captions(store: ArtifactStore, ingest_key: str, split: str):
@@ -27,7 +27,7 @@ def _captions(store: ArtifactStore, ingest_key: str, split: str):
 def train_bpe(cfg: Config, ingest: ArtifactRef) -> ArtifactRef:
     """The text tokenizer for `ingest`'s captions (or the given one), with its caption-length statistics."""
     if cfg.tokenizers_from:  # an exported model's BPE, copied as it is
-        from tasks.fine_tuning import take_tokenizer
+        from pipeline.fine_tuning import take_tokenizer
 
         return run_stage(cfg, "bpe", {"ingest": ingest}, take_tokenizer, {"tokenizers_from": cfg.tokenizers_from})
     return run_stage(cfg, "bpe", {"ingest": ingest}, _train, cfg.text.model_dump(mode="json"))

@@ -20,17 +20,17 @@ from dalle_core.clip import (
     clip_step,
     recall_at,
 )
-from dalle_core.config import Config
 from dalle_core.loader import DecodeCaptioned, decode_images
+from pipeline.artifacts import ArtifactRef, Work, run_name, run_stage
+from pipeline.config import Config
+from pipeline.fine_tuning import start_model
+from pipeline.logs import log
+from pipeline.models import load_reranker, load_tokenizer
+from pipeline.source_fit import check_fine_tuning
+from pipeline.stage_table import stage_keys
+from pipeline.training import Trainer, batch_stream, train_stage
 from storage.parquet import shard_paths
 from storage.store import ArtifactStore
-from tasks.artifacts import ArtifactRef, Work, run_name, run_stage
-from tasks.fine_tuning import start_model
-from tasks.logs import log
-from tasks.models import load_reranker, load_tokenizer
-from tasks.source_fit import check_fine_tuning
-from tasks.stages import stage_keys
-from tasks.training import Trainer, batch_stream, train_stage
 
 
 @task(name="clip", task_run_name=run_name("clip"), cache_policy=NONE)

@@ -12,18 +12,18 @@ from prefect import task
 from prefect.cache_policies import NONE
 
 from dalle_core import dvae, pretrained
-from dalle_core.config import Config
 from dalle_core.dvae import dvae_schedule, dvae_step, evaluate_dvae, fit_kmeans
 from dalle_core.images import ImageNormalization, grid, png_bytes, to_tensor, to_uint8
 from dalle_core.loader import decode_images
+from pipeline.artifacts import ArtifactRef, Work, run_name, run_stage
+from pipeline.checkpoints import state_bytes
+from pipeline.config import Config
+from pipeline.fine_tuning import start_model, take_tokenizer
+from pipeline.logs import log
+from pipeline.source_fit import check_fine_tuning
+from pipeline.stage_table import file_digest, stage_keys
+from pipeline.training import Trainer, batch_stream, train_stage
 from storage.parquet import shard_paths
-from tasks.artifacts import ArtifactRef, Work, run_name, run_stage
-from tasks.checkpoints import state_bytes
-from tasks.fine_tuning import start_model, take_tokenizer
-from tasks.logs import log
-from tasks.source_fit import check_fine_tuning
-from tasks.stages import file_digest, stage_keys
-from tasks.training import Trainer, batch_stream, train_stage
 
 
 @task(name="dvae", task_run_name=run_name("dvae"), cache_policy=NONE)

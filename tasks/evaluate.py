@@ -18,15 +18,11 @@ import torch
 from prefect import task
 from prefect.cache_policies import NONE
 
-from dalle_core.config import Config
 from dalle_core.evaluation import (  # noqa: F401  (the table's one implementation)
     InceptionFID,
-    faithfulness,
     flat_metrics,
     format_report,
     frechet_distance,
-    has_pair,
-    is_shapes_caption,
     nearest_neighbours,
     own_image_share,
     pixel_features,
@@ -38,10 +34,12 @@ from dalle_core.evaluation import (  # noqa: F401  (the table's one implementati
 )
 from dalle_core.generate import DALLEPipeline, prompt_seed
 from dalle_core.images import decode_png, grid, png_bytes, psnr, to_tensor, to_uint8
+from data_sources.shapes import faithfulness, has_pair, is_shapes_caption
+from pipeline.artifacts import ArtifactRef, Work, run_name, run_stage
+from pipeline.config import Config
+from pipeline.models import load_pipeline
 from storage.parquet import GENERATIONS_SCHEMA, iter_batches, read_shard, shard_paths, write_shard
-from tasks.artifacts import ArtifactRef, Work, run_name, run_stage
 from tasks.generate import MODELS, sample_candidates, val_rows
-from tasks.models import load_pipeline
 
 
 @dataclass

@@ -18,10 +18,21 @@ import pyarrow as pa
 from prefect import task, unmapped
 from prefect.cache_policies import NONE
 
-from dalle_core.config import Config, ConfigError, prime_rows_error
 from dalle_core.editing import Edit, outline, pack
 from dalle_core.generate import GenerationError, load_edit, prompt_seed, ranks
 from dalle_core.images import decode_png, grid, png_bytes
+from pipeline.artifacts import (
+    ArtifactRef,
+    Work,
+    no_retry_on_user_error,
+    open_store,
+    run_name,
+    run_stage,
+)
+from pipeline.config import Config, ConfigError, prime_rows_error
+from pipeline.logs import log, progress
+from pipeline.models import load_pipeline
+from pipeline.runners import task_runner
 from storage.parquet import (
     GENERATIONS_SCHEMA,
     iter_batches,
@@ -31,17 +42,6 @@ from storage.parquet import (
     write_shard,
 )
 from storage.store import ArtifactStore
-from tasks.artifacts import (
-    ArtifactRef,
-    Work,
-    no_retry_on_user_error,
-    open_store,
-    run_name,
-    run_stage,
-)
-from tasks.logs import log, progress
-from tasks.models import load_pipeline
-from tasks.runners import task_runner
 
 PROMPTS_PER_PART = 4
 MODELS = ("dvae", "bpe", "transformer", "clip")

@@ -8,12 +8,12 @@ import pyarrow as pa
 from prefect import task
 from prefect.cache_policies import NONE
 
-from dalle_core.config import Config
-from dalle_core.data import DataError, read_source, source_fingerprint
 from dalle_core.images import grid, png_bytes
+from data_sources.reader import DataError, read_source, source_fingerprint
+from pipeline.artifacts import ArtifactRef, Work, run_name, run_stage
+from pipeline.config import Config
+from pipeline.logs import log, progress
 from storage.parquet import IMAGES_SCHEMA, image_row_group, shard_name, write_shard
-from tasks.artifacts import ArtifactRef, Work, run_name, run_stage
-from tasks.logs import log, progress
 
 SPLITS = ("train", "val")
 

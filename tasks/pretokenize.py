@@ -18,9 +18,20 @@ import torch
 from prefect import task, unmapped
 from prefect.cache_policies import NONE
 
-from dalle_core.config import Config
 from dalle_core.device import resolve_device
 from dalle_core.images import decode_png, to_tensor
+from pipeline.artifacts import (
+    ArtifactRef,
+    Work,
+    no_retry_on_user_error,
+    open_store,
+    run_name,
+    run_stage,
+)
+from pipeline.config import Config
+from pipeline.logs import log
+from pipeline.models import load_dvae, load_tokenizer
+from pipeline.runners import task_runner
 from storage.parquet import (
     count_rows,
     read_shard,
@@ -30,17 +41,6 @@ from storage.parquet import (
     write_shard,
 )
 from storage.store import ArtifactStore
-from tasks.artifacts import (
-    ArtifactRef,
-    Work,
-    no_retry_on_user_error,
-    open_store,
-    run_name,
-    run_stage,
-)
-from tasks.logs import log
-from tasks.models import load_dvae, load_tokenizer
-from tasks.runners import task_runner
 
 SPLITS = ("train", "val")
 ENCODE_PIXELS = 512 * 32 * 32  # pixels per encoder batch on a CPU (512 images at 32 px); 8x that on a GPU

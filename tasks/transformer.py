@@ -1,7 +1,7 @@
 """The transformer stage: train the DALL-E transformer on the token shards -> `transformer/<key>/`.
 
 With `transformer.train.nproc > 1` (or `train.nnodes > 1`) the task launches PyTorch DDP
-through torchrun (`tasks.ddp`); each rank reads its own share of the shards and only
+through torchrun (`pipeline.ddp`); each rank reads its own share of the shards and only
 rank 0 writes checkpoints and MLflow.
 """
 
@@ -15,20 +15,20 @@ import torch
 from prefect import task
 from prefect.cache_policies import NONE
 
-from dalle_core.config import Config
 from dalle_core.device import sampling_precision
 from dalle_core.images import grid, png_bytes, to_uint8
 from dalle_core.loader import decode_tokens
 from dalle_core.sampling import sample
 from dalle_core.transformer import DALLE, evaluate_transformer, transformer_step
+from pipeline.artifacts import ArtifactRef, Work, run_name
+from pipeline.checkpoints import state_bytes
+from pipeline.config import Config
+from pipeline.fine_tuning import start_model
+from pipeline.models import load_dvae
+from pipeline.source_fit import check_fine_tuning
+from pipeline.stage_table import stage_keys
+from pipeline.training import Trainer, batch_stream, train_stage
 from storage.parquet import read_shard, shard_paths
-from tasks.artifacts import ArtifactRef, Work, run_name
-from tasks.checkpoints import state_bytes
-from tasks.fine_tuning import start_model
-from tasks.models import load_dvae
-from tasks.source_fit import check_fine_tuning
-from tasks.stages import stage_keys
-from tasks.training import Trainer, batch_stream, train_stage
 
 TOKEN_COLUMNS = ["text_tokens", "image_tokens"]
 

@@ -32,7 +32,7 @@ def tiny(tmp_path):
 @pytest.fixture(scope="session")
 def openmoji_subset(tmp_path_factory):
     """(folder, build summary): a small OpenMoji imagefolder (40 concepts at 64 px) built by the real build."""
-    from dalle_core.openmoji import BuildOptions, build
+    from data_sources.openmoji import BuildOptions, build
 
     out = tmp_path_factory.mktemp("openmoji") / "openmoji-64"
     opts = BuildOptions(size=64, limit=40, val_fraction=0.2, variant_fraction=1.0)
@@ -42,8 +42,8 @@ def openmoji_subset(tmp_path_factory):
 def run_stage(stage: str, overrides: list[str], config: str | os.PathLike = TINY, **kwargs):
     """The pipeline flow run up to `stage` (as `dalle <stage command>` runs it) under `config` + `overrides`;
     returns that stage's ArtifactRef. `kwargs` go to the flow (only=, from_stage=, force=)."""
-    from dalle_core.config import load_config
     from flows.pipeline import pipeline_flow
+    from pipeline.config import load_config
 
     if not kwargs:
         kwargs = {"until": stage}

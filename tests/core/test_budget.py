@@ -1,8 +1,8 @@
 import pytest
 
 from dalle_core import train
-from dalle_core.config import TrainSection
 from dalle_core.train import Budget, lr_at
+from pipeline.config import TrainSection
 
 
 class Clock:

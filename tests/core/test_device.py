@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from dalle_core.config import ConfigError, TrainSection
 from dalle_core.device import resolve_device
 from dalle_core.train import load_training_state, make_optimizer, training_state_bytes
+from pipeline.config import ConfigError, TrainSection
 from tests.conftest import DEVICES
 
 

@@ -3,11 +3,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dalle_core import shapes
-from dalle_core.config import config_from_dict
 from dalle_core.dvae import DiscreteVAE, DVAEConfig, VectorQuantizer, dvae_schedule, dvae_step
 from dalle_core.images import to_tensor
 from dalle_core.train import fit, make_optimizer
+from data_sources import shapes
+from pipeline.config import config_from_dict
 
 
 def small(quantizer: str, downsamples: int = 2, **kw) -> DVAEConfig:

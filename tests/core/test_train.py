@@ -5,8 +5,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dalle_core import shapes
-from dalle_core.config import TrainSection, config_from_dict
 from dalle_core.dvae import DiscreteVAE, DVAEConfig, dvae_step
 from dalle_core.images import to_tensor
 from dalle_core.train import (
@@ -17,6 +15,8 @@ from dalle_core.train import (
     training_state_bytes,
 )
 from dalle_core.transformer import DALLE, DALLEConfig, transformer_step
+from data_sources import shapes
+from pipeline.config import TrainSection, config_from_dict
 from tests.conftest import DEVICES
 
 C = DALLEConfig(text_vocab=40, text_len=5, pad_id=0, image_vocab=16, image_grid=3, dim=32, depth=2, heads=4)

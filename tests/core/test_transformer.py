@@ -3,11 +3,11 @@ import torch
 import torch.nn.functional as F
 
 from dalle_core import cpu_fast, sampling
-from dalle_core.config import TrainSection
 from dalle_core.device import autocast
 from dalle_core.sampling import filter_logits, sample
 from dalle_core.train import fit, make_optimizer
 from dalle_core.transformer import DALLE, DALLEConfig, transformer_step
+from pipeline.config import TrainSection
 from tests.conftest import DEVICES
 
 C = DALLEConfig(text_vocab=50, text_len=6, pad_id=0, image_vocab=20, image_grid=3, dim=32, depth=2, heads=4)

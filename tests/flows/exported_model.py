@@ -9,8 +9,8 @@ from pathlib import Path
 
 @functools.lru_cache(maxsize=1)
 def exported_folder(store_dir: str, overrides: tuple[str, ...]) -> Path:
-    from dalle_core.config import load_config
-    from tasks.export import export_model
+    from pipeline.config import load_config
+    from release.export import export_model
     from tests.conftest import TINY
 
     out = Path(store_dir) / "exported-model"

@@ -7,7 +7,7 @@ import shutil
 import prefect.main  # noqa: F401  (sets up Prefect's console logging outside any capture)
 import pytest
 
-from flows.cli import main
+from cli.main import main
 from tests.conftest import TINY
 
 
@@ -39,7 +39,7 @@ def test_bad_arguments_fail_in_one_line_before_any_work(tiny, capsys, args, expe
 
 def test_only_a_stage_whose_upstream_is_missing(store_copy, monkeypatch, capsys):
     # the store has ingest..pretokenize: the first stage generate reads that is missing is the transformer
-    monkeypatch.setattr("flows.cli.check_prefect_server", lambda: pytest.fail("Prefect started"))
+    monkeypatch.setattr("cli.main.check_prefect_server", lambda: pytest.fail("Prefect started"))
     assert main(["run", "-c", str(TINY), *_sets(store_copy), "--only", "generate"]) == 2
     _one_line_error(capsys, "missing upstream artifact transformer/", "run that stage first")
 
@@ -51,9 +51,9 @@ def test_ui_on_an_empty_store(tiny, capsys):
 
 
 def test_gc_unreferenced_keeps_what_the_config_uses(generated, tmp_path, capsys):
-    from dalle_core.config import load_config
-    from tasks.artifacts import open_store
-    from tasks.stages import stage_keys
+    from pipeline.artifacts import open_store
+    from pipeline.config import load_config
+    from pipeline.stage_table import stage_keys
 
     src, ov, _ = generated
     shutil.copytree(src / "store", tmp_path / "store", ignore=shutil.ignore_patterns("mlflow.db", "mlartifacts"))
@@ -85,7 +85,7 @@ def test_emoji_and_other_planes_reach_the_flow_exactly(tiny, monkeypatch, capsys
 
 def test_empty_prompt_fails_before_prefect_starts(tiny, monkeypatch, capsys):
     config, make = tiny
-    monkeypatch.setattr("flows.cli.check_prefect_server", lambda: pytest.fail("Prefect started"))
+    monkeypatch.setattr("cli.main.check_prefect_server", lambda: pytest.fail("Prefect started"))
     assert main(["generate", "-c", config, *_sets(make()), "a red circle", "  "]) == 2
     _one_line_error(capsys, "generate.prompts: prompt 2 of 2 is '  '", "every prompt needs some text")
 
@@ -93,7 +93,7 @@ def test_empty_prompt_fails_before_prefect_starts(tiny, monkeypatch, capsys):
 def test_unwritable_store_fails_before_prefect_and_leaves_nothing_in_the_cwd(tiny, monkeypatch, tmp_path, capsys):
     config, make = tiny
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr("flows.cli.check_prefect_server", lambda: pytest.fail("Prefect started"))
+    monkeypatch.setattr("cli.main.check_prefect_server", lambda: pytest.fail("Prefect started"))
     assert main(["run", "-c", config, *_sets(make("store=http://127.0.0.1:9/x"))]) == 2
     _one_line_error(capsys, "store 'http://127.0.0.1:9/x' cannot be written", "HTTPFileSystem cannot write")
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # no ./mlruns, no store
@@ -128,9 +128,9 @@ def test_an_unexpected_failure_names_the_stage_and_the_log_file(tiny, monkeypatc
 
 
 def test_a_batch_larger_than_the_data_fails_before_anything_trains(tiny, monkeypatch, capsys):
-    from dalle_core.config import load_config
-    from tasks.artifacts import open_store
-    from tasks.stages import stage_keys
+    from pipeline.artifacts import open_store
+    from pipeline.config import load_config
+    from pipeline.stage_table import stage_keys
 
     config, make = tiny
     small = make("data.shapes.num_images=60", "data.val_fraction=0.2", "clip.train.batch_size=64")
@@ -143,7 +143,7 @@ def test_a_batch_larger_than_the_data_fails_before_anything_trains(tiny, monkeyp
              f"use at most {rows}"
     assert _one_line_error(capsys, expect)
     assert not store.exists(store.path("dvae", keys["dvae"]))  # nothing trained
-    monkeypatch.setattr("flows.cli.check_prefect_server", lambda: pytest.fail("Prefect started"))
+    monkeypatch.setattr("cli.main.check_prefect_server", lambda: pytest.fail("Prefect started"))
     assert main(["train-clip", "-c", config, *_sets(small)]) == 2  # images there: checked before Prefect
     _one_line_error(capsys, expect)
 
@@ -161,10 +161,10 @@ def test_ctrl_c_is_one_line_and_exit_130(tiny, monkeypatch, capsys):
 @pytest.mark.parametrize("data,expect", [(b"caf\xe9\n", "is not UTF-8 (byte 0xe9 at offset 3)"),
                                          ("\ufeffa red circle\n".encode(), None)])
 def test_prompts_file_encoding(tiny, monkeypatch, tmp_path, capsys, data, expect):
-    import flows.cli
+    import cli.main
 
     seen = []
-    monkeypatch.setattr(flows.cli, "check_store", lambda cfg: seen.append(list(cfg.generate.prompts)) or 1 / 0)
+    monkeypatch.setattr(cli.main, "check_store", lambda cfg: seen.append(list(cfg.generate.prompts)) or 1 / 0)
     path = tmp_path / "prompts.txt"
     path.write_bytes(data)
     config, make = tiny
@@ -177,7 +177,7 @@ def test_prompts_file_encoding(tiny, monkeypatch, tmp_path, capsys, data, expect
 
 
 def test_from_runs_the_stage_and_what_reads_it():
-    from tasks.stages import select_stages
+    from pipeline.stage_table import select_stages
 
     assert select_stages(from_stage="pretokenize") == ["pretokenize", "transformer", "generate", "evaluate"]
     assert select_stages(until="clip") == ["ingest", "bpe", "clip"]

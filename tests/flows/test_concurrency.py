@@ -1,5 +1,5 @@
 """Two runs on one store: a stage key is computed at most once, in real processes (no Prefect: the claim is
-the store's, taken by `ArtifactStore.begin` as every stage's `tasks.artifacts.run_stage` does)."""
+the store's, taken by `ArtifactStore.begin` as every stage's `pipeline.artifacts.run_stage` does)."""
 
 import os
 import signal

@@ -8,11 +8,11 @@ import pytest
 from mlflow import MlflowClient
 from PIL import Image
 
-from dalle_core.config import load_config
-from flows.cli import main
-from tasks.artifacts import open_store
-from tasks.models import load_transformer
-from tasks.stages import stage_keys
+from cli.main import main
+from pipeline.artifacts import open_store
+from pipeline.config import load_config
+from pipeline.models import load_transformer
+from pipeline.stage_table import stage_keys
 from tests.conftest import DEVICES, ROOT
 
 CONFIG = str(ROOT / "configs" / "dalle-256.yaml")

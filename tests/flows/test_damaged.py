@@ -6,12 +6,12 @@ from dataclasses import asdict
 import pytest
 from prefect.states import Failed
 
+from cli.main import main
 from dalle_core.transformer import DALLE, DALLEConfig
-from flows.cli import main
+from pipeline.artifacts import no_retry_on_user_error
+from pipeline.checkpoints import state_bytes
+from pipeline.models import load_transformer
 from storage.store import ArtifactStore, StoreError
-from tasks.artifacts import no_retry_on_user_error
-from tasks.checkpoints import state_bytes
-from tasks.models import load_transformer
 
 
 def _transformer(store: ArtifactStore, key: str = "k") -> str:

@@ -12,9 +12,9 @@ import time
 
 import yaml
 
-from dalle_core.config import Config, load_config
 from flows.pipeline import pipeline_flow
-from tasks.stages import STAGES
+from pipeline.config import Config, load_config
+from pipeline.stage_table import STAGES
 from tests.conftest import ROOT, TINY
 from tests.flows.servers import BIN, copy_store, free_port, get_json, stop, wait_http
 

@@ -12,12 +12,12 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from dalle_core.config import load_config
-from dalle_core.export import ModelFolderError
+from cli.main import main
 from dalle_core.generate import DALLEPipeline, GenerationError, prompt_seed
-from flows.cli import main
-from tasks.artifacts import open_store
-from tasks.stages import stage_keys
+from dalle_core.model_folder import ModelFolderError
+from pipeline.artifacts import open_store
+from pipeline.config import load_config
+from pipeline.stage_table import stage_keys
 from tests.conftest import DEVICES, TINY
 from tests.flows.exported_model import exported_folder
 
@@ -69,7 +69,7 @@ def test_model_card_has_licence_config_metrics_commit_and_samples(generated, exp
 
 
 def test_imagefolder_licence_and_attribution_travel_with_the_model(tmp_path):
-    from tasks.model_card import data_licence
+    from release.model_card import data_licence
 
     (tmp_path / "ATTRIBUTION.md").write_text("All emojis designed by OpenMoji. License: CC BY-SA 4.0\n")
     (tmp_path / "LICENSE.txt").write_text("Attribution-ShareAlike 4.0 International\n")
@@ -98,7 +98,7 @@ def test_a_fresh_process_loads_the_folder_without_store_prefect_or_mlflow(export
 
 
 def test_exported_model_draws_what_the_store_model_draws(generated, pipe):
-    from tasks.models import load_pipeline
+    from pipeline.models import load_pipeline
 
     _, ov, _ = generated
     cfg = load_config(TINY, ov)
@@ -219,7 +219,7 @@ def test_a_registered_model_without_a_tracking_store_is_one_line(tmp_path, monke
 def test_a_downloaded_model_leaves_no_temporary_folder(exported, tmp_path, monkeypatch):
     import tempfile
 
-    from tasks.models import load_model
+    from pipeline.models import load_model
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     pipe = load_model(f"file://{exported}", device="cpu")
@@ -250,8 +250,8 @@ def test_registered_model_serves_four_images_through_mlflow_scoring(generated, e
     from mlflow import MlflowClient
     from mlflow.pyfunc import scoring_server
 
+    from pipeline.models import load_model
     from storage.tracking import StageRun
-    from tasks.models import load_model
 
     src, ov, _ = generated
     shutil.copytree(src / "store", tmp_path / "store", ignore=shutil.ignore_patterns("mlflow.db", "mlartifacts"))

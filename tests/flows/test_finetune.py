@@ -16,13 +16,13 @@ import torch
 from mlflow import MlflowClient
 from safetensors.torch import load_file
 
-from dalle_core.config import ConfigError, load_config
+from cli.main import main
 from dalle_core.images import decode_png, to_tensor
-from flows.cli import main
+from pipeline.artifacts import open_store
+from pipeline.config import ConfigError, load_config
+from pipeline.stage_table import stage_keys
+from pipeline.training import batch_stream
 from storage.parquet import read_shard, shard_paths
-from tasks.artifacts import open_store
-from tasks.stages import stage_keys
-from tasks.training import batch_stream
 from tests.conftest import TINY, run_stage
 from tests.flows.exported_model import exported_folder
 
@@ -189,7 +189,7 @@ def test_tokenizers_from_and_init_from_must_agree(source, tiny, tmp_path, capsys
     assert main(["run", "-c", config, *sum((["--set", o] for o in ov), [])]) == 2
     assert "tokenizers_from" in (err := capsys.readouterr().err) and "text_len 16 there, 20 here (text.text_len)" in err
     # inside the stage, the shards' own vocabularies are what the source must fit
-    from tasks.source_fit import check_fine_tuning
+    from pipeline.source_fit import check_fine_tuning
 
     tmp, gov, _ = source
     cfg = load_config(TINY, [*gov, f"transformer.init_from={other}", f"store.root={tmp / 'store'}"])
@@ -224,7 +224,7 @@ def test_freeze_names_are_checked_against_the_model():
 def test_clip_and_dvae_start_from_the_sources_weights(source, tiny):
     from dalle_core.clip import build_clip
     from dalle_core.dvae import DiscreteVAE
-    from tasks.fine_tuning import start_model
+    from pipeline.fine_tuning import start_model
 
     config, make = tiny
     folder = source[2]
@@ -248,8 +248,8 @@ def test_clip_and_dvae_start_from_the_sources_weights(source, tiny):
 
 
 def test_fine_tune_from_an_export_starts_at_its_weights_and_links_its_run(source, store_copy, tmp_path):
-    from dalle_core.export import load_folder
-    from tasks.model_source import model_source
+    from dalle_core.model_folder import load_folder
+    from pipeline.model_source import model_source
 
     _, _, folder = source
     tracked = _tracked(tmp_path, source)
@@ -275,7 +275,7 @@ def test_fine_tune_from_an_export_starts_at_its_weights_and_links_its_run(source
 
 
 def test_freeze_keeps_frozen_weights_and_trains_the_rest(source, store_copy, tmp_path):
-    from tasks.models import load_transformer
+    from pipeline.models import load_transformer
 
     src_key, artifact = _source_transformer(source)
     ov = [*store_copy, f"transformer.init_from={artifact}", "transformer.train.freeze=[embeddings, blocks.0]",
@@ -312,7 +312,7 @@ def _imagefolder(path: Path, n: int = 48) -> None:
     """A new captioned imagefolder of shapes drawn with another seed."""
     from PIL import Image
 
-    from dalle_core.shapes import generate
+    from data_sources.shapes import generate
 
     path.mkdir()
     rows = []
@@ -324,8 +324,8 @@ def _imagefolder(path: Path, n: int = 48) -> None:
 
 def test_tokenizers_from_encodes_new_data_with_the_exported_tokenizers(source, tiny, tmp_path):
     from dalle_core.bpe import TextTokenizer
-    from dalle_core.export import build_dvae
-    from tasks.source_fit import check_fine_tuning
+    from dalle_core.model_folder import build_dvae
+    from pipeline.source_fit import check_fine_tuning
 
     config, make = tiny
     folder = source[2]
@@ -369,7 +369,7 @@ def test_tokenizers_from_encodes_new_data_with_the_exported_tokenizers(source, t
 
 
 def test_shapes_colours_keep_a_colour_out_of_every_image_and_caption():
-    from dalle_core.shapes import COLOURS, generate
+    from data_sources.shapes import COLOURS, generate
 
     kept = [c for c in COLOURS if c != "purple"]
     for _, _, caption, image in generate(300, 32, seed=3, two_object_fraction=0.5, colours=kept):

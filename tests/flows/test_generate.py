@@ -3,14 +3,14 @@ import pyarrow.parquet as pq
 import pytest
 from mlflow import MlflowClient
 
+from cli.main import main
 from dalle_core.clip import CLIPReranker, recall_at
-from dalle_core.config import ConfigError, load_config
 from dalle_core.images import decode_png
-from flows.cli import main
+from pipeline.artifacts import open_store
+from pipeline.config import ConfigError, load_config
+from pipeline.models import load_dvae, load_reranker
+from pipeline.stage_table import stage_keys
 from storage.parquet import read_shard, shard_paths
-from tasks.artifacts import open_store
-from tasks.models import load_dvae, load_reranker
-from tasks.stages import stage_keys
 from tests.conftest import TINY, run_stage
 
 
@@ -352,10 +352,10 @@ def _edit_errors(tmp_path) -> list[tuple[list[str], str]]:
 
 def test_bad_edit_flags_are_one_line_before_any_work(tiny, tmp_path, capsys, monkeypatch):
     """Each bad editing flag fails in one line naming it, before a Prefect server starts or a store is opened."""
-    import flows.cli
+    import cli.main
 
-    monkeypatch.setattr(flows.cli, "check_prefect_server", lambda: pytest.fail("started Prefect"))
-    monkeypatch.setattr(flows.cli, "check_store", lambda cfg: pytest.fail("opened the store"))
+    monkeypatch.setattr(cli.main, "check_prefect_server", lambda: pytest.fail("started Prefect"))
+    monkeypatch.setattr(cli.main, "check_store", lambda cfg: pytest.fail("opened the store"))
     config, make = tiny
     for flags, message in _edit_errors(tmp_path):
         assert main(["generate", "-c", config, *sum((["--set", o] for o in make()), []), "a red circle", *flags]) == 2
@@ -364,12 +364,12 @@ def test_bad_edit_flags_are_one_line_before_any_work(tiny, tmp_path, capsys, mon
 
 
 def test_bad_edit_flags_with_a_model_fail_before_it_loads(generated, tmp_path, capsys, monkeypatch):
-    import tasks.models
+    import pipeline.models
     from tests.flows.exported_model import exported_folder
 
     tmp, ov, _ = generated
     folder = str(exported_folder(str(tmp), tuple(ov)))
-    monkeypatch.setattr(tasks.models, "load_model", lambda *a, **k: pytest.fail("loaded the model"))
+    monkeypatch.setattr(pipeline.models, "load_model", lambda *a, **k: pytest.fail("loaded the model"))
     for flags, message in _edit_errors(tmp_path):
         assert main(["generate", "--model", folder, "a red circle", "--out", str(tmp_path / "out"), *flags]) == 2
         err = capsys.readouterr().err

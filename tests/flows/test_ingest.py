@@ -9,12 +9,12 @@ import pytest
 from mlflow import MlflowClient
 from PIL import Image
 
-from dalle_core.config import load_config
-from dalle_core.data import DataError
 from dalle_core.images import decode_png
+from data_sources.reader import DataError
+from pipeline.artifacts import open_store
+from pipeline.config import load_config
+from pipeline.stage_table import stage_keys
 from storage.parquet import IMAGES_SCHEMA, read_shard, shard_paths
-from tasks.artifacts import open_store
-from tasks.stages import stage_keys
 from tests.conftest import run_stage
 
 N_GOOD = 20

@@ -11,12 +11,12 @@ import time
 
 import pytest
 
-from dalle_core.config import load_config
 from flows.pipeline import pipeline_flow
+from pipeline.artifacts import open_store
+from pipeline.config import load_config
+from pipeline.stage_table import stage_keys
 from storage.parquet import shard_paths
 from storage.store import StoreError
-from tasks.artifacts import open_store
-from tasks.stages import stage_keys
 from tests.conftest import TINY, run_stage
 from tests.flows.servers import BIN, copy_store, free_port, get_json, stop, wait_http
 
@@ -53,21 +53,21 @@ def test_killed_stage_rerun_gives_the_same_artifacts(pretokenized, tmp_path):
 
 
 def test_dvae_resume_is_exact(tiny, tmp_path, monkeypatch):
-    import tasks.training
+    import pipeline.training
 
     config, make = tiny
     clean = [f"store.root={tmp_path / 'clean'}", f"tracking.uri=sqlite:///{tmp_path / 'c.db'}"]
     run_stage("dvae", clean, config)
-    real_save = tasks.training.save_checkpoint
+    real_save = pipeline.training.save_checkpoint
 
     def save_then_die(*a, **k):
         real_save(*a, **k)
         raise RuntimeError("killed")
 
-    monkeypatch.setattr(tasks.training, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(pipeline.training, "save_checkpoint", save_then_die)
     with pytest.raises(RuntimeError, match="killed"):
         run_stage("dvae", make(), config)
-    monkeypatch.setattr(tasks.training, "save_checkpoint", real_save)
+    monkeypatch.setattr(pipeline.training, "save_checkpoint", real_save)
     a = open_store(load_config(config, make()))
     assert a.exists(a.path("dvae", stage_keys(load_config(config, make()))["dvae"], "checkpoints", "latest.json"))
     ref = run_stage("dvae", make(), config)
@@ -207,7 +207,7 @@ def test_kill_9_of_a_command_takes_its_prefect_server_along_and_the_next_command
                 break
         children = psutil.Process(proc.pid).children(recursive=True)
         assert not [c for c in children if "uvicorn" in " ".join(c.cmdline())], "Prefect started its own server"
-        servers = [c for c in children if "flows.server" in c.cmdline()]
+        servers = [c for c in children if "cli.prefect_server" in c.cmdline()]
         assert len(servers) == 1
         # a terminal's Ctrl-C goes to its foreground process group: the command's, not its server's
         assert os.getpgid(servers[0].pid) != os.getpgid(proc.pid)

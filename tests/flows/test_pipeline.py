@@ -7,12 +7,12 @@ import torch
 from mlflow import MlflowClient
 from prefect.client.schemas.filters import FlowRunFilter
 
-from dalle_core.config import load_config
-from flows.cli import main
+from cli.main import main
 from flows.pipeline import pipeline_flow
+from pipeline.artifacts import open_store
+from pipeline.config import load_config
+from pipeline.stage_table import NAMES, downstream, stage_keys
 from storage.store import StoreError
-from tasks.artifacts import open_store
-from tasks.stages import NAMES, downstream, stage_keys
 from tests.conftest import NO_CUDA, TINY
 
 
@@ -221,9 +221,9 @@ def test_openmoji_subset_end_to_end_at_64_px(tiny, openmoji_subset):
 
     from dalle_core.evaluation import r_precision
     from dalle_core.images import decode_png
+    from pipeline.models import load_pipeline
     from storage.parquet import iter_batches, shard_paths
     from tasks.evaluate import format_report
-    from tasks.models import load_pipeline
 
     folder, _, _ = openmoji_subset
     config, make = tiny

@@ -18,7 +18,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from dalle_core.generate import DALLEPipeline
-from flows.serve import create_app
+from serve import create_app
 from tests.flows.exported_model import exported_folder
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -192,7 +192,7 @@ def test_model_info_says_the_seed_is_drawn_and_reports_default_prime_rows(client
     ("192.0.2.1", 0, "--host '192.0.2.1' is not an address of this machine"),
 ])
 def test_serve_checks_host_and_port_before_loading_the_model(exported_model, host, port, message, capsys):
-    from flows.cli import main
+    from cli.main import main
 
     assert main(["serve", "--model", exported_model, "--host", host, "--port", str(port)]) == 2
     err = capsys.readouterr()
@@ -200,10 +200,10 @@ def test_serve_checks_host_and_port_before_loading_the_model(exported_model, hos
 
 
 def test_serve_refuses_a_port_that_is_taken(exported_model, capsys, monkeypatch):
-    import tasks.models
-    from flows.cli import main
+    import pipeline.models
+    from cli.main import main
 
-    monkeypatch.setattr(tasks.models, "load_model", lambda *a, **k: pytest.fail("loaded the model"))
+    monkeypatch.setattr(pipeline.models, "load_model", lambda *a, **k: pytest.fail("loaded the model"))
     taken = socket.socket()
     taken.bind(("127.0.0.1", 0))
     taken.listen()

@@ -5,8 +5,8 @@ import os
 import psutil
 import pytest
 
-from flows import server
-from flows.server import PrefectServerError, start_server
+from cli import prefect_server as server
+from cli.prefect_server import PrefectServerError, start_server
 
 
 def test_the_start_is_waited_for_minutes_unless_the_setting_asks_more(monkeypatch):
@@ -28,7 +28,7 @@ def test_a_server_that_does_not_answer_in_time_is_one_line_naming_the_setting():
                        r"answer within 1 s; raise PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS \(seconds\), or "
                        r"set PREFECT_API_URL to a running Prefect server$"):
         start_server(timeout_s=1)
-    assert not [c for c in psutil.Process().children() if "flows.server" in c.cmdline()], "left running"
+    assert not [c for c in psutil.Process().children() if "cli.prefect_server" in c.cmdline()], "left running"
 
 
 def test_a_start_waits_while_another_command_starts_a_server_in_the_same_prefect_home():

@@ -9,13 +9,13 @@ import torch
 import torch.nn.functional as F
 from mlflow import MlflowClient
 
-import tasks.training
-from dalle_core.config import load_config
+import pipeline.training
 from dalle_core.images import decode_png, psnr, to_tensor
+from pipeline.artifacts import open_store
+from pipeline.config import load_config
+from pipeline.models import load_dvae, load_tokenizer
+from pipeline.stage_table import stage_keys
 from storage.parquet import read_shard, shard_paths
-from tasks.artifacts import open_store
-from tasks.models import load_dvae, load_tokenizer
-from tasks.stages import stage_keys
 from tests.conftest import TINY, run_stage
 
 
@@ -129,20 +129,20 @@ def test_bpe_truncates_and_accepts_existing_tokenizer(done, tmp_path):
 def test_killed_dvae_training_resumes_from_checkpoint(tiny, monkeypatch):
     config, make = tiny
     ov = make()
-    real_save = tasks.training.save_checkpoint
+    real_save = pipeline.training.save_checkpoint
 
     def save_then_die(*args, **kwargs):
         real_save(*args, **kwargs)
         raise RuntimeError("simulated kill after the first checkpoint")
 
-    monkeypatch.setattr(tasks.training, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(pipeline.training, "save_checkpoint", save_then_die)
     with pytest.raises(RuntimeError, match="simulated kill"):
         run_stage("dvae", ov, config)
     cfg = load_config(config, ov)
     store, key = open_store(cfg), stage_keys(cfg)["dvae"]
     assert not store.is_complete("dvae", key)
     assert store.read_json(store.path("dvae", key, "checkpoints", "latest.json"))["step"] == 15
-    monkeypatch.setattr(tasks.training, "save_checkpoint", real_save)
+    monkeypatch.setattr(pipeline.training, "save_checkpoint", real_save)
     ref = run_stage("dvae", ov, config)
     assert not ref.cached and store.manifest("dvae", key)["steps"] == 30
     client = MlflowClient(cfg.tracking.uri)

@@ -3,11 +3,11 @@ import os
 import pytest
 from mlflow import MlflowClient
 
-import tasks.training
-from dalle_core.config import load_config
-from tasks.artifacts import open_store, stored
-from tasks.models import load_transformer
-from tasks.stages import stage_keys
+import pipeline.training
+from pipeline.artifacts import open_store, stored
+from pipeline.config import load_config
+from pipeline.models import load_transformer
+from pipeline.stage_table import stage_keys
 from tests.conftest import TINY, run_stage
 
 
@@ -43,16 +43,16 @@ def test_trains_on_tokens_and_tracks_everything(store_copy):
 
 
 def test_killed_training_resumes_from_checkpoint(store_copy, monkeypatch):
-    real_save = tasks.training.save_checkpoint
+    real_save = pipeline.training.save_checkpoint
 
     def save_then_die(*args, **kwargs):
         real_save(*args, **kwargs)
         raise RuntimeError("simulated kill")
 
-    monkeypatch.setattr(tasks.training, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(pipeline.training, "save_checkpoint", save_then_die)
     with pytest.raises(RuntimeError, match="simulated kill"):
         run_stage("transformer", store_copy)
-    monkeypatch.setattr(tasks.training, "save_checkpoint", real_save)
+    monkeypatch.setattr(pipeline.training, "save_checkpoint", real_save)
     ref = run_stage("transformer", store_copy)
     cfg = load_config(TINY, store_copy)
     assert open_store(cfg).manifest("transformer", ref.key)["steps"] == 30
@@ -87,7 +87,7 @@ def test_two_machines_meet_at_the_rendezvous_endpoint(store_copy, tmp_path):
     import subprocess
     import sys
 
-    from tasks.ddp import torchrun_args
+    from pipeline.ddp import torchrun_args
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -101,7 +101,7 @@ def test_two_machines_meet_at_the_rendezvous_endpoint(store_copy, tmp_path):
     spec.write_text(json.dumps({"stage": "transformer", "config": cfg.model_dump(mode="json"), "inputs": inputs,
                                 "parent_run": None, "flow_run": None}))
     cmd = [sys.executable, "-m", "torch.distributed.run", *torchrun_args(cfg, "transformer"),
-           "-m", "tasks.ddp", str(spec)]
+           "-m", "pipeline.ddp", str(spec)]
     machines = [subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}) for _ in range(2)]
     assert [m.wait(timeout=240) for m in machines] == [0, 0]
     key = keys["transformer"]
@@ -114,7 +114,7 @@ def test_a_rank_s_error_comes_back_in_one_line_with_the_ranks_output_in_a_file(s
     """A diverging DDP run raises the rank's TrainingError itself (the CLI's one-line error class), naming the file
     that holds every rank's output with the traceback."""
     from dalle_core.train import TrainingError
-    from tasks.ddp import launch_ranks
+    from pipeline.ddp import launch_ranks
 
     cfg = load_config(TINY, [*store_copy, "transformer.train.nproc=2", "transformer.train.lr=1e12",
                              "transformer.train.warmup_steps=0"])

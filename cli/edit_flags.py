@@ -1,0 +1,115 @@
+"""`dalle generate`'s image-editing flags (--prime, --edit, --outpaint, --variations and their options;
+docs/editing.md), checked in one line before a model loads or Prefect starts, then made `DALLEPipeline.__call__`'s
+arguments (`--model`) or `generate.*` overrides; and the argv rewrite that lets `--region -4,0,8,8` reach them."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+
+from pipeline.config import load_config
+
+# generate's flags for `dalle_core.generate.load_edit`'s arguments, in its errors
+EDIT_FLAGS = {"prime_image": "--prime", "prime_rows": "--prime-rows", "edit_image": "--edit",
+              "outpaint_image": "--outpaint", "variations": "--variations", "region": "--region", "mask": "--mask",
+              "keep": "--keep"}
+# generate's flags whose value may start with '-' (a negative coordinate or share)
+SIGNED_FLAGS = ("--region", "--keep")
+
+
+def edit_arguments(args, size: int | None, grid: int | None) -> dict:
+    """`DALLEPipeline.__call__`'s editing arguments from generate's --prime/--prime-rows, --edit, --outpaint,
+    --variations, --region, --mask and --keep, checked (one source image, each flag with the image it applies to,
+    the images readable, the region inside the image, the mask's size and colours) before any model loads, at the
+    model's `size` pixels and `grid` tokens when known (None: what needs them is checked once the model is loaded).
+    GenerationError (one line) naming the flag otherwise."""
+    from dalle_core.generate import GenerationError, edit_source, load_edit
+
+    kwargs = {name: getattr(args, flag.removeprefix("--").replace("-", "_")) for name, flag in EDIT_FLAGS.items()}
+    if args.prime and args.prime_rows is None:
+        kwargs["prime_rows"] = 4
+    if kwargs["keep"] is not None:  # a string, so `--keep abc` is this line rather than argparse's usage
+        try:
+            keep = float(kwargs["keep"])
+        except ValueError:
+            keep = None
+        if keep is None or not 0 < keep < 1:
+            shown = kwargs["keep"] if keep is not None else repr(kwargs["keep"])
+            raise GenerationError(f"--keep is {shown}; allowed: a number more than 0 and less than 1 (the share of "
+                                  "token cells kept)")
+        kwargs["keep"] = keep
+    rows = kwargs["prime_rows"]
+    if args.prime and rows is not None and (rows < 1 or grid is not None and rows >= grid):
+        top = f"1 to {grid - 1}" if grid is not None else "at least 1 (and less than the token grid's rows)"
+        raise GenerationError(f"--prime-rows is {rows}; allowed: {top}")
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    if size is not None and grid is not None:
+        load_edit(size, grid, **kwargs, names=EDIT_FLAGS)
+    else:
+        edit_source(**kwargs, names=EDIT_FLAGS)
+    return kwargs
+
+
+def edit_overrides(args) -> list[str]:
+    """The run config's `generate.*` overrides for generate's --prime/--prime-rows and editing flags (see
+    `edit_arguments`), checked before the overrides are built and Prefect starts, against the token grid where
+    the config knows it."""
+    from dalle_core.editing import EditError, parse_region
+    from dalle_core.generate import GenerationError
+
+    cfg = load_config(args.config, args.overrides)
+    grid = None if cfg.dvae.pretrained or getattr(cfg, "tokenizers_from", None) else \
+        cfg.data.image_size // 2 ** cfg.dvae.num_downsamples
+    kwargs = edit_arguments(args, cfg.data.image_size, grid)
+    if "prime_image" in kwargs:
+        return [f"generate.prime_image={json.dumps(args.prime)}", f"generate.prime_rows={kwargs['prime_rows']}"]
+    mode = next((m for k, m in (("edit_image", "inpaint"), ("outpaint_image", "outpaint"),
+                                ("variations", "variations")) if k in kwargs), None)
+    if mode is None:
+        return []
+    out = [f"generate.edit_mode={mode}", f"generate.edit_image={json.dumps(args.edit or args.outpaint or args.variations)}"]
+    if args.region is not None:
+        try:
+            region = parse_region(args.region, "--region")
+        except EditError as err:
+            raise GenerationError(str(err)) from None
+        out.append(f"generate.edit_region={json.dumps(list(region))}")
+    if args.mask is not None:
+        out.append(f"generate.edit_mask={json.dumps(args.mask)}")
+    if "keep" in kwargs:
+        out.append(f"generate.edit_keep={kwargs['keep']}")
+    return out
+
+
+def join_signed_values(argv: list[str]) -> list[str]:
+    """`generate ... --region -4,0,8,8` as `--region=-4,0,8,8`: argparse takes a value starting with '-' (other
+    than a plain negative number) for a flag and stops with its usage text, so the value would never reach the
+    one-line check that names it. Only numeric-looking values are joined, so `--region --edit x.png` still says
+    --region lacks its value."""
+    if not argv or argv[0] != "generate":
+        return argv
+    out, i = [], 0
+    while i < len(argv):
+        if argv[i] == "--":
+            return out + argv[i:]
+        if argv[i] in SIGNED_FLAGS and i + 1 < len(argv) and re.match(r"-[\d.,]", argv[i + 1]):
+            out.append(f"{argv[i]}={argv[i + 1]}")
+            i += 2
+            continue
+        out.append(argv[i])
+        i += 1
+    return out
+
+
+def folder_shape(source: str) -> tuple[int | None, int | None]:
+    """(image size, token grid) of an exported model folder from its JSON files, no weights loaded; (None, None)
+    for a registry URI or a folder that does not read (loading it then says why)."""
+    try:
+        with open(os.path.join(source, "model_index.json")) as f:
+            size = json.load(f)["image_size"]
+        with open(os.path.join(source, "transformer", "config.json")) as f:
+            grid = json.load(f)["image_grid"]
+        return int(size), int(grid)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None, None

@@ -1,0 +1,229 @@
+"""The exported model folder, as diffusers lays out a pipeline: one sub-folder per component, each with its
+safetensors weights and a JSON config, and an index naming the parts. Loading it needs this package only:
+no store, no run config, no Prefect, no MLflow.
+
+    model_index.json   the parts, the format version, the image size and the model's sampling defaults
+    transformer/       config.json (DALLEConfig), model.safetensors
+    dvae/              config.json (DVAEConfig, pixel normalisation, a pretrained tokenizer's spec), model.safetensors
+    tokenizer/         tokenizer.json (Hugging Face tokenizers, byte-level BPE), config.json (text_len, pad_id)
+    clip/              config.json (this project's CLIPConfig, or an open_clip model name), model.safetensors,
+                       tokenizer.json (this project's CLIP)
+    README.md          the model card (written by release/export.py), with samples.png
+
+`write_folder` writes the bytes a caller assembled (release/export.py, from a run's store), so exporting the
+same run twice gives the same bytes; `load_folder` reads them back into a `DALLEPipeline`. A run fine-tunes from
+a folder's components (`init_from`, `tokenizers_from`: pipeline/model_source.py), keyed by their `content_digest`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import struct
+import uuid
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from dalle_core.bpe import TextTokenizer
+from dalle_core.clip import CLIPConfig, CLIPReranker, build_clip, open_clip_reranker
+from dalle_core.device import resolve_device, sampling_precision
+from dalle_core.dvae import DiscreteVAE, DVAEConfig
+from dalle_core.generate import DALLEPipeline
+from dalle_core.images import ImageNormalization
+from dalle_core.transformer import DALLE, DALLEConfig
+
+FORMAT = "dalle-pipeline"
+FORMAT_VERSION = 1
+INDEX = "model_index.json"
+# component -> (the module and class that load it), as diffusers' model_index.json names them
+COMPONENTS = {"transformer": ("dalle_core.transformer", "DALLE"), "dvae": ("dalle_core.dvae", "DiscreteVAE"),
+              "tokenizer": ("dalle_core.bpe", "TextTokenizer"), "clip": ("dalle_core.clip", "CLIPReranker")}
+
+
+# The files that are a component's content (`init_from` and `tokenizers_from` key it by their digest): weights and
+# config; this project's CLIP checkpoint holds its config and tokenizer in its metadata. A store artifact holds the
+# same bytes under the same names, so a model and its export have one digest.
+CONTENT_FILES = {"transformer": ("config.json", "model.safetensors"), "dvae": ("config.json", "model.safetensors"),
+                 "clip": ("model.safetensors",), "tokenizer": ("tokenizer.json",)}
+
+
+class ModelFolderError(ValueError):
+    """A folder that is not a complete exported model, or one this version cannot read; one line."""
+
+
+def json_bytes(obj) -> bytes:
+    """Canonical JSON (sorted keys, 2-space indent, newline at the end): the same object, the same bytes."""
+    return (json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode()
+
+
+def index(image_size: int, sampling: dict, **extra) -> dict:
+    """The model_index.json of a folder: the parts, the format, the image size, the sampling defaults."""
+    return {"_class_name": "DALLEPipeline", "format": FORMAT, "format_version": FORMAT_VERSION,
+            **{name: list(where) for name, where in COMPONENTS.items()}, "image_size": image_size,
+            "sampling": sampling, **extra}
+
+
+def safetensors_metadata(data: bytes) -> dict[str, str]:
+    """The `__metadata__` strings of a safetensors file's header (8-byte little-endian length, then JSON)."""
+    (n,) = struct.unpack("<Q", data[:8])
+    return json.loads(data[8:8 + n]).get("__metadata__", {}) or {}
+
+
+def clip_files(checkpoint: bytes) -> dict[str, bytes]:
+    """This project's self-contained CLIP checkpoint (weights, its CLIPConfig and tokenizer in the metadata,
+    tasks/clip.py) -> the clip/ folder's files."""
+    meta = safetensors_metadata(checkpoint)
+    if meta.get("format") != "dalle-clip":
+        raise ModelFolderError("the CLIP checkpoint is not one written by this project (no dalle-clip metadata)")
+    return {"config.json": json_bytes({"kind": "dalle-clip", "model": json.loads(meta["config"])}),
+            "tokenizer.json": meta["tokenizer"].encode(), "model.safetensors": checkpoint}
+
+
+def open_clip_files(model, model_name: str) -> dict[str, bytes]:
+    """An open_clip model (`clip.pretrained: <model>:<weights>`) -> the clip/ folder's files."""
+    from safetensors.torch import save
+
+    weights = save({k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()})
+    return {"config.json": json_bytes({"kind": "open_clip", "model_name": model_name}), "model.safetensors": weights}
+
+
+def write_folder(folder: str | os.PathLike, files: dict[str, bytes]) -> list[str]:
+    """Write {relative path: bytes} as `folder`, replacing an earlier export there; a folder that holds
+    anything else is refused (ModelFolderError). The files are written beside it first and swapped in, so a
+    failed export never leaves half a model; an existing folder keeps its own directory entry (it may be the
+    current directory) and has its contents swapped. Returns the paths written, sorted."""
+    given, folder = str(folder), Path(folder).resolve()  # resolved: `.` and `..` have no name to put tmp beside
+    if folder.exists() and not folder.is_dir():
+        raise ModelFolderError(f"--out {given!r} is a file; give a folder")
+    if folder.exists() and any(folder.iterdir()) and not (folder / INDEX).is_file():
+        raise ModelFolderError(f"--out {given!r} exists and is not an exported model folder; "
+                               "give a new or empty folder, or an earlier export to replace")
+    if not folder.name:
+        raise ModelFolderError(f"--out {given!r} is the file system's root; give a folder under it")
+    tmp = folder.with_name(f".{folder.name}.tmp-{uuid.uuid4().hex[:8]}")
+    old = folder.with_name(f".{folder.name}.old-{uuid.uuid4().hex[:8]}")
+    try:
+        for rel, data in sorted(files.items()):
+            path = tmp / rel
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data)
+        if not folder.exists():
+            tmp.rename(folder)
+        else:
+            old.mkdir()
+            for entry in list(folder.iterdir()):
+                entry.rename(old / entry.name)
+            for entry in list(tmp.iterdir()):
+                entry.rename(folder / entry.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+    return [str(folder / rel) for rel in sorted(files)]
+
+
+def _read_json(folder: Path, rel: str) -> dict:
+    path = folder / rel
+    if not path.is_file():
+        raise ModelFolderError(f"{str(folder)!r} is not a complete exported model: {rel} is missing")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ModelFolderError(f"{str(path)!r} is not valid JSON: {err}") from None
+
+
+def _load_weights(folder: Path, component: str, model: torch.nn.Module) -> None:
+    from safetensors.torch import load_file
+
+    path = folder / component / "model.safetensors"
+    if not path.is_file():
+        raise ModelFolderError(f"{str(folder)!r} is not a complete exported model: {component}/model.safetensors "
+                               "is missing")
+    try:
+        model.load_state_dict(load_file(path))
+    except Exception as err:  # safetensors' and torch's own kinds: a truncated file, other shapes
+        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        raise ModelFolderError(f"{str(path)!r} does not load into its {component}: {first}") from None
+
+
+def build_dvae(meta: dict) -> DiscreteVAE:
+    """The image tokenizer a dVAE config.json describes (this project's dVAE, or a pretrained one's modules),
+    with untrained weights."""
+    if meta.get("pretrained"):
+        from dalle_core import pretrained
+
+        m = meta["model"]
+        return pretrained.PretrainedDVAE(pretrained.Spec(**meta["pretrained"]), m["image_size"], m["norm_mean"],
+                                         m["norm_std"])
+    return DiscreteVAE(DVAEConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["model"].items()}))
+
+
+def build_reranker(folder: Path, meta: dict) -> CLIPReranker:
+    """The reranking CLIP a clip/config.json describes, with its weights."""
+    if meta.get("kind") == "open_clip":
+        import open_clip
+
+        model = open_clip.create_model(meta["model_name"], pretrained=None)
+        _load_weights(folder, "clip", model)
+        return open_clip_reranker(model, meta["model_name"])
+    if meta.get("kind") != "dalle-clip":
+        raise ModelFolderError(f"clip/config.json kind {meta.get('kind')!r} is not dalle-clip or open_clip")
+    c = CLIPConfig(**meta["model"])
+    model = build_clip(c)
+    _load_weights(folder, "clip", model)
+    tokenizer = (folder / "clip" / "tokenizer.json").read_text(encoding="utf-8")
+    return CLIPReranker.ours(model, c, TextTokenizer.from_str(tokenizer, c.text_len))
+
+
+def content_digest(file_digests: dict[str, str]) -> str:
+    """One 16-hex-digit digest of a component from its files' sha256 digests ({name: hex}): the same files give
+    the same digest wherever they lie (a folder, a store, moved or copied)."""
+    lines = "".join(f"{name} {digest}\n" for name, digest in sorted(file_digests.items()))
+    return hashlib.sha256(lines.encode()).hexdigest()[:16]
+
+
+def read_index(folder: str | os.PathLike) -> dict:
+    """The model_index.json of an exported folder; ModelFolderError (one line) when there is none or its format
+    is newer than this code reads."""
+    folder = Path(folder)
+    if not (folder / INDEX).is_file():
+        what = "does not exist" if not folder.exists() else f"has no {INDEX}"
+        raise ModelFolderError(f"model folder {str(folder)!r} {what}; make one with `dalle export -c CONFIG --out DIR`")
+    idx = _read_json(folder, INDEX)
+    if idx.get("format") != FORMAT or int(idx.get("format_version", 0)) > FORMAT_VERSION:
+        raise ModelFolderError(f"{str(folder / INDEX)!r} is format {idx.get('format')!r} version "
+                               f"{idx.get('format_version')!r}; this code reads {FORMAT!r} up to {FORMAT_VERSION}")
+    return idx
+
+
+def load_folder(folder: str | os.PathLike, device: str = "auto", precision: str = "auto") -> DALLEPipeline:
+    """The `DALLEPipeline` exported to `folder`, in eval mode on `device` (auto | cpu | cuda | cuda:N), sampling
+    in `precision` (auto | fp32 | bf16). ModelFolderError (one line) for a missing part or a newer format."""
+    folder = Path(folder)
+    idx = read_index(folder)
+    if precision not in ("auto", "fp32", "bf16"):
+        raise ModelFolderError(f"precision is {precision!r}; allowed: auto, fp32, bf16")
+    dev = resolve_device(device)
+    transformer = DALLE(DALLEConfig(**_read_json(folder, "transformer/config.json")))
+    _load_weights(folder, "transformer", transformer)
+    dvae_meta = _read_json(folder, "dvae/config.json")
+    dvae = build_dvae(dvae_meta)
+    _load_weights(folder, "dvae", dvae)
+    tok = _read_json(folder, "tokenizer/config.json")
+    tokenizer_path = folder / "tokenizer" / "tokenizer.json"
+    if not tokenizer_path.is_file():
+        raise ModelFolderError(f"{str(folder)!r} is not a complete exported model: tokenizer/tokenizer.json is missing")
+    tokenizer = TextTokenizer.from_str(tokenizer_path.read_text(encoding="utf-8"), tok["text_len"])
+    reranker = build_reranker(folder, _read_json(folder, "clip/config.json"))
+    norm = dvae_meta["norm"]
+    return DALLEPipeline(transformer.to(dev).eval(), dvae.to(dev, memory_format=torch.channels_last).eval(),
+                         ImageNormalization(tuple(norm["mean"]), tuple(norm["std"])), tokenizer, reranker.to(dev),
+                         sampling_precision(precision, dev), dict(idx.get("sampling", {})))
+
+
+def component_config(model) -> dict:
+    """A model's dataclass config as its folder's config.json holds it."""
+    return asdict(model.c)

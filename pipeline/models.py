@@ -1,0 +1,188 @@
+"""Every model loader: a stage's finished model from the store (`load_dvae`, `load_tokenizer`,
+`load_transformer`, `load_reranker`, and all four as `load_pipeline`), and a trained model from wherever it is:
+an exported folder, a registered MLflow model, or a run's store named by its config (`load_model`, the Python
+API's one entry point, and what `dalle serve` and `dalle generate --model` read). Where a training stage
+starts from when it fine-tunes: pipeline/model_source.py and pipeline/fine_tuning.py."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import glob
+import json
+import os
+import struct
+import tempfile
+
+import torch
+
+from dalle_core.bpe import TextTokenizer
+from dalle_core.clip import CLIPConfig, CLIPReranker, build_clip, load_open_clip
+from dalle_core.device import resolve_device, sampling_precision
+from dalle_core.generate import DALLEPipeline
+from dalle_core.images import ImageNormalization
+from dalle_core.model_folder import INDEX, build_dvae
+from dalle_core.transformer import DALLE, DALLEConfig
+from pipeline.config import Config, ConfigError, config_from_dict, load_config
+from storage.store import ArtifactStore
+
+# ------------------------------------------------------------ a stage's model from the store
+
+
+def load_dvae(store: ArtifactStore, key: str, device: torch.device | str = "cpu"):
+    """A finished dVAE from `dvae/<key>`, on `device`, in eval mode, with its input normalisation:
+    (DiscreteVAE, ImageNormalization). StoreError (one line) for a missing or damaged artifact."""
+    from pipeline.checkpoints import load_state_file
+
+    store.require("dvae", key)
+    meta = store.read_json(store.path("dvae", key, "config.json"))
+    model = build_dvae(meta)
+    load_state_file(store, store.path("dvae", key, "model.safetensors"), model)
+    model = model.to(device, memory_format=torch.channels_last)  # faster convolutions; same results
+    return model.eval(), ImageNormalization(tuple(meta["norm"]["mean"]), tuple(meta["norm"]["std"]))
+
+
+def load_tokenizer(store: ArtifactStore, key: str, text_len: int) -> TextTokenizer:
+    """The finished BPE tokenizer of `bpe/<key>`, padding or truncating to `text_len` tokens."""
+    store.require("bpe", key)
+    path = store.path("bpe", key, "tokenizer.json")
+    data = store.read_bytes(path)
+    with store.reading(path):
+        return TextTokenizer.from_str(data.decode(), text_len)
+
+
+def load_transformer(store: ArtifactStore, key: str, device: torch.device | str = "cpu") -> DALLE:
+    """A finished transformer from `transformer/<key>`, on `device`, in eval mode."""
+    from pipeline.checkpoints import load_state_file
+
+    store.require("transformer", key)
+    model = DALLE(DALLEConfig(**store.read_json(store.path("transformer", key, "config.json"))))
+    load_state_file(store, store.path("transformer", key, "model.safetensors"), model)
+    return model.to(device).eval()
+
+
+def reranker_from_bytes(data: bytes) -> CLIPReranker:
+    """A CLIP file written by the clip stage (weights, with its config and tokenizer in the metadata)."""
+    from safetensors.torch import load
+
+    (n,) = struct.unpack("<Q", data[:8])
+    meta = json.loads(data[8:8 + n]).get("__metadata__", {})
+    if meta.get("format") != "dalle-clip":
+        raise ConfigError("clip.pretrained file is not a CLIP checkpoint written by this project "
+                          "(use '<open_clip model>:<file>' for open_clip checkpoints)")
+    model_cfg = CLIPConfig(**json.loads(meta["config"]))
+    model = build_clip(model_cfg)
+    model.load_state_dict(load(data))
+    return CLIPReranker.ours(model, model_cfg, TextTokenizer.from_str(meta["tokenizer"], model_cfg.text_len))
+
+
+def load_reranker(cfg: Config, store: ArtifactStore, key: str, device: torch.device | str = "cpu") -> CLIPReranker:
+    """The reranking CLIP the config asks for, on `device`: pretrained (an open_clip model with a hub tag or
+    a local file, or a checkpoint of this project) or the clip stage's `clip/<key>`."""
+    spec = cfg.clip.pretrained
+    if spec:
+        if os.path.isfile(spec):  # a checkpoint written by this project
+            with open(spec, "rb") as f:
+                return reranker_from_bytes(f.read()).to(device)
+        if spec.endswith(".safetensors") and ":" not in spec:
+            raise ConfigError(f"clip.pretrained file {spec!r} does not exist")
+        return load_open_clip(spec).to(device)  # "<open_clip model>:<hub tag or local weights file>"
+    store.require("clip", key)
+    path = store.path("clip", key, "model.safetensors")
+    data = store.read_bytes(path)
+    with store.reading(path):
+        reranker = reranker_from_bytes(data)
+    return reranker.to(device)
+
+
+@functools.lru_cache(maxsize=2)
+def _load_pipeline(cfg_json: str, keys_json: str) -> DALLEPipeline:
+    from pipeline.artifacts import open_store
+
+    cfg, keys = config_from_dict(json.loads(cfg_json)), json.loads(keys_json)
+    store, device = open_store(cfg), resolve_device(cfg.runner.device)
+    dvae_model, normalization = load_dvae(store, keys["dvae"], device)
+    return DALLEPipeline(load_transformer(store, keys["transformer"], device), dvae_model, normalization,
+                         load_tokenizer(store, keys["bpe"], cfg.text.text_len),
+                         load_reranker(cfg, store, keys["clip"], device),
+                         sampling_precision(cfg.generate.precision, device))
+
+
+def load_pipeline(cfg: Config, keys: dict[str, str] | None = None) -> DALLEPipeline:
+    """The models of this config (transformer, dVAE, tokenizer, CLIP; `keys` by stage, default the config's own)
+    on its device, loaded once per process."""
+    from pipeline.stage_table import stage_keys
+
+    keys = {s: (keys or stage_keys(cfg))[s] for s in ("dvae", "bpe", "transformer", "clip")}
+    return _load_pipeline(json.dumps(cfg.model_dump(mode="json"), sort_keys=True), json.dumps(keys, sort_keys=True))
+
+
+# ------------------------------------------------------------ a trained model from anywhere
+
+URI_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:/", "s3://", "gs://", "file://", "http://", "https://")
+TRACKED_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:/")  # resolved through a tracking server
+
+
+def load_model(source: str | os.PathLike, *, device: str = "auto", precision: str = "auto",
+               overrides: list[str] = (), tracking_uri: str | None = None) -> DALLEPipeline:
+    """A `DALLEPipeline` from `source`:
+
+    - an exported folder (`dalle export`): `DALLEPipeline.from_pretrained`, no store, Prefect or MLflow;
+    - a registered or logged MLflow model, `models:/<name>/<version>` (or `runs:/<id>/model`), from
+      `tracking_uri` (default $MLFLOW_TRACKING_URI): its folder is downloaded, then loaded as above;
+    - a run config (`configs/shapes.yaml`, with `--set`-style `overrides`): the models in that run's store.
+
+    `device`: auto | cpu | cuda | cuda:N; `precision`: auto | fp32 | bf16 (for a run config, its
+    `runner.device` and `generate.precision` unless given here). One-line ConfigError / ModelFolderError /
+    TrackingError for a source that is none of these or cannot be read."""
+    text = os.fspath(source)
+    if os.path.isdir(text):
+        return DALLEPipeline.from_pretrained(text, device, precision)
+    if text.startswith(URI_SCHEMES):
+        with tempfile.TemporaryDirectory(prefix="dalle-model-") as tmp:  # loaded into memory, then removed
+            return DALLEPipeline.from_pretrained(download_model(text, tracking_uri, tmp), device, precision)
+    if text.endswith((".yaml", ".yml")) or os.path.isfile(text):
+        cfg = load_config(text, [*overrides, *([f"runner.device={device}"] if device != "auto" else []),
+                                 *([f"generate.precision={precision}"] if precision != "auto" else [])])
+        return store_model(cfg)
+    raise ConfigError(f"model {text!r} is not an exported folder, a models:/ or runs:/ URI, or a run config "
+                      "(.yaml); make a folder with `dalle export -c CONFIG --out DIR`")
+
+
+def store_model(cfg) -> DALLEPipeline:
+    """The models of a run's store (`load_pipeline`), with the run's sampling settings as defaults."""
+    from release.export import sampling_defaults
+
+    return dataclasses.replace(load_pipeline(cfg), sampling=sampling_defaults(cfg))
+
+
+def download_model(uri: str, tracking_uri: str | None, dst: str) -> str:
+    """The exported folder inside an MLflow model (release/mlflow_model.py's `model_dir` artifact), downloaded under
+    `dst` (the caller removes it). A models:/, runs:/ or mlflow-artifacts:/ URI is looked up in `tracking_uri`
+    (default $MLFLOW_TRACKING_URI); with neither, ConfigError (one line) rather than MLflow's default of a new
+    ./mlflow.db. TrackingError (one line) when MLflow cannot find the model."""
+    import logging
+
+    tracking_uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri.startswith(TRACKED_SCHEMES) and not tracking_uri:
+        raise ConfigError(f"{uri!r} is looked up in an MLflow tracking store and none is configured; pass "
+                          "-c CONFIG (the run whose tracking.uri holds it) or set MLFLOW_TRACKING_URI")
+    import mlflow
+
+    for name in ("mlflow", "alembic"):  # their INFO lines (store migrations, downloads) are not this command's
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+    from storage.tracking import TrackingError, one_line_error
+
+    if tracking_uri:
+        mlflow.set_tracking_uri(tracking_uri)
+    try:
+        local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=dst)
+    except Exception as err:
+        raise TrackingError(f"cannot load MLflow model {uri!r} from {mlflow.get_tracking_uri()!r}: "
+                            f"{one_line_error(err)}") from None
+    found = sorted(glob.glob(os.path.join(local, "**", INDEX), recursive=True))
+    if not found:
+        raise TrackingError(f"MLflow model {uri!r} holds no exported model folder ({INDEX}); register one with "
+                            "`dalle export -c CONFIG --register NAME`")
+    return os.path.dirname(found[0])

@@ -1,0 +1,171 @@
+"""`dalle export`: a run's trained models, read from its store, as a self-contained model folder
+(dalle_core/model_folder.py) with a model card. The same run exported twice gives the same bytes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+
+from dalle_core.bpe import TextTokenizer
+from dalle_core.generate import SAMPLING_DEFAULTS
+from dalle_core.images import grid, png_bytes
+from dalle_core.model_folder import (
+    COMPONENTS,
+    clip_files,
+    index,
+    json_bytes,
+    open_clip_files,
+    write_folder,
+)
+from pipeline.artifacts import open_store
+from pipeline.config import Config, ConfigError, flatten
+from pipeline.stage_table import stage_keys
+from release.model_card import data_licence, headline_metrics, model_card
+from storage.store import ArtifactStore
+from tasks.generate import val_rows
+
+MODEL_STAGES = ("transformer", "dvae", "bpe", "clip")
+
+
+@dataclass
+class Export:
+    """What `export_model` wrote: the folder, its files, and where its sample picture came from."""
+
+    folder: str
+    files: list[str]
+    samples_from: str
+    keys: dict[str, str]
+
+
+def sampling_defaults(cfg: Config) -> dict:
+    """The run's sampling settings a model folder carries as its defaults."""
+    return {k: getattr(cfg.generate, k) for k in SAMPLING_DEFAULTS}
+
+
+def model_files(cfg: Config, store: ArtifactStore, keys: dict[str, str]) -> dict[str, bytes]:
+    """The component folders' files: the store's weights and configs as they are (transformer, dvae), the BPE
+    tokenizer, and the reranking CLIP (this project's checkpoint split into weights, config and tokenizer)."""
+    files: dict[str, bytes] = {}
+    for stage in ("transformer", "dvae"):
+        store.require(stage, keys[stage])
+        for name in ("config.json", "model.safetensors"):
+            files[f"{stage}/{name}"] = store.read_bytes(store.path(stage, keys[stage], name))
+    store.require("bpe", keys["bpe"])
+    tokenizer = store.read_bytes(store.path("bpe", keys["bpe"], "tokenizer.json"))
+    pad_id = TextTokenizer.from_str(tokenizer.decode(), cfg.text.text_len).pad_id
+    files["tokenizer/tokenizer.json"] = tokenizer
+    files["tokenizer/config.json"] = json_bytes({"text_len": cfg.text.text_len, "pad_id": pad_id})
+    spec = cfg.clip.pretrained
+    if spec and not os.path.isfile(spec):  # an open_clip model: its weights as loaded
+        from pipeline.models import load_reranker
+
+        clip = open_clip_files(load_reranker(cfg, store, keys["clip"]).model, spec.partition(":")[0])
+    else:
+        if spec:
+            with open(spec, "rb") as f:
+                checkpoint = f.read()
+        else:
+            store.require("clip", keys["clip"])
+            checkpoint = store.read_bytes(store.path("clip", keys["clip"], "model.safetensors"))
+        clip = clip_files(checkpoint)
+    files.update({f"clip/{name}": data for name, data in clip.items()})
+    return files
+
+
+def samples_picture(cfg: Config, store: ArtifactStore, keys: dict[str, str]) -> tuple[bytes, str]:
+    """(PNG, where from) of the run's top-1 samples: the evaluation's top-1-vs-random sheet, else the generation
+    stage's contact sheet, else top-1 of `generate.num_candidates` for four val captions, drawn now."""
+    for stage, key, name in (("evaluate", keys["evaluate"], "top1_vs_random.png"),
+                             ("generate", keys["generate"], "contact_sheet.png")):
+        if store.is_complete(stage, key):
+            return store.read_bytes(store.path(stage, key, name)), f"{stage}/{key}/{name}"
+    from pipeline.models import load_pipeline
+
+    done = store.is_complete("ingest", keys["ingest"])
+    prompts = val_rows(store, keys["ingest"], 4, distinct=True)["caption"] if done else []
+    prompts = prompts or ["a red circle"]
+    out = load_pipeline(cfg)(prompts, **sampling_defaults(cfg))
+    sheet = grid([[images[0]] for images in out.pixels], prompts, scale=3,
+                 header=[f"top-1 of {cfg.generate.num_candidates} by CLIP"])
+    return png_bytes(sheet), f"drawn at export (seed {cfg.generate.seed})"
+
+
+def training_commit(cfg: Config, store: ArtifactStore, transformer_key: str) -> dict:
+    """{git_commit, git_dirty, git_commit_of}: the commit the transformer's MLflow run recorded, else (a run not in
+    this tracking store) the commit of the code exporting it."""
+    from storage.tracking import _client, code_version, producer_run, tracking_uri
+
+    uri = tracking_uri(cfg.tracking.uri, store)
+    found = producer_run(uri, cfg.tracking.experiment, "transformer", transformer_key)
+    tags, of = code_version(), "export"
+    if run_id := found and found[0]:
+        run_tags = _client(uri).get_run(run_id).data.tags
+        if "mlflow.source.git.commit" in run_tags:
+            tags, of = run_tags, "training"
+    return {"git_commit": tags.get("mlflow.source.git.commit"), "git_dirty": tags.get("git_dirty") == "true",
+            "git_commit_of": of}
+
+
+def export_model(cfg: Config, out_dir: str) -> Export:
+    """Write the model folder of `cfg`'s run to `out_dir` (a new folder, or an earlier export to replace):
+    dalle_core/model_folder.py's layout, the model card README.md, samples.png, and the data's licence files under
+    data/. StoreError (one line) when a model stage of the run is not finished."""
+    if not out_dir:
+        raise ConfigError("--out is empty; give the folder to write the model to")
+    store, keys = open_store(cfg), stage_keys(cfg)
+    manifests = {s: store.require(s, keys[s]) for s in MODEL_STAGES if s != "clip" or not cfg.clip.pretrained}
+    files = model_files(cfg, store, keys)
+    files["samples.png"], samples_from = samples_picture(cfg, store, keys)
+    licence = data_licence(cfg)
+    files.update({f"data/{name}": data for name, data in licence.files.items()})
+    evaluation = None
+    if store.is_complete("evaluate", keys["evaluate"]):
+        evaluation = store.read_json(store.path("evaluate", keys["evaluate"], "evaluation.json"))
+    config = os.path.basename(cfg.tracking.source) if cfg.tracking.source else None  # no machine paths
+    source = {"config": config, **training_commit(cfg, store, keys["transformer"]),
+              "stage_keys": {s: keys[s] for s in (*MODEL_STAGES, "ingest", "pretokenize")}}
+    image_size = json.loads(files["dvae/config.json"])["model"]["image_size"]
+    metrics = headline_metrics(manifests, evaluation)
+    # each component file's sha256 (first 16 hex digits), so a damaged copy is found before it is loaded
+    checksums = {name: hashlib.sha256(data).hexdigest()[:16] for name, data in sorted(files.items())
+                 if name.split("/")[0] in COMPONENTS}
+    files["model_index.json"] = json_bytes(index(image_size, sampling_defaults(cfg), source=source,
+                                                 data_licence=licence.spdx, metrics=metrics, sha256=checksums))
+    done = store.is_complete("ingest", keys["ingest"])
+    example = (val_rows(store, keys["ingest"], 1)["caption"] if done else []) or ["a red circle"]
+    files["README.md"] = model_card(cfg, manifests, metrics, evaluation, licence, source, samples_from,
+                                    example[0]).encode()
+    written = write_folder(out_dir, files)
+    return Export(out_dir, written, samples_from, keys)
+
+
+
+def register_export(cfg: Config, export: Export, name: str):
+    """Register the exported folder as the next version of MLflow model `name` (`models:/<name>/<N>`, a
+    release.registry.RegisteredModel) in the run's tracking store: a pyfunc model (release/mlflow_model.py) linked to
+    the runs that trained its parts. TrackingError (one line) when MLflow refuses."""
+    from pathlib import Path
+
+    import pandas as pd
+
+    from release.mlflow_model import ARTIFACT, DALLEPyfunc, requirements, signature
+    from release.registry import register_pyfunc
+    from storage.tracking import producer_run, tracking_uri
+
+    store, keys = open_store(cfg), export.keys
+    uri = tracking_uri(cfg.tracking.uri, store)
+    idx = json.loads((Path(export.folder) / "model_index.json").read_text(encoding="utf-8"))
+    runs = {stage: (producer_run(uri, cfg.tracking.experiment, stage, keys[stage]) or (None,))[0]
+            for stage in ("dvae", "bpe", "transformer", "clip", "evaluate")}
+    made_by = ", ".join(f"{s} run `{r}`" for s, r in runs.items() if r) or "runs not in this tracking store"
+    description = (f"`{idx['source']['config'] or '(built-in defaults)'}`'s model (transformer `{keys['transformer']}`), "
+                   f"made by {made_by}. Serve it: `mlflow models serve -m models:/{name}/<version> --env-manager "
+                   "local`. Its model card is the README.md of the exported folder in the model's artifacts.")
+    example = (pd.DataFrame({"prompt": ["a red circle"]}), {"num_candidates": 2})
+    return register_pyfunc(uri, cfg.tracking.experiment, store, name, keys["transformer"], python_model=DALLEPyfunc(),
+                           artifacts={ARTIFACT: export.folder}, signature=signature(idx["sampling"]),
+                           pip_requirements=requirements(), source_runs=runs,
+                           params=flatten({"generate": idx["sampling"], "stage_keys": idx["source"]["stage_keys"]}),
+                           metrics=idx.get("metrics", {}), description=description, input_example=example)

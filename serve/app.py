@@ -1,0 +1,146 @@
+"""The routes of `dalle serve`: the page, and the JSON API behind it (documented in docs/serving.md).
+
+    GET  /                            the page (static/index.html)
+    GET  /api/model                   the model: image size, token grid, sampling defaults, this server's limits
+    POST /api/jobs                    queue a request -> 202 {id, state, ahead}
+    GET  /api/jobs/{id}               its state, progress and, when done, the ranked candidates with CLIP scores
+    GET  /api/jobs/{id}/images/{rank}.png   one candidate as a PNG download (rank 0 = the best)
+    POST /api/generate                the same request, answered when done, images inline (base64 PNG)
+
+Bad requests get HTTP 4xx and {"error": "<one line>"}; nothing a request sends can stop the server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+from importlib import resources
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from starlette.exceptions import HTTPException
+
+from dalle_core.editing import pack
+from dalle_core.generate import MAX_PRIME_PIXELS, DALLEPipeline, GenerationError
+from dalle_core.images import png_bytes
+from serve.jobs import Job, JobQueue, QueueFull
+from serve.request import MAX_PRIME_BYTES, APIError, GenerateRequest, error_line, job_settings
+
+
+def create_app(pipe: DALLEPipeline, *, name: str = "model", max_candidates: int = 64, max_waiting: int = 16) -> FastAPI:
+    """The FastAPI app serving `pipe`: requests are checked (request.py), queue (jobs.py) and run one at a time."""
+    defaults = {"num_candidates": 16, **pipe.sampling, "seed": None}  # no seed sent: the server draws one
+
+    def work(job: Job) -> None:
+        r = job.request
+        out = pipe(r["prompt"], r["num_candidates"], cond_scale=r["cond_scale"], temperature=r["temperature"],
+                   top_k=r["top_k"], top_p=r["top_p"], seed=r["seed"], prime_image=r["prime_image"],
+                   prime_rows=r["prime_rows"], **r["edit"], progress=job.progress)
+        job.images = [png_bytes(image) for image in out.pixels[0]]
+        job.result = {"prompt": out.prompts[0], "seed": out.seed, "truncated": out.truncated[0],
+                      "scores": [float(s) for s in out.scores[0]]}
+        if out.edit is not None and out.edit.mode != "prime":  # the codes, so a client can see what was kept
+            job.result["edit"] = {"mode": out.edit.mode, "region": r["region"], "keep": r["keep"],
+                                  "source_tokens": pipe.encode(out.edit.image).tolist(),
+                                  "masks": [pack(m) for m in out.masks[0]],
+                                  "image_tokens": out.image_tokens[0].tolist()}
+
+    jobs = JobQueue(work, max_waiting=max_waiting)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI):
+        yield
+        jobs.close()  # the running request finishes; the waiting ones are dropped with the process
+
+    app = FastAPI(title=f"dalle serve: {name}", version="1", lifespan=lifespan,
+                  description="Text to image with CLIP reranking; see docs/serving.md")
+    app.state.jobs, app.state.pipeline = jobs, pipe
+
+    @app.exception_handler(APIError)
+    async def api_error(_: Request, err: APIError) -> JSONResponse:
+        return JSONResponse({"error": err.message}, status_code=err.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, err: RequestValidationError) -> JSONResponse:
+        return JSONResponse({"error": error_line(err)}, status_code=400)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_: Request, err: HTTPException) -> JSONResponse:
+        return JSONResponse({"error": str(err.detail)}, status_code=err.status_code)
+
+    @app.exception_handler(GenerationError)
+    async def bad_generation(_: Request, err: GenerationError) -> JSONResponse:
+        return JSONResponse({"error": str(err)}, status_code=400)
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def page() -> str:
+        return resources.files("serve").joinpath("static/index.html").read_text(encoding="utf-8")
+
+    @app.get("/api/model")
+    def model() -> dict:
+        return {"name": name, "image_size": pipe.image_size, "token_grid": pipe.transformer.c.image_grid,
+                "text_len": pipe.tokenizer.text_len, "device": str(pipe.device), "precision": pipe.precision,
+                "defaults": defaults, "limits": {"max_candidates": max_candidates, "max_waiting": max_waiting,
+                                                 "max_prime_mb": MAX_PRIME_BYTES // 2**20,
+                                                 "max_prime_pixels": MAX_PRIME_PIXELS}}
+
+    def submit(req: GenerateRequest) -> Job:
+        try:
+            return jobs.submit(job_settings(req, pipe, defaults, max_candidates))
+        except QueueFull as err:
+            raise APIError(429, str(err)) from None
+
+    def described(job: Job, inline: bool = False) -> dict:
+        out = {"id": job.id, "state": job.state, "ahead": jobs.ahead_of(job) if job.state == "queued" else 0,
+               "progress": job.steps_done / job.steps_total if job.steps_total else 0.0,
+               "steps_done": job.steps_done, "steps_total": job.steps_total, "seconds": job.seconds}
+        if job.error:
+            out["error"] = job.error
+        if job.result:
+            r = job.request
+            out["result"] = {**job.result, "settings": {k: r[k] for k in ("num_candidates", "cond_scale", "temperature",
+                                                                          "top_k", "top_p", "prime_rows")},
+                             "edited": bool(r["edit"]),
+                             "primed": r["prime_image"] is not None, "images": [
+                {"rank": i, "clip_score": s, "url": f"/api/jobs/{job.id}/images/{i}.png",
+                 **({"png_base64": base64.b64encode(job.images[i]).decode()} if inline else {})}
+                for i, s in enumerate(job.result["scores"])]}
+        return out
+
+    @app.post("/api/jobs", status_code=202)
+    def create_job(req: GenerateRequest) -> dict:
+        return described(submit(req))
+
+    @app.get("/api/jobs/{job_id}")
+    def get_job(job_id: str) -> dict:
+        return described(_job(job_id))
+
+    @app.get("/api/jobs/{job_id}/images/{rank}.png", response_class=Response)
+    def image(job_id: str, rank: int) -> Response:
+        job = _job(job_id)
+        if job.state != "done":
+            raise APIError(409, f"job {job_id} is {job.state}; its images come when it is done")
+        if not 0 <= rank < len(job.images):
+            raise APIError(404, f"rank {rank} does not exist; job {job_id} has ranks 0 to {len(job.images) - 1}")
+        filename = f"dalle-seed{job.result['seed']}-rank{rank + 1}.png"
+        return Response(job.images[rank], media_type="image/png",
+                        headers={"Content-Disposition": f'attachment; filename="{filename}"'})
+
+    @app.post("/api/generate")
+    async def generate(req: GenerateRequest) -> JSONResponse:
+        job = submit(req)
+        await asyncio.wrap_future(job.future)
+        body = described(job, inline=True)
+        status = 200 if job.state == "done" else 400 if job.bad_request else 500
+        return JSONResponse(body if status == 200 else {"error": job.error}, status_code=status)
+
+    def _job(job_id: str) -> Job:
+        job = jobs.get(job_id)
+        if job is None:
+            raise APIError(404, f"no job {job_id!r} (unknown, or forgotten: the server keeps the last "
+                                f"{jobs.keep} finished jobs)")
+        return job
+
+    return app
