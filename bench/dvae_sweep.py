@@ -59,9 +59,9 @@ def run_one(spec: str, steps: int | None, device: str, train_images: int, val_im
         while True:
             yield {"image": train[torch.randint(0, len(train), (t.batch_size,), generator=gen)]}
 
-    before, after = dvae_schedule(model, d)
+    before, after = dvae_schedule(model, d.loss_config())
     t0 = time.perf_counter()
-    result = fit(model, batches(), t, make_optimizer(model, t), dvae_step(d), device=device, before_step=before,
+    result = fit(model, batches(), t, make_optimizer(model, t), dvae_step(model.c, d.loss_config()), device=device, before_step=before,
                  after_step=after)
     seconds = time.perf_counter() - t0
     with torch.inference_mode():

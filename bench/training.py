@@ -22,9 +22,8 @@ from bench.common import (
 from dalle_core import cpu_fast
 from dalle_core.device import autocast
 from dalle_core.dvae import DiscreteVAE, DVAEConfig
-from dalle_core.train import make_optimizer
+from dalle_core.train import TrainConfig, make_optimizer
 from dalle_core.transformer import DALLE, DALLEConfig
-from pipeline.config import TrainSection
 
 # A variant of the transformer's training step: (autocast precision, CPU bf16 attention: None for the shipped
 # choice, "fp32" at every length, "math" or "flash" in bf16 on that SDPA kernel).
@@ -48,7 +47,7 @@ def train_rate(s: Settings, c: DALLEConfig, precision: str, batch: int, repeats:
     the peak memory: GPU memory on CUDA, the process's peak RSS on a CPU. `attention`: see ATTENTION_VARIANTS."""
     torch.manual_seed(0)
     model = DALLE(c).to(s.device)
-    opt = make_optimizer(model, TrainSection(weight_decay=0.1, precision=precision))
+    opt = make_optimizer(model, TrainConfig(weight_decay=0.1, precision=precision))
     text = torch.randint(1, c.text_vocab, (batch, c.text_len), device=s.device)
     image = torch.randint(0, c.image_vocab, (batch, c.image_len), device=s.device)
     if s.device.type == "cuda":
@@ -102,7 +101,7 @@ def clip_train(s: Settings, precision: str, steps: int = 5, batch: int = 128) ->
 
     torch.manual_seed(0)
     model = build_clip(CLIPConfig(vision_layers=3, text_layers=3, text_vocab=512, text_len=12))
-    opt = make_optimizer(model, TrainSection(weight_decay=0.1))
+    opt = make_optimizer(model, TrainConfig(weight_decay=0.1))
     images, text = torch.randn(batch, 3, 32, 32), torch.randint(1, 512, (batch, 13))
 
     def run():
@@ -121,7 +120,7 @@ def dvae_train(s: Settings, precision: str = "fp32", steps: int = 5, batch: int 
     """Training images/s of the dVAE at config c (the reference by default): reconstruction MSE + quantizer loss."""
     torch.manual_seed(0)
     model = DiscreteVAE(c).train()
-    opt = make_optimizer(model, TrainSection())
+    opt = make_optimizer(model, TrainConfig())
     x = torch.randn(batch, 3, c.image_size, c.image_size)
 
     def run():

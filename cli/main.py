@@ -7,22 +7,10 @@ import json
 import os
 import sys
 
-from pipeline.config import ConfigError, load_config
+from dalle_core.errors import ConfigError, UserError
+from pipeline.config import load_config
 
-
-def _user_errors() -> tuple[type[Exception], ...]:
-    from dalle_core.generate import GenerationError
-    from dalle_core.model_folder import ModelFolderError
-    from dalle_core.perceptual import PerceptualError
-    from dalle_core.pretrained import PretrainedError
-    from dalle_core.train import TrainingError
-    from data_sources.emoji_set import EmojiSetError
-    from data_sources.reader import DataError
-    from storage.store import StoreError
-    from storage.tracking import TrackingError
-
-    return (ConfigError, DataError, EmojiSetError, PerceptualError, PretrainedError, StoreError, TrackingError,
-            TrainingError, FileNotFoundError, ModelFolderError, GenerationError)
+USER_ERRORS = (UserError, FileNotFoundError)  # shown as one line, exit 2; anything else is an internal failure
 
 
 def check_prefect_server() -> None:
@@ -368,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     with FailureLog(args.command) as log:
         try:
             code = args.func(args)
-        except _user_errors() as err:
+        except USER_ERRORS as err:
             log.discard()
             print(f"error: {log.failed_in + ': ' if log.failed_in else ''}{err}", file=sys.stderr)
             return 2

@@ -10,7 +10,8 @@ import shlex
 import socket
 import tempfile
 
-from pipeline.config import ConfigError, load_config
+from dalle_core.errors import ConfigError
+from pipeline.config import load_config
 
 # `--set` keys that `generate --model` and `serve` take (the model carries everything else)
 SAMPLING_KEYS = ("num_candidates", "cond_scale", "temperature", "top_k", "top_p", "seed", "batch_size")

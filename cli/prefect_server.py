@@ -16,7 +16,7 @@ import time
 import urllib.error
 import urllib.request
 
-from pipeline.config import ConfigError
+from dalle_core.errors import ConfigError
 
 TIMEOUT_SETTING = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
 MIN_STARTUP_S = 600.0  # Prefect's default of 20 s is far too short on a busy small machine

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from dalle_core import cpu_fast
+from dalle_core.errors import ConfigError
 
 
 def resolve_device(spec: str = "auto") -> torch.device:
@@ -21,9 +22,6 @@ def resolve_device(spec: str = "auto") -> torch.device:
 
     Under torchrun (LOCAL_RANK set) `cuda` and `auto` mean this rank's own GPU.
     """
-    # imported here: the config module builds its sections from the model modules, which import this one
-    from pipeline.config import ConfigError
-
     if spec == "cpu" or (spec == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():

@@ -30,7 +30,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Annotated, Literal
+from typing import Annotated, Literal
 
 import torch
 import torch.nn as nn
@@ -41,9 +41,6 @@ from dalle_core.device import to_device
 from dalle_core.images import ImageNormalization, psnr, to_tensor
 from dalle_core.taming import TamingDecoder, TamingEncoder
 from dalle_core.train import StepFn, distributed, unwrap
-
-if TYPE_CHECKING:
-    from pipeline.config import DVAESection
 
 
 @dataclass
@@ -84,6 +81,47 @@ class DVAEConfig:
     @property
     def grid_size(self) -> int:
         return self.image_size // 2 ** self.num_downsamples
+
+
+@dataclass
+class DVAELossConfig:
+    """The dVAE's training objective and its schedules, read by `dvae_step` and `dvae_schedule`. The run config's
+    `dvae` section carries these fields flat (`dvae.kl_weight`), so this is the one place they are declared."""
+
+    __pydantic_config__ = {"extra": "forbid"}  # read by the run config
+
+    # logit_laplace: DALL-E's likelihood (pixels mapped into [0.1, 0.9], a location and scale per value); against
+    # it the paper's kl_weight for gumbel was 6.6
+    recon_loss: Literal["mse", "l1", "logit_laplace"] = "mse"
+    # gumbel (DALL-E's recipe). The schedules follow the run's real horizon (its last step, the wall-clock
+    # budget included), not a fixed step count: the temperature goes from temp_start to temp_end
+    # (exponentially) over the first `temp_anneal` of it, the KL weight from 0 to kl_weight over the first
+    # `kl_warmup`. kl_weight is the paper's beta: the KL to the uniform prior summed over grid cells, against
+    # a reconstruction loss summed over pixel values. DALL-E used 6.6 against its logit-Laplace likelihood; against
+    # the MSE here that over-regularises (docs/tokenizers.md). Validation, encoding and pre-tokenization always
+    # take the hard argmax.
+    temp_start: Annotated[float, Gt(0)] = 1.0
+    temp_end: Annotated[float, Gt(0)] = 1 / 16
+    temp_anneal: Annotated[float, Gt(0), Le(1)] = 0.5
+    kl_weight: Annotated[float, Ge(0)] = 0.5
+    kl_warmup: Annotated[float, Gt(0), Le(1)] = 0.1
+    # VQGAN (taming-transformers): a PatchGAN discriminator (disc_layers stride-2 convs, disc_channels wide) with
+    # the hinge loss, from step disc_start on. The generator term's weight is disc_weight x the ratio of the
+    # reconstruction's and the adversarial term's gradient norms at the decoder's last layer (clamped to
+    # [0, 1e4]). The discriminator trains with the same optimizer settings and is not part of the artifact.
+    adversarial: bool = False
+    disc_start: Annotated[int, Ge(0)] = 1000
+    disc_weight: Annotated[float, Ge(0)] = 0.8
+    # Steps over which the generator term's weight ramps from 0 to full after disc_start (the discriminator
+    # learns at full rate meanwhile). 0 = taming's switch-on, which knocks a converged dVAE down (docs/tokenizers.md).
+    disc_ramp: Annotated[int, Ge(0)] = 0
+    # A perceptual term (LPIPS on VGG16 features) needs weights on local disk, since nothing is downloaded:
+    # perceptual_vgg = torchvision's vgg16 state dict (.pth), perceptual_lpips = LPIPS' linear layers (vgg.pth
+    # of the lpips package; taken from an installed lpips package when unset). Off when perceptual_vgg is unset.
+    perceptual_weight: Annotated[float, Ge(0)] = 1.0
+    perceptual_vgg: str | None = None
+    perceptual_lpips: str | None = None
+    restart_every: Annotated[int, Ge(1)] = 50  # steps between dead-code restarts (vq and gumbel)
 
 
 class ResBlock(nn.Module):
@@ -433,11 +471,11 @@ def code_usage(counts: torch.Tensor) -> tuple[float, float]:
     return float(entropy.exp()), float((counts > 0).float().mean())
 
 
-def dvae_step(section: DVAESection) -> StepFn:
-    """The dVAE's loss on a batch {"image": (B, H, W, 3) uint8}: reconstruction + quantizer loss, and for VQGAN
-    (`section.adversarial`) the LPIPS term when it has weights, the adaptive-weight generator term and the
-    discriminator's hinge loss."""
-    norm = ImageNormalization(section.norm_mean, section.norm_std)
+def dvae_step(c: DVAEConfig, section: DVAELossConfig) -> StepFn:
+    """The dVAE's loss on a batch {"image": (B, H, W, 3) uint8} for a model of config `c`: reconstruction +
+    quantizer loss, and for VQGAN (`section.adversarial`) the LPIPS term when it has weights, the adaptive-weight
+    generator term and the discriminator's hinge loss."""
+    norm = ImageNormalization(c.norm_mean, c.norm_std)
     lpips = None
     if section.adversarial and section.perceptual_vgg and section.perceptual_weight > 0:
         from dalle_core.perceptual import load_lpips
@@ -467,7 +505,7 @@ def dvae_step(section: DVAESection) -> StepFn:
             loss = loss + 0 * sum(p.sum() for p in unwrap(model).discriminator.parameters())
 
         def metrics() -> dict[str, float]:
-            ppl, used = code_usage(torch.bincount(idx.flatten(), minlength=section.codebook_size))
+            ppl, used = code_usage(torch.bincount(idx.flatten(), minlength=c.codebook_size))
             with torch.no_grad():
                 recon_psnr = psnr(F.mse_loss(norm.to_unit(recon.detach()), norm.to_unit(x)).item())
             return {"recon_mse": F.mse_loss(recon.detach().float(), x).item(), "psnr": recon_psnr, "perplexity": ppl,
@@ -502,7 +540,7 @@ def vqgan_losses(model: nn.Module, x: torch.Tensor, recon: torch.Tensor, rec_los
             "logits_real": real.detach().mean(), "logits_fake": fake.detach().mean()}
 
 
-def dvae_schedule(model: nn.Module, section: DVAESection
+def dvae_schedule(model: nn.Module, section: DVAELossConfig
                   ) -> tuple[Callable[[int, int], None], Callable[[int], None]]:
     """(before_step, after_step): the gumbel temperature and KL ramps over the run's horizon (the step the
     budget says it will end at); dead-code restarts every `restart_every` steps."""
@@ -510,7 +548,7 @@ def dvae_schedule(model: nn.Module, section: DVAESection
     cells_per_value = c.grid_size ** 2 / (3 * c.image_size ** 2)  # KL summed over cells, recon over pixel values
 
     def before(step: int, horizon: int) -> None:
-        if section.quantizer == "gumbel":
+        if c.quantizer == "gumbel":
             frac = min(1.0, step / max(1.0, section.temp_anneal * horizon))
             quantizer.temperature = section.temp_start * (section.temp_end / section.temp_start) ** frac
             kl_ramp = min(1.0, step / max(1.0, section.kl_warmup * horizon))

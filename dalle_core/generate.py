@@ -31,6 +31,7 @@ from dalle_core.editing import (
     region_edit_mask,
     top_rows_mask,
 )
+from dalle_core.errors import UserError
 from dalle_core.images import ImageNormalization, to_rgb_square, to_tensor, to_uint8_tensor
 from dalle_core.sampling import sample
 from dalle_core.transformer import DALLE
@@ -41,7 +42,7 @@ SAMPLING_DEFAULTS = {"num_candidates": 16, "cond_scale": 1.0, "temperature": 1.0
 Progress = Callable[[int, int], None]  # (sampling steps done, steps in all)
 
 
-class GenerationError(ValueError):
+class GenerationError(UserError):
     """A bad generation request: an empty prompt, a setting out of range, an image that cannot be decoded.
     The message is one line, naming the bad value and what is allowed."""
 

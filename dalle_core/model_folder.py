@@ -32,6 +32,7 @@ from dalle_core.bpe import TextTokenizer
 from dalle_core.clip import CLIPConfig, CLIPReranker, build_clip, open_clip_reranker
 from dalle_core.device import resolve_device, sampling_precision
 from dalle_core.dvae import DiscreteVAE, DVAEConfig
+from dalle_core.errors import UserError
 from dalle_core.generate import DALLEPipeline
 from dalle_core.images import ImageNormalization
 from dalle_core.transformer import DALLE, DALLEConfig
@@ -51,7 +52,7 @@ CONTENT_FILES = {"transformer": ("config.json", "model.safetensors"), "dvae": ("
                  "clip": ("model.safetensors",), "tokenizer": ("tokenizer.json",)}
 
 
-class ModelFolderError(ValueError):
+class ModelFolderError(UserError):
     """A folder that is not a complete exported model, or one this version cannot read; one line."""
 
 

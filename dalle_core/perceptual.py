@@ -14,6 +14,8 @@ import torch
 import torch.nn as nn
 import torchvision
 
+from dalle_core.errors import UserError
+
 # LPIPS' input scaling of [-1, 1] images (its ScalingLayer), and the VGG16 feature indices after each block's
 # last ReLU (relu1_2, relu2_2, relu3_3, relu4_3, relu5_3)
 SHIFT = (-0.030, -0.088, -0.188)
@@ -22,7 +24,7 @@ TAPS = (3, 8, 15, 22, 29)
 WIDTHS = (64, 128, 256, 512, 512)
 
 
-class PerceptualError(ValueError):
+class PerceptualError(UserError):
     """Missing or mismatched perceptual weights; the message is one line."""
 
 

@@ -32,10 +32,11 @@ import torch.nn.functional as F
 import yaml
 
 from dalle_core.dvae import LOGIT_LAPLACE_EPS, DVAEConfig
+from dalle_core.errors import UserError
 from dalle_core.taming import TamingDecoder, TamingEncoder
 
 
-class PretrainedError(ValueError):
+class PretrainedError(UserError):
     """A pretrained tokenizer that cannot be found, read or used; the message is one line."""
 
 

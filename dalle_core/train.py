@@ -20,16 +20,47 @@ import math
 import re
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Literal
 
 import torch
 import torch.nn as nn
+from annotated_types import Ge, Gt, Le
 
 from dalle_core.device import autocast, rng_state, set_rng_state, to_device
+from dalle_core.errors import UserError
 
-if TYPE_CHECKING:
-    from pipeline.config import TrainSection
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings of one trained model, read by `fit`, `lr_at`, `make_optimizer` and `Budget`. Each
+    field's type carries its allowed range; the run config's `<stage>.train` sections are this dataclass, so
+    this is the one place the fields are declared (as nanoGPT's train settings sit beside its loop)."""
+
+    __pydantic_config__ = {"extra": "forbid"}  # read by the run config: an unknown key is an error, not dropped
+
+    batch_size: Annotated[int, Ge(1)] = 64
+    lr: Annotated[float, Gt(0)] = 1e-3
+    weight_decay: Annotated[float, Ge(0)] = 0.0
+    betas: tuple[float, float] = (0.9, 0.99)
+    warmup_steps: Annotated[int, Ge(0)] = 100
+    min_lr_ratio: Annotated[float, Ge(0), Le(1)] = 0.1  # cosine decays to lr * min_lr_ratio
+    max_steps: Annotated[int, Ge(1)] = 1000
+    max_minutes: Annotated[float, Gt(0)] | None = None  # wall-clock budget: stops early, LR decayed by then
+    grad_clip: Annotated[float, Gt(0)] | None = 1.0
+    grad_accum: Annotated[int, Ge(1)] = 1
+    precision: Literal["fp32", "bf16"] = "fp32"  # bf16 = autocast on CPU/GPU
+    seed: int = 0
+    log_every: Annotated[int, Ge(1)] = 50
+    val_every: Annotated[int, Ge(1)] | None = 500  # validate every N steps (curves in MLflow); None: at the end
+    val_batches: Annotated[int, Ge(1)] | None = None  # cap on val batches per validation (the same ones each time)
+    checkpoint_every: Annotated[int, Ge(1)] = 500
+    nproc: Annotated[int, Ge(1)] = 1  # >1: DDP processes per machine through torchrun
+    nnodes: Annotated[int, Ge(1)] = 1  # >1: machines in the DDP run; they meet at runner.rdzv_endpoint
+    # Fine-tuning: parts that keep their (init_from) weights, e.g. [embeddings, blocks.0-5, head] (parse_freeze);
+    # transformer and clip only
+    freeze: list[str] = field(default_factory=list)
+
 
 LogFn = Callable[[int, dict[str, float]], None]
 CheckpointFn = Callable[[int, float], None]
@@ -37,7 +68,7 @@ CheckpointFn = Callable[[int, float], None]
 StepFn = Callable[[nn.Module, Any, int], tuple[torch.Tensor, int, Callable[[], dict[str, float]]]]
 
 
-def lr_at(step: int, t: TrainSection, horizon: int | None = None) -> float:
+def lr_at(step: int, t: TrainConfig, horizon: int | None = None) -> float:
     """Linear warmup, then cosine decay to lr * min_lr_ratio at `horizon` (default max_steps)."""
     if step < t.warmup_steps:
         return t.lr * (step + 1) / t.warmup_steps
@@ -46,7 +77,7 @@ def lr_at(step: int, t: TrainSection, horizon: int | None = None) -> float:
     return t.lr * (t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def make_optimizer(model: nn.Module, t: TrainSection) -> torch.optim.AdamW:
+def make_optimizer(model: nn.Module, t: TrainConfig) -> torch.optim.AdamW:
     """AdamW with weight decay on matrices only (no decay on biases, norms, embeddings' 1-D params)."""
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
@@ -60,7 +91,7 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         g["lr"] = lr
 
 
-class TrainingError(ValueError):
+class TrainingError(UserError):
     """Training cannot go on for a reason the user can fix (a diverged loss); the message is one line."""
 
 
@@ -91,7 +122,7 @@ class Budget:
 
     MIN_STEPS_TO_PROJECT = 20
 
-    def __init__(self, t: TrainSection, start_step: int = 0, elapsed_s: float = 0.0):
+    def __init__(self, t: TrainConfig, start_step: int = 0, elapsed_s: float = 0.0):
         self.max_steps = t.max_steps
         self.horizon = t.max_steps
         self.start_step, self.t0, self.elapsed_before = start_step, time.monotonic(), elapsed_s
@@ -144,7 +175,7 @@ class FitResult:
     elapsed_s: float  # training time of the whole run, resumes included
 
 
-def fit(model: nn.Module, batches: Iterable, t: TrainSection, optimizer: torch.optim.Optimizer, step_fn: StepFn, *,
+def fit(model: nn.Module, batches: Iterable, t: TrainConfig, optimizer: torch.optim.Optimizer, step_fn: StepFn, *,
         start_step: int = 0, elapsed_s: float = 0.0, device: torch.device | str = "cpu", seq_len: int | None = None,
         log: LogFn | None = None, checkpoint: CheckpointFn | None = None,
         before_step: Callable[[int, int], None] | None = None, after_step: Callable[[int], None] | None = None,

@@ -23,13 +23,15 @@ from typing import Protocol
 import numpy as np
 from PIL import Image
 
+from dalle_core.errors import UserError
+
 SKIN_TONES = {0x1F3FB: "light skin tone", 0x1F3FC: "medium-light skin tone", 0x1F3FD: "medium skin tone",
               0x1F3FE: "medium-dark skin tone", 0x1F3FF: "dark skin tone"}
 VS16 = 0xFE0F  # emoji presentation selector: spelled differently between sources and the emoji package
 BUILD_VERSION = 1  # bump when what the build writes changes
 
 
-class EmojiSetError(ValueError):
+class EmojiSetError(UserError):
     """A package is missing, the upstream files are not what the build reads, or an option is out of range."""
 
 

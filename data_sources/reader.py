@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from dalle_core.errors import UserError
 from dalle_core.images import to_rgb_square
 from data_sources import shapes
 from pipeline.config import DataSection
@@ -33,7 +34,7 @@ IMAGE_EXTS = tuple(sorted(ext for ext, fmt in Image.registered_extensions().item
 METADATA_FILES = ("metadata.jsonl", "metadata.csv", "metadata.tsv", "metadata.parquet")
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """A source that cannot be read at all; one line."""
 
 

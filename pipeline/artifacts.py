@@ -45,7 +45,7 @@ def stored(cfg: Config, stage: str, key: str) -> ArtifactRef:
 
 def no_retry_on_user_error(task, task_run, state) -> bool:
     """Prefect `retry_condition_fn`: retry storage hiccups, not errors a retry cannot fix (a damaged file)."""
-    from pipeline.config import ConfigError
+    from dalle_core.errors import ConfigError
     from storage.store import StoreError
 
     return not isinstance(state.result(raise_on_failure=False), (StoreError, ConfigError))

@@ -3,8 +3,9 @@ trains, so that a setting the data cannot meet fails in one line instead of afte
 
 from __future__ import annotations
 
+from dalle_core.errors import ConfigError
 from dalle_core.loader import rank_units
-from pipeline.config import Config, ConfigError
+from pipeline.config import Config
 from pipeline.stage_table import TRAINED
 from storage.parquet import ParquetShards, shard_paths
 from storage.store import ArtifactStore

@@ -28,42 +28,14 @@ from pydantic import (
 )
 
 from dalle_core.clip import CLIPConfig
-from dalle_core.dvae import DVAEConfig
+from dalle_core.dvae import DVAEConfig, DVAELossConfig
+from dalle_core.errors import ConfigError
+from dalle_core.train import TrainConfig, parse_freeze
 from dalle_core.transformer import DALLEConfig
-
-
-class ConfigError(ValueError):
-    """A bad configuration value; the message is one line, meant for users."""
 
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class TrainSection(Section):
-    """Optimisation settings shared by every trained stage."""
-
-    batch_size: int = Field(64, ge=1)
-    lr: float = Field(1e-3, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    betas: tuple[float, float] = (0.9, 0.99)
-    warmup_steps: int = Field(100, ge=0)
-    min_lr_ratio: float = Field(0.1, ge=0, le=1)  # cosine decays to lr * min_lr_ratio
-    max_steps: int = Field(1000, ge=1)
-    max_minutes: float | None = Field(None, gt=0)  # wall-clock budget: stops early, LR decayed by then
-    grad_clip: float | None = Field(1.0, gt=0)
-    grad_accum: int = Field(1, ge=1)
-    precision: Literal["fp32", "bf16"] = "fp32"  # bf16 = autocast on CPU/GPU
-    seed: int = 0
-    log_every: int = Field(50, ge=1)
-    val_every: int | None = Field(500, ge=1)  # validate every N steps (curves in MLflow); None: at the end only
-    val_batches: int | None = Field(None, ge=1)  # cap on val batches per validation (the same ones each time)
-    checkpoint_every: int = Field(500, ge=1)
-    nproc: int = Field(1, ge=1)  # >1: DDP processes per machine through torchrun
-    nnodes: int = Field(1, ge=1)  # >1: machines in the DDP run; they meet at runner.rdzv_endpoint
-    # Fine-tuning: parts that keep their (init_from) weights, e.g. [embeddings, blocks.0-5, head]
-    # (dalle_core.train.parse_freeze); transformer and clip only
-    freeze: list[str] = []
 
 
 class ShapesSection(Section):
@@ -126,18 +98,21 @@ class DataSection(Section):
         return self
 
 
-def _with_model_fields(section: type[Section], model_config: type, derived: set[str], doc: str) -> type[Section]:
-    """`section` plus every field of the model's dataclass but the `derived` ones (set by the stage from the
-    data and upstream artifacts), with the dataclass's type, range and default: one place per model field."""
-    hints = typing.get_type_hints(model_config, include_extras=True)
-    fields = {f.name: (hints[f.name], f.default) for f in dataclasses.fields(model_config) if f.name not in derived}
+def _with_model_fields(section: type[Section], model_config: type | tuple[type, ...], derived: set[str],
+                       doc: str) -> type[Section]:
+    """`section` plus every field of the core's dataclass(es) but the `derived` ones (set by the stage from the
+    data and upstream artifacts), with the dataclass's type, range and default: one place per field."""
+    fields = {}
+    for config in model_config if isinstance(model_config, tuple) else (model_config,):
+        hints = typing.get_type_hints(config, include_extras=True)
+        fields |= {f.name: (hints[f.name], f.default) for f in dataclasses.fields(config) if f.name not in derived}
     name = section.__name__.removeprefix("_").replace("Training", "Section")
     return create_model(name, __base__=section, __module__=__name__, __doc__=doc, **fields)
 
 
 class _DVAETraining(Section):
-    """The `dvae` section's own fields: a pretrained tokenizer, the loss and its schedules, and how it trains.
-    `DVAESection` adds the model's fields from `dalle_core.dvae.DVAEConfig`."""
+    """The `dvae` section's own fields: a pretrained tokenizer, k-means, and how it trains. `DVAESection` adds the
+    model's fields from `dalle_core.dvae.DVAEConfig` and the loss's from `dalle_core.dvae.DVAELossConfig`."""
 
     # A tokenizer others trained, instead of training one (dalle_core.pretrained): a local folder with OpenAI's
     # encoder.pkl + decoder.pkl, or a taming-transformers VQGAN .ckpt (its .yaml next to it, in ../configs/, or
@@ -148,49 +123,17 @@ class _DVAETraining(Section):
     # Fine-tune: start from this dVAE's weights (docs/finetuning.md): an exported model folder, a store artifact
     # folder, or dvae/<key> in this run's store; its content digest, not its path, is part of the stage key
     init_from: str | None = None
-    # logit_laplace: DALL-E's likelihood (pixels mapped into [0.1, 0.9], a location and scale per value); against
-    # it the paper's kl_weight for gumbel was 6.6
-    recon_loss: Literal["mse", "l1", "logit_laplace"] = "mse"
-    # gumbel (DALL-E's recipe). The schedules follow the run's real horizon (its last step, the wall-clock
-    # budget included), not a fixed step count: the temperature goes from temp_start to temp_end
-    # (exponentially) over the first `temp_anneal` of it, the KL weight from 0 to kl_weight over the first
-    # `kl_warmup`. kl_weight is the paper's beta: the KL to the uniform prior summed over grid cells, against
-    # a reconstruction loss summed over pixel values. DALL-E used 6.6 against its logit-Laplace likelihood; against
-    # the MSE here that over-regularises (docs/tokenizers.md). Validation, encoding and pre-tokenization always
-    # take the hard argmax.
-    temp_start: float = Field(1.0, gt=0)
-    temp_end: float = Field(1 / 16, gt=0)
-    temp_anneal: float = Field(0.5, gt=0, le=1)
-    kl_weight: float = Field(0.5, ge=0)
-    kl_warmup: float = Field(0.1, gt=0, le=1)
+    disc_layers: int = Field(3, ge=1, le=6)  # the VQGAN discriminator's stride-2 convs (dvae.adversarial)
     # pixel-kmeans: K = codebook_size colours (minGPT: 512) from k-means over the pixels (block averages) of
     # `kmeans_images` training images, `kmeans_iters` rounds; no gradient training, no network
     kmeans_images: int = Field(2048, ge=1)
     kmeans_iters: int = Field(20, ge=1)
-    # VQGAN (taming-transformers): a PatchGAN discriminator (disc_layers stride-2 convs, disc_channels wide) with
-    # the hinge loss, from step disc_start on. The generator term's weight is disc_weight x the ratio of the
-    # reconstruction's and the adversarial term's gradient norms at the decoder's last layer (clamped to
-    # [0, 1e4]). The discriminator trains with the same optimizer settings and is not part of the artifact.
-    adversarial: bool = False
-    disc_start: int = Field(1000, ge=0)
-    disc_weight: float = Field(0.8, ge=0)
-    # Steps over which the generator term's weight ramps from 0 to full after disc_start (the discriminator
-    # learns at full rate meanwhile). 0 = taming's switch-on, which knocks a converged dVAE down (docs/tokenizers.md).
-    disc_ramp: int = Field(0, ge=0)
-    disc_layers: int = Field(3, ge=1, le=6)
-    # A perceptual term (LPIPS on VGG16 features) needs weights on local disk, since nothing is downloaded:
-    # perceptual_vgg = torchvision's vgg16 state dict (.pth), perceptual_lpips = LPIPS' linear layers (vgg.pth
-    # of the lpips package; taken from an installed lpips package when unset). Off when perceptual_vgg is unset.
-    perceptual_weight: float = Field(1.0, ge=0)
-    perceptual_vgg: str | None = None
-    perceptual_lpips: str | None = None
-    restart_every: int = Field(50, ge=1)  # steps between dead-code restarts (vq and gumbel)
     # Pre-tokenization: bf16 runs the encoder convolutions under autocast (faster on CPUs with AVX512-BF16:
     # docs/benchmarks.md; the code search stays fp32). Near-tie cells may get a neighbouring
     # code; reconstruction PSNR stays the same (tested). Part of the tokens key, not the dVAE's.
     encode_precision: Literal["fp32", "bf16"] = "fp32"
     shuffle_buffer: int = Field(4096, ge=1)  # decoded images mixed per shuffle window (memory: rows x H x W x 3)
-    train: TrainSection = TrainSection(batch_size=64, lr=2e-3, max_steps=2000)
+    train: TrainConfig = TrainConfig(batch_size=64, lr=2e-3, max_steps=2000)
 
     @model_validator(mode="after")
     def _kmeans_is_one_process(self):
@@ -228,6 +171,10 @@ class _DVAETraining(Section):
                              f"(got dvae.train.nproc={self.train.nproc}, nnodes={self.train.nnodes}); set both to 1")
         return self
 
+    def loss_config(self):
+        """The training objective (`dalle_core.dvae.DVAELossConfig`): every field the two share by name."""
+        return _build(DVAELossConfig, self)
+
     def dvae_config(self, image_size: int):
         """The model config (`dalle_core.dvae.DVAEConfig`) at `image_size`: every field the two share by name,
         the logit-Laplace output from recon_loss, and a discriminator only when adversarial."""
@@ -236,7 +183,7 @@ class _DVAETraining(Section):
 
 
 DVAESection = _with_model_fields(
-    _DVAETraining, DVAEConfig, derived={"image_size", "logit_laplace", "disc_layers"},
+    _DVAETraining, (DVAEConfig, DVAELossConfig), derived={"image_size", "logit_laplace", "disc_layers"},
     doc="""The `dvae` run-config section: the tokenizer's model fields (`dalle_core.dvae.DVAEConfig`, built by
     `dvae_config`), its loss and schedules, and how it trains.""")
 
@@ -258,14 +205,12 @@ class _TransformerTraining(Section):
     init_from: str | None = None
     shuffle_buffer: int = Field(8192, ge=1)
     sample_every: int = Field(1000, ge=1)
-    train: TrainSection = TrainSection(batch_size=16, lr=1e-3, weight_decay=0.1, max_steps=2000)
+    train: TrainConfig = TrainConfig(batch_size=16, lr=1e-3, weight_decay=0.1, max_steps=2000)
 
     @model_validator(mode="after")
     def _heads_divide_dim(self):
         if self.dim % self.heads:
             raise ValueError(f"transformer.dim {self.dim} is not divisible by heads {self.heads}")
-        from dalle_core.train import parse_freeze
-
         parts, blocks = parse_freeze(self.train.freeze, self.depth, "transformer.train.freeze")
         if parts == {"embeddings", "head"} and len(blocks) == self.depth:
             raise ValueError(f"transformer.train.freeze {self.train.freeze} freezes every parameter; leave a part "
@@ -294,12 +239,10 @@ class _CLIPTraining(Section):
     # folder, or clip/<key> in this run's store; its content digest is part of the stage key
     init_from: str | None = None
     shuffle_buffer: int = Field(4096, ge=1)  # decoded images mixed per shuffle window
-    train: TrainSection = TrainSection(batch_size=128, lr=1e-3, weight_decay=0.1, max_steps=1000)
+    train: TrainConfig = TrainConfig(batch_size=128, lr=1e-3, weight_decay=0.1, max_steps=1000)
 
     @model_validator(mode="after")
     def _fine_tuning(self):
-        from dalle_core.train import parse_freeze
-
         if self.init_from and self.pretrained:
             raise ValueError("clip.init_from fine-tunes this project's CLIP; clip.pretrained uses one as it is: "
                              "set one of them")
@@ -526,25 +469,28 @@ class Config(Section):
         return self
 
 
-def _model_at(loc: tuple) -> type[BaseModel] | None:
-    """The pydantic model class that owns the field at `loc` (for did-you-mean)."""
-    model: type[BaseModel] = Config
+def _keys_at(loc: tuple) -> list[str]:
+    """The keys allowed where `loc` points: the fields of the section (a pydantic model, or a core dataclass such
+    as `TrainConfig`) that owns it (for did-you-mean)."""
+    model: type = Config
     for part in loc:
-        field = model.model_fields.get(str(part))
-        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
-            return model
+        field = model.model_fields.get(str(part)) if issubclass(model, BaseModel) else None
+        if field is None or not isinstance(field.annotation, type):
+            break
         model = field.annotation
-    return model
+    if dataclasses.is_dataclass(model):
+        return [f.name for f in dataclasses.fields(model)]
+    return list(model.model_fields) if issubclass(model, BaseModel) else []
 
 
 def _format_error(err: ValidationError) -> str:
     e = err.errors()[0]
     loc = tuple(e["loc"])
     name = ".".join(str(p) for p in loc)
-    if e["type"] == "extra_forbidden":
-        owner = _model_at(loc[:-1])
-        close = difflib.get_close_matches(str(loc[-1]), list(owner.model_fields), n=1) if owner else []
-        hint = f"; did you mean {close[0]}?" if close else f"; allowed: {', '.join(owner.model_fields)}"
+    if e["type"] in ("extra_forbidden", "unexpected_keyword_argument"):  # a model's and a dataclass's word for it
+        keys = _keys_at(loc[:-1])
+        close = difflib.get_close_matches(str(loc[-1]), keys, n=1)
+        hint = f"; did you mean {close[0]}?" if close else f"; allowed: {', '.join(keys)}"
         return f"{name}: unknown key{hint}"
     msg = e["msg"].removeprefix("Value error, ")
     if not name or isinstance(e.get("input"), dict):  # a whole-section check names its own keys

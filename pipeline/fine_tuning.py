@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.config import ConfigError
+from dalle_core.errors import ConfigError
 from pipeline.model_source import ModelSource, load_reason, model_source
 from pipeline.source_fit import check_fine_tuning
 

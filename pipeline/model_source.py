@@ -10,8 +10,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from dalle_core.errors import ConfigError
 from dalle_core.model_folder import INDEX, ModelFolderError
-from pipeline.config import ConfigError
 from storage.store import StoreError
 
 # `<stage>/<key>` in the run's own store (a store's keys are 12 hex digits; longer prefixes are not keys)

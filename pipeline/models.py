@@ -19,11 +19,12 @@ import torch
 from dalle_core.bpe import TextTokenizer
 from dalle_core.clip import CLIPConfig, CLIPReranker, build_clip, load_open_clip
 from dalle_core.device import resolve_device, sampling_precision
+from dalle_core.errors import ConfigError
 from dalle_core.generate import DALLEPipeline
 from dalle_core.images import ImageNormalization
 from dalle_core.model_folder import INDEX, build_dvae
 from dalle_core.transformer import DALLE, DALLEConfig
-from pipeline.config import Config, ConfigError, config_from_dict, load_config
+from pipeline.config import Config, config_from_dict, load_config
 from storage.store import ArtifactStore
 
 # ------------------------------------------------------------ a stage's model from the store

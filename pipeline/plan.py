@@ -7,9 +7,10 @@ from collections.abc import Callable
 
 from prefect.utilities.annotations import quote
 
+from dalle_core.errors import ConfigError
 from pipeline.artifacts import ArtifactRef, open_store, stored
 from pipeline.checks import check_batch_sizes
-from pipeline.config import Config, ConfigError
+from pipeline.config import Config
 from pipeline.logs import log
 from pipeline.stage_table import STAGES, check_names, downstream, select_stages, stage_keys
 

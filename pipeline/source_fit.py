@@ -8,7 +8,7 @@ import json
 import os
 from dataclasses import asdict
 
-from pipeline.config import ConfigError
+from dalle_core.errors import ConfigError
 from pipeline.model_source import ModelSource, load_reason, model_source, tokenizers_of
 
 # The model fields a source must share with the run to load into its model (the others, such as dropout or a

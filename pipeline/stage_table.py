@@ -15,9 +15,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
+from dalle_core.errors import ConfigError
 from dalle_core.evaluation import METRICS_VERSION
 from data_sources.reader import source_fingerprint
-from pipeline.config import Config, ConfigError
+from pipeline.config import Config
 from storage.store import stage_key
 
 StageName = Literal["ingest", "dvae", "bpe", "pretokenize", "transformer", "clip", "generate", "evaluate"]

@@ -10,10 +10,10 @@ from typing import Any
 
 from dalle_core.device import prefetch_to_device
 from dalle_core.loader import Decode, ShardStream
-from dalle_core.train import FitResult, StepFn, fit, make_optimizer
+from dalle_core.train import FitResult, StepFn, TrainConfig, fit, make_optimizer
 from pipeline.artifacts import ArtifactRef, Work, run_stage
 from pipeline.checkpoints import drop_checkpoints, load_checkpoint, save_checkpoint
-from pipeline.config import Config, TrainSection
+from pipeline.config import Config
 from pipeline.logs import log, progress
 from storage.parquet import ParquetShards
 from storage.store import ArtifactStore
@@ -43,7 +43,7 @@ class Training:
     model: object
     wrapped: object
     optimizer: object
-    train_cfg: TrainSection
+    train_cfg: TrainConfig
     device: object
     rank: int
     world: int
@@ -51,7 +51,7 @@ class Training:
     elapsed_s: float
 
     @classmethod
-    def prepare(cls, store: ArtifactStore, stage: str, key: str, model, train_cfg: TrainSection,
+    def prepare(cls, store: ArtifactStore, stage: str, key: str, model, train_cfg: TrainConfig,
                 device, rank: int = 0, world: int = 1) -> Training:
         """Model to the device, optimizer, resume from the latest checkpoint, DDP wrapper when world > 1."""
         model = model.to(device)

@@ -9,6 +9,7 @@ import os
 from dataclasses import dataclass
 
 from dalle_core.bpe import TextTokenizer
+from dalle_core.errors import ConfigError
 from dalle_core.generate import SAMPLING_DEFAULTS
 from dalle_core.images import grid, png_bytes
 from dalle_core.model_folder import (
@@ -20,7 +21,7 @@ from dalle_core.model_folder import (
     write_folder,
 )
 from pipeline.artifacts import open_store
-from pipeline.config import Config, ConfigError, flatten
+from pipeline.config import Config, flatten
 from pipeline.stage_table import stage_keys
 from release.model_card import data_licence, headline_metrics, model_card
 from storage.store import ArtifactStore

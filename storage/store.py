@@ -26,6 +26,8 @@ from typing import Any
 import filelock
 import fsspec
 
+from dalle_core.errors import UserError
+
 MANIFEST = "manifest.json"
 # Folders under the root that hold no stage's artifacts: MLflow's artifacts and the commands' failure logs (the
 # stages themselves are pipeline/stage_table.py's, which the store does not know).
@@ -35,7 +37,7 @@ LOCKS = ".locks"
 _log = logging.getLogger("dalle")
 
 
-class StoreError(RuntimeError):
+class StoreError(UserError):
     """A store problem a user can act on (missing artifact, unwritable root); one line."""
 
 

@@ -11,8 +11,9 @@ from prefect.cache_policies import NONE
 
 from dalle_core.bpe import TextTokenizer
 from dalle_core.bpe import train_bpe as train_bpe_model
+from dalle_core.errors import ConfigError
 from pipeline.artifacts import ArtifactRef, Work, run_name, run_stage
-from pipeline.config import Config, ConfigError
+from pipeline.config import Config
 from pipeline.logs import log
 from storage.parquet import iter_batches, shard_paths
 from storage.store import ArtifactStore

@@ -126,7 +126,7 @@ def trainer(w: Work, device, rank: int = 0, world: int = 1) -> Trainer:
     model = dvae.DiscreteVAE(section.dvae_config(cfg.data.image_size))
     start = start_model(cfg, "dvae", model, w.store)
     train_paths = shard_paths(w.store, "ingest", w.inputs["ingest"].key, "train")
-    before, after = dvae_schedule(model, section)
+    before, after = dvae_schedule(model, section.loss_config())
 
     def batches(training) -> object:
         return batch_stream(cfg, w.store, train_paths, ["image", "caption"], decode_images, train_cfg.batch_size,
@@ -141,7 +141,7 @@ def trainer(w: Work, device, rank: int = 0, world: int = 1) -> Trainer:
             log.info("dvae/%s: VQGAN: PatchGAN discriminator from step %d; LPIPS term %s", w.key, section.disc_start,
                      lpips)
 
-    return Trainer(model, start, batches, dvae_step(section), lambda m: _validate(w, m, device),
+    return Trainer(model, start, batches, dvae_step(model.c, section.loss_config()), lambda m: _validate(w, m, device),
                    lambda m, metrics: _files(w, m, device), _report, lambda m: f"psnr {m['psnr']:.1f}",
                    {"before_step": before, "after_step": after, "unit": "images"}, _made(model),
                    on_start=on_start, on_end=lambda m: m.drop_discriminator())

@@ -19,6 +19,7 @@ from prefect import task, unmapped
 from prefect.cache_policies import NONE
 
 from dalle_core.editing import Edit, outline, pack
+from dalle_core.errors import ConfigError
 from dalle_core.generate import GenerationError, load_edit, prompt_seed, ranks
 from dalle_core.images import decode_png, grid, png_bytes
 from pipeline.artifacts import (
@@ -29,7 +30,7 @@ from pipeline.artifacts import (
     run_name,
     run_stage,
 )
-from pipeline.config import Config, ConfigError, prime_rows_error
+from pipeline.config import Config, prime_rows_error
 from pipeline.logs import log, progress
 from pipeline.models import load_pipeline
 from pipeline.runners import task_runner

@@ -1,8 +1,7 @@
 import pytest
 
 from dalle_core import train
-from dalle_core.train import Budget, lr_at
-from pipeline.config import TrainSection
+from dalle_core.train import Budget, TrainConfig, lr_at
 
 
 class Clock:
@@ -21,7 +20,7 @@ def clock(monkeypatch):
 
 
 def test_step_budget_keeps_the_step_schedule():
-    t = TrainSection(lr=1e-3, max_steps=100, warmup_steps=10, min_lr_ratio=0.1)
+    t = TrainConfig(lr=1e-3, max_steps=100, warmup_steps=10, min_lr_ratio=0.1)
     b = Budget(t)
     steps = [s for s in range(200) if not b.check(s)]
     assert steps == list(range(100)) and b.horizon == 100
@@ -30,7 +29,7 @@ def test_step_budget_keeps_the_step_schedule():
 
 def test_clock_budget_decays_the_lr_by_the_deadline(clock):
     # 1000 steps asked for, but at 0.1 s per step one minute holds only 600
-    t = TrainSection(lr=1e-3, max_steps=1000, max_minutes=1, warmup_steps=10, min_lr_ratio=0.1)
+    t = TrainConfig(lr=1e-3, max_steps=1000, max_minutes=1, warmup_steps=10, min_lr_ratio=0.1)
     b = Budget(t)
     step, lrs = 0, []
     while not b.check(step):
@@ -51,7 +50,7 @@ def _rank_loop(rank: int, port: int, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     clock = Clock()
     train.time.monotonic = clock
-    t = TrainSection(lr=1e-3, max_steps=1000, max_minutes=1, warmup_steps=10)
+    t = TrainConfig(lr=1e-3, max_steps=1000, max_minutes=1, warmup_steps=10)
     b, step, trace = Budget(t), 0, []
     while not b.check(step):
         trace.append((step, b.horizon))
@@ -80,7 +79,7 @@ def test_ranks_agree_on_the_horizon_and_the_last_step(tmp_path):
 def test_a_resumed_run_keeps_its_wall_clock_budget(clock):
     """max_minutes counts the whole run: resumed after 30 s of a 1-minute budget, it gets 30 s more, so it
     stops where an uninterrupted run stops and its LR horizon does not move."""
-    t = TrainSection(lr=1e-3, max_steps=1000, max_minutes=1, warmup_steps=10)
+    t = TrainConfig(lr=1e-3, max_steps=1000, max_minutes=1, warmup_steps=10)
 
     def run(start: int, elapsed_s: float, until_s: float | None = None) -> tuple[int, int, float]:
         b, step, t0 = Budget(t, start, elapsed_s), start, clock.now

@@ -6,12 +6,11 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from dalle_core.train import fit
+from dalle_core.train import TrainConfig, fit
 from dalle_core.transformer import DALLE, DALLEConfig, transformer_step
-from pipeline.config import TrainSection
 
 C = DALLEConfig(text_vocab=40, text_len=5, pad_id=0, image_vocab=16, image_grid=3, dim=32, depth=2, heads=4)
-T = TrainSection(batch_size=4, lr=0.5, warmup_steps=0, max_steps=1, grad_clip=1.0, weight_decay=0.1)
+T = TrainConfig(batch_size=4, lr=0.5, warmup_steps=0, max_steps=1, grad_clip=1.0, weight_decay=0.1)
 
 
 def _union_batch() -> dict:

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from dalle_core.device import resolve_device
-from dalle_core.train import load_training_state, make_optimizer, training_state_bytes
-from pipeline.config import ConfigError, TrainSection
+from dalle_core.errors import ConfigError
+from dalle_core.train import TrainConfig, load_training_state, make_optimizer, training_state_bytes
 from tests.conftest import DEVICES
 
 
@@ -21,7 +21,7 @@ def test_device_setting_resolves_or_fails_in_one_line():
 @pytest.mark.parametrize("device", DEVICES)
 def test_training_state_restores_the_rng_of_the_device(device):
     model = torch.nn.Linear(4, 4).to(device)
-    opt = make_optimizer(model, TrainSection())
+    opt = make_optimizer(model, TrainConfig())
     torch.manual_seed(1)
     torch.rand(3, device=device)  # make sure the device's generator is in use
     state = training_state_bytes(opt)

@@ -85,7 +85,7 @@ def test_gumbel_training_keeps_codes_alive():
     with torch.no_grad():
         logits.bias[:8] += 50.0  # 8 codes take every cell: the other 56 are dead
     model(torch.randn(2, 3, 32, 32))
-    _, after = dvae_schedule(model, run)
+    _, after = dvae_schedule(model, run.loss_config())
     for step in range(10):
         model(torch.randn(2, 3, 32, 32))
         after(step)
@@ -107,8 +107,8 @@ def test_overfits_a_handful_of_shapes_with_hard_codes(quantizer, recon_loss, rat
                                      "train": {"max_steps": 150, "lr": 3e-3, "warmup_steps": 10, "log_every": 10}}}).dvae
     taming = {"channel_mult": channel_mult, "num_res_blocks": 0} if channel_mult else {}  # its middle block only
     model = DiscreteVAE(small(quantizer, logit_laplace=recon_loss == "logit_laplace", **taming))
-    before, after = dvae_schedule(model, run)
-    fit(model, iter(lambda: {"image": images}, None), run.train, make_optimizer(model, run.train), dvae_step(run),
+    before, after = dvae_schedule(model, run.loss_config())
+    fit(model, iter(lambda: {"image": images}, None), run.train, make_optimizer(model, run.train), dvae_step(model.c, run.loss_config()),
         before_step=before, after_step=after)
     x = to_tensor(images)
     with torch.inference_mode():
@@ -139,7 +139,7 @@ def test_gumbel_schedules_follow_the_run_horizon_and_kl_is_normalised_per_pixel_
     r = config_from_dict({"dvae": {"quantizer": "gumbel", "temp_start": 1.0, "temp_end": 1 / 16, "temp_anneal": 0.5,
                                    "kl_weight": 6.6, "kl_warmup": 0.1, "train": {"max_steps": 10_000}}}).dvae
     model = DiscreteVAE(small("gumbel"))  # 32 px, 8x8 grid
-    before, _ = dvae_schedule(model, r)
+    before, _ = dvae_schedule(model, r.loss_config())
     q = model.quantizer
     before(25, 100)  # a run cut to 100 steps by its clock: half-way through the anneal
     assert q.temperature == pytest.approx(0.25)  # geometric mean of 1 and 1/16
@@ -236,7 +236,7 @@ def test_disc_ramp_scales_the_generator_term_in():
     torch.manual_seed(0)
     model = DiscreteVAE(small("vq", disc_layers=2)).eval()  # eval: no codebook updates between the calls
     batch = {"image": torch.from_numpy(np.stack([s[3] for s in shapes.generate(4, 32, seed=1)]))}
-    metrics = {step: dvae_step(r)(model, batch, step)[2]() for step in (9, 10, 13, 20)}
+    metrics = {step: dvae_step(model.c, r.loss_config())(model, batch, step)[2]() for step in (9, 10, 13, 20)}
     assert "adaptive_weight" not in metrics[9]  # before disc_start: no discriminator terms
     weight = {step: m["adaptive_weight"] for step, m in metrics.items() if step >= 10}
     assert weight[10] == pytest.approx(weight[20] / 4, rel=1e-4) and weight[13] == pytest.approx(weight[20], rel=1e-4)

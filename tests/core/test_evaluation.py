@@ -109,8 +109,9 @@ def inception_weights(tmp_path_factory):
 
 
 def test_inception_fid_from_a_local_weights_file(inception_weights):
+    from dalle_core.errors import ConfigError
     from dalle_core.evaluation import InceptionFID
-    from pipeline.config import ConfigError, config_from_dict
+    from pipeline.config import config_from_dict
 
     rng = np.random.default_rng(0)
     blobs = np.stack([np.asarray(shapes.generate(1, 32, seed=s).__next__()[3]) for s in range(24)])

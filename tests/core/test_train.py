@@ -1,5 +1,7 @@
 """The one training loop: gradient accumulation, exact resume, tied embeddings, the dVAE's losses."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -8,6 +10,7 @@ import torch.nn.functional as F
 from dalle_core.dvae import DiscreteVAE, DVAEConfig, dvae_step
 from dalle_core.images import to_tensor
 from dalle_core.train import (
+    TrainConfig,
     TrainingError,
     fit,
     load_training_state,
@@ -16,7 +19,7 @@ from dalle_core.train import (
 )
 from dalle_core.transformer import DALLE, DALLEConfig, transformer_step
 from data_sources import shapes
-from pipeline.config import TrainSection, config_from_dict
+from pipeline.config import config_from_dict
 from tests.conftest import DEVICES
 
 C = DALLEConfig(text_vocab=40, text_len=5, pad_id=0, image_vocab=16, image_grid=3, dim=32, depth=2, heads=4)
@@ -39,7 +42,7 @@ def test_gradient_accumulation_equals_one_big_batch():
     for accum, stream in ((1, iter(lambda: big, None)), (2, iter(halves * 3))):
         torch.manual_seed(0)
         model = DALLE(C)
-        t = TrainSection(lr=0.5, warmup_steps=0, max_steps=1, grad_accum=accum, grad_clip=None)
+        t = TrainConfig(lr=0.5, warmup_steps=0, max_steps=1, grad_accum=accum, grad_clip=None)
         fit(model, stream, t, torch.optim.SGD(model.parameters(), lr=t.lr), transformer_step(0.0, C.pad_id, 0))
         out[accum] = _weights(model)
     for k in out[1]:
@@ -50,7 +53,7 @@ def test_killed_and_resumed_run_with_dropout_equals_an_uninterrupted_one():
     """Dropout and caption dropout draw random numbers: the checkpoint's RNG state makes the resume exact."""
     c = DALLEConfig(**{**C.__dict__, "dropout": 0.2})
     batches = [_batch(4, seed) for seed in range(20)]
-    t = TrainSection(lr=3e-3, warmup_steps=2, max_steps=12, log_every=100)
+    t = TrainConfig(lr=3e-3, warmup_steps=2, max_steps=12, log_every=100)
     step_fn = transformer_step(0.3, C.pad_id, 0)
 
     torch.manual_seed(0)
@@ -61,7 +64,7 @@ def test_killed_and_resumed_run_with_dropout_equals_an_uninterrupted_one():
     first = DALLE(c)
     opt = make_optimizer(first, t)
     saved = {}
-    fit(first, iter(batches), t.model_copy(update={"checkpoint_every": 5}), opt, step_fn,
+    fit(first, iter(batches), dataclasses.replace(t, checkpoint_every=5), opt, step_fn,
         checkpoint=lambda step, elapsed: saved.update(step=step, weights=_weights(first),
                                                       state=training_state_bytes(opt)) if step == 5 else None)
     torch.rand(100)  # the killed process drew more random numbers after its checkpoint
@@ -80,7 +83,7 @@ def test_tied_image_embedding_stays_tied_through_training_and_a_save():
     torch.manual_seed(0)
     c = DALLEConfig(**{**C.__dict__, "tie_image_embedding": True})
     model = DALLE(c)
-    t = TrainSection(lr=1e-2, warmup_steps=0, max_steps=3)
+    t = TrainConfig(lr=1e-2, warmup_steps=0, max_steps=3)
     fit(model, iter(lambda: _batch(4), None), t, make_optimizer(model, t), transformer_step(0.0, C.pad_id, 0))
     assert model.image_head.weight is model.image_emb.weight
     data = save({k: v.detach().clone().contiguous() for k, v in model.state_dict().items()})
@@ -102,7 +105,7 @@ def test_recon_loss_setting_picks_the_loss():
         recon, _, q_loss = model(x)
         for name, fn in (("mse", F.mse_loss), ("l1", F.l1_loss)):
             r = config_from_dict({"dvae": {"quantizer": "gumbel", "recon_loss": name}}).dvae
-            loss, n, _ = dvae_step(r)(model, {"image": images}, 0)
+            loss, n, _ = dvae_step(model.c, r.loss_config())(model, {"image": images}, 0)
             assert n == 4 and torch.allclose(loss, fn(recon, x) + q_loss), name
 
 
@@ -117,7 +120,7 @@ def test_a_diverged_loss_stops_training_naming_the_step_and_keeps_the_last_good_
         return loss, len(batch), dict
 
     checkpoints, logged = [], []
-    t = TrainSection(lr=3e-3, warmup_steps=0, max_steps=20, log_every=4, checkpoint_every=3, val_every=None)
+    t = TrainConfig(lr=3e-3, warmup_steps=0, max_steps=20, log_every=4, checkpoint_every=3, val_every=None)
     with pytest.raises(TrainingError, match=r"^training diverged: .* not finite at step 5 \(learning rate 0.00\d+, "
                                             r"train.lr=0.003\)") as err:
         fit(model, iter(lambda: x, None), t, torch.optim.SGD(model.parameters(), lr=t.lr), step_fn, device=device,

@@ -5,9 +5,8 @@ import torch.nn.functional as F
 from dalle_core import cpu_fast, sampling
 from dalle_core.device import autocast
 from dalle_core.sampling import filter_logits, sample
-from dalle_core.train import fit, make_optimizer
+from dalle_core.train import TrainConfig, fit, make_optimizer
 from dalle_core.transformer import DALLE, DALLEConfig, transformer_step
-from pipeline.config import TrainSection
 from tests.conftest import DEVICES
 
 C = DALLEConfig(text_vocab=50, text_len=6, pad_id=0, image_vocab=20, image_grid=3, dim=32, depth=2, heads=4)
@@ -133,7 +132,7 @@ def test_overfits_a_few_sequences():
     torch.manual_seed(0)
     m = DALLE(C)
     text, image = _text(4), torch.randint(0, C.image_vocab, (4, C.image_len))
-    t = TrainSection(batch_size=4, lr=3e-3, warmup_steps=10, max_steps=300, log_every=50, grad_clip=1.0)
+    t = TrainConfig(batch_size=4, lr=3e-3, warmup_steps=10, max_steps=300, log_every=50, grad_clip=1.0)
     with torch.no_grad():
         losses = [m(text, image)[2].item()]  # about ln(20) before training
     fit(m, iter(lambda: {"text": text, "image": image}, None), t, make_optimizer(m, t),
@@ -238,7 +237,7 @@ def test_bf16_training_tracks_fp32(device):
     for precision in ("fp32", "bf16"):
         torch.manual_seed(0)
         m = DALLE(C).to(device)
-        t = TrainSection(batch_size=8, lr=2e-3, warmup_steps=5, max_steps=60, log_every=10, precision=precision)
+        t = TrainConfig(batch_size=8, lr=2e-3, warmup_steps=5, max_steps=60, log_every=10, precision=precision)
         curves[precision] = []
         fit(m, iter(lambda: {"text": text, "image": image}, None), t, make_optimizer(m, t),
             transformer_step(0.1, C.pad_id, t.seed), device=device,

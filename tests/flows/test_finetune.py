@@ -17,9 +17,10 @@ from mlflow import MlflowClient
 from safetensors.torch import load_file
 
 from cli.main import main
+from dalle_core.errors import ConfigError
 from dalle_core.images import decode_png, to_tensor
 from pipeline.artifacts import open_store
-from pipeline.config import ConfigError, load_config
+from pipeline.config import load_config
 from pipeline.stage_table import stage_keys
 from pipeline.training import batch_stream
 from storage.parquet import read_shard, shard_paths

@@ -5,9 +5,10 @@ from mlflow import MlflowClient
 
 from cli.main import main
 from dalle_core.clip import CLIPReranker, recall_at
+from dalle_core.errors import ConfigError
 from dalle_core.images import decode_png
 from pipeline.artifacts import open_store
-from pipeline.config import ConfigError, load_config
+from pipeline.config import load_config
 from pipeline.models import load_dvae, load_reranker
 from pipeline.stage_table import stage_keys
 from storage.parquet import read_shard, shard_paths

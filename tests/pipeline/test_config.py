@@ -1,6 +1,7 @@
 import pytest
 
-from pipeline.config import ConfigError, config_from_dict, flatten, load_config
+from dalle_core.errors import ConfigError
+from pipeline.config import config_from_dict, flatten, load_config
 from tests.conftest import TINY
 
 
