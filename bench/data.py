@@ -49,7 +49,6 @@ def _pretokenize_child(num_images: int, root: str, precision: str) -> dict:
     from prefect.testing.utilities import prefect_test_harness
 
     from flows.pipeline import pipeline_flow
-    from pipeline.artifacts import open_store
     from pipeline.checkpoints import state_bytes
     from pipeline.config import config_from_dict
     from pipeline.stage_table import stage_keys
@@ -60,7 +59,7 @@ def _pretokenize_child(num_images: int, root: str, precision: str) -> dict:
     cfg = config_from_dict(overrides)
     with prefect_test_harness(server_startup_timeout=120):
         pipeline_flow(cfg, until="bpe")  # ingests first
-        store, keys = open_store(cfg), stage_keys(cfg)
+        store, keys = cfg.store.open(), stage_keys(cfg)
         model = DiscreteVAE(REF_DVAE)  # untrained weights cost the same to run
         store.write_bytes(store.path("dvae", keys["dvae"], "model.safetensors"), state_bytes(model))
         store.write_json(store.path("dvae", keys["dvae"], "config.json"),

@@ -20,7 +20,6 @@ import torch
 from dalle_core.dvae import evaluate_dvae, laplacian_variance
 from dalle_core.images import grid, png_bytes, to_tensor, to_uint8
 from dalle_core.loader import decode_images
-from pipeline.artifacts import open_store
 from pipeline.config import load_config
 from pipeline.models import load_dvae
 from pipeline.stage_table import stage_keys
@@ -39,7 +38,7 @@ def main() -> None:
     for spec in args.runs:
         label, _, overrides = spec.partition("=")
         cfg = load_config(args.config, [o for o in overrides.split(";") if o])
-        store, keys = open_store(cfg), stage_keys(cfg)
+        store, keys = cfg.store.open(), stage_keys(cfg)
         model, norm = load_dvae(store, keys["dvae"])
         val = shard_paths(store, "ingest", keys["ingest"], "val")
 

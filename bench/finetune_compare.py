@@ -14,7 +14,6 @@ import argparse
 
 from dalle_core.images import decode_png
 from data_sources.shapes import faithfulness
-from pipeline.artifacts import open_store
 from pipeline.config import load_config
 from pipeline.stage_table import stage_keys
 from storage.parquet import read_shard
@@ -24,7 +23,7 @@ def run_row(config: str, overrides: list[str], colour: str) -> dict:
     """One run's numbers: transformer steps and val losses, faithfulness (the top-1 of N by CLIP and a random
     candidate, as the evaluation reports them) over all val prompts and over those naming `colour`."""
     cfg = load_config(config, overrides)
-    store, keys = open_store(cfg), stage_keys(cfg)
+    store, keys = cfg.store.open(), stage_keys(cfg)
     transformer = store.require("transformer", keys["transformer"])
     store.require("evaluate", keys["evaluate"])
     report = store.read_json(store.path("evaluate", keys["evaluate"], "evaluation.json"))

@@ -32,13 +32,12 @@ def shapes_model(folder: str) -> bool:
     if os.environ.get("DALLE_BENCH_MODEL"):
         shutil.copytree(os.environ["DALLE_BENCH_MODEL"], folder)
         return True
-    from pipeline.artifacts import open_store
     from pipeline.config import load_config
     from pipeline.stage_table import stage_keys
     from release.export import export_model
 
     cfg = load_config(SHAPES)
-    store, keys = open_store(cfg), stage_keys(cfg)
+    store, keys = cfg.store.open(), stage_keys(cfg)
     if all(store.is_complete(s, keys[s]) for s in ("transformer", "dvae", "bpe", "clip")):
         export_model(cfg, folder)
         return True
@@ -55,7 +54,6 @@ def _untrained_folder(cfg, folder: str) -> None:
     from dalle_core.model_folder import clip_files, index, json_bytes, write_folder
     from dalle_core.transformer import DALLE
     from data_sources import shapes
-    from release.export import sampling_defaults
     from tasks.clip import checkpoint_bytes
 
     captions = [caption for _, _, caption, _ in shapes.generate(2000, cfg.data.image_size)]
@@ -74,7 +72,7 @@ def _untrained_folder(cfg, folder: str) -> None:
              "dvae/config.json": json_bytes({"model": asdict(dvae.c), "norm": norm}),
              "dvae/model.safetensors": weights(dvae), "tokenizer/tokenizer.json": tokenizer.tokenizer.to_str().encode(),
              "tokenizer/config.json": json_bytes({"text_len": cfg.text.text_len, "pad_id": tokenizer.pad_id}),
-             "model_index.json": json_bytes(index(cfg.data.image_size, sampling_defaults(cfg)))}
+             "model_index.json": json_bytes(index(cfg.data.image_size, cfg.generate.sampling_defaults()))}
     clip = checkpoint_bytes(build_clip(clip_cfg), clip_cfg, tokenizer)
     files.update({f"clip/{name}": data for name, data in clip_files(clip).items()})
     write_folder(folder, files)

@@ -66,12 +66,11 @@ def _human(n: float) -> str:
 
 def cmd_status(args) -> int:
     """List the artifacts with their state; a damaged one says what is wrong and how to redo it."""
-    from pipeline.artifacts import open_store
     from pipeline.stage_table import NAMES, RETIRED, stage_keys
     from storage.store import redo_hint
 
     cfg = load_config(args.config, args.overrides)
-    store = open_store(cfg)
+    store = cfg.store.open()
     current = stage_keys(cfg)
     order = {s: i for i, s in enumerate(NAMES)}
     rows = sorted(store.artifacts((*NAMES, *RETIRED), verify=args.verify), key=lambda a: order.get(a.stage, len(order)))
@@ -92,11 +91,10 @@ def cmd_status(args) -> int:
 def cmd_gc(args) -> int:
     """Remove incomplete and damaged artifacts (and, with --unreferenced, those the config does not use);
     an artifact another run is working on is kept."""
-    from pipeline.artifacts import open_store
     from pipeline.stage_table import NAMES, RETIRED, stage_keys
 
     cfg = load_config(args.config, args.overrides)
-    store = open_store(cfg)
+    store = cfg.store.open()
     keep = set(stage_keys(cfg).items())
     removed = 0
     for a in store.artifacts((*NAMES, *RETIRED)):
@@ -119,11 +117,10 @@ def cmd_gc(args) -> int:
 def cmd_ui(args) -> int:
     import subprocess
 
-    from pipeline.artifacts import open_store
     from storage.tracking import has_runs, tracking_uri
 
     cfg = load_config(args.config, args.overrides)
-    uri = tracking_uri(cfg.tracking.uri, open_store(cfg))
+    uri = tracking_uri(cfg.tracking.uri, cfg.store.open())
     if not has_runs(uri, cfg.tracking.experiment):
         raise ConfigError(f"no runs tracked in {uri!r} (experiment {cfg.tracking.experiment!r}) yet; "
                           f"run a stage first, e.g. dalle run -c {args.config or '<config>'}")
@@ -135,10 +132,9 @@ def cmd_ui(args) -> int:
 
 def _print_results(cfg, refs: dict) -> None:
     """After generation/evaluation: the evaluation table and where the pictures are."""
-    from pipeline.artifacts import open_store
     from tasks.evaluate import format_report
 
-    store = open_store(cfg)
+    store = cfg.store.open()
     if "evaluate" in refs:
         folder = store.path("evaluate", refs["evaluate"].key)
         print(format_report(store.read_json(f"{folder}/evaluation.json")))

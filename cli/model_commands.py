@@ -110,11 +110,10 @@ def _model_source(args) -> tuple[str, list[str], str | None, list[str]]:
     run = [o for o in args.overrides if o not in sampling]
     if not args.model:
         return args.config, run, None, sampling
-    from pipeline.artifacts import open_store
     from storage.tracking import tracking_uri
 
     cfg = load_config(args.config, run)
-    return args.model, [], tracking_uri(cfg.tracking.uri, open_store(cfg)), sampling
+    return args.model, [], tracking_uri(cfg.tracking.uri, cfg.store.open()), sampling
 
 
 def cmd_generate_model(args, prompts: list[str]) -> int:

@@ -33,6 +33,7 @@ from dalle_core.editing import (
 )
 from dalle_core.errors import UserError
 from dalle_core.images import ImageNormalization, to_rgb_square, to_tensor, to_uint8_tensor
+from dalle_core.model_folder import load_folder
 from dalle_core.sampling import sample
 from dalle_core.transformer import DALLE
 
@@ -99,9 +100,7 @@ class DALLEPipeline:
         """The model exported to `folder` (`dalle export`), on `device` (auto | cpu | cuda | cuda:N), sampling in
         `precision` (auto: the faster one on that device; fp32; bf16). Needs no store, config, Prefect or MLflow.
         Raises ModelFolderError (one line) for a folder that is not a complete export."""
-        from dalle_core.model_folder import load_folder
-
-        return load_folder(folder, device, precision)
+        return cls(**load_folder(folder, device, precision))
 
     @property
     def image_size(self) -> int:

@@ -11,7 +11,7 @@ no store, no run config, no Prefect, no MLflow.
     README.md          the model card (written by release/export.py), with samples.png
 
 `write_folder` writes the bytes a caller assembled (release/export.py, from a run's store), so exporting the
-same run twice gives the same bytes; `load_folder` reads them back into a `DALLEPipeline`. A run fine-tunes from
+same run twice gives the same bytes; `load_folder` reads them back as a `DALLEPipeline`'s components. A run fine-tunes from
 a folder's components (`init_from`, `tokenizers_from`: pipeline/model_source.py), keyed by their `content_digest`.
 """
 
@@ -33,7 +33,6 @@ from dalle_core.clip import CLIPConfig, CLIPReranker, build_clip, open_clip_rera
 from dalle_core.device import resolve_device, sampling_precision
 from dalle_core.dvae import DiscreteVAE, DVAEConfig
 from dalle_core.errors import UserError
-from dalle_core.generate import DALLEPipeline
 from dalle_core.images import ImageNormalization
 from dalle_core.transformer import DALLE, DALLEConfig
 
@@ -200,9 +199,11 @@ def read_index(folder: str | os.PathLike) -> dict:
     return idx
 
 
-def load_folder(folder: str | os.PathLike, device: str = "auto", precision: str = "auto") -> DALLEPipeline:
-    """The `DALLEPipeline` exported to `folder`, in eval mode on `device` (auto | cpu | cuda | cuda:N), sampling
-    in `precision` (auto | fp32 | bf16). ModelFolderError (one line) for a missing part or a newer format."""
+def load_folder(folder: str | os.PathLike, device: str = "auto", precision: str = "auto") -> dict:
+    """The components exported to `folder`, as `DALLEPipeline`'s fields (transformer, dvae, normalization,
+    tokenizer, reranker, precision, sampling): the models in eval mode on `device` (auto | cpu | cuda | cuda:N),
+    sampling in `precision` (auto | fp32 | bf16). ModelFolderError (one line) for a missing part or a newer
+    format. `DALLEPipeline.from_pretrained` builds the pipeline from them."""
     folder = Path(folder)
     idx = read_index(folder)
     if precision not in ("auto", "fp32", "bf16"):
@@ -220,9 +221,11 @@ def load_folder(folder: str | os.PathLike, device: str = "auto", precision: str 
     tokenizer = TextTokenizer.from_str(tokenizer_path.read_text(encoding="utf-8"), tok["text_len"])
     reranker = build_reranker(folder, _read_json(folder, "clip/config.json"))
     norm = dvae_meta["norm"]
-    return DALLEPipeline(transformer.to(dev).eval(), dvae.to(dev, memory_format=torch.channels_last).eval(),
-                         ImageNormalization(tuple(norm["mean"]), tuple(norm["std"])), tokenizer, reranker.to(dev),
-                         sampling_precision(precision, dev), dict(idx.get("sampling", {})))
+    return {"transformer": transformer.to(dev).eval(),
+            "dvae": dvae.to(dev, memory_format=torch.channels_last).eval(),
+            "normalization": ImageNormalization(tuple(norm["mean"]), tuple(norm["std"])), "tokenizer": tokenizer,
+            "reranker": reranker.to(dev), "precision": sampling_precision(precision, dev),
+            "sampling": dict(idx.get("sampling", {}))}
 
 
 def component_config(model) -> dict:

@@ -8,14 +8,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from dalle_core.errors import ConfigError
 from pipeline.config import Config
 from pipeline.logs import log
-from storage.store import ArtifactStore
+from pipeline.runs import record_reuse, stage_run
+from pipeline.stage_table import STAGES
+from storage.store import ArtifactStore, StoreError
 from storage.tracking import StageRun
-
-
-def open_store(cfg: Config) -> ArtifactStore:
-    return ArtifactStore(cfg.store.root, cfg.store.storage_options)
 
 
 @dataclass
@@ -38,16 +37,13 @@ def ref(store: ArtifactStore, stage: str, key: str, cached: bool) -> ArtifactRef
 
 def stored(cfg: Config, stage: str, key: str) -> ArtifactRef:
     """The finished artifact of `stage/key` (a StoreError in one line when there is none)."""
-    store = open_store(cfg)
+    store = cfg.store.open()
     store.require(stage, key)
     return ref(store, stage, key, cached=True)
 
 
 def no_retry_on_user_error(task, task_run, state) -> bool:
     """Prefect `retry_condition_fn`: retry storage hiccups, not errors a retry cannot fix (a damaged file)."""
-    from dalle_core.errors import ConfigError
-    from storage.store import StoreError
-
     return not isinstance(state.result(raise_on_failure=False), (StoreError, ConfigError))
 
 
@@ -84,8 +80,6 @@ class Work:
     def finish(self, **fields: Any) -> dict:
         """Write the manifest (last: the artifact is complete from then on) with the stage table's inputs;
         `config` defaults to the stage's section of the key. Logged to the stage's MLflow run."""
-        from pipeline.stage_table import STAGES
-
         spec = STAGES[self.stage]
         manifest = self.store.finish(self.stage, self.key, **{"config": spec.section(self.cfg), **fields},
                                      inputs={s: self.inputs[s].key for s in spec.key_inputs(self.cfg)})
@@ -95,8 +89,6 @@ class Work:
 
 
 def stage_key(cfg: Config, stage: str, inputs: dict[str, ArtifactRef]) -> str:
-    from pipeline.stage_table import STAGES
-
     return STAGES[stage].key(cfg, {s: r.key for s, r in inputs.items()})
 
 
@@ -110,10 +102,7 @@ def run_stage(cfg: Config, stage: str, inputs: dict[str, ArtifactRef], work: Cal
     error in a tag and ends the claim, so a later run redoes the stage. `mlflow_run=False`: the work opens
     its own run (a training stage's rank 0) and writes the manifest itself. `claim=False`: only look (the
     machines of one multi-node training job all run this and meet in torchrun's rendezvous instead)."""
-    from pipeline.runs import record_reuse, stage_run
-    from pipeline.stage_table import STAGES
-
-    store, key = open_store(cfg), stage_key(cfg, stage, inputs)
+    store, key = cfg.store.open(), stage_key(cfg, stage, inputs)
     if store.begin(stage, key, log.info, claim=claim) is not None:
         log.info("%s/%s is complete; reusing it", stage, key)
         record_reuse(cfg, store, stage, key)
@@ -142,7 +131,7 @@ def run_name(stage: str) -> Callable[..., str]:
         cfg = parameters["cfg"]
         cfg = cfg.unquote() if hasattr(cfg, "unquote") else cfg  # the flow passes it quoted
         try:
-            done = open_store(cfg).is_complete(stage, stage_key(cfg, stage, inputs))
+            done = cfg.store.open().is_complete(stage, stage_key(cfg, stage, inputs))
         except Exception:  # the stage itself reports what is wrong
             done = False
         return f"{stage} (cached)" if done else stage

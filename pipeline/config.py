@@ -30,8 +30,10 @@ from pydantic import (
 from dalle_core.clip import CLIPConfig
 from dalle_core.dvae import DVAEConfig, DVAELossConfig
 from dalle_core.errors import ConfigError
+from dalle_core.generate import SAMPLING_DEFAULTS
 from dalle_core.train import TrainConfig, parse_freeze
 from dalle_core.transformer import DALLEConfig
+from storage.store import ArtifactStore
 
 
 class Section(BaseModel):
@@ -328,6 +330,10 @@ class GenerateSection(Section):
                 raise ValueError(f"prompt {i + 1} of {len(prompts)} is {prompt!r}; every prompt needs some text")
         return prompts
 
+    def sampling_defaults(self) -> dict:
+        """The sampling settings a model folder carries as its defaults (`DALLEPipeline.sampling`)."""
+        return {k: getattr(self, k) for k in SAMPLING_DEFAULTS}
+
 
 class EvaluateSection(Section):
     num_prompts: int = Field(64, ge=1)  # val captions for the evaluation, an equal share from each val subset
@@ -360,6 +366,10 @@ class EvaluateSection(Section):
 class StoreSection(Section):
     root: str = "./artifacts"  # any fsspec URL: memory://, s3://bucket/prefix, gs://...
     storage_options: dict[str, Any] = {}
+
+    def open(self) -> ArtifactStore:
+        """The artifact store this section names."""
+        return ArtifactStore(self.root, self.storage_options)
 
 
 class TrackingSection(Section):

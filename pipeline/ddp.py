@@ -1,92 +1,27 @@
-"""DDP training through torchrun: `launch_ranks` starts a training stage's ranks and reports their failure in one
-line; `main` is one rank (`python -m torch.distributed.run ... -m pipeline.ddp <stage.json>`, the file holding the
-stage, the run config, its inputs' artifacts and the pipeline's MLflow run).
-
-One machine: `torchrun --standalone`. Several (`train.nnodes` > 1): the same command runs on every machine and
-they meet at `runner.rdzv_endpoint` (c10d rendezvous). NCCL on GPUs, gloo on CPUs.
-"""
+"""One DDP rank of a training stage, started by `pipeline.torchrun.launch_ranks` as `python -m pipeline.ddp
+<stage.json>`: it reads the stage, the run config, its inputs' artifacts and the pipeline's MLflow run from that
+file and trains its share."""
 
 from __future__ import annotations
 
-import importlib
 import json
+import logging
 import os
-import re
-import subprocess
 import sys
-import tempfile
 from datetime import timedelta
 
-from pipeline.config import Config
+import torch
+import torch.distributed as dist
 
-# The last line of a Python traceback: `package.module.SomeError: message`.
-ERROR_LINE = re.compile(r"^((?:\w+\.)*\w*(?:Error|Exception)): (.*)$")
-RANK_PREFIX = "[rank "  # the ranks' own log lines (main's format); torch prefixes a rank's traceback `[rank1]: `
-
-
-def torchrun_args(cfg: Config, stage: str) -> list[str]:
-    """torchrun's launch arguments for a stage: standalone on one machine, c10d rendezvous across several."""
-    train_cfg, runner = getattr(cfg, stage).train, cfg.runner
-    if train_cfg.nnodes == 1:
-        return ["--standalone", f"--nproc-per-node={train_cfg.nproc}"]
-    return [f"--nnodes={train_cfg.nnodes}", f"--nproc-per-node={train_cfg.nproc}", "--rdzv-backend=c10d",
-            f"--rdzv-endpoint={runner.rdzv_endpoint}", f"--rdzv-id={runner.rdzv_id}-{stage}"]
-
-
-def launch_ranks(cfg: Config, stage: str, inputs: dict) -> None:
-    """Run the stage's ranks through torchrun. Their log lines go to this process's log; everything they print
-    goes to a file, whose path a failure names: a rank's own error is raised again as its class when it is one
-    of this project's (`TrainingError: training diverged ...`, one line), else RuntimeError naming it."""
-    from pipeline.logs import log
-    from pipeline.runs import PARENT_RUN, _flow_run_id
-
-    train_cfg = getattr(cfg, stage).train
-    fd, output = tempfile.mkstemp(prefix=f"dalle-ddp-{stage}-", suffix=".log")
-    with tempfile.TemporaryDirectory() as tmp, os.fdopen(fd, "w") as out:
-        spec = os.path.join(tmp, "stage.json")
-        with open(spec, "w") as f:
-            json.dump({"stage": stage, "config": cfg.model_dump(mode="json"),
-                       "inputs": {s: r.__dict__ for s, r in inputs.items()}, "parent_run": PARENT_RUN.get(),
-                       "flow_run": _flow_run_id()}, f)
-        cmd = [sys.executable, "-m", "torch.distributed.run", *torchrun_args(cfg, stage), "-m", "pipeline.ddp", spec]
-        log.info("launching DDP: %s", " ".join(cmd))
-        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
-               "PREFECT_LOGGING_EXTRA_LOGGERS": ""}  # a rank has no flow run to send its lines to
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        first_error = None
-        for line in proc.stdout:
-            out.write(line)
-            if line.startswith(RANK_PREFIX):
-                log.info("%s", line.rstrip())
-            elif first_error is None and (m := ERROR_LINE.match(re.sub(r"^\[rank\d+\]: ", "", line).strip())):
-                first_error = m.groups()
-        code = proc.wait()
-    if code == 0:
-        os.remove(output)
-        return
-    where = f" (every rank's output: {output})"
-    if first_error:
-        name, message = first_error
-        module, _, cls = name.rpartition(".")
-        if module.split(".")[0] in ("dalle_core", "storage", "tasks"):
-            error = getattr(importlib.import_module(module), cls, None)
-            if isinstance(error, type) and issubclass(error, Exception):
-                raise error(message + where)
-        raise RuntimeError(f"a DDP rank failed: {name}: {message}{where}")
-    raise RuntimeError(f"torchrun with {train_cfg.nproc} process(es) per machine exited with code {code}{where}")
+from dalle_core.device import resolve_device
+from pipeline.artifacts import ArtifactRef, Work, stage_key
+from pipeline.config import config_from_dict
+from pipeline.runs import PARENT_RUN
+from pipeline.torchrun import RANK_PREFIX
+from pipeline.training import train_rank, trainer_of
 
 
 def main(spec_path: str) -> None:
-    import logging
-
-    import torch.distributed as dist
-
-    from dalle_core.device import resolve_device
-    from pipeline.artifacts import ArtifactRef, Work, open_store, stage_key
-    from pipeline.config import config_from_dict
-    from pipeline.runs import PARENT_RUN
-    from pipeline.training import train_rank, trainer_of
-
     with open(spec_path) as f:
         spec = json.load(f)
     cfg, stage = config_from_dict(spec["config"]), spec["stage"]
@@ -98,14 +33,12 @@ def main(spec_path: str) -> None:
     logging.basicConfig(level=logging.INFO, format=f"{RANK_PREFIX}{rank}] %(message)s", force=True)
     device = resolve_device(cfg.runner.device)  # cuda:LOCAL_RANK on GPUs
     if device.type == "cuda":
-        import torch
-
         torch.cuda.set_device(device)
     # Rank 0 validates and writes the artifact after the last step while the others wait at the final barrier:
     # a generous timeout, so a long validation does not fail the run.
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(hours=2))
     try:
-        work = Work(cfg, open_store(cfg), stage, stage_key(cfg, stage, inputs), inputs, None)
+        work = Work(cfg, cfg.store.open(), stage, stage_key(cfg, stage, inputs), inputs, None)
         train_rank(work, trainer_of(stage), rank, world, device)
         dist.barrier()  # leave together: a rank that tears down its process group early can abort the others
     finally:

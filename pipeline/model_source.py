@@ -12,7 +12,7 @@ from pathlib import Path
 
 from dalle_core.errors import ConfigError
 from dalle_core.model_folder import INDEX, ModelFolderError
-from storage.store import StoreError
+from storage.store import StoreError, file_digest
 
 # `<stage>/<key>` in the run's own store (a store's keys are 12 hex digits; longer prefixes are not keys)
 STORE_SPEC = re.compile(r"(transformer|dvae|clip)/([0-9a-f]{12})")
@@ -66,7 +66,6 @@ def model_source(spec: str, component: str, store, where: str) -> ModelSource:
     `tokenizers_from` takes them) an exported model folder only. ConfigError (one line, starting with `where`)
     when it is none of these, is incomplete, has an unreadable config, or is another stage's artifact."""
     from dalle_core.model_folder import CONTENT_FILES, content_digest, read_index
-    from pipeline.stage_table import file_digest
     from storage.store import MANIFEST
 
     names = CONTENT_FILES[component]

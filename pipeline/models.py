@@ -98,10 +98,9 @@ def load_reranker(cfg: Config, store: ArtifactStore, key: str, device: torch.dev
 
 @functools.lru_cache(maxsize=2)
 def _load_pipeline(cfg_json: str, keys_json: str) -> DALLEPipeline:
-    from pipeline.artifacts import open_store
 
     cfg, keys = config_from_dict(json.loads(cfg_json)), json.loads(keys_json)
-    store, device = open_store(cfg), resolve_device(cfg.runner.device)
+    store, device = cfg.store.open(), resolve_device(cfg.runner.device)
     dvae_model, normalization = load_dvae(store, keys["dvae"], device)
     return DALLEPipeline(load_transformer(store, keys["transformer"], device), dvae_model, normalization,
                          load_tokenizer(store, keys["bpe"], cfg.text.text_len),
@@ -152,9 +151,7 @@ def load_model(source: str | os.PathLike, *, device: str = "auto", precision: st
 
 def store_model(cfg) -> DALLEPipeline:
     """The models of a run's store (`load_pipeline`), with the run's sampling settings as defaults."""
-    from release.export import sampling_defaults
-
-    return dataclasses.replace(load_pipeline(cfg), sampling=sampling_defaults(cfg))
+    return dataclasses.replace(load_pipeline(cfg), sampling=cfg.generate.sampling_defaults())
 
 
 def download_model(uri: str, tracking_uri: str | None, dst: str) -> str:

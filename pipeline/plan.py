@@ -8,7 +8,7 @@ from collections.abc import Callable
 from prefect.utilities.annotations import quote
 
 from dalle_core.errors import ConfigError
-from pipeline.artifacts import ArtifactRef, open_store, stored
+from pipeline.artifacts import ArtifactRef, stored
 from pipeline.checks import check_batch_sizes
 from pipeline.config import Config
 from pipeline.logs import log
@@ -34,7 +34,7 @@ class PipelinePlan:
             if stage in removed:
                 raise ConfigError(f"--force {' '.join(force)} would remove {stage}/{self.keys[stage]}, which this run "
                                   f"reads but does not redo; run {stage} too (e.g. --from {force[0]})")
-        store = open_store(self.cfg)
+        store = self.cfg.store.open()
         for stage in kept:
             store.require(stage, self.keys[stage])
 
@@ -45,12 +45,12 @@ class PipelinePlan:
 
     def stored(self, stage: str) -> ArtifactRef | None:
         """The finished artifact of `stage` under this config, if the store has it."""
-        store = open_store(self.cfg)
+        store = self.cfg.store.open()
         return stored(self.cfg, stage, self.keys[stage]) if store.is_complete(stage, self.keys[stage]) else None
 
     def force(self, stages: list[str]) -> None:
         """Remove the current artifacts of `stages` and of everything downstream of them, so they are redone."""
-        store, removed = open_store(self.cfg), []
+        store, removed = self.cfg.store.open(), []
         for stage in self.removed_by(stages):
             if store.exists(store.path(stage, self.keys[stage])):
                 store.remove(stage, self.keys[stage])
@@ -71,4 +71,4 @@ class PipelinePlan:
     def check_batches(self, ingest: ArtifactRef | None) -> None:
         """Every stage still to train can fill one batch from the ingested rows (one-line ConfigError)."""
         if ingest is not None:
-            check_batch_sizes(self.cfg, open_store(self.cfg), {**self.keys, "ingest": ingest.key}, self.stages)
+            check_batch_sizes(self.cfg, self.cfg.store.open(), {**self.keys, "ingest": ingest.key}, self.stages)

@@ -94,9 +94,8 @@ def pipeline_run(cfg: Config, stages: list[str]) -> Iterator[dict]:
     ArtifactRef. At the end the run's name says what ran and what was reused; it carries the headline metrics,
     a summary table, evaluation.json and the contact sheet, and a Prefect markdown artifact links to it. An
     error closes it FAILED with the error in its `error` tag."""
-    from pipeline.artifacts import open_store
 
-    store = open_store(cfg)
+    store = cfg.store.open()
     run = StageRun(tracking_uri(cfg.tracking.uri, store), cfg.tracking.experiment, store, "pipeline",
                    stage="pipeline", flow_run_id=_flow_run_id(), tags={"stages": ",".join(stages)},
                    source=cfg.tracking.source)

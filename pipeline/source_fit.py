@@ -114,10 +114,9 @@ def check_fine_tuning(cfg, stages: list[str] | None = None, store=None, keys: di
     stages among `stages`, default all) exists and fits the model this run builds, as far as the store and the
     config tell now. ConfigError, one line naming each mismatch of every source and both values. A finished stage is not checked again. Each training stage checks its own source again, with
     its inputs' manifests, before it trains."""
-    from pipeline.artifacts import open_store
     from pipeline.stage_table import stage_keys
 
-    store = store or open_store(cfg)
+    store = store or cfg.store.open()
     keys = keys or stage_keys(cfg)
     checks = []
     if cfg.tokenizers_from and not all(store.is_complete(s, keys[s]) for s in ("dvae", "bpe")):

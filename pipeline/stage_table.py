@@ -8,18 +8,18 @@ pipeline up to it. Keys, stage selection, upstream checks and the manifest's `in
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
+from dalle_core import pretrained
 from dalle_core.errors import ConfigError
 from dalle_core.evaluation import METRICS_VERSION
 from data_sources.reader import source_fingerprint
 from pipeline.config import Config
-from storage.store import stage_key
+from pipeline.model_source import source_digest
+from storage.store import content_key, file_digest
 
 StageName = Literal["ingest", "dvae", "bpe", "pretokenize", "transformer", "clip", "generate", "evaluate"]
 
@@ -41,22 +41,7 @@ class Stage:
 
     def key(self, cfg: Config, input_keys: dict[str, str]) -> str:
         """The content-addressed key from the config and the keys of the inputs it reads."""
-        return stage_key(self.section(cfg), {s: input_keys[s] for s in self.key_inputs(cfg)})
-
-
-def file_digest(path: str | os.PathLike) -> str:
-    """The first 16 hex digits of a local file's sha256 (read in chunks; remembered while size and mtime stay)."""
-    st = os.stat(path)
-    return _digest(os.path.abspath(path), st.st_size, st.st_mtime_ns)
-
-
-@functools.lru_cache(maxsize=64)
-def _digest(path: str, size: int, mtime_ns: int) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()[:16]
+        return content_key(self.section(cfg), {s: input_keys[s] for s in self.key_inputs(cfg)})
 
 
 def _content(path: str | None) -> str | None:
@@ -79,10 +64,7 @@ def trained_section(cfg: Config, stage: str, **dump) -> dict:
     if section["init_from"] is None:
         del section["init_from"]
     else:
-        from pipeline.artifacts import open_store
-        from pipeline.model_source import source_digest
-
-        section["init_from"] = source_digest(section["init_from"], stage, open_store(cfg))
+        section["init_from"] = source_digest(section["init_from"], stage, cfg.store.open())
     if not section["train"]["freeze"]:
         del section["train"]["freeze"]
     return section
@@ -90,8 +72,6 @@ def trained_section(cfg: Config, stage: str, **dump) -> dict:
 
 def _taken(cfg: Config, component: str, **extra) -> dict:
     """The dvae or bpe stage under `tokenizers_from`: that export's files' content, not their path."""
-    from pipeline.model_source import source_digest
-
     return {"tokenizers_from": source_digest(cfg.tokenizers_from, component, None), **extra}
 
 
@@ -100,8 +80,6 @@ def _dvae(cfg: Config) -> dict:
         return _taken(cfg, "dvae")
     section = trained_section(cfg, "dvae", exclude={"encode_precision"})  # how tokens are made, not the model
     if cfg.dvae.pretrained:  # a loaded tokenizer is its files' content and the input normalisation, not paths
-        from dalle_core import pretrained
-
         kind, files = pretrained.source_files(cfg.dvae.pretrained, cfg.dvae.pretrained_config)
         return {"pretrained": {"kind": kind, **{role: file_digest(p) for role, p in files.items()}},
                 "norm_mean": section["norm_mean"], "norm_std": section["norm_std"]}

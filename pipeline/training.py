@@ -15,6 +15,7 @@ from pipeline.artifacts import ArtifactRef, Work, run_stage
 from pipeline.checkpoints import drop_checkpoints, load_checkpoint, save_checkpoint
 from pipeline.config import Config
 from pipeline.logs import log, progress
+from pipeline.torchrun import launch_ranks
 from storage.parquet import ParquetShards
 from storage.store import ArtifactStore
 from storage.tracking import StageRun
@@ -180,7 +181,7 @@ def train_rank(w: Work, build: Callable[..., Trainer], rank: int = 0, world: int
 
 def train_stage(cfg: Config, stage: str, inputs: dict[str, ArtifactRef]) -> ArtifactRef:
     """A training stage: reuse a finished artifact, else train in this process, or launch `train.nproc` DDP
-    processes per machine through torchrun (pipeline/ddp.py); rank 0 opens the stage's MLflow run and writes the
+    processes per machine through torchrun (pipeline/torchrun.py); rank 0 opens the stage's MLflow run and writes the
     artifact."""
     train_cfg = getattr(cfg, stage).train
 
@@ -188,8 +189,6 @@ def train_stage(cfg: Config, stage: str, inputs: dict[str, ArtifactRef]) -> Arti
         if train_cfg.nproc == 1 and train_cfg.nnodes == 1:
             train_rank(w, trainer_of(stage))
         else:
-            from pipeline.ddp import launch_ranks
-
             launch_ranks(cfg, stage, inputs)
         return {}
 

@@ -10,7 +10,6 @@ from dataclasses import dataclass
 
 from dalle_core.bpe import TextTokenizer
 from dalle_core.errors import ConfigError
-from dalle_core.generate import SAMPLING_DEFAULTS
 from dalle_core.images import grid, png_bytes
 from dalle_core.model_folder import (
     COMPONENTS,
@@ -20,12 +19,11 @@ from dalle_core.model_folder import (
     open_clip_files,
     write_folder,
 )
-from pipeline.artifacts import open_store
 from pipeline.config import Config, flatten
 from pipeline.stage_table import stage_keys
 from release.model_card import data_licence, headline_metrics, model_card
+from storage.parquet import val_rows
 from storage.store import ArtifactStore
-from tasks.generate import val_rows
 
 MODEL_STAGES = ("transformer", "dvae", "bpe", "clip")
 
@@ -38,11 +36,6 @@ class Export:
     files: list[str]
     samples_from: str
     keys: dict[str, str]
-
-
-def sampling_defaults(cfg: Config) -> dict:
-    """The run's sampling settings a model folder carries as its defaults."""
-    return {k: getattr(cfg.generate, k) for k in SAMPLING_DEFAULTS}
 
 
 def model_files(cfg: Config, store: ArtifactStore, keys: dict[str, str]) -> dict[str, bytes]:
@@ -87,7 +80,7 @@ def samples_picture(cfg: Config, store: ArtifactStore, keys: dict[str, str]) -> 
     done = store.is_complete("ingest", keys["ingest"])
     prompts = val_rows(store, keys["ingest"], 4, distinct=True)["caption"] if done else []
     prompts = prompts or ["a red circle"]
-    out = load_pipeline(cfg)(prompts, **sampling_defaults(cfg))
+    out = load_pipeline(cfg)(prompts, **cfg.generate.sampling_defaults())
     sheet = grid([[images[0]] for images in out.pixels], prompts, scale=3,
                  header=[f"top-1 of {cfg.generate.num_candidates} by CLIP"])
     return png_bytes(sheet), f"drawn at export (seed {cfg.generate.seed})"
@@ -115,7 +108,7 @@ def export_model(cfg: Config, out_dir: str) -> Export:
     data/. StoreError (one line) when a model stage of the run is not finished."""
     if not out_dir:
         raise ConfigError("--out is empty; give the folder to write the model to")
-    store, keys = open_store(cfg), stage_keys(cfg)
+    store, keys = cfg.store.open(), stage_keys(cfg)
     manifests = {s: store.require(s, keys[s]) for s in MODEL_STAGES if s != "clip" or not cfg.clip.pretrained}
     files = model_files(cfg, store, keys)
     files["samples.png"], samples_from = samples_picture(cfg, store, keys)
@@ -132,7 +125,7 @@ def export_model(cfg: Config, out_dir: str) -> Export:
     # each component file's sha256 (first 16 hex digits), so a damaged copy is found before it is loaded
     checksums = {name: hashlib.sha256(data).hexdigest()[:16] for name, data in sorted(files.items())
                  if name.split("/")[0] in COMPONENTS}
-    files["model_index.json"] = json_bytes(index(image_size, sampling_defaults(cfg), source=source,
+    files["model_index.json"] = json_bytes(index(image_size, cfg.generate.sampling_defaults(), source=source,
                                                  data_licence=licence.spdx, metrics=metrics, sha256=checksums))
     done = store.is_complete("ingest", keys["ingest"])
     example = (val_rows(store, keys["ingest"], 1)["caption"] if done else []) or ["a red circle"]
@@ -155,7 +148,7 @@ def register_export(cfg: Config, export: Export, name: str):
     from release.registry import register_pyfunc
     from storage.tracking import producer_run, tracking_uri
 
-    store, keys = open_store(cfg), export.keys
+    store, keys = cfg.store.open(), export.keys
     uri = tracking_uri(cfg.tracking.uri, store)
     idx = json.loads((Path(export.folder) / "model_index.json").read_text(encoding="utf-8"))
     runs = {stage: (producer_run(uri, cfg.tracking.experiment, stage, keys[stage]) or (None,))[0]

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import yaml
 
+from dalle_core.evaluation import format_report
 from pipeline.config import Config
 
 LICENCE_FILES = ("ATTRIBUTION.md", "ATTRIBUTION.txt", "ATTRIBUTION", "LICENSE.txt", "LICENSE.md", "LICENSE",
@@ -114,7 +115,6 @@ def model_card(cfg: Config, manifests: dict[str, dict], metrics: dict[str, float
     g = cfg.generate
     report = ""
     if evaluation:
-        from tasks.evaluate import format_report
 
         report = f"\n<details><summary>The whole evaluation</summary>\n\n```\n{format_report(evaluation)}\n```\n</details>\n"
     return f"""---

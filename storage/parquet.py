@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import itertools
 from collections.abc import Iterator
 
 import pyarrow as pa
@@ -127,3 +128,35 @@ class ParquetShards:
     def read(self, path: str, group: int, columns: list[str]) -> pa.Table:
         with self.store.reading(path), self._file(path) as f:
             return f.read_row_group(group, columns=columns)
+
+
+def val_rows(store: ArtifactStore, ingest_key: str, limit: int, columns: tuple[str, ...] = ("caption",),
+             distinct: bool = False) -> dict[str, list]:
+    """`limit` val rows of `ingest/<ingest_key>`, taken in turn from each val subset (e.g. unseen, seen-variant;
+    in the order the subsets first appear), each subset's in its stored order, so every subset is measured on a
+    like share of the prompts; a source with one subset gets its first `limit` rows. `distinct`: a repeated
+    caption is skipped. Returns the asked columns plus `subset` ("val" where the source has none)."""
+    paths = shard_paths(store, "ingest", ingest_key, "val")
+    per_subset: dict[str, list[int]] = {}
+    seen: set[str] = set()
+    index = 0
+    for batch in iter_batches(store, paths, ["caption", "subset"]):  # every row: a subset may start late
+        for caption, subset in zip(batch.column("caption").to_pylist(), batch.column("subset").to_pylist()):
+            kept = per_subset.setdefault(subset, [])
+            if not (distinct and caption in seen) and len(kept) < limit:
+                kept.append(index)
+                seen.add(caption)  # only a kept row's caption: a full subset's row takes no other's
+            index += 1
+    taken = [i for turn in itertools.zip_longest(*per_subset.values()) for i in turn if i is not None][:limit]
+    cols = list(dict.fromkeys([*columns, "subset"]))
+    rows: dict[int, dict] = {}
+    index, wanted = 0, set(taken)
+    for batch in iter_batches(store, paths, cols):
+        here = sorted(i for i in wanted if index <= i < index + batch.num_rows)
+        rows |= dict(zip(here, batch.take([i - index for i in here]).to_pylist()))
+        index += batch.num_rows
+        if len(rows) == len(wanted):
+            break
+    out = {c: [rows[i][c] for i in taken] for c in cols}
+    out["subset"] = [s or "val" for s in out["subset"]]
+    return out

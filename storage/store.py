@@ -10,6 +10,7 @@ and is redone, never half-read. A stage claims its key before the work
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -51,7 +52,7 @@ def _canonical(value: Any) -> Any:
     return value
 
 
-def stage_key(config: dict, inputs: dict[str, str] | None = None, length: int = 12) -> str:
+def content_key(config: dict, inputs: dict[str, str] | None = None, length: int = 12) -> str:
     """Short stable hash of a stage's config section and the keys of its inputs.
 
     Dict order and float spelling (1e-3 vs 0.001, 1 vs 1.0) do not change it.
@@ -82,6 +83,17 @@ def file_sha256(fs, path: str) -> str:
         while chunk := f.read(1 << 22):
             h.update(chunk)
     return h.hexdigest()
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """The first 16 hex digits of a local file's sha256 (`file_sha256`), remembered while size and mtime stay."""
+    st = os.stat(path)
+    return _local_digest(os.path.abspath(path), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _local_digest(path: str, size: int, mtime_ns: int) -> str:
+    return file_sha256(fsspec.filesystem("file"), path)[:16]
 
 
 @dataclass

@@ -21,9 +21,10 @@ from pipeline.config import Config
 from pipeline.fine_tuning import start_model, take_tokenizer
 from pipeline.logs import log
 from pipeline.source_fit import check_fine_tuning
-from pipeline.stage_table import file_digest, stage_keys
+from pipeline.stage_table import stage_keys
 from pipeline.training import Trainer, batch_stream, train_stage
 from storage.parquet import shard_paths
+from storage.store import file_digest
 
 
 @task(name="dvae", task_run_name=run_name("dvae"), cache_policy=NONE)

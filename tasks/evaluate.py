@@ -38,8 +38,15 @@ from data_sources.shapes import faithfulness, has_pair, is_shapes_caption
 from pipeline.artifacts import ArtifactRef, Work, run_name, run_stage
 from pipeline.config import Config
 from pipeline.models import load_pipeline
-from storage.parquet import GENERATIONS_SCHEMA, iter_batches, read_shard, shard_paths, write_shard
-from tasks.generate import MODELS, sample_candidates, val_rows
+from storage.parquet import (
+    GENERATIONS_SCHEMA,
+    iter_batches,
+    read_shard,
+    shard_paths,
+    val_rows,
+    write_shard,
+)
+from tasks.generate import MODELS, sample_candidates
 
 
 @dataclass

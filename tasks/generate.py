@@ -8,7 +8,6 @@ atomically, so a re-run only samples the missing parts.
 
 from __future__ import annotations
 
-import itertools
 import os
 import shutil
 import time
@@ -26,7 +25,6 @@ from pipeline.artifacts import (
     ArtifactRef,
     Work,
     no_retry_on_user_error,
-    open_store,
     run_name,
     run_stage,
 )
@@ -36,10 +34,9 @@ from pipeline.models import load_pipeline
 from pipeline.runners import task_runner
 from storage.parquet import (
     GENERATIONS_SCHEMA,
-    iter_batches,
     read_shard,
     shard_name,
-    shard_paths,
+    val_rows,
     write_shard,
 )
 from storage.store import ArtifactStore
@@ -102,7 +99,7 @@ def sample_candidates(cfg: Config, keys: dict[str, str], parts_dir: str, prompts
     config's task runner; parts are written under `parts_dir`, and those already there are read, not sampled.
     `edit`: apply `generate.prime_image` / `generate.edit_*`. Returns (the rows in prompt order, prompts sampled
     now)."""
-    store = open_store(cfg)
+    store = cfg.store.open()
     parts = [(i, prompts[i:i + PROMPTS_PER_PART], seeds[i:i + PROMPTS_PER_PART])
              for i in range(0, len(prompts), PROMPTS_PER_PART)]
     paths = [f"{parts_dir}/{shard_name(i // PROMPTS_PER_PART)}" for i, _, _ in parts]
@@ -140,43 +137,11 @@ def generate_part(cfg: Config, keys: dict[str, str], path: str, prompts: list[st
             log.warning("prompt %r is longer than text_len=%d tokens and was truncated", prompt, cfg.text.text_len)
         masks = None if the_edit is None else the_edit.masks(seed, n)
         rows += candidate_rows(prompt, seed, images, scores, codes, prime, the_edit, masks)
-    write_shard(open_store(cfg), path, pa.Table.from_pylist(rows, schema=GENERATIONS_SCHEMA))
+    write_shard(cfg.store.open(), path, pa.Table.from_pylist(rows, schema=GENERATIONS_SCHEMA))
     seconds = time.perf_counter() - t0
     log.info("sampled %d prompts: %d images in %.1fs (%.1f prompts/s, %.0f images/s)", len(prompts), len(rows),
              seconds, len(prompts) / seconds, len(rows) / seconds)
     return {"prompts": len(prompts), "images": len(rows), "seconds": seconds}
-
-
-def val_rows(store: ArtifactStore, ingest_key: str, limit: int, columns: tuple[str, ...] = ("caption",),
-             distinct: bool = False) -> dict[str, list]:
-    """`limit` val rows of `ingest/<ingest_key>`, taken in turn from each val subset (e.g. unseen, seen-variant;
-    in the order the subsets first appear), each subset's in its stored order, so every subset is measured on a
-    like share of the prompts; a source with one subset gets its first `limit` rows. `distinct`: a repeated
-    caption is skipped. Returns the asked columns plus `subset` ("val" where the source has none)."""
-    paths = shard_paths(store, "ingest", ingest_key, "val")
-    per_subset: dict[str, list[int]] = {}
-    seen: set[str] = set()
-    index = 0
-    for batch in iter_batches(store, paths, ["caption", "subset"]):  # every row: a subset may start late
-        for caption, subset in zip(batch.column("caption").to_pylist(), batch.column("subset").to_pylist()):
-            kept = per_subset.setdefault(subset, [])
-            if not (distinct and caption in seen) and len(kept) < limit:
-                kept.append(index)
-                seen.add(caption)  # only a kept row's caption: a full subset's row takes no other's
-            index += 1
-    taken = [i for turn in itertools.zip_longest(*per_subset.values()) for i in turn if i is not None][:limit]
-    cols = list(dict.fromkeys([*columns, "subset"]))
-    rows: dict[int, dict] = {}
-    index, wanted = 0, set(taken)
-    for batch in iter_batches(store, paths, cols):
-        here = sorted(i for i in wanted if index <= i < index + batch.num_rows)
-        rows |= dict(zip(here, batch.take([i - index for i in here]).to_pylist()))
-        index += batch.num_rows
-        if len(rows) == len(wanted):
-            break
-    out = {c: [rows[i][c] for i in taken] for c in cols}
-    out["subset"] = [s or "val" for s in out["subset"]]
-    return out
 
 
 def resolve_prompts(cfg: Config, store: ArtifactStore, ingest_key: str) -> list[str]:
@@ -255,7 +220,7 @@ def best_grids(table: pa.Table, best_k: int, lead: list[np.ndarray] = (), lead_l
 
 def export_generations(cfg: Config, key: str, out_dir: str) -> list[str]:
     """Copy generations.parquet, the per-prompt grids and the contact sheet to a plain folder."""
-    store = open_store(cfg)
+    store = cfg.store.open()
     store.require("generate", key)
     os.makedirs(os.path.join(out_dir, "grids"), exist_ok=True)
     written = []

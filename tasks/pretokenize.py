@@ -24,7 +24,6 @@ from pipeline.artifacts import (
     ArtifactRef,
     Work,
     no_retry_on_user_error,
-    open_store,
     run_name,
     run_stage,
 )
@@ -107,7 +106,7 @@ def encode_shard(cfg: Config, ingest: ArtifactRef, dvae: ArtifactRef, bpe: Artif
                  index: int) -> dict:
     """Decode one image shard's PNGs, encode them with the dVAE, tokenize captions, write one token shard to
     `pretokenize/<out>`."""
-    store = open_store(cfg)
+    store = cfg.store.open()
     path = store.path("pretokenize", out, split, shard_name(index))
     if store.exists(path):
         return {"rows": count_rows(store, path), "seconds": 0.0, "truncated": 0}

@@ -51,7 +51,6 @@ def test_ui_on_an_empty_store(tiny, capsys):
 
 
 def test_gc_unreferenced_keeps_what_the_config_uses(generated, tmp_path, capsys):
-    from pipeline.artifacts import open_store
     from pipeline.config import load_config
     from pipeline.stage_table import stage_keys
 
@@ -59,7 +58,7 @@ def test_gc_unreferenced_keeps_what_the_config_uses(generated, tmp_path, capsys)
     shutil.copytree(src / "store", tmp_path / "store", ignore=shutil.ignore_patterns("mlflow.db", "mlartifacts"))
     ov = [f"store.root={tmp_path / 'store'}", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", *ov[2:]]
     cfg = load_config(TINY, ov)
-    store, keys = open_store(cfg), stage_keys(cfg)
+    store, keys = cfg.store.open(), stage_keys(cfg)
     shutil.copytree(store.path("dvae", keys["dvae"]), store.path("dvae", "0123456789ab"))  # another config's
     shutil.copytree(store.path("clip", keys["clip"]), store.path("clip", "ba9876543210"))
     store.fs.rm(store.path("clip", "ba9876543210", "manifest.json"))  # and an unfinished one
@@ -128,7 +127,6 @@ def test_an_unexpected_failure_names_the_stage_and_the_log_file(tiny, monkeypatc
 
 
 def test_a_batch_larger_than_the_data_fails_before_anything_trains(tiny, monkeypatch, capsys):
-    from pipeline.artifacts import open_store
     from pipeline.config import load_config
     from pipeline.stage_table import stage_keys
 
@@ -136,7 +134,7 @@ def test_a_batch_larger_than_the_data_fails_before_anything_trains(tiny, monkeyp
     small = make("data.shapes.num_images=60", "data.val_fraction=0.2", "clip.train.batch_size=64")
     assert main(["run", "-c", config, *_sets(small)]) == 2  # fresh store: checked in the pipeline after ingest
     cfg = load_config(config, small)
-    store, keys = open_store(cfg), stage_keys(cfg)
+    store, keys = cfg.store.open(), stage_keys(cfg)
     rows = store.manifest("ingest", keys["ingest"])["rows"]["train"]
     assert rows < 64
     expect = f"clip.train.batch_size=64 is larger than the {rows} training rows of ingest/{keys['ingest']}; " \

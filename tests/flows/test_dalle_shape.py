@@ -9,7 +9,6 @@ from mlflow import MlflowClient
 from PIL import Image
 
 from cli.main import main
-from pipeline.artifacts import open_store
 from pipeline.config import load_config
 from pipeline.models import load_transformer
 from pipeline.stage_table import stage_keys
@@ -36,7 +35,7 @@ def test_dalle_256_config_runs_end_to_end_at_its_own_shape(tmp_path, capsys, dev
           f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"]
     assert main(["run", "-c", CONFIG, *sum((["--set", o] for o in ov), [])]) == 0
     cfg = load_config(CONFIG, ov)
-    store, keys = open_store(cfg), stage_keys(cfg)
+    store, keys = cfg.store.open(), stage_keys(cfg)
     tokens = store.manifest("pretokenize", keys["pretokenize"])
     assert tokens["grid"] == [32, 32] and tokens["codebook_size"] == 8192 and tokens["text_len"] == 256
     model = load_transformer(store, keys["transformer"])

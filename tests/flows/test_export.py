@@ -15,7 +15,6 @@ from PIL import Image
 from cli.main import main
 from dalle_core.generate import DALLEPipeline, GenerationError, prompt_seed
 from dalle_core.model_folder import ModelFolderError
-from pipeline.artifacts import open_store
 from pipeline.config import load_config
 from pipeline.stage_table import stage_keys
 from tests.conftest import DEVICES, TINY
@@ -262,7 +261,7 @@ def test_registered_model_serves_four_images_through_mlflow_scoring(generated, e
     keys = stage_keys(cfg)
     made_by = {}
     for stage in ("transformer", "dvae", "clip"):  # the training runs a real pipeline would have recorded
-        with StageRun(uri, "dalle", open_store(cfg), f"{stage}-{keys[stage]}", stage=stage, key=keys[stage],
+        with StageRun(uri, "dalle", cfg.store.open(), f"{stage}-{keys[stage]}", stage=stage, key=keys[stage],
                       tags={"cached": "false"}) as run:
             made_by[stage] = run.run_id
     assert main(["export", "-c", str(TINY), *_sets(ov), "--register", "tiny-dalle"]) == 0

@@ -19,7 +19,6 @@ from safetensors.torch import load_file
 from cli.main import main
 from dalle_core.errors import ConfigError
 from dalle_core.images import decode_png, to_tensor
-from pipeline.artifacts import open_store
 from pipeline.config import load_config
 from pipeline.stage_table import stage_keys
 from pipeline.training import batch_stream
@@ -64,7 +63,7 @@ def _val_loss(cfg, model) -> float:
     from dalle_core.loader import decode_tokens
     from dalle_core.transformer import evaluate_transformer
 
-    store, keys = open_store(cfg), stage_keys(cfg)
+    store, keys = cfg.store.open(), stage_keys(cfg)
     batches = batch_stream(cfg, store, shard_paths(store, "pretokenize", keys["pretokenize"], "val"),
                            ["text_tokens", "image_tokens"], decode_tokens, 256, torch.device("cpu"), shuffle=False)
     return evaluate_transformer(model, batches)["val_loss"]
@@ -120,7 +119,7 @@ def test_each_mismatch_is_one_line_before_any_work(source, tiny, override, line,
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: transformer.init_from '{source[2]}' does not fit this run: ") and line in err
     assert len(err.splitlines()) == 1 and err.count(" there, ") == 1
-    store = open_store(load_config(config, ov))
+    store = (load_config(config, ov)).store.open()
     assert not [s for s in store.listdir(store.root) if not s.startswith(".")]  # nothing ingested or trained
 
 
@@ -159,7 +158,7 @@ def test_a_damaged_source_is_one_line_before_any_work(source, tiny, tmp_path, ho
     assert main(["run", "-c", config, *sum((["--set", o] for o in ov), [])]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: transformer.init_from ") and line in err and len(err.splitlines()) == 1, err
-    store = open_store(load_config(config, ov))
+    store = (load_config(config, ov)).store.open()
     assert not [s for s in store.listdir(store.root) if not s.startswith(".")]  # nothing ingested or trained
 
 
@@ -231,7 +230,7 @@ def test_clip_and_dvae_start_from_the_sources_weights(source, tiny):
     folder = source[2]
     cfg = load_config(config, make(f"clip.init_from={folder}", f"dvae.init_from={folder}",
                                    "clip.train.freeze=[embeddings]"))
-    store = open_store(cfg)
+    store = cfg.store.open()
     meta = json.loads((folder / "clip" / "config.json").read_text())["model"]
     clip = build_clip(cfg.clip.clip_config(cfg.data.image_size, meta["text_vocab"], meta["text_len"], meta["pad_id"]))
     start = start_model(cfg, "clip", clip, store)
@@ -249,7 +248,7 @@ def test_clip_and_dvae_start_from_the_sources_weights(source, tiny):
 
 
 def test_fine_tune_from_an_export_starts_at_its_weights_and_links_its_run(source, store_copy, tmp_path):
-    from dalle_core.model_folder import load_folder
+    from dalle_core.generate import DALLEPipeline
     from pipeline.model_source import model_source
 
     _, _, folder = source
@@ -261,7 +260,7 @@ def test_fine_tune_from_an_export_starts_at_its_weights_and_links_its_run(source
     client, run = _run(cfg.tracking.uri, "transformer")
     # step 0 is the source itself: its val loss on these shards, computed here from the exported folder
     at_start = {h.step: h.value for h in client.get_metric_history(run.info.run_id, "val_loss")}[0]
-    assert at_start == pytest.approx(_val_loss(cfg, load_folder(folder, device="cpu").transformer), abs=1e-6)
+    assert at_start == pytest.approx(_val_loss(cfg, DALLEPipeline.from_pretrained(folder, device="cpu").transformer), abs=1e-6)
     digest = model_source(str(folder), "transformer", None, "").digest
     src_runs = MlflowClient(cfg.tracking.uri).search_runs(
         [MlflowClient(cfg.tracking.uri).get_experiment_by_name("dalle").experiment_id],
@@ -270,7 +269,7 @@ def test_fine_tune_from_an_export_starts_at_its_weights_and_links_its_run(source
     tags = run.data.tags
     assert tags["init_from"] == str(folder) and tags["init_from.digest"] == digest
     assert tags["init_from.run_id"] == src_runs[0].info.run_id and src_runs[0].info.run_id in tags["init_from.run_url"]
-    manifest = open_store(cfg).require("transformer", ref.key)
+    manifest = cfg.store.open().require("transformer", ref.key)
     assert manifest["init_from"]["digest"] == digest and manifest["init_from"]["run_id"] == src_runs[0].info.run_id
     assert manifest["init_from"]["kind"] == "export"
 
@@ -283,8 +282,8 @@ def test_freeze_keeps_frozen_weights_and_trains_the_rest(source, store_copy, tmp
           "transformer.train.max_steps=3", "transformer.train.warmup_steps=1"]
     ref = run_stage("transformer", ov)
     cfg = load_config(TINY, ov)
-    store = open_store(cfg)
-    before = load_transformer(open_store(load_config(TINY, [f"store.root={source[0] / 'store'}"])), src_key)
+    store = cfg.store.open()
+    before = load_transformer((load_config(TINY, [f"store.root={source[0] / 'store'}"])).store.open(), src_key)
     after = load_transformer(store, ref.key)
     frozen = EMBEDDINGS + ("blocks.0.",)
     want_trainable = 0
@@ -334,7 +333,7 @@ def test_tokenizers_from_encodes_new_data_with_the_exported_tokenizers(source, t
     ov = make("data.source=imagefolder", f"data.path={tmp_path / 'new'}", f"tokenizers_from={folder}")
     ref = run_stage("pretokenize", ov, config)
     cfg = load_config(config, ov)
-    store, keys = open_store(cfg), stage_keys(cfg)
+    store, keys = cfg.store.open(), stage_keys(cfg)
     # the dVAE and the BPE are the export's files, not trained: no steps, no training curve
     assert store.read_bytes(store.path("dvae", keys["dvae"], "model.safetensors")) == \
         (folder / "dvae" / "model.safetensors").read_bytes()

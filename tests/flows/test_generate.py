@@ -7,7 +7,6 @@ from cli.main import main
 from dalle_core.clip import CLIPReranker, recall_at
 from dalle_core.errors import ConfigError
 from dalle_core.images import decode_png
-from pipeline.artifacts import open_store
 from pipeline.config import load_config
 from pipeline.models import load_dvae, load_reranker
 from pipeline.stage_table import stage_keys
@@ -23,11 +22,11 @@ def _reranker(cfg):
     """The reranking CLIP the config's run uses (its clip stage's, or `clip.pretrained`)."""
     if cfg.clip.pretrained:  # no store: opening one would create the config's store folder
         return load_reranker(cfg, None, "")
-    return load_reranker(cfg, open_store(cfg), stage_keys(cfg)["clip"])
+    return load_reranker(cfg, cfg.store.open(), stage_keys(cfg)["clip"])
 
 
 def _val_images(cfg, n: int = 40):
-    store, keys = open_store(cfg), stage_keys(cfg)
+    store, keys = cfg.store.open(), stage_keys(cfg)
     table = read_shard(store, shard_paths(store, "ingest", keys["ingest"], "val")[0], ["caption", "image"])
     images = np.stack([decode_png(b) for b in table.column("image").to_pylist()[:n]])
     return images, table.column("caption").to_pylist()[:n]
@@ -36,7 +35,7 @@ def _val_images(cfg, n: int = 40):
 def test_clip_recall_beats_chance_and_shuffled_captions_do_not(generated):
     _, ov, _ = generated
     cfg = load_config(TINY, ov)
-    store = open_store(cfg)
+    store = cfg.store.open()
     m = store.read_json(store.path("clip", stage_keys(cfg)["clip"], "metrics.json"))
     assert m["steps"] == 60
     scorer = _reranker(cfg)
@@ -63,7 +62,7 @@ def test_scorer_prefers_the_true_caption_of_real_images(generated):
 def test_local_clip_checkpoint_gives_identical_scores(generated, tmp_path):
     _, ov, _ = generated
     cfg = load_config(TINY, ov)
-    store = open_store(cfg)
+    store = cfg.store.open()
     path = tmp_path / "my-clip.safetensors"
     path.write_bytes(store.read_bytes(store.path("clip", stage_keys(cfg)["clip"], "model.safetensors")))
     ours = _reranker(cfg)
@@ -106,7 +105,7 @@ def test_open_clip_model_with_local_weights(tmp_path, suffix):
 def test_generation_writes_n_ranked_candidates_per_prompt(generated):
     _, ov, ref = generated
     cfg = load_config(TINY, ov)
-    store = open_store(cfg)
+    store = cfg.store.open()
     t = _table(store, ref.key).to_pylist()
     n = cfg.generate.num_candidates
     prompts = store.manifest("generate", ref.key)["prompts"]
@@ -142,7 +141,7 @@ def test_same_seed_same_images_and_prompts_from_cli(generated, tmp_path, capsys)
                                                            "a large blue square in the center"]
     # Same config and seed from a clean store: the same images.
     cfg = load_config(TINY, [*ov, 'generate.prompts=["a green diamond", "a red circle", "a large blue square in the center"]'])
-    store = open_store(cfg)
+    store = cfg.store.open()
     store.remove("generate", stage_keys(cfg)["generate"])
     again = run_stage("generate", [*ov, 'generate.prompts=["a green diamond", "a red circle", '
                                         '"a large blue square in the center"]'])
@@ -156,7 +155,7 @@ def test_empty_and_too_long_prompts(generated, capsys):
     long = "a small red circle in the top left " * 4
     ref = run_stage("generate", [*ov, f'generate.prompts=["{long.strip()}"]'])
     cfg = load_config(TINY, ov)
-    assert open_store(cfg).manifest("generate", ref.key)["truncated_prompts"] == [long.strip()]
+    assert cfg.store.open().manifest("generate", ref.key)["truncated_prompts"] == [long.strip()]
 
 
 def test_image_completion_keeps_the_prime_rows(generated, tmp_path, capsys, monkeypatch):
@@ -176,7 +175,7 @@ def test_image_completion_keeps_the_prime_rows(generated, tmp_path, capsys, monk
     assert main(["generate", "-c", str(TINY), *sets, captions[0], "--prime", str(prime), "--prime-rows", "3"]) == 0
     cfg = load_config(TINY, [*ov, f'generate.prompts=["{captions[0]}"]', f"generate.prime_image={prime}",
                              "generate.prime_rows=3"])
-    store, keys = open_store(cfg), stage_keys(cfg)
+    store, keys = cfg.store.open(), stage_keys(cfg)
     table = _table(store, keys["generate"])
     codes = np.stack(table.column("image_tokens").to_pylist())
     dvae, norm = load_dvae(store, keys["dvae"])
@@ -207,7 +206,7 @@ def _source_codes(cfg, path) -> np.ndarray:
 
     from dalle_core.images import to_rgb_square, to_tensor
 
-    store, keys = open_store(cfg), stage_keys(cfg)
+    store, keys = cfg.store.open(), stage_keys(cfg)
     dvae, norm = load_dvae(store, keys["dvae"])
     with Image.open(path) as im, torch.inference_mode():
         return dvae.encode(to_tensor(np.asarray(to_rgb_square(im, 32))[None], norm.mean, norm.std))[0].flatten().numpy()
@@ -233,7 +232,7 @@ def test_inpainting_from_the_cli_keeps_every_code_outside_the_region(generated, 
     edit = [f'generate.prompts=["{captions[1]}"]', "generate.edit_mode=inpaint", f"generate.edit_image={source}",
             "generate.edit_region=[5,4,18,13]"]
     cfg = load_config(TINY, [*ov, *edit])
-    store, keys = open_store(cfg), stage_keys(cfg)
+    store, keys = cfg.store.open(), stage_keys(cfg)
     table = _table(store, keys["generate"])
     codes = np.stack(table.column("image_tokens").to_pylist())
     mask = np.zeros((8, 8), bool)
@@ -382,9 +381,8 @@ def test_val_prompts_take_each_subset_in_turn(tmp_path):
     still gets its share), in stored order across shards, and fall back to the first rows without subsets."""
     import pyarrow as pa
 
-    from storage.parquet import IMAGES_SCHEMA, shard_name, write_shard
+    from storage.parquet import IMAGES_SCHEMA, shard_name, val_rows, write_shard
     from storage.store import ArtifactStore
-    from tasks.generate import val_rows
 
     store = ArtifactStore(str(tmp_path))
 

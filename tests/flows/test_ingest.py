@@ -11,7 +11,6 @@ from PIL import Image
 
 from dalle_core.images import decode_png
 from data_sources.reader import DataError
-from pipeline.artifacts import open_store
 from pipeline.config import load_config
 from pipeline.stage_table import stage_keys
 from storage.parquet import IMAGES_SCHEMA, read_shard, shard_paths
@@ -31,7 +30,7 @@ def _image_bytes(i: int, fmt: str = "PNG") -> bytes:
 def _check_ingest(config, overrides, expect_skipped):
     ref = run_stage("ingest", overrides, config)
     cfg = load_config(config, overrides)
-    store = open_store(cfg)
+    store = cfg.store.open()
     m = store.manifest("ingest", ref.key)
     assert m is not None and not ref.cached
     assert sum(m["rows"].values()) == N_GOOD
@@ -48,7 +47,7 @@ def test_shapes_ingest_then_rerun_is_cached_and_tracked(tiny):
     config, ov = tiny
     ref = run_stage("ingest", ov(), config)
     cfg = load_config(config, ov())
-    store = open_store(cfg)
+    store = cfg.store.open()
     m = store.manifest("ingest", ref.key)
     assert ref.key == stage_keys(cfg)["ingest"]
     assert m["rows"] == {"train": 360, "val": 40} and m["skipped"] == {}
@@ -170,7 +169,7 @@ def test_changed_folder_is_ingested_again(tiny, tmp_path, caplog):
     overrides = ov("data.source=imagefolder", f"data.path={folder}", "data.val_fraction=0.3")
     write(30, {})
     first = run_stage("ingest", overrides, config)
-    store = open_store(load_config(config, overrides))
+    store = (load_config(config, overrides)).store.open()
     assert sum(store.manifest("ingest", first.key)["rows"].values()) == 30
     write(60, {3: "an edited caption"})
     caplog.clear()

@@ -12,7 +12,6 @@ import time
 import pytest
 
 from flows.pipeline import pipeline_flow
-from pipeline.artifacts import open_store
 from pipeline.config import load_config
 from pipeline.stage_table import stage_keys
 from storage.parquet import shard_paths
@@ -33,7 +32,7 @@ def test_killed_stage_rerun_gives_the_same_artifacts(pretokenized, tmp_path):
     killed = copy_store(src, tmp_path / "killed") + steps
     ref = run_stage("transformer", clean)
     cfg = load_config(TINY, killed)
-    store, key = open_store(cfg), stage_keys(cfg)["transformer"]
+    store, key = cfg.store.open(), stage_keys(cfg)["transformer"]
     latest = store.path("transformer", key, "checkpoints", "latest.json")
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
     args = [str(BIN / "dalle"), "train-transformer", "-c", str(TINY), *sum((["--set", o] for o in killed), [])]
@@ -47,7 +46,7 @@ def test_killed_stage_rerun_gives_the_same_artifacts(pretokenized, tmp_path):
     assert not store.is_complete("transformer", key), "killed too late: the run had finished"
     again = run_stage("transformer", killed)
     assert again.key == ref.key and not again.cached
-    clean_store = open_store(load_config(TINY, clean))
+    clean_store = (load_config(TINY, clean)).store.open()
     assert (store.read_bytes(store.path("transformer", key, "model.safetensors"))
             == clean_store.read_bytes(clean_store.path("transformer", key, "model.safetensors")))
 
@@ -68,11 +67,11 @@ def test_dvae_resume_is_exact(tiny, tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="killed"):
         run_stage("dvae", make(), config)
     monkeypatch.setattr(pipeline.training, "save_checkpoint", real_save)
-    a = open_store(load_config(config, make()))
+    a = (load_config(config, make())).store.open()
     assert a.exists(a.path("dvae", stage_keys(load_config(config, make()))["dvae"], "checkpoints", "latest.json"))
     ref = run_stage("dvae", make(), config)
     assert not ref.cached
-    b = open_store(load_config(config, clean))
+    b = (load_config(config, clean)).store.open()
     assert a.read_bytes(a.path("dvae", ref.key, "model.safetensors")) == \
         b.read_bytes(b.path("dvae", ref.key, "model.safetensors"))
 
@@ -81,7 +80,7 @@ def test_pretokenize_on_a_dask_local_cluster(pretokenized, tmp_path):
     src, _, ref = pretokenized
     ov = copy_store(src, tmp_path)
     cfg = load_config(TINY, ov)
-    store = open_store(cfg)
+    store = cfg.store.open()
     expected = {p: store.read_bytes(p) for s in ("train", "val") for p in shard_paths(store, "pretokenize", ref.key, s)}
     store.remove("pretokenize", ref.key)
     again = run_stage("pretokenize", [*ov, "runner.kind=dask", "runner.workers=2"])
@@ -165,7 +164,7 @@ def test_full_store_is_one_line_and_keeps_finished_work(pretokenized, tmp_path, 
     src, _, ref = pretokenized
     ov = copy_store(src, tmp_path)
     cfg = load_config(TINY, ov)
-    store = open_store(cfg)
+    store = cfg.store.open()
     store.remove("pretokenize", ref.key)
     real_open = store.fs.__class__.open
 
@@ -216,7 +215,7 @@ def test_kill_9_of_a_command_takes_its_prefect_server_along_and_the_next_command
         _, alive = psutil.wait_procs(servers, timeout=30)
         assert not alive, "the Prefect server outlived its command"
 
-        tracking.experiment_id(uri, cfg.tracking.experiment, open_store(cfg))  # what the next command does first
+        tracking.experiment_id(uri, cfg.tracking.experiment, cfg.store.open())  # what the next command does first
         runs = client.search_runs([exp.experiment_id])
         assert not [r for r in runs if r.info.status == "RUNNING"]
         killed = {r.data.tags["stage"]: r.data.tags["end_reason"] for r in runs if r.info.status == "KILLED"}

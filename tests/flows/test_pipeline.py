@@ -9,7 +9,6 @@ from prefect.client.schemas.filters import FlowRunFilter
 
 from cli.main import main
 from flows.pipeline import pipeline_flow
-from pipeline.artifacts import open_store
 from pipeline.config import load_config
 from pipeline.stage_table import NAMES, downstream, stage_keys
 from storage.store import StoreError
@@ -132,7 +131,7 @@ def test_force_redoes_a_stage_and_everything_downstream(generated_copy):
     cfg = load_config(TINY, ov)
     refs = pipeline_flow(cfg, only=["ingest", "dvae", "bpe", "clip"], force=["dvae"])
     assert not refs["dvae"].cached and refs["clip"].cached
-    store, keys = open_store(cfg), stage_keys(cfg)
+    store, keys = cfg.store.open(), stage_keys(cfg)
     assert not store.exists(store.path("pretokenize", keys["pretokenize"]))
     assert not store.exists(store.path("generate", keys["generate"]))
     assert store.is_complete("clip", keys["clip"])
@@ -141,7 +140,7 @@ def test_force_redoes_a_stage_and_everything_downstream(generated_copy):
 def test_status_and_gc(generated_copy, capsys):
     ov = generated_copy
     cfg = load_config(TINY, ov)
-    store = open_store(cfg)
+    store = cfg.store.open()
     store.write_bytes(store.path("dvae", "deadbeef0000", "checkpoints", "latest.json"), b"{}")
     args = sum((["--set", o] for o in ov), [])
     assert main(["status", "-c", str(TINY), *args]) == 0
@@ -205,7 +204,7 @@ def test_tiny_pipeline_runs_every_stage_on_cuda(tiny):
     transformer = client.search_runs([exp], "tags.stage = 'transformer'")[0]
     grids = [a.path for a in client.list_artifacts(transformer.info.run_id, "samples")]
     assert "samples/step-0000010.png" in grids  # the grid drawn mid-training, on the GPU
-    store, keys = open_store(cfg), stage_keys(cfg)
+    store, keys = cfg.store.open(), stage_keys(cfg)
     assert store.is_complete("evaluate", keys["evaluate"])
 
 
@@ -231,7 +230,7 @@ def test_openmoji_subset_end_to_end_at_64_px(tiny, openmoji_subset):
               "evaluate.num_prompts=16", "evaluate.train_prompts=8", "clip.train.max_steps=60")
     cfg = load_config(config, ov)
     pipeline_flow(cfg)
-    store, keys = open_store(cfg), stage_keys(cfg)
+    store, keys = cfg.store.open(), stage_keys(cfg)
     assert store.manifest("pretokenize", keys["pretokenize"])["grid"] == [16, 16]
     with open(folder / "metadata.jsonl") as f:
         subsets = Counter(f"{r['split']}.{r['subset']}" for r in map(json.loads, f))

@@ -11,7 +11,6 @@ from mlflow import MlflowClient
 
 import pipeline.training
 from dalle_core.images import decode_png, psnr, to_tensor
-from pipeline.artifacts import open_store
 from pipeline.config import load_config
 from pipeline.models import load_dvae, load_tokenizer
 from pipeline.stage_table import stage_keys
@@ -27,7 +26,7 @@ def done(pretokenized):
 
 def test_token_shards_match_dvae_encode(done):
     cfg, _, ref, _ = done
-    store, keys = open_store(cfg), stage_keys(cfg)
+    store, keys = cfg.store.open(), stage_keys(cfg)
     model, norm = load_dvae(store, keys["dvae"])
     for split in ("train", "val"):
         for img_path, tok_path in zip(shard_paths(store, "ingest", keys["ingest"], split),
@@ -43,7 +42,7 @@ def test_token_shards_match_dvae_encode(done):
 
 def test_token_schema_and_manifest(done):
     cfg, _, ref, _ = done
-    store, keys = open_store(cfg), stage_keys(cfg)
+    store, keys = cfg.store.open(), stage_keys(cfg)
     m = store.manifest("pretokenize", ref.key)
     assert m["rows"] == {"train": 360, "val": 40}
     assert m["grid"] == [8, 8] and m["codebook_size"] == 64 and m["text_len"] == 16
@@ -60,7 +59,7 @@ def test_token_schema_and_manifest(done):
 
 def test_token_shards_readable_by_other_clients(done):
     cfg, _, ref, _ = done
-    store = open_store(cfg)
+    store = cfg.store.open()
     base = store.path("pretokenize", ref.key)
     table = pads.dataset(f"{base}/train", format="parquet").to_table()
     assert table.num_rows == 360
@@ -72,7 +71,7 @@ def test_token_shards_readable_by_other_clients(done):
 
 def test_dvae_stage_tracked_and_reused(done):
     cfg, ov, _, _ = done
-    store, keys = open_store(cfg), stage_keys(cfg)
+    store, keys = cfg.store.open(), stage_keys(cfg)
     m = store.manifest("dvae", keys["dvae"])
     assert m["steps"] == 30 and {"model.safetensors", "config.json", "reconstructions.png"} <= set(m["files"])
     assert not any(f.startswith("checkpoints/") for f in m["files"])
@@ -89,14 +88,14 @@ def test_dvae_stage_tracked_and_reused(done):
 
 def test_crash_after_one_shard_then_rerun_is_identical(done):
     cfg, ov, ref, tmp = done
-    store = open_store(cfg)
+    store = cfg.store.open()
     clean = {p: store.read_bytes(p) for s in ("train", "val") for p in shard_paths(store, "pretokenize", ref.key, s)}
     # Simulate a crash: only the first shard and a half-written temporary file survive.
     crashed_root = tmp / "crashed"
     shutil.copytree(store.root, crashed_root)
     ov2 = [f"store.root={crashed_root}", *ov[1:]]
     cfg2 = load_config(TINY, ov2)
-    store2 = open_store(cfg2)
+    store2 = cfg2.store.open()
     paths2 = sorted(p for s in ("train", "val") for p in shard_paths(store2, "pretokenize", ref.key, s))
     for p in paths2[1:]:
         store2.fs.rm(p)
@@ -114,7 +113,7 @@ def test_crash_after_one_shard_then_rerun_is_identical(done):
 
 def test_bpe_truncates_and_accepts_existing_tokenizer(done, tmp_path):
     cfg, ov, _, _ = done
-    store, keys = open_store(cfg), stage_keys(cfg)
+    store, keys = cfg.store.open(), stage_keys(cfg)
     tok = load_tokenizer(store, keys["bpe"], 4)
     ids, truncated = tok.encode(["a large red circle in the top left", "a"])
     assert ids.shape == (2, 4) and truncated.tolist() == [True, False]
@@ -139,7 +138,7 @@ def test_killed_dvae_training_resumes_from_checkpoint(tiny, monkeypatch):
     with pytest.raises(RuntimeError, match="simulated kill"):
         run_stage("dvae", ov, config)
     cfg = load_config(config, ov)
-    store, key = open_store(cfg), stage_keys(cfg)["dvae"]
+    store, key = cfg.store.open(), stage_keys(cfg)["dvae"]
     assert not store.is_complete("dvae", key)
     assert store.read_json(store.path("dvae", key, "checkpoints", "latest.json"))["step"] == 15
     monkeypatch.setattr(pipeline.training, "save_checkpoint", real_save)
@@ -157,14 +156,14 @@ def test_bf16_encode_is_its_own_tokens_artifact(done):
     """dvae.encode_precision=bf16 keeps the dVAE (same key), writes tokens under a new key, equal to encode(bf16)."""
     cfg, ov, ref, tmp = done
     root = tmp / "bf16"
-    shutil.copytree(open_store(cfg).root, root)
+    shutil.copytree(cfg.store.open().root, root)
     ov2 = [f"store.root={root}", *ov[1:], "dvae.encode_precision=bf16"]
     cfg2 = load_config(TINY, ov2)
     keys, keys2 = stage_keys(cfg), stage_keys(cfg2)
     assert keys2["dvae"] == keys["dvae"] and keys2["pretokenize"] != keys["pretokenize"]
     out = run_stage("pretokenize", ov2)
     assert not out.cached and out.key == keys2["pretokenize"]
-    store = open_store(cfg2)
+    store = cfg2.store.open()
     model, norm = load_dvae(store, keys["dvae"])
     images = read_shard(store, shard_paths(store, "ingest", keys["ingest"], "train")[0])
     pixels = to_tensor(np.stack([decode_png(b) for b in images.column("image").to_pylist()]), norm.mean, norm.std)
@@ -190,7 +189,7 @@ def test_dvae_and_clip_train_under_torchrun(tiny):
     dvae_ref = run_stage("dvae", ov, config)
     clip_ref = run_stage("clip", ov, config)
     cfg = load_config(config, ov)
-    store = open_store(cfg)
+    store = cfg.store.open()
     dvae_m, clip_m = store.manifest("dvae", dvae_ref.key), store.manifest("clip", clip_ref.key)
     assert dvae_m["world_size"] == 2 and dvae_m["steps"] == 20 and clip_m["world_size"] == 2
     assert dvae_m["metrics"]["val_psnr"] > 9  # it learned: an untrained dVAE gives 6.1 dB on these images
@@ -203,7 +202,7 @@ def test_pixel_kmeans_tokenizer_through_the_stages(store_copy):
           "dvae.kmeans_iters=4"]
     run_stage("pretokenize", ov)
     cfg = load_config(TINY, ov)
-    store, keys = open_store(cfg), stage_keys(cfg)
+    store, keys = cfg.store.open(), stage_keys(cfg)
     dvae_m = store.manifest("dvae", keys["dvae"])
     assert dvae_m["steps"] == 4 and dvae_m["metrics"]["val_psnr"] > 18, dvae_m["metrics"]
     tokens_m = store.manifest("pretokenize", keys["pretokenize"])
@@ -227,7 +226,7 @@ def test_pretrained_tokenizer_through_the_stages(store_copy, tmp_path):
     ov = [*store_copy, f"dvae.pretrained={tmp_path / 'dalle'}"]
     run_stage("pretokenize", ov)
     cfg = load_config(TINY, ov)
-    store, keys = open_store(cfg), stage_keys(cfg)
+    store, keys = cfg.store.open(), stage_keys(cfg)
     dvae_m = store.manifest("dvae", keys["dvae"])
     digest = hashlib.sha256((tmp_path / "dalle" / "encoder.pkl").read_bytes()).hexdigest()[:16]
     assert dvae_m["pretrained"]["kind"] == "openai" and dvae_m["steps"] == 0
@@ -259,7 +258,7 @@ def test_vqgan_through_the_dvae_stage(store_copy, tmp_path):
           "dvae.train.log_every=3"]
     run_stage("dvae", ov)
     cfg = load_config(TINY, ov)
-    store, key = open_store(cfg), stage_keys(cfg)["dvae"]
+    store, key = cfg.store.open(), stage_keys(cfg)["dvae"]
     client = MlflowClient(cfg.tracking.uri)
     run = client.search_runs([client.get_experiment_by_name("dalle").experiment_id], f"tags.stage_key = '{key}'")[0]
     steps = {m: [h.step for h in client.get_metric_history(run.info.run_id, m)]

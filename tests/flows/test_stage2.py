@@ -4,7 +4,7 @@ import pytest
 from mlflow import MlflowClient
 
 import pipeline.training
-from pipeline.artifacts import open_store, stored
+from pipeline.artifacts import stored
 from pipeline.config import load_config
 from pipeline.models import load_transformer
 from pipeline.stage_table import stage_keys
@@ -21,7 +21,7 @@ def _runs(cfg, stage="transformer"):
 def test_trains_on_tokens_and_tracks_everything(store_copy):
     ref = run_stage("transformer", store_copy)
     cfg = load_config(TINY, store_copy)
-    store = open_store(cfg)
+    store = cfg.store.open()
     m = store.manifest("transformer", ref.key)
     assert m["steps"] == 30 and m["inputs"] == {"pretokenize": stage_keys(cfg)["pretokenize"]}
     assert m["metrics"]["val_bits_per_image_token"] < 6.0  # log2(64) = 6 bits is chance
@@ -55,7 +55,7 @@ def test_killed_training_resumes_from_checkpoint(store_copy, monkeypatch):
     monkeypatch.setattr(pipeline.training, "save_checkpoint", real_save)
     ref = run_stage("transformer", store_copy)
     cfg = load_config(TINY, store_copy)
-    assert open_store(cfg).manifest("transformer", ref.key)["steps"] == 30
+    assert cfg.store.open().manifest("transformer", ref.key)["steps"] == 30
     client, runs = _runs(cfg)
     assert [r.info.status for r in runs] == ["FAILED", "FINISHED"]
     assert runs[1].data.tags["resumed_from_step"] == "15"
@@ -70,7 +70,7 @@ def test_ddp_through_torchrun_trains_and_only_rank_zero_reports(store_copy):
     ddp = run_stage("transformer", [*store_copy, *steps, "transformer.train.nproc=2"])
     assert ddp.key != single_key  # the world size is part of what a model is
     cfg = load_config(TINY, store_copy)
-    store = open_store(cfg)
+    store = cfg.store.open()
     m = store.manifest("transformer", ddp.key)
     assert m["world_size"] == 2 and m["steps"] == 20
     client, runs = _runs(cfg)
@@ -87,7 +87,7 @@ def test_two_machines_meet_at_the_rendezvous_endpoint(store_copy, tmp_path):
     import subprocess
     import sys
 
-    from pipeline.ddp import torchrun_args
+    from pipeline.torchrun import torchrun_args
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -106,7 +106,7 @@ def test_two_machines_meet_at_the_rendezvous_endpoint(store_copy, tmp_path):
     assert [m.wait(timeout=240) for m in machines] == [0, 0]
     key = keys["transformer"]
     assert key != stage_keys(load_config(TINY, ov[:-1]))["transformer"]  # two machines: a different model
-    m = open_store(cfg).manifest("transformer", key)
+    m = cfg.store.open().manifest("transformer", key)
     assert m["world_size"] == 2 and m["steps"] == 10
 
 
@@ -114,7 +114,7 @@ def test_a_rank_s_error_comes_back_in_one_line_with_the_ranks_output_in_a_file(s
     """A diverging DDP run raises the rank's TrainingError itself (the CLI's one-line error class), naming the file
     that holds every rank's output with the traceback."""
     from dalle_core.train import TrainingError
-    from pipeline.ddp import launch_ranks
+    from pipeline.torchrun import launch_ranks
 
     cfg = load_config(TINY, [*store_copy, "transformer.train.nproc=2", "transformer.train.lr=1e12",
                              "transformer.train.warmup_steps=0"])

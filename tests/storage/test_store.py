@@ -18,22 +18,22 @@ from storage.parquet import (
     tokens_schema,
     write_shard,
 )
-from storage.store import ArtifactStore, StoreError, stage_key
+from storage.store import ArtifactStore, StoreError, content_key
 
 
 def test_key_ignores_dict_order_and_float_spelling():
-    a = stage_key({"lr": 0.001, "n": 1, "sub": {"x": 1.0, "y": [1, 2]}}, {"ingest": "abc"})
-    b = stage_key({"sub": {"y": [1, 2], "x": 1}, "n": 1.0, "lr": 1e-3}, {"ingest": "abc"})
+    a = content_key({"lr": 0.001, "n": 1, "sub": {"x": 1.0, "y": [1, 2]}}, {"ingest": "abc"})
+    b = content_key({"sub": {"y": [1, 2], "x": 1}, "n": 1.0, "lr": 1e-3}, {"ingest": "abc"})
     assert a == b and len(a) == 12
-    assert stage_key({"lr": 0.002}) != stage_key({"lr": 0.001})
-    assert stage_key({}, {"ingest": "abc"}) != stage_key({}, {"ingest": "abd"})
+    assert content_key({"lr": 0.002}) != content_key({"lr": 0.001})
+    assert content_key({}, {"ingest": "abc"}) != content_key({}, {"ingest": "abd"})
 
 
 def test_key_stable_across_processes():
-    code = "from storage.store import stage_key; print(stage_key({'b': 2.5, 'a': [1, 'x']}, {'i': 'k'}))"
+    code = "from storage.store import content_key; print(content_key({'b': 2.5, 'a': [1, 'x']}, {'i': 'k'}))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "PYTHONHASHSEED": "123"}).stdout.strip()
-    assert out == stage_key({"a": [1, "x"], "b": 2.5}, {"i": "k"})
+    assert out == content_key({"a": [1, "x"], "b": 2.5}, {"i": "k"})
 
 
 @pytest.fixture(params=["local", "memory"])
