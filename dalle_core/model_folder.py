@@ -91,19 +91,56 @@ def open_clip_files(model, model_name: str) -> dict[str, bytes]:
     return {"config.json": json_bytes({"kind": "open_clip", "model_name": model_name}), "model.safetensors": weights}
 
 
+def owned_files(folder: str | os.PathLike) -> set[str] | None:
+    """The files an earlier export of this project wrote in `folder` (relative paths, model_index.json
+    included), or None when the folder holds no export of this project. Exports list their files in the index;
+    for older ones the files are their layout's: the checksummed component files, the card, the samples, data/."""
+    folder = Path(folder)
+    try:
+        idx = json.loads((folder / INDEX).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(idx, dict) or idx.get("format") != FORMAT:
+        return None
+    listed = idx.get("files")
+    if not isinstance(listed, list):
+        data = folder / "data"
+        listed = [*idx.get("sha256", {}), "README.md", "samples.png",
+                  *(p.relative_to(folder).as_posix() for p in data.rglob("*") if p.is_file())]
+    return {INDEX, *(rel for rel in listed if isinstance(rel, str) and _inside(rel))}
+
+
+def _inside(rel: str) -> bool:
+    """A relative path that stays inside its folder (an index is data: it must not name ../ or / paths)."""
+    parts = Path(rel).parts
+    return bool(parts) and not Path(rel).is_absolute() and ".." not in parts
+
+
 def write_folder(folder: str | os.PathLike, files: dict[str, bytes]) -> list[str]:
-    """Write {relative path: bytes} as `folder`, replacing an earlier export there; a folder that holds
-    anything else is refused (ModelFolderError). The files are written beside it first and swapped in, so a
-    failed export never leaves half a model; an existing folder keeps its own directory entry (it may be the
-    current directory) and has its contents swapped. Returns the paths written, sorted."""
+    """Write {relative path: bytes} into `folder`: a new or empty folder, or an earlier export of this project,
+    whose files (`owned_files`) are replaced while everything else in it (.git, the user's notes, extra files)
+    is left as it was. A folder holding anything else is refused in one line naming what it holds, and so is
+    a file of the user's where the export would write (ModelFolderError). The files are written beside the
+    folder first and moved in, model_index.json last. Returns the paths written, sorted."""
     given, folder = str(folder), Path(folder).resolve()  # resolved: `.` and `..` have no name to put tmp beside
     if folder.exists() and not folder.is_dir():
         raise ModelFolderError(f"--out {given!r} is a file; give a folder")
-    if folder.exists() and any(folder.iterdir()) and not (folder / INDEX).is_file():
-        raise ModelFolderError(f"--out {given!r} exists and is not an exported model folder; "
-                               "give a new or empty folder, or an earlier export to replace")
     if not folder.name:
         raise ModelFolderError(f"--out {given!r} is the file system's root; give a folder under it")
+    ours: set[str] = set()
+    if folder.exists() and any(folder.iterdir()):
+        found = owned_files(folder)
+        if found is None:
+            names = sorted(entry.name for entry in folder.iterdir())
+            shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+            raise ModelFolderError(f"--out {given!r} holds {shown} and is not an earlier export of this project "
+                                   f"(no {INDEX} of format {FORMAT!r}); give a new or empty folder, or an earlier "
+                                   "export to replace")
+        ours = found
+    clash = sorted(rel for rel in files if (folder / rel).exists() and rel not in ours)
+    if clash:
+        raise ModelFolderError(f"--out {given!r}: {clash[0]} is not a file an earlier export wrote, and this export "
+                               "writes one there; move it away, or export to another folder")
     tmp = folder.with_name(f".{folder.name}.tmp-{uuid.uuid4().hex[:8]}")
     old = folder.with_name(f".{folder.name}.old-{uuid.uuid4().hex[:8]}")
     try:
@@ -114,11 +151,19 @@ def write_folder(folder: str | os.PathLike, files: dict[str, bytes]) -> list[str
         if not folder.exists():
             tmp.rename(folder)
         else:
-            old.mkdir()
-            for entry in list(folder.iterdir()):
-                entry.rename(old / entry.name)
-            for entry in list(tmp.iterdir()):
-                entry.rename(folder / entry.name)
+            for rel in sorted(ours - {INDEX}):
+                if (folder / rel).is_file():
+                    (old / rel).parent.mkdir(parents=True, exist_ok=True)
+                    (folder / rel).rename(old / rel)
+            for rel in sorted(set(files) - {INDEX}):
+                (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+                (tmp / rel).rename(folder / rel)
+            if INDEX in files:  # last: from here on the folder is this export
+                os.replace(tmp / INDEX, folder / INDEX)
+            for rel in sorted(ours - set(files), key=lambda r: -len(Path(r).parts)):
+                for parent in Path(rel).parents:  # folders only the old export's files filled
+                    if parent.parts and (folder / parent).is_dir() and not any((folder / parent).iterdir()):
+                        (folder / parent).rmdir()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(old, ignore_errors=True)

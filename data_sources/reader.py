@@ -15,17 +15,79 @@ import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from dalle_core.errors import UserError
 from dalle_core.images import to_rgb_square
 from data_sources import shapes
-from pipeline.config import DataSection
+from data_sources.shapes import COLOURS, SHAPES
 
 Image.init()
 # Pillow identifies these but cannot decode them on its own (stub plugins, video, Windows-only metafiles).
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)  # as the run config's own sections
+
+
+class ShapesSection(_Section):
+    """The built-in procedural dataset (spec in data_sources/shapes.py)."""
+
+    num_images: int = Field(20000, ge=2)
+    seed: int = 0
+    two_object_fraction: float = Field(0.3, ge=0, le=1)
+    holdout: list[str] = []  # colour-shape pairs kept out of train, e.g. "purple triangle"
+    colours: list[str] = []  # the palette scenes are drawn from, train and val (empty: all 8)
+
+    @field_validator("holdout")
+    @classmethod
+    def _known_pairs(cls, pairs: list[str]) -> list[str]:
+        for pair in pairs:
+            parts = pair.split()
+            if len(parts) != 2 or parts[0] not in COLOURS or parts[1] not in SHAPES:
+                raise ValueError(
+                    f"{pair!r} is not '<colour> <shape>' with colour in {sorted(COLOURS)} "
+                    f"and shape in {list(SHAPES)}"
+                )
+        return pairs
+
+    @model_validator(mode="after")
+    def _known_colours(self) -> ShapesSection:
+        unknown = [c for c in self.colours if c not in COLOURS]
+        if unknown:
+            raise ValueError(f"data.shapes.colours: {unknown[0]!r} is not a colour; allowed: {', '.join(COLOURS)}")
+        if self.two_object_fraction > 0 and len(set(self.colours)) == 1:
+            raise ValueError(f"data.shapes.colours {self.colours} has one colour; two-object scenes need two "
+                             "different ones (add one, or set two_object_fraction: 0)")
+        return self
+
+
+class DataSection(_Section):
+    source: Literal["shapes", "imagefolder", "parquet", "hf", "webdataset"] = "shapes"
+    path: str | None = None  # folder / files / hub name, per source
+    split: str = "train"  # hub split for source=hf
+    image_column: str = "image"
+    caption_column: str = "caption"
+    # A row's own split, where the source has one (train / val / validation / test; test is evaluated as val);
+    # rows without it are split by a hash of their id (val_fraction). subset_column labels val rows (e.g.
+    # unseen / seen-variant) so the evaluation reports each label apart.
+    split_column: str = "split"
+    subset_column: str = "subset"
+    image_size: int = Field(32, ge=8)
+    val_fraction: float = Field(0.05, gt=0, lt=1)
+    shard_size: int = Field(4096, ge=1)  # rows per Parquet shard
+    max_images: int | None = Field(None, ge=1)
+    shapes: ShapesSection = ShapesSection()
+
+    @model_validator(mode="after")
+    def _path_needed(self) -> DataSection:
+        if self.source != "shapes" and not self.path:
+            raise ValueError(f"data.path is required for source {self.source!r}")
+        return self
+
 _UNDECODABLE = {"BUFR", "GRIB", "HDF5", "MPEG", "WMF"}
 # Every extension Pillow can open: what an imagefolder picks up.
 IMAGE_EXTS = tuple(sorted(ext for ext, fmt in Image.registered_extensions().items()

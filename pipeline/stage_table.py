@@ -112,7 +112,7 @@ def _generate(cfg: Config) -> dict:
     if gen["edit_mode"] is None:
         for name in EDIT_KEYS:
             del gen[name]
-    if not gen["prompts"]:  # which val captions: tasks.generate.val_rows's choice, named so a change of it re-samples
+    if not gen["prompts"]:  # which val captions: storage.parquet.val_rows's choice, named so a change of it re-samples
         gen["val_prompts"] = "each val subset in turn"
     return gen
 

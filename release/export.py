@@ -125,12 +125,14 @@ def export_model(cfg: Config, out_dir: str) -> Export:
     # each component file's sha256 (first 16 hex digits), so a damaged copy is found before it is loaded
     checksums = {name: hashlib.sha256(data).hexdigest()[:16] for name, data in sorted(files.items())
                  if name.split("/")[0] in COMPONENTS}
-    files["model_index.json"] = json_bytes(index(image_size, cfg.generate.sampling_defaults(), source=source,
-                                                 data_licence=licence.spdx, metrics=metrics, sha256=checksums))
     done = store.is_complete("ingest", keys["ingest"])
     example = (val_rows(store, keys["ingest"], 1)["caption"] if done else []) or ["a red circle"]
     files["README.md"] = model_card(cfg, manifests, metrics, evaluation, licence, source, samples_from,
                                     example[0]).encode()
+    # `files`: what this export owns, so a later export replaces exactly these and nothing of the user's
+    files["model_index.json"] = json_bytes(index(image_size, cfg.generate.sampling_defaults(), source=source,
+                                                 data_licence=licence.spdx, metrics=metrics, sha256=checksums,
+                                                 files=sorted(files)))
     written = write_folder(out_dir, files)
     return Export(out_dir, written, samples_from, keys)
 

@@ -11,8 +11,7 @@ from PIL import Image
 
 from data_sources.emoji_set import BuildOptions, EmojiSetError, assign_splits, catalogue
 from data_sources.noto_emoji import NotoEmoji, build, npm_pack
-from data_sources.reader import read_source
-from pipeline.config import DataSection
+from data_sources.reader import DataSection, read_source
 from tests.data_sources.emoji_sets import metadata_rows, split_by_concept
 
 RED = (220, 30, 30, 255)

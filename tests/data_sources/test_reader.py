@@ -7,8 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from data_sources.reader import DataError, read_source, source_fingerprint
-from pipeline.config import DataSection
+from data_sources.reader import DataError, DataSection, read_source, source_fingerprint
 
 
 def _png(colour=(200, 100, 50), size=(12, 10), fmt="PNG", **save) -> bytes:

@@ -177,9 +177,51 @@ def test_export_refuses_a_folder_that_is_not_an_export(generated, tmp_path, caps
     _, ov, _ = generated
     (tmp_path / "notes.txt").write_text("mine")
     assert main(["export", "-c", str(TINY), *_sets(ov), "--out", str(tmp_path)]) == 2
-    assert "is not an exported model folder" in capsys.readouterr().err and (tmp_path / "notes.txt").exists()
+    err = capsys.readouterr().err
+    assert "holds notes.txt and is not an earlier export of this project" in err and (tmp_path / "notes.txt").exists()
     assert main(["export", "-c", str(TINY), *_sets(ov)]) == 2
     assert "--out DIR" in capsys.readouterr().err
+
+
+def test_re_export_replaces_only_its_own_files(generated, tmp_path, capsys):
+    """A folder made a Hub repo after an export (.git, .gitattributes, notes, a picture, code in a component
+    folder) keeps every file of the user's byte for byte when exported into again; a file the old export owned
+    and the new one does not write is removed; a model_index.json that is not this project's, or a file of the
+    user's where the export writes, is refused before anything is touched."""
+    _, ov, _ = generated
+    out = tmp_path / "repo"
+    assert main(["export", "-c", str(TINY), *_sets(ov), "--out", str(out)]) == 0
+    users = {".git/HEAD": b"ref: refs/heads/main\n", ".git/objects/ab/cdef": b"\x00blob", ".gitattributes":
+             b"*.safetensors filter=lfs\n", "NOTES.md": b"my notes", "extra.png": b"\x89PNG mine",
+             "transformer/how_i_trained.py": b"print('mine')\n"}
+    for rel, data in users.items():
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        (out / rel).write_bytes(data)
+    index = json.loads((out / "model_index.json").read_text())
+    (out / "data").mkdir(exist_ok=True)
+    (out / "data" / "OLD-LICENCE.txt").write_text("an earlier export's file")
+    index["files"].append("data/OLD-LICENCE.txt")
+    (out / "model_index.json").write_text(json.dumps(index))
+    assert main(["export", "-c", str(TINY), *_sets(ov), "--out", str(out)]) == 0, capsys.readouterr().err
+    assert {rel: (out / rel).read_bytes() for rel in users} == users
+    assert not (out / "data" / "OLD-LICENCE.txt").exists() and (out / "transformer" / "model.safetensors").is_file()
+    assert "OLD-LICENCE.txt" not in (out / "model_index.json").read_text()
+
+    index = json.loads((out / "model_index.json").read_text())  # the user's own README where the card goes
+    index["files"].remove("README.md")
+    (out / "model_index.json").write_text(json.dumps(index))
+    card = (out / "README.md").read_bytes()
+    assert main(["export", "-c", str(TINY), *_sets(ov), "--out", str(out)]) == 2
+    assert "README.md is not a file an earlier export wrote" in capsys.readouterr().err
+    assert (out / "README.md").read_bytes() == card
+
+    foreign = tmp_path / "work"  # a diffusers-style index among the user's code
+    foreign.mkdir()
+    (foreign / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    (foreign / "train.py").write_text("print('mine')")
+    assert main(["export", "-c", str(TINY), *_sets(ov), "--out", str(foreign)]) == 2
+    assert "holds model_index.json, train.py and is not an earlier export" in capsys.readouterr().err
+    assert sorted(p.name for p in foreign.iterdir()) == ["model_index.json", "train.py"]
 
 
 def test_export_into_the_current_directory(generated, tmp_path, monkeypatch, capsys):
