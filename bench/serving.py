@@ -91,7 +91,7 @@ def api_request(s: Settings, candidates: int = 16) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         trained = shapes_model(os.path.join(tmp, "model"))
         pipe = DALLEPipeline.from_pretrained(os.path.join(tmp, "model"), device=str(s.device))
-    pipe("warm-up", candidates)
+    pipe("warm-up", num_candidates=candidates)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     server = uvicorn.Server(uvicorn.Config(create_app(pipe), log_level="warning"))

@@ -10,7 +10,7 @@ import re
 
 from pipeline.config import load_config
 
-# generate's flags for `dalle_core.generate.load_edit`'s arguments, in its errors
+# generate's flags for `EditRequest.from_arguments`' arguments, in its errors
 EDIT_FLAGS = {"prime_image": "--prime", "prime_rows": "--prime-rows", "edit_image": "--edit",
               "outpaint_image": "--outpaint", "variations": "--variations", "region": "--region", "mask": "--mask",
               "keep": "--keep"}
@@ -18,37 +18,35 @@ EDIT_FLAGS = {"prime_image": "--prime", "prime_rows": "--prime-rows", "edit_imag
 SIGNED_FLAGS = ("--region", "--keep")
 
 
-def edit_arguments(args, size: int | None, grid: int | None) -> dict:
-    """`DALLEPipeline.__call__`'s editing arguments from generate's --prime/--prime-rows, --edit, --outpaint,
-    --variations, --region, --mask and --keep, checked (one source image, each flag with the image it applies to,
-    the images readable, the region inside the image, the mask's size and colours) before any model loads, at the
-    model's `size` pixels and `grid` tokens when known (None: what needs them is checked once the model is loaded).
+def edit_arguments(args, size: int | None, grid: int | None):
+    """The `EditRequest` of generate's --prime/--prime-rows, --edit, --outpaint, --variations, --region, --mask and
+    --keep (or None), checked (one source image, each flag with the image it applies to, the images readable,
+    the region inside the image, the mask's size and colours) before any model loads, at the model's `size`
+    pixels and `grid` tokens when known (None: what needs them is checked once the model is loaded).
     GenerationError (one line) naming the flag otherwise."""
-    from dalle_core.generate import GenerationError, edit_source, load_edit
+    from dalle_core.generate import EditRequest, GenerationError
 
-    kwargs = {name: getattr(args, flag.removeprefix("--").replace("-", "_")) for name, flag in EDIT_FLAGS.items()}
+    arguments = {name: getattr(args, flag.removeprefix("--").replace("-", "_")) for name, flag in EDIT_FLAGS.items()}
     if args.prime and args.prime_rows is None:
-        kwargs["prime_rows"] = 4
-    if kwargs["keep"] is not None:  # a string, so `--keep abc` is this line rather than argparse's usage
+        arguments["prime_rows"] = 4
+    if arguments["keep"] is not None:  # a string, so `--keep abc` is this line rather than argparse's usage
         try:
-            keep = float(kwargs["keep"])
+            keep = float(arguments["keep"])
         except ValueError:
             keep = None
         if keep is None or not 0 < keep < 1:
-            shown = kwargs["keep"] if keep is not None else repr(kwargs["keep"])
+            shown = arguments["keep"] if keep is not None else repr(arguments["keep"])
             raise GenerationError(f"--keep is {shown}; allowed: a number more than 0 and less than 1 (the share of "
                                   "token cells kept)")
-        kwargs["keep"] = keep
-    rows = kwargs["prime_rows"]
+        arguments["keep"] = keep
+    rows = arguments["prime_rows"]
     if args.prime and rows is not None and (rows < 1 or grid is not None and rows >= grid):
         top = f"1 to {grid - 1}" if grid is not None else "at least 1 (and less than the token grid's rows)"
         raise GenerationError(f"--prime-rows is {rows}; allowed: {top}")
-    kwargs = {k: v for k, v in kwargs.items() if v is not None}
-    if size is not None and grid is not None:
-        load_edit(size, grid, **kwargs, names=EDIT_FLAGS)
-    else:
-        edit_source(**kwargs, names=EDIT_FLAGS)
-    return kwargs
+    edit = EditRequest.from_arguments(arguments, EDIT_FLAGS)
+    if edit is not None and size is not None and grid is not None:
+        edit.resolve(size, grid, EDIT_FLAGS)
+    return edit
 
 
 def edit_overrides(args) -> list[str]:
@@ -61,24 +59,23 @@ def edit_overrides(args) -> list[str]:
     cfg = load_config(args.config, args.overrides)
     grid = None if cfg.dvae.pretrained or getattr(cfg, "tokenizers_from", None) else \
         cfg.data.image_size // 2 ** cfg.dvae.num_downsamples
-    kwargs = edit_arguments(args, cfg.data.image_size, grid)
-    if "prime_image" in kwargs:
-        return [f"generate.prime_image={json.dumps(args.prime)}", f"generate.prime_rows={kwargs['prime_rows']}"]
-    mode = next((m for k, m in (("edit_image", "inpaint"), ("outpaint_image", "outpaint"),
-                                ("variations", "variations")) if k in kwargs), None)
-    if mode is None:
+    edit = edit_arguments(args, cfg.data.image_size, grid)
+    if edit is None:
         return []
-    out = [f"generate.edit_mode={mode}", f"generate.edit_image={json.dumps(args.edit or args.outpaint or args.variations)}"]
-    if args.region is not None:
+    image = json.dumps(args.prime or args.edit or args.outpaint or args.variations)  # the path, as typed
+    if edit.mode == "prime":
+        return [f"generate.prime_image={image}", f"generate.prime_rows={edit.prime_rows}"]
+    out = [f"generate.edit_mode={edit.mode}", f"generate.edit_image={image}"]
+    if edit.region is not None:
         try:
-            region = parse_region(args.region, "--region")
+            region = parse_region(edit.region, "--region")
         except EditError as err:
             raise GenerationError(str(err)) from None
         out.append(f"generate.edit_region={json.dumps(list(region))}")
-    if args.mask is not None:
-        out.append(f"generate.edit_mask={json.dumps(args.mask)}")
-    if "keep" in kwargs:
-        out.append(f"generate.edit_keep={kwargs['keep']}")
+    if edit.mask is not None:
+        out.append(f"generate.edit_mask={json.dumps(edit.mask)}")
+    if edit.keep is not None:
+        out.append(f"generate.edit_keep={edit.keep}")
     return out
 
 

@@ -13,9 +13,6 @@ import tempfile
 from dalle_core.errors import ConfigError
 from pipeline.config import load_config
 
-# `--set` keys that `generate --model` and `serve` take (the model carries everything else)
-SAMPLING_KEYS = ("num_candidates", "cond_scale", "temperature", "top_k", "top_p", "seed", "batch_size")
-
 
 def cmd_export(args) -> int:
     """Export the run's models as a folder (--out) and/or register them as an MLflow model (--register)."""
@@ -87,14 +84,18 @@ def check_listen(host: str, port: int) -> socket.socket:
 def sampling_settings(overrides: list[str]) -> tuple[dict, str, str]:
     """(sampling keyword arguments, device, precision) from `--set generate.<key>=...` and `runner.device=...`,
     checked as the run config checks them; any other key is a one-line ConfigError."""
-    allowed = {f"generate.{k}" for k in (*SAMPLING_KEYS, "precision")} | {"runner.device"}
+    from dalle_core.generate import (
+        SAMPLING_DEFAULTS,  # `--set` keys that apply: the model carries the rest
+    )
+
+    allowed = {f"generate.{k}" for k in (*SAMPLING_DEFAULTS, "precision")} | {"runner.device"}
     given = [item.split("=", 1)[0].strip() for item in overrides]
     for key in given:
         if key not in allowed:
             raise ConfigError(f"--set {key}: with --model only {', '.join(sorted(allowed))} apply (the model "
                               "folder holds the rest)")
     cfg = load_config(None, overrides)
-    kwargs = {k: getattr(cfg.generate, k) for k in SAMPLING_KEYS if f"generate.{k}" in given}
+    kwargs = {k: getattr(cfg.generate, k) for k in SAMPLING_DEFAULTS if f"generate.{k}" in given}
     return kwargs, cfg.runner.device, cfg.generate.precision
 
 
@@ -138,8 +139,8 @@ def cmd_generate_model(args, prompts: list[str]) -> int:
     edit = edit_arguments(args, *folder_shape(source))
     kwargs, device, precision = sampling_settings(sampling)
     pipe = load_model(source, device=device, precision=precision, overrides=overrides, tracking_uri=uri)
-    out = pipe(prompts, **kwargs, **edit)
-    prime = f"{args.prime} (top {edit['prime_rows']} rows)" if args.prime else None
+    out = pipe(prompts, edit=edit, **kwargs)
+    prime = f"{args.prime} (top {edit.prime_rows} rows)" if args.prime else None
     rows = []
     for j, (p, seed, images, scores, codes) in enumerate(zip(out.prompts, out.seeds, out.pixels, out.scores,
                                                               out.image_tokens)):
@@ -181,7 +182,7 @@ def cmd_serve(args) -> int:
     pipe.sampling.update(kwargs)
     name = os.path.basename(os.path.normpath(source)) if "://" not in source and ":/" not in source else source
     print(f"loaded {source} on {pipe.device} ({pipe.precision}); warming up ...", flush=True)
-    pipe("warm-up", min(16, pipe.sampling.get("num_candidates", 16), args.max_candidates))  # first-call kernels
+    pipe("warm-up", num_candidates=min(16, pipe.sampling.get("num_candidates", 16), args.max_candidates))  # first-call kernels
     app = create_app(pipe, name=name, max_candidates=args.max_candidates)
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host

@@ -12,10 +12,12 @@ import contextlib
 import io
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
+from typing import Annotated, Any, Literal, get_type_hints
 
 import numpy as np
 import torch
+from annotated_types import Ge, Gt, Le
 from PIL import Image
 
 from dalle_core.bpe import TextTokenizer
@@ -37,9 +39,78 @@ from dalle_core.model_folder import load_folder
 from dalle_core.sampling import sample
 from dalle_core.transformer import DALLE
 
-# What a call samples with when neither the caller nor the model's own defaults say (as GenerateSection)
-SAMPLING_DEFAULTS = {"num_candidates": 16, "cond_scale": 1.0, "temperature": 1.0, "top_k": None, "top_p": None,
-                     "seed": 0, "batch_size": 64}
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """How a `DALLEPipeline` call samples (Ramesh et al. 2021, section 2.5: N candidates per prompt, reranked by
+    CLIP). Each field's type carries its allowed range: the run config's `generate` section, `dalle serve`'s
+    request and the MLflow model's params are built from these fields, so this is the one place they are
+    declared. `cond_scale`: classifier-free guidance scale (1 = none); `top_k` codes kept per step (0 or None:
+    off); `top_p` nucleus mass (1 or None: off); prompt i draws from `prompt_seed(seed, i)`; `batch_size` images
+    share one forward pass."""
+
+    __pydantic_config__ = {"extra": "forbid"}  # read by the run config and the HTTP request
+
+    num_candidates: Annotated[int, Ge(1)] = 16
+    cond_scale: Annotated[float, Ge(0)] = 1.0
+    temperature: Annotated[float, Gt(0)] = 1.0
+    top_k: Annotated[int, Ge(0)] | None = None
+    top_p: Annotated[float, Gt(0), Le(1)] | None = None
+    seed: Annotated[int, Ge(0), Le(2**63 - 1)] = 0
+    batch_size: Annotated[int, Ge(1)] = 64
+
+    def checked(self) -> SamplingSettings:
+        """These settings checked against their ranges (for callers that bypass the config's validation), top_k 0
+        and top_p 1 made None (off); GenerationError (one line) naming the bad value and what is allowed."""
+        hints = get_type_hints(SamplingSettings, include_extras=True)
+        for f in fields(self):
+            _check_setting(f.name, getattr(self, f.name), hints[f.name])
+        top_k, top_p = self.top_k or None, None if self.top_p in (None, 1) else float(self.top_p)
+        return SamplingSettings(self.num_candidates, float(self.cond_scale), float(self.temperature), top_k, top_p,
+                                self.seed, self.batch_size)
+
+    def replace(self, **given) -> SamplingSettings:
+        """These settings with the `given` ones that are not None; GenerationError for a name that is no setting."""
+        unknown = sorted(set(given) - set(SAMPLING_DEFAULTS))
+        if unknown:
+            raise GenerationError(f"{unknown[0]} is not a sampling setting; allowed: {', '.join(SAMPLING_DEFAULTS)}")
+        return SamplingSettings(**{**asdict(self), **{k: v for k, v in given.items() if v is not None}})
+
+
+def _check_setting(name: str, value, hint) -> None:
+    """One sampling setting against its annotation: its type (int or float, or None where allowed) and bounds."""
+    args = typing_args(hint)
+    kind, bounds, optional = args
+    if value is None:
+        if not optional:
+            raise GenerationError(f"{name} is None; it must be a number")
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
+        raise GenerationError(f"{name} is {value!r}; it must be a {'whole number' if kind is int else 'number'}")
+    if kind is int and not isinstance(value, (int, np.integer)):
+        raise GenerationError(f"{name} is {value!r}; it must be a whole number")
+    if not np.isfinite(value):
+        raise GenerationError(f"{name} is {value!r}; it must be a number")
+    low = next((b for b in bounds if isinstance(b, (Ge, Gt))), None)
+    high = next((b for b in bounds if isinstance(b, Le)), None)
+    if (isinstance(low, Ge) and value < low.ge) or (isinstance(low, Gt) and value <= low.gt) or \
+            (high is not None and value > high.le):
+        parts = [f"at least {low.ge}" if isinstance(low, Ge) else f"more than {low.gt}" if low else None,
+                 f"at most {high.le}" if high else None]
+        raise GenerationError(f"{name} is {value}; allowed: {' and '.join(p for p in parts if p)}")
+
+
+def typing_args(hint) -> tuple[type, tuple, bool]:
+    """(int or float, the annotated_types bounds, whether None is allowed) of a SamplingSettings field's type."""
+    optional = False
+    if getattr(hint, "__args__", None) and type(None) in hint.__args__:  # Annotated[...] | None
+        optional, hint = True, next(a for a in hint.__args__ if a is not type(None))
+    base, bounds = (hint.__origin__, hint.__metadata__) if hasattr(hint, "__metadata__") else (hint, ())
+    return base, tuple(bounds), optional
+
+
+# What a call samples with when neither the caller nor the model's own defaults say
+SAMPLING_DEFAULTS = asdict(SamplingSettings())
 Progress = Callable[[int, int], None]  # (sampling steps done, steps in all)
 
 
@@ -106,43 +177,28 @@ class DALLEPipeline:
     def image_size(self) -> int:
         return self.dvae.c.image_size
 
-    def __call__(self, prompts: str | list[str], num_candidates: int | None = None, *, cond_scale: float | None = None,
-                 temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
-                 seed: int | None = None, prime_image=None, prime_rows: int | None = None, edit_image=None,
-                 region=None, mask=None, outpaint_image=None, variations=None, keep: float | None = None,
-                 batch_size: int | None = None, progress: Progress | None = None) -> GenerationOutput:
+    def __call__(self, prompts: str | list[str], settings: SamplingSettings | None = None, *,
+                 edit: EditRequest | None = None, progress: Progress | None = None, **given) -> GenerationOutput:
         """Draw `num_candidates` images per prompt and rank them by CLIP (best first).
 
-        Settings left None take the model's own defaults (its run's `generate` section). `cond_scale`:
-        classifier-free guidance, >= 0 (1 = none); `temperature` > 0; `top_k` >= 0 codes (0 = off); `top_p`
-        in (0, 1] (1 = off); `seed` >= 0: prompt i draws from `prompt_seed(seed, i)`, so a prompt's images do
-        not depend on the others. `prime_image` (a path, PNG/JPEG bytes, a PIL image or an (H, W, 3) uint8
-        array; resized to the dVAE's input, shorter side then centre crop) fixes the top `prime_rows` token
-        rows of every candidate (DALL-E's image completion; default half the rows).
-
-        Editing (docs/editing.md; images given as `prime_image` is; at most one source image): `edit_image` with
-        `region` (x0, y0, x1, y1 pixels of the image resized to the model's `image_size`, snapped outward to
-        whole token cells; or "x0,y0,x1,y1") or `mask` (a mask image of the edit image's size, white =
-        regenerate, or a (grid, grid) bool token mask) regenerates that part (inpainting); `outpaint_image`
-        with `region` places the image in that box of an empty canvas and samples everything else; `variations`
-        resamples a share 1 - `keep` (default 0.5) of the cells, chosen per candidate from (its prompt's seed,
-        its index). Every candidate keeps the other cells' codes exactly. `progress(done, total)` is called
-        after every sampling step. Raises GenerationError (one line) for a bad value."""
+        `settings` (SamplingSettings) default to the model's own (its run's `generate` section); settings given by
+        name (`pipe(prompts, num_candidates=4, seed=0)`) replace single fields, None leaving them as they are.
+        Prompt i draws from `prompt_seed(seed, i)`, so a prompt's images do not depend on the others. `edit`
+        (EditRequest, docs/editing.md): priming keeps the top rows of an image (DALL-E's image completion),
+        inpainting, outpainting and variations keep its codes outside the cells they sample; every candidate
+        keeps those cells' codes exactly. `progress(done, total)` is called after every sampling step. Raises
+        GenerationError (one line) for a bad value."""
         prompts = check_prompts(prompts)
-        s = {**SAMPLING_DEFAULTS, **self.sampling}
-        n = _integer("num_candidates", s["num_candidates"] if num_candidates is None else num_candidates, 1)
-        settings = check_sampling(s["cond_scale"] if cond_scale is None else cond_scale,
-                                  s["temperature"] if temperature is None else temperature,
-                                  s["top_k"] if top_k is None else top_k, s["top_p"] if top_p is None else top_p)
-        seed = _integer("seed", s["seed"] if seed is None else seed, 0, 2**63 - 1)
-        batch = _integer("batch_size", s["batch_size"] if batch_size is None else batch_size, 1)
-        edit = load_edit(self.image_size, self.transformer.c.image_grid, prime_image=prime_image,
-                         prime_rows=prime_rows, edit_image=edit_image, region=region, mask=mask,
-                         outpaint_image=outpaint_image, variations=variations, keep=keep)
-        seeds = [prompt_seed(seed, i) for i in range(len(prompts))]
-        results = self.candidates(prompts, n, seeds, batch, *settings, edit, progress=progress)
-        prime = edit.image if edit is not None and edit.mode == "prime" else None
-        out = GenerationOutput(prompts, seed, seeds, [], [], [], [], prime, edit)
+        if settings is not None and not isinstance(settings, SamplingSettings):
+            raise GenerationError(f"settings is {settings!r}; give a SamplingSettings, or each setting by name "
+                                  f"(e.g. num_candidates={settings!r})")
+        base = settings if settings is not None else SamplingSettings(**{**SAMPLING_DEFAULTS, **self.sampling})
+        s = base.replace(**given).checked()
+        resolved = None if edit is None else edit.resolve(self.image_size, self.transformer.c.image_grid)
+        seeds = [prompt_seed(s.seed, i) for i in range(len(prompts))]
+        results = self.candidates(prompts, seeds, s, resolved, progress)
+        prime = resolved.image if resolved is not None and resolved.mode == "prime" else None
+        out = GenerationOutput(prompts, s.seed, seeds, [], [], [], [], prime, resolved)
         for prompt_s, (images, scores, truncated, codes) in zip(seeds, results):
             order = np.argsort(-scores, kind="stable")  # as `ranks`: ties keep candidate order
             out.pixels.append(images[order])
@@ -150,8 +206,8 @@ class DALLEPipeline:
             out.image_tokens.append(codes[order])
             out.truncated.append(truncated)
             out.candidates.append(order)
-            if edit is not None:
-                out.masks.append(np.array(edit.masks(prompt_s, n))[order])
+            if resolved is not None:
+                out.masks.append(np.array(resolved.masks(prompt_s, s.num_candidates))[order])
         return out
 
     @torch.inference_mode()
@@ -161,19 +217,18 @@ class DALLEPipeline:
         return self.dvae.encode(x)[0].flatten()
 
     @torch.inference_mode()
-    def candidates(self, prompts: list[str], n: int, seeds: list[int], batch_size: int = 64,
-                   temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-                   cond_scale: float = 1.0, edit: Edit | None = None, progress: Progress | None = None,
-                   ) -> list[tuple[np.ndarray, np.ndarray, bool, np.ndarray]]:
+    def candidates(self, prompts: list[str], seeds: list[int], settings: SamplingSettings, edit: Edit | None = None,
+                   progress: Progress | None = None) -> list[tuple[np.ndarray, np.ndarray, bool, np.ndarray]]:
         """Per prompt: (n, H, W, 3) uint8 images, their (n,) CLIP scores, whether it was truncated, and the
-        (n, tokens) image codes.
+        (n, tokens) image codes, n = `settings.num_candidates` (checked settings: `SamplingSettings.checked`).
 
-        Whole prompts share a sampling batch of about `batch_size` images (bigger batches run
+        Whole prompts share a sampling batch of about `settings.batch_size` images (bigger batches run
         faster on CPU and GPU alike); each prompt draws from its own generator seeded with its
-        seed, so its images do not depend on which prompts it is batched with. `edit` (`load_edit`): its
+        seed, so its images do not depend on which prompts it is batched with. `edit` (`EditRequest.resolve`): its
         image's codes are kept wherever a candidate's token mask (`Edit.masks(prompt seed, ...)`, in candidate
         order) is False. `progress(done, total)` is called after every sampling step of every batch.
         """
+        n, batch_size = settings.num_candidates, settings.batch_size
         ids, truncated = self.tokenizer.encode(prompts)
         device = self.device
         text = torch.from_numpy(ids).to(device)
@@ -205,8 +260,8 @@ class DALLEPipeline:
         for group, b, masks in batches:
             rows = torch.cat([text[j:j + 1].expand(b, -1) for j in group])
             kept = None if source is None else source[None].expand(rows.shape[0], -1)
-            codes = sample(self.transformer, rows, temperature=temperature, top_k=top_k, top_p=top_p,
-                           cond_scale=cond_scale, image=kept, mask=None if masks is None else masks.to(device),
+            codes = sample(self.transformer, rows, temperature=settings.temperature, top_k=settings.top_k,
+                           top_p=settings.top_p, cond_scale=settings.cond_scale, image=kept, mask=None if masks is None else masks.to(device),
                            generator=[gens[j] for j in group], precision=self.precision,
                            on_logits=None if progress is None else step)
             pixels = to_uint8_tensor(self.dvae.decode(codes.view(-1, side, side)), self.normalization.mean, self.normalization.std)
@@ -266,25 +321,6 @@ def _integer(name: str, value, low: int, high: int | None = None) -> int:
         allowed = f"{low} to {high}" if high is not None else f"at least {low}"
         raise GenerationError(f"{name} is {value}; allowed: {allowed}")
     return int(value)
-
-
-def check_sampling(cond_scale: float, temperature: float, top_k: int | None,
-                   top_p: float | None) -> tuple[float, int | None, float | None, float]:
-    """(temperature, top_k, top_p, cond_scale) as `DALLEPipeline.candidates` takes them, top_k 0 and top_p 1
-    meaning off (None); GenerationError (one line) for a value out of range."""
-    for name, value in (("cond_scale", cond_scale), ("temperature", temperature), ("top_p", top_p)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float, np.number))
-                                  or not np.isfinite(value)):
-            raise GenerationError(f"{name} is {value!r}; it must be a number")
-    if cond_scale < 0:
-        raise GenerationError(f"cond_scale is {cond_scale}; allowed: 0 or more (1 = no guidance)")
-    if temperature <= 0:
-        raise GenerationError(f"temperature is {temperature}; allowed: more than 0")
-    if top_k is not None:
-        top_k = _integer("top_k", top_k, 0) or None
-    if top_p is not None and not 0 < top_p <= 1:
-        raise GenerationError(f"top_p is {top_p}; allowed: more than 0 and at most 1 (1 = off)")
-    return float(temperature), top_k, None if top_p is None or top_p == 1 else float(top_p), float(cond_scale)
 
 
 MAX_PRIME_PIXELS = 4096 * 4096  # decoding is width * height * 4 bytes; a tiny PNG can claim a huge canvas
@@ -359,82 +395,135 @@ def _describe(image) -> tuple[str, str]:
     return f"a {pixels.shape[1]}x{pixels.shape[0]} image", content_digest(np.ascontiguousarray(pixels))
 
 
-EDIT_NAMES = {k: k for k in ("prime_image", "prime_rows", "edit_image", "region", "mask", "outpaint_image",
-                             "variations", "keep")}
+# Each edit mode's source image as the flat arguments name it (`EditRequest.from_arguments`: the CLI's --prime,
+# --edit, --outpaint, --variations); the run config, HTTP and the MLflow model name the mode instead.
+EDIT_SOURCES = {"prime": "prime_image", "inpaint": "edit_image", "outpaint": "outpaint_image", "variations": "variations"}
+EDIT_NAMES = {k: k for k in (*EDIT_SOURCES.values(), "prime_rows", "region", "mask", "keep", "edit_mode")}
+IMAGE_NAMES = {"prime": "prime image", "inpaint": "edit image", "outpaint": "outpaint image",
+               "variations": "variations image"}  # a source image in errors from the Python API
+# which options each mode takes
+EDIT_OPTIONS = {"prime": ("prime_rows",), "inpaint": ("region", "mask"), "outpaint": ("region",),
+                "variations": ("keep",)}
 
 
-def load_edit(size: int, grid: int, *, prime_image=None, prime_rows: int | None = None, edit_image=None,
-              region=None, mask=None, outpaint_image=None, variations=None, keep: float | None = None,
-              names: dict[str, str] | None = None) -> Edit | None:
-    """The edit a `DALLEPipeline` call asks for, at the model's `size` pixels and `grid` x `grid` tokens, or None
-    when it gives no source image (see `DALLEPipeline.__call__` for the arguments). Images are read as
-    `load_image` reads them. `names` maps an argument to the name the user typed (a CLI flag, a config key) for
-    the errors. GenerationError (one line) for conflicting arguments, an unreadable image, a region outside the
-    image, a mask of another size than the image, or a mask that keeps or samples nothing."""
-    name = {**EDIT_NAMES, **(names or {})}
-    mode = edit_source(prime_image=prime_image, prime_rows=prime_rows, edit_image=edit_image, region=region,
-                       mask=mask, outpaint_image=outpaint_image, variations=variations, keep=keep, names=names)
-    if mode is None:
-        return None
-    image = {"prime_image": prime_image, "edit_image": edit_image, "outpaint_image": outpaint_image,
-             "variations": variations}[mode]
-    what = name[mode] if names and mode in names else {
-        "prime_image": "prime image", "edit_image": "edit image", "outpaint_image": "outpaint image",
-        "variations": "variations image"}[mode]
-    with _opened(image, what) as im:
-        source, digest = _describe(image)
-        try:
-            if mode == "prime_image":
-                rows = _integer(name["prime_rows"], grid // 2 if prime_rows is None else prime_rows, 1, grid - 1)
-                return Edit("prime", np.array(to_rgb_square(im, size)), grid, top_rows_mask(grid, rows),
-                            source=source, digest=digest)
-            if mode == "variations":
-                keep = 0.5 if keep is None else keep
-                if isinstance(keep, bool) or not isinstance(keep, (int, float, np.number)) or not 0 < keep < 1:
-                    raise GenerationError(f"{name['keep']} is {keep!r}; allowed: more than 0 and less than 1 "
-                                          "(the share of cells kept)")
-                return Edit("variations", np.array(to_rgb_square(im, size)), grid, keep=float(keep), source=source,
-                            digest=digest)
-            if mode == "outpaint_image":
-                if region is None:
-                    raise GenerationError(f"{name['outpaint_image']} needs {name['region']} x0,y0,x1,y1: the box of "
-                                          "the canvas the image goes in")
-                cells = region_edit_mask("outpaint", region, size, grid, name["region"])
-                return Edit("outpaint", place(im, check_region(region, size), size, grid), grid, cells,
-                            source=source, digest=digest)
-            if region is None and mask is None:
-                raise GenerationError(f"{name['edit_image']} needs {name['region']} x0,y0,x1,y1 or {name['mask']} "
-                                      "(an image, white = regenerate): one of them")
-            if region is not None:
-                cells = region_edit_mask("inpaint", region, size, grid, name["region"])
-            else:
-                cells = _mask_cells(mask, im.size, size, grid, name, "mask image" if names is None else name["mask"])
-            return Edit("inpaint", np.array(to_rgb_square(im, size)), grid, cells, source=source, digest=digest)
-        except EditError as err:
-            raise GenerationError(str(err)) from None
+@dataclass(frozen=True)
+class EditRequest:
+    """An edit a `DALLEPipeline` call asks for (docs/editing.md), before any image is read: the `mode`, its source
+    `image` (a path, image file bytes, a PIL image or an (H, W, 3) uint8 array, read as a viewer shows it) and
+    the options its mode takes:
+
+    - prime (DALL-E's image completion): `prime_rows` token rows kept from the top (default half the grid);
+    - inpaint: `region` (x0, y0, x1, y1 pixels of the image resized to the model's size, snapped outward to whole
+      token cells; or "x0,y0,x1,y1") or `mask` (a mask image of the image's size, white = regenerate, or a
+      (grid, grid) bool token mask) is regenerated;
+    - outpaint: the image is placed in `region` of an empty canvas, everything else is sampled;
+    - variations: a share 1 - `keep` (default 0.5) of the cells is resampled, per candidate.
+
+    The run config, the CLI, HTTP, the MLflow model and the Python API all build this type: `check` is the one
+    check of a mode's options, `resolve` the one reader of its images."""
+
+    mode: Literal["prime", "inpaint", "outpaint", "variations"]
+    image: Any
+    region: Any = None
+    mask: Any = None
+    keep: float | None = None
+    prime_rows: int | None = None
+
+    @classmethod
+    def from_arguments(cls, arguments: dict[str, Any], names: dict[str, str] | None = None) -> EditRequest | None:
+        """The edit that flat arguments ask for (prime_image, edit_image, outpaint_image or variations, each the
+        source of its mode, with prime_rows, region, mask and keep), or None when none of the images is given.
+        `names` maps an argument to the name the user typed (a CLI flag) for the errors. GenerationError (one
+        line) when two images are given, or an option without the image it applies to. Reads nothing."""
+        name = {**EDIT_NAMES, **(names or {})}
+        unknown = sorted(set(arguments) - set(EDIT_NAMES) | ({"edit_mode"} & set(arguments)))
+        if unknown:
+            raise GenerationError(f"{unknown[0]} is not an editing argument; allowed: "
+                                  f"{', '.join(k for k in EDIT_NAMES if k != 'edit_mode')}")
+        given = {k: v for k, v in arguments.items() if v is not None}
+        sources = [mode for mode, arg in EDIT_SOURCES.items() if arg in given]
+        if len(sources) > 1:
+            raise GenerationError(f"{name[EDIT_SOURCES[sources[0]]]} and {name[EDIT_SOURCES[sources[1]]]} were both "
+                                  f"given; give one of {', '.join(name[a] for a in EDIT_SOURCES.values())}")
+        for option in ("prime_rows", "region", "mask", "keep"):
+            needs = [m for m, options in EDIT_OPTIONS.items() if option in options]
+            if option in given and not any(m in sources for m in needs):
+                wanted = " or ".join(name[EDIT_SOURCES[m]] for m in needs)
+                wanted = ("prime image" if names is None else f"{wanted} image") if option == "prime_rows" else wanted
+                raise GenerationError(f"{name[option]} is {_shown(given[option])} but no {wanted} was given")
+        if not sources:
+            return None
+        mode = sources[0]
+        request = cls(mode, given[EDIT_SOURCES[mode]], **{k: given[k] for k in EDIT_OPTIONS[mode] if k in given})
+        request.check(names)
+        return request
+
+    def check(self, names: dict[str, str] | None = None) -> EditRequest:
+        """The options agree with the mode (each applies to it; inpainting has one of region and mask, outpainting
+        a region); GenerationError (one line, in `names`' spelling) otherwise. Reads nothing."""
+        name = {**EDIT_NAMES, **(names or {})}
+        if self.mode not in EDIT_SOURCES:
+            raise GenerationError(f"{name['edit_mode']} is {self.mode!r}; allowed: {', '.join(EDIT_SOURCES)}")
+        source = name[EDIT_SOURCES[self.mode]]
+        if self.image is None:
+            raise GenerationError(f"{name['edit_mode']} {self.mode} needs an image; no {source} was given")
+        for option in ("prime_rows", "region", "mask", "keep"):
+            if getattr(self, option) is not None and option not in EDIT_OPTIONS[self.mode]:
+                takes = " or ".join(name[o] for o in EDIT_OPTIONS[self.mode])
+                raise GenerationError(f"{name[option]} does not apply to {name['edit_mode']} {self.mode} (it takes "
+                                      f"{takes})")
+        if self.mode == "inpaint" and self.region is not None and self.mask is not None:
+            raise GenerationError(f"{name['region']} and {name['mask']} were both given; give one of them: "
+                                  f"{name['region']} (a box) or {name['mask']} (an image, white = regenerate)")
+        if self.mode == "inpaint" and self.region is None and self.mask is None:
+            raise GenerationError(f"{source} needs {name['region']} x0,y0,x1,y1 or {name['mask']} (an image, white = "
+                                  "regenerate): one of them")
+        if self.mode == "outpaint" and self.region is None:
+            raise GenerationError(f"{source} needs {name['region']} x0,y0,x1,y1: the box of the canvas the image "
+                                  "goes in")
+        if self.keep is not None and (isinstance(self.keep, bool) or not isinstance(self.keep, (int, float, np.number))
+                                      or not 0 < self.keep < 1):
+            raise GenerationError(f"{name['keep']} is {self.keep!r}; allowed: more than 0 and less than 1 (the share "
+                                  "of cells kept)")
+        return self
+
+    def resolve(self, size: int, grid: int, names: dict[str, str] | None = None) -> Edit:
+        """The edit at the model's `size` pixels and `grid` x `grid` tokens: its image read as `load_image` reads
+        it, its token mask. GenerationError (one line) for an unreadable image, a region outside the image, a
+        mask of another size than the image, or a mask that keeps or samples nothing."""
+        self.check(names)
+        name = {**EDIT_NAMES, **(names or {})}
+        what = name[EDIT_SOURCES[self.mode]] if names and EDIT_SOURCES[self.mode] in names else IMAGE_NAMES[self.mode]
+        with _opened(self.image, what) as im:
+            source, digest = _describe(self.image)
+            try:
+                if self.mode == "prime":
+                    rows = _integer(name["prime_rows"], grid // 2 if self.prime_rows is None else self.prime_rows, 1,
+                                    grid - 1)
+                    return Edit("prime", np.array(to_rgb_square(im, size)), grid, top_rows_mask(grid, rows),
+                                source=source, digest=digest)
+                if self.mode == "variations":
+                    return Edit("variations", np.array(to_rgb_square(im, size)), grid,
+                                keep=0.5 if self.keep is None else float(self.keep), source=source, digest=digest)
+                if self.mode == "outpaint":
+                    cells = region_edit_mask("outpaint", self.region, size, grid, name["region"])
+                    return Edit("outpaint", place(im, check_region(self.region, size), size, grid), grid, cells,
+                                source=source, digest=digest)
+                if self.region is not None:
+                    cells = region_edit_mask("inpaint", self.region, size, grid, name["region"])
+                else:
+                    cells = _mask_cells(self.mask, im.size, size, grid, name,
+                                        "mask image" if names is None else name["mask"])
+                return Edit("inpaint", np.array(to_rgb_square(im, size)), grid, cells, source=source, digest=digest)
+            except EditError as err:
+                raise GenerationError(str(err)) from None
 
 
-def edit_source(*, prime_image=None, prime_rows=None, edit_image=None, region=None, mask=None, outpaint_image=None,
-                variations=None, keep=None, names: dict[str, str] | None = None) -> str | None:
-    """Which of `load_edit`'s source images is given (prime_image, edit_image, outpaint_image or variations), or
-    None; GenerationError (one line) when two are, or when region, mask, keep or prime_rows come without the image
-    they apply to. Reads nothing."""
-    name = {**EDIT_NAMES, **(names or {})}
-    sources = [k for k, v in (("prime_image", prime_image), ("edit_image", edit_image),
-                              ("outpaint_image", outpaint_image), ("variations", variations)) if v is not None]
-    if len(sources) > 1:
-        raise GenerationError(f"{name[sources[0]]} and {name[sources[1]]} were both given; give one of "
-                              f"{', '.join(name[k] for k in ('prime_image', 'edit_image', 'outpaint_image', 'variations'))}")
-    for arg, value, needs in (("prime_rows", prime_rows, ("prime_image",)), ("region", region, ("edit_image", "outpaint_image")),
-                              ("mask", mask, ("edit_image",)), ("keep", keep, ("variations",))):
-        if value is not None and not any(k in sources for k in needs):
-            wanted = " or ".join(name[k] for k in needs)
-            wanted = ("prime image" if names is None else f"{wanted} image") if arg == "prime_rows" else wanted
-            raise GenerationError(f"{name[arg]} is {_shown(value)} but no {wanted} was given")
-    if edit_image is not None and region is not None and mask is not None:
-        raise GenerationError(f"{name['region']} and {name['mask']} were both given; give one of them: "
-                              f"{name['region']} (a box) or {name['mask']} (an image, white = regenerate)")
-    return sources[0] if sources else None
+def load_edit(size: int, grid: int, names: dict[str, str] | None = None, **arguments) -> Edit | None:
+    """The edit that flat `arguments` ask for (`EditRequest.from_arguments`), resolved at the model's `size` and
+    `grid`; None when they give no source image."""
+    request = EditRequest.from_arguments(arguments, names)
+    return None if request is None else request.resolve(size, grid, names)
 
 
 def _mask_cells(mask, image_size: tuple[int, int], size: int, grid: int, name: dict[str, str],

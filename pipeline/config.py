@@ -30,7 +30,7 @@ from pydantic import (
 from dalle_core.clip import CLIPConfig
 from dalle_core.dvae import DVAEConfig, DVAELossConfig
 from dalle_core.errors import ConfigError
-from dalle_core.generate import SAMPLING_DEFAULTS
+from dalle_core.generate import SAMPLING_DEFAULTS, EditRequest, GenerationError, SamplingSettings
 from dalle_core.train import TrainConfig, parse_freeze
 from dalle_core.transformer import DALLEConfig
 from data_sources.reader import DataSection
@@ -49,7 +49,8 @@ def _with_model_fields(section: type[Section], model_config: type | tuple[type, 
     for config in model_config if isinstance(model_config, tuple) else (model_config,):
         hints = typing.get_type_hints(config, include_extras=True)
         fields |= {f.name: (hints[f.name], f.default) for f in dataclasses.fields(config) if f.name not in derived}
-    name = section.__name__.removeprefix("_").replace("Training", "Section")
+    name = section.__name__.removeprefix("_").replace("Training", "")
+    name = name if name.endswith("Section") else f"{name}Section"
     return create_model(name, __base__=section, __module__=__name__, __doc__=doc, **fields)
 
 
@@ -211,16 +212,20 @@ def _build(model_config: type, section: Section, **given: Any):
     return model_config(**{n: getattr(section, n) for n in names}, **given)
 
 
-class GenerateSection(Section):
+# The `generate.*` keys that stand for `EditRequest`'s fields (and `EditRequest.from_arguments`' names), in errors
+CONFIG_NAMES = {"prime_image": "generate.prime_image", "prime_rows": "generate.prime_rows",
+                "edit_image": "generate.edit_image", "outpaint_image": "generate.edit_image",
+                "variations": "generate.edit_image", "region": "generate.edit_region", "mask": "generate.edit_mask",
+                "keep": "generate.edit_keep", "edit_mode": "generate.edit_mode"}
+
+
+class _Generate(Section):
+    """The `generate` section's own fields: the prompts, how many best images a grid shows, the precision, and
+    an edit. `GenerateSection` adds the sampling fields of `dalle_core.generate.SamplingSettings`."""
+
     prompts: list[str] = []  # empty: use val captions
     num_val_prompts: int = Field(8, ge=1)
-    num_candidates: int = Field(16, ge=1)
     best_k: int = Field(4, ge=1)
-    batch_size: int = Field(64, ge=1)
-    temperature: float = Field(1.0, gt=0)
-    top_k: int | None = Field(None, ge=1)
-    top_p: float | None = Field(None, gt=0, le=1)
-    cond_scale: float = Field(1.0, ge=0)
     # auto: the faster one measured per device (bench dalle_sample): bf16 on CPU, fp32 on CUDA
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     seed: int = 0
@@ -240,7 +245,7 @@ class GenerateSection(Section):
     edit_keep: float | None = Field(None, gt=0, lt=1)
 
     @model_validator(mode="after")
-    def _edit_keys_agree(self) -> GenerateSection:
+    def _edit_keys_agree(self):
         mode, used = self.edit_mode, {k for k in ("edit_region", "edit_mask", "edit_keep") if getattr(self, k) is not None}
         if (mode is None) != (self.edit_image is None):
             raise ValueError(f"generate.edit_mode is {mode} but no generate.edit_image is set" if mode else
@@ -251,16 +256,12 @@ class GenerateSection(Section):
             return self
         if self.prime_image is not None:
             raise ValueError("generate.prime_image and generate.edit_image are both set; give one source image")
-        allowed = {"inpaint": {"edit_region", "edit_mask"}, "outpaint": {"edit_region"}, "variations": {"edit_keep"}}[mode]
-        if used - allowed:
-            raise ValueError(f"generate.{min(used - allowed)} does not apply to edit_mode {mode} (it takes "
-                             f"{' or '.join(f'generate.{k}' for k in sorted(allowed))})")
-        if mode == "inpaint" and len(used) != 1:
-            raise ValueError("edit_mode inpaint needs one of generate.edit_region (x0,y0,x1,y1) and generate.edit_mask")
-        if mode == "outpaint" and not used:
-            raise ValueError("edit_mode outpaint needs generate.edit_region (x0,y0,x1,y1): the box the image goes in")
         if self.edit_region is not None and len(self.edit_region) != 4:
             raise ValueError(f"generate.edit_region is {self.edit_region}; expected [x0, y0, x1, y1] in pixels")
+        try:
+            self.edit_request().check(CONFIG_NAMES)
+        except GenerationError as err:
+            raise ValueError(str(err)) from None
         return self
 
     @field_validator("prompts")
@@ -274,6 +275,26 @@ class GenerateSection(Section):
     def sampling_defaults(self) -> dict:
         """The sampling settings a model folder carries as its defaults (`DALLEPipeline.sampling`)."""
         return {k: getattr(self, k) for k in SAMPLING_DEFAULTS}
+
+    def sampling(self) -> SamplingSettings:
+        """The sampling settings of this section, checked (`SamplingSettings.checked`)."""
+        return SamplingSettings(**self.sampling_defaults()).checked()
+
+    def edit_request(self) -> EditRequest | None:
+        """The edit these keys ask for: priming (prime_image), an edit (edit_mode, edit_image and its options), or
+        None."""
+        if self.prime_image is not None:
+            return EditRequest("prime", self.prime_image, prime_rows=self.prime_rows or None)
+        if self.edit_mode is None:
+            return None
+        region = None if self.edit_region is None else tuple(self.edit_region)
+        return EditRequest(self.edit_mode, self.edit_image, region, self.edit_mask, self.edit_keep)
+
+
+GenerateSection = _with_model_fields(
+    _Generate, SamplingSettings, derived=set(),
+    doc="""The `generate` run-config section: the sampling settings (`dalle_core.generate.SamplingSettings`), the
+    prompts, and an edit (`edit_request`).""")
 
 
 class EvaluateSection(Section):

@@ -17,7 +17,7 @@ import mlflow.pyfunc
 import numpy as np
 import pandas as pd
 
-from dalle_core.generate import SAMPLING_DEFAULTS, DALLEPipeline, GenerationError
+from dalle_core.generate import SAMPLING_DEFAULTS, DALLEPipeline, EditRequest, GenerationError
 from dalle_core.images import png_bytes
 
 ARTIFACT = "model_dir"  # the exported folder's name among the pyfunc model's artifacts
@@ -66,18 +66,19 @@ class DALLEPyfunc(mlflow.pyfunc.PythonModel):
         if not isinstance(model_input, pd.DataFrame) or "prompt" not in model_input:
             raise _bad_request("the input needs a `prompt` column (one prompt per row)")
         p = {k: v for k, v in (params or {}).items() if v is not None}
-        prime, edit = _image_column(model_input, "prime_image"), _image_column(model_input, "edit_image")
+        prime, image = _image_column(model_input, "prime_image"), _image_column(model_input, "edit_image")
         mode = p.get("edit_mode") or "inpaint"
-        sources = {"inpaint": "edit_image", "outpaint": "outpaint_image", "variations": "variations"}
-        if mode not in sources:
+        if mode not in ("inpaint", "outpaint", "variations"):
             raise _bad_request(f"edit_mode is {mode!r}; allowed: inpaint, outpaint, variations")
-        edits = {} if edit is None else {sources[mode]: edit, "region": p.get("region") or None,
-                                         **({"keep": p.get("keep")} if mode == "variations" else {})}
         try:
-            out = self.pipeline(model_input["prompt"].tolist(), p.get("num_candidates"), cond_scale=p.get("cond_scale"),
-                                temperature=p.get("temperature"), top_k=p.get("top_k"), top_p=p.get("top_p"),
-                                seed=p.get("seed"), prime_image=prime, prime_rows=p.get("prime_rows") or None,
-                                **edits)
+            edit = None if image is None else EditRequest(
+                mode, image, p.get("region") or None, keep=p.get("keep") if mode == "variations" else None)
+            if prime is not None:
+                if edit is not None:
+                    raise GenerationError("prime_image and edit_image were both given; give one source image")
+                edit = EditRequest("prime", prime, prime_rows=p.get("prime_rows") or None)
+            out = self.pipeline(model_input["prompt"].tolist(), edit=edit,
+                                **{k: p.get(k) for k in SAMPLING_DEFAULTS if k != "batch_size"})
         except GenerationError as err:
             raise _bad_request(str(err)) from None
         rows = [{"prompt": prompt, "rank": rank, "clip_score": float(score), "seed": seed, "image": png_bytes(image)}

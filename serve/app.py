@@ -35,9 +35,8 @@ def create_app(pipe: DALLEPipeline, *, name: str = "model", max_candidates: int 
 
     def work(job: Job) -> None:
         r = job.request
-        out = pipe(r["prompt"], r["num_candidates"], cond_scale=r["cond_scale"], temperature=r["temperature"],
-                   top_k=r["top_k"], top_p=r["top_p"], seed=r["seed"], prime_image=r["prime_image"],
-                   prime_rows=r["prime_rows"], **r["edit"], progress=job.progress)
+        out = pipe(r["prompt"], edit=r["edit"], progress=job.progress,
+                   **{k: r[k] for k in ("num_candidates", "cond_scale", "temperature", "top_k", "top_p", "seed")})
         job.images = [png_bytes(image) for image in out.pixels[0]]
         job.result = {"prompt": out.prompts[0], "seed": out.seed, "truncated": out.truncated[0],
                       "scores": [float(s) for s in out.scores[0]]}
@@ -102,8 +101,8 @@ def create_app(pipe: DALLEPipeline, *, name: str = "model", max_candidates: int 
             r = job.request
             out["result"] = {**job.result, "settings": {k: r[k] for k in ("num_candidates", "cond_scale", "temperature",
                                                                           "top_k", "top_p", "prime_rows")},
-                             "edited": bool(r["edit"]),
-                             "primed": r["prime_image"] is not None, "images": [
+                             "edited": r["edit"] is not None and r["edit"].mode != "prime",
+                             "primed": r["edit"] is not None and r["edit"].mode == "prime", "images": [
                 {"rank": i, "clip_score": s, "url": f"/api/jobs/{job.id}/images/{i}.png",
                  **({"png_base64": base64.b64encode(job.images[i]).decode()} if inline else {})}
                 for i, s in enumerate(job.result["scores"])]}

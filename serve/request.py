@@ -8,28 +8,47 @@ import base64
 import binascii
 import json
 import secrets
-from typing import Literal
+from dataclasses import fields
+from typing import Annotated, Literal, get_type_hints
 
 from fastapi.exceptions import RequestValidationError
-from pydantic import BaseModel, ConfigDict, Field, StrictInt
+from pydantic import BaseModel, ConfigDict, Field, Strict, StrictInt, create_model
 
 from dalle_core.editing import EditError, region_edit_mask
-from dalle_core.generate import DALLEPipeline, check_prompts, open_image
+from dalle_core.generate import (
+    DALLEPipeline,
+    EditRequest,
+    SamplingSettings,
+    check_prompts,
+    open_image,
+    typing_args,
+)
 
 MAX_PRIME_BYTES = 10 * 2**20
+HTTP_NAMES = {"outpaint_image": "edit_image", "variations": "edit_image"}  # one image field for every mode
 
 
-class GenerateRequest(BaseModel):
-    """One prompt and its sampling settings; a setting left out takes the model's default."""
-
+class _Prompt(BaseModel):
     model_config = ConfigDict(extra="forbid")
     prompt: str
-    num_candidates: int | None = Field(None, ge=1, strict=True)  # strict: "4", true and 2.0 are refused
-    cond_scale: float | None = Field(None, ge=0)
-    temperature: float | None = Field(None, gt=0)
-    top_k: int | None = Field(None, ge=0, strict=True)  # 0 = off
-    top_p: float | None = Field(None, gt=0, le=1)  # 1 = off
-    seed: int | None = Field(None, ge=0, lt=2**63, strict=True)  # none: the server draws one and reports it
+
+
+def _sampling_fields() -> dict:
+    """`SamplingSettings`' fields as this API takes them: each optional (left out: the model's default), whole
+    numbers strict ("4", true and 2.0 are refused); `batch_size` is the server's own."""
+    hints, out = get_type_hints(SamplingSettings, include_extras=True), {}
+    for f in fields(SamplingSettings):
+        if f.name != "batch_size":
+            kind, bounds, _ = typing_args(hints[f.name])
+            strict = (Strict(),) if kind is int else ()
+            out[f.name] = (Annotated.__class_getitem__((kind, *bounds, *strict)) | None, None)
+    return out
+
+
+class GenerateRequest(create_model("SamplingRequest", __base__=_Prompt, **_sampling_fields())):
+    """One prompt and its sampling settings (`SamplingSettings`' fields; seed left out: the server draws one and
+    reports it); a setting left out takes the model's default."""
+
     prime_image: str | None = None  # image file bytes, base64 or a data: URL
     prime_rows: int | None = Field(None, ge=1, strict=True)
     # editing (docs/editing.md): the image (as prime_image) and the cells to sample: inpaint (inside `region`, x0,
@@ -102,39 +121,35 @@ def _prime(req: GenerateRequest, pipe: DALLEPipeline) -> tuple[bytes | None, int
     return data, rows // 2 if req.prime_rows is None else req.prime_rows  # as DALLEPipeline's default
 
 
-def _edit(req: GenerateRequest, pipe: DALLEPipeline) -> dict:
-    """`DALLEPipeline.__call__`'s editing arguments of a request, checked before it queues (the image's header, the
-    region against the model's image size and token grid); {} when it edits nothing."""
-    edit_mode = req.edit_mode or "inpaint"
-    mode = {"inpaint": "edit_image", "outpaint": "outpaint_image", "variations": "variations"}[edit_mode]
-    for key, value, modes in (("edit_mode", req.edit_mode, ()), ("region", req.region, ("inpaint", "outpaint")),
-                              ("keep", req.keep, ("variations",))):
+def _edit(req: GenerateRequest, pipe: DALLEPipeline) -> EditRequest | None:
+    """The request's edit, checked before it queues (the image's header, the options against its mode, the
+    region against the model's image size and token grid); None when it edits nothing."""
+    for key, value in (("edit_mode", req.edit_mode), ("region", req.region), ("keep", req.keep)):
         if value is not None and req.edit_image is None:
             shown = f" {value}" if key == "edit_mode" else ""
             raise APIError(400, f"{key}{shown} is set but no edit_image was sent (the image to edit, as prime_image)")
-        if value is not None and modes and edit_mode not in modes:
-            raise APIError(400, f"{key} does not apply to edit_mode {edit_mode} (only to {' and '.join(modes)})")
     if req.edit_image is None:
-        return {}
+        return None
     if req.prime_image is not None:
         raise APIError(400, "prime_image and edit_image were both sent; send one (priming keeps the top rows, "
                             "an edit the cells outside its region)")
-    kwargs = {k: v for k, v in (("region", None if req.region is None else tuple(req.region)), ("keep", req.keep))
-              if v is not None}
-    if edit_mode != "variations":
-        if req.region is None:
-            raise APIError(400, f"edit_mode {edit_mode} needs region [x0, y0, x1, y1]: pixels of the image resized "
-                                f"to the model's {pipe.image_size} px")
+    edit_mode = req.edit_mode or "inpaint"
+    if edit_mode != "variations" and req.region is None:  # this API takes no mask: a region is the one way
+        raise APIError(400, f"edit_mode {edit_mode} needs region [x0, y0, x1, y1]: pixels of the image resized "
+                            f"to the model's {pipe.image_size} px")
+    region = None if req.region is None else tuple(req.region)
+    edit = EditRequest(edit_mode, _image_bytes(req.edit_image, "edit_image"), region, keep=req.keep).check(HTTP_NAMES)
+    if region is not None:
         try:
-            region_edit_mask(edit_mode, tuple(req.region), pipe.image_size, pipe.transformer.c.image_grid)
+            region_edit_mask(edit_mode, region, pipe.image_size, pipe.transformer.c.image_grid)
         except EditError as err:
             raise APIError(400, str(err)) from None
-    return {mode: _image_bytes(req.edit_image, "edit_image"), **kwargs}
+    return edit
 
 
 def job_settings(req: GenerateRequest, pipe: DALLEPipeline, defaults: dict, max_candidates: int) -> dict:
     """The settings a job samples with: the request's, checked, with the model's `defaults` for those it leaves
-    out, a drawn seed when it sends none, and its images as `DALLEPipeline.__call__` takes them."""
+    out, a drawn seed when it sends none, and its image as an `EditRequest` (`edit`, or None)."""
     if not req.prompt.strip():
         raise APIError(400, "prompt is empty; type what the image should show")
     check_prompts(req.prompt)  # GenerationError (400): text that is no valid Unicode
@@ -144,7 +159,9 @@ def job_settings(req: GenerateRequest, pipe: DALLEPipeline, defaults: dict, max_
                             "dalle serve --max-candidates)")
     edit = _edit(req, pipe)
     prime, rows = _prime(req, pipe)
+    if prime is not None:
+        edit = EditRequest("prime", prime, prime_rows=rows)
     seed = req.seed if req.seed is not None else secrets.randbelow(2**31)
     request = {k: defaults.get(k) if v is None else v for k, v in req.model_dump().items()}  # as sampled
-    request.update(num_candidates=n, seed=seed, prime_image=prime, prime_rows=rows, edit=edit, edit_image=None)
+    request.update(num_candidates=n, seed=seed, prime_rows=rows, edit=edit, prime_image=None, edit_image=None)
     return request

@@ -19,7 +19,7 @@ from prefect.cache_policies import NONE
 
 from dalle_core.editing import Edit, outline, pack
 from dalle_core.errors import ConfigError
-from dalle_core.generate import GenerationError, load_edit, prompt_seed, ranks
+from dalle_core.generate import GenerationError, prompt_seed, ranks
 from dalle_core.images import decode_png, grid, png_bytes
 from pipeline.artifacts import (
     ArtifactRef,
@@ -28,7 +28,7 @@ from pipeline.artifacts import (
     run_name,
     run_stage,
 )
-from pipeline.config import Config, prime_rows_error
+from pipeline.config import CONFIG_NAMES, Config, prime_rows_error
 from pipeline.logs import log, progress
 from pipeline.models import load_pipeline
 from pipeline.runners import task_runner
@@ -129,8 +129,7 @@ def generate_part(cfg: Config, keys: dict[str, str], path: str, prompts: list[st
     pipe = load_pipeline(cfg, keys)
     the_edit = source_edit(cfg, keys) if edit else None
     prime = f"{gen.prime_image} (top {gen.prime_rows} rows)" if edit and gen.prime_image else None
-    results = pipe.candidates(prompts, n, seeds, gen.batch_size, gen.temperature, gen.top_k, gen.top_p,
-                              gen.cond_scale, the_edit)
+    results = pipe.candidates(prompts, seeds, gen.sampling().replace(num_candidates=n), the_edit)
     rows = []
     for prompt, seed, (images, scores, was_truncated, codes) in zip(prompts, seeds, results):
         if was_truncated:
@@ -162,13 +161,6 @@ def candidate_rows(prompt: str, seed: int, images: np.ndarray, scores: np.ndarra
             for cand, (image, score, rank, tokens) in enumerate(zip(images, scores, ranks(scores), codes))]
 
 
-# the config keys that stand for `load_edit`'s arguments, in its errors
-CONFIG_NAMES = {"prime_image": "generate.prime_image", "prime_rows": "generate.prime_rows",
-                "edit_image": "generate.edit_image", "outpaint_image": "generate.edit_image",
-                "variations": "generate.edit_image", "region": "generate.edit_region", "mask": "generate.edit_mask",
-                "keep": "generate.edit_keep"}
-
-
 def source_edit(cfg: Config, keys: dict[str, str] | None = None) -> Edit | None:
     """`generate.prime_image` or `generate.edit_*` as the `Edit` the sampler keeps codes of, at the model's image
     size and token grid (loading the models of `keys`, default the config's); None without one. ConfigError (one
@@ -180,11 +172,8 @@ def source_edit(cfg: Config, keys: dict[str, str] | None = None) -> Edit | None:
     rows = pipe.transformer.c.image_grid
     if g.prime_image is not None and g.prime_rows >= rows:  # a pretrained dVAE's grid is known from its files only
         raise ConfigError(prime_rows_error(g.prime_rows, rows, "the dVAE's token grid"))
-    source = {"inpaint": "edit_image", "outpaint": "outpaint_image", "variations": "variations"}.get(g.edit_mode)
     try:
-        return load_edit(pipe.image_size, rows, prime_image=g.prime_image, prime_rows=g.prime_rows or None,
-                         **({} if source is None else {source: g.edit_image}), region=g.edit_region,
-                         mask=g.edit_mask, keep=g.edit_keep, names=CONFIG_NAMES)
+        return g.edit_request().resolve(pipe.image_size, rows, CONFIG_NAMES)
     except GenerationError as err:
         raise ConfigError(str(err)) from None
 

@@ -13,7 +13,13 @@ import pytest
 from PIL import Image
 
 from cli.main import main
-from dalle_core.generate import DALLEPipeline, GenerationError, prompt_seed
+from dalle_core.generate import (
+    DALLEPipeline,
+    EditRequest,
+    GenerationError,
+    SamplingSettings,
+    prompt_seed,
+)
 from dalle_core.model_folder import ModelFolderError
 from pipeline.config import load_config
 from pipeline.stage_table import stage_keys
@@ -87,7 +93,7 @@ def test_a_fresh_process_loads_the_folder_without_store_prefect_or_mlflow(export
     import sys
 
     code = ("import sys; from dalle_core.generate import DALLEPipeline; "
-            f"out = DALLEPipeline.from_pretrained({str(exported)!r})('a red circle', 2); "
+            f"out = DALLEPipeline.from_pretrained({str(exported)!r})('a red circle', num_candidates=2); "
             "print(sorted({m.split('.')[0] for m in sys.modules} & {'prefect', 'mlflow', 'fsspec', 'storage', "
             "'tasks', 'flows'}), len(out.images[0]))")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # a single image: one thread is as fast, and steady on a busy CPU
@@ -102,10 +108,11 @@ def test_exported_model_draws_what_the_store_model_draws(generated, pipe):
     _, ov, _ = generated
     cfg = load_config(TINY, ov)
     prompts = ["a red circle", "a blue square above a green diamond"]
-    out = pipe(prompts, 4, seed=7, cond_scale=1.5, top_k=20)
+    out = pipe(prompts, num_candidates=4, seed=7, cond_scale=1.5, top_k=20)
     store_pipe = load_pipeline(cfg)
     assert store_pipe.precision == pipe.precision
-    want = store_pipe.candidates(prompts, 4, [prompt_seed(7, i) for i in range(2)], 64, 1.0, 20, None, 1.5)
+    settings = SamplingSettings(num_candidates=4, cond_scale=1.5, top_k=20, seed=7)
+    want = store_pipe.candidates(prompts, [prompt_seed(7, i) for i in range(2)], settings)
     for j, (images, scores, _, codes) in enumerate(want):
         order = np.argsort(-scores, kind="stable")
         assert np.array_equal(out.image_tokens[j], codes[order]) and np.array_equal(out.pixels[j], images[order])
@@ -121,14 +128,17 @@ def test_exported_model_draws_what_the_store_model_draws(generated, pipe):
     ({"temperature": 0}, "temperature is 0"),
     ({"cond_scale": -1}, "cond_scale is -1"),
     ({"top_k": 2.5}, "top_k is 2.5; it must be a whole number"),
-    ({"prime_image": b"not an image"}, "is not an image file"),
-    ({"prime_image": "/nonexistent.png"}, "does not exist"),
-    ({"prime_image": np.zeros((32, 32, 3), np.uint8), "prime_rows": 8}, "prime_rows is 8; allowed: 1 to 7"),
-    ({"prime_rows": 2}, "no prime image was given"),
+    ({"edit": EditRequest("prime", b"not an image")}, "is not an image file"),
+    ({"edit": EditRequest("prime", "/nonexistent.png")}, "does not exist"),
+    ({"edit": EditRequest("prime", np.zeros((32, 32, 3), np.uint8), prime_rows=8)}, "prime_rows is 8; allowed: 1 to 7"),
+    ({"edit": EditRequest("prime", None, prime_rows=2)}, "no prime_image was given"),
+    ({"edit": EditRequest("inpaint", np.zeros((32, 32, 3), np.uint8), keep=0.5)}, "keep does not apply to edit_mode"),
+    ({"colour": "red"}, "colour is not a sampling setting; allowed: num_candidates"),
+    ({"settings": 4}, "settings is 4; give a SamplingSettings, or each setting by name"),
     ({"prompts": None}, "prompts is None; give a string or a list of strings"),
     ({"prompts": 5}, "prompts is 5; give a string or a list of strings"),
     ({"prompts": ["ok", "a \ud800"]}, "prompt 2 of 2 is not valid text: character 3"),
-    ({"prime_image": "/"}, "prime image '/' is a directory; give an image file"),
+    ({"edit": EditRequest("prime", "/")}, "prime image '/' is a directory; give an image file"),
 ])
 def test_bad_generation_settings_are_one_line_errors(pipe, kwargs, message):
     kwargs = {"prompts": ["a red circle"], **kwargs}
@@ -144,7 +154,7 @@ def test_priming_keeps_the_top_rows_of_the_prime(pipe):
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(buf, format="PNG")
     prime = load_prime(buf.getvalue(), 32)  # resized (shorter side) and centre-cropped to the dVAE's input
     codes = pipe.encode(prime)[:24]  # the top 3 rows of the 8x8 grid
-    out = pipe("a red circle", 3, prime_image=buf.getvalue(), prime_rows=3)
+    out = pipe("a red circle", num_candidates=3, edit=EditRequest("prime", buf.getvalue(), prime_rows=3))
     assert prime.shape == (32, 32, 3) and np.array_equal(out.prime, prime)
     assert all(np.array_equal(row[:24], codes.numpy()) for row in out.image_tokens[0])  # 3 rows of 8 codes
 
@@ -157,7 +167,7 @@ def test_a_prime_with_too_many_pixels_is_refused_before_decoding(pipe, tmp_path)
     with pytest.raises(GenerationError, match="is 4097x4097 pixels; allowed: at most 16777216 pixels"):
         load_prime(str(path), 32)
     with pytest.raises(GenerationError, match="4097x4097"):
-        pipe("x", 1, prime_image=path.read_bytes())
+        pipe("x", num_candidates=1, edit=EditRequest("prime", path.read_bytes()))
 
 
 def test_a_damaged_or_foreign_folder_is_one_line(exported, tmp_path):
@@ -264,7 +274,7 @@ def test_a_downloaded_model_leaves_no_temporary_folder(exported, tmp_path, monke
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     pipe = load_model(f"file://{exported}", device="cpu")
-    assert pipe("a red circle", 1, seed=0).pixels[0].shape == (1, 32, 32, 3)
+    assert pipe("a red circle", num_candidates=1, seed=0).pixels[0].shape == (1, 32, 32, 3)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -326,7 +336,7 @@ def test_registered_model_serves_four_images_through_mlflow_scoring(generated, e
     assert [r["rank"] for r in rows] == [0, 1, 2, 3] and rows[0]["clip_score"] >= rows[3]["clip_score"]
     image = Image.open(io.BytesIO(base64.b64decode(rows[0]["image"])))
     assert image.format == "PNG" and image.size == (32, 32)
-    same = load_model("models:/tiny-dalle/1", tracking_uri=uri)("a red circle", 4, seed=3)
+    same = load_model("models:/tiny-dalle/1", tracking_uri=uri)("a red circle", num_candidates=4, seed=3)
     assert np.allclose([r["clip_score"] for r in rows], same.scores[0], atol=1e-5)
     bad = http.post("/invocations", json={"dataframe_split": {"columns": ["prompt"], "data": [[""]]}})
     assert bad.status_code == 400 and "every prompt needs some text" in bad.json()["message"]
@@ -338,6 +348,6 @@ def test_registered_model_serves_four_images_through_mlflow_scoring(generated, e
 @pytest.mark.parametrize("device", DEVICES)
 def test_exported_model_runs_on_each_device(exported, device):
     pipe = DALLEPipeline.from_pretrained(exported, device=device)
-    out = pipe(["a red circle"], 3, seed=1)
+    out = pipe(["a red circle"], num_candidates=3, seed=1)
     assert pipe.device.type == device and out.pixels[0].shape == (3, 32, 32, 3)
     assert all(np.diff(out.scores[0]) <= 0)

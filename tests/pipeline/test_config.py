@@ -67,6 +67,35 @@ def test_prime_rows_checked_against_the_grid_unless_a_pretrained_dvae_sets_it():
                           "dvae": {"pretrained": "weights/openai"}})
 
 
+@pytest.mark.parametrize("generate, message", [
+    ({"edit_mode": "inpaint", "edit_image": "a.png", "edit_keep": 0.5},
+     "generate.edit_keep does not apply to generate.edit_mode inpaint (it takes generate.edit_region or generate.edit_mask)"),
+    ({"edit_mode": "variations", "edit_image": "a.png", "edit_region": [0, 0, 4, 4]},
+     "generate.edit_region does not apply to generate.edit_mode variations"),
+    ({"edit_mode": "outpaint", "edit_image": "a.png"}, "generate.edit_image needs generate.edit_region x0,y0,x1,y1"),
+    ({"edit_mode": "inpaint", "edit_image": "a.png"}, "generate.edit_image needs generate.edit_region x0,y0,x1,y1 or "
+                                                      "generate.edit_mask"),
+    ({"edit_mode": "inpaint", "edit_image": "a.png", "edit_region": [0, 0, 4, 4], "edit_mask": "m.png"},
+     "generate.edit_region and generate.edit_mask were both given"),
+    ({"top_k": -1}, "generate.top_k: Input should be greater than or equal to 0"),
+    ({"num_candidates": 0}, "generate.num_candidates: Input should be greater than or equal to 1"),
+])
+def test_edit_and_sampling_keys_are_checked_by_the_core_request_types_in_config_names(generate, message):
+    """The config builds `EditRequest` and `SamplingSettings`: their one check, its errors in the config's keys."""
+    with pytest.raises(ConfigError) as err:
+        config_from_dict({"generate": generate})
+    assert message in str(err.value) and "\n" not in str(err.value), str(err.value)
+
+
+def test_the_config_section_is_the_core_request():
+    cfg = config_from_dict({"generate": {"edit_mode": "outpaint", "edit_image": "a.png", "edit_region": [1, 2, 3, 4],
+                                         "top_k": 0, "cond_scale": 1.5}})
+    edit = cfg.generate.edit_request()
+    assert (edit.mode, edit.image, edit.region, edit.mask) == ("outpaint", "a.png", (1, 2, 3, 4), None)
+    assert cfg.generate.sampling().top_k is None and cfg.generate.sampling().cond_scale == 1.5  # 0 = off
+    assert config_from_dict({"generate": {"prime_image": "b.png", "prime_rows": 3}}).generate.edit_request().prime_rows == 3
+
+
 # Text the CLI passes through --set as JSON: every Unicode plane, and what YAML reads specially.
 ODD_TEXT = ["😀🎨🌈", "a 🐱 on a 🛹", "\U00020000\U0002A6D6 CJK ext B", "\ue000\U000F0000\U0010FFFD private use",
             "日本語のテキスト", "quotes \" and ' and `", "# not a comment", "key: value", "- leading dash", "!tag",
