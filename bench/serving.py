@@ -18,7 +18,6 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import asdict
 
 import torch
 
@@ -46,15 +45,13 @@ def shapes_model(folder: str) -> bool:
 
 
 def _untrained_folder(cfg, folder: str) -> None:
-    from safetensors.torch import save
-
     from dalle_core.bpe import TextTokenizer, train_bpe
-    from dalle_core.clip import build_clip
+    from dalle_core.clip import CLIPReranker, build_clip
     from dalle_core.dvae import DiscreteVAE
-    from dalle_core.model_folder import clip_files, index, json_bytes, write_folder
+    from dalle_core.generate import DALLEPipeline
+    from dalle_core.images import ImageNormalization
     from dalle_core.transformer import DALLE
     from data_sources import shapes
-    from tasks.clip import checkpoint_bytes
 
     captions = [caption for _, _, caption, _ in shapes.generate(2000, cfg.data.image_size)]
     tokenizer = TextTokenizer(train_bpe(captions, cfg.text.vocab_size), cfg.text.text_len)
@@ -63,19 +60,9 @@ def _untrained_folder(cfg, folder: str) -> None:
     c = cfg.transformer.dalle_config(tokenizer.vocab_size, cfg.text.text_len, tokenizer.pad_id,
                                      dvae.c.codebook_size, dvae.c.grid_size)
     clip_cfg = cfg.clip.clip_config(cfg.data.image_size, tokenizer.vocab_size, cfg.text.text_len, tokenizer.pad_id)
-
-    def weights(model) -> bytes:
-        return save({k: v.detach().clone().contiguous() for k, v in model.state_dict().items()})
-
-    norm = {"mean": list(dvae.c.norm_mean), "std": list(dvae.c.norm_std)}
-    files = {"transformer/config.json": json_bytes(asdict(c)), "transformer/model.safetensors": weights(DALLE(c)),
-             "dvae/config.json": json_bytes({"model": asdict(dvae.c), "norm": norm}),
-             "dvae/model.safetensors": weights(dvae), "tokenizer/tokenizer.json": tokenizer.tokenizer.to_str().encode(),
-             "tokenizer/config.json": json_bytes({"text_len": cfg.text.text_len, "pad_id": tokenizer.pad_id}),
-             "model_index.json": json_bytes(index(cfg.data.image_size, cfg.generate.sampling_defaults()))}
-    clip = checkpoint_bytes(build_clip(clip_cfg), clip_cfg, tokenizer)
-    files.update({f"clip/{name}": data for name, data in clip_files(clip).items()})
-    write_folder(folder, files)
+    DALLEPipeline(DALLE(c), dvae, ImageNormalization(dvae.c.norm_mean, dvae.c.norm_std), tokenizer,
+                  CLIPReranker.ours(build_clip(clip_cfg), clip_cfg, tokenizer),
+                  sampling=cfg.generate.sampling_defaults()).save_pretrained(folder)
 
 
 def api_request(s: Settings, candidates: int = 16) -> dict:

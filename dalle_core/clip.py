@@ -87,10 +87,13 @@ def clip_pixels(images: np.ndarray | torch.Tensor, size: int, device: torch.devi
 class CLIPReranker:
     """Cosine similarity of images and captions, whichever CLIP is behind it, on the model's device."""
 
-    def __init__(self, model, image_size: int, tokenize):
+    def __init__(self, model, image_size: int, tokenize, spec: dict | None = None):
         self.model = model.eval()
         self.image_size = image_size
         self.tokenize = tokenize  # list[str] -> LongTensor (B, ctx)
+        # what saving it needs (model_folder.component_files): {"kind": "dalle-clip", "config", "tokenizer"} or
+        # {"kind": "open_clip", "model_name"}
+        self.spec = spec
 
     @property
     def device(self) -> torch.device:
@@ -105,7 +108,7 @@ class CLIPReranker:
         def tokenize(captions):
             ids, _ = tokenizer.encode(captions)
             return clip_text_ids(torch.from_numpy(ids), c)
-        return cls(model, c.image_size, tokenize)
+        return cls(model, c.image_size, tokenize, {"kind": "dalle-clip", "config": c, "tokenizer": tokenizer})
 
     @torch.inference_mode()
     def embed_images(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -135,7 +138,8 @@ def open_clip_reranker(model, name: str) -> CLIPReranker:
     import open_clip
 
     size = model.visual.image_size
-    return CLIPReranker(model, size[0] if isinstance(size, (tuple, list)) else size, open_clip.get_tokenizer(name))
+    return CLIPReranker(model, size[0] if isinstance(size, (tuple, list)) else size, open_clip.get_tokenizer(name),
+                        {"kind": "open_clip", "model_name": name})
 
 
 def contrastive_loss(model, images: torch.Tensor, text_ids: torch.Tensor, rank: int = 0,

@@ -35,7 +35,7 @@ from dalle_core.editing import (
 )
 from dalle_core.errors import UserError
 from dalle_core.images import ImageNormalization, to_rgb_square, to_tensor, to_uint8_tensor
-from dalle_core.model_folder import load_folder
+from dalle_core.model_folder import load_folder, pipeline_files, write_folder
 from dalle_core.sampling import sample
 from dalle_core.transformer import DALLE
 
@@ -172,6 +172,15 @@ class DALLEPipeline:
         `precision` (auto: the faster one on that device; fp32; bf16). Needs no store, config, Prefect or MLflow.
         Raises ModelFolderError (one line) for a folder that is not a complete export."""
         return cls(**load_folder(folder, device, precision))
+
+    def save_pretrained(self, folder: str | os.PathLike) -> list[str]:
+        """Write this pipeline as a model folder (dalle_core/model_folder.py's layout, what `from_pretrained`,
+        `dalle generate --model`, `dalle serve` and `init_from` read), e.g. after tuning it in a notebook: into a
+        new or empty folder, or over an earlier one, whose own files only are replaced. Returns the paths written.
+        ModelFolderError (one line) for a folder holding anything else (as diffusers' `save_pretrained`)."""
+        parts = {"transformer": self.transformer, "dvae": (self.dvae, self.normalization),
+                 "tokenizer": self.tokenizer, "clip": self.reranker}
+        return write_folder(folder, pipeline_files(parts, self.image_size, self.sampling))
 
     @property
     def image_size(self) -> int:

@@ -23,6 +23,7 @@ import os
 import shutil
 import struct
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -67,6 +68,57 @@ def index(image_size: int, sampling: dict, **extra) -> dict:
             "sampling": sampling, **extra}
 
 
+def state_bytes(model: torch.nn.Module, metadata: dict[str, str] | None = None) -> bytes:
+    """Model weights as safetensors bytes (tied tensors are stored once each): the one weights writer, for the
+    stages' artifacts, their checkpoints and `save_pretrained`."""
+    from safetensors.torch import save
+
+    return save({k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}, metadata=metadata)
+
+
+def clip_checkpoint(model: torch.nn.Module, c: CLIPConfig, tokenizer: TextTokenizer) -> bytes:
+    """This project's self-contained CLIP file (the clip stage's artifact): weights, with the model config and
+    the tokenizer in the metadata; `clip_files` splits it into an export's clip/ folder."""
+    return state_bytes(model, {"format": "dalle-clip", "config": json.dumps(asdict(c)),
+                               "tokenizer": tokenizer.tokenizer.to_str()})
+
+
+def dvae_config(model: torch.nn.Module, normalization: ImageNormalization) -> dict:
+    """A dVAE's config.json: its model config, its input normalisation and a pretrained tokenizer's spec."""
+    spec = getattr(model, "spec", None)
+    return {"model": asdict(model.c), "norm": {"mean": list(normalization.mean), "std": list(normalization.std)},
+            **({"pretrained": asdict(spec)} if spec is not None else {})}
+
+
+def component_files(component: str, part) -> dict[str, bytes]:
+    """The files of a component's folder, as `read_component` reads them back: transformer (DALLE), dvae
+    ((DiscreteVAE, ImageNormalization)), tokenizer (TextTokenizer) or clip (CLIPReranker)."""
+    if component == "transformer":
+        return {"config.json": json_bytes(asdict(part.c)), "model.safetensors": state_bytes(part)}
+    if component == "dvae":
+        model, normalization = part
+        return {"config.json": json_bytes(dvae_config(model, normalization)), "model.safetensors": state_bytes(model)}
+    if component == "tokenizer":
+        return {"tokenizer.json": part.tokenizer.to_str().encode(),
+                "config.json": json_bytes({"text_len": part.text_len, "pad_id": part.pad_id})}
+    assert component == "clip", component
+    if part.spec is None:
+        raise ModelFolderError("this CLIP reranker was not built by CLIPReranker.ours or open_clip_reranker, so "
+                               "there is no config to save it with")
+    if part.spec["kind"] == "open_clip":
+        return open_clip_files(part.model, part.spec["model_name"])
+    return clip_files(clip_checkpoint(part.model, part.spec["config"], part.spec["tokenizer"]))
+
+
+def pipeline_files(parts: dict, image_size: int, sampling: dict) -> dict[str, bytes]:
+    """A model folder's files from its four components ({name: part} as `component_files` takes them), with an
+    index recording their checksums and the files the folder owns."""
+    files = {f"{name}/{rel}": data for name in COMPONENTS for rel, data in component_files(name, parts[name]).items()}
+    sums = {name: hashlib.sha256(data).hexdigest()[:16] for name, data in sorted(files.items())}
+    files[INDEX] = json_bytes(index(image_size, sampling, sha256=sums, files=sorted(files)))
+    return files
+
+
 def safetensors_metadata(data: bytes) -> dict[str, str]:
     """The `__metadata__` strings of a safetensors file's header (8-byte little-endian length, then JSON)."""
     (n,) = struct.unpack("<Q", data[:8])
@@ -85,10 +137,8 @@ def clip_files(checkpoint: bytes) -> dict[str, bytes]:
 
 def open_clip_files(model, model_name: str) -> dict[str, bytes]:
     """An open_clip model (`clip.pretrained: <model>:<weights>`) -> the clip/ folder's files."""
-    from safetensors.torch import save
-
-    weights = save({k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()})
-    return {"config.json": json_bytes({"kind": "open_clip", "model_name": model_name}), "model.safetensors": weights}
+    return {"config.json": json_bytes({"kind": "open_clip", "model_name": model_name}),
+            "model.safetensors": state_bytes(model)}
 
 
 def owned_files(folder: str | os.PathLike) -> set[str] | None:
@@ -170,28 +220,31 @@ def write_folder(folder: str | os.PathLike, files: dict[str, bytes]) -> list[str
     return [str(folder / rel) for rel in sorted(files)]
 
 
-def _read_json(folder: Path, rel: str) -> dict:
-    path = folder / rel
-    if not path.is_file():
-        raise ModelFolderError(f"{str(folder)!r} is not a complete exported model: {rel} is missing")
+def _json(read: Read, component: str, name: str) -> dict:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(read(name).decode("utf-8"))
     except (ValueError, UnicodeDecodeError) as err:
-        raise ModelFolderError(f"{str(path)!r} is not valid JSON: {err}") from None
+        raise ModelFolderError(f"{component}/{name} is not valid JSON: {err}") from None
+    except FileNotFoundError:
+        raise ModelFolderError(f"{component}/{name} is missing") from None
 
 
-def _load_weights(folder: Path, component: str, model: torch.nn.Module) -> None:
-    from safetensors.torch import load_file
+def _load_weights(model: torch.nn.Module, read: Read, component: str) -> None:
+    from safetensors.torch import load
 
-    path = folder / component / "model.safetensors"
-    if not path.is_file():
-        raise ModelFolderError(f"{str(folder)!r} is not a complete exported model: {component}/model.safetensors "
-                               "is missing")
+    model.load_state_dict(load(read("model.safetensors")))
+
+
+def _tokenizer(data: bytes, text_len: int, rel: str) -> TextTokenizer:
+    """A tokenizer.json; ModelFolderError naming it and the installed `tokenizers` when that cannot parse it."""
     try:
-        model.load_state_dict(load_file(path))
-    except Exception as err:  # safetensors' and torch's own kinds: a truncated file, other shapes
-        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
-        raise ModelFolderError(f"{str(path)!r} does not load into its {component}: {first}") from None
+        return TextTokenizer.from_str(data.decode("utf-8"), text_len)
+    except Exception as err:  # tokenizers raises a bare Exception for a format it does not know
+        from importlib.metadata import version
+
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise ModelFolderError(f"{rel} cannot be read by the installed tokenizers {version('tokenizers')}: "
+                               f"{first}") from None
 
 
 def build_dvae(meta: dict) -> DiscreteVAE:
@@ -204,23 +257,6 @@ def build_dvae(meta: dict) -> DiscreteVAE:
         return pretrained.PretrainedDVAE(pretrained.Spec(**meta["pretrained"]), m["image_size"], m["norm_mean"],
                                          m["norm_std"])
     return DiscreteVAE(DVAEConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["model"].items()}))
-
-
-def build_reranker(folder: Path, meta: dict) -> CLIPReranker:
-    """The reranking CLIP a clip/config.json describes, with its weights."""
-    if meta.get("kind") == "open_clip":
-        import open_clip
-
-        model = open_clip.create_model(meta["model_name"], pretrained=None)
-        _load_weights(folder, "clip", model)
-        return open_clip_reranker(model, meta["model_name"])
-    if meta.get("kind") != "dalle-clip":
-        raise ModelFolderError(f"clip/config.json kind {meta.get('kind')!r} is not dalle-clip or open_clip")
-    c = CLIPConfig(**meta["model"])
-    model = build_clip(c)
-    _load_weights(folder, "clip", model)
-    tokenizer = (folder / "clip" / "tokenizer.json").read_text(encoding="utf-8")
-    return CLIPReranker.ours(model, c, TextTokenizer.from_str(tokenizer, c.text_len))
 
 
 def content_digest(file_digests: dict[str, str]) -> str:
@@ -237,7 +273,10 @@ def read_index(folder: str | os.PathLike) -> dict:
     if not (folder / INDEX).is_file():
         what = "does not exist" if not folder.exists() else f"has no {INDEX}"
         raise ModelFolderError(f"model folder {str(folder)!r} {what}; make one with `dalle export -c CONFIG --out DIR`")
-    idx = _read_json(folder, INDEX)
+    try:
+        idx = json.loads((folder / INDEX).read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ModelFolderError(f"{str(folder / INDEX)!r} is not valid JSON: {err}") from None
     if idx.get("format") != FORMAT or int(idx.get("format_version", 0)) > FORMAT_VERSION:
         raise ModelFolderError(f"{str(folder / INDEX)!r} is format {idx.get('format')!r} version "
                                f"{idx.get('format_version')!r}; this code reads {FORMAT!r} up to {FORMAT_VERSION}")
@@ -246,31 +285,98 @@ def read_index(folder: str | os.PathLike) -> dict:
 
 def load_folder(folder: str | os.PathLike, device: str = "auto", precision: str = "auto") -> dict:
     """The components exported to `folder`, as `DALLEPipeline`'s fields (transformer, dvae, normalization,
-    tokenizer, reranker, precision, sampling): the models in eval mode on `device` (auto | cpu | cuda | cuda:N),
-    sampling in `precision` (auto | fp32 | bf16). ModelFolderError (one line) for a missing part or a newer
+    tokenizer, reranker, precision, sampling): each file checked against the checksums its index records
+    (`folder_reader`), the models in eval mode on `device` (auto | cpu | cuda | cuda:N), sampling in `precision`
+    (auto | fp32 | bf16). ModelFolderError (one line) for a missing, damaged or unreadable part, or a newer
     format. `DALLEPipeline.from_pretrained` builds the pipeline from them."""
     folder = Path(folder)
     idx = read_index(folder)
     if precision not in ("auto", "fp32", "bf16"):
         raise ModelFolderError(f"precision is {precision!r}; allowed: auto, fp32, bf16")
     dev = resolve_device(device)
-    transformer = DALLE(DALLEConfig(**_read_json(folder, "transformer/config.json")))
-    _load_weights(folder, "transformer", transformer)
-    dvae_meta = _read_json(folder, "dvae/config.json")
-    dvae = build_dvae(dvae_meta)
-    _load_weights(folder, "dvae", dvae)
-    tok = _read_json(folder, "tokenizer/config.json")
-    tokenizer_path = folder / "tokenizer" / "tokenizer.json"
-    if not tokenizer_path.is_file():
-        raise ModelFolderError(f"{str(folder)!r} is not a complete exported model: tokenizer/tokenizer.json is missing")
-    tokenizer = TextTokenizer.from_str(tokenizer_path.read_text(encoding="utf-8"), tok["text_len"])
-    reranker = build_reranker(folder, _read_json(folder, "clip/config.json"))
-    norm = dvae_meta["norm"]
-    return {"transformer": transformer.to(dev).eval(),
-            "dvae": dvae.to(dev, memory_format=torch.channels_last).eval(),
-            "normalization": ImageNormalization(tuple(norm["mean"]), tuple(norm["std"])), "tokenizer": tokenizer,
-            "reranker": reranker.to(dev), "precision": sampling_precision(precision, dev),
-            "sampling": dict(idx.get("sampling", {}))}
+    parts = {}
+    for name in COMPONENTS:
+        try:
+            parts[name] = read_component(name, folder_reader(folder, name, idx))
+        except ModelFolderError:
+            raise
+        except Exception as err:  # safetensors' and torch's own kinds: a truncated file, other shapes
+            first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+            raise ModelFolderError(f"{str(folder / name)!r} does not load into its {name}: {first}") from None
+    dvae, normalization = parts["dvae"]
+    return {"transformer": parts["transformer"].to(dev).eval(),
+            "dvae": dvae.to(dev, memory_format=torch.channels_last).eval(), "normalization": normalization,
+            "tokenizer": parts["tokenizer"], "reranker": parts["clip"].to(dev),
+            "precision": sampling_precision(precision, dev), "sampling": dict(idx.get("sampling", {}))}
+
+
+Read = Callable[[str], bytes]  # one file of a component's folder, by its name there ("config.json")
+
+
+def folder_reader(folder: str | os.PathLike, component: str, idx: dict | None = None) -> Read:
+    """`read(name)` for `folder/component/name`, each file read once and checked against the sha256 the index
+    `idx` records (exports since checksums were added); ModelFolderError (one line) naming the file for a
+    missing one, a git-lfs pointer in place of the file, or one whose content changed."""
+    folder, sums = Path(folder), (idx or {}).get("sha256", {})
+
+    def read(name: str) -> bytes:
+        rel, path = f"{component}/{name}", Path(folder) / component / name
+        if not path.is_file():
+            raise ModelFolderError(f"{str(folder)!r} is not a complete exported model: {rel} is missing")
+        data = path.read_bytes()
+        if data.startswith(b"version https://git-lfs"):
+            raise ModelFolderError(f"model folder {str(folder)!r}: {rel} is a git-lfs pointer ({len(data)} bytes), "
+                                   "not the file itself: run `git lfs pull` in the model's repository, then load it "
+                                   "again")
+        want = sums.get(rel)
+        if want and hashlib.sha256(data).hexdigest()[:len(want)] != want:
+            raise ModelFolderError(f"model folder {str(folder)!r}: {rel} is damaged ({len(data)} bytes; its sha256 "
+                                   f"is not the {want}... that {INDEX} records): export or download the model again")
+        return data
+    return read
+
+
+def read_component(component: str, read: Read, text_len: int | None = None):
+    """One component built from its folder's files, read through `read` (an exported folder's sub-folder through
+    `folder_reader`, or a store artifact: the same files under the same names), on the CPU in eval mode:
+    transformer -> DALLE; dvae -> (DiscreteVAE, ImageNormalization); tokenizer -> TextTokenizer (`text_len` from
+    its config.json unless given: a store's BPE has none); clip -> CLIPReranker (config.json and tokenizer.json,
+    or this project's self-contained checkpoint alone, as the clip stage writes it). A file that does not parse
+    raises its parser's own error (SafetensorError, torch's size mismatch), for the caller to name where it lies;
+    ModelFolderError for a config or tokenizer this version cannot read."""
+    if component == "transformer":
+        model = DALLE(DALLEConfig(**_json(read, component, "config.json")))
+        _load_weights(model, read, component)
+        return model.eval()
+    if component == "dvae":
+        meta = _json(read, component, "config.json")
+        model = build_dvae(meta)
+        _load_weights(model, read, component)
+        return model.eval(), ImageNormalization(tuple(meta["norm"]["mean"]), tuple(meta["norm"]["std"]))
+    if component == "tokenizer":
+        text_len = text_len or _json(read, component, "config.json")["text_len"]
+        return _tokenizer(read("tokenizer.json"), text_len, f"{component}/tokenizer.json")
+    assert component == "clip", component
+    weights = read("model.safetensors")
+    try:
+        read("config.json")
+        meta, tokenizer = _json(read, component, "config.json"), None
+    except FileNotFoundError:  # the clip stage's own file: config and tokenizer in its metadata
+        files = clip_files(weights)
+        meta, tokenizer = json.loads(files["config.json"]), files["tokenizer.json"]
+    if meta.get("kind") == "open_clip":
+        import open_clip  # open_clip's builders, for a CLIP others trained
+
+        model = open_clip.create_model(meta["model_name"], pretrained=None)
+        _load_weights(model, lambda name: weights, component)
+        return open_clip_reranker(model, meta["model_name"])
+    if meta.get("kind") != "dalle-clip":
+        raise ModelFolderError(f"clip/config.json kind {meta.get('kind')!r} is not dalle-clip or open_clip")
+    c = CLIPConfig(**meta["model"])
+    model = build_clip(c)
+    _load_weights(model, lambda name: weights, component)
+    tokenizer = tokenizer if tokenizer is not None else read("tokenizer.json")
+    return CLIPReranker.ours(model.eval(), c, _tokenizer(tokenizer, c.text_len, "clip/tokenizer.json"))
 
 
 def component_config(model) -> dict:

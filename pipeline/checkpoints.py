@@ -2,15 +2,9 @@
 
 from __future__ import annotations
 
+from dalle_core.model_folder import state_bytes
 from pipeline.logs import log
 from storage.store import ArtifactStore
-
-
-def state_bytes(model) -> bytes:
-    """Model weights as safetensors bytes (tied tensors are stored once each)."""
-    from safetensors.torch import save
-
-    return save({k: v.detach().clone().contiguous() for k, v in model.state_dict().items()})
 
 
 def load_state_file(store: ArtifactStore, path: str, model) -> None:

@@ -65,7 +65,7 @@ def model_source(spec: str, component: str, store, where: str) -> ModelSource:
     `<stage>/<key>` in `store`) to the component's files and their content digest; with `store` None (as
     `tokenizers_from` takes them) an exported model folder only. ConfigError (one line, starting with `where`)
     when it is none of these, is incomplete, has an unreadable config, or is another stage's artifact."""
-    from dalle_core.model_folder import CONTENT_FILES, content_digest, read_index
+    from dalle_core.model_folder import CONTENT_FILES, content_digest, folder_reader, read_index
     from storage.store import MANIFEST
 
     names = CONTENT_FILES[component]
@@ -82,13 +82,15 @@ def model_source(spec: str, component: str, store, where: str) -> ModelSource:
             raise ConfigError(f"{where} {spec!r}: the exported model has no {component}/{missing[0]}")
         stage = "bpe" if component == "tokenizer" else component
         key = ((idx.get("source") or {}).get("stage_keys") or {}).get(stage)
+        read = folder_reader(path, component, idx)  # each file checked against the checksums the index records
+        try:
+            for n in names:
+                read(n)
+        except ModelFolderError as err:
+            raise ConfigError(f"{where} {spec!r}: {err}") from None
         digests = {n: file_digest(sub / n) for n in names}
-        for n, digest in digests.items():  # the checksums the export recorded (older exports have none)
-            if idx.get("sha256", {}).get(f"{component}/{n}", digest) != digest:
-                raise ConfigError(f"{where} {spec!r}: {component}/{n} is damaged (its sha256 is not the one "
-                                  f"{INDEX} records); export the model again")
         return ModelSource(spec, component, "export", str(sub), content_digest(digests),
-                           (stage, key) if key else None, lambda name: (sub / name).read_bytes(), where)
+                           (stage, key) if key else None, read, where)
     if not exported_only and (path / MANIFEST).is_file():  # a store artifact folder, read where it lies
         folder = path.resolve()
         stage, key = folder.parent.name, folder.name

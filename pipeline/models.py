@@ -11,70 +11,55 @@ import functools
 import glob
 import json
 import os
-import struct
 import tempfile
 
 import torch
 
 from dalle_core.bpe import TextTokenizer
-from dalle_core.clip import CLIPConfig, CLIPReranker, build_clip, load_open_clip
+from dalle_core.clip import CLIPReranker, load_open_clip
 from dalle_core.device import resolve_device, sampling_precision
 from dalle_core.errors import ConfigError
 from dalle_core.generate import DALLEPipeline
-from dalle_core.images import ImageNormalization
-from dalle_core.model_folder import INDEX, build_dvae
-from dalle_core.transformer import DALLE, DALLEConfig
+from dalle_core.model_folder import INDEX, ModelFolderError, read_component
+from dalle_core.transformer import DALLE
 from pipeline.config import Config, config_from_dict, load_config
 from storage.store import ArtifactStore
 
 # ------------------------------------------------------------ a stage's model from the store
 
 
+def load_component(store: ArtifactStore, stage: str, key: str, text_len: int | None = None):
+    """A finished stage's model from `<stage>/<key>` through the one reader (`read_component`: the artifact
+    holds its component folder's files under the same names), on the CPU; StoreError (one line) for a missing
+    artifact or a file that does not parse, naming it and how to redo it."""
+    store.require(stage, key)
+    component = "tokenizer" if stage == "bpe" else stage
+
+    def read(name: str) -> bytes:
+        path = store.path(stage, key, name)
+        if not store.exists(path):
+            raise FileNotFoundError(path)
+        return store.read_bytes(path)
+
+    with store.reading(store.path(stage, key, "tokenizer.json" if stage == "bpe" else "model.safetensors")):
+        return read_component(component, read, text_len)
+
+
 def load_dvae(store: ArtifactStore, key: str, device: torch.device | str = "cpu"):
     """A finished dVAE from `dvae/<key>`, on `device`, in eval mode, with its input normalisation:
-    (DiscreteVAE, ImageNormalization). StoreError (one line) for a missing or damaged artifact."""
-    from pipeline.checkpoints import load_state_file
-
-    store.require("dvae", key)
-    meta = store.read_json(store.path("dvae", key, "config.json"))
-    model = build_dvae(meta)
-    load_state_file(store, store.path("dvae", key, "model.safetensors"), model)
-    model = model.to(device, memory_format=torch.channels_last)  # faster convolutions; same results
-    return model.eval(), ImageNormalization(tuple(meta["norm"]["mean"]), tuple(meta["norm"]["std"]))
+    (DiscreteVAE, ImageNormalization)."""
+    model, normalization = load_component(store, "dvae", key)
+    return model.to(device, memory_format=torch.channels_last).eval(), normalization  # faster convolutions
 
 
 def load_tokenizer(store: ArtifactStore, key: str, text_len: int) -> TextTokenizer:
     """The finished BPE tokenizer of `bpe/<key>`, padding or truncating to `text_len` tokens."""
-    store.require("bpe", key)
-    path = store.path("bpe", key, "tokenizer.json")
-    data = store.read_bytes(path)
-    with store.reading(path):
-        return TextTokenizer.from_str(data.decode(), text_len)
+    return load_component(store, "bpe", key, text_len)
 
 
 def load_transformer(store: ArtifactStore, key: str, device: torch.device | str = "cpu") -> DALLE:
     """A finished transformer from `transformer/<key>`, on `device`, in eval mode."""
-    from pipeline.checkpoints import load_state_file
-
-    store.require("transformer", key)
-    model = DALLE(DALLEConfig(**store.read_json(store.path("transformer", key, "config.json"))))
-    load_state_file(store, store.path("transformer", key, "model.safetensors"), model)
-    return model.to(device).eval()
-
-
-def reranker_from_bytes(data: bytes) -> CLIPReranker:
-    """A CLIP file written by the clip stage (weights, with its config and tokenizer in the metadata)."""
-    from safetensors.torch import load
-
-    (n,) = struct.unpack("<Q", data[:8])
-    meta = json.loads(data[8:8 + n]).get("__metadata__", {})
-    if meta.get("format") != "dalle-clip":
-        raise ConfigError("clip.pretrained file is not a CLIP checkpoint written by this project "
-                          "(use '<open_clip model>:<file>' for open_clip checkpoints)")
-    model_cfg = CLIPConfig(**json.loads(meta["config"]))
-    model = build_clip(model_cfg)
-    model.load_state_dict(load(data))
-    return CLIPReranker.ours(model, model_cfg, TextTokenizer.from_str(meta["tokenizer"], model_cfg.text_len))
+    return load_component(store, "transformer", key).to(device).eval()
 
 
 def load_reranker(cfg: Config, store: ArtifactStore, key: str, device: torch.device | str = "cpu") -> CLIPReranker:
@@ -82,18 +67,22 @@ def load_reranker(cfg: Config, store: ArtifactStore, key: str, device: torch.dev
     a local file, or a checkpoint of this project) or the clip stage's `clip/<key>`."""
     spec = cfg.clip.pretrained
     if spec:
-        if os.path.isfile(spec):  # a checkpoint written by this project
-            with open(spec, "rb") as f:
-                return reranker_from_bytes(f.read()).to(device)
+        if os.path.isfile(spec):  # a checkpoint written by this project: its config and tokenizer inside
+
+            def read(name: str) -> bytes:
+                if name != "model.safetensors":
+                    raise FileNotFoundError(name)
+                with open(spec, "rb") as f:
+                    return f.read()
+            try:
+                return read_component("clip", read).to(device)
+            except ModelFolderError:
+                raise ConfigError("clip.pretrained file is not a CLIP checkpoint written by this project "
+                                  "(use '<open_clip model>:<file>' for open_clip checkpoints)") from None
         if spec.endswith(".safetensors") and ":" not in spec:
             raise ConfigError(f"clip.pretrained file {spec!r} does not exist")
         return load_open_clip(spec).to(device)  # "<open_clip model>:<hub tag or local weights file>"
-    store.require("clip", key)
-    path = store.path("clip", key, "model.safetensors")
-    data = store.read_bytes(path)
-    with store.reading(path):
-        reranker = reranker_from_bytes(data)
-    return reranker.to(device)
+    return load_component(store, "clip", key).to(device)
 
 
 @functools.lru_cache(maxsize=2)

@@ -3,9 +3,6 @@ or record a pretrained one (`clip.pretrained`), which then trains nothing."""
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict
-
 import torch
 from prefect import task
 from prefect.cache_policies import NONE
@@ -21,6 +18,7 @@ from dalle_core.clip import (
     recall_at,
 )
 from dalle_core.loader import DecodeCaptioned, decode_images
+from dalle_core.model_folder import clip_checkpoint
 from pipeline.artifacts import ArtifactRef, Work, run_name, run_stage
 from pipeline.config import Config
 from pipeline.fine_tuning import start_model
@@ -47,14 +45,6 @@ def _pretrained(w: Work) -> dict:
     load_reranker(w.cfg, w.store, w.key)  # it loads: a missing file or unknown model fails here
     log.info("clip/%s: using pretrained %s", w.key, w.cfg.clip.pretrained)
     return {"config": w.cfg.clip.model_dump(mode="json"), "pretrained": w.cfg.clip.pretrained}
-
-
-def checkpoint_bytes(model, model_cfg: CLIPConfig, tokenizer: TextTokenizer) -> bytes:
-    """A self-contained CLIP file: weights, with the model config and the tokenizer in the metadata."""
-    from safetensors.torch import save
-
-    meta = {"format": "dalle-clip", "config": json.dumps(asdict(model_cfg)), "tokenizer": tokenizer.tokenizer.to_str()}
-    return save({k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}, metadata=meta)
 
 
 def _val_recall(model, model_cfg: CLIPConfig, tokenizer: TextTokenizer, cfg: Config, store: ArtifactStore,
@@ -95,7 +85,7 @@ def trainer(w: Work, device, rank: int = 0, world: int = 1) -> Trainer:
         return _val_recall(model, mcfg, tokenizer, cfg, store, val_paths, device, limit)
 
     return Trainer(model, start, batches, clip_step(mcfg, rank, world), validate,
-                   lambda model, m: {"model.safetensors": checkpoint_bytes(model, mcfg, tokenizer)},
+                   lambda model, m: {"model.safetensors": clip_checkpoint(model, mcfg, tokenizer)},
                    lambda m: f"val recall@1 image->text {m['val_i2t_recall_at_1']:.2f}, text->image "
                    f"{m['val_t2i_recall_at_1']:.2f} (chance {m['val_chance_recall_at_1']:.3f})",
                    fit_args={"after_step": lambda step: clamp_logit_scale(model), "seq_len": seq_len,

@@ -4,7 +4,6 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from itertools import islice
 
 import torch
@@ -15,8 +14,8 @@ from dalle_core import dvae, pretrained
 from dalle_core.dvae import dvae_schedule, dvae_step, evaluate_dvae, fit_kmeans
 from dalle_core.images import ImageNormalization, grid, png_bytes, to_tensor, to_uint8
 from dalle_core.loader import decode_images
+from dalle_core.model_folder import dvae_config, state_bytes
 from pipeline.artifacts import ArtifactRef, Work, run_name, run_stage
-from pipeline.checkpoints import state_bytes
 from pipeline.config import Config
 from pipeline.fine_tuning import start_model, take_tokenizer
 from pipeline.logs import log
@@ -85,7 +84,7 @@ def _validate(w: Work, model: dvae.DiscreteVAE, device) -> dict:
     return evaluate_dvae(model, islice(val, w.cfg.dvae.train.val_batches), _norm(w.cfg), device)
 
 
-def _files(w: Work, model: dvae.DiscreteVAE, device, pretrained_spec: bool = False) -> dict:
+def _files(w: Work, model: dvae.DiscreteVAE, device) -> dict:
     """The artifact's files: weights, config (with the input normalisation), and val reconstructions."""
     norm = _norm(w.cfg)
     val_paths = shard_paths(w.store, "ingest", w.inputs["ingest"].key, "val")
@@ -96,9 +95,8 @@ def _files(w: Work, model: dvae.DiscreteVAE, device, pretrained_spec: bool = Fal
         recons = model.decode(model.encode(x))
     sheet = grid([list(to_uint8(x, norm.mean, norm.std)), list(to_uint8(recons, norm.mean, norm.std))],
                  ["originals", "reconstructions"], scale=3)
-    spec = {"pretrained": asdict(model.spec)} if pretrained_spec else {}
     return {"reconstructions.png": png_bytes(sheet), "model.safetensors": state_bytes(model),
-            "config.json": {"model": asdict(model.c), "norm": {"mean": list(norm.mean), "std": list(norm.std)}, **spec}}
+            "config.json": dvae_config(model, norm)}
 
 
 def _report(metrics: dict) -> str:
@@ -113,7 +111,7 @@ def _finish(w: Work, model: dvae.DiscreteVAE, metrics: dict, steps: int, device,
     """A dVAE made without the training loop (loaded, k-means): its files and the manifest's fields."""
     w.run.log_metrics(metrics, steps)
     log.info("dvae/%s: %s", w.key, _report(metrics))
-    w.write_files(_files(w, model, device, pretrained_spec=bool(extra)))
+    w.write_files(_files(w, model, device))
     w.store.write_json(w.path("metrics.json"), {**metrics, "steps": steps})
     return {"config": w.cfg.dvae.model_dump(mode="json"), **_made(model), "steps": steps, "world_size": 1,
             "metrics": metrics, **(extra or {})}

@@ -18,10 +18,10 @@ from prefect.cache_policies import NONE
 from dalle_core.device import sampling_precision
 from dalle_core.images import grid, png_bytes, to_uint8
 from dalle_core.loader import decode_tokens
+from dalle_core.model_folder import state_bytes
 from dalle_core.sampling import sample
 from dalle_core.transformer import DALLE, evaluate_transformer, transformer_step
 from pipeline.artifacts import ArtifactRef, Work, run_name
-from pipeline.checkpoints import state_bytes
 from pipeline.config import Config
 from pipeline.fine_tuning import start_model
 from pipeline.models import load_dvae

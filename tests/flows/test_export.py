@@ -10,6 +10,7 @@ import shutil
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 from PIL import Image
 
 from cli.main import main
@@ -181,6 +182,70 @@ def test_a_damaged_or_foreign_folder_is_one_line(exported, tmp_path):
     (broken / "transformer" / "config.json").unlink()
     with pytest.raises(ModelFolderError, match="transformer/config.json is missing"):
         DALLEPipeline.from_pretrained(broken)
+
+
+def test_a_changed_byte_in_any_component_file_is_caught_by_every_way_in(exported, tmp_path, capsys, monkeypatch):
+    """One byte changed (same size) in any file the index checksums: from_pretrained raises its documented
+    ModelFolderError naming the file, `generate --model` and `serve` stop in one line before sampling (init_from
+    through the same reader: test_finetune.py). A git-lfs pointer in place of the weights is named as such."""
+    index = json.loads((exported / "model_index.json").read_text())
+    assert len(index["sha256"]) >= 8  # every component's config and weights (and the tokenizers)
+    for rel in index["sha256"]:
+        damaged = tmp_path / rel.replace("/", "_")
+        shutil.copytree(exported, damaged)
+        data = bytearray((damaged / rel).read_bytes())
+        data[len(data) // 2] ^= 0x01
+        (damaged / rel).write_bytes(bytes(data))
+        with pytest.raises(ModelFolderError, match=f"{rel} is damaged") as err:
+            DALLEPipeline.from_pretrained(damaged, device="cpu")
+        assert "\n" not in str(err.value)
+    damaged = tmp_path / "transformer_model.safetensors"
+    monkeypatch.setattr("dalle_core.generate.DALLEPipeline.candidates", lambda *a, **k: pytest.fail("sampled"))
+    assert main(["generate", "--model", str(damaged), "a red circle", "--out", str(tmp_path / "out")]) == 2
+    assert "transformer/model.safetensors is damaged" in capsys.readouterr().err
+    assert main(["serve", "--model", str(damaged), "--port", "0"]) == 2
+    assert "transformer/model.safetensors is damaged" in capsys.readouterr().err
+
+    pointer = tmp_path / "lfs"
+    shutil.copytree(exported, pointer)
+    (pointer / "dvae" / "model.safetensors").write_text("version https://git-lfs.github.com/spec/v1\n"
+                                                        "oid sha256:4d7a\nsize 1048576\n")
+    with pytest.raises(ModelFolderError, match="dvae/model.safetensors is a git-lfs pointer .*`git lfs pull`"):
+        DALLEPipeline.from_pretrained(pointer, device="cpu")
+
+
+def test_a_tokenizer_this_version_cannot_read_is_the_documented_error(exported, tmp_path):
+    foreign = tmp_path / "foreign"
+    shutil.copytree(exported, foreign)
+    (foreign / "tokenizer" / "tokenizer.json").write_text('{"version": "9.9", "model": {"type": "Unheard"}}')
+    index = json.loads((foreign / "model_index.json").read_text())
+    del index["sha256"]  # a folder written by another tool, with no checksums to catch it first
+    (foreign / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(ModelFolderError, match=r"tokenizer/tokenizer.json cannot be read by the installed "
+                                               r"tokenizers \d"):
+        DALLEPipeline.from_pretrained(foreign, device="cpu")
+
+
+def test_a_pipeline_tuned_in_a_notebook_saves_and_loads_back(exported, tmp_path):
+    """save_pretrained writes the folder from_pretrained reads (every component, with checksums): the loaded copy
+    holds the change made in memory and draws the same images; saving again keeps the user's own files."""
+    tuned = DALLEPipeline.from_pretrained(exported, device="cpu")
+    with torch.no_grad():  # a change made in a notebook
+        for p in tuned.transformer.parameters():
+            p.add_(torch.randn_like(p) * 0.05, alpha=1.0)
+    folder = tmp_path / "tuned"
+    written = tuned.save_pretrained(folder)
+    assert {os.path.relpath(p, folder) for p in written} >= {"model_index.json", "transformer/model.safetensors",
+                                                              "clip/tokenizer.json", "tokenizer/config.json"}
+    again = DALLEPipeline.from_pretrained(folder, device="cpu")
+    for name, p in again.transformer.state_dict().items():
+        assert torch.equal(p, tuned.transformer.state_dict()[name]), name
+    assert (folder / "transformer/model.safetensors").read_bytes() != (exported / "transformer/model.safetensors").read_bytes()
+    a, b = (p("a red circle", num_candidates=3, seed=5) for p in (tuned, again))
+    assert np.array_equal(a.image_tokens[0], b.image_tokens[0]) and np.allclose(a.scores[0], b.scores[0], atol=1e-6)
+    (folder / "NOTES.md").write_text("mine")
+    tuned.save_pretrained(folder)
+    assert (folder / "NOTES.md").read_text() == "mine"
 
 
 def test_export_refuses_a_folder_that_is_not_an_export(generated, tmp_path, capsys):
