@@ -48,6 +48,9 @@ def check_store(cfg) -> None:
         from storage.tracking import _probe
 
         _probe(uri)
+    from storage.tracking import check_experiment, tracking_uri
+
+    check_experiment(tracking_uri(cfg.tracking.uri, store), cfg.tracking.experiment)  # deleted in the UI
 
 
 def _common(p: argparse.ArgumentParser) -> None:

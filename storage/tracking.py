@@ -52,6 +52,21 @@ def has_runs(uri: str, experiment: str) -> bool:
     return exp is not None and bool(client.search_runs([exp.experiment_id], max_results=1))
 
 
+def check_experiment(uri: str, name: str) -> None:
+    """TrackingError (one line, with the remedies) when experiment `name` at `uri` was deleted (in the UI or with
+    `mlflow experiments delete`); reads only (a missing sqlite file holds none)."""
+    if uri.startswith("sqlite:///") and not os.path.exists(uri.removeprefix("sqlite:///")):
+        return
+    exp = _client(uri).get_experiment_by_name(name)
+    if exp is not None and exp.lifecycle_stage == "deleted":
+        raise TrackingError(_deleted(name, exp.experiment_id, uri))
+
+
+def _deleted(name: str, experiment_id: str, uri: str) -> str:
+    return (f"MLflow experiment {name!r} (id {experiment_id}) at {uri!r} is deleted; restore it (`mlflow experiments "
+            f"restore --experiment-id {experiment_id}`, or the UI's trash) or set tracking.experiment to another name")
+
+
 def _artifact_location(uri: str, store: ArtifactStore) -> str | None:
     """Where a new experiment keeps its artifacts: in a local store, else beside the sqlite database (never
     MLflow's default ./mlruns of whatever folder the process runs in); servers pick their own."""
@@ -105,6 +120,8 @@ def experiment_id(uri: str, name: str, store: ArtifactStore) -> str:
             end_orphaned_runs(client, exp_id)
             _swept.add((uri, exp_id))
         return exp_id
+    except TrackingError:
+        raise
     except Exception as err:
         first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
         raise TrackingError(f"MLflow tracking at {uri!r} is unreachable or unusable: {first}") from None
@@ -112,6 +129,8 @@ def experiment_id(uri: str, name: str, store: ArtifactStore) -> str:
 
 def _get_or_create_experiment(client, uri: str, name: str, store: ArtifactStore) -> str:
     exp = client.get_experiment_by_name(name)
+    if exp is not None and exp.lifecycle_stage == "deleted":  # MLflow keeps its name taken until it is purged
+        raise TrackingError(_deleted(name, exp.experiment_id, uri))
     if exp is not None:
         if "mlflow.experimentKind" not in exp.tags:  # made by an older version, or by hand
             client.set_experiment_tag(exp.experiment_id, "mlflow.experimentKind", EXPERIMENT_KIND)

@@ -98,6 +98,23 @@ def test_unwritable_store_fails_before_prefect_and_leaves_nothing_in_the_cwd(tin
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # no ./mlruns, no store
 
 
+def test_a_deleted_mlflow_experiment_is_one_line_with_the_remedies(tiny, monkeypatch, tmp_path, capsys):
+    """The experiment deleted in MLflow's UI: `dalle run` names it and says to restore it or pick another name,
+    before Prefect starts; with another tracking.experiment the same run goes on."""
+    import mlflow
+
+    config, make = tiny
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client.delete_experiment(client.create_experiment("dalle"))
+    monkeypatch.setattr("cli.main.check_prefect_server", lambda: pytest.fail("Prefect started"))
+    assert main(["run", "-c", config, *_sets(make())]) == 2
+    _one_line_error(capsys, "MLflow experiment 'dalle' (id ", "is deleted; restore it (`mlflow experiments restore "
+                    "--experiment-id ", "or set tracking.experiment to another name")
+    monkeypatch.setattr("cli.main.check_prefect_server", lambda: (_ for _ in ()).throw(SystemExit(7)))
+    with pytest.raises(SystemExit):  # past the check: it went on to start Prefect
+        main(["run", "-c", config, *_sets(make("tracking.experiment=dalle-2"))])
+
+
 def test_an_unexpected_failure_names_the_stage_and_the_log_file(tiny, monkeypatch, tmp_path, capsys):
     from prefect.logging.formatters import PrefectFormatter
     from prefect.logging.handlers import PrefectConsoleHandler
