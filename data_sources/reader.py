@@ -109,6 +109,7 @@ class SourceRow:
     skip: str | None = None  # reason this record is not usable
     subset: str | None = None  # the source's own label for the row (e.g. unseen / seen-variant); evaluated apart
     note: str | None = None  # what was left out of a usable record (e.g. the later frames of a multi-frame file)
+    tried: str | None = None  # the image path looked for, when it was not there (missing_file)
 
 
 # What a source's own split column may say; anything else is an error naming the value.
@@ -168,8 +169,8 @@ def _record(rid: str, caption, image_value, cfg: DataSection, split: str | None 
         return rec
     try:
         rec.image, rec.note = _load_image(image_value, cfg.image_size)
-    except FileNotFoundError:
-        rec.skip = "missing_file"
+    except FileNotFoundError as err:
+        rec.skip, rec.tried = "missing_file", err.filename
     except Image.DecompressionBombError:
         rec.skip = "too_large"
     except Exception:  # PIL raises many types for broken files
@@ -261,8 +262,10 @@ def _imagefolder(cfg: DataSection) -> Iterator[SourceRow]:
             if name and os.path.isfile(path) and not name.lower().endswith(IMAGE_EXTS):
                 yield SourceRow(name, "", split or split_of(name, cfg.val_fraction), skip="unsupported_format")
                 continue
-            yield _record(name, row.get(cap_col), path if name and os.path.isfile(path) else None, cfg, split,
-                          subset)
+            rec = _record(name, row.get(cap_col), path if name and os.path.isfile(path) else None, cfg, split, subset)
+            if rec.skip == "missing_file" and name:
+                rec.tried = path
+            yield rec
         return
     # an image file, or any other file with a caption beside it (a format Pillow cannot read: counted, not lost)
     files = sorted(p for p in glob.glob(os.path.join(root, "**", "*"), recursive=True)
@@ -282,7 +285,10 @@ def _imagefolder(cfg: DataSection) -> Iterator[SourceRow]:
         yield _record(rid, lines[0] if lines else "", path, cfg)
 
 
-def _from_datasets(ds, cfg: DataSection, prefix: str, image_col: str, caption_col: str) -> Iterator[SourceRow]:
+def _from_datasets(ds, cfg: DataSection, prefix: str, image_col: str, caption_col: str, start: int = 0,
+                   base: str | None = None) -> Iterator[SourceRow]:
+    """Rows of a `datasets` dataset; ids `<prefix>-<start + i>` where the row has none. `base`: the folder that
+    relative image paths are relative to (that of the file naming them)."""
     import datasets
 
     cols = set(ds.column_names or [])
@@ -292,10 +298,23 @@ def _from_datasets(ds, cfg: DataSection, prefix: str, image_col: str, caption_co
     features = getattr(ds, "features", None) or {}
     if isinstance(features.get(image_col), datasets.Image):
         ds = ds.cast_column(image_col, datasets.Image(decode=False))  # decode ourselves: corrupt files are skipped
-    for i, row in enumerate(ds):
+    for i, row in enumerate(ds, start):
         rid = str(row.get("id") or row.get("__key__") or f"{prefix}-{i:08d}")
         split, subset = _given_split(row, cfg, f"{prefix} row {i + 1}")
-        yield _record(rid, row.get(caption_col), row.get(image_col), cfg, split, subset)
+        yield _record(rid, row.get(caption_col), _relative_to(base, row.get(image_col)), cfg, split, subset)
+
+
+def _relative_to(base: str | None, value):
+    """An image value whose path is relative, as a path under `base` (a path with bytes beside it is read from
+    the bytes)."""
+    if base is None:
+        return value
+    if isinstance(value, str) and value and not os.path.isabs(value):
+        return os.path.join(base, value)
+    if isinstance(value, dict) and not value.get("bytes") and isinstance(value.get("path"), str) \
+            and not os.path.isabs(value["path"]):
+        return {**value, "path": os.path.join(base, value["path"])}
+    return value
 
 
 def _parquet_files(cfg: DataSection) -> list[str]:
@@ -313,8 +332,13 @@ def _parquet(cfg: DataSection) -> Iterator[SourceRow]:
     files = _parquet_files(cfg)
     if not files:
         raise DataError(f"data.path {cfg.path!r} matches no .parquet files")
-    ds = datasets.load_dataset("parquet", data_files=files, split="train", streaming=True)
-    yield from _from_datasets(ds, cfg, "parquet", cfg.image_column, cfg.caption_column)
+    start = 0
+    for path in files:  # one file at a time: its image paths are relative to its own folder
+        ds = datasets.load_dataset("parquet", data_files=[path], split="train", streaming=True)
+        for rec in _from_datasets(ds, cfg, "parquet", cfg.image_column, cfg.caption_column, start,
+                                  os.path.dirname(os.path.abspath(path))):
+            start += 1
+            yield rec
 
 
 def _hf(cfg: DataSection) -> Iterator[SourceRow]:

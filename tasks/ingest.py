@@ -55,7 +55,7 @@ def _ingest(w: Work) -> dict:
         if rec.skip:
             skipped[rec.skip] += 1
             if len(examples[rec.skip]) < 5:
-                examples[rec.skip].append(rec.id)
+                examples[rec.skip].append(rec.tried or rec.id)  # a missing file: the path looked for
             continue
         buffers[rec.split].append({"id": rec.id, "caption": rec.caption, "image": png_bytes(rec.image),
                                    "subset": rec.subset})
@@ -77,8 +77,9 @@ def _ingest(w: Work) -> dict:
     for note, n in notes.items():
         log.warning("%d images: %s", n, note)
     if not rows:
+        shown = "; ".join(f"{reason} {n}, e.g. {examples[reason][0]}" for reason, n in skipped.items())
         raise DataError(f"data source {cfg.data.source!r} at {cfg.data.path!r} yielded no usable images "
-                        f"(skipped: {dict(skipped) or 'none'})")
+                        f"(skipped: {shown or 'none'})")
     if not rows["val"] or not rows["train"]:
         raise DataError(f"data source {cfg.data.source!r} gave {dict(rows)} rows; need both train and val "
                         f"(data.val_fraction={cfg.data.val_fraction})")

@@ -70,6 +70,25 @@ def test_fingerprint_of_txt_captions_and_file_sources(tmp_path):
     assert source_fingerprint(DataSection()) is None  # shapes: the config says all
 
 
+def test_parquet_image_paths_are_relative_to_the_parquet_file(tmp_path, monkeypatch):
+    """A Parquet source naming its images by path finds them beside itself, whatever the working directory;
+    a missing one is skipped naming the path that was looked for. Row ids run on across files."""
+    for part, colour in (("a", (200, 0, 0)), ("b", (0, 200, 0))):
+        (tmp_path / "data" / part / "img").mkdir(parents=True)
+        (tmp_path / "data" / part / "img" / "x.png").write_bytes(_png(colour))
+        pq.write_table(pa.table({"image": ["img/x.png", "img/gone.png"], "caption": [f"{part} x", f"{part} gone"]}),
+                       tmp_path / "data" / part / "rows.parquet")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    rows = list(read_source(DataSection(source="parquet", path=str(tmp_path / "data"), image_size=8)))
+    assert [r.caption for r in rows if r.skip is None] == ["a x", "b x"]
+    assert [tuple(r.image[0, 0]) for r in rows if r.skip is None] == [(200, 0, 0), (0, 200, 0)]
+    assert [r.tried for r in rows if r.skip == "missing_file"] == [
+        str(tmp_path / "data" / p / "img" / "gone.png") for p in ("a", "b")]
+    assert [r.id for r in rows] == [f"parquet-{i:08d}" for i in range(4)]
+
+
 # ---------------------------------------------------------------- metadata files as spreadsheets write them
 
 def test_metadata_csv_with_excel_bom_reads_every_row(tmp_path):
