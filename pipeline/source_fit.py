@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import asdict
+from pathlib import Path
 
 from dalle_core.errors import ConfigError
 from pipeline.model_source import ModelSource, load_reason, model_source, tokenizers_of
@@ -101,6 +102,57 @@ def fit_problems(cfg, stage: str, source: ModelSource, store, keys: dict, weight
     return _misfits(there, here)
 
 
+def _artifact_digest(store, stage: str, key: str) -> str | None:
+    """The content digest of a finished BPE or dVAE artifact (as an export's component), or None."""
+    from dalle_core.model_folder import CONTENT_FILES, content_digest
+
+    if store is None or not store.is_complete(stage, key):
+        return None
+    sums = store.manifest(stage, key).get("sha256", {})
+    names = CONTENT_FILES["tokenizer" if stage == "bpe" else stage]
+    return content_digest({n: sums[n][:16] for n in names}) if all(n in sums for n in names) else None
+
+
+def _trained_with(source: ModelSource, store) -> dict[str, str | None]:
+    """The content digests of the BPE and dVAE a transformer or CLIP source was trained with ({"bpe", "dvae"}),
+    from its export's folder or its store's manifests; a digest that cannot be told is None."""
+    from storage.store import ArtifactStore
+
+    if source.kind == "export":
+        folder, out = str(Path(source.location).parent), {}
+        for stage, component in (("bpe", "tokenizer"), ("dvae", "dvae")):
+            try:
+                out[stage] = model_source(folder, component, None, "").digest
+            except ConfigError:  # an export without it cannot tell
+                out[stage] = None
+        return out
+    stage, key = source.made_by
+    home = store if "://" in source.location or not Path(source.location).is_dir() else \
+        ArtifactStore(str(Path(source.location).parent.parent))
+    inputs = home.manifest(stage, key).get("inputs", {})
+    if stage == "transformer" and "pretokenize" in inputs and home.is_complete("pretokenize", inputs["pretokenize"]):
+        inputs = home.manifest("pretokenize", inputs["pretokenize"]).get("inputs", {})
+    return {s: _artifact_digest(home, s, inputs[s]) if s in inputs else None for s in ("bpe", "dvae")}
+
+
+def meaning_problems(cfg, stage: str, source: ModelSource, store, keys: dict) -> list[str]:
+    """Where an id would change its meaning: a transformer or CLIP source trained with another BPE (text ids) or,
+    for the transformer, another dVAE (image codes) than this run's, compared by content. A tokenizer trained
+    again on other data has the same sizes and other ids, so sizes cannot tell; `tokenizers_from` takes the
+    source's own."""
+    if cfg.tokenizers_from or stage not in ("transformer", "clip"):
+        return []
+    theirs = _trained_with(source, store)
+    problems = []
+    for s, what in (("bpe", "BPE (its text ids)"), ("dvae", "dVAE (its image codes)"))[:2 if stage == "transformer" else 1]:
+        mine = _artifact_digest(store, s, keys[s])
+        if theirs[s] is None or mine != theirs[s]:
+            how = "is not trained yet and would be this run's own" if mine is None else f"{s}/{keys[s]} is another"
+            problems.append(f"it was trained with a {what} other than this run's ({how}); set tokenizers_from to "
+                            "the exported model it came from, so its ids keep their meaning")
+    return problems
+
+
 def tokenizer_problems(cfg, store) -> list[str]:
     """Where `tokenizers_from`'s tokenizers do not fit the run's data and text length."""
     dvae, tokenizer = tokenizers_of(cfg, store)
@@ -124,9 +176,14 @@ def check_fine_tuning(cfg, stages: list[str] | None = None, store=None, keys: di
     for stage in ("dvae", "transformer", "clip"):
         spec = getattr(cfg, stage).init_from
         if spec and (stages is None or stage in stages) and not store.is_complete(stage, keys[stage]):
-            checks.append((f"{stage}.init_from", spec, lambda stage=stage, spec=spec: fit_problems(
-                cfg, stage, model_source(spec, stage, store, f"{stage}.init_from"), store, keys, weights=True)))
+            checks.append((f"{stage}.init_from", spec, lambda stage=stage, spec=spec: _source_problems(
+                cfg, stage, model_source(spec, stage, store, f"{stage}.init_from"), store, keys)))
     misfits = [f"{where} {spec!r} does not fit this run: {'; '.join(found)}"
                for where, spec, problems in checks if (found := problems())]
     if misfits:
         raise ConfigError("; and ".join(misfits))
+
+
+def _source_problems(cfg, stage: str, source: ModelSource, store, keys: dict) -> list[str]:
+    return fit_problems(cfg, stage, source, store, keys, weights=True) or meaning_problems(cfg, stage, source, store,
+                                                                                           keys)

@@ -172,6 +172,27 @@ def test_tokenizers_from_takes_an_exported_folder_only(source, tiny, capsys):
                    "model_index.json)"), err
 
 
+def test_init_from_without_tokenizers_from_never_changes_what_an_id_means(source, tiny, store_copy, capsys):
+    """init_from an export on new data without tokenizers_from: the run would train its own BPE and dVAE, of the
+    same sizes, whose ids mean other things to the loaded weights. Refused before any work, in one line that
+    says to set tokenizers_from; with it, or where this run's tokenizers are the source's own, it goes on."""
+    from pipeline.source_fit import check_fine_tuning
+
+    config, make = tiny
+    ov = make(f"transformer.init_from={source[2]}", "data.shapes.seed=7")
+    assert main(["run", "-c", config, *sum((["--set", o] for o in ov), [])]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith(f"error: transformer.init_from '{source[2]}' does not fit")
+    assert "BPE (its text ids)" in err and "dVAE (its image codes)" in err and "set tokenizers_from" in err
+    store = load_config(config, ov).store.open()
+    assert not [s for s in store.listdir(store.root) if not s.startswith(".")]  # nothing ingested or trained
+    clip = make(f"clip.init_from={source[2]}", "data.shapes.seed=7")
+    with pytest.raises(ConfigError, match="clip.init_from .* BPE \\(its text ids\\)"):
+        check_fine_tuning(load_config(config, clip))
+    check_fine_tuning(load_config(config, [*ov, f"tokenizers_from={source[2]}"]))
+    check_fine_tuning(load_config(TINY, [*store_copy, f"transformer.init_from={source[2]}"]))  # the same tokenizers
+
+
 def test_tokenizers_from_and_init_from_must_agree(source, tiny, tmp_path, capsys):
     config, make = tiny
     other = tmp_path / "other"
