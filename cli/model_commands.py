@@ -204,7 +204,8 @@ def add_commands(sub, common) -> None:
     p.add_argument("--model", help="an exported folder or models:/NAME/VERSION (default: the -c run's store)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--max-candidates", type=int, default=64, help="the most candidates one request may ask for")
+    p.add_argument("--max-candidates", type=int, default=64,  # dalle_core.generate.MAX_CANDIDATES, not imported here:
+                   help="the most candidates one request may ask for")  # the parser loads no torch
     p.set_defaults(func=cmd_serve)
     gen = sub.choices["generate"]
     gen.add_argument("--model", help="draw with an exported folder or models:/NAME/VERSION instead of a run's store "

@@ -111,6 +111,8 @@ def typing_args(hint) -> tuple[type, tuple, bool]:
 
 # What a call samples with when neither the caller nor the model's own defaults say
 SAMPLING_DEFAULTS = asdict(SamplingSettings())
+MAX_PROMPT_CHARS = 1000  # far beyond any model's text_len tokens, far below what costs the server memory
+MAX_CANDIDATES = 64  # the most candidates one request may ask for, in `dalle serve` (--max-candidates) and MLflow
 Progress = Callable[[int, int], None]  # (sampling steps done, steps in all)
 
 
@@ -303,8 +305,10 @@ def prompt_seed(seed: int, index: int) -> int:
 
 
 def check_prompts(prompts) -> list[str]:
-    """`prompts` (one string or a list of them) as a non-empty list of prompts that each hold some text and
-    encode as UTF-8 (no lone surrogates, which JSON's \\ud800 escapes can carry); GenerationError otherwise."""
+    """`prompts` (one string or a list of them) as a non-empty list of prompts that each hold some text, at most
+    MAX_PROMPT_CHARS characters, and encode as UTF-8 (no lone surrogates, which JSON's \\ud800 escapes can
+    carry); GenerationError otherwise. Every way in (the config, the CLI, HTTP, the MLflow model, the Python API)
+    calls it before any work."""
     if isinstance(prompts, str):
         prompts = [prompts]
     elif not isinstance(prompts, (list, tuple)):
@@ -314,6 +318,9 @@ def check_prompts(prompts) -> list[str]:
     for i, prompt in enumerate(prompts):
         if not isinstance(prompt, str) or not prompt.strip():
             raise GenerationError(f"prompt {i + 1} of {len(prompts)} is {prompt!r}; every prompt needs some text")
+        if len(prompt) > MAX_PROMPT_CHARS:  # checked before BPE: encoding megabytes costs seconds and gigabytes
+            raise GenerationError(f"prompt {i + 1} of {len(prompts)} is {len(prompt)} characters; allowed: at most "
+                                  f"{MAX_PROMPT_CHARS} (the model reads only its first text_len tokens)")
         try:
             prompt.encode("utf-8")
         except UnicodeEncodeError as err:

@@ -30,7 +30,13 @@ from pydantic import (
 from dalle_core.clip import CLIPConfig
 from dalle_core.dvae import DVAEConfig, DVAELossConfig
 from dalle_core.errors import ConfigError
-from dalle_core.generate import SAMPLING_DEFAULTS, EditRequest, GenerationError, SamplingSettings
+from dalle_core.generate import (
+    SAMPLING_DEFAULTS,
+    EditRequest,
+    GenerationError,
+    SamplingSettings,
+    check_prompts,
+)
 from dalle_core.train import TrainConfig, parse_freeze
 from dalle_core.transformer import DALLEConfig
 from data_sources.reader import DataSection
@@ -267,9 +273,11 @@ class _Generate(Section):
     @field_validator("prompts")
     @classmethod
     def _prompts_have_text(cls, prompts: list[str]) -> list[str]:
-        for i, prompt in enumerate(prompts):
-            if not prompt.strip():
-                raise ValueError(f"prompt {i + 1} of {len(prompts)} is {prompt!r}; every prompt needs some text")
+        if prompts:
+            try:
+                check_prompts(prompts)
+            except GenerationError as err:
+                raise ValueError(str(err)) from None
         return prompts
 
     def sampling_defaults(self) -> dict:

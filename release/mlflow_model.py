@@ -17,7 +17,13 @@ import mlflow.pyfunc
 import numpy as np
 import pandas as pd
 
-from dalle_core.generate import SAMPLING_DEFAULTS, DALLEPipeline, EditRequest, GenerationError
+from dalle_core.generate import (
+    MAX_CANDIDATES,
+    SAMPLING_DEFAULTS,
+    DALLEPipeline,
+    EditRequest,
+    GenerationError,
+)
 from dalle_core.images import png_bytes
 
 ARTIFACT = "model_dir"  # the exported folder's name among the pyfunc model's artifacts
@@ -66,6 +72,10 @@ class DALLEPyfunc(mlflow.pyfunc.PythonModel):
         if not isinstance(model_input, pd.DataFrame) or "prompt" not in model_input:
             raise _bad_request("the input needs a `prompt` column (one prompt per row)")
         p = {k: v for k, v in (params or {}).items() if v is not None}
+        n = p.get("num_candidates")
+        if isinstance(n, int) and not 1 <= n <= MAX_CANDIDATES:  # as dalle serve: one request cannot hold the worker
+            raise _bad_request(f"num_candidates is {n}; allowed: 1 to {MAX_CANDIDATES} (this model's limit, as "
+                               "dalle serve's default --max-candidates)")
         prime, image = _image_column(model_input, "prime_image"), _image_column(model_input, "edit_image")
         mode = p.get("edit_mode") or "inpaint"
         if mode not in ("inpaint", "outpaint", "variations"):

@@ -23,13 +23,21 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException
 
 from dalle_core.editing import pack
-from dalle_core.generate import MAX_PRIME_PIXELS, DALLEPipeline, GenerationError
+from dalle_core.generate import MAX_CANDIDATES, MAX_PRIME_PIXELS, DALLEPipeline, GenerationError
 from dalle_core.images import png_bytes
 from serve.jobs import Job, JobQueue, QueueFull
-from serve.request import MAX_PRIME_BYTES, APIError, GenerateRequest, error_line, job_settings
+from serve.request import (
+    MAX_PRIME_BYTES,
+    APIError,
+    BodyLimit,
+    GenerateRequest,
+    error_line,
+    job_settings,
+)
 
 
-def create_app(pipe: DALLEPipeline, *, name: str = "model", max_candidates: int = 64, max_waiting: int = 16) -> FastAPI:
+def create_app(pipe: DALLEPipeline, *, name: str = "model", max_candidates: int = MAX_CANDIDATES,
+               max_waiting: int = 16) -> FastAPI:
     """The FastAPI app serving `pipe`: requests are checked (request.py), queue (jobs.py) and run one at a time."""
     defaults = {"num_candidates": 16, **pipe.sampling, "seed": None}  # no seed sent: the server draws one
 
@@ -55,6 +63,7 @@ def create_app(pipe: DALLEPipeline, *, name: str = "model", max_candidates: int 
 
     app = FastAPI(title=f"dalle serve: {name}", version="1", lifespan=lifespan,
                   description="Text to image with CLIP reranking; see docs/serving.md")
+    app.add_middleware(BodyLimit)  # outermost: before routing, parsing or any other middleware reads the body
     app.state.jobs, app.state.pipeline = jobs, pipe
 
     @app.exception_handler(APIError)

@@ -60,6 +60,37 @@ class GenerateRequest(create_model("SamplingRequest", __base__=_Prompt, **_sampl
     keep: float | None = Field(None, gt=0, lt=1)
 
 
+MAX_BODY_BYTES = MAX_PRIME_BYTES * 4 // 3 + 2**16  # one base64 image and the rest of a request
+
+
+class BodyLimit:
+    """ASGI middleware: a request body is refused before any of it is read when it declares more than `max_bytes`
+    (413) or declares no length (411, as chunked uploads do), with the API's one-line error; so a 100 MB body is
+    never parsed and a body that claims 8 GB does not hold a connection."""
+
+    def __init__(self, app, max_bytes: int = MAX_BODY_BYTES):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope["method"] in ("POST", "PUT", "PATCH"):
+            headers = dict(scope["headers"])
+            declared = headers.get(b"content-length", b"").decode("latin-1").strip()
+            if not declared.isdigit():
+                return await _refuse(send, 411, "send the request body with a Content-Length header")
+            if int(declared) > self.max_bytes:
+                return await _refuse(send, 413, f"the request body is {int(declared)} bytes; allowed: at most "
+                                                f"{self.max_bytes} (one image of {MAX_PRIME_BYTES // 2**20} MB, base64)")
+        await self.app(scope, receive, send)
+
+
+async def _refuse(send, status: int, message: str) -> None:
+    body = json.dumps({"error": message}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": body})
+
+
 class APIError(Exception):
     def __init__(self, status: int, message: str):
         self.status, self.message = status, message

@@ -138,6 +138,7 @@ def test_exported_model_draws_what_the_store_model_draws(generated, pipe):
     ({"settings": 4}, "settings is 4; give a SamplingSettings, or each setting by name"),
     ({"prompts": None}, "prompts is None; give a string or a list of strings"),
     ({"prompts": 5}, "prompts is 5; give a string or a list of strings"),
+    ({"prompts": ["x" * 5_000_000]}, "prompt 1 of 1 is 5000000 characters; allowed: at most 1000"),
     ({"prompts": ["ok", "a \ud800"]}, "prompt 2 of 2 is not valid text: character 3"),
     ({"edit": EditRequest("prime", "/")}, "prime image '/' is a directory; give an image file"),
 ])
@@ -405,6 +406,9 @@ def test_registered_model_serves_four_images_through_mlflow_scoring(generated, e
     assert np.allclose([r["clip_score"] for r in rows], same.scores[0], atol=1e-5)
     bad = http.post("/invocations", json={"dataframe_split": {"columns": ["prompt"], "data": [[""]]}})
     assert bad.status_code == 400 and "every prompt needs some text" in bad.json()["message"]
+    many = http.post("/invocations", json={"dataframe_split": {"columns": ["prompt"], "data": [["a red circle"]]},
+                                           "params": {"num_candidates": 20000}})
+    assert many.status_code == 400 and "num_candidates is 20000; allowed: 1 to 64" in many.json()["message"]
     # the pipeline's end: `dalle run --register` registers the next version
     assert main(["run", "-c", str(TINY), *_sets(ov), "--only", "generate", "--register", "tiny-dalle"]) == 0
     assert "registered models:/tiny-dalle/2" in capsys.readouterr().out

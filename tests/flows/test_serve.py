@@ -2,6 +2,7 @@
 
 import base64
 import io
+import json
 import os
 import re
 import shutil
@@ -177,6 +178,38 @@ def test_a_huge_prime_is_refused_from_its_header_without_decoding(client, monkey
     prime = base64.b64encode(_png((4097, 4097), "1")).decode()
     reply = client.post("/api/jobs", json={"prompt": "x", "prime_image": prime})
     assert reply.status_code == 400 and "4097x4097 pixels" in reply.json()["error"] and decoded == []
+
+
+def _raw(url: str, head: bytes, body: bytes = b"") -> tuple[int, dict, float]:
+    """Send a raw HTTP request; (status, JSON reply, seconds until the reply) from a real server."""
+    host, port = url.removeprefix("http://").split(":")
+    t0 = time.perf_counter()
+    with socket.create_connection((host, int(port)), timeout=5) as s:
+        s.sendall(head + body)
+        reply = b""
+        while chunk := s.recv(65536):
+            reply += chunk
+    status, _, payload = reply.partition(b"\r\n\r\n")
+    return int(status.split()[1]), json.loads(payload), time.perf_counter() - t0
+
+
+def test_bodies_are_bounded_before_they_are_read(live, client):
+    """A body that declares 8 GB is refused at once without waiting for it; a 20 MB one is never parsed; a
+    chunked upload (no declared length) is refused; a long prompt in a small body is one line naming the limit."""
+    head = (b"POST /api/jobs HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 8589934592\r\n\r\n")
+    status, reply, seconds = _raw(live, head)  # sends no body at all
+    assert status == 413 and reply["error"].startswith("the request body is 8589934592 bytes; allowed: at most ")
+    assert seconds < 2
+    chunked = b"POST /api/jobs HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+    status, reply, _ = _raw(live, chunked, b"5\r\n{\"a\":\r\n0\r\n\r\n")
+    assert status == 411 and "Content-Length" in reply["error"]
+    big = client.post("/api/jobs", json={"prompt": "x" * (20 * 2**20)})
+    assert big.status_code == 413 and "at most" in big.json()["error"] and len(big.content) < 300
+    long = client.post("/api/generate", json={"prompt": "a red circle " * 500})
+    assert long.status_code == 400 and long.json()["error"] == ("prompt 1 of 1 is 6500 characters; allowed: at most "
+                                                                "1000 (the model reads only its first text_len tokens)")
+    assert client.post("/api/generate", json={"prompt": "still serving", "num_candidates": 1}).status_code == 200
 
 
 def test_model_info_says_the_seed_is_drawn_and_reports_default_prime_rows(client):
