@@ -215,6 +215,10 @@ def flat_metrics(report: dict, prefix: str = "") -> dict[str, float]:
 def format_report(report: dict) -> str:
     """The evaluation as a plain-text table."""
     lines = ["evaluation", "-" * 64]
+    for stage, far in report.get("training", {}).items():  # a model the clock stopped short: these numbers are its
+        if far.get("stopped_by") == "max_minutes":
+            lines.append(f"NOTE: {stage} was cut short by the clock at {far['steps']} of {far['max_steps']} steps "
+                         f"({far['steps'] / far['max_steps']:.0%}); raise {stage}.train.max_minutes for its full budget")
     for section in ("dvae", "transformer", "clip", "generation"):
         for k, v in report.get(section, {}).items():
             lines.append(f"{section + '.' + k:<44} {v:>10.4g}" if isinstance(v, float) else f"{section + '.' + k:<44} {v:>10}")

@@ -141,8 +141,11 @@ def _close(store: ArtifactStore, run: StageRun, refs: dict, error: str | None) -
     for c in run.client.search_runs([exp], f"tags.mlflow.parentRunId = '{run.run_id}'"):
         source = c.data.tags.get("source_run_id", "")
         children[c.data.tags.get("stage")] = source if len(source) == 32 else c.info.run_id
-    rows = [(stage, "cached" if r.cached else "ran", f"{r.stage}/{r.key}", children.get(r.stage))
-            for stage, r in refs.items()]
+    rows = [(stage, ("cached" if r.cached else "ran") + _cut_short(store, r), f"{r.stage}/{r.key}",
+             children.get(r.stage)) for stage, r in refs.items()]
+    for stage, how, _, _ in rows:
+        if "cut short" in how:
+            log.warning("%s was %s", stage, how.removeprefix("ran, ").removeprefix("cached, "))
     run.log_text(summary_html(name, rows, headline, run.uri, exp), "summary.html")
     run.end(error=error)
     link = run_link(run.uri, exp, run.run_id)
@@ -157,6 +160,18 @@ def _close(store: ArtifactStore, run: StageRun, refs: dict, error: str | None) -
                  f"| stage | | artifact | MLflow run |\n|---|---|---|---|\n{table}\n\n"
                  + (f"| headline metric | value |\n|---|---|\n{numbers}\n" if headline else ""),
         description="what ran and what was reused, the MLflow run and the headline metrics of this execution")
+
+
+def _cut_short(store: ArtifactStore, ref) -> str:
+    """`, cut short by the clock at 32% of its steps (raise <stage>.train.max_minutes)` for a training stage the
+    clock stopped; "" otherwise."""
+    if not store.is_complete(ref.stage, ref.key):
+        return ""
+    far = store.manifest(ref.stage, ref.key).get("how_far") or {}
+    if far.get("stopped_by") != "max_minutes":
+        return ""
+    return (f", cut short by the clock at {far['steps'] / far['max_steps']:.0%} of its steps "
+            f"(raise {ref.stage}.train.max_minutes)")
 
 
 def summary_html(name: str, rows: list[tuple], headline: dict[str, float], uri: str, exp: str) -> str:

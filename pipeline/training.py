@@ -4,8 +4,9 @@ validation and files). Checkpoints in pipeline/checkpoints.py; the loop itself i
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from dalle_core.device import prefetch_to_device
@@ -50,6 +51,7 @@ class Training:
     world: int
     start: int
     elapsed_s: float
+    losses: list[tuple[int, float]] = field(default_factory=list)  # (step, training loss) at each log step
 
     @classmethod
     def prepare(cls, store: ArtifactStore, stage: str, key: str, model, train_cfg: TrainConfig,
@@ -85,6 +87,7 @@ class Training:
 
             def log_fn(step: int, metrics: dict) -> None:
                 run.log_metrics(metrics, step)
+                self.losses.append((step, float(metrics["loss"])))
                 elapsed = time.perf_counter() - began
                 left, steps_left = budget_s - elapsed, meter.total - (step - self.start)
                 by_steps = steps_left * elapsed / max(step - self.start, 1)  # the meter's own ETA
@@ -166,6 +169,10 @@ def train_rank(w: Work, build: Callable[..., Trainer], rank: int = 0, world: int
             run.log_metrics(t.validate(model), 0)
         result = training.fit(batches, t.step, run, t.describe, lambda: t.validate(model), every=t.every(model, run),
                               **t.fit_args)
+        report = how_far(result, section.train, training.losses, train_rows(w), world)
+        log.info("%s/%s: %s", w.stage, w.key, report.line(w.stage))
+        run.log_metrics(report.metrics(), result.step)
+        run.set_tags({"how_far": report.line(w.stage)})
         t.on_end(model)
         metrics = t.validate(model)
         run.log_metrics(metrics, result.step)
@@ -174,7 +181,72 @@ def train_rank(w: Work, build: Callable[..., Trainer], rank: int = 0, world: int
         w.store.write_json(w.path("metrics.json"), {**metrics, "steps": result.step})
         drop_checkpoints(w.store, w.stage, w.key)
         w.finish(config=section.model_dump(mode="json"), steps=result.step, world_size=world, metrics=metrics,
-                 num_params=params["num_params"], **t.manifest, **t.start.manifest(tags))
+                 num_params=params["num_params"], how_far=asdict(report), **t.manifest, **t.start.manifest(tags))
+
+
+@dataclass
+class HowFar:
+    """Where a training stage ended: the steps run of its budget, what stopped it, the epochs of the training set
+    it saw, and whether its loss was still falling (the fitted change of the training loss over the last tenth of
+    the steps, as a share of the loss: below -1% counts as still falling)."""
+
+    steps: int
+    max_steps: int
+    stopped_by: str  # max_steps or max_minutes
+    max_minutes: float | None
+    epochs: float | None  # None where the training set's size is not known
+    loss_change_last_tenth: float | None  # None with fewer than two logged losses there
+
+    @property
+    def budget_share(self) -> float:
+        return self.steps / self.max_steps
+
+    @property
+    def still_falling(self) -> bool:
+        return self.loss_change_last_tenth is not None and self.loss_change_last_tenth < -0.01
+
+    def line(self, stage: str) -> str:
+        """One line for the log and the MLflow run: `ran 5200 of 5200 steps (100%); 41.6 epochs; loss flat...`."""
+        cut = (f", cut short by the clock: raise {stage}.train.max_minutes (now {self.max_minutes:g}) or remove it to "
+               "run every step" if self.stopped_by == "max_minutes" else "")
+        epochs = f"; {self.epochs:.1f} epochs" if self.epochs is not None else ""
+        change = "" if self.loss_change_last_tenth is None else \
+            f"; loss {'still falling' if self.still_falling else 'flat'} over the last tenth ({self.loss_change_last_tenth:+.1%})"
+        return f"ran {self.steps} of {self.max_steps} steps ({self.budget_share:.0%}){cut}{epochs}{change}"
+
+    def metrics(self) -> dict[str, float]:
+        out = {"budget_share": self.budget_share}
+        if self.epochs is not None:
+            out["epochs"] = self.epochs
+        if self.loss_change_last_tenth is not None:
+            out["loss_change_last_tenth"] = self.loss_change_last_tenth
+        return out
+
+
+def how_far(result: FitResult, train_cfg: TrainConfig, losses: list[tuple[int, float]], rows: int | None,
+            world: int = 1) -> HowFar:
+    """`HowFar` of a finished fit: the epochs from the examples drawn (steps x batch x accumulation x ranks) over
+    `rows` training rows, the loss change from a least-squares line through the losses logged in the last tenth."""
+    seen = result.step * train_cfg.batch_size * train_cfg.grad_accum * world
+    tail = [(s, v) for s, v in losses if s >= result.step * 0.9]
+    change = None
+    if len(tail) >= 2 and all(math.isfinite(v) for _, v in tail):
+        steps, values = zip(*tail)
+        mean_s, mean_v = sum(steps) / len(steps), sum(values) / len(values)
+        var = sum((s - mean_s) ** 2 for s in steps)
+        if var > 0 and mean_v != 0:
+            slope = sum((s - mean_s) * (v - mean_v) for s, v in tail) / var
+            change = slope * (0.1 * result.step) / abs(mean_v)
+    return HowFar(result.step, train_cfg.max_steps, result.stopped_by, train_cfg.max_minutes,
+                  seen / rows if rows else None, change)
+
+
+def train_rows(w: Work) -> int | None:
+    """The training rows a stage draws from: its token shards' or its images' (their manifests count them)."""
+    for stage in ("pretokenize", "ingest"):
+        if stage in w.inputs:
+            return w.store.manifest(stage, w.inputs[stage].key).get("rows", {}).get("train")
+    return None
 
 
 # ------------------------------------------------------------ the launch

@@ -97,6 +97,8 @@ def _evaluate(w: Work) -> dict:
     keys = {s: r.key for s, r in w.inputs.items()}
     pipe = load_pipeline(cfg, keys)
     report: dict = {"keys": keys}
+    report["training"] = {s: far for s in ("dvae", "transformer", "clip")  # how far each model's training got
+                          if (far := store.manifest(s, keys[s]).get("how_far"))}
     dvae_m = store.read_json(store.path("dvae", keys["dvae"], "metrics.json"))
     report["dvae"] = {"val_psnr": dvae_m["val_psnr"], "val_code_usage_fraction": dvae_m["val_code_usage_fraction"]}
     tr_m = store.read_json(store.path("transformer", keys["transformer"], "metrics.json"))

@@ -40,6 +40,27 @@ def test_trains_on_tokens_and_tracks_everything(store_copy):
     reused = client.search_runs([run.info.experiment_id], "tags.cached = 'true'")
     assert sorted(r.data.tags["stage"] for r in reused) == ["bpe", "dvae", "ingest", "pretokenize"]
     assert run_stage("transformer", store_copy).cached
+    # how far it got, in the manifest, as MLflow metrics and as one line
+    rows = store.manifest("pretokenize", stage_keys(cfg)["pretokenize"])["rows"]["train"]
+    far = m["how_far"]
+    assert (far["steps"], far["max_steps"], far["stopped_by"]) == (30, 30, "max_steps")
+    assert far["epochs"] == pytest.approx(30 * 16 / rows) and far["loss_change_last_tenth"] is not None
+    assert run.data.metrics["budget_share"] == 1.0 and run.data.metrics["epochs"] == pytest.approx(far["epochs"])
+    assert run.data.tags["how_far"].startswith("ran 30 of 30 steps (100%); ") and "epochs; loss " in run.data.tags["how_far"]
+
+
+def test_a_stage_the_clock_cuts_short_says_so_with_the_setting_to_raise(store_copy):
+    ref = run_stage("transformer", [*store_copy, "transformer.train.max_minutes=0.0005"])  # 30 ms of training
+    cfg = load_config(TINY, [*store_copy, "transformer.train.max_minutes=0.0005"])
+    far = cfg.store.open().manifest("transformer", ref.key)["how_far"]
+    assert far["stopped_by"] == "max_minutes" and far["steps"] < 30
+    _, runs = _runs(cfg)
+    assert f"ran {far['steps']} of 30 steps" in runs[0].data.tags["how_far"]
+    assert "cut short by the clock: raise transformer.train.max_minutes (now 0.0005)" in runs[0].data.tags["how_far"]
+    from dalle_core.evaluation import format_report
+
+    text = format_report({"training": {"transformer": far}})
+    assert f"NOTE: transformer was cut short by the clock at {far['steps']} of 30 steps" in text
 
 
 def test_killed_training_resumes_from_checkpoint(store_copy, monkeypatch):
