@@ -40,7 +40,7 @@ def run_one(spec: str, steps: int | None, device: str, train_images: int, val_im
             config: str = "configs/shapes.yaml") -> dict:
     from dalle_core.dvae import DiscreteVAE, dvae_schedule, dvae_step, evaluate_dvae
     from dalle_core.images import ImageNormalization
-    from dalle_core.train import fit, make_optimizer
+    from dalle_core.train import FitHooks, FitState, fit, make_optimizer
     from pipeline.config import load_config
 
     torch.set_num_threads(threads)
@@ -61,8 +61,8 @@ def run_one(spec: str, steps: int | None, device: str, train_images: int, val_im
 
     before, after = dvae_schedule(model, d.loss_config())
     t0 = time.perf_counter()
-    result = fit(model, batches(), t, make_optimizer(model, t), dvae_step(model.c, d.loss_config()), device=device, before_step=before,
-                 after_step=after)
+    result = fit(model, batches(), t, make_optimizer(model, t), dvae_step(model.c, d.loss_config()),
+                 FitHooks(before_step=before, after_step=after), FitState(device=device))
     seconds = time.perf_counter() - t0
     with torch.inference_mode():
         m = evaluate_dvae(model, ({"image": val[i:i + 500]} for i in range(0, len(val), 500)),

@@ -175,21 +175,46 @@ class FitResult:
     elapsed_s: float  # training time of the whole run, resumes included
 
 
-def fit(model: nn.Module, batches: Iterable, t: TrainConfig, optimizer: torch.optim.Optimizer, step_fn: StepFn, *,
-        start_step: int = 0, elapsed_s: float = 0.0, device: torch.device | str = "cpu", seq_len: int | None = None,
-        log: LogFn | None = None, checkpoint: CheckpointFn | None = None,
-        before_step: Callable[[int, int], None] | None = None, after_step: Callable[[int], None] | None = None,
-        every: tuple[tuple[int, Callable[[int], None]], ...] = (), world_size: int = 1,
-        unit: str = "images") -> FitResult:
-    """Train from `start_step` until the budget says stop.
+@dataclass
+class FitHooks:
+    """What a stage plugs into `fit` besides its step function, as minGPT's trainer takes callbacks; each
+    optional. `log(step, metrics)` at log steps; `checkpoint(step, elapsed_s)` at checkpoint steps;
+    `before_step(step, horizon)` / `after_step(step)` hold per-stage schedules and fix-ups (gumbel temperature,
+    dead-code restarts, CLIP's logit-scale clamp); `every` = ((n, fn), ...) calls fn(step) every n steps (sample
+    grids, validation); `unit` names the logged throughput `<unit>_per_s`."""
 
-    `model` may be DDP-wrapped. `batches` yields batches (moved to `device` here if they are not
-    there yet). `before_step(step, horizon)` / `after_step(step)` hold per-stage schedules and fix-ups
-    (gumbel temperature, dead-code restarts, CLIP's logit-scale clamp); `every` = ((n, fn), ...)
-    calls fn(step) every n steps (sample grids, validation). `seq_len` is the longest sequence the
-    model attends over (it picks the CPU bf16 attention kernel). Logged throughput,
-    `<unit>_per_s`, counts all `world_size` ranks.
+    log: LogFn | None = None
+    checkpoint: CheckpointFn | None = None
+    before_step: Callable[[int, int], None] | None = None
+    after_step: Callable[[int], None] | None = None
+    every: tuple[tuple[int, Callable[[int], None]], ...] = ()
+    unit: str = "images"
+
+
+@dataclass
+class FitState:
+    """Where a `fit` starts and runs: the step and training seconds a resumed run had (its budget counts them),
+    the device, the longest sequence the model attends over (it picks the CPU bf16 attention kernel), and the
+    DDP ranks the logged throughput counts."""
+
+    start_step: int = 0
+    elapsed_s: float = 0.0
+    device: torch.device | str = "cpu"
+    seq_len: int | None = None
+    world_size: int = 1
+
+
+def fit(model: nn.Module, batches: Iterable, t: TrainConfig, optimizer: torch.optim.Optimizer, step_fn: StepFn,
+        hooks: FitHooks | None = None, state: FitState | None = None) -> FitResult:
+    """Train from `state.start_step` until the budget says stop (nanoGPT's loop, with minGPT's callbacks).
+
+    `model` may be DDP-wrapped. `batches` yields batches (moved to the device here if they are not there yet).
+    `hooks` (FitHooks) are what the stage plugs in, `state` (FitState) where the run starts and runs.
     """
+    hooks, state = hooks or FitHooks(), state or FitState()
+    start_step, elapsed_s, device, seq_len = state.start_step, state.elapsed_s, state.device, state.seq_len
+    log, checkpoint, before_step, after_step, every = (hooks.log, hooks.checkpoint, hooks.before_step,
+                                                       hooks.after_step, hooks.every)
     device = torch.device(device)
     batches = iter(batches)
     budget = Budget(t, start_step, elapsed_s)
@@ -236,7 +261,7 @@ def fit(model: nn.Module, batches: Iterable, t: TrainConfig, optimizer: torch.op
         if log and (step % t.log_every == 0 or done):
             elapsed = time.perf_counter() - t0
             log(step, {"loss": loss.item(), **metrics(), "lr": lr, "grad_norm": float(grad_norm),
-                       f"{unit}_per_s": world_size * items / max(elapsed, 1e-9)})
+                       f"{hooks.unit}_per_s": state.world_size * items / max(elapsed, 1e-9)})
             items, t0 = 0, time.perf_counter()
         hooks_t0 = time.perf_counter()
         for n_steps, fn in every:

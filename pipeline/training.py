@@ -11,7 +11,7 @@ from typing import Any
 
 from dalle_core.device import prefetch_to_device
 from dalle_core.loader import Decode, ShardStream
-from dalle_core.train import FitResult, StepFn, TrainConfig, fit, make_optimizer
+from dalle_core.train import FitHooks, FitResult, FitState, StepFn, TrainConfig, fit, make_optimizer
 from pipeline.artifacts import ArtifactRef, Work, run_stage
 from pipeline.checkpoints import drop_checkpoints, load_checkpoint, save_checkpoint
 from pipeline.config import Config
@@ -100,9 +100,9 @@ class Training:
                 save_checkpoint(self.store, self.stage, self.key, self.model, self.optimizer, step,
                                 {"elapsed_s": elapsed_s})
 
-        result = fit(self.wrapped, batches, self.train_cfg, self.optimizer, step_fn, start_step=self.start,
-                     elapsed_s=self.elapsed_s, device=self.device, log=log_fn, checkpoint=checkpoint,
-                     world_size=self.world, every=every, **kwargs)
+        hooks = FitHooks(log_fn, checkpoint, every=every, **{k: v for k, v in kwargs.items() if k != "seq_len"})
+        state = FitState(self.start, self.elapsed_s, self.device, kwargs.get("seq_len"), self.world)
+        result = fit(self.wrapped, batches, self.train_cfg, self.optimizer, step_fn, hooks, state)
         if self.rank == 0:
             meter.close()
         if run is not None:

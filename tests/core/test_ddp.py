@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from dalle_core.train import TrainConfig, fit
+from dalle_core.train import FitState, TrainConfig, fit
 from dalle_core.transformer import DALLE, DALLEConfig, transformer_step
 
 C = DALLEConfig(text_vocab=40, text_len=5, pad_id=0, image_vocab=16, image_grid=3, dim=32, depth=2, heads=4)
@@ -28,7 +28,7 @@ def _one_step(batch: dict, world: int = 1, rank: int = 0, device: str = "cpu") -
     # SGD: the step is the (clipped) gradient itself. Adam's first step, lr * sign(g), would turn
     # float noise in near-zero gradients into full-size differences.
     fit(wrapped, iter(lambda: batch, None), T, torch.optim.SGD(model.parameters(), lr=T.lr),
-        transformer_step(0.0, C.pad_id, 0), device=device, world_size=world)
+        transformer_step(0.0, C.pad_id, 0), state=FitState(device=device, world_size=world))
     return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
 

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 from dalle_core.dvae import DiscreteVAE, DVAEConfig, VectorQuantizer, dvae_schedule, dvae_step
 from dalle_core.images import to_tensor
-from dalle_core.train import fit, make_optimizer
+from dalle_core.train import FitHooks, fit, make_optimizer
 from data_sources import shapes
 from pipeline.config import config_from_dict
 
@@ -109,7 +109,7 @@ def test_overfits_a_handful_of_shapes_with_hard_codes(quantizer, recon_loss, rat
     model = DiscreteVAE(small(quantizer, logit_laplace=recon_loss == "logit_laplace", **taming))
     before, after = dvae_schedule(model, run.loss_config())
     fit(model, iter(lambda: {"image": images}, None), run.train, make_optimizer(model, run.train), dvae_step(model.c, run.loss_config()),
-        before_step=before, after_step=after)
+        FitHooks(before_step=before, after_step=after))
     x = to_tensor(images)
     with torch.inference_mode():
         model.eval()

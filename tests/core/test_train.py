@@ -10,6 +10,8 @@ import torch.nn.functional as F
 from dalle_core.dvae import DiscreteVAE, DVAEConfig, dvae_step
 from dalle_core.images import to_tensor
 from dalle_core.train import (
+    FitHooks,
+    FitState,
     TrainConfig,
     TrainingError,
     fit,
@@ -65,14 +67,14 @@ def test_killed_and_resumed_run_with_dropout_equals_an_uninterrupted_one():
     opt = make_optimizer(first, t)
     saved = {}
     fit(first, iter(batches), dataclasses.replace(t, checkpoint_every=5), opt, step_fn,
-        checkpoint=lambda step, elapsed: saved.update(step=step, weights=_weights(first),
-                                                      state=training_state_bytes(opt)) if step == 5 else None)
+        FitHooks(checkpoint=lambda step, elapsed: saved.update(step=step, weights=_weights(first),
+                                                               state=training_state_bytes(opt)) if step == 5 else None))
     torch.rand(100)  # the killed process drew more random numbers after its checkpoint
     resumed = DALLE(c)
     resumed.load_state_dict(saved["weights"])
     opt2 = make_optimizer(resumed, t)
     load_training_state(opt2, saved["state"])
-    fit(resumed, iter(batches[5:]), t, opt2, transformer_step(0.3, C.pad_id, 0), start_step=saved["step"])
+    fit(resumed, iter(batches[5:]), t, opt2, transformer_step(0.3, C.pad_id, 0), state=FitState(start_step=saved["step"]))
     for k, v in _weights(whole).items():
         assert torch.equal(v, resumed.state_dict()[k]), k
 
@@ -123,7 +125,8 @@ def test_a_diverged_loss_stops_training_naming_the_step_and_keeps_the_last_good_
     t = TrainConfig(lr=3e-3, warmup_steps=0, max_steps=20, log_every=4, checkpoint_every=3, val_every=None)
     with pytest.raises(TrainingError, match=r"^training diverged: .* not finite at step 5 \(learning rate 0.00\d+, "
                                             r"train.lr=0.003\)") as err:
-        fit(model, iter(lambda: x, None), t, torch.optim.SGD(model.parameters(), lr=t.lr), step_fn, device=device,
-            log=lambda step, m: logged.append(step), checkpoint=lambda step, s: checkpoints.append(step))
+        fit(model, iter(lambda: x, None), t, torch.optim.SGD(model.parameters(), lr=t.lr), step_fn,
+            FitHooks(log=lambda step, m: logged.append(step), checkpoint=lambda step, s: checkpoints.append(step)),
+            FitState(device=device))
     assert "\n" not in str(err.value)
     assert checkpoints == [3] and logged == [4]  # nothing saved or logged after the bad step

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from dalle_core import cpu_fast, sampling
 from dalle_core.device import autocast
 from dalle_core.sampling import filter_logits, sample
-from dalle_core.train import TrainConfig, fit, make_optimizer
+from dalle_core.train import FitHooks, FitState, TrainConfig, fit, make_optimizer
 from dalle_core.transformer import DALLE, DALLEConfig, transformer_step
 from tests.conftest import DEVICES
 
@@ -136,7 +136,7 @@ def test_overfits_a_few_sequences():
     with torch.no_grad():
         losses = [m(text, image)[2].item()]  # about ln(20) before training
     fit(m, iter(lambda: {"text": text, "image": image}, None), t, make_optimizer(m, t),
-        transformer_step(0.0, C.pad_id, t.seed), log=lambda s, mt: losses.append(mt["image_loss"]))
+        transformer_step(0.0, C.pad_id, t.seed), FitHooks(log=lambda s, mt: losses.append(mt["image_loss"])))
     assert losses[0] > 2.5 and losses[-1] < 0.02, losses
 
 
@@ -240,8 +240,8 @@ def test_bf16_training_tracks_fp32(device):
         t = TrainConfig(batch_size=8, lr=2e-3, warmup_steps=5, max_steps=60, log_every=10, precision=precision)
         curves[precision] = []
         fit(m, iter(lambda: {"text": text, "image": image}, None), t, make_optimizer(m, t),
-            transformer_step(0.1, C.pad_id, t.seed), device=device,
-            log=lambda s, mt, p=precision: curves[p].append(mt["loss"]))
+            transformer_step(0.1, C.pad_id, t.seed), FitHooks(log=lambda s, mt, p=precision: curves[p].append(mt["loss"])),
+            FitState(device=device))
     for a, b in zip(curves["fp32"], curves["bf16"]):
         assert abs(a - b) < 0.1 * a + 0.02, curves
 
