@@ -9,8 +9,12 @@ import sys
 
 from dalle_core.errors import ConfigError, UserError
 from pipeline.config import load_config
+from storage.store import StoreError
+from storage.tracking import TrackingError
 
-USER_ERRORS = (UserError, FileNotFoundError)  # shown as one line, exit 2; anything else is an internal failure
+# shown as one line, exit 2; anything else is an internal failure. storage is beside the core, not under it, so its
+# errors are a family of their own
+USER_ERRORS = (UserError, StoreError, TrackingError, FileNotFoundError)
 
 
 def check_prefect_server() -> None:

@@ -20,6 +20,8 @@ from dalle_core.errors import UserError
 from pipeline.config import Config
 from pipeline.logs import log
 from pipeline.runs import PARENT_RUN, _flow_run_id
+from storage.store import StoreError
+from storage.tracking import TrackingError
 
 # The last line of a Python traceback: `package.module.SomeError: message`.
 ERROR_LINE = re.compile(r"^((?:\w+\.)*\w*(?:Error|Exception)): (.*)$")
@@ -70,7 +72,7 @@ def launch_ranks(cfg: Config, stage: str, inputs: dict) -> None:
         module, _, cls = name.rpartition(".")
         if module.split(".")[0] in PACKAGES:
             error = getattr(importlib.import_module(module), cls, None)
-            if isinstance(error, type) and issubclass(error, UserError):
+            if isinstance(error, type) and issubclass(error, (UserError, StoreError, TrackingError)):
                 raise error(message + where)
         raise RuntimeError(f"a DDP rank failed: {name}: {message}{where}")
     raise RuntimeError(f"torchrun with {train_cfg.nproc} process(es) per machine exited with code {code}{where}")

@@ -27,8 +27,6 @@ from typing import Any
 import filelock
 import fsspec
 
-from dalle_core.errors import UserError
-
 MANIFEST = "manifest.json"
 # Folders under the root that hold no stage's artifacts: MLflow's artifacts and the commands' failure logs (the
 # stages themselves are pipeline/stage_table.py's, which the store does not know).
@@ -38,7 +36,7 @@ LOCKS = ".locks"
 _log = logging.getLogger("dalle")
 
 
-class StoreError(UserError):
+class StoreError(RuntimeError):
     """A store problem a user can act on (missing artifact, unwritable root); one line."""
 
 

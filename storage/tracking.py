@@ -22,13 +22,12 @@ from typing import Any
 
 import numpy as np
 
-from dalle_core.errors import UserError
 from storage.store import ArtifactStore
 
 EXPERIMENT_KIND = "custom_model_development"  # MLflow 3's tag for a model-training experiment
 
 
-class TrackingError(UserError):
+class TrackingError(RuntimeError):
     """MLflow cannot be reached or used; one line naming the URI."""
 
 
