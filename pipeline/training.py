@@ -226,9 +226,11 @@ class HowFar:
 def how_far(result: FitResult, train_cfg: TrainConfig, losses: list[tuple[int, float]], rows: int | None,
             world: int = 1) -> HowFar:
     """`HowFar` of a finished fit: the epochs from the examples drawn (steps x batch x accumulation x ranks) over
-    `rows` training rows, the loss change from a least-squares line through the losses logged in the last tenth."""
+    `rows` training rows, the loss change from a least-squares line through the losses logged in the last tenth
+    (or the last two logged, where the log is sparser than that)."""
     seen = result.step * train_cfg.batch_size * train_cfg.grad_accum * world
     tail = [(s, v) for s, v in losses if s >= result.step * 0.9]
+    tail = tail if len(tail) >= 2 else losses[-2:]  # logged too sparsely for a tenth: the last two logged losses
     change = None
     if len(tail) >= 2 and all(math.isfinite(v) for _, v in tail):
         steps, values = zip(*tail)

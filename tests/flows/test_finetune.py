@@ -179,7 +179,8 @@ def test_init_from_without_tokenizers_from_never_changes_what_an_id_means(source
     from pipeline.source_fit import check_fine_tuning
 
     config, make = tiny
-    ov = make(f"transformer.init_from={source[2]}", "data.shapes.seed=7")
+    refused = Path(store_copy[0].split("=", 1)[1]).parent / "refused"  # a store of its own, beside store_copy's
+    ov = make(f"transformer.init_from={source[2]}", "data.shapes.seed=7", f"store.root={refused}")
     assert main(["run", "-c", config, *sum((["--set", o] for o in ov), [])]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith(f"error: transformer.init_from '{source[2]}' does not fit")

@@ -1,5 +1,7 @@
 """How far a training stage got: the one line and the numbers every training stage reports at its end."""
 
+import pytest
+
 from dalle_core.train import FitResult, TrainConfig
 from pipeline.training import how_far
 
@@ -21,5 +23,7 @@ def test_a_flat_loss_that_ran_its_budget_and_unknown_sizes():
                   world=2)
     assert far.epochs == 50 * 4 * 2 * 2 / 100 and not far.still_falling
     assert far.line("clip").startswith("ran 50 of 50 steps (100%); 8.0 epochs; loss flat over the last tenth")
+    sparse = how_far(FitResult(30, "max_steps", 1.0), train, [(10, 2.0), (20, 1.5), (30, 1.0)], 100)
+    assert sparse.loss_change_last_tenth == pytest.approx(-0.05 * 3 / 1.25)  # the last two: -0.05 a step, a tenth 3
     bare = how_far(FitResult(50, "max_steps", 9.0), train, [(50, 1.0)], None)
     assert bare.line("dvae") == "ran 50 of 50 steps (100%)" and bare.metrics() == {"budget_share": 1.0}
