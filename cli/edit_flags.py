@@ -10,6 +10,9 @@ import re
 
 from pipeline.config import load_config
 
+# The commands import their machinery (Prefect, MLflow, the stages, the server) inside themselves, so that
+# `dalle --help` and a bad flag answer in one line without loading it.
+
 # generate's flags for `EditRequest.from_arguments`' arguments, in its errors
 EDIT_FLAGS = {"prime_image": "--prime", "prime_rows": "--prime-rows", "edit_image": "--edit",
               "outpaint_image": "--outpaint", "variations": "--variations", "region": "--region", "mask": "--mask",

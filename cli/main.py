@@ -12,6 +12,9 @@ from pipeline.config import load_config
 from storage.store import StoreError
 from storage.tracking import TrackingError
 
+# The commands import their machinery (Prefect, MLflow, the stages, the server) inside themselves, so that
+# `dalle --help` and a bad flag answer in one line without loading it.
+
 # shown as one line, exit 2; anything else is an internal failure. storage is beside the core, not under it, so its
 # errors are a family of their own
 USER_ERRORS = (UserError, StoreError, TrackingError, FileNotFoundError)

@@ -13,6 +13,9 @@ import tempfile
 from dalle_core.errors import ConfigError
 from pipeline.config import load_config
 
+# The commands import their machinery (Prefect, MLflow, the stages, the server) inside themselves, so that
+# `dalle --help` and a bad flag answer in one line without loading it.
+
 
 def cmd_export(args) -> int:
     """Export the run's models as a folder (--out) and/or register them as an MLflow model (--register)."""

@@ -39,6 +39,7 @@ from annotated_types import Ge, Gt, Le, Lt
 
 from dalle_core.device import to_device
 from dalle_core.images import ImageNormalization, psnr, to_tensor
+from dalle_core.perceptual import load_lpips
 from dalle_core.taming import TamingDecoder, TamingEncoder
 from dalle_core.train import StepFn, distributed, unwrap
 
@@ -478,8 +479,6 @@ def dvae_step(c: DVAEConfig, section: DVAELossConfig) -> StepFn:
     norm = ImageNormalization(c.norm_mean, c.norm_std)
     lpips = None
     if section.adversarial and section.perceptual_vgg and section.perceptual_weight > 0:
-        from dalle_core.perceptual import load_lpips
-
         lpips = load_lpips(section.perceptual_vgg, section.perceptual_lpips)
 
     def step_fn(model: nn.Module, batch: dict, step: int):

@@ -26,6 +26,8 @@ import pyarrow as pa
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from dalle_core.images import decode_png
+
 Decode = Callable[[pa.Table], dict[str, np.ndarray]]
 
 
@@ -187,7 +189,6 @@ class ShardStream(IterableDataset):
 
 def decode_images(table: pa.Table) -> dict[str, np.ndarray]:
     """Image shard rows -> {"image": (n, H, W, 3) uint8, "caption": (n,) str if read}; runs in loader workers."""
-    from dalle_core.images import decode_png
 
     out = {"image": np.stack([decode_png(b) for b in table.column("image").to_pylist()])}
     if "caption" in table.column_names:

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from dalle_core import pretrained
 from dalle_core.bpe import TextTokenizer
 from dalle_core.clip import CLIPConfig, CLIPReranker, build_clip, open_clip_reranker
 from dalle_core.device import resolve_device, sampling_precision
@@ -251,8 +252,6 @@ def build_dvae(meta: dict) -> DiscreteVAE:
     """The image tokenizer a dVAE config.json describes (this project's dVAE, or a pretrained one's modules),
     with untrained weights."""
     if meta.get("pretrained"):
-        from dalle_core import pretrained
-
         m = meta["model"]
         return pretrained.PretrainedDVAE(pretrained.Spec(**meta["pretrained"]), m["image_size"], m["norm_mean"],
                                          m["norm_std"])

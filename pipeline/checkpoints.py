@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dalle_core.model_folder import state_bytes
+from dalle_core.train import load_training_state, training_state_bytes
 from pipeline.logs import log
 from storage.store import ArtifactStore
 
@@ -20,7 +21,6 @@ def load_state_file(store: ArtifactStore, path: str, model) -> None:
 def save_checkpoint(store: ArtifactStore, stage: str, key: str, model, optimizer, step: int,
                     extra: dict | None = None) -> None:
     """Write `checkpoints/step-N/` and then point `checkpoints/latest.json` at it; drop older ones."""
-    from dalle_core.train import training_state_bytes
 
     name = f"step-{step:08d}"
     store.write_bytes(store.path(stage, key, "checkpoints", name, "model.safetensors"), state_bytes(model))
@@ -35,7 +35,6 @@ def save_checkpoint(store: ArtifactStore, stage: str, key: str, model, optimizer
 
 def load_checkpoint(store: ArtifactStore, stage: str, key: str, model, optimizer) -> tuple[int, dict]:
     """Restore weights, optimizer and RNG from the latest checkpoint; returns (step, extra) or (0, {})."""
-    from dalle_core.train import load_training_state
 
     latest = store.path(stage, key, "checkpoints", "latest.json")
     if not store.exists(latest):

@@ -29,6 +29,7 @@ from pydantic import (
 
 from dalle_core.clip import CLIPConfig
 from dalle_core.dvae import DVAEConfig, DVAELossConfig
+from dalle_core.editing import region_edit_mask
 from dalle_core.errors import ConfigError
 from dalle_core.generate import (
     SAMPLING_DEFAULTS,
@@ -411,8 +412,6 @@ class Config(Section):
 
     @model_validator(mode="after")
     def _edit_region_fits_the_image(self) -> Config:
-        from dalle_core.editing import region_edit_mask
-
         g, size = self.generate, self.data.image_size
         if g.edit_region is not None:  # a loaded tokenizer's grid is in its files: tasks.generate checks the cells
             known = self.dvae.pretrained is None and not getattr(self, "tokenizers_from", None)

@@ -8,9 +8,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from dalle_core.bpe import TextTokenizer
 from dalle_core.errors import ConfigError
+from dalle_core.model_folder import build_dvae, read_index
+from dalle_core.train import CLIP_PARTS, DALLE_PARTS, freeze
+from pipeline.logs import log
 from pipeline.model_source import ModelSource, load_reason, model_source
+from pipeline.runs import run_link
 from pipeline.source_fit import check_fine_tuning
+from pipeline.stage_table import stage_keys
+from storage.tracking import producer_run, tracking_uri
 
 
 @dataclass
@@ -41,7 +48,6 @@ def start_model(cfg, stage: str, model, store) -> Start:
     """Load `<stage>.init_from`'s weights into `model` (a dVAE's discriminator, not part of an artifact, starts
     fresh) and freeze `<stage>.train.freeze`; before the optimizer is made. ConfigError (one line) when the
     weights do not load."""
-    from dalle_core.train import CLIP_PARTS, DALLE_PARTS, freeze
 
     section = getattr(cfg, stage)
     source = None
@@ -69,8 +75,6 @@ def start_model(cfg, stage: str, model, store) -> Start:
 def source_tags(cfg, source: ModelSource, store, prefix: str = "init_from") -> dict[str, str]:
     """MLflow tags naming a source: `<prefix>` (the spec), `.digest`, `.kind`, and `.run_id` with a link to the
     run that made it when that run is in this run's tracking store (else `.run_id` says it is not)."""
-    from pipeline.runs import run_link
-    from storage.tracking import producer_run, tracking_uri
 
     tags = {prefix: source.spec, f"{prefix}.digest": source.digest, f"{prefix}.kind": source.kind,
             f"{prefix}.location": source.location}
@@ -96,10 +100,6 @@ def take_tokenizer(w) -> dict:
     model.safetensors) or BPE (tokenizer.json) written to `<stage>/<key>` as they are, nothing trained; the key is
     their content digest, and the manifest and MLflow run record where they came from. Returns the manifest's
     fields."""
-    from dalle_core.bpe import TextTokenizer
-    from dalle_core.model_folder import build_dvae, read_index
-    from pipeline.logs import log
-    from pipeline.stage_table import stage_keys
 
     cfg, store, stage, key = w.cfg, w.store, w.stage, w.key
     component = "dvae" if stage == "dvae" else "tokenizer"

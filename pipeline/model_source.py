@@ -11,8 +11,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dalle_core.errors import ConfigError
-from dalle_core.model_folder import INDEX, ModelFolderError
-from storage.store import StoreError, file_digest
+from dalle_core.model_folder import (
+    CONTENT_FILES,
+    INDEX,
+    ModelFolderError,
+    content_digest,
+    folder_reader,
+    read_index,
+    safetensors_metadata,
+)
+from storage.store import MANIFEST, StoreError, file_digest
 
 # `<stage>/<key>` in the run's own store (a store's keys are 12 hex digits; longer prefixes are not keys)
 STORE_SPEC = re.compile(r"(transformer|dvae|clip)/([0-9a-f]{12})")
@@ -41,8 +49,6 @@ class ModelSource:
         """The component's config: DALLEConfig's fields (transformer), the dVAE's config.json ({model, norm,
         pretrained?}), CLIPConfig's fields (clip), or the tokenizer's {text_len, pad_id} (tokenizer)."""
         if self.component == "clip":
-            from dalle_core.model_folder import safetensors_metadata
-
             meta = safetensors_metadata(self.read("model.safetensors"))
             if meta.get("format") != "dalle-clip":
                 raise ConfigError(f"clip.init_from {self.spec!r} is not this project's CLIP (an open_clip model "
@@ -65,8 +71,6 @@ def model_source(spec: str, component: str, store, where: str) -> ModelSource:
     `<stage>/<key>` in `store`) to the component's files and their content digest; with `store` None (as
     `tokenizers_from` takes them) an exported model folder only. ConfigError (one line, starting with `where`)
     when it is none of these, is incomplete, has an unreadable config, or is another stage's artifact."""
-    from dalle_core.model_folder import CONTENT_FILES, content_digest, folder_reader, read_index
-    from storage.store import MANIFEST
 
     names = CONTENT_FILES[component]
     path = Path(spec).expanduser()

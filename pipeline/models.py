@@ -23,7 +23,9 @@ from dalle_core.generate import DALLEPipeline
 from dalle_core.model_folder import INDEX, ModelFolderError, read_component
 from dalle_core.transformer import DALLE
 from pipeline.config import Config, config_from_dict, load_config
+from pipeline.stage_table import stage_keys
 from storage.store import ArtifactStore
+from storage.tracking import TrackingError, one_line_error
 
 # ------------------------------------------------------------ a stage's model from the store
 
@@ -100,7 +102,6 @@ def _load_pipeline(cfg_json: str, keys_json: str) -> DALLEPipeline:
 def load_pipeline(cfg: Config, keys: dict[str, str] | None = None) -> DALLEPipeline:
     """The models of this config (transformer, dVAE, tokenizer, CLIP; `keys` by stage, default the config's own)
     on its device, loaded once per process."""
-    from pipeline.stage_table import stage_keys
 
     keys = {s: (keys or stage_keys(cfg))[s] for s in ("dvae", "bpe", "transformer", "clip")}
     return _load_pipeline(json.dumps(cfg.model_dump(mode="json"), sort_keys=True), json.dumps(keys, sort_keys=True))
@@ -158,8 +159,6 @@ def download_model(uri: str, tracking_uri: str | None, dst: str) -> str:
 
     for name in ("mlflow", "alembic"):  # their INFO lines (store migrations, downloads) are not this command's
         logging.getLogger(name).setLevel(logging.WARNING)
-
-    from storage.tracking import TrackingError, one_line_error
 
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)

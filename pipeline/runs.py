@@ -12,6 +12,7 @@ import contextvars
 from collections.abc import Iterator
 from html import escape
 
+from dalle_core.evaluation import flat_metrics
 from pipeline.config import Config, flatten
 from pipeline.logs import log
 from storage.store import ArtifactStore
@@ -71,7 +72,6 @@ HEADLINE = ("faithfulness.top1.overall.all", "faithfulness.random.overall.all",
 
 def headline_metrics(report: dict) -> dict[str, float]:
     """The few numbers a reviewer compares pipeline runs by (those the evaluation has), best first."""
-    from dalle_core.evaluation import flat_metrics
 
     flat, out = flat_metrics(report), {}
     for h in HEADLINE:

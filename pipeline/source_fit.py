@@ -9,8 +9,13 @@ import os
 from dataclasses import asdict
 from pathlib import Path
 
+from dalle_core.bpe import TextTokenizer
+from dalle_core.dvae import DVAEConfig
 from dalle_core.errors import ConfigError
+from dalle_core.model_folder import CONTENT_FILES, content_digest
 from pipeline.model_source import ModelSource, load_reason, model_source, tokenizers_of
+from pipeline.stage_table import stage_keys
+from storage.store import ArtifactStore
 
 # The model fields a source must share with the run to load into its model (the others, such as dropout or a
 # loss weight, may change in a fine-tune); the vocabularies and the grid are compared apart (`token_shapes`).
@@ -26,8 +31,6 @@ def token_shapes(cfg, store, keys: dict) -> dict[str, tuple]:
     """{field: (value, where it comes from)} of the sequence a stage's model is built for: text_len, and the
     text vocabulary and pad id, the image codebook and grid as far as they are known now (from the token
     shards, the BPE and dVAE artifacts, tokenizers_from, text.tokenizer_path or the dvae section)."""
-    from dalle_core.bpe import TextTokenizer
-    from dalle_core.dvae import DVAEConfig
 
     out: dict[str, tuple] = {"text_len": (cfg.text.text_len, "text.text_len")}
 
@@ -104,7 +107,6 @@ def fit_problems(cfg, stage: str, source: ModelSource, store, keys: dict, weight
 
 def _artifact_digest(store, stage: str, key: str) -> str | None:
     """The content digest of a finished BPE or dVAE artifact (as an export's component), or None."""
-    from dalle_core.model_folder import CONTENT_FILES, content_digest
 
     if store is None or not store.is_complete(stage, key):
         return None
@@ -116,7 +118,6 @@ def _artifact_digest(store, stage: str, key: str) -> str | None:
 def _trained_with(source: ModelSource, store) -> dict[str, str | None]:
     """The content digests of the BPE and dVAE a transformer or CLIP source was trained with ({"bpe", "dvae"}),
     from its export's folder or its store's manifests; a digest that cannot be told is None."""
-    from storage.store import ArtifactStore
 
     if source.kind == "export":
         folder, out = str(Path(source.location).parent), {}
@@ -166,7 +167,6 @@ def check_fine_tuning(cfg, stages: list[str] | None = None, store=None, keys: di
     stages among `stages`, default all) exists and fits the model this run builds, as far as the store and the
     config tell now. ConfigError, one line naming each mismatch of every source and both values. A finished stage is not checked again. Each training stage checks its own source again, with
     its inputs' manifests, before it trains."""
-    from pipeline.stage_table import stage_keys
 
     store = store or cfg.store.open()
     keys = keys or stage_keys(cfg)

@@ -9,13 +9,15 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from dalle_core.device import prefetch_to_device
+from dalle_core.device import prefetch_to_device, resolve_device
 from dalle_core.loader import Decode, ShardStream
 from dalle_core.train import FitHooks, FitResult, FitState, StepFn, TrainConfig, fit, make_optimizer
 from pipeline.artifacts import ArtifactRef, Work, run_stage
 from pipeline.checkpoints import drop_checkpoints, load_checkpoint, save_checkpoint
 from pipeline.config import Config
+from pipeline.fine_tuning import source_note, source_tags
 from pipeline.logs import log, progress
+from pipeline.runs import stage_run
 from pipeline.torchrun import launch_ranks
 from storage.parquet import ParquetShards
 from storage.store import ArtifactStore
@@ -141,10 +143,6 @@ def train_rank(w: Work, build: Callable[..., Trainer], rank: int = 0, world: int
     stage's Trainer; every rank trains, rank 0 opens the stage's MLflow run, logs, validates every
     `train.val_every` steps (and at step 0 when fine-tuning), checkpoints, and writes the artifact."""
     import torch
-
-    from dalle_core.device import resolve_device
-    from pipeline.fine_tuning import source_note, source_tags
-    from pipeline.runs import stage_run
 
     section = getattr(w.cfg, w.stage)
     device = device or resolve_device(w.cfg.runner.device)

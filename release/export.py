@@ -20,10 +20,12 @@ from dalle_core.model_folder import (
     write_folder,
 )
 from pipeline.config import Config, flatten
+from pipeline.models import load_pipeline, load_reranker
 from pipeline.stage_table import stage_keys
 from release.model_card import data_licence, headline_metrics, model_card
 from storage.parquet import val_rows
 from storage.store import ArtifactStore
+from storage.tracking import _client, code_version, producer_run, tracking_uri
 
 MODEL_STAGES = ("transformer", "dvae", "bpe", "clip")
 
@@ -53,7 +55,6 @@ def model_files(cfg: Config, store: ArtifactStore, keys: dict[str, str]) -> dict
     files["tokenizer/config.json"] = json_bytes({"text_len": cfg.text.text_len, "pad_id": pad_id})
     spec = cfg.clip.pretrained
     if spec and not os.path.isfile(spec):  # an open_clip model: its weights as loaded
-        from pipeline.models import load_reranker
 
         clip = open_clip_files(load_reranker(cfg, store, keys["clip"]).model, spec.partition(":")[0])
     else:
@@ -75,7 +76,6 @@ def samples_picture(cfg: Config, store: ArtifactStore, keys: dict[str, str]) -> 
                              ("generate", keys["generate"], "contact_sheet.png")):
         if store.is_complete(stage, key):
             return store.read_bytes(store.path(stage, key, name)), f"{stage}/{key}/{name}"
-    from pipeline.models import load_pipeline
 
     done = store.is_complete("ingest", keys["ingest"])
     prompts = val_rows(store, keys["ingest"], 4, distinct=True)["caption"] if done else []
@@ -89,7 +89,6 @@ def samples_picture(cfg: Config, store: ArtifactStore, keys: dict[str, str]) -> 
 def training_commit(cfg: Config, store: ArtifactStore, transformer_key: str) -> dict:
     """{git_commit, git_dirty, git_commit_of}: the commit the transformer's MLflow run recorded, else (a run not in
     this tracking store) the commit of the code exporting it."""
-    from storage.tracking import _client, code_version, producer_run, tracking_uri
 
     uri = tracking_uri(cfg.tracking.uri, store)
     found = producer_run(uri, cfg.tracking.experiment, "transformer", transformer_key)
@@ -146,9 +145,9 @@ def register_export(cfg: Config, export: Export, name: str):
 
     import pandas as pd
 
+    # MLflow's pyfunc and registry modules load MLflow and pandas: only `--register` pays for them
     from release.mlflow_model import ARTIFACT, DALLEPyfunc, requirements, signature
     from release.registry import register_pyfunc
-    from storage.tracking import producer_run, tracking_uri
 
     store, keys = cfg.store.open(), export.keys
     uri = tracking_uri(cfg.tracking.uri, store)

@@ -14,6 +14,7 @@ from dalle_core.bpe import train_bpe as train_bpe_model
 from dalle_core.errors import ConfigError
 from pipeline.artifacts import ArtifactRef, Work, run_name, run_stage
 from pipeline.config import Config
+from pipeline.fine_tuning import take_tokenizer
 from pipeline.logs import log
 from storage.parquet import iter_batches, shard_paths
 from storage.store import ArtifactStore
@@ -28,7 +29,6 @@ def _captions(store: ArtifactStore, ingest_key: str, split: str):
 def train_bpe(cfg: Config, ingest: ArtifactRef) -> ArtifactRef:
     """The text tokenizer for `ingest`'s captions (or the given one), with its caption-length statistics."""
     if cfg.tokenizers_from:  # an exported model's BPE, copied as it is
-        from pipeline.fine_tuning import take_tokenizer
 
         return run_stage(cfg, "bpe", {"ingest": ingest}, take_tokenizer, {"tokenizers_from": cfg.tokenizers_from})
     return run_stage(cfg, "bpe", {"ingest": ingest}, _train, cfg.text.model_dump(mode="json"))

@@ -11,6 +11,7 @@ from prefect import task
 from prefect.cache_policies import NONE
 
 from dalle_core import dvae, pretrained
+from dalle_core.device import resolve_device
 from dalle_core.dvae import dvae_schedule, dvae_step, evaluate_dvae, fit_kmeans
 from dalle_core.images import ImageNormalization, grid, png_bytes, to_tensor, to_uint8
 from dalle_core.loader import decode_images
@@ -44,8 +45,6 @@ def _norm(cfg: Config) -> ImageNormalization:
 
 
 def _pretrained(w: Work) -> dict:
-    from dalle_core.device import resolve_device
-
     section, device = w.cfg.dvae, resolve_device(w.cfg.runner.device)
     kind, paths = pretrained.source_files(section.pretrained, section.pretrained_config)
     files = {role: {"path": str(p), "sha256": file_digest(p)} for role, p in paths.items()}
@@ -59,8 +58,6 @@ def _pretrained(w: Work) -> dict:
 
 
 def _kmeans(w: Work) -> dict:
-    from dalle_core.device import resolve_device
-
     cfg, section, device = w.cfg, w.cfg.dvae, resolve_device(w.cfg.runner.device)
     torch.manual_seed(section.train.seed)
     norm = _norm(cfg)
