@@ -46,8 +46,12 @@ def create_app(pipe: DALLEPipeline, *, name: str = "model", max_candidates: int 
         out = pipe(r["prompt"], edit=r["edit"], progress=job.progress,
                    **{k: r[k] for k in ("num_candidates", "cond_scale", "temperature", "top_k", "top_p", "seed")})
         job.images = [png_bytes(image) for image in out.pixels[0]]
+        edit = r["edit"]
         job.result = {"prompt": out.prompts[0], "seed": out.seed, "truncated": out.truncated[0],
-                      "scores": [float(s) for s in out.scores[0]]}
+                      "scores": [float(s) for s in out.scores[0]],
+                      "settings": {k: r[k] for k in ("num_candidates", "cond_scale", "temperature", "top_k", "top_p",
+                                                     "prime_rows")},
+                      "edited": edit is not None and edit.mode != "prime", "primed": edit is not None and edit.mode == "prime"}
         if out.edit is not None and out.edit.mode != "prime":  # the codes, so a client can see what was kept
             job.result["edit"] = {"mode": out.edit.mode, "region": r["region"], "keep": r["keep"],
                                   "source_tokens": pipe.encode(out.edit.image).tolist(),
@@ -107,11 +111,7 @@ def create_app(pipe: DALLEPipeline, *, name: str = "model", max_candidates: int 
         if job.error:
             out["error"] = job.error
         if job.result:
-            r = job.request
-            out["result"] = {**job.result, "settings": {k: r[k] for k in ("num_candidates", "cond_scale", "temperature",
-                                                                          "top_k", "top_p", "prime_rows")},
-                             "edited": r["edit"] is not None and r["edit"].mode != "prime",
-                             "primed": r["edit"] is not None and r["edit"].mode == "prime", "images": [
+            out["result"] = {**job.result, "images": [
                 {"rank": i, "clip_score": s, "url": f"/api/jobs/{job.id}/images/{i}.png",
                  **({"png_base64": base64.b64encode(job.images[i]).decode()} if inline else {})}
                 for i, s in enumerate(job.result["scores"])]}

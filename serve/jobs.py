@@ -108,4 +108,5 @@ class JobQueue:
                 first = (str(err).strip().splitlines() or [type(err).__name__])[0]
                 job.error, job.state = f"generation failed: {type(err).__name__}: {first}", "failed"
             job.seconds = time.perf_counter() - job.submitted
+            job.request = {}  # a finished job keeps its result, not its inputs (an image may be 10 MB)
             job.future.set_result(job)

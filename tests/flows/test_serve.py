@@ -280,6 +280,9 @@ def test_an_edit_request_keeps_the_codes_outside_its_region(client):
                                                     "edit_image": image, "edit_mode": "variations", "keep": 0.25})
     result = variations.json()["result"]
     assert [m.count("0") for m in result["edit"]["masks"]] == [16] * 3 and _kept_codes_hold(result)
+    job = client.app.state.jobs.jobs[variations.json()["id"]]  # done: it keeps its result, not the image sent
+    assert job.request == {} and image[:40] not in client.get(f"/api/jobs/{job.id}").text
+    assert client.get(f"/api/jobs/{job.id}").json()["result"]["settings"]["num_candidates"] == 3
 
 
 def test_a_failing_model_fails_the_request_not_the_server(pipe, monkeypatch):
