@@ -158,13 +158,20 @@ def owned_files(folder: str | os.PathLike) -> set[str] | None:
         data = folder / "data"
         listed = [*idx.get("sha256", {}), "README.md", "samples.png",
                   *(p.relative_to(folder).as_posix() for p in data.rglob("*") if p.is_file())]
-    return {INDEX, *(rel for rel in listed if isinstance(rel, str) and _inside(rel))}
+    return {INDEX, *(rel for rel in listed if isinstance(rel, str) and _inside(rel) and _ours(rel))}
 
 
 def _inside(rel: str) -> bool:
     """A relative path that stays inside its folder (an index is data: it must not name ../ or / paths)."""
     parts = Path(rel).parts
     return bool(parts) and not Path(rel).is_absolute() and ".." not in parts
+
+
+def _ours(rel: str) -> bool:
+    """A path an export writes: a component's file, data/'s licence files, the card or the samples; an index
+    edited to list anything else (the user's notes) gives no right to remove it."""
+    top = Path(rel).parts[0]
+    return top in (*COMPONENTS, "data") and len(Path(rel).parts) > 1 or rel in ("README.md", "samples.png")
 
 
 def write_folder(folder: str | os.PathLike, files: dict[str, bytes]) -> list[str]:
@@ -188,12 +195,17 @@ def write_folder(folder: str | os.PathLike, files: dict[str, bytes]) -> list[str
                                    f"(no {INDEX} of format {FORMAT!r}); give a new or empty folder, or an earlier "
                                    "export to replace")
         ours = found
-    clash = sorted(rel for rel in files if (folder / rel).exists() and rel not in ours)
-    if clash:
-        raise ModelFolderError(f"--out {given!r}: {clash[0]} is not a file an earlier export wrote, and this export "
-                               "writes one there; move it away, or export to another folder")
+    for rel in sorted(files):  # before anything moves: what is in the way and not ours is the user's
+        blocked = next((str(p) for p in (*reversed(Path(rel).parents[:-1]), Path(rel))
+                        if (folder / p).is_symlink() or (folder / p).exists() and (
+                            ((folder / p).is_dir() != (p != Path(rel))) or (p == Path(rel) and rel not in ours))),
+                       None)
+        if blocked is not None:
+            raise ModelFolderError(f"--out {given!r}: {blocked} is not a file an earlier export wrote, and this export "
+                                   f"writes {rel} there; move it away, or export to another folder")
     tmp = folder.with_name(f".{folder.name}.tmp-{uuid.uuid4().hex[:8]}")
     old = folder.with_name(f".{folder.name}.old-{uuid.uuid4().hex[:8]}")
+    moved, placed = [], []  # (old files set aside, new files moved in): undone if anything fails
     try:
         for rel, data in sorted(files.items()):
             path = tmp / rel
@@ -201,20 +213,30 @@ def write_folder(folder: str | os.PathLike, files: dict[str, bytes]) -> list[str
             path.write_bytes(data)
         if not folder.exists():
             tmp.rename(folder)
-        else:
+            return [str(folder / rel) for rel in sorted(files)]
+        try:
             for rel in sorted(ours - {INDEX}):
                 if (folder / rel).is_file():
                     (old / rel).parent.mkdir(parents=True, exist_ok=True)
                     (folder / rel).rename(old / rel)
+                    moved.append(rel)
             for rel in sorted(set(files) - {INDEX}):
                 (folder / rel).parent.mkdir(parents=True, exist_ok=True)
                 (tmp / rel).rename(folder / rel)
+                placed.append(rel)
             if INDEX in files:  # last: from here on the folder is this export
                 os.replace(tmp / INDEX, folder / INDEX)
-            for rel in sorted(ours - set(files), key=lambda r: -len(Path(r).parts)):
-                for parent in Path(rel).parents:  # folders only the old export's files filled
-                    if parent.parts and (folder / parent).is_dir() and not any((folder / parent).iterdir()):
-                        (folder / parent).rmdir()
+        except BaseException:  # put the earlier export back as it was
+            for rel in placed:
+                (folder / rel).unlink(missing_ok=True)
+            for rel in moved:
+                (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+                (old / rel).rename(folder / rel)
+            raise
+        for rel in sorted(ours - set(files), key=lambda r: -len(Path(r).parts)):
+            for parent in Path(rel).parents:  # folders only the old export's files filled
+                if parent.parts and (folder / parent).is_dir() and not any((folder / parent).iterdir()):
+                    (folder / parent).rmdir()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(old, ignore_errors=True)

@@ -6,6 +6,7 @@ import io
 import json
 import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -259,7 +260,7 @@ def test_export_refuses_a_folder_that_is_not_an_export(generated, tmp_path, caps
     assert "--out DIR" in capsys.readouterr().err
 
 
-def test_re_export_replaces_only_its_own_files(generated, tmp_path, capsys):
+def test_re_export_replaces_only_its_own_files(generated, tmp_path, capsys, monkeypatch):
     """A folder made a Hub repo after an export (.git, .gitattributes, notes, a picture, code in a component
     folder) keeps every file of the user's byte for byte when exported into again; a file the old export owned
     and the new one does not write is removed; a model_index.json that is not this project's, or a file of the
@@ -290,6 +291,32 @@ def test_re_export_replaces_only_its_own_files(generated, tmp_path, capsys):
     assert main(["export", "-c", str(TINY), *_sets(ov), "--out", str(out)]) == 2
     assert "README.md is not a file an earlier export wrote" in capsys.readouterr().err
     assert (out / "README.md").read_bytes() == card
+
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    (out / "model_index.json").write_text(json.dumps({**index, "files": [*index["files"], "README.md", "NOTES.md"]}))
+    before[Path("model_index.json")] = (out / "model_index.json").read_bytes()
+    for rel, make in (("samples.png", lambda p: (p.unlink(), p.mkdir())),  # a folder where a file goes
+                      ("clip", lambda p: (shutil.rmtree(p), p.write_text("mine")))):  # a file where a folder goes
+        saved = {q.relative_to(out): q.read_bytes() for q in (out / rel).rglob("*") if q.is_file()} \
+            if (out / rel).is_dir() else (out / rel).read_bytes()
+        make(out / rel)
+        assert main(["export", "-c", str(TINY), *_sets(ov), "--out", str(out)]) == 2
+        assert f"--out '{out}': {rel} is not a file an earlier export wrote" in capsys.readouterr().err
+        (shutil.rmtree if (out / rel).is_dir() else os.remove)(out / rel)
+        if isinstance(saved, dict):
+            for q, data in saved.items():
+                (out / q).parent.mkdir(parents=True, exist_ok=True)
+                (out / q).write_bytes(data)
+        else:
+            (out / rel).write_bytes(saved)
+    real_replace = os.replace
+    monkeypatch.setattr("dalle_core.model_folder.os.replace",
+                        lambda *a: (_ for _ in ()).throw(OSError("disk full")))  # fails after every file moved
+    assert main(["export", "-c", str(TINY), *_sets(ov), "--out", str(out)]) == 1
+    capsys.readouterr()
+    monkeypatch.setattr("dalle_core.model_folder.os.replace", real_replace)
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before  # all put back
+    assert (out / "NOTES.md").read_bytes() == users["NOTES.md"]  # an index listing it gives no right to remove it
 
     foreign = tmp_path / "work"  # a diffusers-style index among the user's code
     foreign.mkdir()
