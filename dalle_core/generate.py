@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import math
 import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
@@ -89,7 +90,7 @@ def _check_setting(name: str, value, hint) -> None:
         raise GenerationError(f"{name} is {value!r}; it must be a {'whole number' if kind is int else 'number'}")
     if kind is int and not isinstance(value, (int, np.integer)):
         raise GenerationError(f"{name} is {value!r}; it must be a whole number")
-    if not np.isfinite(value):
+    if isinstance(value, (float, np.floating)) and not math.isfinite(value):  # ints of any size are finite
         raise GenerationError(f"{name} is {value!r}; it must be a number")
     low = next((b for b in bounds if isinstance(b, (Ge, Gt))), None)
     high = next((b for b in bounds if isinstance(b, Le)), None)
@@ -201,8 +202,13 @@ class DALLEPipeline:
         GenerationError (one line) for a bad value."""
         prompts = check_prompts(prompts)
         if settings is not None and not isinstance(settings, SamplingSettings):
-            raise GenerationError(f"settings is {settings!r}; give a SamplingSettings, or each setting by name "
-                                  f"(e.g. num_candidates={settings!r})")
+            example = "pipe(prompts, **settings)" if isinstance(settings, dict) else f"num_candidates={settings!r}"
+            raise GenerationError(f"settings is {_a(settings)}; give a SamplingSettings, or each "
+                                  f"setting by name (e.g. {example})")
+        if edit is not None and not isinstance(edit, EditRequest):
+            raise GenerationError(f"edit is {_a(edit)}; give an EditRequest(mode, image, ...)")
+        if progress is not None and not callable(progress):
+            raise GenerationError(f"progress is {_a(progress)}; give a function (done, total) -> None")
         base = settings if settings is not None else SamplingSettings(**{**SAMPLING_DEFAULTS, **self.sampling})
         s = base.replace(**given).checked()
         resolved = None if edit is None else edit.resolve(self.image_size, self.transformer.c.image_grid)
@@ -304,6 +310,12 @@ def prompt_seed(seed: int, index: int) -> int:
     return (seed * 1_000_003 + index) % (2**63)
 
 
+def _a(value) -> str:
+    """`an int`, `a dict`: what a wrong value is, for errors."""
+    name = type(value).__name__
+    return f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
+
+
 def check_prompts(prompts) -> list[str]:
     """`prompts` (one string or a list of them) as a non-empty list of prompts that each hold some text, at most
     MAX_PROMPT_CHARS characters, and encode as UTF-8 (no lone surrogates, which JSON's \\ud800 escapes can
@@ -364,9 +376,12 @@ def open_image(image, what: str = "prime image"):
                 raise GenerationError(f"{what} is {w}x{h} pixels; allowed: at most {MAX_PRIME_PIXELS} pixels "
                                       f"(e.g. 4096x4096); shrink it first")
             yield im
+    except Image.DecompressionBombError:  # Pillow's own cap, past twice its warning size: before our header check
+        raise GenerationError(f"{what} has over {2 * Image.MAX_IMAGE_PIXELS} pixels; allowed: at most "
+                              f"{MAX_PRIME_PIXELS} pixels (e.g. 4096x4096); shrink it first") from None
     except Image.UnidentifiedImageError:
         raise GenerationError(f"{what} is not an image file PNG, JPEG, WebP or another format Pillow reads") from None
-    except (OSError, ValueError, Image.DecompressionBombError) as err:  # a truncated or damaged file
+    except (OSError, ValueError) as err:  # a truncated or damaged file
         if isinstance(err, (GenerationError, EditError)):  # the caller's own one-line error about a readable image
             raise
         raise GenerationError(f"{what} cannot be decoded as an image: "
@@ -377,8 +392,9 @@ def open_image(image, what: str = "prime image"):
 def _opened(image, what: str):
     """`open_image` for a path or bytes, and the same PIL image for a PIL image or an (H, W, 3) uint8 array."""
     if isinstance(image, np.ndarray):
-        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-            raise GenerationError(f"{what} array is {image.dtype} {image.shape}; expected (H, W, 3) uint8")
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8 or not image.shape[0] * image.shape[1]:
+            raise GenerationError(f"{what} array is {image.dtype} {image.shape}; expected (H, W, 3) uint8, H and W "
+                                  "at least 1")
         image = Image.fromarray(image)
     if isinstance(image, Image.Image):
         yield image
@@ -547,6 +563,9 @@ def _mask_cells(mask, image_size: tuple[int, int], size: int, grid: int, name: d
     """The token mask of inpainting's `mask` (a mask image of the edit image's size, or a bool token grid)."""
     if isinstance(mask, np.ndarray) and mask.dtype == bool:  # a token mask itself
         return image_mask(mask, size, grid, name["mask"])
+    if isinstance(mask, np.ndarray) and (mask.dtype != np.uint8 or mask.ndim not in (2, 3) or not mask.size):
+        raise GenerationError(f"{name['mask']} array is {mask.dtype} {mask.shape}; give a bool (grid, grid) token "
+                              "mask, or a uint8 image (white = regenerate)")
     opened = contextlib.nullcontext(Image.fromarray(mask)) if isinstance(mask, np.ndarray) else \
         _opened(mask, what)
     with opened as m:

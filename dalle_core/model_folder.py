@@ -246,6 +246,8 @@ def write_folder(folder: str | os.PathLike, files: dict[str, bytes]) -> list[str
 def _json(read: Read, component: str, name: str) -> dict:
     try:
         return json.loads(read(name).decode("utf-8"))
+    except ModelFolderError:  # the reader's own line (damaged, missing, an LFS pointer)
+        raise
     except (ValueError, UnicodeDecodeError) as err:
         raise ModelFolderError(f"{component}/{name} is not valid JSON: {err}") from None
     except FileNotFoundError:
@@ -336,8 +338,8 @@ Read = Callable[[str], bytes]  # one file of a component's folder, by its name t
 
 def folder_reader(folder: str | os.PathLike, component: str, idx: dict | None = None) -> Read:
     """`read(name)` for `folder/component/name`, each file read once and checked against the sha256 the index
-    `idx` records (exports since checksums were added); ModelFolderError (one line) naming the file for a
-    missing one, a git-lfs pointer in place of the file, or one whose content changed."""
+    `idx` records; ModelFolderError (one line) naming the file for a missing one, a git-lfs pointer in place of
+    the file, one whose content changed, or one the index records no checksum for."""
     folder, sums = Path(folder), (idx or {}).get("sha256", {})
 
     def read(name: str) -> bytes:
@@ -350,7 +352,10 @@ def folder_reader(folder: str | os.PathLike, component: str, idx: dict | None = 
                                    "not the file itself: run `git lfs pull` in the model's repository, then load it "
                                    "again")
         want = sums.get(rel)
-        if want and hashlib.sha256(data).hexdigest()[:len(want)] != want:
+        if want is None:  # nothing to check it by: an index edited by hand, or a folder another tool wrote
+            raise ModelFolderError(f"model folder {str(folder)!r}: {INDEX} records no checksum for {rel}, so it "
+                                   "cannot be checked: export or download the model again")
+        if hashlib.sha256(data).hexdigest()[:len(want)] != want:
             raise ModelFolderError(f"model folder {str(folder)!r}: {rel} is damaged ({len(data)} bytes; its sha256 "
                                    f"is not the {want}... that {INDEX} records): export or download the model again")
         return data

@@ -8,9 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from dalle_core.bpe import TextTokenizer
 from dalle_core.errors import ConfigError
-from dalle_core.model_folder import build_dvae, read_index
+from dalle_core.model_folder import build_dvae, read_component, read_index
 from dalle_core.train import CLIP_PARTS, DALLE_PARTS, freeze
 from pipeline.logs import log
 from pipeline.model_source import ModelSource, load_reason, model_source
@@ -122,7 +121,7 @@ def take_tokenizer(w) -> dict:
             "val_code_usage_fraction": measured.get("dvae.val_code_usage_fraction", float("nan")),
             "steps": 0, "measured_on": f"the data of the run that made {source.spec}"})
     else:
-        tok = TextTokenizer.from_str(source.read("tokenizer.json").decode(), cfg.text.text_len)
+        tok = read_component("tokenizer", source.read, cfg.text.text_len)  # the one reader: one line for a bad file
         made = {"pad_id": tok.pad_id, "text_len": cfg.text.text_len, "vocab_size": tok.vocab_size}
         names = ("tokenizer.json",)
     for name in names:

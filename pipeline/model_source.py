@@ -56,6 +56,8 @@ class ModelSource:
             return json.loads(meta["config"])
         try:
             return json.loads(self.read("config.json"))
+        except ModelFolderError as err:  # the reader's own line: damaged, an LFS pointer
+            raise ConfigError(f"{self.where} {self.spec!r}: {err}") from None
         except (ValueError, OSError) as err:  # not JSON, not UTF-8, unreadable
             raise ConfigError(f"{self.where} {self.spec!r}: its {self.component}/config.json cannot be read as JSON "
                               f"({err})") from None

@@ -12,7 +12,7 @@ from pathlib import Path
 from dalle_core.bpe import TextTokenizer
 from dalle_core.dvae import DVAEConfig
 from dalle_core.errors import ConfigError
-from dalle_core.model_folder import CONTENT_FILES, content_digest
+from dalle_core.model_folder import CONTENT_FILES, content_digest, read_component
 from pipeline.model_source import ModelSource, load_reason, model_source, tokenizers_of
 from pipeline.stage_table import stage_keys
 from storage.store import ArtifactStore
@@ -54,7 +54,7 @@ def token_shapes(cfg, store, keys: dict) -> dict[str, tuple]:
         image(m["codebook_size"], m["grid"][0], f"the dVAE dvae/{keys['dvae']}")
     if cfg.tokenizers_from and not {"text_vocab", "image_vocab"} <= set(out):
         dvae, tokenizer = tokenizers_of(cfg, store)
-        tok = TextTokenizer.from_str(tokenizer.read("tokenizer.json").decode(), cfg.text.text_len)
+        tok = read_component("tokenizer", tokenizer.read, cfg.text.text_len)
         text(tok.vocab_size, tok.pad_id, "tokenizers_from's tokenizer")
         c = DVAEConfig(**dvae.model_config()["model"])
         image(c.codebook_size, c.grid_size, "tokenizers_from's dVAE")
@@ -144,14 +144,16 @@ def meaning_problems(cfg, stage: str, source: ModelSource, store, keys: dict) ->
     if cfg.tokenizers_from or stage not in ("transformer", "clip"):
         return []
     theirs = _trained_with(source, store)
-    problems = []
+    differ = []
     for s, what in (("bpe", "BPE (its text ids)"), ("dvae", "dVAE (its image codes)"))[:2 if stage == "transformer" else 1]:
         mine = _artifact_digest(store, s, keys[s])
         if theirs[s] is None or mine != theirs[s]:
-            how = "is not trained yet and would be this run's own" if mine is None else f"{s}/{keys[s]} is another"
-            problems.append(f"it was trained with a {what} other than this run's ({how}); set tokenizers_from to "
-                            "the exported model it came from, so its ids keep their meaning")
-    return problems
+            differ.append(f"{what}: {'this run would train its own' if mine is None else f'{s}/{keys[s]} is another'}")
+    if not differ:
+        return []
+    return [f"it was trained with another {' and '.join(d.split(':')[0] for d in differ)} than this run's "
+            f"({'; '.join(d.split(': ', 1)[1] for d in differ)}); set tokenizers_from to the exported model it "
+            "came from, so its ids keep their meaning"]
 
 
 def tokenizer_problems(cfg, store) -> list[str]:

@@ -53,7 +53,7 @@ def create_app(pipe: DALLEPipeline, *, name: str = "model", max_candidates: int 
                                                      "prime_rows")},
                       "edited": edit is not None and edit.mode != "prime", "primed": edit is not None and edit.mode == "prime"}
         if out.edit is not None and out.edit.mode != "prime":  # the codes, so a client can see what was kept
-            job.result["edit"] = {"mode": out.edit.mode, "region": r["region"], "keep": r["keep"],
+            job.result["edit"] = {"mode": out.edit.mode, "region": r["region"], "keep": out.edit.keep,
                                   "source_tokens": pipe.encode(out.edit.image).tolist(),
                                   "masks": [pack(m) for m in out.masks[0]],
                                   "image_tokens": out.image_tokens[0].tolist()}

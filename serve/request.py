@@ -12,7 +12,7 @@ from dataclasses import fields
 from typing import Annotated, Literal, get_type_hints
 
 from fastapi.exceptions import RequestValidationError
-from pydantic import BaseModel, ConfigDict, Field, Strict, StrictInt, create_model
+from pydantic import AllowInfNan, BaseModel, ConfigDict, Field, Strict, StrictInt, create_model
 
 from dalle_core.editing import EditError, region_edit_mask
 from dalle_core.generate import (
@@ -40,7 +40,7 @@ def _sampling_fields() -> dict:
     for f in fields(SamplingSettings):
         if f.name != "batch_size":
             kind, bounds, _ = typing_args(hints[f.name])
-            strict = (Strict(),) if kind is int else ()
+            strict = (Strict(),) if kind is int else (AllowInfNan(False),)  # JSON's Infinity and NaN: a 400 at once
             out[f.name] = (Annotated.__class_getitem__((kind, *bounds, *strict)) | None, None)
     return out
 
@@ -57,7 +57,7 @@ class GenerateRequest(create_model("SamplingRequest", __base__=_Prompt, **_sampl
     edit_image: str | None = None
     edit_mode: Literal["inpaint", "outpaint", "variations"] | None = None  # None: inpaint, when edit_image is sent
     region: list[StrictInt] | None = None  # strict: true and 8.0 are refused
-    keep: float | None = Field(None, gt=0, lt=1)
+    keep: float | None = Field(None, gt=0, lt=1, allow_inf_nan=False)
 
 
 MAX_BODY_BYTES = MAX_PRIME_BYTES * 4 // 3 + 2**16  # one base64 image and the rest of a request

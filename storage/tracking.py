@@ -62,8 +62,9 @@ def check_experiment(uri: str, name: str) -> None:
 
 
 def _deleted(name: str, experiment_id: str, uri: str) -> str:
-    return (f"MLflow experiment {name!r} (id {experiment_id}) at {uri!r} is deleted; restore it (`mlflow experiments "
-            f"restore --experiment-id {experiment_id}`, or the UI's trash) or set tracking.experiment to another name")
+    return (f"MLflow experiment {name!r} (id {experiment_id}) at {uri!r} is deleted; restore it (`MLFLOW_TRACKING_URI="
+            f"{uri} mlflow experiments restore --experiment-id {experiment_id}`, or the UI's trash) or set "
+            "tracking.experiment to another name")
 
 
 def _artifact_location(uri: str, store: ArtifactStore) -> str | None:

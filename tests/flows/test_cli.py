@@ -108,8 +108,8 @@ def test_a_deleted_mlflow_experiment_is_one_line_with_the_remedies(tiny, monkeyp
     client.delete_experiment(client.create_experiment("dalle"))
     monkeypatch.setattr("cli.main.check_prefect_server", lambda: pytest.fail("Prefect started"))
     assert main(["run", "-c", config, *_sets(make())]) == 2
-    _one_line_error(capsys, "MLflow experiment 'dalle' (id ", "is deleted; restore it (`mlflow experiments restore "
-                    "--experiment-id ", "or set tracking.experiment to another name")
+    _one_line_error(capsys, "MLflow experiment 'dalle' (id ", "is deleted; restore it (`MLFLOW_TRACKING_URI=sqlite:///",
+                    " mlflow experiments restore --experiment-id ", "or set tracking.experiment to another name")
     monkeypatch.setattr("cli.main.check_prefect_server", lambda: (_ for _ in ()).throw(SystemExit(7)))
     with pytest.raises(SystemExit):  # past the check: it went on to start Prefect
         main(["run", "-c", config, *_sets(make("tracking.experiment=dalle-2"))])

@@ -2,6 +2,7 @@
 model through MLflow's own loading and scoring paths."""
 
 import base64
+import hashlib
 import io
 import json
 import os
@@ -136,7 +137,14 @@ def test_exported_model_draws_what_the_store_model_draws(generated, pipe):
     ({"edit": EditRequest("prime", None, prime_rows=2)}, "no prime_image was given"),
     ({"edit": EditRequest("inpaint", np.zeros((32, 32, 3), np.uint8), keep=0.5)}, "keep does not apply to edit_mode"),
     ({"colour": "red"}, "colour is not a sampling setting; allowed: num_candidates"),
-    ({"settings": 4}, "settings is 4; give a SamplingSettings, or each setting by name"),
+    ({"settings": 4}, "settings is an int; give a SamplingSettings, or each setting by name"),
+    ({"settings": {"seed": 1}}, "settings is a dict; give a SamplingSettings, or each setting by name"),
+    ({"seed": 2**64}, "seed is 18446744073709551616; allowed: at least 0 and at most 9223372036854775807"),
+    ({"edit": {"mode": "prime"}}, "edit is a dict; give an EditRequest"),
+    ({"progress": 5}, "progress is an int; give a function"),
+    ({"edit": EditRequest("prime", np.zeros((0, 0, 3), np.uint8))}, "prime image array is uint8"),
+    ({"edit": EditRequest("inpaint", np.zeros((32, 32, 3), np.uint8), mask=np.ones((8, 8), np.int64))},
+     "mask array is int64"),
     ({"prompts": None}, "prompts is None; give a string or a list of strings"),
     ({"prompts": 5}, "prompts is 5; give a string or a list of strings"),
     ({"prompts": ["x" * 5_000_000]}, "prompt 1 of 1 is 5000000 characters; allowed: at most 1000"),
@@ -217,14 +225,22 @@ def test_a_changed_byte_in_any_component_file_is_caught_by_every_way_in(exported
 
 
 def test_a_tokenizer_this_version_cannot_read_is_the_documented_error(exported, tmp_path):
+    """A tokenizer.json in a format the installed tokenizers does not know (its checksum consistent: a newer
+    export) is ModelFolderError naming the file and the version; a folder recording no checksums (an index
+    edited by hand, another tool's) is refused, since nothing loads unchecked."""
     foreign = tmp_path / "foreign"
     shutil.copytree(exported, foreign)
-    (foreign / "tokenizer" / "tokenizer.json").write_text('{"version": "9.9", "model": {"type": "Unheard"}}')
+    newer = b'{"version": "9.9", "model": {"type": "Unheard"}}'
+    (foreign / "tokenizer" / "tokenizer.json").write_bytes(newer)
     index = json.loads((foreign / "model_index.json").read_text())
-    del index["sha256"]  # a folder written by another tool, with no checksums to catch it first
+    index["sha256"]["tokenizer/tokenizer.json"] = hashlib.sha256(newer).hexdigest()[:16]
     (foreign / "model_index.json").write_text(json.dumps(index))
     with pytest.raises(ModelFolderError, match=r"tokenizer/tokenizer.json cannot be read by the installed "
                                                r"tokenizers \d"):
+        DALLEPipeline.from_pretrained(foreign, device="cpu")
+    del index["sha256"]
+    (foreign / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(ModelFolderError, match=r"model_index.json records no checksum for transformer/config.json"):
         DALLEPipeline.from_pretrained(foreign, device="cpu")
 
 

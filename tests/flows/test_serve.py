@@ -210,6 +210,10 @@ def test_bodies_are_bounded_before_they_are_read(live, client):
     assert long.status_code == 400 and long.json()["error"] == ("prompt 1 of 1 is 6500 characters; allowed: at most "
                                                                 "1000 (the model reads only its first text_len tokens)")
     assert client.post("/api/generate", json={"prompt": "still serving", "num_candidates": 1}).status_code == 200
+    for body, field in ((b'{"prompt": "x", "temperature": Infinity}', "temperature"),
+                        (b'{"prompt": "x", "cond_scale": NaN}', "cond_scale")):  # JSON that Python's json reads
+        reply = client.post("/api/jobs", content=body, headers={"content-type": "application/json"})
+        assert reply.status_code == 400 and reply.json()["error"].startswith(f"{field}: Input should be a finite number")
 
 
 def test_model_info_says_the_seed_is_drawn_and_reports_default_prime_rows(client):
@@ -280,6 +284,7 @@ def test_an_edit_request_keeps_the_codes_outside_its_region(client):
                                                     "edit_image": image, "edit_mode": "variations", "keep": 0.25})
     result = variations.json()["result"]
     assert [m.count("0") for m in result["edit"]["masks"]] == [16] * 3 and _kept_codes_hold(result)
+    assert result["edit"]["keep"] == 0.25
     job = client.app.state.jobs.jobs[variations.json()["id"]]  # done: it keeps its result, not the image sent
     assert job.request == {} and image[:40] not in client.get(f"/api/jobs/{job.id}").text
     assert client.get(f"/api/jobs/{job.id}").json()["result"]["settings"]["num_candidates"] == 3
