@@ -563,11 +563,16 @@ def _mask_cells(mask, image_size: tuple[int, int], size: int, grid: int, name: d
     """The token mask of inpainting's `mask` (a mask image of the edit image's size, or a bool token grid)."""
     if isinstance(mask, np.ndarray) and mask.dtype == bool:  # a token mask itself
         return image_mask(mask, size, grid, name["mask"])
-    if isinstance(mask, np.ndarray) and (mask.dtype != np.uint8 or mask.ndim not in (2, 3) or not mask.size):
-        raise GenerationError(f"{name['mask']} array is {mask.dtype} {mask.shape}; give a bool (grid, grid) token "
-                              "mask, or a uint8 image (white = regenerate)")
-    opened = contextlib.nullcontext(Image.fromarray(mask)) if isinstance(mask, np.ndarray) else \
-        _opened(mask, what)
+    if isinstance(mask, np.ndarray):
+        try:  # whatever Pillow reads as an image (8-bit, 16-bit greyscale, ...) is one
+            opened = contextlib.nullcontext(Image.fromarray(mask)) if mask.size else None
+        except (TypeError, ValueError):
+            opened = None
+        if opened is None:
+            raise GenerationError(f"{name['mask']} array is {mask.dtype} {mask.shape}; give a bool (grid, grid) "
+                                  "token mask, or an image array Pillow reads (white = regenerate)")
+    else:
+        opened = _opened(mask, what)
     with opened as m:
         if m.size != image_size:
             raise GenerationError(f"{name['mask']} is {m.size[0]}x{m.size[1]} pixels but {name['edit_image']} is "
