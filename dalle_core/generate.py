@@ -35,7 +35,13 @@ from dalle_core.editing import (
     top_rows_mask,
 )
 from dalle_core.errors import UserError
-from dalle_core.images import ImageNormalization, to_rgb_square, to_tensor, to_uint8_tensor
+from dalle_core.images import (
+    ImageNormalization,
+    to_rgb_square,
+    to_tensor,
+    to_uint8_tensor,
+    viewer_size,
+)
 from dalle_core.model_folder import load_folder, pipeline_files, write_folder
 from dalle_core.sampling import sample
 from dalle_core.transformer import DALLE
@@ -544,7 +550,7 @@ class EditRequest:
                 if self.region is not None:
                     cells = region_edit_mask("inpaint", self.region, size, grid, name["region"])
                 else:
-                    cells = _mask_cells(self.mask, im.size, size, grid, name,
+                    cells = _mask_cells(self.mask, viewer_size(im), size, grid, name,
                                         "mask image" if names is None else name["mask"])
                 return Edit("inpaint", np.array(to_rgb_square(im, size)), grid, cells, source=source, digest=digest)
             except EditError as err:
@@ -574,9 +580,11 @@ def _mask_cells(mask, image_size: tuple[int, int], size: int, grid: int, name: d
     else:
         opened = _opened(mask, what)
     with opened as m:
-        if m.size != image_size:
-            raise GenerationError(f"{name['mask']} is {m.size[0]}x{m.size[1]} pixels but {name['edit_image']} is "
-                                  f"{image_size[0]}x{image_size[1]}; the mask must be the image's size")
+        shown = viewer_size(m)
+        if shown != image_size:  # both as a viewer shows them: a mask drawn on the photo as the user sees it
+            raise GenerationError(f"{name['mask']} is {shown[0]}x{shown[1]} pixels but {name['edit_image']} is "
+                                  f"{image_size[0]}x{image_size[1]} as a viewer shows it; the mask must be the "
+                                  "image's size")
         return image_mask(m, size, grid, name["mask"])
 
 

@@ -71,6 +71,17 @@ def _to_srgb(icc: bytes, mode: str) -> ImageCms.ImageCmsTransform:
                                    mode, "RGB")
 
 
+def viewer_size(image: Image.Image) -> tuple[int, int]:
+    """(width, height) of `image` as a viewer shows it: EXIF orientations 5 to 8 turn it a quarter, so the stored
+    width and height swap (what `to_viewer_rgb` gives, without decoding any pixel)."""
+    try:
+        orientation = image.getexif().get(0x0112, 1)
+    except Exception:  # a malformed EXIF block: the stored orientation is the best we know
+        orientation = 1
+    w, h = image.size
+    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+
+
 def to_rgb_square(image: Image.Image, size: int) -> Image.Image:
     """As a viewer shows it (`to_viewer_rgb`), shorter side resized to `size`, centre-cropped to size x size."""
     image = to_viewer_rgb(image)

@@ -172,3 +172,33 @@ def test_a_16_bit_mask_means_what_the_same_8_bit_mask_means(tmp_path):
     right[:, 48:] = 65535
     assert Image.fromarray(right).mode == "I"
     assert _cells(load_edit(SIZE, GRID, edit_image=img, mask=right).mask) == {(y, x) for y in range(8) for x in range(4, 8)}
+
+
+# the transform each EXIF orientation asks a viewer to apply (Pillow's exif_transpose), and its inverse
+_SHOWN = {1: None, 2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+          5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+          8: Image.Transpose.ROTATE_90}
+_STORED = {**_SHOWN, 6: Image.Transpose.ROTATE_90, 8: Image.Transpose.ROTATE_270}
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_a_mask_drawn_on_a_photo_as_a_viewer_shows_it_works_for_every_orientation(tmp_path, orientation):
+    """A phone photo stored turned or mirrored with an EXIF Orientation tag, and a mask drawn on it as a viewer
+    shows it (no tag of its own): the same cells as for the upright photo, and the same source image; a mask of
+    the stored size where a viewer shows another is refused naming the sizes the user sees."""
+    rng = np.random.default_rng(0)
+    shown = Image.fromarray(rng.integers(0, 255, (64, 32, 3), dtype=np.uint8))  # 32 wide, 64 high, as seen
+    stored = shown if _STORED[orientation] is None else shown.transpose(_STORED[orientation])
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    stored.save(tmp_path / "photo.png", exif=exif)
+    mask = np.zeros((64, 32), np.uint8)
+    mask[20:28, 0:8] = 255  # drawn on the picture as seen: left edge, upper middle
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    edit = load_edit(SIZE, GRID, edit_image=str(tmp_path / "photo.png"), mask=str(tmp_path / "mask.png"))
+    assert _cells(edit.mask) == {(1, 0), (1, 1), (2, 0), (2, 1)}  # rows 20-27 after the centre crop: 4-11
+    assert np.array_equal(edit.image, np.asarray(to_rgb_square(shown, SIZE)))
+    if orientation >= 5:  # stored 64 wide: a mask of the stored size is not what the user sees
+        Image.fromarray(np.asarray(Image.fromarray(mask).transpose(Image.Transpose.TRANSPOSE))).save(tmp_path / "m.png")
+        with pytest.raises(GenerationError, match=r"mask is 64x32 pixels but edit_image is 32x64 as a viewer shows it"):
+            load_edit(SIZE, GRID, edit_image=str(tmp_path / "photo.png"), mask=str(tmp_path / "m.png"))
