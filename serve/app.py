@@ -137,12 +137,25 @@ def create_app(pipe: DALLEPipeline, *, name: str = "model", max_candidates: int 
                         headers={"Content-Disposition": f'attachment; filename="{filename}"'})
 
     @app.post("/api/generate")
-    async def generate(req: GenerateRequest) -> JSONResponse:
+    async def generate(req: GenerateRequest, request: Request) -> JSONResponse:
         job = submit(req)
-        await asyncio.wrap_future(job.future)
+        waiting = asyncio.wrap_future(job.future)
+        while not waiting.done():  # a client that hangs up cancels its job: it holds the one worker no longer
+            await asyncio.wait([waiting], timeout=0.25)
+            if not waiting.done() and await request.is_disconnected():
+                job.cancel()
+                return JSONResponse({"error": "cancelled"}, status_code=499)
+        body = described(job, inline=True)
         body = described(job, inline=True)
         status = 200 if job.state == "done" else 400 if job.bad_request else 500
         return JSONResponse(body if status == 200 else {"error": job.error}, status_code=status)
+
+    @app.delete("/api/jobs/{job_id}")
+    def cancel_job(job_id: str) -> dict:
+        """Cancel a job: a waiting one never runs, a running one stops at its next sampling step."""
+        job = _job(job_id)
+        job.cancel()
+        return described(job)
 
     def _job(job_id: str) -> Job:
         job = jobs.get(job_id)

@@ -22,6 +22,10 @@ class QueueFull(RuntimeError):
     """More requests are waiting than the server takes (HTTP 429)."""
 
 
+class Cancelled(Exception):
+    """The job's client went away (or cancelled it): its sampling stops at the next step."""
+
+
 @dataclass
 class Job:
     """One generation request: its settings, where it is (queued, running, done, failed), its progress in
@@ -39,9 +43,17 @@ class Job:
     error: str | None = None
     bad_request: bool = False  # the error is the request's (HTTP 400), not the server's (500)
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
+    cancelled: bool = False  # set from the server's threads; the worker looks at it between sampling steps
 
     def progress(self, done: int, total: int) -> None:
+        """Called after every sampling step: records it, and stops a cancelled job there."""
         self.steps_done, self.steps_total = done, total
+        if self.cancelled:
+            raise Cancelled()
+
+    def cancel(self) -> None:
+        """Stop this job: before it runs, or at its next sampling step."""
+        self.cancelled = True
 
 
 class JobQueue:
@@ -89,7 +101,7 @@ class JobQueue:
         self.worker.join(timeout=60)
 
     def _forget_old(self) -> None:
-        finished = [i for i, j in self.jobs.items() if j.state in ("done", "failed")]
+        finished = [i for i, j in self.jobs.items() if j.state in ("done", "failed", "cancelled")]
         for job_id in finished[:max(0, len(finished) - self.keep)]:
             del self.jobs[job_id]
 
@@ -99,8 +111,12 @@ class JobQueue:
             try:
                 if self.closing:
                     raise RuntimeError("the server is shutting down")
+                if job.cancelled:
+                    raise Cancelled()
                 self.work(job)
                 job.state = "done"
+            except Cancelled:  # nobody waits for it: the worker moves on to the next request
+                job.error, job.state = "cancelled: its client went away or cancelled it", "cancelled"
             except GenerationError as err:
                 job.error, job.bad_request, job.state = str(err), True, "failed"
             except Exception as err:  # a bug or an outside failure: this request fails, the server goes on

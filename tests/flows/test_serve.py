@@ -331,6 +331,41 @@ def test_concurrent_requests_queue_and_never_run_the_model_twice_at_once(live, p
     assert [r.json()["result"]["prompt"] for r in replies] == [f"prompt {i}" for i in range(6)]
 
 
+def test_clients_that_hang_up_are_cancelled_and_the_next_visitor_does_not_wait(live, pipe, monkeypatch):
+    """Four clients ask for a request that samples for 10 s and hang up after 0.3 s; each is cancelled at its
+    next sampling step (the waiting ones never run), so a visitor after them is answered at once."""
+    real, slow_steps = pipe.candidates, []
+
+    def candidates(prompts, seeds, settings, edit=None, progress=None):
+        if prompts == ["slow"]:
+            for i in range(200):  # 10 s of sampling, unless cancelled
+                time.sleep(0.05)
+                slow_steps.append(i)
+                progress(i + 1, 200)
+        return real(prompts, seeds, settings, edit, progress)
+
+    monkeypatch.setattr(pipe, "candidates", candidates)
+    host, port = live.removeprefix("http://").split(":")
+    body = json.dumps({"prompt": "slow", "num_candidates": 1}).encode()
+    for _ in range(4):
+        with socket.create_connection((host, int(port))) as s:
+            s.sendall(b"POST /api/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+            time.sleep(0.3)  # then hangs up
+    t0 = time.perf_counter()
+    reply = httpx.post(f"{live}/api/generate", json={"prompt": "a visitor", "num_candidates": 1}, timeout=60)
+    assert reply.status_code == 200 and time.perf_counter() - t0 < 5  # not 4 x 10 s behind the abandoned ones
+    assert len(slow_steps) < 60  # each cancelled within a few steps of its client leaving
+    job = httpx.post(f"{live}/api/jobs", json={"prompt": "slow", "num_candidates": 1}).json()
+    cancelled = httpx.delete(f"{live}/api/jobs/{job['id']}").json()  # a polling client cancels explicitly
+    for _ in range(100):
+        if cancelled["state"] == "cancelled":
+            break
+        time.sleep(0.05)
+        cancelled = httpx.get(f"{live}/api/jobs/{job['id']}").json()
+    assert cancelled["state"] == "cancelled" and "cancelled" in cancelled["error"]
+
+
 @pytest.mark.skipif(CHROMIUM is None and not os.environ.get("DALLE_REQUIRE_BROWSER"), reason=NO_CHROMIUM)
 def test_the_page_in_a_headless_browser(live, tmp_path):
     """Type a prompt, wait for the grid, check N images with scores, download one; an empty prompt shows the
