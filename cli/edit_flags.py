@@ -65,7 +65,7 @@ def edit_overrides(args) -> list[str]:
     edit = edit_arguments(args, cfg.data.image_size, grid)
     if edit is None:
         return []
-    image = json.dumps(args.prime or args.edit or args.outpaint or args.variations)  # the path, as typed
+    image = json.dumps(edit.image)  # the path, as typed
     if edit.mode == "prime":
         return [f"generate.prime_image={image}", f"generate.prime_rows={edit.prime_rows}"]
     out = [f"generate.edit_mode={edit.mode}", f"generate.edit_image={image}"]

@@ -86,8 +86,7 @@ class SamplingSettings:
 
 def _check_setting(name: str, value, hint) -> None:
     """One sampling setting against its annotation: its type (int or float, or None where allowed) and bounds."""
-    args = typing_args(hint)
-    kind, bounds, optional = args
+    kind, bounds, optional = typing_args(hint)
     if value is None:
         if not optional:
             raise GenerationError(f"{name} is None; it must be a number")

@@ -174,6 +174,22 @@ def _ours(rel: str) -> bool:
     return top in (*COMPONENTS, "data") and len(Path(rel).parts) > 1 or rel in ("README.md", "samples.png")
 
 
+def _in_the_way(folder: Path, rel: str, ours: set[str]) -> str | None:
+    """The first path on the way to writing `rel` that is the user's: a symlink, a file where a folder goes, a
+    folder where the file goes, or a file the earlier export did not write; None when the way is clear."""
+    parts = Path(rel).parts
+    for depth in range(1, len(parts) + 1):
+        here, is_file = Path(*parts[:depth]), depth == len(parts)
+        path = folder / here
+        if path.is_symlink():
+            return str(here)
+        if not path.exists():
+            return None
+        if path.is_dir() == is_file or (is_file and rel not in ours):
+            return str(here)
+    return None
+
+
 def write_folder(folder: str | os.PathLike, files: dict[str, bytes]) -> list[str]:
     """Write {relative path: bytes} into `folder`: a new or empty folder, or an earlier export of this project,
     whose files (`owned_files`) are replaced while everything else in it (.git, the user's notes, extra files)
@@ -196,10 +212,7 @@ def write_folder(folder: str | os.PathLike, files: dict[str, bytes]) -> list[str
                                    "export to replace")
         ours = found
     for rel in sorted(files):  # before anything moves: what is in the way and not ours is the user's
-        blocked = next((str(p) for p in (*reversed(Path(rel).parents[:-1]), Path(rel))
-                        if (folder / p).is_symlink() or (folder / p).exists() and (
-                            ((folder / p).is_dir() != (p != Path(rel))) or (p == Path(rel) and rel not in ours))),
-                       None)
+        blocked = _in_the_way(folder, rel, ours)
         if blocked is not None:
             raise ModelFolderError(f"--out {given!r}: {blocked} is not a file an earlier export wrote, and this export "
                                    f"writes {rel} there; move it away, or export to another folder")

@@ -88,13 +88,15 @@ def model_source(spec: str, component: str, store, where: str) -> ModelSource:
             raise ConfigError(f"{where} {spec!r}: the exported model has no {component}/{missing[0]}")
         stage = "bpe" if component == "tokenizer" else component
         key = ((idx.get("source") or {}).get("stage_keys") or {}).get(stage)
-        read = folder_reader(path, component, idx)  # each file checked against the checksums the index records
+        read = folder_reader(path, component, idx)  # what the run reads later is checked as it is read
+        digests = {n: file_digest(sub / n) for n in names}  # remembered by mtime: stage keys come here often
+        sums = idx.get("sha256", {})
         try:
-            for n in names:
-                read(n)
+            for n, digest in digests.items():
+                if sums.get(f"{component}/{n}") != digest:
+                    read(n)  # not what the index records: the reader says why, in one line
         except ModelFolderError as err:
             raise ConfigError(f"{where} {spec!r}: {err}") from None
-        digests = {n: file_digest(sub / n) for n in names}
         return ModelSource(spec, component, "export", str(sub), content_digest(digests),
                            (stage, key) if key else None, read, where)
     if not exported_only and (path / MANIFEST).is_file():  # a store artifact folder, read where it lies

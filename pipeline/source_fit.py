@@ -13,7 +13,7 @@ from dalle_core.bpe import TextTokenizer
 from dalle_core.dvae import DVAEConfig
 from dalle_core.errors import ConfigError
 from dalle_core.model_folder import CONTENT_FILES, content_digest, read_component
-from pipeline.model_source import ModelSource, load_reason, model_source, tokenizers_of
+from pipeline.model_source import STORE_SPEC, ModelSource, load_reason, model_source, tokenizers_of
 from pipeline.stage_table import stage_keys
 from storage.store import ArtifactStore
 
@@ -128,8 +128,7 @@ def _trained_with(source: ModelSource, store) -> dict[str, str | None]:
                 out[stage] = None
         return out
     stage, key = source.made_by
-    home = store if "://" in source.location or not Path(source.location).is_dir() else \
-        ArtifactStore(str(Path(source.location).parent.parent))
+    home = store if STORE_SPEC.fullmatch(source.spec) else ArtifactStore(str(Path(source.location).parent.parent))
     inputs = home.manifest(stage, key).get("inputs", {})
     if stage == "transformer" and "pretokenize" in inputs and home.is_complete("pretokenize", inputs["pretokenize"]):
         inputs = home.manifest("pretokenize", inputs["pretokenize"]).get("inputs", {})

@@ -41,7 +41,7 @@ def _sampling_fields() -> dict:
         if f.name != "batch_size":
             kind, bounds, _ = typing_args(hints[f.name])
             strict = (Strict(),) if kind is int else (AllowInfNan(False),)  # JSON's Infinity and NaN: a 400 at once
-            out[f.name] = (Annotated.__class_getitem__((kind, *bounds, *strict)) | None, None)
+            out[f.name] = (Annotated[kind, *bounds, *strict] | None, None)
     return out
 
 
