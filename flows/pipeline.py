@@ -9,7 +9,7 @@ from prefect import flow
 from pipeline.artifacts import ArtifactRef
 from pipeline.config import Config
 from pipeline.plan import PipelinePlan
-from pipeline.runs import pipeline_run
+from pipeline.runs import deployment_config, pipeline_run
 from pipeline.stage_table import StageName
 from tasks.bpe import train_bpe
 from tasks.clip import train_clip
@@ -27,7 +27,8 @@ def pipeline_flow(cfg: Config, only: list[StageName] | None = None, from_stage: 
     """Train and evaluate a DALL-E-style model under the run config `cfg`: every stage, `only` some, all
     `from_stage` on, or everything `until` reads and `until` itself. Finished stages are reused from the store;
     `force` redoes those stages and everything after them. Returns the artifact of each stage that ran or was
-    reused."""
+    reused. A deployment's run gives `cfg` in part: what it sets is laid over the deployment's own `cfg`."""
+    cfg = deployment_config(cfg)
     plan = PipelinePlan(cfg, only, from_stage, until)
     plan.check_upstream(force)
     if force:

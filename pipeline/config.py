@@ -532,6 +532,20 @@ def config_from_dict(raw: dict | None, overrides: list[str] = ()) -> Config:
         raise ConfigError(_format_error(err)) from None
 
 
+def merged_config(base: dict, given: dict) -> Config:
+    """The run config of the mapping `given` laid over the mapping `base`, key by key at any depth (a list or
+    value replaces), as a deployment run's partial `cfg` over the deployment's own. Raises ConfigError if the
+    result is not a valid config."""
+
+    def merge(into: dict, given: dict) -> dict:
+        for name, value in given.items():
+            below = {"root": into[name]} if name == "store" and isinstance(into.get(name), str) else into.get(name)
+            into[name] = merge(dict(below), value) if isinstance(value, dict) and isinstance(below, dict) else value
+        return into
+
+    return config_from_dict(merge(json.loads(json.dumps(base)), given))
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
     """Read a YAML run config (or the defaults when `path` is None) and apply `--set` overrides."""
     raw: dict = {}

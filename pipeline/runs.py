@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from html import escape
 
 from dalle_core.evaluation import flat_metrics
-from pipeline.config import Config, flatten
+from pipeline.config import Config, flatten, merged_config
 from pipeline.logs import log
 from storage.store import ArtifactStore
 from storage.tracking import StageRun, one_line_error, producer_run, tracking_uri
@@ -25,6 +25,27 @@ def _flow_run_id() -> str | None:
     from prefect.runtime import flow_run
 
     return flow_run.get_id()
+
+
+def deployment_config(cfg: Config) -> Config:
+    """In a flow run of a deployment, `cfg` merged over the deployment's own `cfg` parameter; elsewhere `cfg`.
+    Prefect replaces a parameter whole, so without this a run that sets only `transformer.depth` would train the
+    built-in defaults into `./artifacts` (docs/operations.md). Raises ConfigError if the merge is not valid."""
+    from prefect.client.orchestration import get_client
+    from prefect.context import FlowRunContext
+
+    context = FlowRunContext.get()
+    run = context.flow_run if context else None
+    if run is None or run.deployment_id is None or not isinstance(run.parameters.get("cfg"), dict):
+        return cfg
+    with get_client(sync_client=True) as client:
+        base = client.read_deployment(run.deployment_id).parameters.get("cfg")
+    if not isinstance(base, dict):
+        return cfg
+    given = sorted(flatten(run.parameters["cfg"]))  # as the run gave it: the typed `cfg` has every default filled
+    log.info("cfg: this run sets %s; every other value is the deployment's own cfg",
+             ", ".join(given[:12]) + (f" and {len(given) - 12} more" if len(given) > 12 else "") or "nothing")
+    return merged_config(base, run.parameters["cfg"])
 
 
 def config_yaml(cfg: Config) -> str:

@@ -13,7 +13,7 @@ import time
 import yaml
 
 from flows.pipeline import pipeline_flow
-from pipeline.config import Config, load_config
+from pipeline.config import Config, apply_overrides, load_config
 from pipeline.stage_table import STAGES
 from tests.conftest import ROOT, TINY
 from tests.flows.servers import BIN, copy_store, free_port, get_json, stop, wait_http
@@ -77,9 +77,10 @@ def test_prefect_yaml_configs_are_the_config_files():
 
 
 def test_deployment_run_with_a_typed_config_change_reruns_only_what_it_touches(generated, tmp_path):
-    """prefect server -> `prefect deploy` (prefect.yaml) -> a run of pipeline-tiny whose `cfg` parameter changes
-    clip.train.lr: clip, generate and evaluate run, the rest is reused; a value of the wrong type is refused by
-    Prefect's parameter check, and no flow run is made."""
+    """prefect server -> `prefect deploy` (prefect.yaml) -> a run of pipeline-tiny whose `cfg` parameter gives
+    only the store, tracking and clip.train: merged over the deployment's own cfg, clip, generate and evaluate run
+    and the rest is reused; a value of the wrong type is refused by Prefect's parameter check, and no flow run is
+    made."""
     port = free_port()
     api = f"http://127.0.0.1:{port}/api"
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_API_URL": api,
@@ -99,15 +100,15 @@ def test_deployment_run_with_a_typed_config_change_reruns_only_what_it_touches(g
         cli("work-pool", "create", "dalle-process", "--type", "process")
         cli("deploy", "--name", "pipeline-tiny")
         src, ov, _ = generated
-        cfg = load_config(TINY, [*copy_store(src, tmp_path), *ov[2:]]).model_dump(mode="json")
-        bad = json.loads(json.dumps(cfg))
-        bad["transformer"]["depth"] = "deep"
-        refused = cli("deployment", "run", "pipeline/pipeline-tiny", "--params", json.dumps({"cfg": bad}), check=False)
+        partial = apply_overrides({}, [*copy_store(src, tmp_path), *ov[2:]])  # the store copy and tracking only
+        refused = cli("deployment", "run", "pipeline/pipeline-tiny", "--params",
+                      json.dumps({"cfg": {**partial, "transformer": {"depth": "deep"}}}), check=False)
         assert refused.returncode != 0 and "depth" in refused.stdout + refused.stderr
         assert get_json(f"{api}/flow_runs/filter", {}) == []
 
-        cfg["clip"]["train"]["lr"] = cfg["clip"]["train"]["lr"] / 2
-        out = cli("deployment", "run", "pipeline/pipeline-tiny", "--params", json.dumps({"cfg": cfg})).stdout
+        # only what changes: the rest is the deployment's tiny cfg, not Config's built-in defaults
+        partial["clip"]["train"]["lr"] = load_config(TINY).clip.train.lr / 2
+        out = cli("deployment", "run", "pipeline/pipeline-tiny", "--params", json.dumps({"cfg": partial})).stdout
         flow_run_id = next(w for line in out.splitlines() if "UUID" in line for w in line.split() if w.count("-") == 4)
         worker = subprocess.Popen([prefect, "worker", "start", "--pool", "dalle-process", "--run-once"], env=env,
                                   cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,

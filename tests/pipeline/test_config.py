@@ -1,7 +1,8 @@
 import pytest
+import yaml
 
 from dalle_core.errors import ConfigError
-from pipeline.config import config_from_dict, flatten, load_config
+from pipeline.config import Config, config_from_dict, flatten, load_config, merged_config
 from tests.conftest import TINY
 
 
@@ -48,6 +49,19 @@ def test_missing_file_and_bad_holdout():
 def test_shipped_configs_parse():
     for name in ("tiny", "shapes"):
         load_config(TINY.parent / f"{name}.yaml")
+
+
+def test_a_partial_config_is_laid_over_the_deployments_own_not_the_defaults():
+    base = yaml.safe_load(TINY.read_text()) | {"store": "/srv/dalle-store"}
+    merged = merged_config(base, {"transformer": {"depth": 3, "train": {"lr": 5e-4}}, "store": {"root": "/tmp/s"}})
+    tiny = load_config(TINY)
+    assert (merged.transformer.depth, merged.transformer.train.lr) == (3, 5e-4)
+    assert merged.transformer.dim == tiny.transformer.dim != Config().transformer.dim
+    assert merged.transformer.train.max_steps == tiny.transformer.train.max_steps
+    assert merged.data == tiny.data and merged.store.root == "/tmp/s"
+    assert merged_config(base, {}).model_dump() == config_from_dict(base).model_dump()
+    with pytest.raises(ConfigError, match="^transformer.dim 64 is not divisible by heads 3$"):  # checked whole
+        merged_config(base, {"transformer": {"heads": 3}})
 
 
 def test_flatten_for_mlflow_params():
