@@ -73,7 +73,7 @@ def api_request(s: Settings, candidates: int = 16) -> dict:
     import uvicorn
 
     from dalle_core.generate import DALLEPipeline
-    from serve import create_app
+    from serve import create_app, uvicorn_config
 
     with tempfile.TemporaryDirectory() as tmp:
         trained = shapes_model(os.path.join(tmp, "model"))
@@ -81,7 +81,7 @@ def api_request(s: Settings, candidates: int = 16) -> dict:
     pipe("warm-up", num_candidates=candidates)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(create_app(pipe), log_level="warning"))
+    server = uvicorn.Server(uvicorn_config(create_app(pipe)))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     while not server.started:
@@ -108,6 +108,61 @@ def api_request(s: Settings, candidates: int = 16) -> dict:
         thread.join(timeout=10)
     return {"seconds": sec, "server_seconds": sorted(served)[len(served) // 2], "candidates": candidates,
             "trained": float(trained)}
+
+
+def bad_requests(s: Settings, count: int = 100) -> dict:
+    """`dalle serve` (its own process, the shapes model) under `count` bad requests in a row, alternately a body
+    that declares 100 MB (refused from its header; 64 KB of it sent) and a 1 MB prompt (read, parsed, refused for
+    its length): the server's RSS idle, after one of each and after all (MiB), and the slowest load of the page
+    meanwhile (s). The serving issue's bound: RSS after all within 10% of idle, the page under 1 s."""
+    import httpx
+    import psutil
+
+    from cli.prefect_server import free_port
+
+    port = free_port()
+    with tempfile.TemporaryDirectory() as tmp:
+        trained = shapes_model(os.path.join(tmp, "model"))
+        server = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "dalle"), "serve", "--model",
+                                   os.path.join(tmp, "model"), "--port", str(port)], stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.STDOUT)
+        url, rss = f"http://127.0.0.1:{port}", lambda: psutil.Process(server.pid).memory_info().rss / 2**20
+        try:
+            while True:
+                try:
+                    httpx.get(f"{url}/api/model", timeout=5).raise_for_status()
+                    break
+                except httpx.TransportError:
+                    if server.poll() is not None:
+                        raise RuntimeError(f"dalle serve exited with {server.returncode}") from None
+                    time.sleep(0.5)
+            idle = rss()
+
+            def bad(i: int) -> None:
+                if i % 2:
+                    httpx.post(f"{url}/api/jobs", json={"prompt": "x" * 2**20}, timeout=30)
+                    return
+                with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+                    sock.sendall(b"POST /api/jobs HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                                 b"Content-Length: 104857600\r\n\r\n" + b"[" * 65536)
+                    while sock.recv(65536):
+                        pass
+
+            bad(0), bad(1)
+            after_one, slowest, done = rss(), 0.0, threading.Event()
+            thread = threading.Thread(target=lambda: ([bad(i) for i in range(count)], done.set()), daemon=True)
+            thread.start()
+            while not done.is_set():
+                t0 = time.perf_counter()
+                httpx.get(f"{url}/", timeout=30).raise_for_status()
+                slowest = max(slowest, time.perf_counter() - t0)
+                time.sleep(0.05)
+            after = rss()
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+    return {"idle_rss_mb": idle, "rss_after_one_mb": after_one, "rss_after_all_mb": after,
+            "growth_vs_idle": after / idle - 1, "page_slowest_s": slowest, "trained": float(trained)}
 
 
 COLD = """

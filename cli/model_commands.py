@@ -5,6 +5,7 @@ cli/main.py parses their arguments; none of them starts a Prefect server."""
 from __future__ import annotations
 
 import errno
+import math
 import os
 import shlex
 import socket
@@ -170,10 +171,12 @@ def cmd_serve(args) -> int:
     import uvicorn
 
     from pipeline.models import load_model
-    from serve import create_app
+    from serve import create_app, uvicorn_config
 
     if args.max_candidates < 1:
         raise ConfigError(f"--max-candidates is {args.max_candidates}; it must be at least 1")
+    if not 0 < args.client_timeout < math.inf:
+        raise ConfigError(f"--client-timeout is {args.client_timeout:g}; it must be a number of seconds above 0")
     source, overrides, uri, sampling = _model_source(args)
     kwargs, device, precision = sampling_settings(sampling)
     sock = check_listen(args.host, args.port)  # held from here on, so nothing takes the port while the model loads
@@ -186,11 +189,11 @@ def cmd_serve(args) -> int:
     name = os.path.basename(os.path.normpath(source)) if "://" not in source and ":/" not in source else source
     print(f"loaded {source} on {pipe.device} ({pipe.precision}); warming up ...", flush=True)
     pipe("warm-up", num_candidates=min(16, pipe.sampling.get("num_candidates", 16), args.max_candidates))  # first-call kernels
-    app = create_app(pipe, name=name, max_candidates=args.max_candidates)
+    app = create_app(pipe, name=name, max_candidates=args.max_candidates, client_timeout_s=args.client_timeout)
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     print(f"dalle serve: http://{shown}:{port}  (JSON API: docs/serving.md; OpenAPI schema at /openapi.json)", flush=True)
-    uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
+    uvicorn.Server(uvicorn_config(app)).run(sockets=[sock])
     return 0
 
 
@@ -209,6 +212,8 @@ def add_commands(sub, common) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-candidates", type=int, default=64,  # dalle_core.generate.MAX_CANDIDATES, not imported here:
                    help="the most candidates one request may ask for")  # the parser loads no torch
+    p.add_argument("--client-timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="a request's headers, then its body, must each arrive within this (default 30)")
     p.set_defaults(func=cmd_serve)
     gen = sub.choices["generate"]
     gen.add_argument("--model", help="draw with an exported folder or models:/NAME/VERSION instead of a run's store "

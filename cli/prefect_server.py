@@ -80,7 +80,7 @@ def _start(timeout_s: float, home: str) -> str:
     deadline = time.monotonic() + timeout_s
     env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
     while True:
-        port = _free_port()
+        port = free_port()
         url = f"http://127.0.0.1:{port}/api"
         proc = subprocess.Popen([sys.executable, "-m", "cli.prefect_server", str(port)], stdin=subprocess.PIPE,
                                 stdout=log, stderr=log, env=env, start_new_session=True)
@@ -116,7 +116,8 @@ def _health(url: str, timeout: float) -> None:
         pass  # it answered
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (the OS picks it)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

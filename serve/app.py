@@ -17,6 +17,7 @@ import base64
 import contextlib
 from importlib import resources
 
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
@@ -27,18 +28,21 @@ from dalle_core.generate import MAX_CANDIDATES, MAX_PRIME_PIXELS, DALLEPipeline,
 from dalle_core.images import png_bytes
 from serve.jobs import Job, JobQueue, QueueFull
 from serve.request import (
+    CLIENT_TIMEOUT_S,
     MAX_PRIME_BYTES,
     APIError,
     BodyLimit,
     GenerateRequest,
+    HeaderDeadline,
     error_line,
     job_settings,
 )
 
 
 def create_app(pipe: DALLEPipeline, *, name: str = "model", max_candidates: int = MAX_CANDIDATES,
-               max_waiting: int = 16) -> FastAPI:
-    """The FastAPI app serving `pipe`: requests are checked (request.py), queue (jobs.py) and run one at a time."""
+               max_waiting: int = 16, client_timeout_s: float = CLIENT_TIMEOUT_S) -> FastAPI:
+    """The FastAPI app serving `pipe`: requests are checked (request.py), queue (jobs.py) and run one at a time;
+    a request's head and then its body must each arrive within `client_timeout_s` seconds (`uvicorn_config`)."""
     defaults = {"num_candidates": 16, **pipe.sampling, "seed": None}  # no seed sent: the server draws one
 
     def work(job: Job) -> None:
@@ -67,8 +71,8 @@ def create_app(pipe: DALLEPipeline, *, name: str = "model", max_candidates: int 
 
     app = FastAPI(title=f"dalle serve: {name}", version="1", lifespan=lifespan,
                   description="Text to image with CLIP reranking; see docs/serving.md")
-    app.add_middleware(BodyLimit)  # outermost: before routing, parsing or any other middleware reads the body
-    app.state.jobs, app.state.pipeline = jobs, pipe
+    app.add_middleware(BodyLimit, timeout_s=client_timeout_s)  # outermost: before anything reads the body
+    app.state.jobs, app.state.pipeline, app.state.client_timeout_s = jobs, pipe, client_timeout_s
 
     @app.exception_handler(APIError)
     async def api_error(_: Request, err: APIError) -> JSONResponse:
@@ -165,3 +169,9 @@ def create_app(pipe: DALLEPipeline, *, name: str = "model", max_candidates: int 
         return job
 
     return app
+
+
+def uvicorn_config(app: FastAPI) -> uvicorn.Config:
+    """How `dalle serve` runs `app` (from `create_app`) under uvicorn: HTTP/1.1 with its client timeout."""
+    head = type("HeaderDeadline", (HeaderDeadline,), {"timeout_s": app.state.client_timeout_s})
+    return uvicorn.Config(app, http=head, log_level="warning")

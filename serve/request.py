@@ -4,6 +4,7 @@ job's settings (`job_settings`), before it queues. A bad one is an `APIError` (H
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import json
@@ -13,6 +14,7 @@ from typing import Annotated, Literal, get_type_hints
 
 from fastapi.exceptions import RequestValidationError
 from pydantic import AllowInfNan, BaseModel, ConfigDict, Field, Strict, StrictInt, create_model
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from dalle_core.editing import EditError, region_edit_mask
 from dalle_core.generate import (
@@ -63,13 +65,17 @@ class GenerateRequest(create_model("SamplingRequest", __base__=_Prompt, **_sampl
 MAX_BODY_BYTES = MAX_PRIME_BYTES * 4 // 3 + 2**16  # one base64 image and the rest of a request
 
 
+CLIENT_TIMEOUT_S = 30.0  # a request's headers, and then its body, must each arrive within this
+
+
 class BodyLimit:
     """ASGI middleware: a request body is refused before any of it is read when it declares more than `max_bytes`
     (413) or declares no length (411, as chunked uploads do), with the API's one-line error; so a 100 MB body is
-    never parsed and a body that claims 8 GB does not hold a connection."""
+    never parsed and a body that claims 8 GB does not hold a connection. A body that has not arrived whole
+    `timeout_s` after its headers is a 408: a slow client does not hold a connection for ever."""
 
-    def __init__(self, app, max_bytes: int = MAX_BODY_BYTES):
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app, max_bytes: int = MAX_BODY_BYTES, timeout_s: float = CLIENT_TIMEOUT_S):
+        self.app, self.max_bytes, self.timeout_s = app, max_bytes, timeout_s
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] == "http" and scope["method"] in ("POST", "PUT", "PATCH"):
@@ -80,7 +86,65 @@ class BodyLimit:
             if int(declared) > self.max_bytes:
                 return await _refuse(send, 413, f"the request body is {int(declared)} bytes; allowed: at most "
                                                 f"{self.max_bytes} (one image of {MAX_PRIME_BYTES // 2**20} MB, base64)")
+            try:
+                body = await asyncio.wait_for(_read_body(receive), self.timeout_s)
+            except TimeoutError:
+                return await _refuse(send, 408, f"the request body did not arrive within {self.timeout_s:g} s of its "
+                                                "headers; send it whole, at once")
+            if body is None:  # the client hung up
+                return
+            receive = _replay(body, receive)
         await self.app(scope, receive, send)
+
+
+async def _read_body(receive) -> bytes | None:
+    chunks = []
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body"):
+            return b"".join(chunks)
+
+
+def _replay(body: bytes, receive):
+    """`receive` for the app: the body read already, then the connection's own messages (a hang-up)."""
+    given = False
+
+    async def replay() -> dict:
+        nonlocal given
+        if given:
+            return await receive()
+        given = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return replay
+
+
+class HeaderDeadline(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol with a deadline for each request's headers: a connection that has not sent a
+    whole request head `timeout_s` after it opened, or after its last response, is closed (uvicorn alone closes
+    idle keep-alive connections, but a client that trickles its headers would hold one for ever)."""
+
+    timeout_s = CLIENT_TIMEOUT_S
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self._await_head()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._await_head()
+
+    def _await_head(self) -> None:
+        cycle = self.cycle  # a new request's head makes a new cycle
+
+        def check() -> None:
+            if self.cycle is cycle and (cycle is None or cycle.response_complete) and not self.transport.is_closing():
+                self.transport.close()
+
+        self.loop.call_later(self.timeout_s, check)
 
 
 async def _refuse(send, status: int, message: str) -> None:

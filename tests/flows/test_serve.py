@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import socket
+import subprocess
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -19,8 +20,9 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from dalle_core.generate import DALLEPipeline
-from serve import create_app
+from serve import create_app, uvicorn_config
 from tests.flows.exported_model import exported_folder
+from tests.flows.servers import BIN, free_port, stop, wait_http
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 NO_CHROMIUM = ("needs Debian's Chromium (apt-get install -y chromium) and the playwright package (dev extra); "
@@ -49,7 +51,7 @@ def live(pipe):
     """The app under uvicorn on 127.0.0.1 (a free port), in a thread: (base URL, the pipeline it serves)."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(create_app(pipe, name="tiny", max_candidates=8), log_level="warning"))
+    server = uvicorn.Server(uvicorn_config(create_app(pipe, name="tiny", max_candidates=8)))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     while not server.started:
@@ -214,6 +216,55 @@ def test_bodies_are_bounded_before_they_are_read(live, client):
                         (b'{"prompt": "x", "cond_scale": NaN}', "cond_scale")):  # JSON that Python's json reads
         reply = client.post("/api/jobs", content=body, headers={"content-type": "application/json"})
         assert reply.status_code == 400 and reply.json()["error"].startswith(f"{field}: Input should be a finite number")
+
+
+def test_slow_clients_are_timed_out_and_the_page_still_answers(exported_model):
+    """`dalle serve --client-timeout 2` (the command, in its own process): a connection that sends nothing, one
+    that trickles its headers and one whose body stops short are each closed or answered 408 within the timeout
+    (plus scheduling slack), and the page still answers at once."""
+    port = free_port()
+    server = subprocess.Popen([str(BIN / "dalle"), "serve", "--model", exported_model, "--port", str(port),
+                               "--client-timeout", "2"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              start_new_session=True)
+    live, host = f"http://127.0.0.1:{port}", "127.0.0.1"
+    try:
+        wait_http(f"{live}/api/model", server)
+        _slow_clients(live, host, port)
+    finally:
+        stop(server)
+
+
+def _slow_clients(live: str, host: str, port: int) -> None:
+    def held_for(first: bytes, trickle: bytes = b"") -> tuple[float, bytes]:
+        """Seconds until the server closed the connection, and what it sent; `trickle` goes a byte per 0.3 s."""
+        with socket.create_connection((host, int(port)), timeout=0.3) as s:
+            t0, reply = time.perf_counter(), b""
+            s.sendall(first)
+            while time.perf_counter() - t0 < 10:
+                try:
+                    chunk = s.recv(65536)
+                except TimeoutError:
+                    if trickle:
+                        s.sendall(trickle[:1])
+                        trickle = trickle[1:]
+                    continue
+                if not chunk:
+                    break
+                reply += chunk
+            return time.perf_counter() - t0, reply
+
+    seconds, reply = held_for(b"")
+    assert 1.5 < seconds < 6 and reply == b""
+    seconds, reply = held_for(b"POST /api/jobs HTTP/1.1\r\n", b"Host: x\r\nContent-Type: application/json\r\n")
+    assert 1.5 < seconds < 6 and reply == b""
+    seconds, reply = held_for(b"POST /api/jobs HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                              b"Content-Length: 100\r\n\r\n{\"prompt\": ")
+    status, _, payload = reply.partition(b"\r\n\r\n")
+    assert 1.5 < seconds < 6 and int(status.split()[1]) == 408
+    assert json.loads(payload)["error"] == ("the request body did not arrive within 2 s of its headers; send it "
+                                            "whole, at once")
+    t0 = time.perf_counter()
+    assert httpx.get(f"{live}/", timeout=5).status_code == 200 and time.perf_counter() - t0 < 1
 
 
 def test_model_info_says_the_seed_is_drawn_and_reports_default_prime_rows(client):
