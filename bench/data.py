@@ -48,7 +48,7 @@ def _pretokenize_child(num_images: int, root: str, precision: str) -> dict:
 
     from prefect.testing.utilities import prefect_test_harness
 
-    from flows.pipeline import pipeline_flow
+    from flows.pipeline_flow import pipeline_flow
     from pipeline.checkpoints import state_bytes
     from pipeline.config import config_from_dict
     from pipeline.stage_table import stage_keys

@@ -159,7 +159,7 @@ def run_pipeline(cfg, only: list[str] | None = None, from_stage: str | None = No
                  force: list[str] | None = None) -> dict:
     """Check what can be checked before Prefect starts (the store, the stages, the upstream artifacts, the
     batch sizes once the images exist, fine-tuning sources), then run the pipeline flow and print its result."""
-    from flows.pipeline import pipeline_flow
+    from flows.pipeline_flow import pipeline_flow
     from pipeline.plan import PipelinePlan
     from pipeline.source_fit import check_fine_tuning
 

@@ -42,7 +42,7 @@ def openmoji_subset(tmp_path_factory):
 def run_stage(stage: str, overrides: list[str], config: str | os.PathLike = TINY, **kwargs):
     """The pipeline flow run up to `stage` (as `dalle <stage command>` runs it) under `config` + `overrides`;
     returns that stage's ArtifactRef. `kwargs` go to the flow (only=, from_stage=, force=)."""
-    from flows.pipeline import pipeline_flow
+    from flows.pipeline_flow import pipeline_flow
     from pipeline.config import load_config
 
     if not kwargs:

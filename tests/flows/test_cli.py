@@ -75,7 +75,7 @@ def test_gc_unreferenced_keeps_what_the_config_uses(generated, tmp_path, capsys)
 def test_emoji_and_other_planes_reach_the_flow_exactly(tiny, monkeypatch, capsys):
     config, make = tiny
     calls: list = []
-    monkeypatch.setattr("flows.pipeline.pipeline_flow", lambda cfg, **kw: calls.append((cfg, kw)) or {})
+    monkeypatch.setattr("flows.pipeline_flow.pipeline_flow", lambda cfg, **kw: calls.append((cfg, kw)) or {})
     prompts = ["😀🎨🌈", "\U00020000 plane 2", "\ue000 private use", 'a "quoted" # prompt: - !&*%', "nel\x85ls\u2028"]
     assert main(["generate", "-c", config, *_sets(make()), *prompts]) == 0
     cfg, kwargs = calls[-1]
@@ -168,7 +168,7 @@ def test_ctrl_c_is_one_line_and_exit_130(tiny, monkeypatch, capsys):
         raise KeyboardInterrupt
 
     config, make = tiny
-    monkeypatch.setattr("flows.pipeline.pipeline_flow", interrupted)
+    monkeypatch.setattr("flows.pipeline_flow.pipeline_flow", interrupted)
     assert main(["train-bpe", "-c", config, *_sets(make())]) == 130
     _one_line_error(capsys, "train-bpe interrupted", "run the same command again")
 

@@ -12,7 +12,7 @@ import time
 
 import yaml
 
-from flows.pipeline import pipeline_flow
+from flows.pipeline_flow import pipeline_flow
 from pipeline.config import Config, apply_overrides, load_config
 from pipeline.stage_table import STAGES
 from tests.conftest import ROOT, TINY
@@ -74,6 +74,24 @@ def test_prefect_yaml_configs_are_the_config_files():
         assert given.tracking.source == f"configs/{name}.yaml"
     deployed = {d["name"]: d["parameters"] for d in spec["deployments"]}
     assert {p.get("until") for p in deployed.values()} >= set(STAGES)
+
+
+def test_every_entrypoint_loads_from_a_project_folder_that_holds_a_store(tmp_path):
+    """Prefect loads an entrypoint script as a module named after its file, searching the script's folder and the
+    working directory for its submodules: a flow file named like one of our packages shadowed it, so after
+    `make demo` (store ./artifacts) every deployment run crashed on `pipeline.artifacts`. Here in a project folder
+    with an `artifacts/` store, as a worker's pull step leaves it."""
+    spec = yaml.safe_load((ROOT / "prefect.yaml").read_text())
+    (tmp_path / "artifacts" / "logs").mkdir(parents=True)
+    for entry in ROOT.iterdir():  # the project, as its folder holds it
+        if entry.name != "artifacts":
+            (tmp_path / entry.name).symlink_to(entry)
+    for entrypoint in sorted({d["entrypoint"] for d in spec["deployments"]}):
+        code = ("from prefect.flows import load_flow_from_entrypoint; "
+                f"print(load_flow_from_entrypoint({entrypoint!r}, use_placeholder_flow=False).name)")
+        out = subprocess.run([str(BIN / "python"), "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                             env={**os.environ, "PREFECT_HOME": str(tmp_path / "ph")})
+        assert out.returncode == 0 and out.stdout.strip() == "pipeline", (entrypoint, out.stderr[-2000:])
 
 
 def test_deployment_run_with_a_typed_config_change_reruns_only_what_it_touches(generated, tmp_path):

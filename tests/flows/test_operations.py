@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from flows.pipeline import pipeline_flow
+from flows.pipeline_flow import pipeline_flow
 from pipeline.config import load_config
 from pipeline.stage_table import stage_keys
 from storage.parquet import shard_paths

@@ -8,7 +8,7 @@ from mlflow import MlflowClient
 from prefect.client.schemas.filters import FlowRunFilter
 
 from cli.main import main
-from flows.pipeline import pipeline_flow
+from flows.pipeline_flow import pipeline_flow
 from pipeline.config import load_config
 from pipeline.stage_table import NAMES, downstream, stage_keys
 from storage.store import StoreError
