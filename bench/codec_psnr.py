@@ -20,8 +20,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from dalle_core.generate import GenerationError, load_image
+from dalle_core.generate import load_image
 from dalle_core.images import psnr
+from dalle_core.sampling import GenerationError
 from data_sources.reader import DataError, read_metadata
 
 QUALITIES = (0, 1, 5, 10, 20, 30, 50, 70, 90)

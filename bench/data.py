@@ -77,7 +77,7 @@ def token_loader(s: Settings) -> dict:
     """Token shards (8 x 4,096 rows) streamed in batches of 16: tokens/s."""
     import pyarrow as pa
 
-    from dalle_core.loader import ShardStream, decode_tokens
+    from dalle_core.loader import ShardStream, StreamOrder, decode_tokens
     from storage.parquet import ParquetShards, shard_name, tokens_schema, write_shard
     from storage.store import ArtifactStore
 
@@ -96,7 +96,7 @@ def token_loader(s: Settings) -> dict:
             paths.append(store.path("pretokenize", "bench", "train", shard_name(i)))
             write_shard(store, paths[-1], table)
         batches = ShardStream(ParquetShards(store), paths, ["text_tokens", "image_tokens"], decode_tokens, 16,
-                              window_rows=8192).batches()
+                              StreamOrder(window_rows=8192)).batches()
         n_batches = 2000
         sec = median_seconds(lambda: [next(batches) for _ in range(n_batches)], s.repeats, torch.device("cpu"))
     return {"tokens_per_s": n_batches * 16 * 96 / sec}
@@ -109,7 +109,7 @@ def image_loader(s: Settings, workers: int, image_size: int = 256, images: int =
     import pyarrow as pa
 
     from dalle_core.images import png_bytes
-    from dalle_core.loader import ShardStream, decode_images
+    from dalle_core.loader import ShardStream, StreamOrder, decode_images
     from data_sources import shapes
     from storage.parquet import (
         IMAGES_SCHEMA,
@@ -134,8 +134,8 @@ def image_loader(s: Settings, workers: int, image_size: int = 256, images: int =
                         image_row_group(image_size))
         png_kb = sum(len(r["image"]) for r in rows) / len(rows) / 1024
         del rows
-        stream = ShardStream(ParquetShards(store), paths, ["image", "caption"], decode_images, 32, window_rows=256,
-                             epochs=None)
+        stream = ShardStream(ParquetShards(store), paths, ["image", "caption"], decode_images, 32,
+                             StreamOrder(window_rows=256))
         batches = stream.batches(workers, pin_memory=s.device.type == "cuda")
         n = 2 * images // 32
         next(batches)  # workers started

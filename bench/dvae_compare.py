@@ -19,7 +19,7 @@ import torch
 
 from dalle_core.dvae import evaluate_dvae, laplacian_variance
 from dalle_core.images import grid, png_bytes, to_tensor, to_uint8
-from dalle_core.loader import decode_images
+from dalle_core.loader import IN_ORDER, decode_images
 from pipeline.config import load_config
 from pipeline.models import load_dvae
 from pipeline.stage_table import stage_keys
@@ -43,7 +43,7 @@ def main() -> None:
         val = shard_paths(store, "ingest", keys["ingest"], "val")
 
         def batches(size: int = 256, cfg=cfg, store=store, val=val):
-            return batch_stream(cfg, store, val, ["image"], decode_images, size, torch.device("cpu"), shuffle=False)
+            return batch_stream(cfg, store, val, ["image"], decode_images, size, torch.device("cpu"), IN_ORDER)
 
         with torch.inference_mode():
             metrics = evaluate_dvae(model, islice(batches(), 1000), norm)

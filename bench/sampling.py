@@ -15,7 +15,7 @@ from bench.common import (
     median_seconds,
     seconds,
 )
-from dalle_core.sampling import sample
+from dalle_core.sampling import SamplingSettings, sample
 from dalle_core.transformer import DALLE
 
 
@@ -27,7 +27,7 @@ def sample_16(s: Settings, cond_scale: float, prompts: int = 1) -> dict:
 
     def run():
         rngs = [torch.Generator().manual_seed(i) for i in range(prompts)]
-        sample(model, text, cond_scale=cond_scale, generator=rngs)
+        sample(model, text, SamplingSettings(cond_scale=cond_scale), generator=rngs)
 
     sec = median_seconds(run, s.repeats, torch.device("cpu"), warmup=2)
     return {"seconds": sec, "ms_per_token": 1000 * sec / 64, "images_per_s": 16 * prompts / sec}
@@ -45,7 +45,7 @@ def dalle_sample(s: Settings, batch: int = 4, cond_scale: float = 3.0, precision
     precision = sampling_precision(precision, s.device)
 
     def run():
-        sample(model, text, cond_scale=cond_scale, top_p=top_p, precision=precision,
+        sample(model, text, SamplingSettings(cond_scale=cond_scale, top_p=top_p), precision=precision,
                generator=torch.Generator(device=s.device).manual_seed(0))
 
     sec = median_seconds(run, s.repeats, s.device)
@@ -134,7 +134,7 @@ def config_sampling(s: Settings, precision: str, path: str = "configs/dalle-256.
     torch.cuda.reset_peak_memory_stats(s.device)
 
     def run():
-        sample(model, text, cond_scale=3.0, precision=precision,
+        sample(model, text, SamplingSettings(cond_scale=3.0), precision=precision,
                generator=[torch.Generator(device=s.device).manual_seed(i) for i in range(prompts)])
 
     sec = median_seconds(run, 2, s.device)

@@ -27,7 +27,8 @@ def edit_arguments(args, size: int | None, grid: int | None):
     the region inside the image, the mask's size and colours) before any model loads, at the model's `size`
     pixels and `grid` tokens when known (None: what needs them is checked once the model is loaded).
     GenerationError (one line) naming the flag otherwise."""
-    from dalle_core.generate import EditRequest, GenerationError
+    from dalle_core.generate import EditRequest
+    from dalle_core.sampling import GenerationError
 
     arguments = {name: getattr(args, flag.removeprefix("--").replace("-", "_")) for name, flag in EDIT_FLAGS.items()}
     if args.prime and args.prime_rows is None:
@@ -57,7 +58,7 @@ def edit_overrides(args) -> list[str]:
     `edit_arguments`), checked before the overrides are built and Prefect starts, against the token grid where
     the config knows it."""
     from dalle_core.editing import EditError, parse_region
-    from dalle_core.generate import GenerationError
+    from dalle_core.sampling import GenerationError
 
     cfg = load_config(args.config, args.overrides)
     grid = None if cfg.dvae.pretrained or getattr(cfg, "tokenizers_from", None) else \

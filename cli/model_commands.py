@@ -88,7 +88,7 @@ def check_listen(host: str, port: int) -> socket.socket:
 def sampling_settings(overrides: list[str]) -> tuple[dict, str, str]:
     """(sampling keyword arguments, device, precision) from `--set generate.<key>=...` and `runner.device=...`,
     checked as the run config checks them; any other key is a one-line ConfigError."""
-    from dalle_core.generate import (
+    from dalle_core.sampling import (
         SAMPLING_DEFAULTS,  # `--set` keys that apply: the model carries the rest
     )
 

@@ -21,7 +21,6 @@ from dalle_core.errors import UserError
 from dalle_core.images import to_rgb_square, to_viewer_rgb
 
 Region = tuple[int, int, int, int]  # x0, y0, x1, y1 in pixels: x0 <= x < x1, y0 <= y < y1
-MODES = ("prime", "inpaint", "outpaint", "variations")
 
 
 class EditError(UserError):

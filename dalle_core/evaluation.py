@@ -8,7 +8,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-ATTRIBUTES = ("colour", "shape", "size", "position", "relation")
 # Part of the evaluation stage key: bump when what a metric measures changes, so cached evaluations
 # are redone (2: the checker places shape templates at whole-pixel corners; 3: per-subset embedding metrics;
 # 4: the pixel-space nearest-neighbour check; 5: val prompts taken in turn from each val subset).

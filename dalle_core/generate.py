@@ -10,15 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import io
-import math
 import os
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
-from typing import Annotated, Any, Literal, get_type_hints
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import numpy as np
 import torch
-from annotated_types import Ge, Gt, Le
 from PIL import Image
 
 from dalle_core.bpe import TextTokenizer
@@ -34,7 +32,6 @@ from dalle_core.editing import (
     region_edit_mask,
     top_rows_mask,
 )
-from dalle_core.errors import UserError
 from dalle_core.images import (
     ImageNormalization,
     to_rgb_square,
@@ -43,88 +40,12 @@ from dalle_core.images import (
     viewer_size,
 )
 from dalle_core.model_folder import load_folder, pipeline_files, write_folder
-from dalle_core.sampling import sample
+from dalle_core.sampling import SAMPLING_DEFAULTS, GenerationError, SamplingSettings, sample
 from dalle_core.transformer import DALLE
 
-
-@dataclass(frozen=True)
-class SamplingSettings:
-    """How a `DALLEPipeline` call samples (Ramesh et al. 2021, section 2.5: N candidates per prompt, reranked by
-    CLIP). Each field's type carries its allowed range: the run config's `generate` section, `dalle serve`'s
-    request and the MLflow model's params are built from these fields, so this is the one place they are
-    declared. `cond_scale`: classifier-free guidance scale (1 = none); `top_k` codes kept per step (0 or None:
-    off); `top_p` nucleus mass (1 or None: off); prompt i draws from `prompt_seed(seed, i)`; `batch_size` images
-    share one forward pass."""
-
-    __pydantic_config__ = {"extra": "forbid"}  # read by the run config and the HTTP request
-
-    num_candidates: Annotated[int, Ge(1)] = 16
-    cond_scale: Annotated[float, Ge(0)] = 1.0
-    temperature: Annotated[float, Gt(0)] = 1.0
-    top_k: Annotated[int, Ge(0)] | None = None
-    top_p: Annotated[float, Gt(0), Le(1)] | None = None
-    seed: Annotated[int, Ge(0), Le(2**63 - 1)] = 0
-    batch_size: Annotated[int, Ge(1)] = 64
-
-    def checked(self) -> SamplingSettings:
-        """These settings checked against their ranges (for callers that bypass the config's validation), top_k 0
-        and top_p 1 made None (off); GenerationError (one line) naming the bad value and what is allowed."""
-        hints = get_type_hints(SamplingSettings, include_extras=True)
-        for f in fields(self):
-            _check_setting(f.name, getattr(self, f.name), hints[f.name])
-        top_k, top_p = self.top_k or None, None if self.top_p in (None, 1) else float(self.top_p)
-        return SamplingSettings(self.num_candidates, float(self.cond_scale), float(self.temperature), top_k, top_p,
-                                self.seed, self.batch_size)
-
-    def replace(self, **given) -> SamplingSettings:
-        """These settings with the `given` ones that are not None; GenerationError for a name that is no setting."""
-        unknown = sorted(set(given) - set(SAMPLING_DEFAULTS))
-        if unknown:
-            raise GenerationError(f"{unknown[0]} is not a sampling setting; allowed: {', '.join(SAMPLING_DEFAULTS)}")
-        return SamplingSettings(**{**asdict(self), **{k: v for k, v in given.items() if v is not None}})
-
-
-def _check_setting(name: str, value, hint) -> None:
-    """One sampling setting against its annotation: its type (int or float, or None where allowed) and bounds."""
-    kind, bounds, optional = typing_args(hint)
-    if value is None:
-        if not optional:
-            raise GenerationError(f"{name} is None; it must be a number")
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
-        raise GenerationError(f"{name} is {value!r}; it must be a {'whole number' if kind is int else 'number'}")
-    if kind is int and not isinstance(value, (int, np.integer)):
-        raise GenerationError(f"{name} is {value!r}; it must be a whole number")
-    if isinstance(value, (float, np.floating)) and not math.isfinite(value):  # ints of any size are finite
-        raise GenerationError(f"{name} is {value!r}; it must be a number")
-    low = next((b for b in bounds if isinstance(b, (Ge, Gt))), None)
-    high = next((b for b in bounds if isinstance(b, Le)), None)
-    if (isinstance(low, Ge) and value < low.ge) or (isinstance(low, Gt) and value <= low.gt) or \
-            (high is not None and value > high.le):
-        parts = [f"at least {low.ge}" if isinstance(low, Ge) else f"more than {low.gt}" if low else None,
-                 f"at most {high.le}" if high else None]
-        raise GenerationError(f"{name} is {value}; allowed: {' and '.join(p for p in parts if p)}")
-
-
-def typing_args(hint) -> tuple[type, tuple, bool]:
-    """(int or float, the annotated_types bounds, whether None is allowed) of a SamplingSettings field's type."""
-    optional = False
-    if getattr(hint, "__args__", None) and type(None) in hint.__args__:  # Annotated[...] | None
-        optional, hint = True, next(a for a in hint.__args__ if a is not type(None))
-    base, bounds = (hint.__origin__, hint.__metadata__) if hasattr(hint, "__metadata__") else (hint, ())
-    return base, tuple(bounds), optional
-
-
-# What a call samples with when neither the caller nor the model's own defaults say
-SAMPLING_DEFAULTS = asdict(SamplingSettings())
 MAX_PROMPT_CHARS = 1000  # far beyond any model's text_len tokens, far below what costs the server memory
 MAX_CANDIDATES = 64  # the most candidates one request may ask for, in `dalle serve` (--max-candidates) and MLflow
 Progress = Callable[[int, int], None]  # (sampling steps done, steps in all)
-
-
-class GenerationError(UserError):
-    """A bad generation request: an empty prompt, a setting out of range, an image that cannot be decoded.
-    The message is one line, naming the bad value and what is allowed."""
 
 
 @dataclass
@@ -282,10 +203,9 @@ class DALLEPipeline:
         for group, b, masks in batches:
             rows = torch.cat([text[j:j + 1].expand(b, -1) for j in group])
             kept = None if source is None else source[None].expand(rows.shape[0], -1)
-            codes = sample(self.transformer, rows, temperature=settings.temperature, top_k=settings.top_k,
-                           top_p=settings.top_p, cond_scale=settings.cond_scale, image=kept, mask=None if masks is None else masks.to(device),
-                           generator=[gens[j] for j in group], precision=self.precision,
-                           on_logits=None if progress is None else step)
+            codes = sample(self.transformer, rows, settings, image=kept,
+                           mask=None if masks is None else masks.to(device), generator=[gens[j] for j in group],
+                           precision=self.precision, on_logits=None if progress is None else step)
             pixels = to_uint8_tensor(self.dvae.decode(codes.view(-1, side, side)), self.normalization.mean, self.normalization.std)
             s = self.reranker.scores(pixels, [prompts[j] for j in group for _ in range(b)]).float().numpy()
             decoded, drawn = pixels.cpu().numpy(), codes.cpu().numpy()

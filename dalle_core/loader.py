@@ -103,16 +103,35 @@ def plan_epoch(units: list[Unit], epoch: int, seed: int, shuffle: bool, window_r
     return out
 
 
+@dataclass(frozen=True)
+class StreamOrder:
+    """Which rows a `ShardStream` yields, in what order: shuffled within windows of `window_rows` rows by `seed`
+    (training) or in shard order (evaluation: `IN_ORDER`); rank `rank` of `world`'s share; from its
+    `start_batch`-th batch on; for `epochs` passes (None: endless when shuffled, else one)."""
+
+    shuffle: bool = True
+    seed: int = 0
+    window_rows: int = 4096
+    rank: int = 0
+    world: int = 1
+    start_batch: int = 0
+    epochs: int | None = None
+
+
+IN_ORDER = StreamOrder(shuffle=False)
+
+
 class ShardStream(IterableDataset):
-    """Batches of decoded rows from Parquet shards (see the module docstring).
+    """Batches of decoded rows from Parquet shards (see the module docstring), in `order` (StreamOrder).
 
     Iterating it yields one item per window: {"batches": n, "data": {column: tensor or list}}
     with the window's rows already permuted; `batches()` cuts those into batches.
     """
 
     def __init__(self, reader: ShardReader, paths: list[str], columns: list[str], decode: Decode,
-                 batch_size: int, *, shuffle: bool = True, seed: int = 0, window_rows: int = 4096,
-                 rank: int = 0, world: int = 1, start_batch: int = 0, epochs: int | None = None):
+                 batch_size: int, order: StreamOrder = StreamOrder()):
+        shuffle, seed, window_rows, rank, world, start_batch, epochs = (
+            order.shuffle, order.seed, order.window_rows, order.rank, order.world, order.start_batch, order.epochs)
         if not paths:
             raise ValueError("no shards to read")
         self.reader, self.columns, self.decode = reader, columns, decode

@@ -416,8 +416,3 @@ def read_component(component: str, read: Read, text_len: int | None = None):
     _load_weights(model, lambda name: weights, component)
     tokenizer = tokenizer if tokenizer is not None else read("tokenizer.json")
     return CLIPReranker.ours(model.eval(), c, _tokenizer(tokenizer, c.text_len, "clip/tokenizer.json"))
-
-
-def component_config(model) -> dict:
-    """A model's dataclass config as its folder's config.json holds it."""
-    return asdict(model.c)

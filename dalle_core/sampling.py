@@ -12,12 +12,95 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Annotated, get_type_hints
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from annotated_types import Ge, Gt, Le
 
 from dalle_core import cpu_fast
+from dalle_core.errors import UserError
 from dalle_core.transformer import DALLE, KVCache
+
+
+class GenerationError(UserError):
+    """A bad generation request: an empty prompt, a setting out of range, an image that cannot be decoded.
+    The message is one line, naming the bad value and what is allowed."""
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """How a `DALLEPipeline` call samples (Ramesh et al. 2021, section 2.5: N candidates per prompt, reranked by
+    CLIP). Each field's type carries its allowed range: the run config's `generate` section, `dalle serve`'s
+    request and the MLflow model's params are built from these fields, so this is the one place they are
+    declared. `cond_scale`: classifier-free guidance scale (1 = none); `top_k` codes kept per step (0 or None:
+    off); `top_p` nucleus mass (1 or None: off); prompt i draws from `prompt_seed(seed, i)`; `batch_size` images
+    share one forward pass."""
+
+    __pydantic_config__ = {"extra": "forbid"}  # read by the run config and the HTTP request
+
+    num_candidates: Annotated[int, Ge(1)] = 16
+    cond_scale: Annotated[float, Ge(0)] = 1.0
+    temperature: Annotated[float, Gt(0)] = 1.0
+    top_k: Annotated[int, Ge(0)] | None = None
+    top_p: Annotated[float, Gt(0), Le(1)] | None = None
+    seed: Annotated[int, Ge(0), Le(2**63 - 1)] = 0
+    batch_size: Annotated[int, Ge(1)] = 64
+
+    def checked(self) -> SamplingSettings:
+        """These settings checked against their ranges (for callers that bypass the config's validation), top_k 0
+        and top_p 1 made None (off); GenerationError (one line) naming the bad value and what is allowed."""
+        hints = get_type_hints(SamplingSettings, include_extras=True)
+        for f in fields(self):
+            _check_setting(f.name, getattr(self, f.name), hints[f.name])
+        top_k, top_p = self.top_k or None, None if self.top_p in (None, 1) else float(self.top_p)
+        return SamplingSettings(self.num_candidates, float(self.cond_scale), float(self.temperature), top_k, top_p,
+                                self.seed, self.batch_size)
+
+    def replace(self, **given) -> SamplingSettings:
+        """These settings with the `given` ones that are not None; GenerationError for a name that is no setting."""
+        unknown = sorted(set(given) - set(SAMPLING_DEFAULTS))
+        if unknown:
+            raise GenerationError(f"{unknown[0]} is not a sampling setting; allowed: {', '.join(SAMPLING_DEFAULTS)}")
+        return SamplingSettings(**{**asdict(self), **{k: v for k, v in given.items() if v is not None}})
+
+
+def _check_setting(name: str, value, hint) -> None:
+    """One sampling setting against its annotation: its type (int or float, or None where allowed) and bounds."""
+    kind, bounds, optional = typing_args(hint)
+    if value is None:
+        if not optional:
+            raise GenerationError(f"{name} is None; it must be a number")
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
+        raise GenerationError(f"{name} is {value!r}; it must be a {'whole number' if kind is int else 'number'}")
+    if kind is int and not isinstance(value, (int, np.integer)):
+        raise GenerationError(f"{name} is {value!r}; it must be a whole number")
+    if isinstance(value, (float, np.floating)) and not math.isfinite(value):  # ints of any size are finite
+        raise GenerationError(f"{name} is {value!r}; it must be a number")
+    low = next((b for b in bounds if isinstance(b, (Ge, Gt))), None)
+    high = next((b for b in bounds if isinstance(b, Le)), None)
+    if (isinstance(low, Ge) and value < low.ge) or (isinstance(low, Gt) and value <= low.gt) or \
+            (high is not None and value > high.le):
+        parts = [f"at least {low.ge}" if isinstance(low, Ge) else f"more than {low.gt}" if low else None,
+                 f"at most {high.le}" if high else None]
+        raise GenerationError(f"{name} is {value}; allowed: {' and '.join(p for p in parts if p)}")
+
+
+def typing_args(hint) -> tuple[type, tuple, bool]:
+    """(int or float, the annotated_types bounds, whether None is allowed) of a SamplingSettings field's type."""
+    optional = False
+    if getattr(hint, "__args__", None) and type(None) in hint.__args__:  # Annotated[...] | None
+        optional, hint = True, next(a for a in hint.__args__ if a is not type(None))
+    base, bounds = (hint.__origin__, hint.__metadata__) if hasattr(hint, "__metadata__") else (hint, ())
+    return base, tuple(bounds), optional
+
+
+# What a call samples with when neither the caller nor the model's own defaults say
+SAMPLING_DEFAULTS = asdict(SamplingSettings())
 
 
 def filter_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
@@ -104,21 +187,33 @@ def token_mask(mask: torch.Tensor | None, image: torch.Tensor | None, batch: int
     return mask, image.to(device=device, dtype=torch.long)
 
 
+def prefix_mask(image_prefix: torch.Tensor, image_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """DALL-E's priming as `sample`'s (image, mask): (B, n) fixed first codes -> (B, image_len) codes, zero after
+    the prefix, and the (image_len,) mask that samples every position from n on. ValueError when the prefix leaves
+    nothing to sample."""
+    B, n = image_prefix.shape
+    if n >= image_len:
+        raise ValueError(f"an image prefix of {n} codes leaves nothing to sample: the image has {image_len} codes, "
+                         f"so a prefix may have 0 to {image_len - 1}")
+    image = torch.cat([image_prefix, image_prefix.new_zeros(B, image_len - n)], dim=1)
+    return image, torch.arange(image_len, device=image_prefix.device) >= n
+
+
 @torch.inference_mode()
-def sample(model: DALLE, text: torch.Tensor, *, temperature: float = 1.0, top_k: int | None = None,
-           top_p: float | None = None, cond_scale: float = 1.0, image: torch.Tensor | None = None,
-           mask: torch.Tensor | None = None, image_prefix: torch.Tensor | None = None,
+def sample(model: DALLE, text: torch.Tensor, settings: SamplingSettings = SamplingSettings(), *,
+           image: torch.Tensor | None = None, mask: torch.Tensor | None = None,
            generator: torch.Generator | list[torch.Generator] | None = None, on_logits=None,
            precision: str = "fp32") -> torch.Tensor:
     """(B, text_len) caption ids -> (B, N) image codes, computed in `precision` (fp32 or bf16, see for_sampling).
 
+    `settings` gives the guidance scale, temperature, top-k and top-p (its other fields are the caller's: how many
+    candidates, seeds, batches), as transformers' `generate` takes a GenerationConfig.
     Masked sampling (editing: inpainting, outpainting, variations; as ru-dalle's and taming-transformers'
     completion): `image` (B, N) source codes and `mask` (B, N) or (N,) bool in raster order, True where a code is
     sampled, False where the source code is kept. Kept codes are forced as the sampler passes them, so every
     sampled code is conditioned on all codes before it, kept ones included; the leading run of positions kept in
-    every row is prefilled in one pass, and nothing is computed after the last sampled position.
-    `image_prefix` (B, n) fixes the first n codes (DALL-E's priming): the mask that keeps the first n positions.
-    With no mask, every code is sampled.
+    every row is prefilled in one pass, and nothing is computed after the last sampled position. Priming (the
+    first n codes fixed) is `prefix_mask`'s mask. With no mask, every code is sampled.
     `generator` may be a list of G generators: rows then form G equal consecutive groups, each drawn
     from its own generator, so a group's codes do not depend on what else shares the batch. A group draws (one
     number per row) at every position where one of its rows samples.
@@ -126,19 +221,12 @@ def sample(model: DALLE, text: torch.Tensor, *, temperature: float = 1.0, top_k:
     """
     c = model.c
     B, N = text.shape[0], c.image_len
+    cond_scale, temperature = settings.cond_scale, settings.temperature
+    top_k, top_p = settings.top_k or None, None if settings.top_p in (None, 1) else settings.top_p
     groups = generator if isinstance(generator, list) else [generator]
     if B % len(groups):
         raise ValueError(f"{B} rows do not split into {len(groups)} equal generator groups")
     per_group = B // len(groups)
-    if image_prefix is not None:  # priming is the top-n mask
-        n_prefix = image_prefix.shape[1]
-        if image is not None or mask is not None:
-            raise ValueError("give image_prefix (priming) or image and mask, not both")
-        if n_prefix >= N:
-            raise ValueError(f"an image prefix of {n_prefix} codes leaves nothing to sample: "
-                             f"the image has {N} codes, so a prefix may have 0 to {N - 1}")
-        image = torch.cat([image_prefix, image_prefix.new_zeros(B, N - n_prefix)], dim=1)
-        mask = torch.arange(N, device=text.device) >= n_prefix
     mask, image = token_mask(mask, image, B, N, text.device)
     if mask is None:
         samples, first, last = [True] * N, 0, N - 1

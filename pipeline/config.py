@@ -31,13 +31,8 @@ from dalle_core.clip import CLIPConfig
 from dalle_core.dvae import DVAEConfig, DVAELossConfig
 from dalle_core.editing import region_edit_mask
 from dalle_core.errors import ConfigError
-from dalle_core.generate import (
-    SAMPLING_DEFAULTS,
-    EditRequest,
-    GenerationError,
-    SamplingSettings,
-    check_prompts,
-)
+from dalle_core.generate import EditRequest, check_prompts
+from dalle_core.sampling import SAMPLING_DEFAULTS, GenerationError, SamplingSettings
 from dalle_core.train import TrainConfig, parse_freeze
 from dalle_core.transformer import DALLEConfig
 from data_sources.reader import DataSection
@@ -228,7 +223,7 @@ CONFIG_NAMES = {"prime_image": "generate.prime_image", "prime_rows": "generate.p
 
 class _Generate(Section):
     """The `generate` section's own fields: the prompts, how many best images a grid shows, the precision, and
-    an edit. `GenerateSection` adds the sampling fields of `dalle_core.generate.SamplingSettings`."""
+    an edit. `GenerateSection` adds the sampling fields of `dalle_core.sampling.SamplingSettings`."""
 
     prompts: list[str] = []  # empty: use val captions
     num_val_prompts: int = Field(8, ge=1)
@@ -302,7 +297,7 @@ class _Generate(Section):
 
 GenerateSection = _with_model_fields(
     _Generate, SamplingSettings, derived=set(),
-    doc="""The `generate` run-config section: the sampling settings (`dalle_core.generate.SamplingSettings`), the
+    doc="""The `generate` run-config section: the sampling settings (`dalle_core.sampling.SamplingSettings`), the
     prompts, and an edit (`edit_request`).""")
 
 

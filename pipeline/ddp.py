@@ -1,9 +1,10 @@
 """One DDP rank of a training stage, started by `pipeline.torchrun.launch_ranks` as `python -m pipeline.ddp
-<stage.json>`: it reads the stage, the run config, its inputs' artifacts and the pipeline's MLflow run from that
-file and trains its share."""
+<stage.json>`: it reads the stage's `StageTrainer` class (module:name), the run config, its inputs' artifacts and
+the pipeline's MLflow run from that file and trains its share."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
@@ -18,13 +19,13 @@ from pipeline.artifacts import ArtifactRef, Work, stage_key
 from pipeline.config import config_from_dict
 from pipeline.runs import PARENT_RUN
 from pipeline.torchrun import RANK_PREFIX
-from pipeline.training import train_rank, trainer_of
 
 
 def main(spec_path: str) -> None:
     with open(spec_path) as f:
         spec = json.load(f)
-    cfg, stage = config_from_dict(spec["config"]), spec["stage"]
+    module, name = spec["trainer"].split(":")
+    trainer, cfg = getattr(importlib.import_module(module), name), config_from_dict(spec["config"])
     inputs = {s: ArtifactRef(**r) for s, r in spec["inputs"].items()}
     PARENT_RUN.set(spec["parent_run"])
     if spec["flow_run"]:
@@ -38,8 +39,8 @@ def main(spec_path: str) -> None:
     # a generous timeout, so a long validation does not fail the run.
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(hours=2))
     try:
-        work = Work(cfg, cfg.store.open(), stage, stage_key(cfg, stage, inputs), inputs, None)
-        train_rank(work, trainer_of(stage), rank, world, device)
+        work = Work(cfg, cfg.store.open(), trainer.stage, stage_key(cfg, trainer.stage, inputs), inputs, None)
+        trainer(work, device, rank, world).run()
         dist.barrier()  # leave together: a rank that tears down its process group early can abort the others
     finally:
         dist.destroy_process_group()

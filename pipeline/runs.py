@@ -27,6 +27,11 @@ def _flow_run_id() -> str | None:
     return flow_run.get_id()
 
 
+def _lineage() -> dict[str, str | None]:
+    """The tags that link a stage's run to the pipeline's MLflow run and the Prefect flow run (None: not in one)."""
+    return {"mlflow.parentRunId": PARENT_RUN.get(), "prefect.flow_run_id": _flow_run_id()}
+
+
 def deployment_config(cfg: Config) -> Config:
     """In a flow run of a deployment, `cfg` merged over the deployment's own `cfg` parameter; elsewhere `cfg`.
     Prefect replaces a parameter whole, so without this a run that sets only `transformer.depth` would train the
@@ -61,9 +66,8 @@ def stage_run(cfg: Config, store: ArtifactStore, stage: str, key: str, params: d
     resolved config as `config.yaml`. Use it as a context manager: it closes FINISHED, or FAILED with the error
     in its `error` tag."""
     run = StageRun(tracking_uri(cfg.tracking.uri, store), cfg.tracking.experiment, store, f"{stage}-{key}",
-                   stage=stage, key=key, parent_run_id=PARENT_RUN.get(), flow_run_id=_flow_run_id(),
-                   source=cfg.tracking.source,
-                   tags={"cached": "false", **{f"input.{s}": r.key for s, r in inputs.items()}})
+                   stage=stage, key=key, source=cfg.tracking.source,
+                   tags={"cached": "false", **{f"input.{s}": r.key for s, r in inputs.items()}, **_lineage()})
     run.log_params(flatten(params))
     run.log_text(config_yaml(cfg), "config.yaml")
     log.info("MLflow run %s (stage %s, key %s)", run.run_id, stage, key)
@@ -73,16 +77,15 @@ def stage_run(cfg: Config, store: ArtifactStore, stage: str, key: str, params: d
 def record_reuse(cfg: Config, store: ArtifactStore, stage: str, key: str) -> None:
     """Inside a pipeline run, a reused stage is a short child run tagged `cached=true` and linked to the run
     that made the artifact (`source_run_id`), so the MLflow run table shows which stages ran."""
-    if not (parent := PARENT_RUN.get()):
+    if not PARENT_RUN.get():
         return
     uri = tracking_uri(cfg.tracking.uri, store)
     source = (producer_run(uri, cfg.tracking.experiment, stage, key) or (None,))[0]
     note = f"Reused the finished artifact `{stage}/{key}` " + (
         f"made by run {source}." if source else "(its run is not in this tracking store).")
     StageRun(uri, cfg.tracking.experiment, store, f"(cached) {stage}-{key}", stage=stage, key=key,
-             parent_run_id=parent, flow_run_id=_flow_run_id(), source=cfg.tracking.source,
-             tags={"cached": "true", "source_run_id": source or "not in this tracking store",
-                   "mlflow.note.content": note}).end()
+             source=cfg.tracking.source, tags={"cached": "true", "source_run_id": source or "not in this tracking store",
+                                               "mlflow.note.content": note, **_lineage()}).end()
 
 
 HEADLINE = ("faithfulness.top1.overall.all", "faithfulness.random.overall.all",
@@ -118,7 +121,7 @@ def pipeline_run(cfg: Config, stages: list[str]) -> Iterator[dict]:
 
     store = cfg.store.open()
     run = StageRun(tracking_uri(cfg.tracking.uri, store), cfg.tracking.experiment, store, "pipeline",
-                   stage="pipeline", flow_run_id=_flow_run_id(), tags={"stages": ",".join(stages)},
+                   stage="pipeline", tags={"stages": ",".join(stages), "prefect.flow_run_id": _flow_run_id()},
                    source=cfg.tracking.source)
     run.log_params(flatten(cfg.model_dump(mode="json")))
     run.log_text(config_yaml(cfg), "config.yaml")

@@ -1,6 +1,6 @@
 """Launching a training stage's DDP ranks through torchrun: `launch_ranks` starts them (`python -m
-torch.distributed.run ... -m pipeline.ddp <stage.json>`, the file holding the stage, the run config, its inputs'
-artifacts and the pipeline's MLflow run) and reports their failure in one line. The rank itself is pipeline/ddp.py.
+torch.distributed.run ... -m pipeline.ddp <stage.json>`, the file holding the stage's trainer class, the run config,
+its inputs' artifacts and the pipeline's MLflow run) and reports their failure in one line. The rank itself is pipeline/ddp.py.
 
 One machine: `torchrun --standalone`. Several (`train.nnodes` > 1): the same command runs on every machine and
 they meet at `runner.rdzv_endpoint` (c10d rendezvous). NCCL on GPUs, gloo on CPUs.
@@ -38,16 +38,17 @@ def torchrun_args(cfg: Config, stage: str) -> list[str]:
             f"--rdzv-endpoint={runner.rdzv_endpoint}", f"--rdzv-id={runner.rdzv_id}-{stage}"]
 
 
-def launch_ranks(cfg: Config, stage: str, inputs: dict) -> None:
-    """Run the stage's ranks through torchrun. Their log lines go to this process's log; everything they print
-    goes to a file, whose path a failure names: a rank's own error is raised again as its class when it is one
+def launch_ranks(cfg: Config, trainer: type, inputs: dict) -> None:
+    """Run a `StageTrainer`'s ranks through torchrun (the class is named in the file they read). Their log lines
+    go to this process's log; everything they print goes to a file, whose path a failure names: a rank's own error is raised again as its class when it is one
     of this project's (`TrainingError: training diverged ...`, one line), else RuntimeError naming it."""
+    stage = trainer.stage
     train_cfg = getattr(cfg, stage).train
     fd, output = tempfile.mkstemp(prefix=f"dalle-ddp-{stage}-", suffix=".log")
     with tempfile.TemporaryDirectory() as tmp, os.fdopen(fd, "w") as out:
         spec = os.path.join(tmp, "stage.json")
         with open(spec, "w") as f:
-            json.dump({"stage": stage, "config": cfg.model_dump(mode="json"),
+            json.dump({"trainer": f"{trainer.__module__}:{trainer.__qualname__}", "config": cfg.model_dump(mode="json"),
                        "inputs": {s: r.__dict__ for s, r in inputs.items()}, "parent_run": PARENT_RUN.get(),
                        "flow_run": _flow_run_id()}, f)
         cmd = [sys.executable, "-m", "torch.distributed.run", *torchrun_args(cfg, stage), "-m", "pipeline.ddp", spec]

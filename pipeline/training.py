@@ -1,23 +1,29 @@
-"""The one training stage: `train_stage` launches it (in this process, or as DDP ranks through torchrun) and
-`train_rank` runs one rank of it, with what a stage supplies as a `Trainer` (its model, step, input stream,
-validation and files). Checkpoints in pipeline/checkpoints.py; the loop itself in dalle_core/train.py."""
+"""The one training stage: `train_stage` launches it (in this process, or as DDP ranks through torchrun) and a
+`StageTrainer` runs one rank of it: the recipe a trained model names (its model, input stream, step, validation
+and files). Checkpoints in pipeline/checkpoints.py; the loop itself in dalle_core/train.py."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
-from typing import Any
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
 
 from dalle_core.device import prefetch_to_device, resolve_device
-from dalle_core.loader import Decode, ShardStream
+from dalle_core.loader import Decode, ShardStream, StreamOrder
 from dalle_core.train import FitHooks, FitResult, FitState, StepFn, TrainConfig, fit, make_optimizer
 from pipeline.artifacts import ArtifactRef, Work, run_stage
 from pipeline.checkpoints import drop_checkpoints, load_checkpoint, save_checkpoint
 from pipeline.config import Config
-from pipeline.fine_tuning import source_note, source_tags
+from pipeline.fine_tuning import source_note, source_tags, start_model
 from pipeline.logs import log, progress
 from pipeline.runs import stage_run
+from pipeline.source_fit import check_fine_tuning
+from pipeline.stage_table import stage_keys
 from pipeline.torchrun import launch_ranks
 from storage.parquet import ParquetShards
 from storage.store import ArtifactStore
@@ -26,160 +32,173 @@ from storage.tracking import StageRun
 # ------------------------------------------------------------ input streams
 
 def batch_stream(cfg: Config, store: ArtifactStore, paths: list[str], columns: list[str], decode: Decode,
-                 batch_size: int, device, *, shuffle: bool = True, seed: int = 0, window_rows: int = 4096,
-                 rank: int = 0, world: int = 1, start_batch: int = 0) -> Iterator[dict]:
-    """Batches from Parquet shards on `device`: decoded in `runner.loader_workers` processes, pinned
-    and copied ahead on GPUs; training streams (shuffle) are endless and start at `start_batch`."""
-    stream = ShardStream(ParquetShards(store), paths, columns, decode, batch_size, shuffle=shuffle, seed=seed,
-                         window_rows=window_rows, rank=rank, world=world, start_batch=start_batch)
+                 batch_size: int, device, order: StreamOrder = StreamOrder()) -> Iterator[dict]:
+    """Batches from Parquet shards on `device`, in `order` (`IN_ORDER` for evaluation): decoded in
+    `runner.loader_workers` processes, pinned and copied ahead on GPUs; training streams (shuffled) are endless."""
+    stream = ShardStream(ParquetShards(store), paths, columns, decode, batch_size, order)
     return prefetch_to_device(stream.batches(cfg.runner.loader_workers, pin_memory=device.type == "cuda"), device)
 
 
-# ------------------------------------------------------------ one rank's training
+# ------------------------------------------------------------ a trained model's recipe
 
-@dataclass
-class Training:
-    """One rank's side of a training stage: the model (and its DDP wrapper), optimizer, where it resumes."""
+class StageTrainer:
+    """One trained model's recipe for the training stage, as minGPT's trainer takes a model and callbacks: a
+    subclass per model (`tasks/dvae.py` DVAETrainer, `tasks/transformer.py` TransformerTrainer, `tasks/clip.py`
+    CLIPTrainer) names its parts, and `run()` is the same for every stage: every rank trains; rank 0 opens the
+    stage's MLflow run, logs, validates every `train.val_every` steps (and at step 0 when fine-tuning),
+    checkpoints, and writes the artifact.
 
-    store: ArtifactStore
-    stage: str
-    key: str
-    model: object
-    wrapped: object
-    optimizer: object
-    train_cfg: TrainConfig
-    device: object
-    rank: int
-    world: int
-    start: int
-    elapsed_s: float
-    losses: list[tuple[int, float]] = field(default_factory=list)  # (step, training loss) at each log step
+    A subclass sets `stage` (and `unit`, what its throughput counts) and defines `model` (built, untrained),
+    `batches`, `step`, `validate`, `files` and `report`; `describe`, `fit_hooks`, `every`, `on_start`, `on_end`,
+    `logged_as` and `manifest` are optional. `init_from` is checked against the run, then loaded, by `run()`."""
 
-    @classmethod
-    def prepare(cls, store: ArtifactStore, stage: str, key: str, model, train_cfg: TrainConfig,
-                device, rank: int = 0, world: int = 1) -> Training:
-        """Model to the device, optimizer, resume from the latest checkpoint, DDP wrapper when world > 1."""
-        model = model.to(device)
-        optimizer = make_optimizer(model, train_cfg)
-        start, info = load_checkpoint(store, stage, key, model, optimizer)
+    stage: ClassVar[str]
+    unit: ClassVar[str] = "images"
+    seq_len: int | None = None  # the longest sequence the model attends over (picks the CPU bf16 attention kernel)
+
+    def __init__(self, w: Work, device, rank: int = 0, world: int = 1):
+        self.w, self.cfg, self.store, self.device, self.rank, self.world = w, w.cfg, w.store, device, rank, world
+        self.section = getattr(w.cfg, self.stage)
+        self.train_cfg: TrainConfig = self.section.train
+        self.losses: list[tuple[int, float]] = []  # (step, training loss) at each logged step
+
+    # --- the parts a stage names
+    def model(self) -> nn.Module:
+        raise NotImplementedError
+
+    def batches(self, start_step: int) -> Iterator[dict]:
+        """This rank's endless training stream, from where a run resumed at `start_step`."""
+        raise NotImplementedError
+
+    def step(self, model) -> StepFn:
+        raise NotImplementedError
+
+    def validate(self, model) -> dict[str, float]:
+        raise NotImplementedError
+
+    def files(self, model, metrics: dict) -> dict[str, bytes | dict]:
+        """The artifact's files of the trained model: {name: bytes, or a dict written as JSON}."""
+        raise NotImplementedError
+
+    def report(self, metrics: dict) -> str:
+        """The final val metrics, for the log line."""
+        raise NotImplementedError
+
+    def describe(self, metrics: dict) -> str:
+        """The training log line's stage-specific part."""
+        return ""
+
+    def fit_hooks(self, model) -> dict:
+        """`FitHooks`' before_step / after_step for this model."""
+        return {}
+
+    def every(self, model, run: StageRun) -> tuple:
+        """((every_n_steps, fn(step)), ...) besides validation."""
+        return ()
+
+    def on_start(self, run: StageRun) -> None:
+        """Extra tags or params, once the stage's MLflow run is open."""
+
+    def on_end(self, model) -> None:
+        """Before the final validation (a VQGAN drops its discriminator)."""
+
+    def logged_as(self, name: str, step: int) -> str:
+        """A picture's path in the MLflow run."""
+        return name
+
+    def manifest(self, model) -> dict:
+        return {}
+
+    def stream(self, paths: list[str], columns: list[str], decode: Decode, start_step: int) -> Iterator[dict]:
+        """The training stream most stages want: `paths` shuffled within `shuffle_buffer` rows, this rank's share,
+        from `start_step` on."""
+        t = self.train_cfg
+        return batch_stream(self.cfg, self.store, paths, columns, decode, t.batch_size, self.device, StreamOrder(
+            seed=t.seed, window_rows=self.section.shuffle_buffer, rank=self.rank, world=self.world,
+            start_batch=start_step * t.grad_accum))
+
+    # --- the same for every stage
+    def run(self) -> None:
+        """Train this rank; on rank 0 also track, validate, checkpoint and write the artifact."""
+        w, t = self.w, self.train_cfg
+        check_fine_tuning(self.cfg, [self.stage], self.store, {**stage_keys(self.cfg), **{
+            stage: ref.key for stage, ref in w.inputs.items()}})  # with the keys of the inputs in hand, before any work
+        torch.manual_seed(t.seed)
+        model = self.model()
+        start = start_model(self.cfg, self.stage, model, self.store)
+        model = model.to(self.device)
+        optimizer = make_optimizer(model, t)
+        start_step, info = load_checkpoint(self.store, self.stage, w.key, model, optimizer)
         wrapped = model
-        if world > 1:
+        if self.world > 1:
             from torch.nn.parallel import DistributedDataParallel
 
-            wrapped = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
-        return cls(store, stage, key, model, wrapped, optimizer, train_cfg, device, rank, world, start,
-                   float(info.get("elapsed_s", 0.0)))
+            wrapped = DistributedDataParallel(model, device_ids=[self.device] if self.device.type == "cuda" else None)
+        state = FitState(start_step, float(info.get("elapsed_s", 0.0)), self.device, self.seq_len, self.world)
+        batches = self.batches(start_step)
+        if self.rank != 0:  # workers only train; rank 0 reports and checkpoints
+            fit(wrapped, batches, t, optimizer, self.step(model), FitHooks(**self.fit_hooks(model), unit=self.unit),
+                state)
+            return
+        params = {**self.section.model_dump(mode="json"), "num_params": sum(p.numel() for p in model.parameters()),
+                  "trainable_params": start.trainable, "world_size": self.world}
+        with stage_run(self.cfg, self.store, self.stage, w.key, params, w.inputs) as run:
+            w.run = run
+            log.info("%s/%s: %s", self.stage, w.key, start.describe())
+            tags = source_tags(self.cfg, start.source, self.store) if start.source else {}
+            if tags:
+                run.set_tags({**tags, "mlflow.note.content": source_note(tags)})
+            self.on_start(run)
+            if start.source and start_step == 0:  # the source on this data: where the fine-tune's curve starts
+                run.log_metrics(self.validate(model), 0)
+            result = self._fit(model, wrapped, optimizer, batches, run, state)
+            report = how_far(result, t, self.losses, train_rows(w), self.world)
+            log.info("%s/%s: %s", self.stage, w.key, report.line(self.stage))
+            run.log_metrics(report.metrics(), result.step)
+            run.set_tags({"how_far": report.line(self.stage), "stopped_by": result.stopped_by,
+                          "steps_done": str(result.step), "steps_planned": str(t.max_steps),
+                          "resumed_from_step": str(start_step), "device": str(self.device),
+                          "world_size": str(self.world)})
+            self.on_end(model)
+            metrics = self.validate(model)
+            run.log_metrics(metrics, result.step)
+            log.info("%s/%s: %s", self.stage, w.key, self.report(metrics))
+            w.write_files(self.files(model, metrics), lambda name: self.logged_as(name, result.step))
+            w.store.write_json(w.path("metrics.json"), {**metrics, "steps": result.step})
+            drop_checkpoints(w.store, self.stage, w.key)
+            w.finish(config=self.section.model_dump(mode="json"), steps=result.step, world_size=self.world,
+                     metrics=metrics, num_params=params["num_params"], how_far=asdict(report), **self.manifest(model),
+                     **start.manifest(tags))
 
-    def fit(self, batches, step_fn: StepFn, run: StageRun | None, describe: Callable[[dict], str] = lambda m: "",
-            validate: Callable[[], dict] | None = None, every: tuple = (), **kwargs) -> FitResult:
-        """Run the training loop; rank 0 logs to MLflow and the Prefect log and writes checkpoints.
+    def _fit(self, model, wrapped, optimizer, batches, run: StageRun, state: FitState) -> FitResult:
+        """Rank 0's loop: MLflow metrics and the log's meter at log steps (a wall-clock budget that ends sooner
+        than the steps is named), val metrics every `val_every` steps, checkpoints."""
+        t, start_step = self.train_cfg, state.start_step
+        meter = progress(f"train-{self.stage}", t.max_steps - start_step, "steps")
+        budget_s, began = (t.max_minutes or 0) * 60 - state.elapsed_s, time.perf_counter()
 
-        `validate()` -> val metrics, logged every `train.val_every` steps, so they are curves in MLflow. The
-        log line's meter counts the steps to `max_steps`; a wall-clock budget that ends sooner is named."""
-        import time
+        def log_step(step: int, metrics: dict) -> None:
+            run.log_metrics(metrics, step)
+            self.losses.append((step, float(metrics["loss"])))
+            elapsed = time.perf_counter() - began
+            left, steps_left = budget_s - elapsed, meter.total - (step - start_step)
+            by_steps = steps_left * elapsed / max(step - start_step, 1)  # the meter's own ETA
+            stops = f" (the time budget ends it in {int(left // 60)}m{int(left % 60):02d}s)" \
+                if t.max_minutes and left < by_steps else ""
+            meter.set_postfix_str(f"loss {metrics['loss']:.4f} {self.describe(metrics)}{stops}", refresh=False)
+            meter.update(step - start_step - meter.n)
 
-        log_fn = checkpoint = None
-        if validate is not None and run is not None and self.train_cfg.val_every:
-            every = (*every, (self.train_cfg.val_every, lambda step: run.log_metrics(validate(), step)))
-        if self.rank == 0:
-            assert run is not None
-            meter = progress(f"train-{self.stage}", self.train_cfg.max_steps - self.start, "steps")
-            budget_s = (self.train_cfg.max_minutes or 0) * 60 - self.elapsed_s
-            began = time.perf_counter()
+        def checkpoint(step: int, elapsed_s: float) -> None:
+            save_checkpoint(self.store, self.stage, self.w.key, model, optimizer, step, {"elapsed_s": elapsed_s})
 
-            def log_fn(step: int, metrics: dict) -> None:
-                run.log_metrics(metrics, step)
-                self.losses.append((step, float(metrics["loss"])))
-                elapsed = time.perf_counter() - began
-                left, steps_left = budget_s - elapsed, meter.total - (step - self.start)
-                by_steps = steps_left * elapsed / max(step - self.start, 1)  # the meter's own ETA
-                stops = f" (the time budget ends it in {int(left // 60)}m{int(left % 60):02d}s)" \
-                    if self.train_cfg.max_minutes and left < by_steps else ""
-                meter.set_postfix_str(f"loss {metrics['loss']:.4f} {describe(metrics)}{stops}", refresh=False)
-                meter.update(step - self.start - meter.n)
-
-            def checkpoint(step: int, elapsed_s: float) -> None:
-                save_checkpoint(self.store, self.stage, self.key, self.model, self.optimizer, step,
-                                {"elapsed_s": elapsed_s})
-
-        hooks = FitHooks(log_fn, checkpoint, every=every, **{k: v for k, v in kwargs.items() if k != "seq_len"})
-        state = FitState(self.start, self.elapsed_s, self.device, kwargs.get("seq_len"), self.world)
-        result = fit(self.wrapped, batches, self.train_cfg, self.optimizer, step_fn, hooks, state)
-        if self.rank == 0:
+        every = self.every(model, run)
+        if t.val_every:
+            every = (*every, (t.val_every, lambda step: run.log_metrics(self.validate(model), step)))
+        hooks = FitHooks(log_step, checkpoint, every=every, unit=self.unit, **self.fit_hooks(model))
+        try:
+            return fit(wrapped, batches, t, optimizer, self.step(model), hooks, state)
+        finally:
             meter.close()
-        if run is not None:
-            run.set_tags({"stopped_by": result.stopped_by, "steps_done": str(result.step),
-                          "steps_planned": str(self.train_cfg.max_steps), "resumed_from_step": str(self.start),
-                          "device": str(self.device), "world_size": str(self.world)})
-        return result
-
-
-# ------------------------------------------------------------ one training stage
-
-@dataclass
-class Trainer:
-    """What a training stage supplies to `train_rank`: its model (built, with `init_from`'s weights and
-    `train.freeze` applied: `start`), the rank's input stream from where the run resumes, the step, the val
-    metrics of a model, and the artifact's files; the rest is the same for every stage."""
-
-    model: Any
-    start: Any  # pipeline.fine_tuning.Start
-    batches: Callable[[Training], Iterator[dict]]
-    step: StepFn
-    validate: Callable[[Any], dict]
-    files: Callable[[Any, dict], dict[str, bytes | dict]]  # (trained model, final val metrics) -> {name: content}
-    report: Callable[[dict], str]  # the final val metrics, for the log line
-    describe: Callable[[dict], str] = lambda m: ""  # the training log line's stage-specific part
-    fit_args: dict = field(default_factory=dict)
-    manifest: dict = field(default_factory=dict)
-    every: Callable[[Any, StageRun], tuple] = lambda model, run: ()  # (every_n_steps, fn(step)) pairs
-    on_start: Callable[[StageRun], None] = lambda run: None  # extra tags or params
-    on_end: Callable[[Any], None] = lambda model: None  # before the final validation (drop a discriminator)
-    logged_as: Callable[[str, int], str] = lambda name, step: name  # a picture's path in the MLflow run
-
-
-def train_rank(w: Work, build: Callable[..., Trainer], rank: int = 0, world: int = 1, device=None) -> None:
-    """One rank of a training stage (world == 1: the single-process case): `build(work, device, rank, world)` gives the
-    stage's Trainer; every rank trains, rank 0 opens the stage's MLflow run, logs, validates every
-    `train.val_every` steps (and at step 0 when fine-tuning), checkpoints, and writes the artifact."""
-    import torch
-
-    section = getattr(w.cfg, w.stage)
-    device = device or resolve_device(w.cfg.runner.device)
-    torch.manual_seed(section.train.seed)
-    t = build(w, device, rank, world)
-    training = Training.prepare(w.store, w.stage, w.key, t.model, section.train, device, rank, world)
-    batches = t.batches(training)
-    if rank != 0:  # workers only train; rank 0 reports and checkpoints
-        training.fit(batches, t.step, None, **t.fit_args)
-        return
-    model = training.model
-    params = {**section.model_dump(mode="json"), "num_params": sum(p.numel() for p in model.parameters()),
-              "trainable_params": t.start.trainable, "world_size": world}
-    with stage_run(w.cfg, w.store, w.stage, w.key, params, w.inputs) as run:
-        w.run = run
-        log.info("%s/%s: %s", w.stage, w.key, t.start.describe())
-        tags = source_tags(w.cfg, t.start.source, w.store) if t.start.source else {}
-        if tags:
-            run.set_tags({**tags, "mlflow.note.content": source_note(tags)})
-        t.on_start(run)
-        if t.start.source and training.start == 0:  # the source on this data: where the fine-tune's curve starts
-            run.log_metrics(t.validate(model), 0)
-        result = training.fit(batches, t.step, run, t.describe, lambda: t.validate(model), every=t.every(model, run),
-                              **t.fit_args)
-        report = how_far(result, section.train, training.losses, train_rows(w), world)
-        log.info("%s/%s: %s", w.stage, w.key, report.line(w.stage))
-        run.log_metrics(report.metrics(), result.step)
-        run.set_tags({"how_far": report.line(w.stage)})
-        t.on_end(model)
-        metrics = t.validate(model)
-        run.log_metrics(metrics, result.step)
-        log.info("%s/%s: %s", w.stage, w.key, t.report(metrics))
-        w.write_files(t.files(model, metrics), lambda name: t.logged_as(name, result.step))
-        w.store.write_json(w.path("metrics.json"), {**metrics, "steps": result.step})
-        drop_checkpoints(w.store, w.stage, w.key)
-        w.finish(config=section.model_dump(mode="json"), steps=result.step, world_size=world, metrics=metrics,
-                 num_params=params["num_params"], how_far=asdict(report), **t.manifest, **t.start.manifest(tags))
 
 
 @dataclass
@@ -251,24 +270,17 @@ def train_rows(w: Work) -> int | None:
 
 # ------------------------------------------------------------ the launch
 
-def train_stage(cfg: Config, stage: str, inputs: dict[str, ArtifactRef]) -> ArtifactRef:
-    """A training stage: reuse a finished artifact, else train in this process, or launch `train.nproc` DDP
-    processes per machine through torchrun (pipeline/torchrun.py); rank 0 opens the stage's MLflow run and writes the
-    artifact."""
-    train_cfg = getattr(cfg, stage).train
+def train_stage(cfg: Config, trainer: type[StageTrainer], inputs: dict[str, ArtifactRef]) -> ArtifactRef:
+    """A training stage: reuse a finished artifact, else run `trainer` in this process, or launch `train.nproc` DDP
+    processes per machine through torchrun (pipeline/torchrun.py); rank 0 opens the stage's MLflow run and writes
+    the artifact."""
+    train_cfg = getattr(cfg, trainer.stage).train
 
     def launch(w: Work) -> dict:
         if train_cfg.nproc == 1 and train_cfg.nnodes == 1:
-            train_rank(w, trainer_of(stage))
+            trainer(w, resolve_device(cfg.runner.device)).run()
         else:
-            launch_ranks(cfg, stage, inputs)
+            launch_ranks(cfg, trainer, inputs)
         return {}
 
-    return run_stage(cfg, stage, inputs, launch, mlflow_run=False, claim=train_cfg.nnodes == 1)
-
-
-def trainer_of(stage: str) -> Callable[..., Trainer]:
-    """The stage module's `trainer(work, device, rank, world) -> Trainer`."""
-    import importlib
-
-    return importlib.import_module(f"tasks.{stage}").trainer
+    return run_stage(cfg, trainer.stage, inputs, launch, mlflow_run=False, claim=train_cfg.nnodes == 1)

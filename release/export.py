@@ -25,7 +25,7 @@ from pipeline.stage_table import stage_keys
 from release.model_card import data_licence, headline_metrics, model_card
 from storage.parquet import val_rows
 from storage.store import ArtifactStore
-from storage.tracking import _client, code_version, producer_run, tracking_uri
+from storage.tracking import StageRun, _client, code_version, producer_run, tracking_uri
 
 MODEL_STAGES = ("transformer", "dvae", "bpe", "clip")
 
@@ -147,7 +147,7 @@ def register_export(cfg: Config, export: Export, name: str):
 
     # MLflow's pyfunc and registry modules load MLflow and pandas: only `--register` pays for them
     from release.mlflow_model import ARTIFACT, DALLEPyfunc, requirements, signature
-    from release.registry import register_pyfunc
+    from release.registry import check_model_name, register_pyfunc
 
     store, keys = cfg.store.open(), export.keys
     uri = tracking_uri(cfg.tracking.uri, store)
@@ -159,8 +159,11 @@ def register_export(cfg: Config, export: Export, name: str):
                    f"made by {made_by}. Serve it: `mlflow models serve -m models:/{name}/<version> --env-manager "
                    "local`. Its model card is the README.md of the exported folder in the model's artifacts.")
     example = (pd.DataFrame({"prompt": ["a red circle"]}), {"num_candidates": 2})
-    return register_pyfunc(uri, cfg.tracking.experiment, store, name, keys["transformer"], python_model=DALLEPyfunc(),
-                           artifacts={ARTIFACT: export.folder}, signature=signature(idx["sampling"]),
-                           pip_requirements=requirements(), source_runs=runs,
-                           params=flatten({"generate": idx["sampling"], "stage_keys": idx["source"]["stage_keys"]}),
-                           metrics=idx.get("metrics", {}), description=description, input_example=example)
+    pyfunc = {"python_model": DALLEPyfunc(), "artifacts": {ARTIFACT: export.folder},
+              "signature": signature(idx["sampling"]), "pip_requirements": requirements(), "input_example": example}
+    check_model_name(name)
+    with StageRun(uri, cfg.tracking.experiment, store, f"export-{keys['transformer']}", stage="export",
+                  key=keys["transformer"]) as run:
+        run.log_params(flatten({"generate": idx["sampling"], "stage_keys": idx["source"]["stage_keys"]}))
+        run.log_metrics(idx.get("metrics", {}))
+        return register_pyfunc(run, name, pyfunc, runs, description)

@@ -17,14 +17,9 @@ import mlflow.pyfunc
 import numpy as np
 import pandas as pd
 
-from dalle_core.generate import (
-    MAX_CANDIDATES,
-    SAMPLING_DEFAULTS,
-    DALLEPipeline,
-    EditRequest,
-    GenerationError,
-)
+from dalle_core.generate import MAX_CANDIDATES, DALLEPipeline, EditRequest
 from dalle_core.images import png_bytes
+from dalle_core.sampling import SAMPLING_DEFAULTS, GenerationError
 
 ARTIFACT = "model_dir"  # the exported folder's name among the pyfunc model's artifacts
 DEVICE_ENV = "DALLE_DEVICE"  # where a served model runs: auto (default) | cpu | cuda | cuda:N

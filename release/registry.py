@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from storage.store import ArtifactStore
 from storage.tracking import StageRun, TrackingError, _client, one_line_error, valid_name
 
 
@@ -31,45 +30,36 @@ def check_model_name(name: str) -> str:
     return name
 
 
-def register_pyfunc(uri: str, experiment: str, store: ArtifactStore, name: str, key: str, *, python_model,
-                    artifacts: dict[str, str], signature, pip_requirements: list[str],
-                    source_runs: dict[str, str | None], params: dict, metrics: dict[str, float],
-                    description: str, input_example=None) -> RegisteredModel:
-    """Log `artifacts` (the model folder) with `python_model` as an MLflow pyfunc model in a new run `export-<key>`
-    (params, headline metrics, tags `source_run.<stage>`), register it as a new version of `name`, and link it to
-    the stage runs that made it: the version carries their ids as tags and each of them gets a `registered_model`
-    tag naming the version. TrackingError (one line) when MLflow refuses."""
+def register_pyfunc(run: StageRun, name: str, pyfunc: dict, source_runs: dict[str, str | None],
+                    description: str) -> RegisteredModel:
+    """Log a pyfunc model (`pyfunc`: `mlflow.pyfunc.log_model`'s python_model, artifacts, signature,
+    pip_requirements and input_example) in the open `run` (tags `source_run.<stage>`), register it as a new
+    version of `name`, and link it to the stage runs that made it: the version carries their ids as tags and each
+    of them gets a `registered_model` tag naming the version. The caller ends `run` (a StageRun's `with`).
+    TrackingError (one line) when MLflow refuses."""
     import mlflow
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one line per file otherwise
-    check_model_name(name)
-    client = _client(uri)
+    client = _client(run.uri)
     links = {f"source_run.{stage}": run_id for stage, run_id in source_runs.items() if run_id}
-    run = StageRun(uri, experiment, store, f"export-{key}", stage="export", key=key,
-                   tags={"registered_model_name": name, **links, "mlflow.note.content": description})
     previous = mlflow.get_tracking_uri()
     try:
-        run.log_params(params)
-        run.log_metrics(metrics)
-        mlflow.set_tracking_uri(uri)  # log_model works on the global URI and active run
+        run.set_tags({"registered_model_name": name, **links, "mlflow.note.content": description})
+        mlflow.set_tracking_uri(run.uri)  # log_model works on the global URI and active run
         with mlflow.start_run(run_id=run.run_id):
-            info = mlflow.pyfunc.log_model(name="model", python_model=python_model, artifacts=artifacts,
-                                           signature=signature, input_example=input_example,
-                                           pip_requirements=pip_requirements, registered_model_name=name,
+            info = mlflow.pyfunc.log_model(name="model", **pyfunc, registered_model_name=name,
                                            await_registration_for=60)
         version = str(info.registered_model_version)
         client.update_model_version(name, version, description)
         for tag, run_id in links.items():
             client.set_model_version_tag(name, version, tag, run_id)
             client.set_tag(run_id, valid_name(f"registered_model.{name}"), version)
-        client.set_model_version_tag(name, version, "export_key", key)
+        client.set_model_version_tag(name, version, "export_key", run.key)
         run.set_tags({"registered_model_version": version})
+    except TrackingError:
+        raise
     except Exception as err:
-        run.end(error=err)
-        if isinstance(err, TrackingError):
-            raise
-        raise TrackingError(f"registering model {name!r} in {uri!r} failed: {one_line_error(err)}") from None
+        raise TrackingError(f"registering model {name!r} in {run.uri!r} failed: {one_line_error(err)}") from None
     finally:
         mlflow.set_tracking_uri(previous)
-    run.end()
     return RegisteredModel(name, version, run.run_id)

@@ -24,8 +24,9 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException
 
 from dalle_core.editing import pack
-from dalle_core.generate import MAX_CANDIDATES, MAX_PRIME_PIXELS, DALLEPipeline, GenerationError
+from dalle_core.generate import MAX_CANDIDATES, MAX_PRIME_PIXELS, DALLEPipeline
 from dalle_core.images import png_bytes
+from dalle_core.sampling import GenerationError
 from serve.jobs import Job, JobQueue, QueueFull
 from serve.request import (
     CLIENT_TIMEOUT_S,

@@ -13,7 +13,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from dalle_core.generate import GenerationError
+from dalle_core.sampling import GenerationError
 
 log = logging.getLogger("dalle.serve")
 

@@ -17,14 +17,8 @@ from pydantic import AllowInfNan, BaseModel, ConfigDict, Field, Strict, StrictIn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from dalle_core.editing import EditError, region_edit_mask
-from dalle_core.generate import (
-    DALLEPipeline,
-    EditRequest,
-    SamplingSettings,
-    check_prompts,
-    open_image,
-    typing_args,
-)
+from dalle_core.generate import DALLEPipeline, EditRequest, check_prompts, open_image
+from dalle_core.sampling import SamplingSettings, typing_args
 
 MAX_PRIME_BYTES = 10 * 2**20
 HTTP_NAMES = {"outpaint_image": "edit_image", "variations": "edit_image"}  # one image field for every mode

@@ -275,33 +275,18 @@ def _param_value(v: Any) -> str:
 
 
 class StageRun:
-    """One MLflow run; use as a context manager. Marks FAILED if the block raises."""
+    """One MLflow run; use as a context manager. Marks FAILED if the block raises. `tags` that are None are left
+    out (a run with no parent: `mlflow.parentRunId` None)."""
 
-    def __init__(self, uri: str, experiment: str, store: ArtifactStore, name: str, *,
-                 stage: str | None = None, key: str | None = None, parent_run_id: str | None = None,
-                 flow_run_id: str | None = None, tags: dict[str, str] | None = None, source: str | None = None):
-        self.uri = uri
+    def __init__(self, uri: str, experiment: str, store: ArtifactStore, name: str, *, stage: str | None = None,
+                 key: str | None = None, tags: dict[str, str | None] | None = None, source: str | None = None):
+        self.uri, self.key = uri, key
         self.client = _client(uri)
         exp = experiment_id(uri, experiment, store)
         all_tags = {"mlflow.runName": name, "mlflow.source.type": "LOCAL",
                     "mlflow.source.name": source or "(built-in defaults)", **code_version(), **process_tags(),
-                    **(tags or {})}
-        if stage:
-            all_tags["stage"] = stage
-        if key:
-            all_tags["stage_key"] = key
-        if parent_run_id:
-            all_tags["mlflow.parentRunId"] = parent_run_id
-        if flow_run_id:
-            all_tags["prefect.flow_run_id"] = flow_run_id
+                    **{k: v for k, v in {"stage": stage, "stage_key": key, **(tags or {})}.items() if v}}
         self.run_id = self.client.create_run(exp, run_name=name, tags=all_tags).info.run_id
-
-    @classmethod
-    def attach(cls, uri: str, run_id: str) -> StageRun:
-        """An existing run (e.g. the pipeline's parent run, opened by another task)."""
-        run = cls.__new__(cls)
-        run.uri, run.client, run.run_id = uri, _client(uri), run_id
-        return run
 
     def end(self, failed: bool = False, error: BaseException | str | None = None) -> None:
         """Close the run: FINISHED, or FAILED with the error's first line in the `error` tag."""

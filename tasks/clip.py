@@ -17,16 +17,13 @@ from dalle_core.clip import (
     clip_step,
     recall_at,
 )
-from dalle_core.loader import DecodeCaptioned, decode_images
+from dalle_core.loader import IN_ORDER, DecodeCaptioned, decode_images
 from dalle_core.model_folder import clip_checkpoint
 from pipeline.artifacts import ArtifactRef, Work, run_name, run_stage
 from pipeline.config import Config
-from pipeline.fine_tuning import start_model
 from pipeline.logs import log
 from pipeline.models import load_reranker, load_tokenizer
-from pipeline.source_fit import check_fine_tuning
-from pipeline.stage_table import stage_keys
-from pipeline.training import Trainer, batch_stream, train_stage
+from pipeline.training import StageTrainer, batch_stream, train_stage
 from storage.parquet import shard_paths
 from storage.store import ArtifactStore
 
@@ -38,7 +35,7 @@ def train_clip(cfg: Config, ingest: ArtifactRef, bpe: ArtifactRef) -> ArtifactRe
     inputs = {"ingest": ingest, "bpe": bpe}
     if cfg.clip.pretrained:
         return run_stage(cfg, "clip", inputs, _pretrained, cfg.clip.model_dump(mode="json"))
-    return train_stage(cfg, "clip", inputs)
+    return train_stage(cfg, CLIPTrainer, inputs)
 
 
 def _pretrained(w: Work) -> dict:
@@ -52,7 +49,7 @@ def _val_recall(model, model_cfg: CLIPConfig, tokenizer: TextTokenizer, cfg: Con
     """Image<->caption retrieval recall over the first `limit` val images."""
     reranker = CLIPReranker.ours(model, model_cfg, tokenizer)
     emb_i, captions = [], []
-    for batch in batch_stream(cfg, store, paths, ["image", "caption"], decode_images, 256, device, shuffle=False):
+    for batch in batch_stream(cfg, store, paths, ["image", "caption"], decode_images, 256, device, IN_ORDER):
         emb_i.append(reranker.embed_images(batch["image"]))
         captions += batch["caption"]
         if len(captions) >= limit:
@@ -62,31 +59,42 @@ def _val_recall(model, model_cfg: CLIPConfig, tokenizer: TextTokenizer, cfg: Con
     return {**recall_at(emb_i.cpu(), emb_t.cpu(), captions), "val_chance_recall_at_1": chance_recall(captions)}
 
 
-def trainer(w: Work, device, rank: int = 0, world: int = 1) -> Trainer:
-    """CLIP's part of the training stage: the contrastive loss over (image, caption) batches, its logit scale
-    clamped after each step, val retrieval recall@1 both ways."""
-    cfg, store, section, train_cfg = w.cfg, w.store, w.cfg.clip, w.cfg.clip.train
-    tokenizer = load_tokenizer(store, w.inputs["bpe"].key, cfg.text.text_len)
-    check_fine_tuning(cfg, ["clip"], store, {**stage_keys(cfg), "bpe": w.inputs["bpe"].key})  # before any work
-    mcfg = section.clip_config(cfg.data.image_size, tokenizer.vocab_size, cfg.text.text_len, tokenizer.pad_id)
-    model = build_clip(mcfg)
-    start = start_model(cfg, "clip", model, store)
-    train_paths = shard_paths(store, "ingest", w.inputs["ingest"].key, "train")
-    val_paths = shard_paths(store, "ingest", w.inputs["ingest"].key, "val")
-    seq_len = max((mcfg.image_size // mcfg.patch_size) ** 2 + 1, mcfg.text_len + 1)
+class CLIPTrainer(StageTrainer):
+    """CLIP's recipe: the contrastive loss over (image, caption) batches, its logit scale clamped after each step,
+    val retrieval recall@1 both ways."""
 
-    def batches(training) -> object:
-        return batch_stream(cfg, store, train_paths, ["image", "caption"], DecodeCaptioned(tokenizer),
-                            train_cfg.batch_size, device, seed=train_cfg.seed, window_rows=section.shuffle_buffer,
-                            rank=training.rank, world=training.world, start_batch=training.start * train_cfg.grad_accum)
+    stage = "clip"
 
-    def validate(model) -> dict:
-        limit = 256 * train_cfg.val_batches if train_cfg.val_batches else 1024
-        return _val_recall(model, mcfg, tokenizer, cfg, store, val_paths, device, limit)
+    def __init__(self, w: Work, device, rank: int = 0, world: int = 1):
+        super().__init__(w, device, rank, world)
+        self.tokenizer = load_tokenizer(self.store, w.inputs["bpe"].key, self.cfg.text.text_len)
+        self.mcfg = self.section.clip_config(self.cfg.data.image_size, self.tokenizer.vocab_size,
+                                             self.cfg.text.text_len, self.tokenizer.pad_id)
+        self.seq_len = max((self.mcfg.image_size // self.mcfg.patch_size) ** 2 + 1, self.mcfg.text_len + 1)
 
-    return Trainer(model, start, batches, clip_step(mcfg, rank, world), validate,
-                   lambda model, m: {"model.safetensors": clip_checkpoint(model, mcfg, tokenizer)},
-                   lambda m: f"val recall@1 image->text {m['val_i2t_recall_at_1']:.2f}, text->image "
-                   f"{m['val_t2i_recall_at_1']:.2f} (chance {m['val_chance_recall_at_1']:.3f})",
-                   fit_args={"after_step": lambda step: clamp_logit_scale(model), "seq_len": seq_len,
-                             "unit": "images"})
+    def paths(self, split: str) -> list[str]:
+        return shard_paths(self.store, "ingest", self.w.inputs["ingest"].key, split)
+
+    def model(self):
+        return build_clip(self.mcfg)
+
+    def batches(self, start_step: int):
+        return self.stream(self.paths("train"), ["image", "caption"], DecodeCaptioned(self.tokenizer), start_step)
+
+    def step(self, model):
+        return clip_step(self.mcfg, self.rank, self.world)
+
+    def fit_hooks(self, model) -> dict:
+        return {"after_step": lambda step: clamp_logit_scale(model)}
+
+    def validate(self, model) -> dict:
+        limit = 256 * self.train_cfg.val_batches if self.train_cfg.val_batches else 1024
+        return _val_recall(model, self.mcfg, self.tokenizer, self.cfg, self.store, self.paths("val"), self.device,
+                           limit)
+
+    def files(self, model, metrics: dict) -> dict:
+        return {"model.safetensors": clip_checkpoint(model, self.mcfg, self.tokenizer)}
+
+    def report(self, metrics: dict) -> str:
+        return (f"val recall@1 image->text {metrics['val_i2t_recall_at_1']:.2f}, text->image "
+                f"{metrics['val_t2i_recall_at_1']:.2f} (chance {metrics['val_chance_recall_at_1']:.3f})")

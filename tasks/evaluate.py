@@ -126,8 +126,8 @@ def _evaluate(w: Work) -> dict:
     with torch.inference_mode():
         recon = np.concatenate([_reconstruct(pipe, real[i:i + 256]) for i in range(0, len(real), 256)])
     groups = subset_groups(val_subsets, len(train.prompt_captions))
-    report["splits"] = _split_metrics(pipe, groups, captions, n_val, real, recon, np.stack(top1),
-                                      np.stack(random_pick), train, eval_cfg)
+    images = {"real": real, "recon": recon, "top1": np.stack(top1), "random": np.stack(random_pick)}
+    report["splits"] = _split_metrics(pipe, groups, captions, n_val, images, train, eval_cfg)
 
     if all(is_shapes_caption(c) for c in val_captions):
         vc = val_captions
@@ -193,10 +193,10 @@ def _reconstruct(pipe: DALLEPipeline, images: np.ndarray) -> np.ndarray:
     return to_uint8(pipe.dvae.decode(pipe.dvae.encode(x)), pipe.normalization.mean, pipe.normalization.std)
 
 
-def _split_metrics(pipe: DALLEPipeline, groups: dict[str, list[int]], captions: list[str], n_val: int, real: np.ndarray,
-                   recon: np.ndarray, top1: np.ndarray, random_pick: np.ndarray, train: TrainSide, eval_cfg
-                   ) -> dict[str, dict]:
-    """Per split: CLIP R-precision (top-1, random candidate, real image), Fréchet distance in CLIP space against
+def _split_metrics(pipe: DALLEPipeline, groups: dict[str, list[int]], captions: list[str], n_val: int,
+                   images: dict[str, np.ndarray], train: TrainSide, eval_cfg) -> dict[str, dict]:
+    """`images`: (n, H, W, 3) uint8 per prompt: `real`, its dVAE reconstruction `recon`, the `top1` candidate and a
+    `random` one. Per split: CLIP R-precision (top-1, random candidate, real image), Fréchet distance in CLIP space against
     half of the real images (with the other real half as the floor), nearest-training-image memorisation in CLIP
     space and in downsampled pixel space (the top-1 and, as the baseline, a random candidate), and the dVAE's
     reconstruction PSNR and SSIM."""
@@ -207,12 +207,13 @@ def _split_metrics(pipe: DALLEPipeline, groups: dict[str, list[int]], captions: 
     def embed(images):
         return torch.cat([pipe.reranker.embed_images(images[i:i + 256]).cpu() for i in range(0, len(images), 256)])
 
-    emb = {"top1": embed(top1), "random": embed(random_pick), "real": embed(real)}
+    real, recon, top1 = images["real"], images["recon"], images["top1"]
+    emb = {k: embed(images[k]) for k in ("top1", "random", "real")}
     nn_index, nn_sim = {}, {}
     for k in ("top1", "real"):
         nn_index[k], nn_sim[k] = nearest_neighbours(emb[k], train.embeddings)
     pixel_index = {"top1": pixel_nearest_neighbours(top1, train.pixels),
-                   "random": pixel_nearest_neighbours(random_pick, train.pixels)}
+                   "random": pixel_nearest_neighbours(images["random"], train.pixels)}
     in_train = set(train.captions)
     fid = InceptionFID(eval_cfg.inception_weights, pipe.device) if eval_cfg.inception_weights else None
     x, y = (torch.from_numpy(a).permute(0, 3, 1, 2).float() / 255 for a in (real, recon))

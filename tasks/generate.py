@@ -19,8 +19,9 @@ from prefect.cache_policies import NONE
 
 from dalle_core.editing import Edit, outline, pack
 from dalle_core.errors import ConfigError
-from dalle_core.generate import GenerationError, prompt_seed, ranks
+from dalle_core.generate import prompt_seed, ranks
 from dalle_core.images import decode_png, grid, png_bytes
+from dalle_core.sampling import GenerationError
 from pipeline.artifacts import (
     ArtifactRef,
     Work,

@@ -17,17 +17,14 @@ from prefect.cache_policies import NONE
 
 from dalle_core.device import sampling_precision
 from dalle_core.images import grid, png_bytes, to_uint8
-from dalle_core.loader import decode_tokens
+from dalle_core.loader import IN_ORDER, decode_tokens
 from dalle_core.model_folder import state_bytes
 from dalle_core.sampling import sample
 from dalle_core.transformer import DALLE, evaluate_transformer, transformer_step
 from pipeline.artifacts import ArtifactRef, Work, run_name
 from pipeline.config import Config
-from pipeline.fine_tuning import start_model
 from pipeline.models import load_dvae
-from pipeline.source_fit import check_fine_tuning
-from pipeline.stage_table import stage_keys
-from pipeline.training import Trainer, batch_stream, train_stage
+from pipeline.training import StageTrainer, batch_stream, train_stage
 from storage.parquet import read_shard, shard_paths
 
 TOKEN_COLUMNS = ["text_tokens", "image_tokens"]
@@ -36,7 +33,7 @@ TOKEN_COLUMNS = ["text_tokens", "image_tokens"]
 @task(name="transformer", task_run_name=run_name("transformer"), cache_policy=NONE)
 def train_transformer(cfg: Config, pretokenize: ArtifactRef, dvae: ArtifactRef) -> ArtifactRef:
     """Train the DALL-E transformer on `pretokenize`'s token shards (`dvae` draws its sample sheets)."""
-    return train_stage(cfg, "transformer", {"pretokenize": pretokenize, "dvae": dvae})
+    return train_stage(cfg, TransformerTrainer, {"pretokenize": pretokenize, "dvae": dvae})
 
 
 def sample_sheet(model: DALLE, dvae_model, norm, text: torch.Tensor, captions: list[str], cfg: Config,
@@ -47,9 +44,8 @@ def sample_sheet(model: DALLE, dvae_model, norm, text: torch.Tensor, captions: l
     was_training = model.training
     model.eval()
     gen = torch.Generator(device=device).manual_seed(gen_cfg.seed)
-    codes = sample(model, text.to(device).repeat_interleave(per_caption, 0), temperature=gen_cfg.temperature,
-                   top_k=gen_cfg.top_k, top_p=gen_cfg.top_p, cond_scale=gen_cfg.cond_scale, generator=gen,
-                   precision=sampling_precision(gen_cfg.precision, device))
+    codes = sample(model, text.to(device).repeat_interleave(per_caption, 0), gen_cfg.sampling(),
+                   generator=gen, precision=sampling_precision(gen_cfg.precision, device))
     side = model.c.image_grid
     with torch.inference_mode():
         images = to_uint8(dvae_model.decode(codes.view(-1, side, side)), norm.mean, norm.std)
@@ -58,50 +54,63 @@ def sample_sheet(model: DALLE, dvae_model, norm, text: torch.Tensor, captions: l
     return grid(rows, captions, scale=3)
 
 
-def trainer(w: Work, device, rank: int = 0, world: int = 1) -> Trainer:
-    """The transformer's part of the training stage: the model sized to the token shards' vocabularies, next-token
-    loss with caption dropout, val loss in bits per image token, sample sheets every `sample_every` steps."""
-    cfg, store, section, train_cfg = w.cfg, w.store, w.cfg.transformer, w.cfg.transformer.train
-    tokens = w.inputs["pretokenize"].key
-    manifest = store.require("pretokenize", tokens)
-    check_fine_tuning(cfg, ["transformer"], store, {**stage_keys(cfg), "pretokenize": tokens})  # before any work
-    mcfg = section.dalle_config(text_vocab=manifest["vocab_size"], text_len=manifest["text_len"],
-                                pad_id=manifest["pad_id"], image_vocab=manifest["codebook_size"],
-                                image_grid=manifest["grid"][0])  # the vocabularies the shards were made with
-    model = DALLE(mcfg)
-    start = start_model(cfg, "transformer", model, store)
-    train_paths = shard_paths(store, "pretokenize", tokens, "train")
-    val_paths = shard_paths(store, "pretokenize", tokens, "val")
-    fixed = read_shard(store, val_paths[0], ["caption", *TOKEN_COLUMNS])
-    n_show = min(8, fixed.num_rows)
-    captions = fixed.column("caption").to_pylist()[:n_show]
-    fixed_text = torch.from_numpy(decode_tokens(fixed.slice(0, n_show))["text"])
-    dvae = {}  # the sample sheets' decoder, loaded by rank 0 only
+class TransformerTrainer(StageTrainer):
+    """The transformer's recipe: the model sized to the token shards' vocabularies, next-token loss with caption
+    dropout, val loss in bits per image token, sample sheets every `sample_every` steps."""
 
-    def sheet(model) -> np.ndarray:
-        if not dvae:
-            dvae["model"], dvae["norm"] = load_dvae(store, w.inputs["dvae"].key, device)
-        return sample_sheet(model, dvae["model"], dvae["norm"], fixed_text, captions, cfg)
+    stage, unit = "transformer", "tokens"
 
-    def batches(training) -> object:
-        return batch_stream(cfg, store, train_paths, TOKEN_COLUMNS, decode_tokens, train_cfg.batch_size, device,
-                            seed=train_cfg.seed, window_rows=section.shuffle_buffer, rank=training.rank,
-                            world=training.world, start_batch=training.start * train_cfg.grad_accum)
+    def __init__(self, w: Work, device, rank: int = 0, world: int = 1):
+        super().__init__(w, device, rank, world)
+        m = self.store.require("pretokenize", w.inputs["pretokenize"].key)
+        self.mcfg = self.section.dalle_config(text_vocab=m["vocab_size"], text_len=m["text_len"], pad_id=m["pad_id"],
+                                              image_vocab=m["codebook_size"], image_grid=m["grid"][0])  # the shards'
+        self.seq_len = self.mcfg.seq_len
+        self._dvae: tuple | None = None  # the sample sheets' decoder, loaded by rank 0 when first drawn
 
-    def validate(model) -> dict:
-        val = batch_stream(cfg, store, val_paths, TOKEN_COLUMNS, decode_tokens, 256, device, shuffle=False)
-        return evaluate_transformer(model, islice(val, train_cfg.val_batches), train_cfg.precision, device)
+    def paths(self, split: str) -> list[str]:
+        return shard_paths(self.store, "pretokenize", self.w.inputs["pretokenize"].key, split)
 
-    def every(model, run) -> tuple:
-        return ((section.sample_every, lambda step: run.log_image(sheet(model), f"samples/step-{step:07d}.png")),)
+    def model(self) -> DALLE:
+        return DALLE(self.mcfg)
 
-    def files(model, metrics) -> dict[str, bytes]:
-        return {"samples.png": png_bytes(sheet(model)), "model.safetensors": state_bytes(model),
-                "config.json": asdict(mcfg)}
+    def batches(self, start_step: int):
+        return self.stream(self.paths("train"), TOKEN_COLUMNS, decode_tokens, start_step)
 
-    return Trainer(model, start, batches, transformer_step(section.caption_dropout, mcfg.pad_id, train_cfg.seed),
-                   validate, files, lambda m: f"val image loss {m['val_image_loss']:.3f} nats = "
-                   f"{m['val_bits_per_image_token']:.3f} bits per image token",
-                   lambda m: f"image {m['image_loss']:.3f} {m['tokens_per_s']:.0f} tok/s",
-                   {"seq_len": mcfg.seq_len, "unit": "tokens"}, every=every,
-                   logged_as=lambda name, step: f"samples/step-{step:07d}.png")  # the last of the sample series
+    def step(self, model):
+        return transformer_step(self.section.caption_dropout, self.mcfg.pad_id, self.train_cfg.seed)
+
+    def validate(self, model) -> dict:
+        val = batch_stream(self.cfg, self.store, self.paths("val"), TOKEN_COLUMNS, decode_tokens, 256, self.device,
+                           IN_ORDER)
+        return evaluate_transformer(model, islice(val, self.train_cfg.val_batches), self.train_cfg.precision,
+                                    self.device)
+
+    def sheet(self, model) -> np.ndarray:
+        """Samples for the first val captions (up to 8), four each."""
+        if self._dvae is None:
+            fixed = read_shard(self.store, self.paths("val")[0], ["caption", *TOKEN_COLUMNS])
+            n = min(8, fixed.num_rows)
+            self._dvae = (*load_dvae(self.store, self.w.inputs["dvae"].key, self.device),
+                          torch.from_numpy(decode_tokens(fixed.slice(0, n))["text"]),
+                          fixed.column("caption").to_pylist()[:n])
+        dvae_model, norm, text, captions = self._dvae
+        return sample_sheet(model, dvae_model, norm, text, captions, self.cfg)
+
+    def every(self, model, run) -> tuple:
+        return ((self.section.sample_every,
+                 lambda step: run.log_image(self.sheet(model), f"samples/step-{step:07d}.png")),)
+
+    def files(self, model, metrics: dict) -> dict:
+        return {"samples.png": png_bytes(self.sheet(model)), "model.safetensors": state_bytes(model),
+                "config.json": asdict(self.mcfg)}
+
+    def logged_as(self, name: str, step: int) -> str:
+        return f"samples/step-{step:07d}.png"  # the last of the sample series
+
+    def report(self, metrics: dict) -> str:
+        return (f"val image loss {metrics['val_image_loss']:.3f} nats = {metrics['val_bits_per_image_token']:.3f} "
+                "bits per image token")
+
+    def describe(self, metrics: dict) -> str:
+        return f"image {metrics['image_loss']:.3f} {metrics['tokens_per_s']:.0f} tok/s"

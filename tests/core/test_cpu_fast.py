@@ -54,7 +54,7 @@ def test_sampling_with_and_without_the_kernel_sees_the_same_logits(attend, monke
     for kernel in (attend, None):
         monkeypatch.setattr(cpu_fast, "kernel", lambda kernel=kernel: kernel)
         seen = {}
-        codes = sampling.sample(model, text, cond_scale=3.0, precision=precision,
+        codes = sampling.sample(model, text, sampling.SamplingSettings(cond_scale=3.0), precision=precision,
                                 on_logits=lambda i, lg, seen=seen: seen.__setitem__(i, lg),
                                 generator=torch.Generator().manual_seed(3))
         runs.append((codes, seen))
@@ -75,7 +75,8 @@ def test_no_compiler_falls_back_with_a_warning(tmp_path, monkeypatch):
             assert cpu_fast.kernel() is None
         assert any("compiled decode attention is unavailable" in str(w.message) for w in caught)
         model, text = _model()
-        codes = sampling.sample(model, text, cond_scale=3.0, precision="bf16")  # PyTorch's attention instead
+        # PyTorch's attention instead
+        codes = sampling.sample(model, text, sampling.SamplingSettings(cond_scale=3.0), precision="bf16")
         assert codes.shape == (2, 9)
     finally:
         cpu_fast.kernel.cache_clear()

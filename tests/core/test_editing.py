@@ -6,8 +6,9 @@ import pytest
 from PIL import Image
 
 from dalle_core.editing import Edit, outline, pack, random_mask, region_mask, unpack
-from dalle_core.generate import GenerationError, load_edit
+from dalle_core.generate import load_edit
 from dalle_core.images import to_rgb_square
+from dalle_core.sampling import GenerationError
 
 SIZE, GRID = 32, 8  # the tiny config: 32 px images, an 8 x 8 token grid, 4 px cells
 

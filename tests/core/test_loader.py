@@ -4,7 +4,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from dalle_core.loader import ShardStream, plan_epoch
+from dalle_core.loader import ShardStream, StreamOrder, plan_epoch
 
 GROUP_ROWS = (10, 10, 7)  # three row groups per shard, the last one short
 
@@ -26,7 +26,7 @@ def decode(table):
 
 def stream(paths, **kw):
     kw = {"batch_size": 4, "window_rows": 16, "seed": 3, **kw}
-    return ShardStream(FakeShards(), paths, ["id", "x"], decode, kw.pop("batch_size"), **kw)
+    return ShardStream(FakeShards(), paths, ["id", "x"], decode, kw.pop("batch_size"), StreamOrder(**kw))
 
 
 def take(it, n):

@@ -4,7 +4,7 @@ import torch.nn.functional as F
 
 from dalle_core import cpu_fast, sampling
 from dalle_core.device import autocast
-from dalle_core.sampling import filter_logits, sample
+from dalle_core.sampling import SamplingSettings, filter_logits, prefix_mask, sample
 from dalle_core.train import FitHooks, FitState, TrainConfig, fit, make_optimizer
 from dalle_core.transformer import DALLE, DALLEConfig, transformer_step
 from tests.conftest import DEVICES
@@ -72,8 +72,9 @@ def test_bf16_sampling_tracks_the_full_recompute(model, device, packed, monkeypa
 
     sampling.KVCache = spy
     try:
-        codes = sample(model, text, cond_scale=2.0, generator=torch.Generator(device=device).manual_seed(1),
-                       on_logits=lambda i, lg: seen.__setitem__(i, lg.float().clone()), precision="bf16")
+        codes = sample(model, text, SamplingSettings(cond_scale=2.0),
+                       generator=torch.Generator(device=device).manual_seed(1), on_logits=lambda i,
+                       lg: seen.__setitem__(i, lg.float().clone()), precision="bf16")
     finally:
         sampling.KVCache = real_cache
     assert caches[0].k.dtype == (torch.bfloat16 if device == "cuda" or compiled else torch.float32)
@@ -90,7 +91,7 @@ def test_bf16_sampling_tracks_the_full_recompute(model, device, packed, monkeypa
 def test_cached_guided_sampling_matches_recompute(model):
     text = _text()
     seen = {}
-    codes = sample(model, text, cond_scale=3.0, generator=torch.Generator().manual_seed(2),
+    codes = sample(model, text, SamplingSettings(cond_scale=3.0), generator=torch.Generator().manual_seed(2),
                    on_logits=lambda i, lg: seen.__setitem__(i, lg.clone()))
     with torch.inference_mode():
         for i in (0, 4, C.image_len - 1):
@@ -124,7 +125,7 @@ def test_text_and_image_positions_use_their_own_vocabularies(model):
         text_logits, image_logits = full_logits(model, text, image[:, :-1])
     assert text_logits.shape == (2, C.text_len - 1, C.text_vocab)
     assert image_logits.shape == (2, C.image_len, C.image_vocab)
-    codes = sample(model, _text(8), temperature=5.0)
+    codes = sample(model, _text(8), SamplingSettings(temperature=5.0))
     assert int(codes.max()) < C.image_vocab and int(codes.min()) >= 0
 
 
@@ -142,9 +143,9 @@ def test_overfits_a_few_sequences():
 
 def test_same_seed_same_images(model):
     text = _text()
-    a = sample(model, text, top_k=5, generator=torch.Generator().manual_seed(7))
-    b = sample(model, text, top_k=5, generator=torch.Generator().manual_seed(7))
-    c = sample(model, text, top_k=5, generator=torch.Generator().manual_seed(8))
+    a = sample(model, text, SamplingSettings(top_k=5), generator=torch.Generator().manual_seed(7))
+    b = sample(model, text, SamplingSettings(top_k=5), generator=torch.Generator().manual_seed(7))
+    c = sample(model, text, SamplingSettings(top_k=5), generator=torch.Generator().manual_seed(8))
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
@@ -154,8 +155,9 @@ def test_primed_sampling_matches_a_full_recompute_after_the_prefix(model, cond_s
     text = _text()
     prefix = torch.randint(0, C.image_vocab, (3, 4))
     seen = {}
-    codes = sample(model, text, image_prefix=prefix, cond_scale=cond_scale, generator=torch.Generator().manual_seed(4),
-                   on_logits=lambda i, lg: seen.__setitem__(i, lg.clone()))
+    image, mask = prefix_mask(prefix, C.image_len)
+    codes = sample(model, text, SamplingSettings(cond_scale=cond_scale), image=image, mask=mask,
+                   generator=torch.Generator().manual_seed(4), on_logits=lambda i, lg: seen.__setitem__(i, lg.clone()))
     assert torch.equal(codes[:, :4], prefix) and sorted(seen) == list(range(4, C.image_len))
     with torch.inference_mode():
         for i in seen:
@@ -167,7 +169,7 @@ def test_primed_sampling_matches_a_full_recompute_after_the_prefix(model, cond_s
 
 def test_a_prefix_of_the_whole_image_is_refused(model):
     with pytest.raises(ValueError, match=r"prefix of 9 codes leaves nothing to sample.*0 to 8$"):
-        sample(model, _text(), image_prefix=torch.zeros(3, C.image_len, dtype=torch.long))
+        prefix_mask(torch.zeros(3, C.image_len, dtype=torch.long), C.image_len)
 
 
 def test_losses_are_next_token_cross_entropies_weighted_text_and_image():
@@ -198,9 +200,9 @@ def test_each_padding_position_has_its_own_embedding(model):
 
 def test_per_group_generators_make_rows_independent_of_batch_mates(model):
     text = _text(3).repeat_interleave(2, dim=0)  # 3 prompts x 2 candidates
-    alone = [sample(model, text[2 * g:2 * g + 2], cond_scale=2.0, top_p=0.9,
+    alone = [sample(model, text[2 * g:2 * g + 2], SamplingSettings(cond_scale=2.0, top_p=0.9),
                     generator=torch.Generator().manual_seed(10 + g)) for g in range(3)]
-    batched = sample(model, text, cond_scale=2.0, top_p=0.9,
+    batched = sample(model, text, SamplingSettings(cond_scale=2.0, top_p=0.9),
                      generator=[torch.Generator().manual_seed(10 + g) for g in range(3)])
     assert torch.equal(batched, torch.cat(alone))
     with pytest.raises(ValueError, match="6 rows do not split into 4"):
@@ -278,7 +280,8 @@ def test_masked_sampling_keeps_every_unmasked_code(model, precision, cond_scale)
     text = _text(4)
     source = torch.randint(0, C.image_vocab, (4, C.image_len), generator=torch.Generator().manual_seed(3))
     for mask in (_masks(4, 5), _masks(1, 6)[0]):  # one mask per row, and one (N,) mask shared by every row
-        codes = sample(model, text, image=source, mask=mask, cond_scale=cond_scale, top_p=0.9, precision=precision,
+        codes = sample(model, text, SamplingSettings(cond_scale=cond_scale, top_p=0.9), image=source, mask=mask,
+                       precision=precision,
                        generator=[torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)])
         full = mask.expand(4, -1)
         assert torch.equal(codes[~full], source[~full])
@@ -290,9 +293,9 @@ def test_an_all_sampled_mask_equals_unmasked_sampling(model, precision):
     text = _text(4)
     source = torch.randint(0, C.image_vocab, (4, C.image_len))
     gens = lambda: [torch.Generator().manual_seed(8), torch.Generator().manual_seed(9)]  # noqa: E731
-    plain = sample(model, text, cond_scale=2.0, top_p=0.9, generator=gens(), precision=precision)
-    masked = sample(model, text, image=source, mask=torch.ones(C.image_len, dtype=torch.bool), cond_scale=2.0,
-                    top_p=0.9, generator=gens(), precision=precision)
+    plain = sample(model, text, SamplingSettings(cond_scale=2.0, top_p=0.9), generator=gens(), precision=precision)
+    masked = sample(model, text, SamplingSettings(cond_scale=2.0, top_p=0.9), image=source,
+                    mask=torch.ones(C.image_len, dtype=torch.bool), generator=gens(), precision=precision)
     assert torch.equal(plain, masked)
 
 
@@ -302,11 +305,14 @@ def test_a_top_rows_mask_fed_step_by_step_equals_prefilled_priming(model, cond_s
     kept codes are fed one step at a time, their group drawing nothing there), equal priming's prefilled result."""
     text = _text(2)
     prefix = torch.randint(0, C.image_vocab, (2, 4))
-    primed = sample(model, text, image_prefix=prefix, cond_scale=cond_scale, generator=torch.Generator().manual_seed(4))
+    image, top_rows = prefix_mask(prefix, C.image_len)
+    primed = sample(model, text, SamplingSettings(cond_scale=cond_scale), image=image, mask=top_rows,
+                    generator=torch.Generator().manual_seed(4))
     source = torch.cat([prefix, torch.zeros(2, C.image_len - 4, dtype=torch.long)], dim=1)
     mask = torch.arange(C.image_len) >= 4
-    mixed = sample(model, torch.cat([text, _text(2)]), image=torch.cat([source, source]),
-                   mask=torch.stack([mask, mask, torch.ones_like(mask), torch.ones_like(mask)]), cond_scale=cond_scale,
+    mixed = sample(model, torch.cat([text, _text(2)]), SamplingSettings(cond_scale=cond_scale),
+                   image=torch.cat([source, source]),
+                   mask=torch.stack([mask, mask, torch.ones_like(mask), torch.ones_like(mask)]),
                    generator=[torch.Generator().manual_seed(4), torch.Generator().manual_seed(5)])
     assert torch.equal(mixed[:2], primed) and torch.equal(primed[:, :4], prefix)
 
@@ -340,7 +346,7 @@ def test_cached_masked_sampling_equals_a_full_recompute(model, seed):
     source = torch.randint(0, C.image_vocab, (4, C.image_len), generator=torch.Generator().manual_seed(seed))
     gens = lambda: [torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed + 1)]  # noqa: E731
     seen = []
-    cached = sample(model, text, image=source, mask=mask, cond_scale=2.0, top_p=0.9, generator=gens(),
+    cached = sample(model, text, SamplingSettings(cond_scale=2.0, top_p=0.9), image=source, mask=mask, generator=gens(),
                     on_logits=lambda i, lg: seen.append(i))
     assert seen == [i for i in range(C.image_len) if mask[:, i].any()]  # logits only where some row samples
     assert torch.equal(cached, _recomputed_masked_sample(model, text, source, mask, 2.0, 0.9, gens()))

@@ -16,14 +16,9 @@ import torch
 from PIL import Image
 
 from cli.main import main
-from dalle_core.generate import (
-    DALLEPipeline,
-    EditRequest,
-    GenerationError,
-    SamplingSettings,
-    prompt_seed,
-)
+from dalle_core.generate import DALLEPipeline, EditRequest, prompt_seed
 from dalle_core.model_folder import ModelFolderError
+from dalle_core.sampling import GenerationError, SamplingSettings
 from pipeline.config import load_config
 from pipeline.stage_table import stage_keys
 from tests.conftest import DEVICES, TINY

@@ -60,12 +60,12 @@ def _run(uri: str, stage: str):
 
 def _val_loss(cfg, model) -> float:
     """The val loss of `model` on the run's token shards, computed here as the stage's validation does."""
-    from dalle_core.loader import decode_tokens
+    from dalle_core.loader import IN_ORDER, decode_tokens
     from dalle_core.transformer import evaluate_transformer
 
     store, keys = cfg.store.open(), stage_keys(cfg)
     batches = batch_stream(cfg, store, shard_paths(store, "pretokenize", keys["pretokenize"], "val"),
-                           ["text_tokens", "image_tokens"], decode_tokens, 256, torch.device("cpu"), shuffle=False)
+                           ["text_tokens", "image_tokens"], decode_tokens, 256, torch.device("cpu"), IN_ORDER)
     return evaluate_transformer(model, batches)["val_loss"]
 
 

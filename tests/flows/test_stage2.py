@@ -119,7 +119,7 @@ def test_two_machines_meet_at_the_rendezvous_endpoint(store_copy, tmp_path):
     keys = stage_keys(cfg)
     inputs = {s: stored(cfg, s, keys[s]).__dict__ for s in ("pretokenize", "dvae")}
     spec = tmp_path / "stage.json"  # what `train_stage` writes for torchrun on each machine
-    spec.write_text(json.dumps({"stage": "transformer", "config": cfg.model_dump(mode="json"), "inputs": inputs,
+    spec.write_text(json.dumps({"trainer": "tasks.transformer:TransformerTrainer", "config": cfg.model_dump(mode="json"), "inputs": inputs,
                                 "parent_run": None, "flow_run": None}))
     cmd = [sys.executable, "-m", "torch.distributed.run", *torchrun_args(cfg, "transformer"),
            "-m", "pipeline.ddp", str(spec)]
@@ -136,12 +136,13 @@ def test_a_rank_s_error_comes_back_in_one_line_with_the_ranks_output_in_a_file(s
     that holds every rank's output with the traceback."""
     from dalle_core.train import TrainingError
     from pipeline.torchrun import launch_ranks
+    from tasks.transformer import TransformerTrainer
 
     cfg = load_config(TINY, [*store_copy, "transformer.train.nproc=2", "transformer.train.lr=1e12",
                              "transformer.train.warmup_steps=0"])
     keys = stage_keys(cfg)
     with pytest.raises(TrainingError, match=r"^training diverged.*\(every rank's output: (.*)\)$") as caught:
-        launch_ranks(cfg, "transformer", {s: stored(cfg, s, keys[s]) for s in ("pretokenize", "dvae")})
+        launch_ranks(cfg, TransformerTrainer, {s: stored(cfg, s, keys[s]) for s in ("pretokenize", "dvae")})
     output = caught.value.args[0].rpartition("every rank's output: ")[2].rstrip(")")
     with open(output) as f:
         assert "Traceback (most recent call last)" in f.read()
