@@ -11,7 +11,10 @@ prompt's sampling seed), `image` (PNG bytes, base64 in JSON). Imports neither Pr
 
 from __future__ import annotations
 
+import ast
+import logging
 import os
+import re
 
 import mlflow.pyfunc
 import numpy as np
@@ -61,6 +64,12 @@ class DALLEPyfunc(mlflow.pyfunc.PythonModel):
 
     def load_context(self, context) -> None:
         self.pipeline = DALLEPipeline.from_pretrained(context.artifacts[ARTIFACT], os.environ.get(DEVICE_ENV, "auto"))
+        names = {p.name for p in signature({}).params.params}
+        enforcer = logging.getLogger("mlflow.models.utils")
+        if not enforcer.isEnabledFor(logging.WARNING):  # a logger that drops warnings never reaches the filter
+            enforcer.setLevel(logging.WARNING)
+        if not any(isinstance(f, RefuseUnknownParams) and f.allowed == names for f in enforcer.filters):
+            enforcer.addFilter(RefuseUnknownParams(names))
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         """One row per candidate of every prompt, ranked; MlflowException (HTTP 400) for a bad request."""
@@ -90,6 +99,27 @@ class DALLEPyfunc(mlflow.pyfunc.PythonModel):
                 for prompt, seed, images, scores in zip(out.prompts, out.seeds, out.pixels, out.scores)
                 for rank, (image, score) in enumerate(zip(images, scores))]
         return pd.DataFrame(rows, columns=["prompt", "rank", "clip_score", "seed", "image"])
+
+
+class RefuseUnknownParams(logging.Filter):
+    """MLflow drops a param that a model's signature does not declare before `predict` sees the request, with
+    only a warning in the server's log (`mlflow.models.utils._enforce_params_schema`, which has no strict mode),
+    so a misspelt `num_candidats` would silently take its default. This filter on that logger turns the warning
+    about a model whose params are `allowed` into MLflow's 400 naming the param and the allowed ones."""
+
+    WARNING = re.compile(r"Unrecognized params (\[.*?\]) are ignored for inference\. Supported params are: (\{.*?\})")
+
+    def __init__(self, allowed: set[str]):
+        super().__init__()
+        self.allowed = allowed
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        found = self.WARNING.match(record.getMessage())
+        if found and set(ast.literal_eval(found[2])) == self.allowed:
+            unknown = sorted(ast.literal_eval(found[1]))
+            raise _bad_request(f"{', '.join(unknown)} {'is not a param' if len(unknown) == 1 else 'are not params'} "
+                               f"of this model; allowed: {', '.join(sorted(self.allowed))}")
+        return True
 
 
 def _image_column(model_input: pd.DataFrame, column: str) -> bytes | None:

@@ -447,6 +447,11 @@ def test_registered_model_serves_four_images_through_mlflow_scoring(generated, e
     many = http.post("/invocations", json={"dataframe_split": {"columns": ["prompt"], "data": [["a red circle"]]},
                                            "params": {"num_candidates": 20000}})
     assert many.status_code == 400 and "num_candidates is 20000; allowed: 1 to 64" in many.json()["message"]
+    typo = http.post("/invocations", json={"dataframe_split": {"columns": ["prompt"], "data": [["a red circle"]]},
+                                           "params": {"num_candidats": 4, "seed": 3}})
+    assert typo.status_code == 400 and typo.json()["message"].endswith(  # MLflow names the data before it
+        "num_candidats is not a param of this model; allowed: cond_scale, edit_mode, keep, num_candidates, prime_rows, "
+        "region, seed, temperature, top_k, top_p")
     # the pipeline's end: `dalle run --register` registers the next version
     assert main(["run", "-c", str(TINY), *_sets(ov), "--only", "generate", "--register", "tiny-dalle"]) == 0
     assert "registered models:/tiny-dalle/2" in capsys.readouterr().out
