@@ -254,15 +254,12 @@ def cmd_data_emoji(args) -> int:
 
 def cmd_run(args) -> int:
     cfg = load_config(args.config, args.overrides)
-    if args.register:
-        from release.registry import check_model_name
+    from cli.model_commands import check_registration, register_after_run
 
-        check_model_name(args.register)
+    check_registration(args)
     run_pipeline(cfg, only=args.only, from_stage=args.from_stage, force=args.force)
     if args.register:
-        from cli.model_commands import register_after_run
-
-        register_after_run(cfg, args.register)
+        register_after_run(cfg, args.register, args.alias)
     return 0
 
 
@@ -275,6 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from", dest="from_stage", metavar="STAGE", help="run this stage and everything after it")
     p.add_argument("--force", nargs="+", metavar="STAGE", help="redo these stages and everything downstream")
     p.add_argument("--register", metavar="NAME", help="at the end, export the models and register them in MLflow as NAME")
+    p.add_argument("--alias", help="with --register: point this alias (e.g. champion) at the new version")
     p.set_defaults(func=cmd_run)
     from pipeline.stage_table import COMMANDS, STAGES, TRAINED
 

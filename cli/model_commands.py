@@ -21,12 +21,10 @@ from pipeline.config import load_config
 def cmd_export(args) -> int:
     """Export the run's models as a folder (--out) and/or register them as an MLflow model (--register)."""
     from release.export import export_model, register_export
-    from release.registry import check_model_name
 
     if not args.out and not args.register:
         raise ConfigError("give --out DIR (a model folder) and/or --register NAME (an MLflow registered model)")
-    if args.register:
-        check_model_name(args.register)
+    check_registration(args)
     if args.out:
         args.out = check_out_folder(args.out)
     cfg = load_config(args.config, args.overrides)
@@ -36,19 +34,36 @@ def cmd_export(args) -> int:
             print(f"exported {args.out} ({len(export.files)} files; samples from {export.samples_from})")
             print(f"model card: {os.path.join(args.out, 'README.md')}")
         if args.register:
-            registered = register_export(cfg, export, args.register)
-            print(f"registered {registered.uri} (MLflow run {registered.run_id})")
-            print(f"serve it: mlflow models serve -m {shlex.quote(registered.uri)} --env-manager local")
+            _registered(register_export(cfg, export, args.register, args.alias))
     return 0
 
 
-def register_after_run(cfg, name: str) -> None:
-    """`dalle run --register NAME`: the finished pipeline's models, registered as the next version of NAME."""
+def check_registration(args) -> None:
+    """`--register NAME [--alias ALIAS]` checked before any work (one line each)."""
+    from release.registry import check_alias, check_model_name
+
+    if args.alias and not args.register:
+        raise ConfigError(f"--alias {args.alias!r} names a registered version: give --register NAME too")
+    if args.register:
+        check_model_name(args.register)
+    if args.alias:
+        check_alias(args.alias)
+
+
+def _registered(registered) -> None:
+    uri = f"models:/{registered.name}@{registered.alias}" if registered.alias else registered.uri
+    print(f"registered {registered.uri} (MLflow run {registered.run_id})"
+          + (f"; alias {registered.alias}: {uri}" if registered.alias else ""))
+    print(f"serve it: mlflow models serve -m {shlex.quote(uri)} --env-manager local")
+
+
+def register_after_run(cfg, name: str, alias: str | None = None) -> None:
+    """`dalle run --register NAME [--alias ALIAS]`: the finished pipeline's models, registered as the next version
+    of NAME."""
     from release.export import export_model, register_export
 
     with tempfile.TemporaryDirectory(prefix="dalle-export-") as tmp:
-        registered = register_export(cfg, export_model(cfg, os.path.join(tmp, "model")), name)
-    print(f"registered {registered.uri} (MLflow run {registered.run_id})")
+        _registered(register_export(cfg, export_model(cfg, os.path.join(tmp, "model")), name, alias))
 
 
 def check_out_folder(out: str) -> str:
@@ -204,10 +219,12 @@ def add_commands(sub, common) -> None:
     common(p)
     p.add_argument("--out", help="the folder to write (new, empty, or an earlier export to replace)")
     p.add_argument("--register", metavar="NAME", help="also log the model to MLflow and register it as NAME")
+    p.add_argument("--alias", help="with --register: point this alias (e.g. champion) at the new version")
     p.set_defaults(func=cmd_export)
     p = sub.add_parser("serve", help="a web page and JSON API for trying prompts on a trained model")
     common(p)
-    p.add_argument("--model", help="an exported folder or models:/NAME/VERSION (default: the -c run's store)")
+    p.add_argument("--model", help="an exported folder, models:/NAME/VERSION or models:/NAME@ALIAS (default: the -c "
+                                   "run's store)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-candidates", type=int, default=64,  # dalle_core.generate.MAX_CANDIDATES, not imported here:
@@ -216,7 +233,8 @@ def add_commands(sub, common) -> None:
                    help="a request's headers, then its body, must each arrive within this (default 30)")
     p.set_defaults(func=cmd_serve)
     gen = sub.choices["generate"]
-    gen.add_argument("--model", help="draw with an exported folder or models:/NAME/VERSION instead of a run's store "
+    gen.add_argument("--model", help="draw with an exported folder, models:/NAME/VERSION or models:/NAME@ALIAS instead "
+                                     "of a run's store "
                                      "(no Prefect); needs --out")
     gen.add_argument("--edit", metavar="IMAGE", help="inpainting: regenerate --region or --mask of IMAGE, keep the "
                                                      "rest of its tokens (docs/editing.md)")

@@ -137,10 +137,11 @@ def export_model(cfg: Config, out_dir: str) -> Export:
 
 
 
-def register_export(cfg: Config, export: Export, name: str):
+def register_export(cfg: Config, export: Export, name: str, alias: str | None = None):
     """Register the exported folder as the next version of MLflow model `name` (`models:/<name>/<N>`, a
     release.registry.RegisteredModel) in the run's tracking store: a pyfunc model (release/mlflow_model.py) linked to
-    the runs that trained its parts. TrackingError (one line) when MLflow refuses."""
+    the runs that trained its parts; `alias` (e.g. champion) is set on the new version. TrackingError (one line) when
+    MLflow refuses."""
     from pathlib import Path
 
     import pandas as pd
@@ -166,4 +167,4 @@ def register_export(cfg: Config, export: Export, name: str):
                   key=keys["transformer"]) as run:
         run.log_params(flatten({"generate": idx["sampling"], "stage_keys": idx["source"]["stage_keys"]}))
         run.log_metrics(idx.get("metrics", {}))
-        return register_pyfunc(run, name, pyfunc, runs, description)
+        return register_pyfunc(run, name, pyfunc, runs, description, alias)

@@ -371,6 +371,19 @@ def test_a_registered_model_without_a_tracking_store_is_one_line(tmp_path, monke
     assert list(tmp_path.iterdir()) == []  # no ./mlflow.db, no out/
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--register", "tiny-dalle", "--alias", "v2"], "--alias 'v2': an alias is letters, digits, '_' and '-', and "
+                                                   "neither 'latest' nor v<number>"),
+    (["--register", "tiny-dalle", "--alias", "latest"], "--alias 'latest': an alias is"),
+    (["--register", "tiny-dalle", "--alias", "the champion"], "--alias 'the champion': an alias is"),
+    (["--out", "x", "--alias", "champion"], "--alias 'champion' names a registered version: give --register NAME")])
+def test_a_bad_alias_is_one_line_before_any_work(tmp_path, monkeypatch, capsys, args, message):
+    monkeypatch.chdir(tmp_path)
+    assert main(["export", "-c", str(TINY), "--set", f"store.root={tmp_path / 'store'}", *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1 and list(tmp_path.iterdir()) == []
+
+
 def test_a_downloaded_model_leaves_no_temporary_folder(exported, tmp_path, monkeypatch):
     import tempfile
 
@@ -452,9 +465,14 @@ def test_registered_model_serves_four_images_through_mlflow_scoring(generated, e
     assert typo.status_code == 400 and typo.json()["message"].endswith(  # MLflow names the data before it
         "num_candidats is not a param of this model; allowed: cond_scale, edit_mode, keep, num_candidates, prime_rows, "
         "region, seed, temperature, top_k, top_p")
-    # the pipeline's end: `dalle run --register` registers the next version
-    assert main(["run", "-c", str(TINY), *_sets(ov), "--only", "generate", "--register", "tiny-dalle"]) == 0
-    assert "registered models:/tiny-dalle/2" in capsys.readouterr().out
+    # the pipeline's end: `dalle run --register` registers the next version, which an alias then follows
+    assert main(["run", "-c", str(TINY), *_sets(ov), "--only", "generate", "--register", "tiny-dalle",
+                 "--alias", "champion"]) == 0
+    printed = capsys.readouterr().out
+    assert "registered models:/tiny-dalle/2" in printed and "alias champion: models:/tiny-dalle@champion" in printed
+    assert str(client.get_model_version_by_alias("tiny-dalle", "champion").version) == "2"
+    followed = load_model("models:/tiny-dalle@champion", tracking_uri=uri)("a red circle", num_candidates=4, seed=3)
+    assert np.allclose(followed.scores[0], same.scores[0], atol=1e-5)  # the same models: the same candidates
 
 
 @pytest.mark.parametrize("device", DEVICES)
