@@ -356,6 +356,9 @@ class RunnerSection(Section):
     # start the same command on every machine with the same rdzv_endpoint (host:port of one of them).
     rdzv_endpoint: str | None = None
     rdzv_id: str = "dalle"
+    # Prefect global concurrency limit a training stage holds train.nproc slots of while it trains on CUDA, so two
+    # scheduled runs never share a card (`prefect gcl create gpu --limit <cards>`); null: none
+    gpu_slot: str | None = Field("gpu", min_length=1)
 
     @field_validator("device")
     @classmethod

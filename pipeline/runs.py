@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import os
 from collections.abc import Iterator
 from html import escape
 
@@ -72,6 +73,16 @@ def stage_run(cfg: Config, store: ArtifactStore, stage: str, key: str, params: d
     run.log_text(config_yaml(cfg), "config.yaml")
     log.info("MLflow run %s (stage %s, key %s)", run.run_id, stage, key)
     return run
+
+
+def log_training_data(run: StageRun, cfg: Config, store: ArtifactStore, ingest_key: str) -> None:
+    """The ingested data set as the run's input (MLflow's Datasets): named for its source, with the ingest
+    artifact's key (which hashes the data's fingerprint) as digest, the artifact as source, and its rows."""
+    manifest = store.manifest("ingest", ingest_key)
+    name = cfg.data.source if not cfg.data.path else f"{cfg.data.source}:{os.path.basename(cfg.data.path.rstrip('/'))}"
+    run.log_input(name, ingest_key, store.path("ingest", ingest_key),
+                  {"source": cfg.data.source, "path": cfg.data.path, "rows": manifest.get("rows"),
+                   "subsets": manifest.get("subsets"), "image_size": cfg.data.image_size})
 
 
 def record_reuse(cfg: Config, store: ArtifactStore, stage: str, key: str) -> None:
@@ -139,7 +150,7 @@ def pipeline_run(cfg: Config, stages: list[str]) -> Iterator[dict]:
 
 
 def _close(store: ArtifactStore, run: StageRun, refs: dict, error: str | None) -> None:
-    from prefect.artifacts import create_markdown_artifact
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
     refs = {s: r for s, r in refs.items() if r is not None}
     ran = [s for s, r in refs.items() if not r.cached]
@@ -157,6 +168,10 @@ def _close(store: ArtifactStore, run: StageRun, refs: dict, error: str | None) -
         run.log_metrics(headline)
         run.log_dict(report, "evaluation.json")
         run.log_file(store.read_bytes(f"{evaluation}/top1_vs_random.png"), "top1_vs_random.png")
+        create_table_artifact(  # the evaluation table beside the run graph in Prefect's UI, as in MLflow
+            [{"metric": k, "value": round(v, 4), "headline": k in headline} for k, v in flat_metrics(report).items()],
+            key="evaluation", description=f"the evaluation of `evaluate/{refs['evaluate'].key}` (evaluation.json, "
+                                          "flattened); the headline metrics are the MLflow run's")
     if "generate" in refs and store.is_complete("generate", refs["generate"].key):
         run.log_file(store.read_bytes(store.path("generate", refs["generate"].key, "contact_sheet.png")),
                      "contact_sheet.png")

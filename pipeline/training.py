@@ -4,6 +4,7 @@ and files). Checkpoints in pipeline/checkpoints.py; the loop itself in dalle_cor
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Iterator
@@ -21,7 +22,7 @@ from pipeline.checkpoints import drop_checkpoints, load_checkpoint, save_checkpo
 from pipeline.config import Config
 from pipeline.fine_tuning import source_note, source_tags, start_model
 from pipeline.logs import log, progress
-from pipeline.runs import stage_run
+from pipeline.runs import log_training_data, stage_run
 from pipeline.source_fit import check_fine_tuning
 from pipeline.stage_table import stage_keys
 from pipeline.torchrun import launch_ranks
@@ -121,8 +122,8 @@ class StageTrainer:
     def run(self) -> None:
         """Train this rank; on rank 0 also track, validate, checkpoint and write the artifact."""
         w, t = self.w, self.train_cfg
-        check_fine_tuning(self.cfg, [self.stage], self.store, {**stage_keys(self.cfg), **{
-            stage: ref.key for stage, ref in w.inputs.items()}})  # with the keys of the inputs in hand, before any work
+        keys = {**stage_keys(self.cfg), **{stage: ref.key for stage, ref in w.inputs.items()}}
+        check_fine_tuning(self.cfg, [self.stage], self.store, keys)  # with the inputs' keys in hand, before any work
         torch.manual_seed(t.seed)
         model = self.model()
         start = start_model(self.cfg, self.stage, model, self.store)
@@ -144,6 +145,8 @@ class StageTrainer:
                   "trainable_params": start.trainable, "world_size": self.world}
         with stage_run(self.cfg, self.store, self.stage, w.key, params, w.inputs) as run:
             w.run = run
+            log_training_data(run, self.cfg, self.store, keys["ingest"])
+            run.watch_system()
             log.info("%s/%s: %s", self.stage, w.key, start.describe())
             tags = source_tags(self.cfg, start.source, self.store) if start.source else {}
             if tags:
@@ -270,6 +273,19 @@ def train_rows(w: Work) -> int | None:
 
 # ------------------------------------------------------------ the launch
 
+def gpu_slot(cfg: Config, device, occupy: int):
+    """While a stage trains on CUDA: `occupy` slots of Prefect's global concurrency limit `runner.gpu_slot`
+    (default "gpu"), waited for, so two scheduled runs never share a card by accident (prefect.yaml says how to
+    create the limit; without one Prefect lets the stage through). Elsewhere, or with gpu_slot null, nothing."""
+    if device.type != "cuda" or not cfg.runner.gpu_slot:
+        return contextlib.nullcontext()
+    from prefect.concurrency.sync import concurrency
+
+    log.info("waiting for %d slot(s) of the Prefect concurrency limit %r (runner.gpu_slot)", occupy,
+             cfg.runner.gpu_slot)
+    return concurrency(cfg.runner.gpu_slot, occupy=occupy, raise_on_lease_renewal_failure=False)
+
+
 def train_stage(cfg: Config, trainer: type[StageTrainer], inputs: dict[str, ArtifactRef]) -> ArtifactRef:
     """A training stage: reuse a finished artifact, else run `trainer` in this process, or launch `train.nproc` DDP
     processes per machine through torchrun (pipeline/torchrun.py); rank 0 opens the stage's MLflow run and writes
@@ -277,10 +293,12 @@ def train_stage(cfg: Config, trainer: type[StageTrainer], inputs: dict[str, Arti
     train_cfg = getattr(cfg, trainer.stage).train
 
     def launch(w: Work) -> dict:
-        if train_cfg.nproc == 1 and train_cfg.nnodes == 1:
-            trainer(w, resolve_device(cfg.runner.device)).run()
-        else:
-            launch_ranks(cfg, trainer, inputs)
+        device = resolve_device(cfg.runner.device)
+        with gpu_slot(cfg, device, train_cfg.nproc):
+            if train_cfg.nproc == 1 and train_cfg.nnodes == 1:
+                trainer(w, device).run()
+            else:
+                launch_ranks(cfg, trainer, inputs)
         return {}
 
     return run_stage(cfg, trainer.stage, inputs, launch, mlflow_run=False, claim=train_cfg.nnodes == 1)

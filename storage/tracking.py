@@ -287,9 +287,35 @@ class StageRun:
                     "mlflow.source.name": source or "(built-in defaults)", **code_version(), **process_tags(),
                     **{k: v for k, v in {"stage": stage, "stage_key": key, **(tags or {})}.items() if v}}
         self.run_id = self.client.create_run(exp, run_name=name, tags=all_tags).info.run_id
+        self.monitor = None
+
+    def log_input(self, name: str, digest: str, source: str, profile: dict, context: str = "training") -> None:
+        """Record a data set as this run's input, as `mlflow.log_input` does (the run page's Datasets, searchable
+        as `dataset.digest`): its `name`, `digest` (its fingerprint, at most 36 characters), `source` (a URI or
+        path), a JSON `profile`, tagged with its `context` (training, evaluation)."""
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        scheme = source.split("://")[0] if "://" in source else "local"
+        dataset = Dataset(name=name, digest=digest[:36], source_type=scheme, source=json.dumps({"uri": source}),
+                          profile=json.dumps(profile))
+        self.client.log_inputs(self.run_id, [DatasetInput(dataset, [InputTag("mlflow.data.context", context)])])
+
+    def watch_system(self) -> None:
+        """Log MLflow's system metrics (`system/cpu_utilization_percentage`, memory, disk, network, and GPU with
+        nvidia-ml-py) to this run until it ends, every MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL seconds (10);
+        MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING=false turns it off."""
+        if os.environ.get("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "").lower() in ("false", "0"):
+            return
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        self.monitor = SystemMetricsMonitor(self.run_id, tracking_uri=self.uri)
+        self.monitor.start()
 
     def end(self, failed: bool = False, error: BaseException | str | None = None) -> None:
         """Close the run: FINISHED, or FAILED with the error's first line in the `error` tag."""
+        if getattr(self, "monitor", None) is not None:
+            self.monitor.finish()
+            self.monitor = None
         if error is not None:
             self.client.set_tag(self.run_id, "error", error if isinstance(error, str) else one_line_error(error))
         self.client.set_terminated(self.run_id, "FAILED" if failed or error is not None else "FINISHED")

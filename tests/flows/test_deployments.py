@@ -12,6 +12,7 @@ import time
 
 import yaml
 
+from dalle_core.evaluation import flat_metrics
 from flows.pipeline_flow import pipeline_flow
 from pipeline.config import Config, apply_overrides, load_config
 from pipeline.stage_table import STAGES
@@ -51,6 +52,25 @@ def test_run_graph_edges_are_the_stage_table_and_reused_stages_are_named_cached(
     assert edges == TABLE_EDGES
     ran = {"pretokenize", "transformer", "generate", "evaluate"}
     assert names == {s: s if s in ran else f"{s} (cached)" for s in STAGES}
+    artifacts = read_artifacts(state.state_details.flow_run_id)
+    progress = {a["key"]: a["data"] for a in artifacts if a["type"] == "progress"}
+    assert progress["progress-train-transformer"] == 100 and progress["progress-sample"] == 100  # at their ends
+    table = next(a for a in artifacts if a["key"] == "evaluation")
+    rows = {r["metric"]: r["value"] for r in json.loads(table["data"])}
+    report = json.loads(next((tmp_path / "store" / "evaluate").glob("*/evaluation.json")).read_text())
+    assert rows == {k: round(v, 4) for k, v in flat_metrics(report).items()} and len(rows) > 50
+
+
+def read_artifacts(flow_run_id) -> list[dict]:
+    """The artifacts one flow run published (its own and its task runs'), latest first, as Prefect's API returns
+    them."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(
+            any_=[flow_run_id])))
+    return [a.model_dump(mode="json") for a in found]
 
 
 def test_an_invalid_config_value_fails_prefect_parameter_validation_before_any_stage(tmp_path):
@@ -147,3 +167,23 @@ def test_deployment_run_with_a_typed_config_change_reruns_only_what_it_touches(g
         if worker is not None:
             stop(worker)
         stop(server)
+
+
+def test_a_training_stage_on_a_gpu_holds_its_slots_of_the_gpu_limit_while_it_trains():
+    """Two scheduled runs never share a card: on CUDA a training stage holds train.nproc slots of Prefect's global
+    concurrency limit `runner.gpu_slot` (here on the test's Prefect server) until it ends; on a CPU none."""
+    import torch
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+
+    from pipeline.training import gpu_slot
+
+    cfg = load_config(TINY, ["runner.gpu_slot=test-gpu"])
+    with get_client(sync_client=True) as client:
+        client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name="test-gpu", limit=2))
+        held = {}
+        for device in ("cuda", "cpu"):
+            with gpu_slot(cfg, torch.device(device), 2):
+                held[device] = client.read_global_concurrency_limit_by_name("test-gpu").active_slots
+        after = client.read_global_concurrency_limit_by_name("test-gpu").active_slots
+    assert held == {"cuda": 2, "cpu": 0} and after == 0

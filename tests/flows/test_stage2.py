@@ -1,3 +1,4 @@
+import json
 import os
 
 import pytest
@@ -18,7 +19,8 @@ def _runs(cfg, stage="transformer"):
                                       order_by=["attributes.start_time ASC"])
 
 
-def test_trains_on_tokens_and_tracks_everything(store_copy):
+def test_trains_on_tokens_and_tracks_everything(store_copy, monkeypatch):
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")
     ref = run_stage("transformer", store_copy)
     cfg = load_config(TINY, store_copy)
     store = cfg.store.open()
@@ -31,6 +33,11 @@ def test_trains_on_tokens_and_tracks_everything(store_copy):
     run = runs[0]
     for metric in ("loss", "text_loss", "image_loss", "lr", "tokens_per_s", "grad_norm", "val_bits_per_image_token"):
         assert metric in run.data.metrics, metric
+    assert "system/cpu_utilization_percentage" in run.data.metrics  # MLflow's system metrics, while it trained
+    [data] = run.inputs.dataset_inputs  # the ingested data set it trained on, by the ingest artifact's key
+    assert (data.dataset.name, data.dataset.digest) == ("shapes", stage_keys(cfg)["ingest"])
+    assert json.loads(data.dataset.profile)["rows"] == store.manifest("ingest", stage_keys(cfg)["ingest"])["rows"]
+    assert [(t.key, t.value) for t in data.tags] == [("mlflow.data.context", "training")]
     losses = [h.value for h in client.get_metric_history(run.info.run_id, "loss")]
     assert losses[-1] < losses[0]
     assert [a.path for a in client.list_artifacts(run.info.run_id, "samples")] == ["samples/step-0000030.png"]
