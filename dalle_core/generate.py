@@ -40,10 +40,15 @@ from dalle_core.images import (
     viewer_size,
 )
 from dalle_core.model_folder import load_folder, pipeline_files, write_folder
-from dalle_core.sampling import SAMPLING_DEFAULTS, GenerationError, SamplingSettings, sample
+from dalle_core.sampling import (
+    SAMPLING_DEFAULTS,
+    GenerationError,
+    SamplingSettings,
+    check_text,
+    sample,
+)
 from dalle_core.transformer import DALLE
 
-MAX_PROMPT_CHARS = 1000  # far beyond any model's text_len tokens, far below what costs the server memory
 MAX_CANDIDATES = 64  # the most candidates one request may ask for, in `dalle serve` (--max-candidates) and MLflow
 Progress = Callable[[int, int], None]  # (sampling steps done, steps in all)
 
@@ -175,6 +180,9 @@ class DALLEPipeline:
         ids, truncated = self.tokenizer.encode(prompts)
         device = self.device
         text = torch.from_numpy(ids).to(device)
+        negative = None  # the negative prompt's ids, the unconditional caption of guidance
+        if settings.negative_prompt:
+            negative = torch.from_numpy(self.tokenizer.encode([settings.negative_prompt])[0]).to(device)
         gens = [torch.Generator(device=device).manual_seed(s) for s in seeds]
         side = self.transformer.c.image_grid
         chunk = min(n, batch_size)  # candidates of one prompt per batch (n > batch_size: several batches)
@@ -202,9 +210,9 @@ class DALLEPipeline:
 
         for group, b, masks in batches:
             rows = torch.cat([text[j:j + 1].expand(b, -1) for j in group])
-            kept = None if source is None else source[None].expand(rows.shape[0], -1)
-            codes = sample(self.transformer, rows, settings, image=kept,
-                           mask=None if masks is None else masks.to(device), generator=[gens[j] for j in group],
+            kept = None if source is None else (source[None].expand(rows.shape[0], -1), masks.to(device))
+            codes = sample(self.transformer, rows, settings, kept=kept, generator=[gens[j] for j in group],
+                           negative=None if negative is None else negative.expand(rows.shape[0], -1),
                            precision=self.precision, on_logits=None if progress is None else step)
             pixels = to_uint8_tensor(self.dvae.decode(codes.view(-1, side, side)), self.normalization.mean, self.normalization.std)
             s = self.reranker.scores(pixels, [prompts[j] for j in group for _ in range(b)]).float().numpy()
@@ -253,16 +261,9 @@ def check_prompts(prompts) -> list[str]:
     if not prompts:
         raise GenerationError("no prompts given; give at least one")
     for i, prompt in enumerate(prompts):
-        if not isinstance(prompt, str) or not prompt.strip():
+        if not isinstance(prompt, str):
             raise GenerationError(f"prompt {i + 1} of {len(prompts)} is {prompt!r}; every prompt needs some text")
-        if len(prompt) > MAX_PROMPT_CHARS:  # checked before BPE: encoding megabytes costs seconds and gigabytes
-            raise GenerationError(f"prompt {i + 1} of {len(prompts)} is {len(prompt)} characters; allowed: at most "
-                                  f"{MAX_PROMPT_CHARS} (the model reads only its first text_len tokens)")
-        try:
-            prompt.encode("utf-8")
-        except UnicodeEncodeError as err:
-            raise GenerationError(f"prompt {i + 1} of {len(prompts)} is not valid text: character {err.start + 1} "
-                                  f"is {prompt[err.start]!r}, a lone UTF-16 surrogate") from None
+        check_text(prompt, f"prompt {i + 1} of {len(prompts)}")
     return list(prompts)
 
 

@@ -12,14 +12,15 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import math
 from dataclasses import asdict, dataclass, fields
-from typing import Annotated, get_type_hints
+from typing import Annotated, Literal, get_args, get_origin, get_type_hints
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from annotated_types import Ge, Gt, Le
+from annotated_types import Ge, Gt, Le, MaxLen, MinLen
 
 from dalle_core import cpu_fast
 from dalle_core.errors import UserError
@@ -31,6 +32,9 @@ class GenerationError(UserError):
     The message is one line, naming the bad value and what is allowed."""
 
 
+MAX_PROMPT_CHARS = 1000  # far beyond any model's text_len tokens, far below what costs the server memory
+
+
 @dataclass(frozen=True)
 class SamplingSettings:
     """How a `DALLEPipeline` call samples (Ramesh et al. 2021, section 2.5: N candidates per prompt, reranked by
@@ -38,7 +42,10 @@ class SamplingSettings:
     request and the MLflow model's params are built from these fields, so this is the one place they are
     declared. `cond_scale`: classifier-free guidance scale (1 = none); `top_k` codes kept per step (0 or None:
     off); `top_p` nucleus mass (1 or None: off); prompt i draws from `prompt_seed(seed, i)`; `batch_size` images
-    share one forward pass."""
+    share one forward pass. Guidance: `negative_prompt` is the caption guidance steers away from, in place of the
+    all-padding one (diffusers' negative_prompt); the scale applies to the image tokens whose share of the grid is
+    in [`guidance_start`, `guidance_end`) (LlamaGen's cfg_interval), `constant` there or, with
+    `guidance_schedule: linear`, rising from 1 at `guidance_start` to `cond_scale` at `guidance_end`; 1 elsewhere."""
 
     __pydantic_config__ = {"extra": "forbid"}  # read by the run config and the HTTP request
 
@@ -49,6 +56,10 @@ class SamplingSettings:
     top_p: Annotated[float, Gt(0), Le(1)] | None = None
     seed: Annotated[int, Ge(0), Le(2**63 - 1)] = 0
     batch_size: Annotated[int, Ge(1)] = 64
+    negative_prompt: Annotated[str, MinLen(1), MaxLen(MAX_PROMPT_CHARS)] | None = None
+    guidance_schedule: Literal["constant", "linear"] = "constant"
+    guidance_start: Annotated[float, Ge(0), Le(1)] = 0.0
+    guidance_end: Annotated[float, Ge(0), Le(1)] = 1.0
 
     def checked(self) -> SamplingSettings:
         """These settings checked against their ranges (for callers that bypass the config's validation), top_k 0
@@ -56,9 +67,22 @@ class SamplingSettings:
         hints = get_type_hints(SamplingSettings, include_extras=True)
         for f in fields(self):
             _check_setting(f.name, getattr(self, f.name), hints[f.name])
-        top_k, top_p = self.top_k or None, None if self.top_p in (None, 1) else float(self.top_p)
-        return SamplingSettings(self.num_candidates, float(self.cond_scale), float(self.temperature), top_k, top_p,
-                                self.seed, self.batch_size)
+        if self.guidance_start >= self.guidance_end:
+            raise GenerationError(f"guidance_start is {self.guidance_start} and guidance_end {self.guidance_end}; "
+                                  "the start must come before the end (shares of the image tokens, 0 to 1)")
+        return dataclasses.replace(
+            self, cond_scale=float(self.cond_scale), temperature=float(self.temperature), top_k=self.top_k or None,
+            top_p=None if self.top_p in (None, 1) else float(self.top_p), negative_prompt=self.negative_prompt or None,
+            guidance_start=float(self.guidance_start), guidance_end=float(self.guidance_end))
+
+    def guidance_scales(self, n: int) -> list[float]:
+        """The guidance scale at each of `n` image-token positions (raster order), as the schedule says."""
+        inside = [i for i in range(n) if self.guidance_start * n <= i < self.guidance_end * n]
+        out = [1.0] * n
+        for k, i in enumerate(inside):  # linear: from 1 at the first guided position to the scale at the last
+            ramp = k / (len(inside) - 1) if len(inside) > 1 else 1.0
+            out[i] = self.cond_scale if self.guidance_schedule == "constant" else 1.0 + (self.cond_scale - 1.0) * ramp
+        return out
 
     def replace(self, **given) -> SamplingSettings:
         """These settings with the `given` ones that are not None; GenerationError for a name that is no setting."""
@@ -69,11 +93,22 @@ class SamplingSettings:
 
 
 def _check_setting(name: str, value, hint) -> None:
-    """One sampling setting against its annotation: its type (int or float, or None where allowed) and bounds."""
+    """One sampling setting against its annotation: its type (int, float, text or one of a few words, or None
+    where allowed) and bounds."""
     kind, bounds, optional = typing_args(hint)
     if value is None:
         if not optional:
-            raise GenerationError(f"{name} is None; it must be a number")
+            raise GenerationError(f"{name} is None; it must be {'one of ' if get_origin(kind) is Literal else 'a '}"
+                                  f"{', '.join(get_args(kind)) if get_origin(kind) is Literal else 'number'}")
+        return
+    if get_origin(kind) is Literal:
+        if value not in get_args(kind):
+            raise GenerationError(f"{name} is {value!r}; allowed: {', '.join(get_args(kind))}")
+        return
+    if kind is str:
+        if not isinstance(value, str):
+            raise GenerationError(f"{name} is {value!r}; it must be text")
+        check_text(value, name, next(b.max_length for b in bounds if isinstance(b, MaxLen)))
         return
     if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
         raise GenerationError(f"{name} is {value!r}; it must be a {'whole number' if kind is int else 'number'}")
@@ -90,8 +125,26 @@ def _check_setting(name: str, value, hint) -> None:
         raise GenerationError(f"{name} is {value}; allowed: {' and '.join(p for p in parts if p)}")
 
 
+def check_text(text: str, what: str, max_chars: int | None = None) -> None:
+    """`text` has some non-blank text, at most `max_chars` (MAX_PROMPT_CHARS) characters, measured before BPE (encoding
+    megabytes costs seconds and gigabytes), and encodes as UTF-8 (no lone surrogates, which JSON's \\ud800
+    escapes can carry); GenerationError naming `what` otherwise."""
+    max_chars = max_chars or MAX_PROMPT_CHARS
+    if not text.strip():
+        raise GenerationError(f"{what} is {text!r}; every prompt needs some text")
+    if len(text) > max_chars:
+        raise GenerationError(f"{what} is {len(text)} characters; allowed: at most {max_chars} (the model reads only "
+                              "its first text_len tokens)")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise GenerationError(f"{what} is not valid text: character {err.start + 1} is {text[err.start]!r}, a lone "
+                              "UTF-16 surrogate") from None
+
+
 def typing_args(hint) -> tuple[type, tuple, bool]:
-    """(int or float, the annotated_types bounds, whether None is allowed) of a SamplingSettings field's type."""
+    """(int, float, str or a Literal, the annotated_types bounds, whether None is allowed) of a SamplingSettings
+    field's type."""
     optional = False
     if getattr(hint, "__args__", None) and type(None) in hint.__args__:  # Annotated[...] | None
         optional, hint = True, next(a for a in hint.__args__ if a is not type(None))
@@ -201,18 +254,20 @@ def prefix_mask(image_prefix: torch.Tensor, image_len: int) -> tuple[torch.Tenso
 
 @torch.inference_mode()
 def sample(model: DALLE, text: torch.Tensor, settings: SamplingSettings = SamplingSettings(), *,
-           image: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+           negative: torch.Tensor | None = None, kept: tuple[torch.Tensor, torch.Tensor] | None = None,
            generator: torch.Generator | list[torch.Generator] | None = None, on_logits=None,
            precision: str = "fp32") -> torch.Tensor:
     """(B, text_len) caption ids -> (B, N) image codes, computed in `precision` (fp32 or bf16, see for_sampling).
 
-    `settings` gives the guidance scale, temperature, top-k and top-p (its other fields are the caller's: how many
-    candidates, seeds, batches), as transformers' `generate` takes a GenerationConfig.
+    `settings` gives the guidance scale and its schedule, temperature, top-k and top-p (its other fields are the
+    caller's: how many candidates, seeds, batches, the negative prompt's text), as transformers' `generate` takes a
+    GenerationConfig. Classifier-free guidance (Ho & Salimans 2022; DALL-E-style in dalle-mini and ru-dalle)
+    steers from the unconditional caption, all padding, or `negative` (B, text_len) ids of a negative prompt.
     Masked sampling (editing: inpainting, outpainting, variations; as ru-dalle's and taming-transformers'
-    completion): `image` (B, N) source codes and `mask` (B, N) or (N,) bool in raster order, True where a code is
-    sampled, False where the source code is kept. Kept codes are forced as the sampler passes them, so every
-    sampled code is conditioned on all codes before it, kept ones included; the leading run of positions kept in
-    every row is prefilled in one pass, and nothing is computed after the last sampled position. Priming (the
+    completion): `kept` = (image, mask), the (B, N) source codes and a (B, N) or (N,) bool mask in raster order,
+    True where a code is sampled, False where the source code is kept. Kept codes are forced as the sampler passes
+    them, so every sampled code is conditioned on all codes before it, kept ones included; the leading run of
+    positions kept in every row is prefilled in one pass, and nothing is computed after the last sampled one. Priming (the
     first n codes fixed) is `prefix_mask`'s mask. With no mask, every code is sampled.
     `generator` may be a list of G generators: rows then form G equal consecutive groups, each drawn
     from its own generator, so a group's codes do not depend on what else shares the batch. A group draws (one
@@ -221,8 +276,9 @@ def sample(model: DALLE, text: torch.Tensor, settings: SamplingSettings = Sampli
     """
     c = model.c
     B, N = text.shape[0], c.image_len
-    cond_scale, temperature = settings.cond_scale, settings.temperature
+    scales, temperature = settings.guidance_scales(N), settings.temperature
     top_k, top_p = settings.top_k or None, None if settings.top_p in (None, 1) else settings.top_p
+    image, mask = kept if kept is not None else (None, None)
     groups = generator if isinstance(generator, list) else [generator]
     if B % len(groups):
         raise ValueError(f"{B} rows do not split into {len(groups)} equal generator groups")
@@ -235,8 +291,8 @@ def sample(model: DALLE, text: torch.Tensor, settings: SamplingSettings = Sampli
         samples = [any(g) for g in by_group]
         first, last = samples.index(True), N - 1 - samples[::-1].index(True)
     rows = text
-    if cond_scale != 1.0:  # one batch: conditional rows, then unconditional (all-pad) rows
-        rows = torch.cat([text, torch.full_like(text, c.pad_id)])
+    if any(s != 1.0 for s in scales):  # one batch: conditional rows, then unconditional (all-pad or negative) rows
+        rows = torch.cat([text, torch.full_like(text, c.pad_id) if negative is None else negative.to(text.device)])
     model, context, cache_dtype = for_sampling(model, precision, rows.shape[0])
     with context:
         cache = KVCache(c, rows.shape[0], device=text.device, dtype=cache_dtype)
@@ -250,7 +306,7 @@ def sample(model: DALLE, text: torch.Tensor, settings: SamplingSettings = Sampli
         pos_table = model.image_pos(0, N)  # (N, dim), computed once
         for i in range(first, last + 1):
             if samples[i]:
-                logits = model.image_head(guided(h[:, -1], B, cond_scale))  # the head is linear: guide before it
+                logits = model.image_head(guided(h[:, -1], B, scales[i]))  # the head is linear: guide before it
                 logits = filter_logits(logits, temperature, top_k, top_p)
                 if on_logits is not None:
                     on_logits(i, logits)

@@ -187,7 +187,7 @@ def parse_caption(caption: str) -> dict | None:
     return None
 
 
-def _palette_labels(image: np.ndarray, max_dist: float = 70.0) -> np.ndarray:
+def palette_labels(image: np.ndarray, max_dist: float = 70.0) -> np.ndarray:
     """Per pixel: 0 for black, 1..8 for the palette colours, -1 for neither."""
     palette = np.array([(0, 0, 0), *COLOURS.values()], dtype=np.float32)
     dist = np.linalg.norm(image[:, :, None, :].astype(np.float32) - palette[None, None], axis=-1)
@@ -260,7 +260,7 @@ def check(image: np.ndarray, caption: str) -> dict[str, bool]:
     if attrs is None:
         raise ValueError(f"not a shapes caption: {caption!r}")
     n = image.shape[0]
-    labels = _palette_labels(image)
+    labels = palette_labels(image)
     min_area = max(4, int(0.15 * box_side(SIZES["small"], n) ** 2))
     names = list(COLOURS)
     found: list[Found | None] = []

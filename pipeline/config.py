@@ -266,6 +266,14 @@ class _Generate(Section):
             raise ValueError(str(err)) from None
         return self
 
+    @model_validator(mode="after")
+    def _sampling_settings_agree(self):
+        try:  # the core's own check, for what the fields' ranges cannot say (the guidance window's order)
+            SamplingSettings(**self.sampling_defaults()).checked()
+        except GenerationError as err:
+            raise ValueError(f"generate.{err}") from None
+        return self
+
     @field_validator("prompts")
     @classmethod
     def _prompts_have_text(cls, prompts: list[str]) -> list[str]:

@@ -16,6 +16,7 @@ from typing import Literal
 from dalle_core import pretrained
 from dalle_core.errors import ConfigError
 from dalle_core.evaluation import METRICS_VERSION
+from dalle_core.sampling import SAMPLING_DEFAULTS
 from data_sources.reader import source_fingerprint
 from pipeline.config import Config
 from pipeline.model_source import source_digest
@@ -99,6 +100,7 @@ def _pretokenize(cfg: Config) -> dict:
     return {} if cfg.dvae.encode_precision == "fp32" else {"encode_precision": cfg.dvae.encode_precision}
 
 
+GUIDANCE_KEYS = ("negative_prompt", "guidance_schedule", "guidance_start", "guidance_end")
 EDIT_KEYS = ("edit_mode", "edit_image", "edit_region", "edit_mask", "edit_keep")  # generate.*: editing an image
 SAMPLING_ONLY = ("prompts", "num_val_prompts", "best_k", "batch_size", "prime_image", "prime_rows", *EDIT_KEYS)
 
@@ -112,13 +114,22 @@ def _generate(cfg: Config) -> dict:
     if gen["edit_mode"] is None:
         for name in EDIT_KEYS:
             del gen[name]
+    _default_guidance_left_out(gen)
     if not gen["prompts"]:  # which val captions: storage.parquet.val_rows's choice, named so a change of it re-samples
         gen["val_prompts"] = "each val subset in turn"
     return gen
 
 
+def _default_guidance_left_out(sampling: dict) -> None:
+    """The guidance keys at their defaults leave a key as it was before they existed: stores keep their samples."""
+    for name in GUIDANCE_KEYS:
+        if sampling[name] == SAMPLING_DEFAULTS[name]:
+            del sampling[name]
+
+
 def _evaluate(cfg: Config) -> dict:
     sampling = cfg.generate.model_dump(mode="json", exclude=set(SAMPLING_ONLY))
+    _default_guidance_left_out(sampling)
     return {**cfg.evaluate.model_dump(mode="json"), "sampling": sampling, "metrics_version": METRICS_VERSION}
 
 

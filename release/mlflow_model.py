@@ -48,7 +48,11 @@ def signature(sampling: dict):
                           ParamSpec("prime_rows", "long", 0),
                           ParamSpec("edit_mode", "string", "inpaint"),
                           ParamSpec("region", "string", ""),  # "x0,y0,x1,y1"; empty: none
-                          ParamSpec("keep", "double", 0.5)])
+                          ParamSpec("keep", "double", 0.5),
+                          ParamSpec("negative_prompt", "string", s["negative_prompt"] or ""),  # "": none
+                          ParamSpec("guidance_schedule", "string", s["guidance_schedule"]),
+                          ParamSpec("guidance_start", "double", float(s["guidance_start"])),
+                          ParamSpec("guidance_end", "double", float(s["guidance_end"]))])
     return ModelSignature(inputs=inputs, outputs=outputs, params=params)
 
 
@@ -75,7 +79,7 @@ class DALLEPyfunc(mlflow.pyfunc.PythonModel):
         """One row per candidate of every prompt, ranked; MlflowException (HTTP 400) for a bad request."""
         if not isinstance(model_input, pd.DataFrame) or "prompt" not in model_input:
             raise _bad_request("the input needs a `prompt` column (one prompt per row)")
-        p = {k: v for k, v in (params or {}).items() if v is not None}
+        p = {k: v for k, v in (params or {}).items() if v is not None and not (k == "negative_prompt" and v == "")}
         n = p.get("num_candidates")
         if isinstance(n, int) and not 1 <= n <= MAX_CANDIDATES:  # as dalle serve: one request cannot hold the worker
             raise _bad_request(f"num_candidates is {n}; allowed: 1 to {MAX_CANDIDATES} (this model's limit, as "

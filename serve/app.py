@@ -26,7 +26,7 @@ from starlette.exceptions import HTTPException
 from dalle_core.editing import pack
 from dalle_core.generate import MAX_CANDIDATES, MAX_PRIME_PIXELS, DALLEPipeline
 from dalle_core.images import png_bytes
-from dalle_core.sampling import GenerationError
+from dalle_core.sampling import SAMPLING_DEFAULTS, GenerationError
 from serve.jobs import Job, JobQueue, QueueFull
 from serve.request import (
     CLIENT_TIMEOUT_S,
@@ -39,6 +39,8 @@ from serve.request import (
     job_settings,
 )
 
+SETTINGS = tuple(k for k in SAMPLING_DEFAULTS if k != "batch_size")  # a request's sampling settings (batch: ours)
+
 
 def create_app(pipe: DALLEPipeline, *, name: str = "model", max_candidates: int = MAX_CANDIDATES,
                max_waiting: int = 16, client_timeout_s: float = CLIENT_TIMEOUT_S) -> FastAPI:
@@ -48,14 +50,12 @@ def create_app(pipe: DALLEPipeline, *, name: str = "model", max_candidates: int 
 
     def work(job: Job) -> None:
         r = job.request
-        out = pipe(r["prompt"], edit=r["edit"], progress=job.progress,
-                   **{k: r[k] for k in ("num_candidates", "cond_scale", "temperature", "top_k", "top_p", "seed")})
+        out = pipe(r["prompt"], edit=r["edit"], progress=job.progress, **{k: r[k] for k in SETTINGS})
         job.images = [png_bytes(image) for image in out.pixels[0]]
         edit = r["edit"]
         job.result = {"prompt": out.prompts[0], "seed": out.seed, "truncated": out.truncated[0],
                       "scores": [float(s) for s in out.scores[0]],
-                      "settings": {k: r[k] for k in ("num_candidates", "cond_scale", "temperature", "top_k", "top_p",
-                                                     "prime_rows")},
+                      "settings": {k: r[k] for k in (*SETTINGS, "prime_rows") if k != "seed"},
                       "edited": edit is not None and edit.mode != "prime", "primed": edit is not None and edit.mode == "prime"}
         if out.edit is not None and out.edit.mode != "prime":  # the codes, so a client can see what was kept
             job.result["edit"] = {"mode": out.edit.mode, "region": r["region"], "keep": out.edit.keep,

@@ -36,8 +36,9 @@ def _sampling_fields() -> dict:
     for f in fields(SamplingSettings):
         if f.name != "batch_size":
             kind, bounds, _ = typing_args(hints[f.name])
-            strict = (Strict(),) if kind is int else (AllowInfNan(False),)  # JSON's Infinity and NaN: a 400 at once
-            out[f.name] = (Annotated[kind, *bounds, *strict] | None, None)
+            # whole numbers strict; JSON's Infinity and NaN a 400 at once; text and words as they are
+            strict = (Strict(),) if kind is int else (AllowInfNan(False),) if kind is float else ()
+            out[f.name] = ((Annotated[kind, *bounds, *strict] if bounds or strict else kind) | None, None)
     return out
 
 

@@ -1,3 +1,6 @@
+import re
+
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -101,6 +104,44 @@ def test_cached_guided_sampling_matches_recompute(model):
             assert torch.allclose(expect, seen[i], atol=1e-3), i
 
 
+@pytest.mark.parametrize("schedule, start, end", [("constant", 0.0, 1.0), ("constant", 0.2, 0.6),
+                                                  ("linear", 0.0, 1.0), ("linear", 0.3, 1.0)])
+def test_guidance_steers_from_the_negative_prompt_with_the_scheduled_scale(model, schedule, start, end):
+    """Each step's logits are uncond + s_i (cond - uncond) over a full recompute, where uncond is the negative
+    prompt's caption (not all padding) and s_i the schedule's scale at image position i: cond_scale inside
+    [start, end) of the grid (rising linearly from 1 to it with `linear`), 1 outside."""
+    text, negative = _text(), _text()
+    settings = SamplingSettings(cond_scale=3.0, guidance_schedule=schedule, guidance_start=start, guidance_end=end)
+    scales = settings.guidance_scales(C.image_len)
+    seen = {}
+    codes = sample(model, text, settings, negative=negative, generator=torch.Generator().manual_seed(2),
+                   on_logits=lambda i, lg: seen.__setitem__(i, lg.clone()))
+    with torch.inference_mode():
+        for i in range(C.image_len):
+            _, cond = full_logits(model, text, codes[:, :i])
+            _, uncond = full_logits(model, negative, codes[:, :i])
+            expect = uncond[:, -1] + scales[i] * (cond[:, -1] - uncond[:, -1])
+            assert torch.allclose(expect, seen[i], atol=1e-3), i
+    inside = [i for i in range(C.image_len) if start * C.image_len <= i < end * C.image_len]
+    assert all(s == 1.0 for i, s in enumerate(scales) if i not in inside)
+    expected = [3.0] * len(inside) if schedule == "constant" else list(np.linspace(1.0, 3.0, len(inside)))
+    assert np.allclose([scales[i] for i in inside], expected)
+
+
+@pytest.mark.parametrize("given, message", [
+    ({"guidance_schedule": "cosine"}, "guidance_schedule is 'cosine'; allowed: constant, linear"),
+    ({"guidance_start": 0.5, "guidance_end": 0.5}, "guidance_start is 0.5 and guidance_end 0.5; the start must come"),
+    ({"guidance_end": 1.5}, "guidance_end is 1.5; allowed: at least 0 and at most 1"),
+    ({"negative_prompt": "  "}, "negative_prompt is '  '; every prompt needs some text"),
+    ({"negative_prompt": "x" * 1001}, "negative_prompt is 1001 characters; allowed: at most 1000"),
+    ({"negative_prompt": 7}, "negative_prompt is 7; it must be text")])
+def test_bad_guidance_settings_are_one_line(given, message):
+    from dalle_core.sampling import GenerationError
+
+    with pytest.raises(GenerationError, match=f"^{re.escape(message)}"):
+        SamplingSettings(**given).checked()
+
+
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])  # bf16 on a CPU: the attention runs in fp32 (its own path)
 def test_future_tokens_never_change_past_logits(model, precision):
     text = _text(2)
@@ -156,7 +197,7 @@ def test_primed_sampling_matches_a_full_recompute_after_the_prefix(model, cond_s
     prefix = torch.randint(0, C.image_vocab, (3, 4))
     seen = {}
     image, mask = prefix_mask(prefix, C.image_len)
-    codes = sample(model, text, SamplingSettings(cond_scale=cond_scale), image=image, mask=mask,
+    codes = sample(model, text, SamplingSettings(cond_scale=cond_scale), kept=(image, mask),
                    generator=torch.Generator().manual_seed(4), on_logits=lambda i, lg: seen.__setitem__(i, lg.clone()))
     assert torch.equal(codes[:, :4], prefix) and sorted(seen) == list(range(4, C.image_len))
     with torch.inference_mode():
@@ -280,7 +321,7 @@ def test_masked_sampling_keeps_every_unmasked_code(model, precision, cond_scale)
     text = _text(4)
     source = torch.randint(0, C.image_vocab, (4, C.image_len), generator=torch.Generator().manual_seed(3))
     for mask in (_masks(4, 5), _masks(1, 6)[0]):  # one mask per row, and one (N,) mask shared by every row
-        codes = sample(model, text, SamplingSettings(cond_scale=cond_scale, top_p=0.9), image=source, mask=mask,
+        codes = sample(model, text, SamplingSettings(cond_scale=cond_scale, top_p=0.9), kept=(source, mask),
                        precision=precision,
                        generator=[torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)])
         full = mask.expand(4, -1)
@@ -294,8 +335,8 @@ def test_an_all_sampled_mask_equals_unmasked_sampling(model, precision):
     source = torch.randint(0, C.image_vocab, (4, C.image_len))
     gens = lambda: [torch.Generator().manual_seed(8), torch.Generator().manual_seed(9)]  # noqa: E731
     plain = sample(model, text, SamplingSettings(cond_scale=2.0, top_p=0.9), generator=gens(), precision=precision)
-    masked = sample(model, text, SamplingSettings(cond_scale=2.0, top_p=0.9), image=source,
-                    mask=torch.ones(C.image_len, dtype=torch.bool), generator=gens(), precision=precision)
+    masked = sample(model, text, SamplingSettings(cond_scale=2.0, top_p=0.9),
+                    kept=(source, torch.ones(C.image_len, dtype=torch.bool)), generator=gens(), precision=precision)
     assert torch.equal(plain, masked)
 
 
@@ -306,13 +347,13 @@ def test_a_top_rows_mask_fed_step_by_step_equals_prefilled_priming(model, cond_s
     text = _text(2)
     prefix = torch.randint(0, C.image_vocab, (2, 4))
     image, top_rows = prefix_mask(prefix, C.image_len)
-    primed = sample(model, text, SamplingSettings(cond_scale=cond_scale), image=image, mask=top_rows,
+    primed = sample(model, text, SamplingSettings(cond_scale=cond_scale), kept=(image, top_rows),
                     generator=torch.Generator().manual_seed(4))
     source = torch.cat([prefix, torch.zeros(2, C.image_len - 4, dtype=torch.long)], dim=1)
     mask = torch.arange(C.image_len) >= 4
     mixed = sample(model, torch.cat([text, _text(2)]), SamplingSettings(cond_scale=cond_scale),
-                   image=torch.cat([source, source]),
-                   mask=torch.stack([mask, mask, torch.ones_like(mask), torch.ones_like(mask)]),
+                   kept=(torch.cat([source, source]),
+                         torch.stack([mask, mask, torch.ones_like(mask), torch.ones_like(mask)])),
                    generator=[torch.Generator().manual_seed(4), torch.Generator().manual_seed(5)])
     assert torch.equal(mixed[:2], primed) and torch.equal(primed[:, :4], prefix)
 
@@ -346,7 +387,7 @@ def test_cached_masked_sampling_equals_a_full_recompute(model, seed):
     source = torch.randint(0, C.image_vocab, (4, C.image_len), generator=torch.Generator().manual_seed(seed))
     gens = lambda: [torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed + 1)]  # noqa: E731
     seen = []
-    cached = sample(model, text, SamplingSettings(cond_scale=2.0, top_p=0.9), image=source, mask=mask, generator=gens(),
+    cached = sample(model, text, SamplingSettings(cond_scale=2.0, top_p=0.9), kept=(source, mask), generator=gens(),
                     on_logits=lambda i, lg: seen.append(i))
     assert seen == [i for i in range(C.image_len) if mask[:, i].any()]  # logits only where some row samples
     assert torch.equal(cached, _recomputed_masked_sample(model, text, source, mask, 2.0, 0.9, gens()))
@@ -360,4 +401,5 @@ def test_bad_masks_are_one_line_errors(model):
                             ({"mask": None}, "without a mask"),
                             ({"image": None, "mask": torch.ones(C.image_len, dtype=torch.bool)}, r"is None; expected \(2, 9\)")]:
         with pytest.raises(ValueError, match=message):
-            sample(model, text, **{"image": source, **kwargs})
+            given = {"image": source, **kwargs}
+            sample(model, text, kept=(given["image"], given["mask"]))

@@ -463,8 +463,13 @@ def test_registered_model_serves_four_images_through_mlflow_scoring(generated, e
     typo = http.post("/invocations", json={"dataframe_split": {"columns": ["prompt"], "data": [["a red circle"]]},
                                            "params": {"num_candidats": 4, "seed": 3}})
     assert typo.status_code == 400 and typo.json()["message"].endswith(  # MLflow names the data before it
-        "num_candidats is not a param of this model; allowed: cond_scale, edit_mode, keep, num_candidates, prime_rows, "
-        "region, seed, temperature, top_k, top_p")
+        "num_candidats is not a param of this model; allowed: cond_scale, edit_mode, guidance_end, guidance_schedule, "
+        "guidance_start, keep, negative_prompt, num_candidates, prime_rows, region, seed, temperature, top_k, top_p")
+    guided = {"num_candidates": 4, "seed": 3, "cond_scale": 3.0}
+    plain, steered = (http.post("/invocations", json={"dataframe_split": {"columns": ["prompt"], "data": [[
+        "a red circle"]]}, "params": {**guided, **extra}}).json()["predictions"]
+        for extra in ({}, {"negative_prompt": "a blue square", "guidance_schedule": "linear"}))
+    assert [r["image"] for r in plain] != [r["image"] for r in steered]  # the MLflow params reach the sampler
     # the pipeline's end: `dalle run --register` registers the next version, which an alias then follows
     assert main(["run", "-c", str(TINY), *_sets(ov), "--only", "generate", "--register", "tiny-dalle",
                  "--alias", "champion"]) == 0

@@ -80,6 +80,18 @@ def test_generate_returns_ranked_candidates_with_scores_and_the_seed(client):
     assert isinstance(drawn["seed"], int)  # no seed given: the server draws one and reports it
 
 
+def test_a_negative_prompt_and_a_guidance_schedule_reach_the_sampler(client):
+    """The same seed and guidance scale, with and without a negative prompt (and with a linear schedule): other
+    images, and the settings echoed as sampled."""
+    base = {"prompt": "a red circle", "num_candidates": 3, "seed": 5, "cond_scale": 3.0}
+    plain, steered, ramped = (client.post("/api/generate", json={**base, **extra}).json()["result"] for extra in (
+        {}, {"negative_prompt": "a blue square"}, {"guidance_schedule": "linear", "guidance_start": 0.25}))
+    images = [[im["png_base64"] for im in r["images"]] for r in (plain, steered, ramped)]
+    assert images[0] != images[1] and images[0] != images[2]
+    assert steered["settings"]["negative_prompt"] == "a blue square" and plain["settings"]["negative_prompt"] is None
+    assert (ramped["settings"]["guidance_schedule"], ramped["settings"]["guidance_start"]) == ("linear", 0.25)
+
+
 def test_job_progress_and_image_download(client):
     job = client.post("/api/jobs", json={"prompt": "a blue square", "num_candidates": 3, "seed": 2})
     assert job.status_code == 202 and job.json()["state"] in ("queued", "running", "done")
@@ -98,6 +110,9 @@ def test_job_progress_and_image_download(client):
     ({"prompt": "x", "num_candidates": 0}, 400, "num_candidates: Input should be greater than or equal to 1 (got 0)"),
     ({"prompt": "x", "top_p": 1.5}, 400, "top_p: Input should be less than or equal to 1 (got 1.5)"),
     ({"prompt": "x", "colour": "red"}, 400, "colour is not a field of this API; allowed: prompt, num_candidates"),
+    ({"prompt": "x", "guidance_schedule": "cosine"}, 400, "guidance_schedule: Input should be 'constant' or 'linear'"),
+    ({"prompt": "x", "guidance_start": 0.8, "guidance_end": 0.2}, 400, "guidance_start is 0.8 and guidance_end 0.2"),
+    ({"prompt": "x", "negative_prompt": ""}, 400, "negative_prompt: String should have at least 1 character"),
     ({"prompt": "x", "prime_image": "%%%"}, 400, "prime_image is not base64"),
     ({"prompt": "x", "prime_image": base64.b64encode(b"GIF89a broken").decode()}, 400, "is not an image file"),
     ({"prompt": "x", "prime_image": base64.b64encode(_png()).decode(), "prime_rows": 8}, 400, "prime_rows is 8; allowed: 1 to 7"),

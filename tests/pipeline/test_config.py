@@ -1,3 +1,5 @@
+import re
+
 import pytest
 import yaml
 
@@ -186,3 +188,15 @@ def test_model_fields_are_declared_once_in_the_model_dataclasses():
         text_vocab=500, text_len=12, pad_id=0, image_vocab=64, image_grid=8, depth=3, text_loss_weight=0.2)
     assert cfg.clip.clip_config(32, 500, 12, 0) == CLIPConfig(image_size=32, text_vocab=500, text_len=12, pad_id=0,
                                                              text_heads=2)
+
+
+@pytest.mark.parametrize("sets, message", [
+    (["generate.guidance_start=0.9", "generate.guidance_end=0.1"],
+     "generate.guidance_start is 0.9 and guidance_end 0.1; the start must come before the end"),
+    (["generate.guidance_schedule=cosine"], "generate.guidance_schedule: Input should be 'constant' or 'linear'"),
+    (["generate.negative_prompt=''"], "generate.negative_prompt: String should have at least 1 character")])
+def test_guidance_settings_are_checked_when_the_config_loads(sets, message):
+    with pytest.raises(ConfigError, match=f"^{re.escape(message)}"):
+        load_config(TINY, sets)
+    steered = load_config(TINY, ["generate.negative_prompt=not red", "generate.guidance_schedule=linear"])
+    assert steered.generate.sampling().negative_prompt == "not red"
