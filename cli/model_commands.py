@@ -22,7 +22,7 @@ def cmd_export(args) -> int:
     """Export the run's models as a folder (--out) and/or register them as an MLflow model (--register)."""
     from release.export import export_model, register_export
 
-    if not args.out and not args.register:
+    if not args.out and args.register is None:
         raise ConfigError("give --out DIR (a model folder) and/or --register NAME (an MLflow registered model)")
     check_registration(args)
     if args.out:
@@ -42,11 +42,11 @@ def check_registration(args) -> None:
     """`--register NAME [--alias ALIAS]` checked before any work (one line each)."""
     from release.registry import check_alias, check_model_name
 
-    if args.alias and not args.register:
+    if args.alias is not None and args.register is None:
         raise ConfigError(f"--alias {args.alias!r} names a registered version: give --register NAME too")
-    if args.register:
+    if args.register is not None:
         check_model_name(args.register)
-    if args.alias:
+    if args.alias is not None:
         check_alias(args.alias)
 
 

@@ -141,7 +141,7 @@ class DALLEPipeline:
         if progress is not None and not callable(progress):
             raise GenerationError(f"progress is {_a(progress)}; give a function (done, total) -> None")
         base = settings if settings is not None else SamplingSettings(**{**SAMPLING_DEFAULTS, **self.sampling})
-        s = base.replace(**given).checked()
+        s = self.check_settings(base.replace(**given))
         resolved = None if edit is None else edit.resolve(self.image_size, self.transformer.c.image_grid)
         seeds = [prompt_seed(s.seed, i) for i in range(len(prompts))]
         results = self.candidates(prompts, seeds, s, resolved, progress)
@@ -165,6 +165,15 @@ class DALLEPipeline:
         return self.dvae.encode(x)[0].flatten()
 
     @torch.inference_mode()
+    def check_settings(self, settings: SamplingSettings) -> SamplingSettings:
+        """`settings.checked()`, and a guidance window that holds an image token of this model's grid; GenerationError
+        (one line) otherwise."""
+        s, n = settings.checked(), self.transformer.c.image_len
+        if s.cond_scale != 1.0 and all(scale == 1.0 for scale in s.guidance_scales(n)):
+            raise GenerationError(f"guidance_start {s.guidance_start:g} to guidance_end {s.guidance_end:g} holds none of "
+                                  f"the {n} image tokens, so nothing would be guided; widen it to at least {1 / n:.4g}")
+        return s
+
     def candidates(self, prompts: list[str], seeds: list[int], settings: SamplingSettings, edit: Edit | None = None,
                    progress: Progress | None = None) -> list[tuple[np.ndarray, np.ndarray, bool, np.ndarray]]:
         """Per prompt: (n, H, W, 3) uint8 images, their (n,) CLIP scores, whether it was truncated, and the

@@ -103,15 +103,15 @@ def _check_setting(name: str, value, hint) -> None:
         return
     if get_origin(kind) is Literal:
         if value not in get_args(kind):
-            raise GenerationError(f"{name} is {value!r}; allowed: {', '.join(get_args(kind))}")
+            raise GenerationError(f"{name} is {described(value)}; allowed: {', '.join(get_args(kind))}")
         return
     if kind is str:
         if not isinstance(value, str):
-            raise GenerationError(f"{name} is {value!r}; it must be text")
+            raise GenerationError(f"{name} is {described(value)}; it must be text")
         check_text(value, name, next(b.max_length for b in bounds if isinstance(b, MaxLen)))
         return
     if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
-        raise GenerationError(f"{name} is {value!r}; it must be a {'whole number' if kind is int else 'number'}")
+        raise GenerationError(f"{name} is {described(value)}; it must be a {'whole number' if kind is int else 'number'}")
     if kind is int and not isinstance(value, (int, np.integer)):
         raise GenerationError(f"{name} is {value!r}; it must be a whole number")
     if isinstance(value, (float, np.floating)) and not math.isfinite(value):  # ints of any size are finite
@@ -125,13 +125,23 @@ def _check_setting(name: str, value, hint) -> None:
         raise GenerationError(f"{name} is {value}; allowed: {' and '.join(p for p in parts if p)}")
 
 
+def described(value, show=repr, limit: int = 40) -> str:
+    """`value` as an error message shows it: `show(value)` when short, else what it is (`a string of 200000
+    characters`), so one bad value never makes a megabyte "line"."""
+    text = show(value)
+    if len(text) <= limit:
+        return text
+    return f"a string of {len(value)} characters" if isinstance(value, str) else \
+        f"a list of {len(value)} items" if isinstance(value, (list, tuple)) else f"a {type(value).__name__}"
+
+
 def check_text(text: str, what: str, max_chars: int | None = None) -> None:
     """`text` has some non-blank text, at most `max_chars` (MAX_PROMPT_CHARS) characters, measured before BPE (encoding
     megabytes costs seconds and gigabytes), and encodes as UTF-8 (no lone surrogates, which JSON's \\ud800
     escapes can carry); GenerationError naming `what` otherwise."""
     max_chars = max_chars or MAX_PROMPT_CHARS
     if not text.strip():
-        raise GenerationError(f"{what} is {text!r}; every prompt needs some text")
+        raise GenerationError(f"{what} is {described(text)}; every prompt needs some text")
     if len(text) > max_chars:
         raise GenerationError(f"{what} is {len(text)} characters; allowed: at most {max_chars} (the model reads only "
                               "its first text_len tokens)")

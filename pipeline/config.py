@@ -32,7 +32,7 @@ from dalle_core.dvae import DVAEConfig, DVAELossConfig
 from dalle_core.editing import region_edit_mask
 from dalle_core.errors import ConfigError
 from dalle_core.generate import EditRequest, check_prompts
-from dalle_core.sampling import SAMPLING_DEFAULTS, GenerationError, SamplingSettings
+from dalle_core.sampling import SAMPLING_DEFAULTS, GenerationError, SamplingSettings, described
 from dalle_core.train import TrainConfig, parse_freeze
 from dalle_core.transformer import DALLEConfig
 from data_sources.reader import DataSection
@@ -477,10 +477,12 @@ def _format_error(err: ValidationError) -> str:
         close = difflib.get_close_matches(str(loc[-1]), keys, n=1)
         hint = f"; did you mean {close[0]}?" if close else f"; allowed: {', '.join(keys)}"
         return f"{name}: unknown key{hint}"
-    msg = e["msg"].removeprefix("Value error, ")
-    if not name or isinstance(e.get("input"), dict):  # a whole-section check names its own keys
+    msg, got = e["msg"].removeprefix("Value error, "), e.get("input")
+    if not name or isinstance(got, dict):  # a whole-section check names its own keys
         return msg
-    return f"{name}: {msg} (got {e.get('input')!r})"
+    if isinstance(got, float) and not math.isfinite(got):  # pydantic would name a bound the value never met
+        msg = "Input should be a finite number"
+    return f"{name}: {msg} (got {described(got)})"
 
 
 def _join_surrogates(value: Any, where: str) -> Any:

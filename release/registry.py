@@ -26,9 +26,10 @@ class RegisteredModel:
 
 def check_model_name(name: str) -> str:
     """A registered model's name, or TrackingError (one line) for one MLflow refuses."""
-    if not name or not name.strip() or "/" in name or ":" in name or name != name.strip():
-        raise TrackingError(f"--register {name!r}: a registered model name needs some text and no '/' or ':' "
-                            "(e.g. shapes-dalle)")
+    if not name or not name.strip() or any(c in name for c in "/:@") or name != name.strip() or \
+            name.startswith("..") or not name.strip("."):  # MLflow refuses these only after the model is logged
+        raise TrackingError(f"--register {name!r}: a registered model name needs some text, no '/', ':' or '@', and "
+                            "does not start with '..' (e.g. shapes-dalle)")
     return name
 
 

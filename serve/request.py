@@ -18,7 +18,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from dalle_core.editing import EditError, region_edit_mask
 from dalle_core.generate import DALLEPipeline, EditRequest, check_prompts, open_image
-from dalle_core.sampling import SamplingSettings, typing_args
+from dalle_core.sampling import SAMPLING_DEFAULTS, SamplingSettings, described, typing_args
 
 MAX_PRIME_BYTES = 10 * 2**20
 HTTP_NAMES = {"outpaint_image": "edit_image", "variations": "edit_image"}  # one image field for every mode
@@ -167,14 +167,8 @@ def error_line(err: RequestValidationError) -> str:
     where = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or "request body"
     if first.get("type") == "extra_forbidden":  # its value may be a whole base64 image: name the field only
         return f"{where} is not a field of this API; allowed: {', '.join(GenerateRequest.model_fields)}"
-    shown = json.dumps(got, default=repr, ensure_ascii=True)
-    if first.get("type") == "missing" or isinstance(got, dict):
-        shown = ""
-    elif len(shown) > 40:  # a long value (an image's base64) is described, not echoed
-        shown = f" (got a string of {len(got)} characters)" if isinstance(got, str) else \
-            f" (got a list of {len(got)} items)" if isinstance(got, list) else ""
-    else:
-        shown = f" (got {shown})"
+    shown = "" if first.get("type") == "missing" or isinstance(got, dict) else \
+        f" (got {described(got, lambda v: json.dumps(v, default=repr, ensure_ascii=True))})"  # base64: described
     return f"{where}: {first.get('msg', 'invalid')}{shown}"
 
 
@@ -254,4 +248,6 @@ def job_settings(req: GenerateRequest, pipe: DALLEPipeline, defaults: dict, max_
     seed = req.seed if req.seed is not None else secrets.randbelow(2**31)
     request = {k: defaults.get(k) if v is None else v for k, v in req.model_dump().items()}  # as sampled
     request.update(num_candidates=n, seed=seed, prime_rows=rows, edit=edit, prime_image=None, edit_image=None)
+    pipe.check_settings(SamplingSettings(**{k: request[k] if request.get(k) is not None else SAMPLING_DEFAULTS[k]
+                                            for k in SAMPLING_DEFAULTS if k != "batch_size"}))  # 400 before it queues
     return request

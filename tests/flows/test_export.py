@@ -145,6 +145,10 @@ def test_exported_model_draws_what_the_store_model_draws(generated, pipe):
     ({"prompts": ["x" * 5_000_000]}, "prompt 1 of 1 is 5000000 characters; allowed: at most 1000"),
     ({"prompts": ["ok", "a \ud800"]}, "prompt 2 of 2 is not valid text: character 3"),
     ({"edit": EditRequest("prime", "/")}, "prime image '/' is a directory; give an image file"),
+    ({"cond_scale": 3.0, "guidance_start": 0.001, "guidance_end": 0.002}, "guidance_start 0.001 to guidance_end 0.002 "
+     "holds none of the 64 image tokens, so nothing would be guided; widen it to at least 0.01562"),
+    ({"guidance_schedule": "x" * 100000}, "guidance_schedule is a string of 100000 characters; allowed: constant, "
+                                          "linear"),
 ])
 def test_bad_generation_settings_are_one_line_errors(pipe, kwargs, message):
     kwargs = {"prompts": ["a red circle"], **kwargs}
@@ -376,6 +380,9 @@ def test_a_registered_model_without_a_tracking_store_is_one_line(tmp_path, monke
                                                    "neither 'latest' nor v<number>"),
     (["--register", "tiny-dalle", "--alias", "latest"], "--alias 'latest': an alias is"),
     (["--register", "tiny-dalle", "--alias", "the champion"], "--alias 'the champion': an alias is"),
+    (["--register", "tiny-dalle", "--alias", ""], "--alias '': an alias is"),  # an unset $ALIAS is no alias
+    (["--register", ".."], "--register '..': a registered model name needs some text, no '/', ':' or '@', and"),
+    (["--register", "a@b"], "--register 'a@b': a registered model name"),
     (["--out", "x", "--alias", "champion"], "--alias 'champion' names a registered version: give --register NAME")])
 def test_a_bad_alias_is_one_line_before_any_work(tmp_path, monkeypatch, capsys, args, message):
     monkeypatch.chdir(tmp_path)

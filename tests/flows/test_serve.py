@@ -113,6 +113,10 @@ def test_job_progress_and_image_download(client):
     ({"prompt": "x", "guidance_schedule": "cosine"}, 400, "guidance_schedule: Input should be 'constant' or 'linear'"),
     ({"prompt": "x", "guidance_start": 0.8, "guidance_end": 0.2}, 400, "guidance_start is 0.8 and guidance_end 0.2"),
     ({"prompt": "x", "negative_prompt": ""}, 400, "negative_prompt: String should have at least 1 character"),
+    ({"prompt": "x", "negative_prompt": "   "}, 400, "negative_prompt is '   '; every prompt needs some text"),
+    ({"prompt": "x", "guidance_schedule": "x" * 5000}, 400, "guidance_schedule: Input should be 'constant' or "
+                                                            "'linear' (got a string of 5000 characters)"),
+    ({"prompt": "x", "cond_scale": 3, "guidance_start": 0.99}, 400, "guidance_start 0.99 to guidance_end 1 holds none"),
     ({"prompt": "x", "prime_image": "%%%"}, 400, "prime_image is not base64"),
     ({"prompt": "x", "prime_image": base64.b64encode(b"GIF89a broken").decode()}, 400, "is not an image file"),
     ({"prompt": "x", "prime_image": base64.b64encode(_png()).decode(), "prime_rows": 8}, 400, "prime_rows is 8; allowed: 1 to 7"),
@@ -152,9 +156,10 @@ def test_job_progress_and_image_download(client):
       "region": [0, 0, 4, 4]}, 400, "prime_image and edit_image were both sent"),
 ])
 def test_bad_requests_are_4xx_with_one_line(client, body, status, message):
-    reply = client.post("/api/generate", json=body)
-    assert reply.status_code == status and message in reply.json()["error"], reply.text
-    assert "\n" not in reply.json()["error"]
+    for route in ("/api/generate", "/api/jobs"):  # refused before it queues: a job never fails for its settings
+        reply = client.post(route, json=body)
+        assert reply.status_code == status and message in reply.json()["error"], (route, reply.text)
+        assert "\n" not in reply.json()["error"]
 
 
 def test_a_long_value_is_described_not_echoed(client):

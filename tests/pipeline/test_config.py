@@ -194,7 +194,10 @@ def test_model_fields_are_declared_once_in_the_model_dataclasses():
     (["generate.guidance_start=0.9", "generate.guidance_end=0.1"],
      "generate.guidance_start is 0.9 and guidance_end 0.1; the start must come before the end"),
     (["generate.guidance_schedule=cosine"], "generate.guidance_schedule: Input should be 'constant' or 'linear'"),
-    (["generate.negative_prompt=''"], "generate.negative_prompt: String should have at least 1 character")])
+    (["generate.negative_prompt=''"], "generate.negative_prompt: String should have at least 1 character"),
+    ([f"generate.negative_prompt={'x' * 200000}"], "generate.negative_prompt: String should have at most 1000 "
+                                                   "characters (got a string of 200000 characters)"),
+    (["generate.guidance_start=.nan"], "generate.guidance_start: Input should be a finite number (got nan)")])
 def test_guidance_settings_are_checked_when_the_config_loads(sets, message):
     with pytest.raises(ConfigError, match=f"^{re.escape(message)}"):
         load_config(TINY, sets)
