@@ -56,12 +56,15 @@ class _Meter(tqdm):
         super().close()
 
     def _publish(self, final: bool) -> None:
+        now = time.monotonic()
+        if not self.total or self.artifact_id is False or (
+                not final and self.artifact_id is not None and now - self.published_at < self.mininterval):
+            return
         from prefect.artifacts import create_progress_artifact, update_progress_artifact
         from prefect.context import TaskRunContext
 
-        now = time.monotonic()
-        if not self.total or self.artifact_id is False or TaskRunContext.get() is None or (
-                not final and self.artifact_id is not None and now - self.published_at < self.mininterval):
+        if TaskRunContext.get() is None:  # a meter lives in one place: outside a task run it never publishes
+            self.artifact_id = False
             return
         self.published_at, share = now, 100 * min(self.n / self.total, 1.0)
         try:
