@@ -130,19 +130,18 @@ class ShardStream(IterableDataset):
 
     def __init__(self, reader: ShardReader, paths: list[str], columns: list[str], decode: Decode,
                  batch_size: int, order: StreamOrder = StreamOrder()):
-        shuffle, seed, window_rows, rank, world, start_batch, epochs = (
-            order.shuffle, order.seed, order.window_rows, order.rank, order.world, order.start_batch, order.epochs)
         if not paths:
             raise ValueError("no shards to read")
         self.reader, self.columns, self.decode = reader, columns, decode
-        self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
-        self.window_rows = max(window_rows, batch_size)
-        self.epochs = epochs if epochs is not None else (None if shuffle else 1)
-        self.units = rank_units(reader, paths, rank, world)
+        self.batch_size, self.shuffle, self.seed = batch_size, order.shuffle, order.seed
+        self.window_rows = max(order.window_rows, batch_size)
+        self.epochs = order.epochs if order.epochs is not None else (None if order.shuffle else 1)
+        self.units = rank_units(reader, paths, order.rank, order.world)
         self.rows = sum(u.size for u in self.units)
-        if shuffle and self.rows < batch_size:
-            raise ValueError(f"rank {rank} of {world} has {self.rows} rows, fewer than batch_size {batch_size}")
-        self.start = self._seek(start_batch)
+        if order.shuffle and self.rows < batch_size:
+            raise ValueError(f"rank {order.rank} of {order.world} has {self.rows} rows, fewer than batch_size "
+                             f"{batch_size}")
+        self.start = self._seek(order.start_batch)
 
     def _seek(self, start_batch: int) -> tuple[int, int, int]:
         """(epoch, window, batch within it) of the `start_batch`-th batch of the stream."""
