@@ -1,8 +1,11 @@
-"""Compare finished runs on the same small data set, e.g. a fine-tune and the same training from scratch
-(docs/finetuning.md): the transformer's val loss and the shapes checker's caption faithfulness, over all val
-prompts and over the val prompts that name one colour (the one the fine-tune's source never saw).
+"""Compare finished runs on the same small data set, e.g. a fine-tune, a LoRA fine-tune and the same training from
+scratch (docs/finetuning.md): the transformer's val loss and the shapes checker's caption faithfulness, over all val
+prompts and over the val prompts that name one colour (the one the fine-tune's source never saw); and what each
+costs: the transformer's weight bytes on disk, and, measured here one config after another in a fresh process
+each, seconds per training step and peak memory over `--steps` steps of the run's own recipe.
 
-    python -m bench.finetune_compare --colour purple configs/finetune/finetune.yaml configs/finetune/scratch.yaml
+    python -m bench.finetune_compare --colour purple configs/finetune/finetune.yaml configs/finetune/lora.yaml \
+        configs/finetune/scratch.yaml
 
 Each run must have finished its transformer and evaluate stages. `--set KEY=VALUE` applies to every config;
 `CONFIG;KEY=VALUE;...` adds overrides to one. Prints a Markdown table.
@@ -11,6 +14,9 @@ Each run must have finished its transformer and evaluate stages. `--set KEY=VALU
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import multiprocessing
+import resource
 
 from dalle_core.images import decode_png
 from data_sources.shapes import faithfulness
@@ -36,10 +42,50 @@ def run_row(config: str, overrides: list[str], colour: str) -> dict:
     colour_faith = {k: faithfulness([decode_png(r["image"]) for r in v], [r["prompt"] for r in v])["overall.all"]
                     if v else float("nan") for k, v in picks.items()}
     m, faith = transformer["metrics"], report["faithfulness"]
-    return {"run": config, "from": (transformer.get("init_from") or {}).get("spec", "scratch"),
+    weights = sum(size for name, size in transformer["files"].items() if name.endswith(".safetensors"))
+    return {"bytes": weights, "lora": "lora" in transformer, "run": config, "from": (transformer.get("init_from") or {}).get("spec", "scratch"),
             "steps": transformer["steps"], "val_loss": m["val_loss"], "bits": m["val_bits_per_image_token"],
             "top1": faith["top1"]["overall.all"], "random": faith["random"]["overall.all"], "prompts": len(named),
             "colour_top1": colour_faith["top1"], "colour_random": colour_faith["random"]}
+
+
+def training_cost(config: str, overrides: list[str], steps: int) -> dict:
+    """Seconds per step and peak memory of `steps` training steps of the run's transformer recipe (its model, its
+    start: init_from's weights, frozen parts or LoRA adapters, its optimizer, batch size and precision), on its own
+    token shards, on the CPU. Run it in a fresh process: `peak_mb` is the process's peak RSS, `train_mb` how far
+    training raised it above the model and data loaded."""
+    import torch
+
+    from dalle_core.loader import StreamOrder, decode_tokens
+    from dalle_core.train import fit, make_optimizer
+    from dalle_core.transformer import DALLE, transformer_step
+    from pipeline.fine_tuning import start_model
+    from pipeline.training import batch_stream
+    from storage.parquet import shard_paths
+
+    cfg = load_config(config, overrides)
+    store, keys, section = cfg.store.open(), stage_keys(cfg), cfg.transformer
+    m = store.require("pretokenize", keys["pretokenize"])
+    c = section.dalle_config(text_vocab=m["vocab_size"], text_len=m["text_len"], pad_id=m["pad_id"],
+                             image_vocab=m["codebook_size"], image_grid=m["grid"][0])
+    torch.manual_seed(section.train.seed)
+    model = DALLE(c)
+    start = start_model(cfg, "transformer", model, store)
+    t = dataclasses.replace(section.train, max_steps=steps, max_minutes=None, val_every=None)
+    optimizer = make_optimizer(model, t)
+    batches = batch_stream(cfg, store, shard_paths(store, "pretokenize", keys["pretokenize"], "train"),
+                           ["text_tokens", "image_tokens"], decode_tokens, t.batch_size, torch.device("cpu"),
+                           StreamOrder(seed=t.seed, window_rows=section.shuffle_buffer))
+    loaded_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    result = fit(model, batches, t, optimizer, transformer_step(section.caption_dropout, c.pad_id, t.seed))
+    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"s_per_step": result.elapsed_s / result.step, "peak_mb": peak_kb / 1024,
+            "train_mb": (peak_kb - loaded_kb) / 1024, "trainable": start.trainable, "total": start.total}
+
+
+def _cost_in_fresh_process(config: str, overrides: list[str], steps: int) -> dict:
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(training_cost, (config, overrides, steps))
 
 
 def main() -> None:
@@ -49,19 +95,27 @@ def main() -> None:
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="an override applied to every config (repeatable)")
     ap.add_argument("--colour", default="purple", help="report the val prompts naming this colour apart")
+    ap.add_argument("--steps", type=int, default=30, help="training steps timed per config (0: no timing)")
     args = ap.parse_args()
     rows = []
     for spec in args.configs:
         config, *own = spec.split(";")
-        rows.append(run_row(config, [*args.overrides, *own], args.colour))
+        row = run_row(config, [*args.overrides, *own], args.colour)
+        if args.steps:
+            row.update(_cost_in_fresh_process(config, [*args.overrides, *own], args.steps))
+        rows.append(row)
     c = args.colour
     print(f"| run | starts from | steps | val loss (nats) | val bits / image token | faithfulness top-1 of N | "
-          f"random candidate | {c} prompts | {c}: top-1 | {c}: random |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          f"random candidate | {c} prompts | {c}: top-1 | {c}: random | weights on disk | parameters trained | "
+          "s / step | peak RSS (MB) | training's share of it (MB) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
+        kind = "adapter" if r["lora"] else "model"
+        cost = (f"{r['trainable']:,} of {r['total']:,} | {r['s_per_step']:.3f} | {r['peak_mb']:.0f} | "
+                f"{r['train_mb']:.0f}" if "s_per_step" in r else "| | |")
         print(f"| `{r['run']}` | {r['from']} | {r['steps']} | {r['val_loss']:.3f} | {r['bits']:.3f} | "
               f"{r['top1']:.3f} | {r['random']:.3f} | {r['prompts']} | {r['colour_top1']:.3f} | "
-              f"{r['colour_random']:.3f} |")
+              f"{r['colour_random']:.3f} | {r['bytes'] / 1e6:.2f} MB ({kind}) | {cost} |")
 
 
 if __name__ == "__main__":

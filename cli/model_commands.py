@@ -157,7 +157,8 @@ def cmd_generate_model(args, prompts: list[str]) -> int:
     source, overrides, uri, sampling = _model_source(args)
     edit = edit_arguments(args, *folder_shape(source))
     kwargs, device, precision = sampling_settings(sampling)
-    pipe = load_model(source, device=device, precision=precision, overrides=overrides, tracking_uri=uri)
+    pipe = load_model(source, device=device, precision=precision, overrides=overrides, tracking_uri=uri,
+                      fuse_lora=args.fuse_lora)
     out = pipe(prompts, edit=edit, **kwargs)
     prime = f"{args.prime} (top {edit.prime_rows} rows)" if args.prime else None
     rows = []
@@ -196,7 +197,8 @@ def cmd_serve(args) -> int:
     kwargs, device, precision = sampling_settings(sampling)
     sock = check_listen(args.host, args.port)  # held from here on, so nothing takes the port while the model loads
     try:
-        pipe = load_model(source, device=device, precision=precision, overrides=overrides, tracking_uri=uri)
+        pipe = load_model(source, device=device, precision=precision, overrides=overrides, tracking_uri=uri,
+                          fuse_lora=args.fuse_lora)
     except BaseException:
         sock.close()
         raise
@@ -233,6 +235,9 @@ def add_commands(sub, common) -> None:
                    help="a request's headers, then its body, must each arrive within this (default 30)")
     p.set_defaults(func=cmd_serve)
     gen = sub.choices["generate"]
+    for parser in (p, gen):
+        parser.add_argument("--fuse-lora", action="store_true",
+                            help="merge the model's LoRA adapter into its weights once at load (docs/finetuning.md)")
     gen.add_argument("--model", help="draw with an exported folder, models:/NAME/VERSION or models:/NAME@ALIAS instead "
                                      "of a run's store "
                                      "(no Prefect); needs --out")

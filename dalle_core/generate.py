@@ -39,6 +39,7 @@ from dalle_core.images import (
     to_uint8_tensor,
     viewer_size,
 )
+from dalle_core.lora import fuse
 from dalle_core.model_folder import load_folder, pipeline_files, write_folder
 from dalle_core.sampling import (
     SAMPLING_DEFAULTS,
@@ -115,6 +116,13 @@ class DALLEPipeline:
         parts = {"transformer": self.transformer, "dvae": (self.dvae, self.normalization),
                  "tokenizer": self.tokenizer, "clip": self.reranker}
         return write_folder(folder, pipeline_files(parts, self.image_size, self.sampling))
+
+    def fuse_lora(self) -> DALLEPipeline:
+        """Merge the transformer's LoRA adapter into its weights, in place (diffusers' `fuse_lora`): sampling then
+        needs no merged copy per call, and `save_pretrained` writes the merged weights alone. Nothing happens to a
+        transformer without an adapter. Returns the pipeline."""
+        fuse(self.transformer)
+        return self
 
     @property
     def image_size(self) -> int:

@@ -3,7 +3,8 @@ safetensors weights and a JSON config, and an index naming the parts. Loading it
 no store, no run config, no Prefect, no MLflow.
 
     model_index.json   the parts, the format version, the image size and the model's sampling defaults
-    transformer/       config.json (DALLEConfig), model.safetensors
+    transformer/       config.json (DALLEConfig), model.safetensors; a LoRA fine-tune's adapter_config.json and
+                       adapter_model.safetensors beside its base (dalle_core/lora.py)
     dvae/              config.json (DVAEConfig, pixel normalisation, a pretrained tokenizer's spec), model.safetensors
     tokenizer/         tokenizer.json (Hugging Face tokenizers, byte-level BPE), config.json (text_len, pad_id)
     clip/              config.json (this project's CLIPConfig, or an open_clip model name), model.safetensors,
@@ -36,6 +37,15 @@ from dalle_core.device import resolve_device, sampling_precision
 from dalle_core.dvae import DiscreteVAE, DVAEConfig
 from dalle_core.errors import UserError
 from dalle_core.images import ImageNormalization
+from dalle_core.lora import (
+    ADAPTER_FILES,
+    adapter_config,
+    adapter_state,
+    base_state,
+    file_digests,
+    has_lora,
+    load_adapter,
+)
 from dalle_core.transformer import DALLE, DALLEConfig
 
 FORMAT = "dalle-pipeline"
@@ -69,12 +79,20 @@ def index(image_size: int, sampling: dict, **extra) -> dict:
             "sampling": sampling, **extra}
 
 
-def state_bytes(model: torch.nn.Module, metadata: dict[str, str] | None = None) -> bytes:
-    """Model weights as safetensors bytes (tied tensors are stored once each): the one weights writer, for the
-    stages' artifacts, their checkpoints and `save_pretrained`."""
+def state_bytes(model: torch.nn.Module | dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
+    """Model weights (a model, or its state dict) as safetensors bytes (tied tensors are stored once each): the one
+    weights writer, for the stages' artifacts, their checkpoints and `save_pretrained`."""
     from safetensors.torch import save
 
-    return save({k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}, metadata=metadata)
+    state = model if isinstance(model, dict) else model.state_dict()
+    return save({k: v.detach().cpu().clone().contiguous() for k, v in state.items()}, metadata=metadata)
+
+
+def adapter_files(model: torch.nn.Module, base_digest: str) -> dict[str, bytes]:
+    """A LoRA-adapted transformer's adapter as its two files (dalle_core/lora.py), for the base whose content
+    digest is `base_digest`: adapter_config.json and adapter_model.safetensors."""
+    return {ADAPTER_FILES[0]: json_bytes(adapter_config(model, base_digest)),
+            ADAPTER_FILES[1]: state_bytes(adapter_state(model))}
 
 
 def clip_checkpoint(model: torch.nn.Module, c: CLIPConfig, tokenizer: TextTokenizer) -> bytes:
@@ -95,6 +113,9 @@ def component_files(component: str, part) -> dict[str, bytes]:
     """The files of a component's folder, as `read_component` reads them back: transformer (DALLE), dvae
     ((DiscreteVAE, ImageNormalization)), tokenizer (TextTokenizer) or clip (CLIPReranker)."""
     if component == "transformer":
+        if has_lora(part):  # the base as it was, and the adapter beside it, keyed to the base's digest
+            base = {"config.json": json_bytes(asdict(part.c)), "model.safetensors": state_bytes(base_state(part))}
+            return {**base, **adapter_files(part, content_digest(file_digests(base.__getitem__, tuple(base))))}
         return {"config.json": json_bytes(asdict(part.c)), "model.safetensors": state_bytes(part)}
     if component == "dvae":
         model, normalization = part
@@ -267,6 +288,15 @@ def _json(read: Read, component: str, name: str) -> dict:
         raise ModelFolderError(f"{component}/{name} is missing") from None
 
 
+def has_adapter(read: Read) -> bool:
+    """Whether the component `read` reads carries a LoRA adapter (dalle_core/lora.py's ADAPTER_FILES)."""
+    try:
+        read(ADAPTER_FILES[0])
+    except FileNotFoundError:
+        return False
+    return True
+
+
 def _load_weights(model: torch.nn.Module, read: Read, component: str) -> None:
     from safetensors.torch import load
 
@@ -357,6 +387,8 @@ def folder_reader(folder: str | os.PathLike, component: str, idx: dict | None = 
 
     def read(name: str) -> bytes:
         rel, path = f"{component}/{name}", Path(folder) / component / name
+        if not path.is_file() and rel not in sums:  # not part of this export (an optional file: an adapter)
+            raise FileNotFoundError(rel)
         if not path.is_file():
             raise ModelFolderError(f"{str(folder)!r} is not a complete exported model: {rel} is missing")
         data = path.read_bytes()
@@ -386,6 +418,8 @@ def read_component(component: str, read: Read, text_len: int | None = None):
     if component == "transformer":
         model = DALLE(DALLEConfig(**_json(read, component, "config.json")))
         _load_weights(model, read, component)
+        if has_adapter(read):  # a LoRA fine-tune: its adapter on this base, checked against the base's digest
+            load_adapter(model, read, content_digest(file_digests(read, CONTENT_FILES[component])))
         return model.eval()
     if component == "dvae":
         meta = _json(read, component, "config.json")

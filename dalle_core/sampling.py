@@ -24,6 +24,7 @@ from annotated_types import Ge, Gt, Le, MaxLen, MinLen
 
 from dalle_core import cpu_fast
 from dalle_core.errors import UserError
+from dalle_core.lora import fused
 from dalle_core.transformer import DALLE, KVCache
 
 
@@ -217,11 +218,12 @@ def guided(logits: torch.Tensor, batch: int, cond_scale: float) -> torch.Tensor:
 def for_sampling(model: DALLE, precision: str,
                  rows: int) -> tuple[DALLE, contextlib.AbstractContextManager, torch.dtype]:
     """The model (or a copy) to sample `rows` rows with, the context to run it in, and its KV cache's dtype, for
-    `precision` fp32 or bf16. The model passed in is never changed.
+    `precision` fp32 or bf16. The model passed in is never changed; one carrying a LoRA adapter is sampled fused.
 
     On a CPU, the CPU's fast copy (dalle_core.cpu_fast.for_sampling). bf16 on a GPU: a bf16 copy of the whole
     model, no autocast (no cast kernels in a launch-bound step), and a bf16 KV cache: half the memory traffic.
     """
+    model = fused(model)  # a LoRA adapter merged into a copy: the fast paths read plain layers' weights
     if next(model.parameters()).device.type == "cpu":
         return cpu_fast.for_sampling(model, precision, rows)
     if precision == "bf16":

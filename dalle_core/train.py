@@ -29,6 +29,7 @@ from annotated_types import Ge, Gt, Le
 
 from dalle_core.device import autocast, rng_state, set_rng_state, to_device
 from dalle_core.errors import UserError
+from dalle_core.lora import LoraConfig
 
 
 @dataclass
@@ -60,6 +61,9 @@ class TrainConfig:
     # Fine-tuning: parts that keep their (init_from) weights, e.g. [embeddings, blocks.0-5, head] (parse_freeze);
     # transformer and clip only
     freeze: list[str] = field(default_factory=list)
+    # LoRA: train low-rank adapters on the frozen init_from weights instead of the weights (dalle_core/lora.py);
+    # transformer only
+    lora: LoraConfig | None = None
 
 
 LogFn = Callable[[int, dict[str, float]], None]

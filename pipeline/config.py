@@ -109,6 +109,9 @@ class _DVAETraining(Section):
         if self.train.freeze:
             raise ValueError(f"dvae.train.freeze {self.train.freeze}: freezing is for transformer and clip; "
                              "the dVAE trains whole (leave it empty)")
+        if self.train.lora:
+            raise ValueError("dvae.train.lora: LoRA adapters are for the transformer; the dVAE trains whole "
+                             "(leave it unset)")
         if self.init_from and (self.pretrained or self.quantizer == "pixel-kmeans"):
             raise ValueError("dvae.init_from fine-tunes a trained dVAE; dvae.pretrained and quantizer pixel-kmeans "
                              "train none: use one of them")
@@ -157,6 +160,12 @@ class _TransformerTraining(Section):
     def _heads_divide_dim(self):
         if self.dim % self.heads:
             raise ValueError(f"transformer.dim {self.dim} is not divisible by heads {self.heads}")
+        if self.train.lora and not self.init_from:
+            raise ValueError("transformer.train.lora trains adapters on a trained transformer; set "
+                             "transformer.init_from to it (an exported model folder or a store artifact)")
+        if self.train.lora and self.train.freeze:
+            raise ValueError(f"transformer.train.lora freezes every base weight already; leave "
+                             f"transformer.train.freeze {self.train.freeze} unset")
         parts, blocks = parse_freeze(self.train.freeze, self.depth, "transformer.train.freeze")
         if parts == {"embeddings", "head"} and len(blocks) == self.depth:
             raise ValueError(f"transformer.train.freeze {self.train.freeze} freezes every parameter; leave a part "
@@ -193,6 +202,9 @@ class _CLIPTraining(Section):
             raise ValueError("clip.init_from fine-tunes this project's CLIP; clip.pretrained uses one as it is: "
                              "set one of them")
         parse_freeze(self.train.freeze, max(self.vision_layers, self.text_layers), "clip.train.freeze")
+        if self.train.lora:
+            raise ValueError("clip.train.lora: LoRA adapters are for the transformer; fine-tune the CLIP whole or "
+                             "with clip.train.freeze (leave lora unset)")
         return self
 
     def clip_config(self, image_size: int, text_vocab: int, text_len: int, pad_id: int):

@@ -5,10 +5,11 @@ bpe stages under `tokenizers_from`, which take an exported model's tokenizers in
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from dalle_core.errors import ConfigError
+from dalle_core.lora import LoraConfig, add_lora
 from dalle_core.model_folder import build_dvae, read_component, read_index
 from dalle_core.train import CLIP_PARTS, DALLE_PARTS, freeze
 from pipeline.logs import log
@@ -28,10 +29,13 @@ class Start:
     freeze: list[str]
     trainable: int
     total: int
+    lora: LoraConfig | None = None  # adapters train on the frozen source (dalle_core/lora.py)
 
     def describe(self) -> str:
         """The log line's words: `1,234 of 5,678 parameters train (frozen: embeddings); from <spec> (digest d)`."""
         frozen = f" (frozen: {', '.join(self.freeze)})" if self.freeze else ""
+        if self.lora:
+            frozen = f" (LoRA rank {self.lora.rank} on {', '.join(self.lora.targets)}; the base frozen)"
         origin = f"; starting from {self.source.spec} (digest {self.source.digest})" if self.source else ""
         return f"{self.trainable:,} of {self.total:,} parameters train{frozen}{origin}"
 
@@ -40,7 +44,7 @@ class Start:
         the run that made it, from `source_tags`)."""
         source = {**self.source.record(), "run_id": (tags or {}).get("init_from.run_id")} if self.source else None
         return {"trainable_params": self.trainable, **({"init_from": source} if source else {}),
-                **({"freeze": self.freeze} if self.freeze else {})}
+                **({"freeze": self.freeze} if self.freeze else {}), **({"lora": asdict(self.lora)} if self.lora else {})}
 
 
 def start_model(cfg, stage: str, model, store) -> Start:
@@ -60,6 +64,12 @@ def start_model(cfg, stage: str, model, store) -> Start:
             why = load_reason(err)
         if why:
             raise ConfigError(f"{stage}.init_from {source.spec!r} does not load into this run's {stage}: {why}")
+    lora = getattr(section.train, "lora", None)
+    if lora is not None:  # the loaded weights stay as they are; only the adapters train
+        add_lora(model, lora)
+        params = list(model.parameters())
+        trainable, total = sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+        return Start(source, [], trainable, total, lora)
     parts = {"transformer": (DALLE_PARTS, getattr(section, "depth", 0)),
              "clip": (CLIP_PARTS, max(getattr(section, "vision_layers", 0), getattr(section, "text_layers", 0)))}
     if stage in parts:

@@ -11,12 +11,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dalle_core.errors import ConfigError
+from dalle_core.lora import ADAPTER_FILES, fuse
 from dalle_core.model_folder import (
     CONTENT_FILES,
     INDEX,
     ModelFolderError,
+    Read,
     content_digest,
     folder_reader,
+    has_adapter,
+    read_component,
     read_index,
     safetensors_metadata,
 )
@@ -63,8 +67,11 @@ class ModelSource:
                               f"({err})") from None
 
     def state_dict(self) -> dict:
+        """The component's weights; a transformer exported with a LoRA adapter gives its fused weights."""
         from safetensors.torch import load
 
+        if self.component == "transformer" and has_adapter(self.read):
+            return fuse(read_component("transformer", self.read)).state_dict()
         return load(self.read("model.safetensors"))
 
 
@@ -89,6 +96,7 @@ def model_source(spec: str, component: str, store, where: str) -> ModelSource:
         stage = "bpe" if component == "tokenizer" else component
         key = ((idx.get("source") or {}).get("stage_keys") or {}).get(stage)
         read = folder_reader(path, component, idx)  # what the run reads later is checked as it is read
+        names += tuple(n for n in ADAPTER_FILES if component == "transformer" and (sub / n).is_file())
         digests = {n: file_digest(sub / n) for n in names}  # remembered by mtime: stage keys come here often
         sums = idx.get("sha256", {})
         try:
@@ -104,6 +112,7 @@ def model_source(spec: str, component: str, store, where: str) -> ModelSource:
         stage, key = folder.parent.name, folder.name
         try:
             manifest = json.loads((folder / MANIFEST).read_text())
+            manifest = manifest if isinstance(manifest, dict) else {}
             complete = all((folder / rel).is_file() and (folder / rel).stat().st_size == size
                            for rel, size in manifest["files"].items())
         except (OSError, ValueError, KeyError, AttributeError):
@@ -130,6 +139,9 @@ def model_source(spec: str, component: str, store, where: str) -> ModelSource:
         raise ConfigError(f"{where} {spec!r} is not {forms}")
     if stage != component:
         raise ConfigError(f"{where} {spec!r} is a {stage} artifact; give a {component} one")
+    if "model.safetensors" not in digests and (manifest or {}).get("lora"):
+        raise ConfigError(f"{where} {spec!r} is a LoRA adapter without its base; export it (`dalle export`, which "
+                          "writes the base beside it) and give that folder")
     missing = [n for n in names if n not in digests]
     if missing:
         raise ConfigError(f"{where} {spec!r} has no {missing[0]}")
@@ -157,3 +169,29 @@ def load_reason(err: Exception) -> str:
     if len(lines) > 1 and lines[0].endswith(":"):
         lines = lines[1:]
     return (lines[0] if lines else type(err).__name__)[:300]
+
+
+def artifact_reader(store, stage: str, key: str) -> Read:
+    """`read(name)` for the files of the finished `<stage>/<key>` (FileNotFoundError for one it does not hold). A
+    LoRA transformer's artifact holds its adapter alone: its reader gives the base's config.json and
+    model.safetensors from the source the manifest records (`init_from`), wherever that is read from, and the
+    adapter's files from the artifact, so it reads as an exported LoRA transformer does. ConfigError (one line)
+    when that base cannot be read; one whose weights changed is refused when the adapter is put on it."""
+    manifest = store.require(stage, key)
+
+    def read(name: str) -> bytes:
+        path = store.path(stage, key, name)
+        if not store.exists(path):
+            raise FileNotFoundError(path)
+        return store.read_bytes(path)
+
+    if stage != "transformer" or not manifest.get("lora"):
+        return read
+    made = manifest["init_from"]
+    spec = str(Path(made["location"]).parent) if made["kind"] == "export" else f"{made['stage']}/{made['key']}"
+    try:
+        base = model_source(spec, "transformer", store, "its base")
+    except ConfigError as err:
+        raise ConfigError(f"transformer/{key} is a LoRA adapter on {made['spec']!r} (digest {made['digest']}), "
+                          f"which cannot be read now: {err}") from None
+    return lambda name: base.read(name) if name in CONTENT_FILES["transformer"] else read(name)

@@ -23,6 +23,7 @@ from dalle_core.generate import DALLEPipeline
 from dalle_core.model_folder import INDEX, ModelFolderError, read_component
 from dalle_core.transformer import DALLE
 from pipeline.config import Config, config_from_dict, load_config
+from pipeline.model_source import artifact_reader
 from pipeline.stage_table import stage_keys
 from storage.store import ArtifactStore
 from storage.tracking import TrackingError, one_line_error
@@ -32,17 +33,10 @@ from storage.tracking import TrackingError, one_line_error
 
 def load_component(store: ArtifactStore, stage: str, key: str, text_len: int | None = None):
     """A finished stage's model from `<stage>/<key>` through the one reader (`read_component`: the artifact
-    holds its component folder's files under the same names), on the CPU; StoreError (one line) for a missing
+    holds its component folder's files under the same names; a LoRA transformer's adapter on its base), on the CPU; StoreError (one line) for a missing
     artifact or a file that does not parse, naming it and how to redo it."""
-    store.require(stage, key)
     component = "tokenizer" if stage == "bpe" else stage
-
-    def read(name: str) -> bytes:
-        path = store.path(stage, key, name)
-        if not store.exists(path):
-            raise FileNotFoundError(path)
-        return store.read_bytes(path)
-
+    read = artifact_reader(store, stage, key)  # a LoRA transformer's: its base's weights, its own adapter
     with store.reading(store.path(stage, key, "tokenizer.json" if stage == "bpe" else "model.safetensors")):
         return read_component(component, read, text_len)
 
@@ -114,7 +108,7 @@ TRACKED_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:/")  # resolved throu
 
 
 def load_model(source: str | os.PathLike, *, device: str = "auto", precision: str = "auto",
-               overrides: list[str] = (), tracking_uri: str | None = None) -> DALLEPipeline:
+               overrides: list[str] = (), tracking_uri: str | None = None, fuse_lora: bool = False) -> DALLEPipeline:
     """A `DALLEPipeline` from `source`:
 
     - an exported folder (`dalle export`): `DALLEPipeline.from_pretrained`, no store, Prefect or MLflow;
@@ -123,9 +117,14 @@ def load_model(source: str | os.PathLike, *, device: str = "auto", precision: st
     - a run config (`configs/shapes.yaml`, with `--set`-style `overrides`): the models in that run's store.
 
     `device`: auto | cpu | cuda | cuda:N; `precision`: auto | fp32 | bf16 (for a run config, its
-    `runner.device` and `generate.precision` unless given here). One-line ConfigError / ModelFolderError /
+    `runner.device` and `generate.precision` unless given here). A transformer with a LoRA adapter is loaded with
+    it, and `fuse_lora` merges it into the weights once (else each sampling call merges a copy). One-line ConfigError / ModelFolderError /
     TrackingError for a source that is none of these or cannot be read."""
-    text = os.fspath(source)
+    pipe = _load_model(os.fspath(source), device, precision, overrides, tracking_uri)
+    return pipe.fuse_lora() if fuse_lora else pipe
+
+
+def _load_model(text: str, device: str, precision: str, overrides: list[str], tracking_uri: str | None):
     if os.path.isdir(text):
         return DALLEPipeline.from_pretrained(text, device, precision)
     if text.startswith(URI_SCHEMES):

@@ -12,7 +12,7 @@ from pathlib import Path
 from dalle_core.bpe import TextTokenizer
 from dalle_core.dvae import DVAEConfig
 from dalle_core.errors import ConfigError
-from dalle_core.model_folder import CONTENT_FILES, content_digest, read_component
+from dalle_core.model_folder import CONTENT_FILES, content_digest, has_adapter, read_component
 from pipeline.model_source import STORE_SPEC, ModelSource, load_reason, model_source, tokenizers_of
 from pipeline.stage_table import stage_keys
 from storage.store import ArtifactStore
@@ -186,5 +186,8 @@ def check_fine_tuning(cfg, stages: list[str] | None = None, store=None, keys: di
 
 
 def _source_problems(cfg, stage: str, source: ModelSource, store, keys: dict) -> list[str]:
+    if stage == "transformer" and cfg.transformer.train.lora and has_adapter(source.read):
+        return ["it carries a LoRA adapter, and LoRA trains on a plain base: give its base, or a fused copy "
+                "(DALLEPipeline.from_pretrained(...).fuse_lora().save_pretrained(DIR))"]
     return fit_problems(cfg, stage, source, store, keys, weights=True) or meaning_problems(cfg, stage, source, store,
                                                                                            keys)

@@ -68,6 +68,8 @@ def trained_section(cfg: Config, stage: str, **dump) -> dict:
         section["init_from"] = source_digest(section["init_from"], stage, cfg.store.open())
     if not section["train"]["freeze"]:
         del section["train"]["freeze"]
+    if section["train"]["lora"] is None:
+        del section["train"]["lora"]
     return section
 
 

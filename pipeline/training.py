@@ -126,7 +126,7 @@ class StageTrainer:
         check_fine_tuning(self.cfg, [self.stage], self.store, keys)  # with the inputs' keys in hand, before any work
         torch.manual_seed(t.seed)
         model = self.model()
-        start = start_model(self.cfg, self.stage, model, self.store)
+        start = self.start = start_model(self.cfg, self.stage, model, self.store)
         model = model.to(self.device)
         optimizer = make_optimizer(model, t)
         start_step, info = load_checkpoint(self.store, self.stage, w.key, model, optimizer)

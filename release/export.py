@@ -11,15 +11,19 @@ from dataclasses import dataclass
 from dalle_core.bpe import TextTokenizer
 from dalle_core.errors import ConfigError
 from dalle_core.images import grid, png_bytes
+from dalle_core.lora import ADAPTER_FILES
 from dalle_core.model_folder import (
     COMPONENTS,
+    CONTENT_FILES,
     clip_files,
+    has_adapter,
     index,
     json_bytes,
     open_clip_files,
     write_folder,
 )
 from pipeline.config import Config, flatten
+from pipeline.model_source import artifact_reader
 from pipeline.models import load_pipeline, load_reranker
 from pipeline.stage_table import stage_keys
 from release.model_card import data_licence, headline_metrics, model_card
@@ -45,9 +49,10 @@ def model_files(cfg: Config, store: ArtifactStore, keys: dict[str, str]) -> dict
     tokenizer, and the reranking CLIP (this project's checkpoint split into weights, config and tokenizer)."""
     files: dict[str, bytes] = {}
     for stage in ("transformer", "dvae"):
-        store.require(stage, keys[stage])
-        for name in ("config.json", "model.safetensors"):
-            files[f"{stage}/{name}"] = store.read_bytes(store.path(stage, keys[stage], name))
+        read = artifact_reader(store, stage, keys[stage])  # a LoRA transformer: its base and its adapter
+        adapter = ADAPTER_FILES if stage == "transformer" and has_adapter(read) else ()
+        for name in (*CONTENT_FILES[stage], *adapter):
+            files[f"{stage}/{name}"] = read(name)
     store.require("bpe", keys["bpe"])
     tokenizer = store.read_bytes(store.path("bpe", keys["bpe"], "tokenizer.json"))
     pad_id = TextTokenizer.from_str(tokenizer.decode(), cfg.text.text_len).pad_id

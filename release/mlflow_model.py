@@ -68,6 +68,8 @@ class DALLEPyfunc(mlflow.pyfunc.PythonModel):
 
     def load_context(self, context) -> None:
         self.pipeline = DALLEPipeline.from_pretrained(context.artifacts[ARTIFACT], os.environ.get(DEVICE_ENV, "auto"))
+        if (context.model_config or {}).get("fuse_lora"):  # mlflow.pyfunc.load_model(uri, model_config={...})
+            self.pipeline.fuse_lora()
         names = {p.name for p in signature({}).params.params}
         enforcer = logging.getLogger("mlflow.models.utils")
         if not enforcer.isEnabledFor(logging.WARNING):  # a logger that drops warnings never reaches the filter

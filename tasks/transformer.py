@@ -18,7 +18,7 @@ from prefect.cache_policies import NONE
 from dalle_core.device import sampling_precision
 from dalle_core.images import grid, png_bytes, to_uint8
 from dalle_core.loader import IN_ORDER, decode_tokens
-from dalle_core.model_folder import state_bytes
+from dalle_core.model_folder import adapter_files, state_bytes
 from dalle_core.sampling import sample
 from dalle_core.transformer import DALLE, evaluate_transformer, transformer_step
 from pipeline.artifacts import ArtifactRef, Work, run_name
@@ -102,8 +102,11 @@ class TransformerTrainer(StageTrainer):
                  lambda step: run.log_image(self.sheet(model), f"samples/step-{step:07d}.png")),)
 
     def files(self, model, metrics: dict) -> dict:
-        return {"samples.png": png_bytes(self.sheet(model)), "model.safetensors": state_bytes(model),
-                "config.json": asdict(self.mcfg)}
+        if self.start.lora:  # the adapter alone, keyed to its base (read from init_from when loaded)
+            weights = adapter_files(model, self.start.source.digest)
+        else:
+            weights = {"model.safetensors": state_bytes(model)}
+        return {"samples.png": png_bytes(self.sheet(model)), **weights, "config.json": asdict(self.mcfg)}
 
     def logged_as(self, name: str, step: int) -> str:
         return f"samples/step-{step:07d}.png"  # the last of the sample series
