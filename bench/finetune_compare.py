@@ -52,10 +52,11 @@ def run_row(config: str, overrides: list[str], colour: str) -> dict:
 def training_cost(config: str, overrides: list[str], steps: int) -> dict:
     """Seconds per step and peak memory of `steps` training steps of the run's transformer recipe (its model, its
     start: init_from's weights, frozen parts or LoRA adapters, its optimizer, batch size and precision), on its own
-    token shards, on the CPU. Run it in a fresh process: `peak_mb` is the process's peak RSS, `train_mb` how far
-    training raised it above the model and data loaded."""
+    token shards, on the CPU. Run it in a fresh process: `peak_mb` is the process's peak RSS, `held_mb` the tensors
+    one step holds (`held_bytes`)."""
     import torch
 
+    from dalle_core.images import compact_size
     from dalle_core.loader import StreamOrder, decode_tokens
     from dalle_core.train import fit, make_optimizer
     from dalle_core.transformer import DALLE, transformer_step
@@ -67,7 +68,7 @@ def training_cost(config: str, overrides: list[str], steps: int) -> dict:
     store, keys, section = cfg.store.open(), stage_keys(cfg), cfg.transformer
     m = store.require("pretokenize", keys["pretokenize"])
     c = section.dalle_config(text_vocab=m["vocab_size"], text_len=m["text_len"], pad_id=m["pad_id"],
-                             image_vocab=m["codebook_size"], image_grid=m["grid"][0])
+                             image_vocab=m["codebook_size"], image_grid=compact_size(*m["grid"]))
     torch.manual_seed(section.train.seed)
     model = DALLE(c)
     start = start_model(cfg, "transformer", model, store)
@@ -76,11 +77,43 @@ def training_cost(config: str, overrides: list[str], steps: int) -> dict:
     batches = batch_stream(cfg, store, shard_paths(store, "pretokenize", keys["pretokenize"], "train"),
                            ["text_tokens", "image_tokens"], decode_tokens, t.batch_size, torch.device("cpu"),
                            StreamOrder(seed=t.seed, window_rows=section.shuffle_buffer))
-    loaded_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    result = fit(model, batches, t, optimizer, transformer_step(section.caption_dropout, c.pad_id, t.seed))
+    step_fn = transformer_step(section.caption_dropout, c.pad_id, t.seed)
+    result = fit(model, batches, t, optimizer, step_fn)
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"s_per_step": result.elapsed_s / result.step, "peak_mb": peak_kb / 1024,
-            "train_mb": (peak_kb - loaded_kb) / 1024, "trainable": start.trainable, "total": start.total}
+    return {"s_per_step": result.elapsed_s / result.step, "peak_mb": peak_kb / 1024, "trainable": start.trainable,
+            "total": start.total,
+            "held_mb": held_bytes(model, optimizer, step_fn, next(iter(batches)), t, c.seq_len) / 2**20}
+
+
+def held_bytes(model, optimizer, step_fn, batch: dict, t, seq_len: int) -> int:
+    """The bytes of the tensors one training step holds at its peak, measured on the tensors themselves: the
+    weights, what autograd keeps for the backward pass (`saved_tensors_hooks`), the gradients and the optimizer's
+    state; each storage counted once. A CPU has no allocator statistics (a GPU's would be
+    `torch.cuda.max_memory_allocated`), and its peak RSS mixes in the allocator's caching."""
+    import torch
+
+    from dalle_core.device import autocast
+
+    held: dict[int, int] = {}
+
+    def keep(x):
+        held[x.untyped_storage().data_ptr()] = x.untyped_storage().nbytes()
+        return x
+
+    model.train()
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda x: x), autocast(t.precision, torch.device("cpu"), seq_len):
+        loss = step_fn(model, batch, 0)[0]
+    loss.backward()
+    for p in model.parameters():
+        keep(p)
+        if p.grad is not None:
+            keep(p.grad)
+    for state in optimizer.state.values():
+        for value in state.values():
+            if torch.is_tensor(value) and value.dim():
+                keep(value)
+    optimizer.zero_grad(set_to_none=True)
+    return sum(held.values())
 
 
 def _cost_in_fresh_process(config: str, overrides: list[str], steps: int) -> dict:
@@ -107,12 +140,12 @@ def main() -> None:
     c = args.colour
     print(f"| run | starts from | steps | val loss (nats) | val bits / image token | faithfulness top-1 of N | "
           f"random candidate | {c} prompts | {c}: top-1 | {c}: random | weights on disk | parameters trained | "
-          "s / step | peak RSS (MB) | training's share of it (MB) |")
+          "s / step | tensors a step holds (MB) | peak RSS (MB) |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         kind = "adapter" if r["lora"] else "model"
-        cost = (f"{r['trainable']:,} of {r['total']:,} | {r['s_per_step']:.3f} | {r['peak_mb']:.0f} | "
-                f"{r['train_mb']:.0f}" if "s_per_step" in r else "| | |")
+        cost = (f"{r['trainable']:,} of {r['total']:,} | {r['s_per_step']:.3f} | {r['held_mb']:.0f} | "
+                f"{r['peak_mb']:.0f}" if "s_per_step" in r else "| | |")
         print(f"| `{r['run']}` | {r['from']} | {r['steps']} | {r['val_loss']:.3f} | {r['bits']:.3f} | "
               f"{r['top1']:.3f} | {r['random']:.3f} | {r['prompts']} | {r['colour_top1']:.3f} | "
               f"{r['colour_random']:.3f} | {r['bytes'] / 1e6:.2f} MB ({kind}) | {cost} |")

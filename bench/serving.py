@@ -58,7 +58,7 @@ def _untrained_folder(cfg, folder: str) -> None:
     torch.manual_seed(0)
     dvae = DiscreteVAE(cfg.dvae.dvae_config(cfg.data.image_size))
     c = cfg.transformer.dalle_config(tokenizer.vocab_size, cfg.text.text_len, tokenizer.pad_id,
-                                     dvae.c.codebook_size, dvae.c.grid_size)
+                                     dvae.c.codebook_size, dvae.c.grid)
     clip_cfg = cfg.clip.clip_config(cfg.data.image_size, tokenizer.vocab_size, cfg.text.text_len, tokenizer.pad_id)
     DALLEPipeline(DALLE(c), dvae, ImageNormalization(dvae.c.norm_mean, dvae.c.norm_std), tokenizer,
                   CLIPReranker.ours(build_clip(clip_cfg), clip_cfg, tokenizer),

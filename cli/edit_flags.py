@@ -8,6 +8,7 @@ import json
 import os
 import re
 
+from dalle_core.images import compact_size, size_hw
 from pipeline.config import load_config
 
 # The commands import their machinery (Prefect, MLflow, the stages, the server) inside themselves, so that
@@ -31,8 +32,9 @@ def edit_arguments(args, size: int | None, grid: int | None):
     from dalle_core.sampling import GenerationError
 
     arguments = {name: getattr(args, flag.removeprefix("--").replace("-", "_")) for name, flag in EDIT_FLAGS.items()}
-    if args.prime and args.prime_rows is None:
-        arguments["prime_rows"] = 4
+    height = None if grid is None else size_hw(grid)[0]
+    if args.prime and args.prime_rows is None:  # half the rows, as the page and the API; 4 where the grid is unknown
+        arguments["prime_rows"] = 4 if height is None else max(1, height // 2)
     if arguments["keep"] is not None:  # a string, so `--keep abc` is this line rather than argparse's usage
         try:
             keep = float(arguments["keep"])
@@ -44,8 +46,8 @@ def edit_arguments(args, size: int | None, grid: int | None):
                                   "token cells kept)")
         arguments["keep"] = keep
     rows = arguments["prime_rows"]
-    if args.prime and rows is not None and (rows < 1 or grid is not None and rows >= grid):
-        top = f"1 to {grid - 1}" if grid is not None else "at least 1 (and less than the token grid's rows)"
+    if args.prime and rows is not None and (rows < 1 or height is not None and rows >= height):
+        top = f"1 to {height - 1}" if height is not None else "at least 1 (and less than the token grid's rows)"
         raise GenerationError(f"--prime-rows is {rows}; allowed: {top}")
     edit = EditRequest.from_arguments(arguments, EDIT_FLAGS)
     if edit is not None and size is not None and grid is not None:
@@ -62,7 +64,7 @@ def edit_overrides(args) -> list[str]:
 
     cfg = load_config(args.config, args.overrides)
     grid = None if cfg.dvae.pretrained or getattr(cfg, "tokenizers_from", None) else \
-        cfg.data.image_size // 2 ** cfg.dvae.num_downsamples
+        cfg.dvae.dvae_config(cfg.data.image_size).grid
     edit = edit_arguments(args, cfg.data.image_size, grid)
     if edit is None:
         return []
@@ -111,6 +113,6 @@ def folder_shape(source: str) -> tuple[int | None, int | None]:
             size = json.load(f)["image_size"]
         with open(os.path.join(source, "transformer", "config.json")) as f:
             grid = json.load(f)["image_grid"]
-        return int(size), int(grid)
+        return compact_size(*size_hw(size)), compact_size(*size_hw(grid))
     except (OSError, ValueError, KeyError, TypeError):
         return None, None

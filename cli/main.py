@@ -286,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--out", help="also copy the grids and generations.parquet to this folder")
     gen.add_argument("--prime", metavar="IMAGE", help="image completion: this image's top rows of tokens are kept")
     gen.add_argument("--prime-rows", type=int, default=None, metavar="K",
-                     help="with --prime: how many token rows of the image to keep (default 4)")
+                     help="with --prime: how many token rows of the image to keep (default: half the token grid's)")
     from cli.model_commands import add_commands
 
     add_commands(sub, _common)  # export, serve, generate --model

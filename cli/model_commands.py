@@ -249,7 +249,7 @@ def add_commands(sub, common) -> None:
                                                            "token cells (drawn per candidate), redraw the rest")
     gen.add_argument("--region", metavar="X0,Y0,X1,Y1",
                      help="with --edit or --outpaint: a box in pixels of IMAGE as resized to the model's image size "
-                          "(its shorter side to the dVAE's input, e.g. 32 for the tiny config, then a centre crop), "
+                          "(resized to cover the dVAE's input, e.g. 32x32 for the tiny config, then a centre crop), "
                           "snapped outward to whole token cells")
     gen.add_argument("--mask", metavar="MASK.png", help="with --edit: white = regenerate, black = keep (diffusers' "
                                                         "convention); the same size as IMAGE")

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from annotated_types import Ge
 
 from dalle_core.bpe import TextTokenizer
+from dalle_core.images import compact_size, size_hw
 from dalle_core.train import StepFn
 
 
@@ -30,7 +31,7 @@ class CLIPConfig:
     `clip` section is built from these fields (`pipeline.config`). `image_size` and the text ids are set by
     the stage from the data and the BPE."""
 
-    image_size: int = 32
+    image_size: int | tuple[int, int] = 32  # an int for a square, else (height, width)
     patch_size: Annotated[int, Ge(1)] = 4  # 4x4 patches: an 8x8 grid of patches for 32x32 images
     vision_width: Annotated[int, Ge(8)] = 128
     vision_layers: Annotated[int, Ge(1)] = 4
@@ -42,6 +43,16 @@ class CLIPConfig:
     text_layers: Annotated[int, Ge(1)] = 4
     embed_dim: Annotated[int, Ge(8)] = 128  # the joint image-text embedding
 
+    def __post_init__(self):
+        if not isinstance(self.image_size, int):  # a list when read back from JSON
+            self.image_size = compact_size(*size_hw(self.image_size))
+
+    @property
+    def patches(self) -> int:
+        """Patches per image: the vision tower's sequence length, less its class token."""
+        h, w = size_hw(self.image_size)
+        return (h // self.patch_size) * (w // self.patch_size)
+
     @property
     def eot_id(self) -> int:
         return self.text_vocab
@@ -51,7 +62,7 @@ def build_clip(c: CLIPConfig):
     from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
 
     vision = CLIPVisionCfg(layers=c.vision_layers, width=c.vision_width, head_width=max(16, c.vision_width // 4),
-                           patch_size=c.patch_size, image_size=c.image_size)
+                           patch_size=c.patch_size, image_size=size_hw(c.image_size))
     text = CLIPTextCfg(context_length=c.text_len + 1, vocab_size=c.text_vocab + 1, width=c.text_width,
                        heads=c.text_heads, layers=c.text_layers, pad_id=c.pad_id, pool_type="argmax")
     return CLIP(embed_dim=c.embed_dim, vision_cfg=vision, text_cfg=text)
@@ -72,13 +83,14 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-def clip_pixels(images: np.ndarray | torch.Tensor, size: int, device: torch.device | str | None = None) -> torch.Tensor:
-    """(B, H, W, 3) uint8 (numpy, or a tensor on any device) -> normalised (B, 3, size, size) float on `device`
-    (default: where the images are)."""
+def clip_pixels(images: np.ndarray | torch.Tensor, size: int | tuple[int, int],
+                device: torch.device | str | None = None) -> torch.Tensor:
+    """(B, H, W, 3) uint8 (numpy, or a tensor on any device) -> normalised (B, 3, h, w) float on `device` (default:
+    where the images are), resized to `size` (an int: a square; (h, w))."""
     x = images if isinstance(images, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(images))
     x = x.to(device or x.device).permute(0, 3, 1, 2).float().div(255)
-    if x.shape[-1] != size:
-        x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False).clamp(0, 1)
+    if tuple(x.shape[-2:]) != size_hw(size):
+        x = F.interpolate(x, size=size_hw(size), mode="bicubic", align_corners=False).clamp(0, 1)
     mean = torch.tensor(CLIP_MEAN, device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(CLIP_STD, device=x.device).view(1, 3, 1, 1)
     return (x - mean) / std
@@ -87,7 +99,7 @@ def clip_pixels(images: np.ndarray | torch.Tensor, size: int, device: torch.devi
 class CLIPReranker:
     """Cosine similarity of images and captions, whichever CLIP is behind it, on the model's device."""
 
-    def __init__(self, model, image_size: int, tokenize, spec: dict | None = None):
+    def __init__(self, model, image_size: int | tuple[int, int], tokenize, spec: dict | None = None):
         self.model = model.eval()
         self.image_size = image_size
         self.tokenize = tokenize  # list[str] -> LongTensor (B, ctx)

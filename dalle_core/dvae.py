@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from annotated_types import Ge, Gt, Le, Lt
 
 from dalle_core.device import to_device
-from dalle_core.images import ImageNormalization, psnr, to_tensor
+from dalle_core.images import ImageNormalization, compact_size, psnr, size_hw, to_tensor
 from dalle_core.perceptual import load_lpips
 from dalle_core.taming import TamingDecoder, TamingEncoder
 from dalle_core.train import StepFn, distributed, unwrap
@@ -50,7 +50,7 @@ class DVAEConfig:
     `dvae` section is built from these fields (`pipeline.config`), so this is the one place they are declared.
     `image_size`, `logit_laplace` and `disc_layers` are set by the stage (from the data and the loss)."""
 
-    image_size: int = 32
+    image_size: int | tuple[int, int] = 32  # an int for a square, else (height, width)
     codebook_size: Annotated[int, Ge(2), Le(65536)] = 512  # K, the transformer's image vocabulary (uint16 shards)
     codebook_dim: Annotated[int, Ge(1)] = 256  # D, size of one code embedding
     hidden: Annotated[int, Ge(8)] = 64  # conv channels (the small net), or the base width (channel_mult)
@@ -78,10 +78,23 @@ class DVAEConfig:
 
     def __post_init__(self):
         self.channel_mult = tuple(self.channel_mult)  # a list when read back from an artifact's JSON
+        if not isinstance(self.image_size, int):
+            self.image_size = compact_size(*size_hw(self.image_size))
 
     @property
-    def grid_size(self) -> int:
-        return self.image_size // 2 ** self.num_downsamples
+    def image_hw(self) -> tuple[int, int]:
+        """The input images' (height, width) in pixels."""
+        return size_hw(self.image_size)
+
+    @property
+    def grid_hw(self) -> tuple[int, int]:
+        """The token grid's (rows, cols): the image's sides over 2**num_downsamples."""
+        return tuple(side // 2 ** self.num_downsamples for side in self.image_hw)
+
+    @property
+    def grid(self) -> int | tuple[int, int]:
+        """The token grid as a DALLEConfig's `image_grid` takes it: an int for a square."""
+        return compact_size(*self.grid_hw)
 
 
 @dataclass
@@ -175,7 +188,7 @@ def taming_ddconfig(c: DVAEConfig, z_channels: int, out_ch: int) -> dict:
     """taming's `ddconfig` for this tokenizer: width hidden * channel_mult[i] at level i, attention (and the
     middle block's) only at the lowest resolution when `attention`."""
     return dict(ch=c.hidden, ch_mult=list(c.channel_mult), num_res_blocks=c.num_res_blocks,
-                resolution=c.image_size, attn_resolutions=[c.grid_size] if c.attention else [],
+                resolution=c.image_hw[0], attn_resolutions=[c.grid_hw[0]] if c.attention else [],
                 mid_attention=c.attention, in_channels=3, z_channels=z_channels, out_ch=out_ch)
 
 
@@ -544,7 +557,7 @@ def dvae_schedule(model: nn.Module, section: DVAELossConfig
     """(before_step, after_step): the gumbel temperature and KL ramps over the run's horizon (the step the
     budget says it will end at); dead-code restarts every `restart_every` steps."""
     quantizer, c = unwrap(model).quantizer, unwrap(model).c
-    cells_per_value = c.grid_size ** 2 / (3 * c.image_size ** 2)  # KL summed over cells, recon over pixel values
+    cells_per_value = math.prod(c.grid_hw) / (3 * math.prod(c.image_hw))  # KL summed over cells, recon over pixel values
 
     def before(step: int, horizon: int) -> None:
         if c.quantizer == "gumbel":

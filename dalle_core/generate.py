@@ -34,7 +34,8 @@ from dalle_core.editing import (
 )
 from dalle_core.images import (
     ImageNormalization,
-    to_rgb_square,
+    size_hw,
+    to_rgb_sized,
     to_tensor,
     to_uint8_tensor,
     viewer_size,
@@ -125,7 +126,8 @@ class DALLEPipeline:
         return self
 
     @property
-    def image_size(self) -> int:
+    def image_size(self) -> int | tuple[int, int]:
+        """The images' size in pixels: an int for a square, else (height, width)."""
         return self.dvae.c.image_size
 
     def __call__(self, prompts: str | list[str], settings: SamplingSettings | None = None, *,
@@ -201,7 +203,7 @@ class DALLEPipeline:
         if settings.negative_prompt:
             negative = torch.from_numpy(self.tokenizer.encode([settings.negative_prompt])[0]).to(device)
         gens = [torch.Generator(device=device).manual_seed(s) for s in seeds]
-        side = self.transformer.c.image_grid
+        grid_hw = self.transformer.c.grid_hw
         chunk = min(n, batch_size)  # candidates of one prompt per batch (n > batch_size: several batches)
         per_batch = prompts_per_batch(n, batch_size)
         images: list[list[np.ndarray]] = [[] for _ in prompts]
@@ -231,7 +233,7 @@ class DALLEPipeline:
             codes = sample(self.transformer, rows, settings, kept=kept, generator=[gens[j] for j in group],
                            negative=None if negative is None else negative.expand(rows.shape[0], -1),
                            precision=self.precision, on_logits=None if progress is None else step)
-            pixels = to_uint8_tensor(self.dvae.decode(codes.view(-1, side, side)), self.normalization.mean, self.normalization.std)
+            pixels = to_uint8_tensor(self.dvae.decode(codes.view(-1, *grid_hw)), self.normalization.mean, self.normalization.std)
             s = self.reranker.scores(pixels, [prompts[j] for j in group for _ in range(b)]).float().numpy()
             decoded, drawn = pixels.cpu().numpy(), codes.cpu().numpy()
             for k, j in enumerate(group):
@@ -346,15 +348,15 @@ def _opened(image, what: str):
         yield im
 
 
-def load_image(image, size: int, what: str = "prime image") -> np.ndarray:
-    """An input image (a file path, image file bytes, a PIL image or an (H, W, 3) uint8 array) as (size, size, 3)
-    uint8, as a viewer shows it: shorter side resized to `size`, centre crop. GenerationError (one line) if
+def load_image(image, size, what: str = "prime image") -> np.ndarray:
+    """An input image (a file path, image file bytes, a PIL image or an (H, W, 3) uint8 array) as (H, W, 3) uint8
+    at `size` (an int: a square), as a viewer shows it: resized to cover it, centre crop. GenerationError (one line) if
     unreadable, a directory, or over MAX_PRIME_PIXELS pixels (checked from the header, before decoding)."""
     with _opened(image, what) as im:
-        return np.array(to_rgb_square(im, size))
+        return np.array(to_rgb_sized(im, size))
 
 
-def load_prime(image, size: int) -> np.ndarray:
+def load_prime(image, size) -> np.ndarray:
     """The prime image as `load_image` reads it."""
     return load_image(image, size, "prime image")
 
@@ -462,8 +464,9 @@ class EditRequest:
                                   "of cells kept)")
         return self
 
-    def resolve(self, size: int, grid: int, names: dict[str, str] | None = None) -> Edit:
-        """The edit at the model's `size` pixels and `grid` x `grid` tokens: its image read as `load_image` reads
+    def resolve(self, size, grid, names: dict[str, str] | None = None) -> Edit:
+        """The edit at the model's `size` pixels and `grid` tokens (each an int for a square, else (height,
+        width)): its image read as `load_image` reads
         it, its token mask. GenerationError (one line) for an unreadable image, a region outside the image, a
         mask of another size than the image, or a mask that keeps or samples nothing."""
         self.check(names)
@@ -473,12 +476,13 @@ class EditRequest:
             source, digest = _describe(self.image)
             try:
                 if self.mode == "prime":
-                    rows = _integer(name["prime_rows"], grid // 2 if self.prime_rows is None else self.prime_rows, 1,
-                                    grid - 1)
-                    return Edit("prime", np.array(to_rgb_square(im, size)), grid, top_rows_mask(grid, rows),
+                    height = size_hw(grid)[0]
+                    rows = _integer(name["prime_rows"], height // 2 if self.prime_rows is None else self.prime_rows, 1,
+                                    height - 1)
+                    return Edit("prime", np.array(to_rgb_sized(im, size)), grid, top_rows_mask(grid, rows),
                                 source=source, digest=digest)
                 if self.mode == "variations":
-                    return Edit("variations", np.array(to_rgb_square(im, size)), grid,
+                    return Edit("variations", np.array(to_rgb_sized(im, size)), grid,
                                 keep=0.5 if self.keep is None else float(self.keep), source=source, digest=digest)
                 if self.mode == "outpaint":
                     cells = region_edit_mask("outpaint", self.region, size, grid, name["region"])
@@ -489,19 +493,19 @@ class EditRequest:
                 else:
                     cells = _mask_cells(self.mask, viewer_size(im), size, grid, name,
                                         "mask image" if names is None else name["mask"])
-                return Edit("inpaint", np.array(to_rgb_square(im, size)), grid, cells, source=source, digest=digest)
+                return Edit("inpaint", np.array(to_rgb_sized(im, size)), grid, cells, source=source, digest=digest)
             except EditError as err:
                 raise GenerationError(str(err)) from None
 
 
-def load_edit(size: int, grid: int, names: dict[str, str] | None = None, **arguments) -> Edit | None:
+def load_edit(size, grid, names: dict[str, str] | None = None, **arguments) -> Edit | None:
     """The edit that flat `arguments` ask for (`EditRequest.from_arguments`), resolved at the model's `size` and
     `grid`; None when they give no source image."""
     request = EditRequest.from_arguments(arguments, names)
     return None if request is None else request.resolve(size, grid, names)
 
 
-def _mask_cells(mask, image_size: tuple[int, int], size: int, grid: int, name: dict[str, str],
+def _mask_cells(mask, image_size: tuple[int, int], size, grid, name: dict[str, str],
                 what: str) -> np.ndarray:
     """The token mask of inpainting's `mask` (a mask image of the edit image's size, or a bool token grid)."""
     if isinstance(mask, np.ndarray) and mask.dtype == bool:  # a token mask itself

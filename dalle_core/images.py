@@ -82,17 +82,45 @@ def viewer_size(image: Image.Image) -> tuple[int, int]:
     return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
 
 
-def to_rgb_square(image: Image.Image, size: int) -> Image.Image:
-    """As a viewer shows it (`to_viewer_rgb`), shorter side resized to `size`, centre-cropped to size x size."""
+def size_hw(size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
+    """An `image_size` (or a token grid) as (height, width): an int is a square."""
+    if isinstance(size, int):
+        return size, size
+    h, w = size
+    return int(h), int(w)
+
+
+def compact_size(h: int, w: int) -> int | tuple[int, int]:
+    """(height, width) as configs and config.json files write it: an int for a square (as before rectangles
+    existed, so square runs keep their keys and files), else the pair."""
+    return h if h == w else (h, w)
+
+
+def size_text(size: int | tuple[int, int] | list[int]) -> str:
+    """`32x64 (height x width)` for messages and labels; `32` for a square."""
+    h, w = size_hw(size)
+    return str(h) if h == w else f"{h}x{w} (height x width)"
+
+
+def to_rgb_sized(image: Image.Image, size: int | tuple[int, int], fit: str = "crop") -> Image.Image:
+    """As a viewer shows it (`to_viewer_rgb`), brought to `size` (an int: a square; (height, width)): `crop`
+    resizes it to cover the frame and centre-crops, `pad` resizes it to fit inside and centres it on black."""
     image = to_viewer_rgb(image)
+    th, tw = size_hw(size)
     w, h = image.size
-    scale = size / min(w, h)
-    if (w, h) != (size, size):
-        nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-        image = image.resize((nw, nh), Image.BICUBIC)
-        left, top = (nw - size) // 2, (nh - size) // 2
-        image = image.crop((left, top, left + size, top + size))
-    return image
+    if (w, h) == (tw, th):
+        return image
+    if fit == "pad":
+        scale = min(tw / w, th / h)
+        nw, nh = min(tw, max(1, round(w * scale))), min(th, max(1, round(h * scale)))
+        canvas = Image.new("RGB", (tw, th))
+        canvas.paste(image.resize((nw, nh), Image.BICUBIC), ((tw - nw) // 2, (th - nh) // 2))
+        return canvas
+    scale = max(tw / w, th / h)
+    nw, nh = max(tw, round(w * scale)), max(th, round(h * scale))
+    image = image.resize((nw, nh), Image.BICUBIC)
+    left, top = (nw - tw) // 2, (nh - th) // 2
+    return image.crop((left, top, left + tw, top + th))
 
 
 def png_bytes(image: np.ndarray | Image.Image) -> bytes:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Annotated
@@ -28,6 +29,22 @@ ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 ADAPTER_FORMAT = "dalle-lora"
 # what an adapter may target: the blocks' four linear layers and the text embedding (a new word's vector)
 TARGETS = ("attn.qkv", "attn.proj", "mlp.fc", "mlp.proj", "text_emb")
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _first_line(err: Exception) -> str:
+    """The first informative line of an error (torch's start with a header line ending in ':')."""
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    if len(lines) > 1 and lines[0].endswith(":"):
+        lines = lines[1:]
+    return (lines[0] if lines else type(err).__name__)[:300]
 
 
 class AdapterError(UserError):
@@ -47,6 +64,14 @@ class LoraConfig:
     dropout: Annotated[float, Ge(0), Lt(1)] = 0.0
 
     def __post_init__(self):
+        for name, ok, allowed in (("rank", _whole(self.rank) and 1 <= self.rank <= 1024, "1 to 1024"),
+                                  ("alpha", _number(self.alpha) and 0 < self.alpha < math.inf, "more than 0"),
+                                  ("dropout", _number(self.dropout) and 0 <= self.dropout < 1, "0 to less than 1")):
+            if not ok:
+                raise ValueError(f"transformer.train.lora.{name} is {getattr(self, name)!r}; allowed: {allowed}")
+        if isinstance(self.targets, str) or not isinstance(self.targets, (list, tuple)):
+            raise ValueError(f"transformer.train.lora.targets is {self.targets!r}; allowed: a list of "
+                             f"{', '.join(TARGETS)}")
         bad = [t for t in self.targets if t not in TARGETS]
         if bad or not self.targets:
             shown = repr(bad[0]) if bad else "an empty list"
@@ -67,6 +92,8 @@ def add_lora(model: nn.Module, c: LoraConfig) -> nn.Module:
     from peft import inject_adapter_in_model
 
     model = inject_adapter_in_model(c.peft(), model)
+    for _, _, layer in _adapted(model):  # under autocast the input stays in its dtype (peft would make an fp32 copy)
+        layer.cast_input_dtype_enabled = False
     model.lora_config = c
     return model
 
@@ -136,13 +163,17 @@ def load_adapter(model: nn.Module, read: Callable[[str], bytes], base_digest: st
 
     try:
         config = json.loads(read("adapter_config.json").decode("utf-8"))
-        if config.get("format") != ADAPTER_FORMAT:
-            raise ValueError(f"format {config.get('format')!r}, not {ADAPTER_FORMAT!r}")
+        if not isinstance(config, dict) or config.get("format") != ADAPTER_FORMAT:
+            raise ValueError(f"its format is not {ADAPTER_FORMAT!r}")
+        if not isinstance(config.get("lora"), dict):
+            raise ValueError('it has no "lora" settings')
+        if not isinstance(config.get("base"), dict) or not isinstance(config["base"].get("digest"), str):
+            raise ValueError('it has no "base": {"digest": ...} naming the base it was trained on')
         lora, base = LoraConfig(**config["lora"]), config["base"]["digest"]
     except UserError:
         raise
     except Exception as err:  # JSON's, the dataclass's and a missing key's own kinds
-        raise AdapterError(f"the adapter's adapter_config.json cannot be read: {err}") from None
+        raise AdapterError(f"the adapter's adapter_config.json cannot be read: {_first_line(err)}") from None
     if base != base_digest:
         raise AdapterError(f"the adapter was trained on the base with content digest {base}, and this base "
                            f"is {base_digest}; load it on its own base")
@@ -150,9 +181,7 @@ def load_adapter(model: nn.Module, read: Callable[[str], bytes], base_digest: st
     try:
         result = set_peft_model_state_dict(model, load(read("adapter_model.safetensors")))
     except Exception as err:  # safetensors' and torch's own kinds: a damaged file, other shapes
-        raise AdapterError("the adapter's adapter_model.safetensors does not load: "
-                           f"{str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__}"
-                           ) from None
+        raise AdapterError(f"the adapter's adapter_model.safetensors does not load: {_first_line(err)}") from None
     missing = [k for k in result.missing_keys if "lora_" in k]
     if missing or result.unexpected_keys:
         raise AdapterError("the adapter's adapter_model.safetensors does not fit its targets: "

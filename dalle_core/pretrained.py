@@ -33,6 +33,7 @@ import yaml
 
 from dalle_core.dvae import LOGIT_LAPLACE_EPS, DVAEConfig
 from dalle_core.errors import UserError
+from dalle_core.images import size_hw, size_text
 from dalle_core.taming import TamingDecoder, TamingEncoder
 
 
@@ -196,7 +197,7 @@ class Spec:
 class PretrainedDVAE(nn.Module):
     """A loaded tokenizer with `DiscreteVAE`'s interface: normalised images <-> (B, h, w) code grids."""
 
-    def __init__(self, spec: Spec, image_size: int, norm_mean, norm_std):
+    def __init__(self, spec: Spec, image_size: int | tuple[int, int], norm_mean, norm_std):
         super().__init__()
         self.spec = spec
         a = spec.arch
@@ -216,8 +217,8 @@ class PretrainedDVAE(nn.Module):
             else:
                 self.quantize.embedding = nn.Embedding(a["n_embed"], a["embed_dim"])
             codes, dim, factor = a["n_embed"], a["embed_dim"], 2 ** (len(dd["ch_mult"]) - 1)
-        if image_size % factor:
-            raise PretrainedError(f"data.image_size: {image_size} is not a multiple of the pretrained "
+        if any(side % factor for side in size_hw(image_size)):
+            raise PretrainedError(f"data.image_size: {size_text(image_size)} is not a multiple of the pretrained "
                                   f"tokenizer's downsampling factor {factor}")
         self.c = DVAEConfig(image_size=image_size, codebook_size=codes, codebook_dim=dim,
                             num_downsamples=int(math.log2(factor)),
@@ -293,7 +294,8 @@ def source_files(path: str | Path, config_path: str | Path | None = None) -> tup
     return "taming", {"checkpoint": ckpt, "config": yml}
 
 
-def load(path: str | Path, config_path: str | Path | None, image_size: int, norm_mean, norm_std) -> PretrainedDVAE:
+def load(path: str | Path, config_path: str | Path | None, image_size: int | tuple[int, int], norm_mean,
+         norm_std) -> PretrainedDVAE:
     """Load the tokenizer at `path` (see `source_files`) into a `PretrainedDVAE` in eval mode."""
     kind, files = source_files(path, config_path)
     if kind == "openai":

@@ -1,6 +1,7 @@
 """The DALL-E transformer (stage 2): a decoder-only model of `[text ; image]` token sequences.
 
-Sequence layout, for text_len = T and an h x w grid of image codes (N = h*w):
+Sequence layout, for text_len = T and an h x w grid of image codes (N = h*w; h != w for images that are not
+square):
 
     position  0 .. T-1          T .. T+N-2
     input     text[0 .. T-1]    image[0 .. N-2]
@@ -28,6 +29,7 @@ from annotated_types import Ge, Lt
 
 from dalle_core import cpu_fast
 from dalle_core.device import autocast, to_device
+from dalle_core.images import compact_size, size_hw
 from dalle_core.train import StepFn
 
 
@@ -41,7 +43,7 @@ class DALLEConfig:
     text_len: int = 32  # captions are padded/truncated to this many tokens
     pad_id: int = 0
     image_vocab: int = 512  # dVAE codebook size
-    image_grid: int = 8  # the dVAE's token grid is image_grid x image_grid
+    image_grid: int | tuple[int, int] = 8  # the dVAE's token grid: an int for a square, else (rows, cols)
     dim: Annotated[int, Ge(8)] = 256
     depth: Annotated[int, Ge(1)] = 4
     heads: Annotated[int, Ge(1)] = 8
@@ -49,9 +51,19 @@ class DALLEConfig:
     tie_image_embedding: bool = False  # image head shares the image token embedding
     text_loss_weight: Annotated[float, Ge(0)] = 1 / 8  # DALL-E: 1/8 text, 7/8 image
 
+    def __post_init__(self):
+        if not isinstance(self.image_grid, int):  # a list when read back from config.json
+            self.image_grid = compact_size(*size_hw(self.image_grid))
+
+    @property
+    def grid_hw(self) -> tuple[int, int]:
+        """The token grid as (rows, cols)."""
+        return size_hw(self.image_grid)
+
     @property
     def image_len(self) -> int:
-        return self.image_grid * self.image_grid
+        rows, cols = self.grid_hw
+        return rows * cols
 
     @property
     def seq_len(self) -> int:  # tokens the model reads: the last image token is only predicted
@@ -140,8 +152,8 @@ class DALLE(nn.Module):
         self.text_emb = nn.Embedding(c.text_vocab + c.text_len, c.dim)  # last text_len rows: per-position pads
         self.text_pos = nn.Embedding(c.text_len, c.dim)
         self.image_emb = nn.Embedding(c.image_vocab, c.dim)
-        self.row_emb = nn.Embedding(c.image_grid, c.dim)  # axial image positions
-        self.col_emb = nn.Embedding(c.image_grid, c.dim)
+        self.row_emb = nn.Embedding(c.grid_hw[0], c.dim)  # axial image positions
+        self.col_emb = nn.Embedding(c.grid_hw[1], c.dim)
         self.drop = nn.Dropout(c.dropout)
         self.blocks = nn.ModuleList([Block(c) for _ in range(c.depth)])
         self.ln_f = nn.LayerNorm(c.dim)
@@ -165,7 +177,8 @@ class DALLE(nn.Module):
     def image_pos(self, start: int, n: int) -> torch.Tensor:
         """(n, dim) position embeddings of image tokens start .. start+n-1 (row-major)."""
         idx = torch.arange(start, start + n, device=self.row_emb.weight.device)
-        return self.row_emb(idx // self.c.image_grid) + self.col_emb(idx % self.c.image_grid)
+        cols = self.c.grid_hw[1]
+        return self.row_emb(idx // cols) + self.col_emb(idx % cols)
 
     def embed_text(self, text: torch.Tensor) -> torch.Tensor:
         """(B, text_len) ids -> (B, text_len, dim); each pad position has its own embedding."""

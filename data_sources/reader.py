@@ -22,7 +22,7 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from dalle_core.errors import UserError
-from dalle_core.images import to_rgb_square
+from dalle_core.images import compact_size, size_hw, to_rgb_sized
 from data_sources import shapes
 from data_sources.shapes import COLOURS, SHAPES
 
@@ -65,6 +65,16 @@ class ShapesSection(_Section):
         return self
 
 
+def _whole(value) -> bool:
+    """A whole number (an int, or a float or string holding one), not a bool."""
+    if isinstance(value, bool):
+        return False
+    try:
+        return float(value) == int(float(value))
+    except (TypeError, ValueError, OverflowError):
+        return False
+
+
 class DataSection(_Section):
     source: Literal["shapes", "imagefolder", "parquet", "hf", "webdataset"] = "shapes"
     path: str | None = None  # folder / files / hub name, per source
@@ -76,11 +86,29 @@ class DataSection(_Section):
     # unseen / seen-variant) so the evaluation reports each label apart.
     split_column: str = "split"
     subset_column: str = "subset"
-    image_size: int = Field(32, ge=8)
+    # an int for square images, or [height, width] (e.g. [32, 64]); each side at least 8 px
+    image_size: int | tuple[int, int] = 32
+    fit: Literal["crop", "pad"] = "crop"  # another shape is resized to cover and centre-cropped, or padded with black
     val_fraction: float = Field(0.05, gt=0, lt=1)
     shard_size: int = Field(4096, ge=1)  # rows per Parquet shard
     max_images: int | None = Field(None, ge=1)
     shapes: ShapesSection = ShapesSection()
+
+    @field_validator("image_size", mode="before")
+    @classmethod
+    def _sides(cls, size):
+        pair = isinstance(size, (list, tuple))
+        sides = list(size) if pair else [size]
+        if len(sides) != (2 if pair else 1) or not all(_whole(v) and int(float(v)) >= 8 for v in sides):
+            raise ValueError("allowed: a whole number of pixels (e.g. 32) or [height, width] (e.g. [32, 64]), each "
+                             "side at least 8")
+        h, w = (int(float(v)) for v in (sides * 2)[:2])
+        return compact_size(h, w)  # [32, 32] is 32: the same run, the same keys
+
+    @property
+    def image_hw(self) -> tuple[int, int]:
+        """The images' (height, width) in pixels."""
+        return size_hw(self.image_size)
 
     @model_validator(mode="after")
     def _path_needed(self) -> DataSection:
@@ -105,7 +133,7 @@ class SourceRow:
     id: str
     caption: str
     split: str
-    image: np.ndarray | None = None  # (S, S, 3) uint8 once decoded and cropped
+    image: np.ndarray | None = None  # (H, W, 3) uint8 once decoded and brought to data.image_size
     skip: str | None = None  # reason this record is not usable
     subset: str | None = None  # the source's own label for the row (e.g. unseen / seen-variant); evaluated apart
     note: str | None = None  # what was left out of a usable record (e.g. the later frames of a multi-frame file)
@@ -122,7 +150,7 @@ def split_of(record_id: str, val_fraction: float) -> str:
     return "val" if h < val_fraction else "train"
 
 
-def _load_image(value, size: int) -> tuple[np.ndarray, str | None]:
+def _load_image(value, size: int | tuple[int, int], fit: str = "crop") -> tuple[np.ndarray, str | None]:
     """Accept PIL images, raw bytes, {"bytes", "path"} dicts or a file path; -> (pixels, note).
 
     Raises Pillow's errors for undecodable files, `Image.DecompressionBombError` for images over
@@ -135,14 +163,19 @@ def _load_image(value, size: int) -> tuple[np.ndarray, str | None]:
     if isinstance(value, (bytes, bytearray, memoryview)):
         im = Image.open(io.BytesIO(bytes(value)))
         if im.format in ("JPEG", "MPO"):
-            im.draft(None, (size, size))  # decode big JPEGs at 1/2..1/8 scale, still at least size x size
+            side = max(size_hw(size))
+            im.draft(None, (side, side))  # decode big JPEGs at 1/2..1/8 scale, still at least the size
         im.load()
     elif isinstance(value, Image.Image):
         im = value
     else:
         raise TypeError(f"unsupported image value of type {type(value).__name__}")
-    note = "multi_frame_first_used" if getattr(im, "n_frames", 1) > 1 else None
-    return np.asarray(to_rgb_square(im, size)), note
+    notes = ["multi_frame_first_used"] if getattr(im, "n_frames", 1) > 1 else []
+    h, w = size_hw(size)
+    if abs(im.width * h - im.height * w) > max(h, w):  # another shape than the frame: say what was done to it
+        notes.append(f"{'centre-cropped' if fit == 'crop' else 'padded'} to the {h}x{w} (height x width) frame "
+                     f"(data.fit {fit})")
+    return np.asarray(to_rgb_sized(im, size, fit)), "; ".join(notes) or None
 
 
 def _given_split(row: dict, cfg: DataSection, where: str) -> tuple[str | None, str | None]:
@@ -168,7 +201,7 @@ def _record(rid: str, caption, image_value, cfg: DataSection, split: str | None 
         rec.skip = "missing_file"
         return rec
     try:
-        rec.image, rec.note = _load_image(image_value, cfg.image_size)
+        rec.image, rec.note = _load_image(image_value, cfg.image_size, cfg.fit)
     except FileNotFoundError as err:
         rec.skip, rec.tried = "missing_file", err.filename
     except Image.DecompressionBombError:

@@ -3,7 +3,9 @@
 The spec is exact on purpose (other tools grade generated images against it):
 black canvas, solid fills in an 8-colour palette, four shapes that fill a square
 box of side s, positions as cells of a 3x3 grid, and two-object relations. The
-same geometry is used to draw images and to check them.
+same geometry is used to draw images and to check them. A canvas that is not
+square (`image_size` (height, width)) sizes its shapes by its shorter side and
+spreads its 3x3 grid over its whole width and height.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
+
+from dalle_core.images import size_hw
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
@@ -26,7 +30,7 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "white": (240, 240, 240),
 }
 SHAPES = ("circle", "square", "triangle", "diamond")
-SIZES = {"small": 0.28, "large": 0.47}  # box side = round(fraction * image_size)
+SIZES = {"small": 0.28, "large": 0.47}  # box side = round(fraction * the canvas's shorter side)
 PAIR_SIZE = 0.3  # box side of both objects in a two-object scene
 ROWS = ("top", "middle", "bottom")
 COLS = ("left", "center", "right")
@@ -36,8 +40,8 @@ POSITIONS = tuple(
 RELATIONS = ("above", "below", "to the left of", "to the right of")
 
 
-def box_side(fraction: float, image_size: int) -> int:
-    return int(round(fraction * image_size))
+def box_side(fraction: float, image_size) -> int:
+    return int(round(fraction * min(size_hw(image_size))))
 
 
 @dataclass(frozen=True)
@@ -53,9 +57,10 @@ class Obj:
         return self.x0 + self.side / 2, self.y0 + self.side / 2
 
 
-def shape_mask(shape: str, x0: float, y0: float, side: float, image_size: int) -> np.ndarray:
+def shape_mask(shape: str, x0: float, y0: float, side: float, image_size) -> np.ndarray:
     """Boolean (H, W) mask of `shape` filling the box; a pixel is in if its centre is."""
-    py, px = np.mgrid[0:image_size, 0:image_size] + 0.5
+    h, w = size_hw(image_size)
+    py, px = np.mgrid[0:h, 0:w] + 0.5
     cx, cy, h = x0 + side / 2, y0 + side / 2, side / 2
     inside = (px >= x0) & (px <= x0 + side) & (py >= y0) & (py <= y0 + side)
     if shape == "square":
@@ -69,19 +74,21 @@ def shape_mask(shape: str, x0: float, y0: float, side: float, image_size: int) -
     raise ValueError(f"unknown shape {shape!r}; allowed: {', '.join(SHAPES)}")
 
 
-def render(objects: list[Obj], image_size: int) -> np.ndarray:
-    image = np.zeros((image_size, image_size, 3), dtype=np.uint8)
+def render(objects: list[Obj], image_size) -> np.ndarray:
+    image = np.zeros((*size_hw(image_size), 3), dtype=np.uint8)
     for o in objects:
         image[shape_mask(o.shape, o.x0, o.y0, o.side, image_size)] = COLOURS[o.colour]
     return image
 
 
-def cell_of(coord: float, image_size: int) -> int:
-    return min(2, max(0, int(coord * 3 // image_size)))
+def cell_of(coord: float, length: int) -> int:
+    """The third (0..2) of an axis `length` pixels long that `coord` falls in."""
+    return min(2, max(0, int(coord * 3 // length)))
 
 
-def position_of(obj_centre: tuple[float, float], image_size: int) -> str:
-    col, row = (cell_of(c, image_size) for c in obj_centre)
+def position_of(obj_centre: tuple[float, float], image_size) -> str:
+    h, w = size_hw(image_size)
+    col, row = cell_of(obj_centre[0], w), cell_of(obj_centre[1], h)
     return POSITIONS[3 * row + col]
 
 
@@ -96,37 +103,43 @@ def relation_holds(relation: str, a: tuple[float, float], b: tuple[float, float]
     }[relation]
 
 
-def _place_in_cell(rng: np.random.Generator, cell: int, side: int, image_size: int) -> int:
-    """A box corner whose centre falls in `cell` (0..2) on one axis, away from cell edges when possible."""
-    lo, hi = cell * image_size / 3, (cell + 1) * image_size / 3
-    corners = [x for x in range(image_size - side + 1) if lo <= x + side / 2 < hi]
+def _place_in_cell(rng: np.random.Generator, cell: int, side: int, length: int) -> int:
+    """A box corner whose centre falls in `cell` (0..2) of an axis `length` pixels long, away from cell edges
+    when possible."""
+    lo, hi = cell * length / 3, (cell + 1) * length / 3
+    corners = [x for x in range(length - side + 1) if lo <= x + side / 2 < hi]
     margin = [x for x in corners if lo + 1 <= x + side / 2 <= hi - 1]
     choices = margin or corners
-    assert choices, (cell, side, image_size)
+    assert choices, (cell, side, length)
     return int(rng.choice(choices))
 
 
-def _single(rng: np.random.Generator, image_size: int, palette: list[str]) -> tuple[str, list[Obj]]:
+def _single(rng: np.random.Generator, image_size, palette: list[str]) -> tuple[str, list[Obj]]:
     colour = str(rng.choice(palette))
     shape = str(rng.choice(SHAPES))
     size = str(rng.choice(list(SIZES)))
     pos = int(rng.integers(9))
     side = box_side(SIZES[size], image_size)
-    obj = Obj(colour, shape, _place_in_cell(rng, pos % 3, side, image_size),
-              _place_in_cell(rng, pos // 3, side, image_size), side)
+    h, w = size_hw(image_size)
+    obj = Obj(colour, shape, _place_in_cell(rng, pos % 3, side, w), _place_in_cell(rng, pos // 3, side, h), side)
     say_size, say_pos = rng.random() >= 1 / 3, rng.random() >= 1 / 3
     caption = "a " + (f"{size} " if say_size else "") + f"{colour} {shape}"
     caption += f" in the {POSITIONS[pos]}" if say_pos else ""
     return caption, [obj]
 
 
-def _pair(rng: np.random.Generator, image_size: int, palette: list[str]) -> tuple[str, list[Obj]]:
+def _pair(rng: np.random.Generator, image_size, palette: list[str]) -> tuple[str, list[Obj]]:
     c1, c2 = (str(c) for c in rng.choice(palette, size=2, replace=False))
     s1, s2 = (str(s) for s in rng.choice(SHAPES, size=2))
     relation = str(rng.choice(RELATIONS))
     side = box_side(PAIR_SIZE, image_size)
+    h, w = size_hw(image_size)
     while True:
-        x1, y1, x2, y2 = rng.integers(0, image_size - side + 1, size=4)
+        if h == w:  # one draw of four, as square canvases always drew them
+            x1, y1, x2, y2 = rng.integers(0, w - side + 1, size=4)
+        else:
+            x1, x2 = rng.integers(0, w - side + 1, size=2)
+            y1, y2 = rng.integers(0, h - side + 1, size=2)
         a, b = Obj(c1, s1, int(x1), int(y1), side), Obj(c2, s2, int(x2), int(y2), side)
         apart = abs(int(x1) - int(x2)) >= side + 1 or abs(int(y1) - int(y2)) >= side + 1
         dx, dy = b.centre[0] - a.centre[0], b.centre[1] - a.centre[1]
@@ -135,7 +148,7 @@ def _pair(rng: np.random.Generator, image_size: int, palette: list[str]) -> tupl
             return f"a {c1} {s1} {relation} a {c2} {s2}", [a, b]
 
 
-def make_scene(rng: np.random.Generator, image_size: int, two_object_fraction: float,
+def make_scene(rng: np.random.Generator, image_size, two_object_fraction: float,
                colours: list[str] = ()) -> tuple[str, list[Obj]]:
     """One random scene and its caption, its colours drawn from `colours` (default: all of COLOURS)."""
     palette = [c for c in COLOURS if c in colours] if colours else list(COLOURS)
@@ -144,7 +157,7 @@ def make_scene(rng: np.random.Generator, image_size: int, two_object_fraction: f
     return _single(rng, image_size, palette)
 
 
-def generate(num_images: int, image_size: int = 32, seed: int = 0, two_object_fraction: float = 0.3,
+def generate(num_images: int, image_size: int | tuple[int, int] = 32, seed: int = 0, two_object_fraction: float = 0.3,
              holdout: list[str] = (), val_fraction: float = 0.05,
              colours: list[str] = ()) -> Iterator[tuple[str, str, str, np.ndarray]]:
     """Yield (id, split, caption, HxWx3 uint8 image); the same arguments give the same bytes.
@@ -242,7 +255,7 @@ def _describe(mask: np.ndarray) -> Found:
     bys = {int(np.floor((y0 + y1 - side) / 2)), int(np.ceil((y0 + y1 - side) / 2))}
     ious = {}
     for shape in SHAPES:
-        ious[shape] = max(_iou(shape_mask(shape, bx, by, side, mask.shape[0]), mask) for bx in bxs for by in bys)
+        ious[shape] = max(_iou(shape_mask(shape, bx, by, side, mask.shape), mask) for bx in bxs for by in bys)
     return Found(int(mask.sum()), ((x0 + x1) / 2, (y0 + y1) / 2), float(side), max(ious, key=ious.get))
 
 
@@ -259,7 +272,7 @@ def check(image: np.ndarray, caption: str) -> dict[str, bool]:
     attrs = parse_caption(caption)
     if attrs is None:
         raise ValueError(f"not a shapes caption: {caption!r}")
-    n = image.shape[0]
+    n = image.shape[:2]
     labels = palette_labels(image)
     min_area = max(4, int(0.15 * box_side(SIZES["small"], n) ** 2))
     names = list(COLOURS)

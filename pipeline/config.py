@@ -32,6 +32,7 @@ from dalle_core.dvae import DVAEConfig, DVAELossConfig
 from dalle_core.editing import region_edit_mask
 from dalle_core.errors import ConfigError
 from dalle_core.generate import EditRequest, check_prompts
+from dalle_core.images import size_text
 from dalle_core.sampling import SAMPLING_DEFAULTS, GenerationError, SamplingSettings, described
 from dalle_core.train import TrainConfig, parse_freeze
 from dalle_core.transformer import DALLEConfig
@@ -162,7 +163,7 @@ class _TransformerTraining(Section):
             raise ValueError(f"transformer.dim {self.dim} is not divisible by heads {self.heads}")
         if self.train.lora and not self.init_from:
             raise ValueError("transformer.train.lora trains adapters on a trained transformer; set "
-                             "transformer.init_from to it (an exported model folder or a store artifact)")
+                             "transformer.init_from to it (an exported model folder, models:/NAME@ALIAS or a store artifact)")
         if self.train.lora and self.train.freeze:
             raise ValueError(f"transformer.train.lora freezes every base weight already; leave "
                              f"transformer.train.freeze {self.train.freeze} unset")
@@ -414,8 +415,18 @@ class Config(Section):
         return {"root": value} if isinstance(value, str) else value
 
     @model_validator(mode="after")
+    def _image_size_fits_the_models(self) -> Config:
+        h, w = self.data.image_hw
+        for factor, key, unless in ((2 ** self.dvae.num_downsamples, "2**dvae.num_downsamples", self.dvae.pretrained),
+                                    (self.clip.patch_size, "clip.patch_size", self.clip.pretrained)):
+            if not unless and (h % factor or w % factor):
+                raise ValueError(f"data.image_size {size_text(self.data.image_size)}: each side must be a multiple "
+                                 f"of {key} = {factor} (the token grid and CLIP's patches tile the image)")
+        return self
+
+    @model_validator(mode="after")
     def _priming_leaves_rows_to_sample(self) -> Config:
-        g, rows = self.generate, self.data.image_size // 2 ** self.dvae.num_downsamples
+        g, rows = self.generate, self.data.image_hw[0] // 2 ** self.dvae.num_downsamples
         if g.prime_image is None:
             if g.prime_rows:
                 raise ValueError(f"generate.prime_rows is {g.prime_rows} but no generate.prime_image is set")
@@ -433,7 +444,7 @@ class Config(Section):
         g, size = self.generate, self.data.image_size
         if g.edit_region is not None:  # a loaded tokenizer's grid is in its files: tasks.generate checks the cells
             known = self.dvae.pretrained is None and not getattr(self, "tokenizers_from", None)
-            region_edit_mask(g.edit_mode, g.edit_region, size, size // 2 ** self.dvae.num_downsamples if known else None,
+            region_edit_mask(g.edit_mode, g.edit_region, size, self.dvae.dvae_config(size).grid if known else None,
                              "generate.edit_region")
         return self
 
@@ -449,7 +460,7 @@ class Config(Section):
 
     @model_validator(mode="after")
     def _discriminator_fits_the_image(self) -> Config:
-        d, size = self.dvae, self.data.image_size
+        d, size = self.dvae, min(self.data.image_hw)
         if d.adversarial and size // 2 ** d.disc_layers < 3:  # two stride-1 4x4 convs follow the halvings
             most = max(1, int(math.log2(size / 3))) if size >= 6 else 0
             raise ValueError(f"dvae.disc_layers={d.disc_layers} halves data.image_size={size} to less than 3 px "
@@ -471,10 +482,17 @@ def _keys_at(loc: tuple) -> list[str]:
     as `TrainConfig`) that owns it (for did-you-mean)."""
     model: type = Config
     for part in loc:
-        field = model.model_fields.get(str(part)) if issubclass(model, BaseModel) else None
-        if field is None or not isinstance(field.annotation, type):
+        if issubclass(model, BaseModel):
+            field = model.model_fields.get(str(part))
+            annotation = field.annotation if field is not None else None
+        else:  # a core dataclass (TrainConfig) holding another (LoraConfig)
+            annotation = typing.get_type_hints(model).get(str(part)) if dataclasses.is_dataclass(model) else None
+        if annotation is not None and not isinstance(annotation, type):  # `X | None`: the section's type
+            annotation = next((a for a in typing.get_args(annotation) if isinstance(a, type) and a is not type(None)),
+                              None)
+        if annotation is None or not (issubclass(annotation, BaseModel) or dataclasses.is_dataclass(annotation)):
             break
-        model = field.annotation
+        model = annotation
     if dataclasses.is_dataclass(model):
         return [f.name for f in dataclasses.fields(model)]
     return list(model.model_fields) if issubclass(model, BaseModel) else []

@@ -55,7 +55,7 @@ def start_model(cfg, stage: str, model, store) -> Start:
     section = getattr(cfg, stage)
     source = None
     if section.init_from:
-        source = model_source(section.init_from, stage, store, f"{stage}.init_from")
+        source = model_source(section.init_from, stage, store, f"{stage}.init_from", cfg)
         try:
             missing, unexpected = model.load_state_dict(source.state_dict(), strict=False)
             missing = [k for k in missing if not k.startswith("discriminator.")]
@@ -113,7 +113,7 @@ def take_tokenizer(w) -> dict:
     cfg, store, stage, key = w.cfg, w.store, w.stage, w.key
     component = "dvae" if stage == "dvae" else "tokenizer"
     check_fine_tuning(cfg, [], store, stage_keys(cfg))
-    source = model_source(cfg.tokenizers_from, component, None, "tokenizers_from")
+    source = model_source(cfg.tokenizers_from, component, None, "tokenizers_from", cfg)
     tags = source_tags(cfg, source, store, "tokenizers_from")
     w.run.set_tags({**tags, "mlflow.note.content": source_note(tags, "tokenizers_from")})
     if stage == "dvae":
@@ -122,7 +122,7 @@ def take_tokenizer(w) -> dict:
             model.load_state_dict(source.state_dict())
         except Exception as err:
             raise ConfigError(f"tokenizers_from {source.spec!r}: its dVAE does not load: {load_reason(err)}") from None
-        made = {"grid": [model.c.grid_size] * 2, "codebook_size": model.c.codebook_size}
+        made = {"grid": list(model.c.grid_hw), "codebook_size": model.c.codebook_size}
         names = ("config.json", "model.safetensors")
         # the val numbers its own run measured (on that run's data), as the export's index keeps them
         measured = read_index(Path(source.location).parent).get("metrics", {})

@@ -4,8 +4,15 @@ the stage key, its config and weights. Whether it fits this run's model: pipelin
 
 from __future__ import annotations
 
+import functools
+import glob
+import hashlib
 import json
+import os
 import re
+import shutil
+import tempfile
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,8 +31,10 @@ from dalle_core.model_folder import (
     read_index,
     safetensors_metadata,
 )
-from storage.store import MANIFEST, StoreError, file_digest
+from storage.store import MANIFEST, StoreError, file_digest, redo_hint
+from storage.tracking import TrackingError, one_line_error, tracking_uri
 
+TRACKED_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:/")  # resolved through a tracking server
 # `<stage>/<key>` in the run's own store (a store's keys are 12 hex digits; longer prefixes are not keys)
 STORE_SPEC = re.compile(r"(transformer|dvae|clip)/([0-9a-f]{12})")
 
@@ -75,14 +84,23 @@ class ModelSource:
         return load(self.read("model.safetensors"))
 
 
-def model_source(spec: str, component: str, store, where: str) -> ModelSource:
-    """Resolve `spec` (an exported model folder, a store artifact folder `<root>/<stage>/<key>`, or
-    `<stage>/<key>` in `store`) to the component's files and their content digest; with `store` None (as
-    `tokenizers_from` takes them) an exported model folder only. ConfigError (one line, starting with `where`)
-    when it is none of these, is incomplete, has an unreadable config, or is another stage's artifact."""
+def model_source(spec: str, component: str, store, where: str, cfg=None) -> ModelSource:
+    """Resolve `spec` (an exported model folder, a registered MLflow model `models:/NAME/VERSION` or
+    `models:/NAME@ALIAS` looked up in `cfg`'s tracking store (`registered_folder`), a store artifact folder
+    `<root>/<stage>/<key>`, or `<stage>/<key>` in `store`) to the component's files and their content digest; with
+    `store` None (as `tokenizers_from` takes them) an exported or registered model only. ConfigError (one line,
+    starting with `where`) when it is none of these, is incomplete, has an unreadable config, or is another stage's
+    artifact."""
 
     names = CONTENT_FILES[component]
-    path = Path(spec).expanduser()
+    folder = spec
+    if spec.startswith(TRACKED_SCHEMES):
+        uri = tracking_uri(cfg.tracking.uri, store or cfg.store.open()) if cfg is not None else None
+        try:
+            folder = registered_folder(spec, uri)
+        except (ConfigError, TrackingError) as err:
+            raise ConfigError(f"{where} {spec!r}: {err}") from None
+    path = Path(folder).expanduser()
     exported_only = component == "tokenizer" or store is None
     if (path / INDEX).is_file():
         try:
@@ -133,9 +151,10 @@ def model_source(spec: str, component: str, store, where: str) -> ModelSource:
                    for n in names if n in manifest.get("sha256", {})}
         location, read = store.uri(base), lambda name: store.read_bytes(f"{base}/{name}")
     else:
-        forms = (f"an exported model folder (with {INDEX})" if exported_only else
-                 f"an exported model folder (with {INDEX}), a store artifact folder (with manifest.json) or "
-                 f"{component}/<key> in this run's store")
+        registered = "a registered model (models:/NAME/VERSION or models:/NAME@ALIAS)"
+        forms = (f"an exported model folder (with {INDEX}) or {registered}" if exported_only else
+                 f"an exported model folder (with {INDEX}), {registered}, a store artifact folder (with "
+                 f"manifest.json) or {component}/<key> in this run's store")
         raise ConfigError(f"{where} {spec!r} is not {forms}")
     if stage != component:
         raise ConfigError(f"{where} {spec!r} is a {stage} artifact; give a {component} one")
@@ -148,19 +167,19 @@ def model_source(spec: str, component: str, store, where: str) -> ModelSource:
     return ModelSource(spec, component, "store", location, content_digest(digests), (stage, key), read, where)
 
 
-def source_digest(spec: str, component: str, store) -> str:
+def source_digest(spec: str, component: str, store, cfg=None) -> str:
     """The content digest a stage key holds for a source; the spec itself when it cannot be read (the run's
     checks then say why, in one line, before any work)."""
     try:
-        return model_source(spec, component, store, "").digest
+        return model_source(spec, component, store, "", cfg).digest
     except (ConfigError, ModelFolderError, StoreError, OSError):
         return spec
 
 
 def tokenizers_of(cfg, store) -> tuple[ModelSource, ModelSource]:
     """`tokenizers_from`'s (dVAE, BPE tokenizer) sources."""
-    return (model_source(cfg.tokenizers_from, "dvae", None, "tokenizers_from"),
-            model_source(cfg.tokenizers_from, "tokenizer", None, "tokenizers_from"))
+    return (model_source(cfg.tokenizers_from, "dvae", None, "tokenizers_from", cfg),
+            model_source(cfg.tokenizers_from, "tokenizer", None, "tokenizers_from", cfg))
 
 
 def load_reason(err: Exception) -> str:
@@ -171,27 +190,115 @@ def load_reason(err: Exception) -> str:
     return (lines[0] if lines else type(err).__name__)[:300]
 
 
-def artifact_reader(store, stage: str, key: str) -> Read:
-    """`read(name)` for the files of the finished `<stage>/<key>` (FileNotFoundError for one it does not hold). A
-    LoRA transformer's artifact holds its adapter alone: its reader gives the base's config.json and
-    model.safetensors from the source the manifest records (`init_from`), wherever that is read from, and the
-    adapter's files from the artifact, so it reads as an exported LoRA transformer does. ConfigError (one line)
-    when that base cannot be read; one whose weights changed is refused when the adapter is put on it."""
+def artifact_reader(store, stage: str, key: str, cfg=None, verify: bool = False) -> Read:
+    """`read(name)` for the files of the finished `<stage>/<key>` (FileNotFoundError for one it does not hold;
+    with `verify`, StoreError (one line) for one whose sha256 is not the one its manifest recorded). A LoRA
+    transformer's artifact holds its adapter alone: its reader gives the base's config.json and model.safetensors
+    from the base the manifest records (`init_from`): the config's `transformer.init_from` when it holds the same
+    content (a base that moved), else where the base was (a folder), else its key in this store; and the adapter's
+    files from the artifact, so it reads as an exported LoRA transformer does. ConfigError (one line) when no
+    such base can be read; one whose weights changed is refused when the adapter is put on it."""
     manifest = store.require(stage, key)
+    sums = manifest.get("sha256") or {}
 
     def read(name: str) -> bytes:
         path = store.path(stage, key, name)
         if not store.exists(path):
             raise FileNotFoundError(path)
-        return store.read_bytes(path)
+        data = store.read_bytes(path)
+        if verify and name in sums and hashlib.sha256(data).hexdigest() != sums[name]:
+            raise StoreError(f"artifact {stage}/{key} in store {store.url!r} is damaged: {name} does not match its "
+                             f"recorded sha256; {redo_hint(stage)}")
+        return data
 
     if stage != "transformer" or not manifest.get("lora"):
         return read
     made = manifest["init_from"]
-    spec = str(Path(made["location"]).parent) if made["kind"] == "export" else f"{made['stage']}/{made['key']}"
+    candidates = [cfg.transformer.init_from] if cfg is not None and cfg.transformer.init_from else []
+    candidates.append(str(Path(made["location"]).parent) if made["kind"] == "export" else made["location"])
+    if made.get("stage") and made.get("key"):
+        candidates.append(f"{made['stage']}/{made['key']}")
+    reasons = []
+    for spec in dict.fromkeys(candidates):
+        try:
+            base = model_source(spec, "transformer", store, repr(spec), cfg)
+        except ConfigError as err:
+            reasons.append(str(err))
+            continue
+        if base.digest == made["digest"]:
+            return lambda name: base.read(name) if name in CONTENT_FILES["transformer"] else read(name)
+        reasons.append(f"{spec!r} holds another transformer (digest {base.digest})")
+    raise ConfigError(f"transformer/{key} is a LoRA adapter on {made['spec']!r} (digest {made['digest']}), which "
+                      f"cannot be read now: {'; '.join(reasons)}; put the base back, or set transformer.init_from to "
+                      "where it is now")
+
+
+def model_cache() -> Path:
+    """Where registered models are kept once downloaded: $DALLE_MODEL_CACHE, else ~/.cache/dalle-pipeline/models."""
+    return Path(os.environ.get("DALLE_MODEL_CACHE") or "~/.cache/dalle-pipeline/models").expanduser()
+
+
+@functools.lru_cache(maxsize=64)
+def registered_folder(uri: str, tracking: str | None) -> str:
+    """The exported folder of a registered model (`models:/NAME/VERSION`, `models:/NAME@ALIAS`), downloaded once
+    per version into `model_cache()` (a version's files never change; an alias is resolved to its version again in
+    each process, so a moved alias is followed). `runs:/` and `mlflow-artifacts:/` URIs are downloaded each process.
+    ConfigError or TrackingError (one line) when it cannot be found."""
+    m = re.fullmatch(r"models:/([^/@]+)(?:/(\d+)|@([A-Za-z0-9_-]+))", uri)
+    if m is None:
+        folder = tempfile.mkdtemp(prefix="dalle-model-")
+        return download_model(uri, tracking, folder)
+    name, version, alias = m.groups()
+    if alias:
+        try:
+            version = _mlflow(uri, tracking).MlflowClient().get_model_version_by_alias(name, alias).version
+        except Exception as err:
+            raise TrackingError(f"no model {name!r} with alias {alias!r} in {tracking!r}: "
+                                f"{one_line_error(err)}") from None
+    cached = model_cache() / name / str(version)
+    if not (cached / INDEX).is_file():
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_name(f".{version}.tmp-{uuid.uuid4().hex[:8]}")
+        try:
+            found = download_model(f"models:/{name}/{version}", tracking, str(tmp))
+            shutil.rmtree(cached, ignore_errors=True)
+            os.rename(found, cached)  # whole or not at all
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return str(cached)
+
+
+def _mlflow(uri: str, tracking: str | None):
+    """mlflow, quiet, pointed at `tracking` (default $MLFLOW_TRACKING_URI); ConfigError (one line) for a URI that
+    needs a tracking store when none is configured, rather than MLflow's default of a new ./mlflow.db."""
+    import logging
+
+    tracking = tracking or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri.startswith(TRACKED_SCHEMES) and not tracking:
+        raise ConfigError(f"{uri!r} is looked up in an MLflow tracking store and none is configured; pass "
+                          "-c CONFIG (the run whose tracking.uri holds it) or set MLFLOW_TRACKING_URI")
+    import mlflow
+
+    for name in ("mlflow", "alembic"):  # their INFO lines (store migrations, downloads) are not this command's
+        logging.getLogger(name).setLevel(logging.WARNING)
+    if tracking:
+        mlflow.set_tracking_uri(tracking)
+    return mlflow
+
+
+def download_model(uri: str, tracking_uri: str | None, dst: str) -> str:
+    """The exported folder inside an MLflow model (release/mlflow_model.py's `model_dir` artifact), downloaded under
+    `dst` (the caller removes it). A models:/, runs:/ or mlflow-artifacts:/ URI is looked up in `tracking_uri`
+    (default $MLFLOW_TRACKING_URI); with neither, ConfigError (one line) rather than MLflow's default of a new
+    ./mlflow.db. TrackingError (one line) when MLflow cannot find the model."""
+    mlflow = _mlflow(uri, tracking_uri)
     try:
-        base = model_source(spec, "transformer", store, "its base")
-    except ConfigError as err:
-        raise ConfigError(f"transformer/{key} is a LoRA adapter on {made['spec']!r} (digest {made['digest']}), "
-                          f"which cannot be read now: {err}") from None
-    return lambda name: base.read(name) if name in CONTENT_FILES["transformer"] else read(name)
+        local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=dst)
+    except Exception as err:
+        raise TrackingError(f"cannot load MLflow model {uri!r} from {mlflow.get_tracking_uri()!r}: "
+                            f"{one_line_error(err)}") from None
+    found = sorted(glob.glob(os.path.join(local, "**", INDEX), recursive=True))
+    if not found:
+        raise TrackingError(f"MLflow model {uri!r} holds no exported model folder ({INDEX}); register one with "
+                            "`dalle export -c CONFIG --register NAME`")
+    return os.path.dirname(found[0])

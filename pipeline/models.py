@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import glob
 import json
 import os
 import tempfile
@@ -20,23 +19,22 @@ from dalle_core.clip import CLIPReranker, load_open_clip
 from dalle_core.device import resolve_device, sampling_precision
 from dalle_core.errors import ConfigError
 from dalle_core.generate import DALLEPipeline
-from dalle_core.model_folder import INDEX, ModelFolderError, read_component
+from dalle_core.model_folder import ModelFolderError, read_component
 from dalle_core.transformer import DALLE
 from pipeline.config import Config, config_from_dict, load_config
-from pipeline.model_source import artifact_reader
+from pipeline.model_source import artifact_reader, download_model
 from pipeline.stage_table import stage_keys
 from storage.store import ArtifactStore
-from storage.tracking import TrackingError, one_line_error
 
 # ------------------------------------------------------------ a stage's model from the store
 
 
-def load_component(store: ArtifactStore, stage: str, key: str, text_len: int | None = None):
+def load_component(store: ArtifactStore, stage: str, key: str, text_len: int | None = None, cfg: Config | None = None):
     """A finished stage's model from `<stage>/<key>` through the one reader (`read_component`: the artifact
     holds its component folder's files under the same names; a LoRA transformer's adapter on its base), on the CPU; StoreError (one line) for a missing
     artifact or a file that does not parse, naming it and how to redo it."""
     component = "tokenizer" if stage == "bpe" else stage
-    read = artifact_reader(store, stage, key)  # a LoRA transformer's: its base's weights, its own adapter
+    read = artifact_reader(store, stage, key, cfg)  # a LoRA transformer's: its base's weights, its own adapter
     with store.reading(store.path(stage, key, "tokenizer.json" if stage == "bpe" else "model.safetensors")):
         return read_component(component, read, text_len)
 
@@ -53,9 +51,11 @@ def load_tokenizer(store: ArtifactStore, key: str, text_len: int) -> TextTokeniz
     return load_component(store, "bpe", key, text_len)
 
 
-def load_transformer(store: ArtifactStore, key: str, device: torch.device | str = "cpu") -> DALLE:
-    """A finished transformer from `transformer/<key>`, on `device`, in eval mode."""
-    return load_component(store, "transformer", key).to(device).eval()
+def load_transformer(store: ArtifactStore, key: str, device: torch.device | str = "cpu",
+                     cfg: Config | None = None) -> DALLE:
+    """A finished transformer from `transformer/<key>`, on `device`, in eval mode (a LoRA one's base found through
+    `cfg` too: `artifact_reader`)."""
+    return load_component(store, "transformer", key, cfg=cfg).to(device).eval()
 
 
 def load_reranker(cfg: Config, store: ArtifactStore, key: str, device: torch.device | str = "cpu") -> CLIPReranker:
@@ -87,7 +87,7 @@ def _load_pipeline(cfg_json: str, keys_json: str) -> DALLEPipeline:
     cfg, keys = config_from_dict(json.loads(cfg_json)), json.loads(keys_json)
     store, device = cfg.store.open(), resolve_device(cfg.runner.device)
     dvae_model, normalization = load_dvae(store, keys["dvae"], device)
-    return DALLEPipeline(load_transformer(store, keys["transformer"], device), dvae_model, normalization,
+    return DALLEPipeline(load_transformer(store, keys["transformer"], device, cfg), dvae_model, normalization,
                          load_tokenizer(store, keys["bpe"], cfg.text.text_len),
                          load_reranker(cfg, store, keys["clip"], device),
                          sampling_precision(cfg.generate.precision, device))
@@ -104,7 +104,6 @@ def load_pipeline(cfg: Config, keys: dict[str, str] | None = None) -> DALLEPipel
 # ------------------------------------------------------------ a trained model from anywhere
 
 URI_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:/", "s3://", "gs://", "file://", "http://", "https://")
-TRACKED_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:/")  # resolved through a tracking server
 
 
 def load_model(source: str | os.PathLike, *, device: str = "auto", precision: str = "auto",
@@ -141,33 +140,3 @@ def _load_model(text: str, device: str, precision: str, overrides: list[str], tr
 def store_model(cfg) -> DALLEPipeline:
     """The models of a run's store (`load_pipeline`), with the run's sampling settings as defaults."""
     return dataclasses.replace(load_pipeline(cfg), sampling=cfg.generate.sampling_defaults())
-
-
-def download_model(uri: str, tracking_uri: str | None, dst: str) -> str:
-    """The exported folder inside an MLflow model (release/mlflow_model.py's `model_dir` artifact), downloaded under
-    `dst` (the caller removes it). A models:/, runs:/ or mlflow-artifacts:/ URI is looked up in `tracking_uri`
-    (default $MLFLOW_TRACKING_URI); with neither, ConfigError (one line) rather than MLflow's default of a new
-    ./mlflow.db. TrackingError (one line) when MLflow cannot find the model."""
-    import logging
-
-    tracking_uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-    if uri.startswith(TRACKED_SCHEMES) and not tracking_uri:
-        raise ConfigError(f"{uri!r} is looked up in an MLflow tracking store and none is configured; pass "
-                          "-c CONFIG (the run whose tracking.uri holds it) or set MLFLOW_TRACKING_URI")
-    import mlflow
-
-    for name in ("mlflow", "alembic"):  # their INFO lines (store migrations, downloads) are not this command's
-        logging.getLogger(name).setLevel(logging.WARNING)
-
-    if tracking_uri:
-        mlflow.set_tracking_uri(tracking_uri)
-    try:
-        local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=dst)
-    except Exception as err:
-        raise TrackingError(f"cannot load MLflow model {uri!r} from {mlflow.get_tracking_uri()!r}: "
-                            f"{one_line_error(err)}") from None
-    found = sorted(glob.glob(os.path.join(local, "**", INDEX), recursive=True))
-    if not found:
-        raise TrackingError(f"MLflow model {uri!r} holds no exported model folder ({INDEX}); register one with "
-                            "`dalle export -c CONFIG --register NAME`")
-    return os.path.dirname(found[0])

@@ -12,6 +12,7 @@ from pathlib import Path
 from dalle_core.bpe import TextTokenizer
 from dalle_core.dvae import DVAEConfig
 from dalle_core.errors import ConfigError
+from dalle_core.images import compact_size
 from dalle_core.model_folder import CONTENT_FILES, content_digest, has_adapter, read_component
 from pipeline.model_source import STORE_SPEC, ModelSource, load_reason, model_source, tokenizers_of
 from pipeline.stage_table import stage_keys
@@ -45,25 +46,25 @@ def token_shapes(cfg, store, keys: dict) -> dict[str, tuple]:
     if store.is_complete("pretokenize", keys["pretokenize"]):
         m = store.manifest("pretokenize", keys["pretokenize"])
         text(m["vocab_size"], m["pad_id"], f"the shards pretokenize/{keys['pretokenize']}")
-        image(m["codebook_size"], m["grid"][0], f"the shards pretokenize/{keys['pretokenize']}")
+        image(m["codebook_size"], compact_size(*m["grid"]), f"the shards pretokenize/{keys['pretokenize']}")
     if store.is_complete("bpe", keys["bpe"]):
         m = store.manifest("bpe", keys["bpe"])
         text(m["vocab_size"], m["pad_id"], f"the BPE bpe/{keys['bpe']}")
     if store.is_complete("dvae", keys["dvae"]):
         m = store.manifest("dvae", keys["dvae"])
-        image(m["codebook_size"], m["grid"][0], f"the dVAE dvae/{keys['dvae']}")
+        image(m["codebook_size"], compact_size(*m["grid"]), f"the dVAE dvae/{keys['dvae']}")
     if cfg.tokenizers_from and not {"text_vocab", "image_vocab"} <= set(out):
         dvae, tokenizer = tokenizers_of(cfg, store)
         tok = read_component("tokenizer", tokenizer.read, cfg.text.text_len)
         text(tok.vocab_size, tok.pad_id, "tokenizers_from's tokenizer")
         c = DVAEConfig(**dvae.model_config()["model"])
-        image(c.codebook_size, c.grid_size, "tokenizers_from's dVAE")
+        image(c.codebook_size, c.grid, "tokenizers_from's dVAE")
     elif cfg.text.tokenizer_path and os.path.isfile(cfg.text.tokenizer_path):
         with open(cfg.text.tokenizer_path, encoding="utf-8") as f:
             tok = TextTokenizer.from_str(f.read(), cfg.text.text_len)
         text(tok.vocab_size, tok.pad_id, "text.tokenizer_path")
     if not cfg.dvae.pretrained:
-        image(cfg.dvae.codebook_size, cfg.data.image_size // 2 ** cfg.dvae.num_downsamples, "dvae.codebook_size",
+        image(cfg.dvae.codebook_size, cfg.dvae.dvae_config(cfg.data.image_size).grid, "dvae.codebook_size",
               "data.image_size / 2**dvae.num_downsamples")
     return out
 
@@ -178,7 +179,7 @@ def check_fine_tuning(cfg, stages: list[str] | None = None, store=None, keys: di
         spec = getattr(cfg, stage).init_from
         if spec and (stages is None or stage in stages) and not store.is_complete(stage, keys[stage]):
             checks.append((f"{stage}.init_from", spec, lambda stage=stage, spec=spec: _source_problems(
-                cfg, stage, model_source(spec, stage, store, f"{stage}.init_from"), store, keys)))
+                cfg, stage, model_source(spec, stage, store, f"{stage}.init_from", cfg), store, keys)))
     misfits = [f"{where} {spec!r} does not fit this run: {'; '.join(found)}"
                for where, spec, problems in checks if (found := problems())]
     if misfits:

@@ -54,6 +54,8 @@ def _ingest(cfg: Config) -> dict:
     data = cfg.data.model_dump(mode="json")
     if not data["shapes"]["colours"]:  # all colours: leave the option out of the key
         del data["shapes"]["colours"]
+    if data["fit"] == "crop" or data["source"] == "shapes":  # the default (what runs did before `fit`); shapes
+        del data["fit"]                                          # are drawn in their frame: nothing to fit
     fingerprint = source_fingerprint(cfg.data)  # changed data is a new artifact; shapes need none
     return {**data, **({"source_fingerprint": fingerprint} if fingerprint else {})}
 
@@ -65,7 +67,7 @@ def trained_section(cfg: Config, stage: str, **dump) -> dict:
     if section["init_from"] is None:
         del section["init_from"]
     else:
-        section["init_from"] = source_digest(section["init_from"], stage, cfg.store.open())
+        section["init_from"] = source_digest(section["init_from"], stage, cfg.store.open(), cfg)
     if not section["train"]["freeze"]:
         del section["train"]["freeze"]
     if section["train"]["lora"] is None:
@@ -75,7 +77,7 @@ def trained_section(cfg: Config, stage: str, **dump) -> dict:
 
 def _taken(cfg: Config, component: str, **extra) -> dict:
     """The dvae or bpe stage under `tokenizers_from`: that export's files' content, not their path."""
-    return {"tokenizers_from": source_digest(cfg.tokenizers_from, component, None), **extra}
+    return {"tokenizers_from": source_digest(cfg.tokenizers_from, component, None, cfg), **extra}
 
 
 def _dvae(cfg: Config) -> dict:

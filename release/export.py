@@ -49,12 +49,11 @@ def model_files(cfg: Config, store: ArtifactStore, keys: dict[str, str]) -> dict
     tokenizer, and the reranking CLIP (this project's checkpoint split into weights, config and tokenizer)."""
     files: dict[str, bytes] = {}
     for stage in ("transformer", "dvae"):
-        read = artifact_reader(store, stage, keys[stage])  # a LoRA transformer: its base and its adapter
+        read = artifact_reader(store, stage, keys[stage], cfg, verify=True)  # LoRA: its base and its adapter
         adapter = ADAPTER_FILES if stage == "transformer" and has_adapter(read) else ()
         for name in (*CONTENT_FILES[stage], *adapter):
             files[f"{stage}/{name}"] = read(name)
-    store.require("bpe", keys["bpe"])
-    tokenizer = store.read_bytes(store.path("bpe", keys["bpe"], "tokenizer.json"))
+    tokenizer = artifact_reader(store, "bpe", keys["bpe"], verify=True)("tokenizer.json")
     pad_id = TextTokenizer.from_str(tokenizer.decode(), cfg.text.text_len).pad_id
     files["tokenizer/tokenizer.json"] = tokenizer
     files["tokenizer/config.json"] = json_bytes({"text_len": cfg.text.text_len, "pad_id": pad_id})
@@ -67,8 +66,7 @@ def model_files(cfg: Config, store: ArtifactStore, keys: dict[str, str]) -> dict
             with open(spec, "rb") as f:
                 checkpoint = f.read()
         else:
-            store.require("clip", keys["clip"])
-            checkpoint = store.read_bytes(store.path("clip", keys["clip"], "model.safetensors"))
+            checkpoint = artifact_reader(store, "clip", keys["clip"], verify=True)("model.safetensors")
         clip = clip_files(checkpoint)
     files.update({f"clip/{name}": data for name, data in clip.items()})
     return files
@@ -166,7 +164,8 @@ def register_export(cfg: Config, export: Export, name: str, alias: str | None = 
                    "local`. Its model card is the README.md of the exported folder in the model's artifacts.")
     example = (pd.DataFrame({"prompt": ["a red circle"]}), {"num_candidates": 2})
     pyfunc = {"python_model": DALLEPyfunc(), "artifacts": {ARTIFACT: export.folder},
-              "signature": signature(idx["sampling"]), "pip_requirements": requirements(), "input_example": example}
+              "signature": signature(idx["sampling"]), "pip_requirements": requirements(), "input_example": example,
+              "model_config": {"fuse_lora": False}}  # declared, so load_model(uri, model_config={...}) may set it
     check_model_name(name)
     with StageRun(uri, cfg.tracking.experiment, store, f"export-{keys['transformer']}", stage="export",
                   key=keys["transformer"]) as run:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import yaml
 
 from dalle_core.evaluation import format_report
+from dalle_core.images import size_text
 from pipeline.config import Config
 
 LICENCE_FILES = ("ATTRIBUTION.md", "ATTRIBUTION.txt", "ATTRIBUTION", "LICENSE.txt", "LICENSE.md", "LICENSE",
@@ -128,7 +129,7 @@ tags: [text-to-image, dall-e, dvae, clip-reranking]
 
 A decoder-only transformer over `[text tokens ; image tokens]` ({t.get('num_params', 0) / 1e6:.1f}M parameters,
 {t.get('steps', '?')} steps), an image tokenizer with a {d.get('grid', ['?', '?'])[0]}x{d.get('grid', ['?', '?'])[1]} grid of
-{d.get('codebook_size', '?')} codes for {cfg.data.image_size}px images, a byte-level BPE text tokenizer and a CLIP
+{d.get('codebook_size', '?')} codes for {size_text(cfg.data.image_size)} px images, a byte-level BPE text tokenizer and a CLIP
 that ranks the candidates, trained with dalle-pipeline from `{source.get('config') or '(built-in defaults)'}`
 at git commit `{commit}`{dirty}{of}.
 

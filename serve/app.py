@@ -25,7 +25,7 @@ from starlette.exceptions import HTTPException
 
 from dalle_core.editing import pack
 from dalle_core.generate import MAX_CANDIDATES, MAX_PRIME_PIXELS, DALLEPipeline
-from dalle_core.images import png_bytes
+from dalle_core.images import png_bytes, size_hw
 from dalle_core.sampling import SAMPLING_DEFAULTS, GenerationError
 from serve.jobs import Job, JobQueue, QueueFull
 from serve.request import (
@@ -98,6 +98,7 @@ def create_app(pipe: DALLEPipeline, *, name: str = "model", max_candidates: int 
     @app.get("/api/model")
     def model() -> dict:
         return {"name": name, "image_size": pipe.image_size, "token_grid": pipe.transformer.c.image_grid,
+                "image_hw": size_hw(pipe.image_size), "grid_hw": pipe.transformer.c.grid_hw,
                 "text_len": pipe.tokenizer.text_len, "device": str(pipe.device), "precision": pipe.precision,
                 "defaults": defaults, "limits": {"max_candidates": max_candidates, "max_waiting": max_waiting,
                                                  "max_prime_mb": MAX_PRIME_BYTES // 2**20,

@@ -18,6 +18,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from dalle_core.editing import EditError, region_edit_mask
 from dalle_core.generate import DALLEPipeline, EditRequest, check_prompts, open_image
+from dalle_core.images import size_text
 from dalle_core.sampling import SAMPLING_DEFAULTS, SamplingSettings, described, typing_args
 
 MAX_PRIME_BYTES = 10 * 2**20
@@ -199,7 +200,7 @@ def _prime(req: GenerateRequest, pipe: DALLEPipeline) -> tuple[bytes | None, int
             raise APIError(400, "prime_rows is set but no prime_image was sent")
         return None, None
     data = _image_bytes(req.prime_image, "prime_image")
-    rows = pipe.transformer.c.image_grid
+    rows = pipe.transformer.c.grid_hw[0]
     if req.prime_rows is not None and req.prime_rows >= rows:
         raise APIError(400, f"prime_rows is {req.prime_rows}; allowed: 1 to {rows - 1} (the token grid has {rows} rows)")
     return data, rows // 2 if req.prime_rows is None else req.prime_rows  # as DALLEPipeline's default
@@ -220,7 +221,7 @@ def _edit(req: GenerateRequest, pipe: DALLEPipeline) -> EditRequest | None:
     edit_mode = req.edit_mode or "inpaint"
     if edit_mode != "variations" and req.region is None:  # this API takes no mask: a region is the one way
         raise APIError(400, f"edit_mode {edit_mode} needs region [x0, y0, x1, y1]: pixels of the image resized "
-                            f"to the model's {pipe.image_size} px")
+                            f"to the model's {size_text(pipe.image_size)} px")
     region = None if req.region is None else tuple(req.region)
     edit = EditRequest(edit_mode, _image_bytes(req.edit_image, "edit_image"), region, keep=req.keep).check(HTTP_NAMES)
     if region is not None:

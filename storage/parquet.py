@@ -92,10 +92,10 @@ def count_rows(store: ArtifactStore, path: str) -> int:
         return pq.ParquetFile(f).metadata.num_rows
 
 
-def image_row_group(image_size: int) -> int:
-    """Rows per row group of image shards: 1,024 at 32 px, fewer for big images (64 at 128 px and up),
-    so the input pipeline decodes a few MB per read, not a shard's worth."""
-    return max(64, min(ROW_GROUP, ROW_GROUP * 32 * 32 // (image_size * image_size)))
+def image_row_group(pixels: int) -> int:
+    """Rows per row group of image shards of `pixels` (height x width) each: 1,024 at 32x32, fewer for big images
+    (64 at 128x128 and up), so the input pipeline decodes a few MB per read, not a shard's worth."""
+    return max(64, min(ROW_GROUP, ROW_GROUP * 32 * 32 // pixels))
 
 
 class ParquetShards:

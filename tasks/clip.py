@@ -70,7 +70,7 @@ class CLIPTrainer(StageTrainer):
         self.tokenizer = load_tokenizer(self.store, w.inputs["bpe"].key, self.cfg.text.text_len)
         self.mcfg = self.section.clip_config(self.cfg.data.image_size, self.tokenizer.vocab_size,
                                              self.cfg.text.text_len, self.tokenizer.pad_id)
-        self.seq_len = max((self.mcfg.image_size // self.mcfg.patch_size) ** 2 + 1, self.mcfg.text_len + 1)
+        self.seq_len = max(self.mcfg.patches + 1, self.mcfg.text_len + 1)
 
     def paths(self, split: str) -> list[str]:
         return shard_paths(self.store, "ingest", self.w.inputs["ingest"].key, split)

@@ -47,7 +47,7 @@ def _pretrained(w: Work) -> dict:
     w.run.set_tags({"pretrained.kind": kind, **{f"pretrained.{role}": f"{f['path']} (sha256 {f['sha256']})"
                                                 for role, f in files.items()}})
     log.info("dvae/%s: loaded a pretrained %s tokenizer (%d codes, %dx%d grid) from %s", w.key, model.spec.kind,
-             model.c.codebook_size, model.c.grid_size, model.c.grid_size, section.pretrained)
+             model.c.codebook_size, *model.c.grid_hw, section.pretrained)
     return recipe.finish_untrained(model, 0, {"pretrained": {"kind": kind, "files": files}})
 
 
@@ -121,7 +121,7 @@ class DVAETrainer(StageTrainer):
         return f"psnr {metrics['psnr']:.1f}"
 
     def manifest(self, model) -> dict:
-        return {"grid": [model.c.grid_size, model.c.grid_size], "codebook_size": model.c.codebook_size}
+        return {"grid": list(model.c.grid_hw), "codebook_size": model.c.codebook_size}
 
     def on_start(self, run) -> None:
         section = self.section

@@ -170,11 +170,11 @@ def source_edit(cfg: Config, keys: dict[str, str] | None = None) -> Edit | None:
     if g.prime_image is None and g.edit_image is None:
         return None
     pipe = load_pipeline(cfg, keys)
-    rows = pipe.transformer.c.image_grid
+    rows = pipe.transformer.c.grid_hw[0]
     if g.prime_image is not None and g.prime_rows >= rows:  # a pretrained dVAE's grid is known from its files only
         raise ConfigError(prime_rows_error(g.prime_rows, rows, "the dVAE's token grid"))
     try:
-        return g.edit_request().resolve(pipe.image_size, rows, CONFIG_NAMES)
+        return g.edit_request().resolve(pipe.image_size, pipe.transformer.c.image_grid, CONFIG_NAMES)
     except GenerationError as err:
         raise ConfigError(str(err)) from None
 

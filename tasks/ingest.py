@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import Counter, defaultdict
 
 import pyarrow as pa
@@ -46,7 +47,7 @@ def _ingest(w: Work) -> dict:
         if not buf:
             return
         table = pa.Table.from_pylist(buf, schema=IMAGES_SCHEMA)
-        write_shard(store, w.path(split, shard_name(shards[split])), table, image_row_group(cfg.data.image_size))
+        write_shard(store, w.path(split, shard_name(shards[split])), table, image_row_group(math.prod(cfg.data.image_hw)))
         shards[split] += 1
         buf.clear()
 
@@ -90,7 +91,8 @@ def _ingest(w: Work) -> dict:
     log.info("ingested %s rows into ingest/%s (skipped %s)", dict(rows), key, dict(skipped) or "none")
     return {"config": cfg.data.model_dump(mode="json"), "rows": dict(rows), "subsets": dict(subsets),
             "skipped": dict(skipped), "skipped_examples": dict(examples), "shards": dict(shards),
-            "image_size": cfg.data.image_size, "notes": dict(notes), "source_fingerprint": fingerprint}
+            "image_size": cfg.data.image_size, "fit": cfg.data.fit, "notes": dict(notes),
+            "source_fingerprint": fingerprint}
 
 
 def _earlier_ingest(store, cfg: Config, key: str) -> str | None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -93,9 +94,8 @@ def _pretokenize(w: Work) -> dict:
         metrics["images_per_s"] = encoded / max(wall_seconds, 1e-9)
     w.run.log_metrics(metrics)
     log.info("pretokenize/%s: %s rows%s", key, rows, f", {metrics['images_per_s']:.0f} images/s" if encoded else "")
-    grid = model.c.grid_size
     return {"config": {"text_len": cfg.text.text_len, "encode_precision": cfg.dvae.encode_precision}, "rows": rows,
-            "grid": [grid, grid], "codebook_size": model.c.codebook_size, "vocab_size": tokenizer.vocab_size,
+            "grid": list(model.c.grid_hw), "codebook_size": model.c.codebook_size, "vocab_size": tokenizer.vocab_size,
             "pad_id": tokenizer.pad_id, "text_len": cfg.text.text_len, "dvae_key": dvae.key, "bpe_key": bpe.key,
             "truncated_captions": metrics["truncated_captions"]}
 
@@ -131,7 +131,7 @@ def _encode_shard(cfg: Config, store: ArtifactStore, refs: tuple, split: str, in
     captions = table.column("caption").to_pylist()
     pngs = table.column("image").to_pylist()
     device = model.device
-    batch = max(1, ENCODE_PIXELS * (8 if device.type == "cuda" else 1) // model.c.image_size ** 2)
+    batch = max(1, ENCODE_PIXELS * (8 if device.type == "cuda" else 1) // math.prod(model.c.image_hw))
     codes = []
     with torch.inference_mode():
         for i in range(0, len(pngs), batch):  # PNG decode on the CPU, the encoder on the run's device

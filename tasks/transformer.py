@@ -16,7 +16,7 @@ from prefect import task
 from prefect.cache_policies import NONE
 
 from dalle_core.device import sampling_precision
-from dalle_core.images import grid, png_bytes, to_uint8
+from dalle_core.images import compact_size, grid, png_bytes, to_uint8
 from dalle_core.loader import IN_ORDER, decode_tokens
 from dalle_core.model_folder import adapter_files, state_bytes
 from dalle_core.sampling import sample
@@ -46,9 +46,8 @@ def sample_sheet(model: DALLE, dvae_model, norm, text: torch.Tensor, captions: l
     gen = torch.Generator(device=device).manual_seed(gen_cfg.seed)
     codes = sample(model, text.to(device).repeat_interleave(per_caption, 0), gen_cfg.sampling(),
                    generator=gen, precision=sampling_precision(gen_cfg.precision, device))
-    side = model.c.image_grid
     with torch.inference_mode():
-        images = to_uint8(dvae_model.decode(codes.view(-1, side, side)), norm.mean, norm.std)
+        images = to_uint8(dvae_model.decode(codes.view(-1, *model.c.grid_hw)), norm.mean, norm.std)
     model.train(was_training)
     rows = [list(images[i * per_caption:(i + 1) * per_caption]) for i in range(len(captions))]
     return grid(rows, captions, scale=3)
@@ -64,7 +63,7 @@ class TransformerTrainer(StageTrainer):
         super().__init__(w, device, rank, world)
         m = self.store.require("pretokenize", w.inputs["pretokenize"].key)
         self.mcfg = self.section.dalle_config(text_vocab=m["vocab_size"], text_len=m["text_len"], pad_id=m["pad_id"],
-                                              image_vocab=m["codebook_size"], image_grid=m["grid"][0])  # the shards'
+                                              image_vocab=m["codebook_size"], image_grid=compact_size(*m["grid"]))  # the shards'
         self.seq_len = self.mcfg.seq_len
         self._dvae: tuple | None = None  # the sample sheets' decoder, loaded by rank 0 when first drawn
 

@@ -7,7 +7,7 @@ from PIL import Image
 
 from dalle_core.editing import Edit, outline, pack, random_mask, region_mask, unpack
 from dalle_core.generate import load_edit
-from dalle_core.images import to_rgb_square
+from dalle_core.images import to_rgb_sized
 from dalle_core.sampling import GenerationError
 
 SIZE, GRID = 32, 8  # the tiny config: 32 px images, an 8 x 8 token grid, 4 px cells
@@ -34,7 +34,7 @@ def test_an_inpainting_region_samples_its_cells_and_keeps_the_others(tmp_path):
     Image.fromarray(gradient.astype(np.uint8)).save(tmp_path / "a.png")
     edit = load_edit(SIZE, GRID, edit_image=str(tmp_path / "a.png"), region="6,0,13,4")
     with Image.open(tmp_path / "a.png") as im:  # the source as every input image: shorter side resized, centre crop
-        assert edit.mode == "inpaint" and np.array_equal(edit.image, np.asarray(to_rgb_square(im, SIZE)))
+        assert edit.mode == "inpaint" and np.array_equal(edit.image, np.asarray(to_rgb_sized(im, SIZE)))
     assert _cells(edit.mask) == {(0, 1), (0, 2), (0, 3)}
     assert np.array_equal(edit.masks(seed=3, count=2), np.stack([edit.mask.reshape(-1)] * 2))
 
@@ -198,7 +198,7 @@ def test_a_mask_drawn_on_a_photo_as_a_viewer_shows_it_works_for_every_orientatio
     Image.fromarray(mask).save(tmp_path / "mask.png")
     edit = load_edit(SIZE, GRID, edit_image=str(tmp_path / "photo.png"), mask=str(tmp_path / "mask.png"))
     assert _cells(edit.mask) == {(1, 0), (1, 1), (2, 0), (2, 1)}  # rows 20-27 after the centre crop: 4-11
-    assert np.array_equal(edit.image, np.asarray(to_rgb_square(shown, SIZE)))
+    assert np.array_equal(edit.image, np.asarray(to_rgb_sized(shown, SIZE)))
     if orientation >= 5:  # stored 64 wide: a mask of the stored size is not what the user sees
         Image.fromarray(np.asarray(Image.fromarray(mask).transpose(Image.Transpose.TRANSPOSE))).save(tmp_path / "m.png")
         with pytest.raises(GenerationError, match=r"mask is 64x32 pixels but edit_image is 32x64 as a viewer shows it"):

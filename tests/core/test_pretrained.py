@@ -34,7 +34,7 @@ def test_openai_dvae_encodes_and_decodes_as_upstream(tmp_path):
 
     enc, dec = openai_dvae(tmp_path / "dalle")
     model = pretrained.load(tmp_path / "dalle", None, 32, *NORM)
-    assert (model.c.codebook_size, model.c.grid_size) == (512, 4)
+    assert (model.c.codebook_size, model.c.grid) == (512, 4)
     x = nn.functional.interpolate(torch.rand(3, 3, 4, 4), size=32, mode="bilinear")  # cells differ
     with torch.no_grad():
         want = enc(map_pixels(x)).argmax(1)
@@ -79,7 +79,7 @@ def test_taming_vqgan_encodes_and_decodes_as_upstream(tmp_path, target):
     m = taming_vqgan(tmp_path / "run", target)
     model = pretrained.load(tmp_path / "run", None, 32, *NORM)
     assert model.spec.kind == {"VQModel": "taming-vq", "GumbelVQ": "taming-gumbel"}[target]
-    assert (model.c.codebook_size, model.c.grid_size) == (64, 16)
+    assert (model.c.codebook_size, model.c.grid) == (64, 16)
     x = torch.rand(2, 3, 32, 32)
     with torch.no_grad():
         h = m.quant_conv(m.encoder(2 * x - 1))

@@ -169,7 +169,7 @@ def test_tokenizers_from_takes_an_exported_folder_only(source, tiny, capsys):
     assert main(["run", "-c", config, *sum((["--set", o] for o in ov), [])]) == 2
     err = capsys.readouterr().err.strip()
     assert err == (f"error: tokenizers_from 'dvae/{dvae_key}' is not an exported model folder (with "
-                   "model_index.json)"), err
+                   "model_index.json) or a registered model (models:/NAME/VERSION or models:/NAME@ALIAS)"), err
 
 
 def test_init_from_without_tokenizers_from_never_changes_what_an_id_means(source, tiny, store_copy, capsys):

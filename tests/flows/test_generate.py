@@ -164,7 +164,7 @@ def test_image_completion_keeps_the_prime_rows(generated, tmp_path, capsys, monk
     import torch
     from PIL import Image
 
-    from dalle_core.images import to_rgb_square, to_tensor
+    from dalle_core.images import to_rgb_sized, to_tensor
 
     _, ov, _ = generated
     cfg = load_config(TINY, ov)
@@ -180,7 +180,7 @@ def test_image_completion_keeps_the_prime_rows(generated, tmp_path, capsys, monk
     codes = np.stack(table.column("image_tokens").to_pylist())
     dvae, norm = load_dvae(store, keys["dvae"])
     with Image.open(prime) as im, torch.inference_mode():
-        x = to_tensor(np.asarray(to_rgb_square(im, 32))[None], norm.mean, norm.std)
+        x = to_tensor(np.asarray(to_rgb_sized(im, 32))[None], norm.mean, norm.std)
         expected = dvae.encode(x)[0, :3].flatten().numpy()
     assert (codes[:, :24] == expected).all()  # 3 rows of the 8x8 grid, in every candidate
     assert len({c[24:].tobytes() for c in codes}) > 1  # the other rows are sampled
@@ -204,12 +204,12 @@ def _source_codes(cfg, path) -> np.ndarray:
     import torch
     from PIL import Image
 
-    from dalle_core.images import to_rgb_square, to_tensor
+    from dalle_core.images import to_rgb_sized, to_tensor
 
     store, keys = cfg.store.open(), stage_keys(cfg)
     dvae, norm = load_dvae(store, keys["dvae"])
     with Image.open(path) as im, torch.inference_mode():
-        return dvae.encode(to_tensor(np.asarray(to_rgb_square(im, 32))[None], norm.mean, norm.std))[0].flatten().numpy()
+        return dvae.encode(to_tensor(np.asarray(to_rgb_sized(im, 32))[None], norm.mean, norm.std))[0].flatten().numpy()
 
 
 def test_inpainting_from_the_cli_keeps_every_code_outside_the_region(generated, tmp_path):

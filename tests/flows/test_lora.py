@@ -23,6 +23,7 @@ from dalle_core.lora import base_state, fuse, has_lora
 from pipeline.config import load_config
 from pipeline.model_source import model_source
 from pipeline.models import load_transformer
+from pipeline.stage_table import stage_keys
 from tests.conftest import TINY, run_stage
 from tests.flows.exported_model import exported_folder
 
@@ -167,8 +168,12 @@ def test_a_stored_adapter_whose_base_moved_is_one_line(lora):
     base.rename(moved)
     try:
         with pytest.raises(ConfigError, match=rf"^transformer/{key} is a LoRA adapter on '{re.escape(str(base))}' "
-                                              r"\(digest [0-9a-f]{16}\), which cannot be read now: "):
+                                              r"\(digest [0-9a-f]{16}\), which cannot be read now: .*; put the base "
+                                              r"back, or set transformer.init_from to where it is now$"):
             load_transformer(store, key)
+        # the config's init_from, moved with the base (the same content, so the same key): read from there
+        here = [o for o in ov if not o.startswith("transformer.init_from=")] + [f"transformer.init_from={moved}"]
+        assert has_lora(load_transformer(store, key, cfg=load_config(TINY, here)))
     finally:
         moved.rename(base)
 
@@ -210,8 +215,100 @@ def test_a_full_fine_tune_from_a_lora_export_starts_at_the_fused_weights(lora):
     (["transformer.init_from=x", "transformer.train.lora={rank: 4}", "transformer.train.freeze=[embeddings]"],
      "transformer.train.lora freezes every base weight already; leave transformer.train.freeze"),
     (["clip.train.lora={rank: 4}"], "clip.train.lora: LoRA adapters are for the transformer"),
+    (["transformer.init_from=x", "transformer.train.lora={rank: 4, bogus: 1}"],
+     "transformer.train.lora.bogus: unknown key; allowed: rank, alpha, targets, dropout"),
 ])
 def test_lora_settings_are_checked_when_the_config_loads(sets, message):
     with pytest.raises(ConfigError, match=f"^{re.escape(message)}"):
         load_config(TINY, sets)
 
+
+
+def test_lora_starts_from_a_registered_model_by_alias(generated, lora, tmp_path, monkeypatch, capsys):
+    """`init_from: models:/NAME@ALIAS` in the run's tracking store: the registered export, downloaded once per
+    version into the model cache, is the same source (the same key) as the folder it was exported to."""
+    src, src_ov, _ = generated
+    ov, _, base, _ = lora
+    registry = f"sqlite:///{tmp_path / 'registry.db'}"
+    monkeypatch.setenv("DALLE_MODEL_CACHE", str(tmp_path / "cache"))
+    sets = [*(o for o in src_ov if not o.startswith("tracking.")), f"tracking.uri={registry}"]
+    assert main(["export", "-c", str(TINY), *sum((["--set", o] for o in sets), []), "--register", "tiny-base",
+                 "--alias", "champion"]) == 0
+    capsys.readouterr()
+    mine = [o for o in ov if not o.startswith(("tracking.", "transformer.init_from="))]
+    by_alias = [*mine, f"tracking.uri={registry}", "transformer.init_from=models:/tiny-base@champion"]
+    by_folder = [*mine, f"tracking.uri={registry}", f"transformer.init_from={base}"]
+    assert stage_keys(load_config(TINY, by_alias))["transformer"] == stage_keys(load_config(TINY, by_folder))["transformer"]
+    assert (tmp_path / "cache" / "tiny-base" / "1" / "model_index.json").is_file()
+    # the LoRA run registered: the MLflow model loads base and adapter, fused when its model_config asks
+    lora_sets = [*(o for o in ov if not o.startswith("tracking.")), f"tracking.uri={registry}"]
+    assert main(["export", "-c", str(TINY), *sum((["--set", o] for o in lora_sets), []), "--register", "tiny-lora"]) == 0
+    import mlflow
+
+    mlflow.set_tracking_uri(registry)
+    assert has_lora(mlflow.pyfunc.load_model("models:/tiny-lora/1").unwrap_python_model().pipeline.transformer)
+    fused = mlflow.pyfunc.load_model("models:/tiny-lora/1", model_config={"fuse_lora": True})
+    assert not has_lora(fused.unwrap_python_model().pipeline.transformer)
+    capsys.readouterr()  # MLflow's own warnings while logging
+    missing = [*mine, f"tracking.uri={registry}", "transformer.init_from=models:/tiny-base@nobody"]
+    assert main(["train-transformer", "-c", str(TINY), *sum((["--set", o] for o in missing), [])]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: transformer.init_from 'models:/tiny-base@nobody': no model 'tiny-base' with alias "
+                          "'nobody'") and len(err.splitlines()) == 1, err
+
+
+def test_a_lora_on_another_stores_artifact_reads_its_base_where_it_lies(generated, tmp_path):
+    """The base named by its artifact folder in another store: the adapter's store has no such key, so the base is
+    read from the folder the manifest records."""
+    src, src_ov, _ = generated
+    base_key = stage_keys(load_config(TINY, src_ov))["transformer"]
+    shutil.copytree(src / "store", tmp_path / "store", ignore=shutil.ignore_patterns("transformer", "generate"))
+    ov = [f"store.root={tmp_path / 'store'}", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+          f"transformer.init_from={src / 'store' / 'transformer' / base_key}", *LORA]
+    ref = run_stage("transformer", ov)
+    store = load_config(TINY, ov).store.open()
+    assert not store.exists(store.path("transformer", base_key))
+    assert has_lora(load_transformer(store, ref.key))
+
+
+def _rechecksum(folder: Path, rel: str) -> None:
+    import hashlib
+
+    index = json.loads((folder / "model_index.json").read_text())
+    index["sha256"][rel] = hashlib.sha256((folder / rel).read_bytes()).hexdigest()[:16]
+    (folder / "model_index.json").write_text(json.dumps(index))
+
+
+@pytest.mark.parametrize("change, line", [
+    (lambda c: {**c, "base": "abc"}, 'adapter_config.json cannot be read: it has no "base": {"digest": ...}'),
+    (lambda c: {k: v for k, v in c.items() if k != "lora"}, 'adapter_config.json cannot be read: it has no "lora"'),
+    (lambda c: {**c, "lora": {**c["lora"], "alpha": 0}}, "transformer.train.lora.alpha is 0; allowed: more than 0"),
+    (lambda c: {**c, "lora": {**c["lora"], "rank": 8}}, "adapter_model.safetensors does not load: size mismatch"),
+])
+def test_an_edited_adapter_config_is_one_line(lora, tmp_path, change, line):
+    _, _, _, exported = lora
+    copy = tmp_path / "edited"
+    shutil.copytree(exported, copy)
+    path = copy / "transformer" / "adapter_config.json"
+    path.write_text(json.dumps(change(json.loads(path.read_text()))))
+    _rechecksum(copy, "transformer/adapter_config.json")
+    with pytest.raises(UserError) as err:
+        DALLEPipeline.from_pretrained(copy, device="cpu")
+    assert line in str(err.value) and len(str(err.value).splitlines()) == 1, err.value
+
+
+def test_export_refuses_a_damaged_stored_adapter(lora, tmp_path, capsys):
+    ov, key, _, _ = lora
+    store_root = Path(load_config(TINY, ov).store.root)
+    shutil.copytree(store_root, tmp_path / "store", ignore=shutil.ignore_patterns("mlflow.db", "mlartifacts"))
+    adapter = tmp_path / "store" / "transformer" / key / "adapter_model.safetensors"
+    data = bytearray(adapter.read_bytes())
+    data[-1] ^= 1  # one bit of the last value: the size is the manifest's, the content is not
+    adapter.write_bytes(bytes(data))
+    sets = [o for o in ov if not o.startswith(("store.", "tracking."))] + [
+        f"store.root={tmp_path / 'store'}", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"]
+    assert main(["export", "-c", str(TINY), *sum((["--set", o] for o in sets), []), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"artifact transformer/{key}" in err and "adapter_model.safetensors does not match its recorded sha256" \
+        in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()

@@ -15,14 +15,13 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import numpy as np
 import pytest
-import uvicorn
 from fastapi.testclient import TestClient
 from PIL import Image
 
 from dalle_core.generate import DALLEPipeline
-from serve import create_app, uvicorn_config
+from serve import create_app
 from tests.flows.exported_model import exported_folder
-from tests.flows.servers import BIN, free_port, stop, wait_http
+from tests.flows.servers import BIN, app_server, free_port, stop, wait_http
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 NO_CHROMIUM = ("needs Debian's Chromium (apt-get install -y chromium) and the playwright package (dev extra); "
@@ -48,17 +47,9 @@ def client(pipe):
 
 @pytest.fixture
 def live(pipe):
-    """The app under uvicorn on 127.0.0.1 (a free port), in a thread: (base URL, the pipeline it serves)."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn_config(create_app(pipe, name="tiny", max_candidates=8)))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.02)
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    server.should_exit = True
-    thread.join(timeout=10)
+    """The app under uvicorn on 127.0.0.1 (a free port), in a thread: its base URL."""
+    with app_server(pipe, name="tiny", max_candidates=8) as url:
+        yield url
 
 
 def _png(size=(40, 30), mode="RGB") -> bytes:

@@ -173,9 +173,8 @@ def test_bf16_encode_is_its_own_tokens_artifact(done):
                    .column("image_tokens").to_numpy(zero_copy_only=False))
     assert np.array_equal(got, bf16)
     assert (got == fp32).mean() > 0.8  # near-tie cells may take a neighbouring code
-    g = model.c.grid_size
     with torch.inference_mode():
-        recon = {k: norm.to_unit(model.decode(torch.from_numpy(c).long().view(-1, g, g))) for k, c in (("fp32", fp32), ("bf16", bf16))}
+        recon = {k: norm.to_unit(model.decode(torch.from_numpy(c).long().view(-1, *model.c.grid_hw))) for k, c in (("fp32", fp32), ("bf16", bf16))}
         recon_psnr = {k: psnr(F.mse_loss(r, norm.to_unit(pixels)).item()) for k, r in recon.items()}
     assert abs(recon_psnr["bf16"] - recon_psnr["fp32"]) < 0.1, recon_psnr  # same reconstruction quality
     assert store.read_json(store.path("pretokenize", out.key, "manifest.json"))["config"]["encode_precision"] == "bf16"
