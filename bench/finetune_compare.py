@@ -133,7 +133,7 @@ def main() -> None:
     rows = []
     for spec in args.configs:
         config, *own = spec.split(";")
-        row = run_row(config, [*args.overrides, *own], args.colour)
+        row = {**run_row(config, [*args.overrides, *own], args.colour), "run": spec}
         if args.steps:
             row.update(_cost_in_fresh_process(config, [*args.overrides, *own], args.steps))
         rows.append(row)
