@@ -8,3 +8,12 @@ class UserError(ValueError):
 
 class ConfigError(UserError):
     """A bad configuration value or command-line flag."""
+
+
+def load_reason(err: Exception) -> str:
+    """The first informative line of a loading error (torch's start with a header line ending in ':'), for the one
+    line a user sees."""
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    if len(lines) > 1 and lines[0].endswith(":"):
+        lines = lines[1:]
+    return (lines[0] if lines else type(err).__name__)[:300]

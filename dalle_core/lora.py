@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 from annotated_types import Ge, Gt, Le, Lt
 
-from dalle_core.errors import UserError
+from dalle_core.errors import UserError, load_reason
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 ADAPTER_FORMAT = "dalle-lora"
@@ -37,14 +37,6 @@ def _number(value) -> bool:
 
 def _whole(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _first_line(err: Exception) -> str:
-    """The first informative line of an error (torch's start with a header line ending in ':')."""
-    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
-    if len(lines) > 1 and lines[0].endswith(":"):
-        lines = lines[1:]
-    return (lines[0] if lines else type(err).__name__)[:300]
 
 
 class AdapterError(UserError):
@@ -173,7 +165,7 @@ def load_adapter(model: nn.Module, read: Callable[[str], bytes], base_digest: st
     except UserError:
         raise
     except Exception as err:  # JSON's, the dataclass's and a missing key's own kinds
-        raise AdapterError(f"the adapter's adapter_config.json cannot be read: {_first_line(err)}") from None
+        raise AdapterError(f"the adapter's adapter_config.json cannot be read: {load_reason(err)}") from None
     if base != base_digest:
         raise AdapterError(f"the adapter was trained on the base with content digest {base}, and this base "
                            f"is {base_digest}; load it on its own base")
@@ -181,7 +173,7 @@ def load_adapter(model: nn.Module, read: Callable[[str], bytes], base_digest: st
     try:
         result = set_peft_model_state_dict(model, load(read("adapter_model.safetensors")))
     except Exception as err:  # safetensors' and torch's own kinds: a damaged file, other shapes
-        raise AdapterError(f"the adapter's adapter_model.safetensors does not load: {_first_line(err)}") from None
+        raise AdapterError(f"the adapter's adapter_model.safetensors does not load: {load_reason(err)}") from None
     missing = [k for k in result.missing_keys if "lora_" in k]
     if missing or result.unexpected_keys:
         raise AdapterError("the adapter's adapter_model.safetensors does not fit its targets: "

@@ -8,12 +8,12 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from dalle_core.errors import ConfigError
+from dalle_core.errors import ConfigError, load_reason
 from dalle_core.lora import LoraConfig, add_lora
 from dalle_core.model_folder import build_dvae, read_component, read_index
 from dalle_core.train import CLIP_PARTS, DALLE_PARTS, freeze
 from pipeline.logs import log
-from pipeline.model_source import ModelSource, load_reason, model_source
+from pipeline.model_source import ModelSource, model_source
 from pipeline.runs import run_link
 from pipeline.source_fit import check_fine_tuning
 from pipeline.stage_table import stage_keys

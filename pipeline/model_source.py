@@ -11,7 +11,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -182,14 +181,6 @@ def tokenizers_of(cfg, store) -> tuple[ModelSource, ModelSource]:
             model_source(cfg.tokenizers_from, "tokenizer", None, "tokenizers_from", cfg))
 
 
-def load_reason(err: Exception) -> str:
-    """The first informative line of a loading error (torch's starts with a header line ending in ':')."""
-    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
-    if len(lines) > 1 and lines[0].endswith(":"):
-        lines = lines[1:]
-    return (lines[0] if lines else type(err).__name__)[:300]
-
-
 def artifact_reader(store, stage: str, key: str, cfg=None, verify: bool = False) -> Read:
     """`read(name)` for the files of the finished `<stage>/<key>` (FileNotFoundError for one it does not hold;
     with `verify`, StoreError (one line) for one whose sha256 is not the one its manifest recorded). A LoRA
@@ -242,12 +233,11 @@ def model_cache() -> Path:
 def registered_folder(uri: str, tracking: str | None) -> str:
     """The exported folder of a registered model (`models:/NAME/VERSION`, `models:/NAME@ALIAS`), downloaded once
     per version into `model_cache()` (a version's files never change; an alias is resolved to its version again in
-    each process, so a moved alias is followed). `runs:/` and `mlflow-artifacts:/` URIs are downloaded each process.
+    each process, so a moved alias is followed); a `runs:/` or `mlflow-artifacts:/` URI once, by its digest.
     ConfigError or TrackingError (one line) when it cannot be found."""
     m = re.fullmatch(r"models:/([^/@]+)(?:/(\d+)|@([A-Za-z0-9_-]+))", uri)
-    if m is None:
-        folder = tempfile.mkdtemp(prefix="dalle-model-")
-        return download_model(uri, tracking, folder)
+    if m is None:  # a run's artifacts never change either: kept by the URI's digest
+        return _cached(model_cache() / "uri" / hashlib.sha256(uri.encode()).hexdigest()[:16], uri, tracking)
     name, version, alias = m.groups()
     if alias:
         try:
@@ -255,17 +245,21 @@ def registered_folder(uri: str, tracking: str | None) -> str:
         except Exception as err:
             raise TrackingError(f"no model {name!r} with alias {alias!r} in {tracking!r}: "
                                 f"{one_line_error(err)}") from None
-    cached = model_cache() / name / str(version)
-    if not (cached / INDEX).is_file():
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cached.with_name(f".{version}.tmp-{uuid.uuid4().hex[:8]}")
+    return _cached(model_cache() / name / str(version), f"models:/{name}/{version}", tracking)
+
+
+def _cached(folder: Path, uri: str, tracking: str | None) -> str:
+    """`folder`, holding the exported model of `uri`, downloaded into it first unless it is already there."""
+    if not (folder / INDEX).is_file():
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = folder.with_name(f".{folder.name}.tmp-{uuid.uuid4().hex[:8]}")
         try:
-            found = download_model(f"models:/{name}/{version}", tracking, str(tmp))
-            shutil.rmtree(cached, ignore_errors=True)
-            os.rename(found, cached)  # whole or not at all
+            found = download_model(uri, tracking, str(tmp))
+            shutil.rmtree(folder, ignore_errors=True)
+            os.rename(found, folder)  # whole or not at all
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    return str(cached)
+    return str(folder)
 
 
 def _mlflow(uri: str, tracking: str | None):

@@ -11,10 +11,10 @@ from pathlib import Path
 
 from dalle_core.bpe import TextTokenizer
 from dalle_core.dvae import DVAEConfig
-from dalle_core.errors import ConfigError
+from dalle_core.errors import ConfigError, load_reason
 from dalle_core.images import compact_size
 from dalle_core.model_folder import CONTENT_FILES, content_digest, has_adapter, read_component
-from pipeline.model_source import STORE_SPEC, ModelSource, load_reason, model_source, tokenizers_of
+from pipeline.model_source import STORE_SPEC, ModelSource, model_source, tokenizers_of
 from pipeline.stage_table import stage_keys
 from storage.store import ArtifactStore
 
