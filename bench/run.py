@@ -73,6 +73,7 @@ BENCHES = [
     bench("dalle_config_256_sample_fp32", sampling.config_sampling, on="cuda", precision="fp32"),
     bench("dalle_config_256_sample_bf16", sampling.config_sampling, on="cuda", precision="bf16"),
     bench("serve_api_16", serving.api_request),  # `dalle serve`: the page's request, browser excluded
+    bench("serve_8_users", serving.concurrent_users),  # 8 visitors at once: one merged batch, or one at a time
     bench("serve_bad_requests", serving.bad_requests),  # RSS and the page under 100 bad requests
     bench("cold_start", serving.cold_generate),  # a fresh process: load an exported model, draw one image
     bench("cold_start_1thread", serving.cold_generate, threads=1),

@@ -9,6 +9,7 @@ DALLE_BENCH_MODEL=<exported folder> measures that model instead.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -65,49 +66,87 @@ def _untrained_folder(cfg, folder: str) -> None:
                   sampling=cfg.generate.sampling_defaults()).save_pretrained(folder)
 
 
-def api_request(s: Settings, candidates: int = 16) -> dict:
-    """What the page waits for after the button, browser excluded: POST /api/jobs, poll the job as the page does,
-    then fetch its candidates' PNGs, against `dalle serve`'s app under uvicorn on 127.0.0.1 (warmed up as
-    `dalle serve` warms it)."""
-    import httpx
+@contextlib.contextmanager
+def _served(pipe, **app_kwargs):
+    """`dalle serve`'s app for `pipe` under uvicorn on 127.0.0.1, in a thread: its base URL."""
     import uvicorn
 
-    from dalle_core.generate import DALLEPipeline
     from serve import create_app, uvicorn_config
 
-    with tempfile.TemporaryDirectory() as tmp:
-        trained = shapes_model(os.path.join(tmp, "model"))
-        pipe = DALLEPipeline.from_pretrained(os.path.join(tmp, "model"), device=str(s.device))
-    pipe("warm-up", num_candidates=candidates)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn_config(create_app(pipe)))
+    server = uvicorn.Server(uvicorn_config(create_app(pipe, **app_kwargs)))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     while not server.started:
         time.sleep(0.01)
-    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    served = []
-
-    def request() -> None:
-        with httpx.Client(base_url=url, timeout=120) as http:
-            job = http.post("/api/jobs", json={"prompt": "a small red circle in the top left",
-                                               "num_candidates": candidates}).json()
-            while job["state"] in ("queued", "running"):
-                time.sleep(0.02)
-                job = http.get(f"/api/jobs/{job['id']}").json()
-            assert job["state"] == "done", job
-            for image in job["result"]["images"]:
-                http.get(image["url"]).raise_for_status()
-            served.append(job["seconds"])
-
     try:
-        sec = median_seconds(request, s.repeats, torch.device("cpu"))
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+def _page_request(url: str, candidates: int, prompt: str = "a small red circle in the top left") -> float:
+    """What the page does after its button: POST /api/jobs, poll the job, fetch its PNGs. The server's seconds."""
+    import httpx
+
+    with httpx.Client(base_url=url, timeout=300) as http:
+        job = http.post("/api/jobs", json={"prompt": prompt, "num_candidates": candidates}).json()
+        while job["state"] in ("queued", "running"):
+            time.sleep(0.02)
+            job = http.get(f"/api/jobs/{job['id']}").json()
+        assert job["state"] == "done", job
+        for image in job["result"]["images"]:
+            http.get(image["url"]).raise_for_status()
+        return job["seconds"]
+
+
+def _pipe(s: Settings, warm: int):
+    from dalle_core.generate import DALLEPipeline
+
+    with tempfile.TemporaryDirectory() as tmp:
+        trained = shapes_model(os.path.join(tmp, "model"))
+        pipe = DALLEPipeline.from_pretrained(os.path.join(tmp, "model"), device=str(s.device))
+    pipe("warm-up", num_candidates=warm)  # as `dalle serve` warms it
+    return pipe, trained
+
+
+def api_request(s: Settings, candidates: int = 16) -> dict:
+    """What the page waits for after the button, browser excluded: POST /api/jobs, poll the job as the page does,
+    then fetch its candidates' PNGs, against `dalle serve`'s app under uvicorn on 127.0.0.1 (warmed up as
+    `dalle serve` warms it)."""
+    pipe, trained = _pipe(s, candidates)
+    served = []
+    with _served(pipe) as url:
+        sec = median_seconds(lambda: served.append(_page_request(url, candidates)), s.repeats, torch.device("cpu"))
     return {"seconds": sec, "server_seconds": sorted(served)[len(served) // 2], "candidates": candidates,
             "trained": float(trained)}
+
+
+def concurrent_users(s: Settings, users: int = 8, candidates: int = 4) -> dict:
+    """`users` visitors who ask for `candidates` each at the same moment, until the last has its images, against
+    one visitor asking for users x candidates, and one asking for `candidates` alone; each with the server merging
+    waiting requests into one batch (`max_batch` = users) and, the baseline in the same run, without (1: one
+    request at a time, as before merging)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    pipe, trained = _pipe(s, users * candidates)
+    cpu, out = torch.device("cpu"), {"users": users, "candidates": candidates, "trained": float(trained)}
+    with ThreadPoolExecutor(users) as pool:
+        for label, max_batch in (("merged", users), ("one_at_a_time", 1)):
+            with _served(pipe, max_batch=max_batch) as url:
+                def together(url=url) -> None:
+                    list(pool.map(lambda i: _page_request(url, candidates, f"a small red circle, visitor {i}"),
+                                  range(users)))
+
+                out[f"users_s_{label}"] = median_seconds(together, s.repeats, cpu)
+                out[f"one_of_all_s_{label}"] = median_seconds(lambda: _page_request(url, users * candidates),
+                                                              s.repeats, cpu)
+                out[f"alone_s_{label}"] = median_seconds(lambda: _page_request(url, candidates), s.repeats, cpu)
+    out["users_over_one_of_all"] = out["users_s_merged"] / out["one_of_all_s_merged"]
+    out["alone_merged_over_one_at_a_time"] = out["alone_s_merged"] / out["alone_s_one_at_a_time"]
+    return out
 
 
 def bad_requests(s: Settings, count: int = 100) -> dict:

@@ -63,7 +63,7 @@ def edit_overrides(args) -> list[str]:
     from dalle_core.sampling import GenerationError
 
     cfg = load_config(args.config, args.overrides)
-    grid = None if cfg.dvae.pretrained or getattr(cfg, "tokenizers_from", None) else \
+    grid = None if cfg.dvae.loads_files or getattr(cfg, "tokenizers_from", None) else \
         cfg.dvae.dvae_config(cfg.data.image_size).grid
     edit = edit_arguments(args, cfg.data.image_size, grid)
     if edit is None:

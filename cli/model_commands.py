@@ -191,6 +191,8 @@ def cmd_serve(args) -> int:
 
     if args.max_candidates < 1:
         raise ConfigError(f"--max-candidates is {args.max_candidates}; it must be at least 1")
+    if args.max_batch < 1:
+        raise ConfigError(f"--max-batch is {args.max_batch}; it must be at least 1 (1: each request alone)")
     if not 0 < args.client_timeout < math.inf:
         raise ConfigError(f"--client-timeout is {args.client_timeout:g}; it must be a number of seconds above 0")
     source, overrides, uri, sampling = _model_source(args)
@@ -206,7 +208,8 @@ def cmd_serve(args) -> int:
     name = os.path.basename(os.path.normpath(source)) if "://" not in source and ":/" not in source else source
     print(f"loaded {source} on {pipe.device} ({pipe.precision}); warming up ...", flush=True)
     pipe("warm-up", num_candidates=min(16, pipe.sampling.get("num_candidates", 16), args.max_candidates))  # first-call kernels
-    app = create_app(pipe, name=name, max_candidates=args.max_candidates, client_timeout_s=args.client_timeout)
+    app = create_app(pipe, name=name, max_candidates=args.max_candidates, max_batch=args.max_batch,
+                     client_timeout_s=args.client_timeout)
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     print(f"dalle serve: http://{shown}:{port}  (JSON API: docs/serving.md; OpenAPI schema at /openapi.json)", flush=True)
@@ -231,6 +234,8 @@ def add_commands(sub, common) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-candidates", type=int, default=64,  # dalle_core.generate.MAX_CANDIDATES, not imported here:
                    help="the most candidates one request may ask for")  # the parser loads no torch
+    p.add_argument("--max-batch", type=int, default=8, metavar="REQUESTS",
+                   help="waiting requests with the same settings that share one sampling batch (default 8)")
     p.add_argument("--client-timeout", type=float, default=30.0, metavar="SECONDS",
                    help="a request's headers, then its body, must each arrive within this (default 30)")
     p.set_defaults(func=cmd_serve)

@@ -265,23 +265,27 @@ class GumbelQuantizer(nn.Module):
     The returned loss is `kl_weight` x KL(q || uniform) in nats per grid cell (the training loop sets the
     weight, normalised against the reconstruction loss); `last_kl` keeps the unweighted value for logs."""
 
-    def __init__(self, c: DVAEConfig):
+    def __init__(self, c: DVAEConfig, own_table: bool = True):
         super().__init__()
         self.c = c
-        self.embed = nn.Embedding(c.codebook_size, c.codebook_dim)
+        if own_table:  # else the caller passes the (K, D) table to `forward`: a loaded tokenizer keeps its own
+            self.embed = nn.Embedding(c.codebook_size, c.codebook_dim)
         self.temperature = 1.0  # annealed by the training loop
         self.kl_weight = 0.0  # ramped by the training loop
         self.last_kl = torch.zeros(())
         # argmax usage by EMA, as the vq codebook keeps it; training state only (not in the artifact)
         self.register_buffer("ema_count", torch.ones(c.codebook_size), persistent=False)
 
-    def forward(self, logits: torch.Tensor):
+    def forward(self, logits: torch.Tensor, table: torch.Tensor | None = None):
+        """(B, K, h, w) logits -> (code embeddings (B, D, h, w), argmax codes (B, h, w), weighted KL); the
+        embeddings mix the rows of `table` (K, D), by default this quantizer's own."""
+        table = self.embed.weight if table is None else table
         idx = logits.argmax(1)  # (B, h, w)
         if self.training:
             soft = F.gumbel_softmax(logits.float(), tau=self.temperature, hard=self.c.straight_through, dim=1)
         else:
             soft = F.one_hot(idx, self.c.codebook_size).permute(0, 3, 1, 2).float()
-        z = torch.einsum("bkhw,kd->bdhw", soft, self.embed.weight)
+        z = torch.einsum("bkhw,kd->bdhw", soft, table)
         if self.training:
             self._count(idx)
         logq = F.log_softmax(logits.float(), dim=1)
@@ -387,12 +391,11 @@ class DiscreteVAE(nn.Module):
 
     def to_image(self, out: torch.Tensor) -> torch.Tensor:
         """Decoder output -> normalised (B, 3, H, W) image (for logit-Laplace: the unmapped sigmoid of mu)."""
-        if not self.c.logit_laplace:
-            return out
-        unit = ((torch.sigmoid(out[:, :3].float()) - LOGIT_LAPLACE_EPS) / (1 - 2 * LOGIT_LAPLACE_EPS)).clamp(0, 1)
-        mean = torch.tensor(self.c.norm_mean, device=out.device).view(1, 3, 1, 1)
-        std = torch.tensor(self.c.norm_std, device=out.device).view(1, 3, 1, 1)
-        return (unit - mean) / std
+        return logit_laplace_image(out, self.c) if self.c.logit_laplace else out
+
+    def last_layer(self) -> torch.Tensor:
+        """The decoder's output weight, where VQGAN balances its loss terms (taming's `get_last_layer`)."""
+        return (self.decoder.conv_out if self.c.channel_mult else self.decoder.net[-1]).weight
 
     def restart_dead_codes(self) -> int:
         """Restart the codes nobody uses (vq: onto recent encoder outputs; gumbel: splits of the busiest codes).
@@ -425,6 +428,15 @@ class DiscreteVAE(nn.Module):
 
 
 LOGIT_LAPLACE_EPS = 0.1  # DALL-E: pixels mapped into [eps, 1 - eps], so logit(x) stays finite
+
+
+def logit_laplace_image(out: torch.Tensor, c: DVAEConfig) -> torch.Tensor:
+    """(B, 6, H, W) logit-Laplace statistics -> the normalised (B, 3, H, W) image (`c.norm_mean`, `c.norm_std`):
+    the sigmoid of the location, unmapped from [eps, 1 - eps] (DALL-E's `unmap_pixels`) and clamped to [0, 1]."""
+    unit = ((torch.sigmoid(out[:, :3].float()) - LOGIT_LAPLACE_EPS) / (1 - 2 * LOGIT_LAPLACE_EPS)).clamp(0, 1)
+    mean = torch.tensor(c.norm_mean, device=out.device).view(1, 3, 1, 1)
+    std = torch.tensor(c.norm_std, device=out.device).view(1, 3, 1, 1)
+    return (unit - mean) / std
 
 
 def logit_laplace_nll(out: torch.Tensor, unit: torch.Tensor) -> torch.Tensor:
@@ -542,7 +554,7 @@ def vqgan_losses(model: nn.Module, x: torch.Tensor, recon: torch.Tensor, rec_los
     d = model.discriminator
     frozen = {name: p.detach() for name, p in d.named_parameters()}
     generator_loss = -torch.func.functional_call(d, frozen, (recon,)).float().mean()
-    last = (model.decoder.conv_out if model.c.channel_mult else model.decoder.net[-1]).weight
+    last = model.last_layer()
     g_rec = torch.autograd.grad(rec_loss, last, retain_graph=True)[0]
     g_adv = torch.autograd.grad(generator_loss, last, retain_graph=True)[0]
     weight = (g_rec.norm() / (g_adv.norm() + 1e-4)).clamp(0, 1e4).detach() * disc_weight

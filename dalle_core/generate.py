@@ -67,7 +67,7 @@ class GenerationOutput:
     prompt p's candidates, ranked as `image_tokens` (True = sampled, False = the source's code kept)."""
 
     prompts: list[str]
-    seed: int
+    seed: int | list[int]  # the call's seed, or its seeds, one per prompt
     seeds: list[int]
     pixels: list[np.ndarray]
     scores: list[np.ndarray]
@@ -131,32 +131,51 @@ class DALLEPipeline:
         return self.dvae.c.image_size
 
     def __call__(self, prompts: str | list[str], settings: SamplingSettings | None = None, *,
-                 edit: EditRequest | None = None, progress: Progress | None = None, **given) -> GenerationOutput:
+                 edit: EditRequest | None = None, progress: Progress | list[Progress] | None = None,
+                 **given) -> GenerationOutput:
         """Draw `num_candidates` images per prompt and rank them by CLIP (best first).
 
         `settings` (SamplingSettings) default to the model's own (its run's `generate` section); settings given by
         name (`pipe(prompts, num_candidates=4, seed=0)`) replace single fields, None leaving them as they are.
-        Prompt i draws from `prompt_seed(seed, i)`, so a prompt's images do not depend on the others. `edit`
+        Prompt i draws from `prompt_seed(seed, i)`, so a prompt's images do not depend on the others; `seed` may
+        instead be a list, one per prompt, and prompt i then draws what it would alone with `seed[i]` (how a
+        server merges its users' requests into one batch, like diffusers' list of generators). `edit`
         (EditRequest, docs/editing.md): priming keeps the top rows of an image (DALL-E's image completion),
         inpainting, outpainting and variations keep its codes outside the cells they sample; every candidate
-        keeps those cells' codes exactly. `progress(done, total)` is called after every sampling step. Raises
-        GenerationError (one line) for a bad value."""
+        keeps those cells' codes exactly. `progress(done, total)` is called after every sampling step; a list
+        gives each prompt its own, counting the steps of the batches that hold it. Raises GenerationError (one
+        line) for a bad value."""
         prompts = check_prompts(prompts)
+        own_seeds = given.get("seed")
+        if isinstance(own_seeds, (list, tuple)):
+            if len(own_seeds) != len(prompts):
+                raise GenerationError(f"seed is a list of {len(own_seeds)}; give one seed per prompt "
+                                      f"({len(prompts)}), or one int for all")
+            given = {**given, "seed": own_seeds[0] if own_seeds else None}
+            for value in own_seeds:  # each checked as a seed is
+                SamplingSettings(**{**SAMPLING_DEFAULTS, "seed": value}).checked()
+        if isinstance(progress, (list, tuple)) and (len(progress) != len(prompts) or not all(map(callable, progress))):
+            raise GenerationError(f"progress is a list of {len(progress)}; give one function (done, total) -> None "
+                                  f"per prompt ({len(prompts)})")
         if settings is not None and not isinstance(settings, SamplingSettings):
             example = "pipe(prompts, **settings)" if isinstance(settings, dict) else f"num_candidates={settings!r}"
             raise GenerationError(f"settings is {_a(settings)}; give a SamplingSettings, or each "
                                   f"setting by name (e.g. {example})")
         if edit is not None and not isinstance(edit, EditRequest):
             raise GenerationError(f"edit is {_a(edit)}; give an EditRequest(mode, image, ...)")
-        if progress is not None and not callable(progress):
+        if progress is not None and not callable(progress) and not isinstance(progress, (list, tuple)):
             raise GenerationError(f"progress is {_a(progress)}; give a function (done, total) -> None")
         base = settings if settings is not None else SamplingSettings(**{**SAMPLING_DEFAULTS, **self.sampling})
         s = self.check_settings(base.replace(**given))
         resolved = None if edit is None else edit.resolve(self.image_size, self.transformer.c.image_grid)
-        seeds = [prompt_seed(s.seed, i) for i in range(len(prompts))]
+        if isinstance(own_seeds, (list, tuple)):
+            seeds = [prompt_seed(int(value), 0) for value in own_seeds]
+        else:
+            seeds = [prompt_seed(s.seed, i) for i in range(len(prompts))]
         results = self.candidates(prompts, seeds, s, resolved, progress)
         prime = resolved.image if resolved is not None and resolved.mode == "prime" else None
-        out = GenerationOutput(prompts, s.seed, seeds, [], [], [], [], prime, resolved)
+        call_seed = [int(v) for v in own_seeds] if isinstance(own_seeds, (list, tuple)) else s.seed
+        out = GenerationOutput(prompts, call_seed, seeds, [], [], [], [], prime, resolved)
         for prompt_s, (images, scores, truncated, codes) in zip(seeds, results):
             order = np.argsort(-scores, kind="stable")  # as `ranks`: ties keep candidate order
             out.pixels.append(images[order])
@@ -185,7 +204,8 @@ class DALLEPipeline:
         return s
 
     def candidates(self, prompts: list[str], seeds: list[int], settings: SamplingSettings, edit: Edit | None = None,
-                   progress: Progress | None = None) -> list[tuple[np.ndarray, np.ndarray, bool, np.ndarray]]:
+                   progress: Progress | list[Progress] | None = None
+                   ) -> list[tuple[np.ndarray, np.ndarray, bool, np.ndarray]]:
         """Per prompt: (n, H, W, 3) uint8 images, their (n,) CLIP scores, whether it was truncated, and the
         (n, tokens) image codes, n = `settings.num_candidates` (checked settings: `SamplingSettings.checked`).
 
@@ -193,7 +213,8 @@ class DALLEPipeline:
         faster on CPU and GPU alike); each prompt draws from its own generator seeded with its
         seed, so its images do not depend on which prompts it is batched with. `edit` (`EditRequest.resolve`): its
         image's codes are kept wherever a candidate's token mask (`Edit.masks(prompt seed, ...)`, in candidate
-        order) is False. `progress(done, total)` is called after every sampling step of every batch.
+        order) is False. `progress(done, total)` is called after every sampling step of every batch; a list of
+        one per prompt counts, for each prompt, the steps of the batches that hold it.
         """
         n, batch_size = settings.num_candidates, settings.batch_size
         ids, truncated = self.tokenizer.encode(prompts)
@@ -219,13 +240,21 @@ class DALLEPipeline:
                     np.concatenate([edit.masks(seeds[j], b, start) for j in group]))
                 batches.append((group, b, masks))
         image_len = self.transformer.c.image_len
-        total = sum(image_len if m is None else int(m.any(dim=0).sum()) for _, _, m in batches)  # steps sampled
-        done = 0
+        steps = [image_len if m is None else int(m.any(dim=0).sum()) for _, _, m in batches]  # sampled per batch
+        own = isinstance(progress, (list, tuple))
+        total = [sum(k for (g, _, _), k in zip(batches, steps) if j in g) for j in range(len(prompts))] if own \
+            else sum(steps)
+        done = [0] * len(prompts) if own else 0
+        group: range = range(0)
 
         def step(i: int, logits: torch.Tensor) -> None:
             nonlocal done
-            done += 1
-            progress(done, total)
+            if not own:
+                done += 1
+                return progress(done, total)
+            for j in group:
+                done[j] += 1
+                progress[j](done[j], total[j])
 
         for group, b, masks in batches:
             rows = torch.cat([text[j:j + 1].expand(b, -1) for j in group])

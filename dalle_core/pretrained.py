@@ -10,6 +10,9 @@ Two formats (`dvae.pretrained`):
   `GumbelVQ`). Pixels in [-1, 1]; `quant_conv` -> nearest code (VQ) or argmax of `quantize.proj` (gumbel);
   `post_quant_conv` -> decoder.
 
+Either is used as it is (`dvae.pretrained`) or fine-tuned on the run's images (`dvae.init_from`): the training
+forward follows each upstream's own objective (`PretrainedDVAE.forward`).
+
 The pickles are read with a restricted unpickler that builds tensors and plain containers only: every other
 class becomes an inert record, so loading a checkpoint runs no code from it and needs neither upstream
 package. The weights are then copied into the modules below, whose parameter names follow the upstream
@@ -31,7 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import yaml
 
-from dalle_core.dvae import LOGIT_LAPLACE_EPS, DVAEConfig
+from dalle_core.dvae import LOGIT_LAPLACE_EPS, DVAEConfig, GumbelQuantizer, logit_laplace_image
 from dalle_core.errors import UserError
 from dalle_core.images import size_hw, size_text
 from dalle_core.taming import TamingDecoder, TamingEncoder
@@ -81,12 +84,13 @@ class _RestrictedPickle:
     load = pickle.load  # torch checks for it; the zip-format path goes through Unpickler
 
 
-def read_pickle(path: Path) -> Any:
-    """`torch.load` a file whose pickle may hold modules or training objects, building tensors only."""
+def read_pickle(path: Path, key: str = "dvae.pretrained") -> Any:
+    """`torch.load` a file whose pickle may hold modules or training objects, building tensors only;
+    PretrainedError (one line starting with the config `key` that named it) when it cannot be read."""
     try:
         return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_RestrictedPickle)
     except (OSError, RuntimeError, pickle.UnpicklingError, EOFError) as e:
-        raise PretrainedError(f"dvae.pretrained: cannot read {path}: {str(e).splitlines()[0]}") from None
+        raise PretrainedError(f"{key}: cannot read {path}: {str(e).splitlines()[0]}") from None
 
 
 def module_state(node: Any, prefix: str = "") -> dict[str, torch.Tensor]:
@@ -174,10 +178,15 @@ class OpenAIDecoder(nn.Module):
             ("input", _Conv(vocab, n_init, 1)), *groups,
             ("output", nn.Sequential(OrderedDict([("relu", nn.ReLU()), ("conv", _Conv(h, 6, 1))])))]))
 
+    def table(self) -> torch.Tensor:
+        """(vocab, n_init): a 1x1 conv of a one-hot is a lookup of its weight's column (plus the bias)."""
+        return self.blocks.input.w[:, :, 0, 0].t()
+
+    def from_embeddings(self, x):  # (B, n_init, h, w) rows of `table` (or mixtures) -> (B, 6, 8h, 8w)
+        return self.blocks[1:](x + self.blocks.input.b.view(1, -1, 1, 1))
+
     def forward(self, tokens):  # (B, h, w) codes -> (B, 6, 8h, 8w) logit-Laplace statistics
-        first = self.blocks.input  # a 1x1 conv of a one-hot is a lookup of the weight's column, plus the bias
-        x = F.embedding(tokens, first.w[:, :, 0, 0].t()).permute(0, 3, 1, 2) + first.b.view(1, -1, 1, 1)
-        return self.blocks[1:](x)
+        return self.from_embeddings(F.embedding(tokens, self.table()).permute(0, 3, 1, 2))
 
 
 # ----------------------------------------------------------------- taming-transformers' VQGAN
@@ -195,7 +204,8 @@ class Spec:
 
 
 class PretrainedDVAE(nn.Module):
-    """A loaded tokenizer with `DiscreteVAE`'s interface: normalised images <-> (B, h, w) code grids."""
+    """A loaded tokenizer with `DiscreteVAE`'s interface: normalised images <-> (B, h, w) code grids, and the
+    training forward of a fine-tune (`dvae.init_from`), in its upstream's own training objective."""
 
     def __init__(self, spec: Spec, image_size: int | tuple[int, int], norm_mean, norm_std):
         super().__init__()
@@ -223,9 +233,13 @@ class PretrainedDVAE(nn.Module):
         self.c = DVAEConfig(image_size=image_size, codebook_size=codes, codebook_dim=dim,
                             num_downsamples=int(math.log2(factor)),
                             quantizer="vq" if spec.kind == "taming-vq" else "gumbel",
-                            logit_laplace=spec.kind == "openai", norm_mean=tuple(norm_mean), norm_std=tuple(norm_std))
+                            logit_laplace=spec.kind == "openai", norm_mean=tuple(norm_mean), norm_std=tuple(norm_std),
+                            straight_through=spec.kind == "taming-gumbel")  # GumbelQuantize's default; DALL-E's is soft
         self.register_buffer("mean", torch.tensor(norm_mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(norm_std).view(1, 3, 1, 1), persistent=False)
+        # a fine-tune's relaxation (no weights of its own: it mixes this tokenizer's code table), and its PatchGAN
+        self.quantizer = GumbelQuantizer(self.c, own_table=False) if self.c.quantizer == "gumbel" else None
+        self.discriminator: nn.Module | None = None
 
     @property
     def device(self) -> torch.device:
@@ -240,6 +254,9 @@ class PretrainedDVAE(nn.Module):
             z = self.quant_conv(self.encoder(2 * unit - 1))
             if self.spec.kind == "taming-gumbel":
                 return self.quantize.proj(z).argmax(1)
+        return self._nearest(z)
+
+    def _nearest(self, z: torch.Tensor) -> torch.Tensor:
         B, D, h, w = z.shape
         flat, e = z.float().permute(0, 2, 3, 1).reshape(-1, D), self.quantize.embedding.weight
         dist = flat.pow(2).sum(1, keepdim=True) + e.pow(2).sum(1) - 2 * flat @ e.t()  # as upstream, ties included
@@ -248,25 +265,64 @@ class PretrainedDVAE(nn.Module):
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
         """LongTensor (B, h, w) -> normalised (B, 3, H, W) images."""
         if self.spec.kind == "openai":
-            stats = self.decoder(tokens)
-            unit = ((torch.sigmoid(stats[:, :3]) - LOGIT_LAPLACE_EPS) / (1 - 2 * LOGIT_LAPLACE_EPS)).clamp(0, 1)
+            return logit_laplace_image(self.decoder(tokens), self.c)
+        table = self.quantize.embed if self.spec.kind == "taming-gumbel" else self.quantize.embedding
+        z = self.post_quant_conv(table(tokens).permute(0, 3, 1, 2))
+        return ((self.decoder(z).clamp(-1, 1) + 1) / 2 - self.mean) / self.std
+
+    def forward(self, images: torch.Tensor):
+        """A fine-tune's step (`dalle_core.dvae.dvae_step`): normalised (B, 3, H, W) -> (decoder output, codes
+        (B, h, w), quantizer loss), as `DiscreteVAE.forward`.
+
+        - OpenAI: DALL-E's relaxation, a gumbel-softmax over the encoder's logits mixing the decoder's input rows,
+          and the KL to the uniform prior (`GumbelQuantizer`); the output is logit-Laplace statistics (B, 6, H, W).
+        - taming VQ: the nearest code, straight-through, with taming's `VectorQuantizer` loss
+          |sg(z_q) - z|^2 + beta |z_q - sg(z)|^2 (beta = `c.commitment`, 0.25 as upstream), so the codebook
+          learns by gradient as it did upstream; taming gumbel: its `GumbelQuantize`, as OpenAI's.
+          The output is the normalised image, unclamped."""
+        unit = images.float() * self.std + self.mean
+        if self.spec.kind == "openai":
+            logits = self.encoder(LOGIT_LAPLACE_EPS + (1 - 2 * LOGIT_LAPLACE_EPS) * unit)
+            z, idx, q_loss = self.quantizer(logits, self.decoder.table())
+            return self.decoder.from_embeddings(z), idx, q_loss
+        z = self.quant_conv(self.encoder(2 * unit - 1))
+        if self.spec.kind == "taming-gumbel":
+            z_q, idx, q_loss = self.quantizer(self.quantize.proj(z), self.quantize.embed.weight)
         else:
-            table = self.quantize.embed if self.spec.kind == "taming-gumbel" else self.quantize.embedding
-            z = self.post_quant_conv(table(tokens).permute(0, 3, 1, 2))
-            unit = (self.decoder(z).clamp(-1, 1) + 1) / 2
-        return (unit - self.mean) / self.std
+            idx = self._nearest(z)
+            z_q = self.quantize.embedding(idx).permute(0, 3, 1, 2)
+            q_loss = F.mse_loss(z_q.detach(), z) + self.c.commitment * F.mse_loss(z_q, z.detach())
+            z_q = z + (z_q - z).detach()
+        return ((self.decoder(self.post_quant_conv(z_q)) + 1) / 2 - self.mean) / self.std, idx, q_loss
+
+    def to_image(self, out: torch.Tensor) -> torch.Tensor:
+        """`forward`'s decoder output -> normalised (B, 3, H, W) image."""
+        return logit_laplace_image(out, self.c) if self.spec.kind == "openai" else out
+
+    def last_layer(self) -> torch.Tensor:
+        """The decoder's output weight, where VQGAN balances its loss terms (taming's `get_last_layer`)."""
+        return self.decoder.blocks.output.conv.w if self.spec.kind == "openai" else self.decoder.conv_out.weight
+
+    def restart_dead_codes(self) -> int:
+        """None: a loaded codebook keeps its codes (a restart would move codes its users' tokens mean)."""
+        return 0
+
+    def drop_discriminator(self) -> None:
+        """After a fine-tune: the tokenizer alone."""
+        self.discriminator = None
 
 
 # ----------------------------------------------------------------- finding and loading the files
 
 
-def source_files(path: str | Path, config_path: str | Path | None = None) -> tuple[str, dict[str, Path]]:
+def source_files(path: str | Path, config_path: str | Path | None = None, key: str = "dvae.pretrained"
+                 ) -> tuple[str, dict[str, Path]]:
     """The kind of tokenizer at `path` and its files by role: ("openai", {encoder, decoder}) for a folder with
     encoder.pkl and decoder.pkl; ("taming", {checkpoint, config}) for a .ckpt (or a folder holding exactly
     one, as taming's downloads: checkpoints/last.ckpt + configs/*.yaml) and its .yaml."""
     p = Path(path).expanduser()
     if not p.exists():
-        raise PretrainedError(f"dvae.pretrained: {p} does not exist; give a folder with encoder.pkl and "
+        raise PretrainedError(f"{key}: {p} does not exist; give a folder with encoder.pkl and "
                               f"decoder.pkl (OpenAI's dVAE) or a taming-transformers .ckpt")
     if p.is_dir() and (p / "encoder.pkl").is_file() and (p / "decoder.pkl").is_file():
         return "openai", {"encoder": p / "encoder.pkl", "decoder": p / "decoder.pkl"}
@@ -274,11 +330,11 @@ def source_files(path: str | Path, config_path: str | Path | None = None) -> tup
     if p.is_dir():
         found = sorted(p.rglob("*.ckpt"))
         if len(found) != 1:
-            raise PretrainedError(f"dvae.pretrained: {p} holds {len(found)} .ckpt files and no encoder.pkl + "
+            raise PretrainedError(f"{key}: {p} holds {len(found)} .ckpt files and no encoder.pkl + "
                                   f"decoder.pkl; point it at one checkpoint")
         ckpt = found[0]
     if ckpt.suffix != ".ckpt":
-        raise PretrainedError(f"dvae.pretrained: {ckpt} is neither a folder with encoder.pkl and decoder.pkl "
+        raise PretrainedError(f"{key}: {ckpt} is neither a folder with encoder.pkl and decoder.pkl "
                               f"nor a .ckpt")
     if config_path:
         yml = Path(config_path).expanduser()
@@ -288,20 +344,31 @@ def source_files(path: str | Path, config_path: str | Path | None = None) -> tup
         cands = [ckpt.with_suffix(".yaml")] if ckpt.with_suffix(".yaml").is_file() else []
         cands = cands or sorted(ckpt.parent.glob("*.yaml")) or sorted((ckpt.parent.parent / "configs").glob("*.yaml"))
         if len(cands) != 1:
-            raise PretrainedError(f"dvae.pretrained: found {len(cands)} candidate .yaml configs for {ckpt}; "
+            raise PretrainedError(f"{key}: found {len(cands)} candidate .yaml configs for {ckpt}; "
                                   f"set dvae.pretrained_config to the model's yaml")
         yml = cands[0]
     return "taming", {"checkpoint": ckpt, "config": yml}
 
 
+def upstream_format(path: str | Path) -> bool:
+    """Whether `path` holds a tokenizer in an upstream format (what `source_files` reads: OpenAI's encoder.pkl,
+    a taming .ckpt file, or a taming run folder with checkpoints/), without reading it: this project's model
+    folders and store artifacts hold none of these."""
+    p = Path(path).expanduser()
+    if p.suffix == ".ckpt" or p.is_file():  # a missing .ckpt too: `source_files` then says it does not exist
+        return p.suffix == ".ckpt"
+    return p.is_dir() and ((p / "encoder.pkl").is_file() or (p / "checkpoints").is_dir() or any(p.glob("*.ckpt")))
+
+
 def load(path: str | Path, config_path: str | Path | None, image_size: int | tuple[int, int], norm_mean,
-         norm_std) -> PretrainedDVAE:
-    """Load the tokenizer at `path` (see `source_files`) into a `PretrainedDVAE` in eval mode."""
-    kind, files = source_files(path, config_path)
+         norm_std, key: str = "dvae.pretrained") -> PretrainedDVAE:
+    """Load the tokenizer at `path` (see `source_files`) into a `PretrainedDVAE` in eval mode. PretrainedError
+    (one line starting with `key`, the config key that named it) when it cannot be found, read or used."""
+    kind, files = source_files(path, config_path, key)
     if kind == "openai":
-        enc, dec = module_state(read_pickle(files["encoder"])), module_state(read_pickle(files["decoder"]))
+        enc, dec = (module_state(read_pickle(files[role], key)) for role in ("encoder", "decoder"))
         if "blocks.input.w" not in enc or "blocks.input.w" not in dec:
-            raise PretrainedError(f"dvae.pretrained: {files['encoder'].parent} does not hold DALL-E's "
+            raise PretrainedError(f"{key}: {files['encoder'].parent} does not hold DALL-E's "
                                   f"Encoder and Decoder modules (no blocks.input.w)")
         arch = {"n_hid": enc["blocks.input.w"].shape[0], "vocab": enc["blocks.output.conv.w"].shape[0],
                 "n_init": dec["blocks.input.w"].shape[0],
@@ -309,19 +376,19 @@ def load(path: str | Path, config_path: str | Path | None, image_size: int | tup
         state = {**{f"encoder.{k}": v for k, v in enc.items()}, **{f"decoder.{k}": v for k, v in dec.items()}}
         spec = Spec("openai", arch)
     else:
-        spec, state = _taming(files["checkpoint"], files["config"])
+        spec, state = _taming(files["checkpoint"], files["config"], key)
     model = PretrainedDVAE(spec, image_size, norm_mean, norm_std)
     own = model.state_dict()
     missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
     misshapen = [k for k in own.keys() & state.keys() if own[k].shape != state[k].shape]
     if missing or unexpected or misshapen:
-        raise PretrainedError(f"dvae.pretrained: {path} does not match its {spec.kind} architecture: "
+        raise PretrainedError(f"{key}: {path} does not match its {spec.kind} architecture: "
                               f"missing {missing[:3]}, unexpected {unexpected[:3]}, other shapes {misshapen[:3]}")
     model.load_state_dict(state)
     return model.eval()
 
 
-def _taming(ckpt: Path, yml: Path) -> tuple[Spec, dict]:
+def _taming(ckpt: Path, yml: Path, key: str) -> tuple[Spec, dict]:
     try:
         conf = yaml.safe_load(yml.read_text())
         target, params = conf["model"]["target"], conf["model"]["params"]
@@ -337,10 +404,10 @@ def _taming(ckpt: Path, yml: Path) -> tuple[Spec, dict]:
     if params.get("remap"):
         raise PretrainedError(f"dvae.pretrained_config: {yml} remaps codes (remap: {params['remap']}); "
                               f"remapped codebooks are not supported")
-    blob = read_pickle(ckpt)
+    blob = read_pickle(ckpt, key)
     sd = blob.get("state_dict", blob) if isinstance(blob, dict) else None
     if not isinstance(sd, dict):
-        raise PretrainedError(f"dvae.pretrained: {ckpt} holds no state_dict")
+        raise PretrainedError(f"{key}: {ckpt} holds no state_dict")
     keep = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.", "quantize.")
     state = {k: v for k, v in sd.items() if k.startswith(keep) and isinstance(v, torch.Tensor)}
     return Spec(kind, arch), state

@@ -33,6 +33,7 @@ from dalle_core.editing import region_edit_mask
 from dalle_core.errors import ConfigError
 from dalle_core.generate import EditRequest, check_prompts
 from dalle_core.images import size_text
+from dalle_core.pretrained import upstream_format
 from dalle_core.sampling import SAMPLING_DEFAULTS, GenerationError, SamplingSettings, described
 from dalle_core.train import TrainConfig, parse_freeze
 from dalle_core.transformer import DALLEConfig
@@ -68,7 +69,8 @@ class _DVAETraining(Section):
     pretrained: str | None = None
     pretrained_config: str | None = None
     # Fine-tune: start from this dVAE's weights (docs/finetuning.md): an exported model folder, a store artifact
-    # folder, or dvae/<key> in this run's store; its content digest, not its path, is part of the stage key
+    # folder, dvae/<key> in this run's store, or a loaded tokenizer's files as `pretrained` takes them (which then
+    # trains in its own architecture and upstream objective); its content digest, not its path, is in the stage key
     init_from: str | None = None
     disc_layers: int = Field(3, ge=1, le=6)  # the VQGAN discriminator's stride-2 convs (dvae.adversarial)
     # pixel-kmeans: K = codebook_size colours (minGPT: 512) from k-means over the pixels (block averages) of
@@ -120,6 +122,12 @@ class _DVAETraining(Section):
             raise ValueError(f"dvae.quantizer=pixel-kmeans trains by k-means in one process, not under DDP "
                              f"(got dvae.train.nproc={self.train.nproc}, nnodes={self.train.nnodes}); set both to 1")
         return self
+
+    @property
+    def loads_files(self) -> bool:
+        """Whether the tokenizer's codebook and grid come from files (`pretrained`, or `init_from` in OpenAI's or
+        taming's format), not from this section's model fields."""
+        return bool(self.pretrained) or bool(self.init_from and upstream_format(self.init_from))
 
     def loss_config(self):
         """The training objective (`dalle_core.dvae.DVAELossConfig`): every field the two share by name."""
@@ -330,8 +338,9 @@ class EvaluateSection(Section):
     train_prompts: int = Field(64, ge=0)
     train_images: int = Field(20000, ge=1)  # training images embedded for the nearest-neighbour check (the first N)
     r_precision_distractors: int = Field(99, ge=1)  # other captions each true caption is ranked against
-    # The standard FID as well (torchmetrics over torch-fidelity's InceptionV3; the `fid` extra): a local copy of
-    # torch-fidelity's weights-inception-2015-12-05-6726825d.pth, since nothing is downloaded. None: CLIP-space only.
+    # The standard FID as well (`fid_top1`, and the dVAE's reconstruction FID `dvae_rfid`): a local InceptionV3
+    # weights file, since nothing is downloaded: torch-fidelity's weights-inception-2015-12-05-6726825d.pth (the
+    # `fid` extra), or the TorchScript export `make inception-weights` puts in place. None: CLIP-space only.
     inception_weights: str | None = None
     seed: int = 1234
 
@@ -340,13 +349,17 @@ class EvaluateSection(Section):
     def _weights_exist(cls, value: str | None) -> str | None:
         import importlib.util
 
+        from dalle_core.evaluation import torchscript_file
+
         if value is None:
             return value
         if not Path(value).is_file():
-            raise ValueError("no such file; give a local InceptionV3 weights file (torch-fidelity's format)")
+            raise ValueError("no such file; give a local InceptionV3 weights file (torch-fidelity's .pth, or the "
+                             "TorchScript one `make inception-weights` writes)")
         missing = [m for m in ("torchmetrics", "torch_fidelity") if importlib.util.find_spec(m) is None]
-        if missing:
-            raise ValueError(f"needs the fid extra ({', '.join(missing)} missing): pip install -e '.[fid]'")
+        if missing and not torchscript_file(value):
+            raise ValueError(f"a torch-fidelity weights file needs the fid extra ({', '.join(missing)} missing): "
+                             "pip install -e '.[fid]'")
         return value
 
 
@@ -417,7 +430,7 @@ class Config(Section):
     @model_validator(mode="after")
     def _image_size_fits_the_models(self) -> Config:
         h, w = self.data.image_hw
-        for factor, key, unless in ((2 ** self.dvae.num_downsamples, "2**dvae.num_downsamples", self.dvae.pretrained),
+        for factor, key, unless in ((2 ** self.dvae.num_downsamples, "2**dvae.num_downsamples", self.dvae.loads_files),
                                     (self.clip.patch_size, "clip.patch_size", self.clip.pretrained)):
             if not unless and (h % factor or w % factor):
                 raise ValueError(f"data.image_size {size_text(self.data.image_size)}: each side must be a multiple "
@@ -431,7 +444,7 @@ class Config(Section):
             if g.prime_rows:
                 raise ValueError(f"generate.prime_rows is {g.prime_rows} but no generate.prime_image is set")
             return self
-        if self.dvae.pretrained is not None:  # its grid is in its files: tasks.generate checks K once they are loaded
+        if self.dvae.loads_files:  # its grid is in its files: tasks.generate checks K once they are loaded
             if g.prime_rows < 1:
                 raise ValueError(f"generate.prime_rows={g.prime_rows} must be at least 1 when a prime image is set")
             return self
@@ -443,7 +456,7 @@ class Config(Section):
     def _edit_region_fits_the_image(self) -> Config:
         g, size = self.generate, self.data.image_size
         if g.edit_region is not None:  # a loaded tokenizer's grid is in its files: tasks.generate checks the cells
-            known = self.dvae.pretrained is None and not getattr(self, "tokenizers_from", None)
+            known = not self.dvae.loads_files and not getattr(self, "tokenizers_from", None)
             region_edit_mask(g.edit_mode, g.edit_region, size, self.dvae.dvae_config(size).grid if known else None,
                              "generate.edit_region")
         return self

@@ -16,7 +16,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from dalle_core import pretrained
 from dalle_core.errors import ConfigError
+from dalle_core.images import ImageNormalization, size_hw
 from dalle_core.lora import ADAPTER_FILES, fuse
 from dalle_core.model_folder import (
     CONTENT_FILES,
@@ -24,11 +26,14 @@ from dalle_core.model_folder import (
     ModelFolderError,
     Read,
     content_digest,
+    dvae_config,
     folder_reader,
     has_adapter,
+    json_bytes,
     read_component,
     read_index,
     safetensors_metadata,
+    state_bytes,
 )
 from storage.store import MANIFEST, StoreError, file_digest, redo_hint
 from storage.tracking import TrackingError, one_line_error, tracking_uri
@@ -45,7 +50,7 @@ class ModelSource:
 
     spec: str  # as the config gives it
     component: str  # transformer | dvae | clip | tokenizer (an export's sub-folder; a store's stage)
-    kind: str  # "export" or "store"
+    kind: str  # "export", "store", or "upstream" (a dVAE in OpenAI's or taming's files)
     location: str  # the component's folder, or the artifact's URL
     digest: str  # dalle_core.model_folder.content_digest of its CONTENT_FILES: part of the stage key
     made_by: tuple[str, str] | None  # the store stage and key that made it, to find its MLflow run
@@ -92,6 +97,8 @@ def model_source(spec: str, component: str, store, where: str, cfg=None) -> Mode
     artifact."""
 
     names = CONTENT_FILES[component]
+    if component == "dvae" and store is not None and pretrained.upstream_format(spec):
+        return upstream_source(spec, cfg, where)
     folder = spec
     if spec.startswith(TRACKED_SCHEMES):
         uri = tracking_uri(cfg.tracking.uri, store or cfg.store.open()) if cfg is not None else None
@@ -153,7 +160,9 @@ def model_source(spec: str, component: str, store, where: str, cfg=None) -> Mode
         registered = "a registered model (models:/NAME/VERSION or models:/NAME@ALIAS)"
         forms = (f"an exported model folder (with {INDEX}) or {registered}" if exported_only else
                  f"an exported model folder (with {INDEX}), {registered}, a store artifact folder (with "
-                 f"manifest.json) or {component}/<key> in this run's store")
+                 f"manifest.json) or {component}/<key> in this run's store"
+                 + (", or a loaded tokenizer's files (a folder with OpenAI's encoder.pkl and decoder.pkl, or a taming "
+                    ".ckpt)" if component == "dvae" else ""))
         raise ConfigError(f"{where} {spec!r} is not {forms}")
     if stage != component:
         raise ConfigError(f"{where} {spec!r} is a {stage} artifact; give a {component} one")
@@ -164,6 +173,49 @@ def model_source(spec: str, component: str, store, where: str, cfg=None) -> Mode
     if missing:
         raise ConfigError(f"{where} {spec!r} has no {missing[0]}")
     return ModelSource(spec, component, "store", location, content_digest(digests), (stage, key), read, where)
+
+
+def upstream_source(spec: str, cfg, where: str) -> ModelSource:
+    """A tokenizer others trained, in its upstream files (`dalle_core.pretrained`: OpenAI's encoder.pkl and
+    decoder.pkl, or a taming VQGAN .ckpt with its yaml at `dvae.pretrained_config` or beside it), as a dVAE source
+    to fine-tune: its digest is its files' content, and its config.json and model.safetensors are this project's
+    (loaded at `data.image_size` with the `dvae` section's normalisation, once per process). ConfigError (one
+    line, starting with `where`) when it cannot be found, read or used."""
+    config_path = cfg.dvae.pretrained_config
+    try:
+        kind, files = pretrained.source_files(spec, config_path, where)
+    except pretrained.PretrainedError as err:
+        raise ConfigError(str(err)) from None
+    digest = content_digest({role: file_digest(p) for role, p in files.items()})
+    norm = ImageNormalization(cfg.dvae.norm_mean, cfg.dvae.norm_std)
+
+    def read(name: str) -> bytes:
+        try:
+            model = _loaded(spec, config_path, digest, size_hw(cfg.data.image_size), norm.mean, norm.std, where)
+        except pretrained.PretrainedError as err:
+            raise ConfigError(str(err)) from None
+        if name == "config.json":
+            return json_bytes(dvae_config(model, norm))
+        if name == "model.safetensors":
+            return state_bytes(model)
+        raise FileNotFoundError(f"{spec}: {name}")
+
+    return ModelSource(spec, "dvae", "upstream", str(Path(spec).expanduser().resolve()), digest, None, read, where)
+
+
+@functools.lru_cache(maxsize=1)
+def _loaded(spec: str, config_path: str | None, digest: str, image_size, mean, std, where: str):
+    """`pretrained.load`, once per content (`digest`) and shape: a check, the stage key and the stage read it."""
+    return pretrained.load(spec, config_path, image_size, mean, std, where)
+
+
+def loaded_tokenizer_config(cfg, store) -> dict | None:
+    """The config.json of `dvae.init_from` when it is a loaded tokenizer (OpenAI's or taming's: its files, or an
+    artifact or export made from them), which fine-tunes in its own architecture; else None."""
+    if not cfg.dvae.init_from:
+        return None
+    meta = model_source(cfg.dvae.init_from, "dvae", store, "dvae.init_from", cfg).model_config()
+    return meta if meta.get("pretrained") else None
 
 
 def source_digest(spec: str, component: str, store, cfg=None) -> str:

@@ -14,7 +14,13 @@ from dalle_core.dvae import DVAEConfig
 from dalle_core.errors import ConfigError, load_reason
 from dalle_core.images import compact_size
 from dalle_core.model_folder import CONTENT_FILES, content_digest, has_adapter, read_component
-from pipeline.model_source import STORE_SPEC, ModelSource, model_source, tokenizers_of
+from pipeline.model_source import (
+    STORE_SPEC,
+    ModelSource,
+    loaded_tokenizer_config,
+    model_source,
+    tokenizers_of,
+)
 from pipeline.stage_table import stage_keys
 from storage.store import ArtifactStore
 
@@ -63,7 +69,11 @@ def token_shapes(cfg, store, keys: dict) -> dict[str, tuple]:
         with open(cfg.text.tokenizer_path, encoding="utf-8") as f:
             tok = TextTokenizer.from_str(f.read(), cfg.text.text_len)
         text(tok.vocab_size, tok.pad_id, "text.tokenizer_path")
-    if not cfg.dvae.pretrained:
+    loaded = loaded_tokenizer_config(cfg, store)
+    if loaded:
+        c = DVAEConfig(**loaded["model"])
+        image(c.codebook_size, c.grid, "dvae.init_from's tokenizer")
+    elif not cfg.dvae.pretrained:
         image(cfg.dvae.codebook_size, cfg.dvae.dvae_config(cfg.data.image_size).grid, "dvae.codebook_size",
               "data.image_size / 2**dvae.num_downsamples")
     return out
@@ -89,8 +99,7 @@ def fit_problems(cfg, stage: str, source: ModelSource, store, keys: dict, weight
     here: dict[str, tuple] = {}
     if stage == "dvae":
         if there.get("pretrained"):
-            return [f"it is a pretrained {there['pretrained'].get('kind', '')} tokenizer, which does not fine-tune "
-                    "here (use it as dvae.pretrained)"]
+            return _loaded_tokenizer_problems(cfg, there)
         there = there["model"]
         mine = asdict(section.dvae_config(cfg.data.image_size))
         here["image_size"] = (mine["image_size"], "data.image_size")
@@ -104,6 +113,21 @@ def fit_problems(cfg, stage: str, source: ModelSource, store, keys: dict, weight
         if stage == "clip":
             here["image_size"] = (cfg.data.image_size, "data.image_size")
     return _misfits(there, here)
+
+
+def _loaded_tokenizer_problems(cfg, there: dict) -> list[str]:
+    """A loaded tokenizer (OpenAI's, taming's) fine-tunes in its own architecture, so only the image size, the
+    normalisation and the loss must fit: OpenAI's decoder gives logit-Laplace statistics, taming's pixels."""
+    section, m, kind = cfg.dvae, there["model"], there["pretrained"].get("kind", "")
+    out = _misfits(m, {"image_size": (cfg.data.image_size, "data.image_size"),
+                       "norm_mean": (section.norm_mean, "dvae.norm_mean"), "norm_std": (section.norm_std, "dvae.norm_std")})
+    if m.get("logit_laplace") and section.recon_loss != "logit_laplace":
+        out.append(f"it is OpenAI's dVAE, whose decoder gives logit-Laplace statistics, and dvae.recon_loss is "
+                   f"{section.recon_loss!r}: set dvae.recon_loss=logit_laplace")
+    elif not m.get("logit_laplace") and section.recon_loss == "logit_laplace":
+        out.append(f"its {kind} decoder gives pixels, and dvae.recon_loss 'logit_laplace' needs logit-Laplace "
+                   "statistics: use mse or l1")
+    return out
 
 
 def _artifact_digest(store, stage: str, key: str) -> str | None:

@@ -88,6 +88,7 @@ def _dvae(cfg: Config) -> dict:
         kind, files = pretrained.source_files(cfg.dvae.pretrained, cfg.dvae.pretrained_config)
         return {"pretrained": {"kind": kind, **{role: file_digest(p) for role, p in files.items()}},
                 "norm_mean": section["norm_mean"], "norm_std": section["norm_std"]}
+    section["pretrained_config"] = None  # a taming yaml's content is in init_from's digest, not its path
     return section
 
 

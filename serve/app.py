@@ -27,7 +27,7 @@ from dalle_core.editing import pack
 from dalle_core.generate import MAX_CANDIDATES, MAX_PRIME_PIXELS, DALLEPipeline
 from dalle_core.images import png_bytes, size_hw
 from dalle_core.sampling import SAMPLING_DEFAULTS, GenerationError
-from serve.jobs import Job, JobQueue, QueueFull
+from serve.jobs import Job, JobQueue, QueueFull, run_progress
 from serve.request import (
     CLIENT_TIMEOUT_S,
     MAX_PRIME_BYTES,
@@ -43,27 +43,37 @@ SETTINGS = tuple(k for k in SAMPLING_DEFAULTS if k != "batch_size")  # a request
 
 
 def create_app(pipe: DALLEPipeline, *, name: str = "model", max_candidates: int = MAX_CANDIDATES,
-               max_waiting: int = 16, client_timeout_s: float = CLIENT_TIMEOUT_S) -> FastAPI:
-    """The FastAPI app serving `pipe`: requests are checked (request.py), queue (jobs.py) and run one at a time;
-    a request's head and then its body must each arrive within `client_timeout_s` seconds (`uvicorn_config`)."""
+               max_waiting: int = 16, max_batch: int = 8, client_timeout_s: float = CLIENT_TIMEOUT_S) -> FastAPI:
+    """The FastAPI app serving `pipe`: requests are checked (request.py) and queue (jobs.py); up to `max_batch`
+    waiting requests with the same settings run as one sampling batch, each from its own seed, so its images are
+    what it would get alone. A request's head and then its body must each arrive within `client_timeout_s`
+    seconds (`uvicorn_config`)."""
     defaults = {"num_candidates": 16, **pipe.sampling, "seed": None}  # no seed sent: the server draws one
 
-    def work(job: Job) -> None:
-        r = job.request
-        out = pipe(r["prompt"], edit=r["edit"], progress=job.progress, **{k: r[k] for k in SETTINGS})
-        job.images = [png_bytes(image) for image in out.pixels[0]]
+    def work(run: list[Job]) -> None:
+        r = run[0].request  # the run's settings: its jobs share all but their prompt and seed
+        out = pipe([job.request["prompt"] for job in run], edit=r["edit"], progress=run_progress(run),
+                   **{k: r[k] for k in SETTINGS if k != "seed"}, seed=[job.request["seed"] for job in run])
         edit = r["edit"]
-        job.result = {"prompt": out.prompts[0], "seed": out.seed, "truncated": out.truncated[0],
-                      "scores": [float(s) for s in out.scores[0]],
-                      "settings": {k: r[k] for k in (*SETTINGS, "prime_rows") if k != "seed"},
-                      "edited": edit is not None and edit.mode != "prime", "primed": edit is not None and edit.mode == "prime"}
+        for i, job in enumerate(run):
+            job.images = [png_bytes(image) for image in out.pixels[i]]
+            job.result = {"prompt": out.prompts[i], "seed": job.request["seed"], "truncated": out.truncated[i],
+                          "scores": [float(s) for s in out.scores[i]],
+                          "settings": {k: r[k] for k in (*SETTINGS, "prime_rows") if k != "seed"},
+                          "edited": edit is not None and edit.mode != "prime",
+                          "primed": edit is not None and edit.mode == "prime"}
         if out.edit is not None and out.edit.mode != "prime":  # the codes, so a client can see what was kept
-            job.result["edit"] = {"mode": out.edit.mode, "region": r["region"], "keep": out.edit.keep,
-                                  "source_tokens": pipe.encode(out.edit.image).tolist(),
-                                  "masks": [pack(m) for m in out.masks[0]],
-                                  "image_tokens": out.image_tokens[0].tolist()}
+            run[0].result["edit"] = {"mode": out.edit.mode, "region": r["region"], "keep": out.edit.keep,
+                                     "source_tokens": pipe.encode(out.edit.image).tolist(),
+                                     "masks": [pack(m) for m in out.masks[0]],
+                                     "image_tokens": out.image_tokens[0].tolist()}
 
-    jobs = JobQueue(work, max_waiting=max_waiting)
+    def merge_key(job: Job):
+        """Requests with the same settings share a batch; an edit (its own image) runs alone."""
+        r = job.request
+        return None if r["edit"] is not None else tuple(r[k] for k in SETTINGS if k != "seed")
+
+    jobs = JobQueue(work, max_waiting=max_waiting, merge_key=merge_key, max_batch=max_batch)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI):
@@ -151,7 +161,6 @@ def create_app(pipe: DALLEPipeline, *, name: str = "model", max_candidates: int 
             if not waiting.done() and await request.is_disconnected():
                 job.cancel()
                 return JSONResponse({"error": "cancelled"}, status_code=499)
-        body = described(job, inline=True)
         body = described(job, inline=True)
         status = 200 if job.state == "done" else 400 if job.bad_request else 500
         return JSONResponse(body if status == 200 else {"error": job.error}, status_code=status)

@@ -1,16 +1,16 @@
 """The generation queue behind `dalle serve`: one worker thread takes requests in order, so the model never
-runs twice at once (two at once on a CPU would only share its cores), and each job reports its progress."""
+runs twice at once (two at once on a CPU would only share its cores); the requests waiting together with the same
+settings share one sampling batch, and each job reports its own progress."""
 
 from __future__ import annotations
 
 import collections
 import concurrent.futures
 import logging
-import queue
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 
 from dalle_core.sampling import GenerationError
@@ -45,29 +45,46 @@ class Job:
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
     cancelled: bool = False  # set from the server's threads; the worker looks at it between sampling steps
 
-    def progress(self, done: int, total: int) -> None:
-        """Called after every sampling step: records it, and stops a cancelled job there."""
-        self.steps_done, self.steps_total = done, total
-        if self.cancelled:
-            raise Cancelled()
-
     def cancel(self) -> None:
-        """Stop this job: before it runs, or at its next sampling step."""
+        """Stop this job: before it runs, or at its run's next sampling step (the run stops there once all its
+        jobs are cancelled; the others' go on)."""
         self.cancelled = True
 
 
-class JobQueue:
-    """Runs `work(job)` for each submitted job, one at a time, in submission order, on one thread.
+def run_progress(run: list[Job]) -> list[Callable[[int, int], None]]:
+    """One `progress(done, total)` per job of a run, for `DALLEPipeline.__call__`'s list: each records its own job's
+    sampling steps, and raises Cancelled at the first step where every job of the run is cancelled."""
 
-    `work` fills `job.result` and `job.images`; a GenerationError it raises fails the job as a bad request,
-    any other exception as a server error (logged with its traceback), and the worker goes on. At most
+    def of(job: Job) -> Callable[[int, int], None]:
+        def progress(done: int, total: int) -> None:
+            job.steps_done, job.steps_total = done, total
+            if all(j.cancelled for j in run):
+                raise Cancelled()
+
+        return progress
+
+    return [of(job) for job in run]
+
+
+class JobQueue:
+    """Runs the submitted jobs in submission order on one thread: `work(jobs)` gets the first waiting job together
+    with the jobs right behind it that it can share a sampling batch with (up to `max_batch` in all; those whose
+    `merge_key` is the same, not None), so a server's users share one batch while no job overtakes an earlier
+    one. `work` fills each job's `result` and `images`.
+
+    A GenerationError `work` raises fails its jobs as bad requests, Cancelled (every job of the run cancelled)
+    cancels them, any other exception fails them as a server error (logged with its traceback), and the worker
+    goes on; a job cancelled while its run goes on is dropped from it (cancelled, its images not kept). At most
     `max_waiting` jobs wait (QueueFull beyond); the last `keep` finished jobs stay readable."""
 
-    def __init__(self, work: Callable[[Job], None], max_waiting: int = 16, keep: int = 64):
+    def __init__(self, work: Callable[[list[Job]], None], max_waiting: int = 16, keep: int = 64,
+                 merge_key: Callable[[Job], Hashable | None] = lambda job: None, max_batch: int = 1):
         self.work, self.max_waiting, self.keep = work, max_waiting, keep
+        self.merge_key, self.max_batch = merge_key, max_batch
         self.jobs: collections.OrderedDict[str, Job] = collections.OrderedDict()
-        self.waiting: queue.Queue[Job | None] = queue.Queue()
+        self.waiting: collections.deque[Job] = collections.deque()
         self.lock = threading.Lock()
+        self.ready = threading.Condition(self.lock)
         self.closing = False
         self.worker = threading.Thread(target=self._run, name="dalle-generate", daemon=True)
         self.worker.start()
@@ -81,7 +98,8 @@ class JobQueue:
             job = Job(request)
             self.jobs[job.id] = job
             self._forget_old()
-        self.waiting.put(job)
+            self.waiting.append(job)
+            self.ready.notify()
         return job
 
     def get(self, job_id: str) -> Job | None:
@@ -95,9 +113,10 @@ class JobQueue:
         return ids.index(job.id) if job.id in ids else 0
 
     def close(self) -> None:
-        """Let the running job finish, fail the waiting ones, stop the worker."""
-        self.closing = True
-        self.waiting.put(None)
+        """Let the running jobs finish, fail the waiting ones, stop the worker."""
+        with self.lock:
+            self.closing = True
+            self.ready.notify()
         self.worker.join(timeout=60)
 
     def _forget_old(self) -> None:
@@ -105,24 +124,56 @@ class JobQueue:
         for job_id in finished[:max(0, len(finished) - self.keep)]:
             del self.jobs[job_id]
 
+    def _next(self) -> list[Job] | None:
+        """The next run: the first waiting job and those right behind it with its merge key; None when closing."""
+        with self.lock:
+            while not self.waiting and not self.closing:
+                self.ready.wait()
+            if self.closing:
+                for job in self.waiting:
+                    self._finish(job, "failed", "the server is shutting down")
+                self.waiting.clear()
+                return None
+            run: list[Job] = []
+            while self.waiting and len(run) < (self.max_batch if run else 1):
+                job = self.waiting[0]
+                if job.cancelled:  # its client left while it waited: it never runs, nor takes a place
+                    self._finish(self.waiting.popleft(), "cancelled", "cancelled: its client went away or cancelled it")
+                elif not run or (key := self.merge_key(run[0])) is not None and self.merge_key(job) == key:
+                    run.append(self.waiting.popleft())
+                else:
+                    break
+            for job in run:
+                job.state = "running"
+            return run
+
+    def _finish(self, job: Job, state: str, error: str | None = None, bad_request: bool = False) -> None:
+        job.state, job.error, job.bad_request = state, error, bad_request
+        if state != "done":
+            job.images, job.result = [], None
+        job.seconds = time.perf_counter() - job.submitted
+        job.request = {}  # a finished job keeps its result, not its inputs (an image may be 10 MB)
+        job.future.set_result(job)
+
     def _run(self) -> None:
-        while (job := self.waiting.get()) is not None:
-            job.state = "running"
+        while (run := self._next()) is not None:
+            if not run:  # only cancelled jobs were waiting
+                continue
+            live = [job for job in run if not job.cancelled]
+            outcome: tuple = ("done",)
             try:
-                if self.closing:
-                    raise RuntimeError("the server is shutting down")
-                if job.cancelled:
+                if not live:
                     raise Cancelled()
-                self.work(job)
-                job.state = "done"
-            except Cancelled:  # nobody waits for it: the worker moves on to the next request
-                job.error, job.state = "cancelled: its client went away or cancelled it", "cancelled"
+                self.work(live)
+            except Cancelled:  # nobody waits for them: the worker moves on to the next request
+                outcome = ("cancelled", "cancelled: its client went away or cancelled it")
             except GenerationError as err:
-                job.error, job.bad_request, job.state = str(err), True, "failed"
-            except Exception as err:  # a bug or an outside failure: this request fails, the server goes on
-                log.exception("generation %s failed", job.id)
+                outcome = ("failed", str(err), True)
+            except Exception as err:  # a bug or an outside failure: these requests fail, the server goes on
+                log.exception("generation %s failed", ", ".join(job.id for job in live))
                 first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-                job.error, job.state = f"generation failed: {type(err).__name__}: {first}", "failed"
-            job.seconds = time.perf_counter() - job.submitted
-            job.request = {}  # a finished job keeps its result, not its inputs (an image may be 10 MB)
-            job.future.set_result(job)
+                outcome = ("failed", f"generation failed: {type(err).__name__}: {first}")
+            for job in run:
+                cancelled = job.cancelled and outcome[0] == "done"
+                self._finish(job, *(("cancelled", "cancelled: its client went away or cancelled it")
+                                    if cancelled or job not in live else outcome))

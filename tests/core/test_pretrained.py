@@ -97,6 +97,63 @@ def test_taming_vqgan_encodes_and_decodes_as_upstream(tmp_path, target):
     assert torch.allclose(got_img, want_img, atol=1e-5)
 
 
+@pytest.mark.parametrize("target", ["VQModel", "GumbelVQ"])
+def test_a_taming_fine_tune_steps_as_upstream_trains(tmp_path, target):
+    """The training forward of a loaded VQGAN (`dvae.init_from`) is taming's: the same reconstruction and
+    quantizer loss as VQModel's forward (VectorQuantizer2's legacy loss; GumbelQuantize's relaxation and KL at the
+    same noise), with the same gradients: the codebook learns by gradient, as upstream's does."""
+    m = taming_vqgan(tmp_path / "run", target).train()
+    model = pretrained.load(tmp_path / "run", None, 16, *NORM).train()
+    x = torch.rand(2, 3, 16, 16)
+    if target == "GumbelVQ":
+        m.quantize.temperature = model.quantizer.temperature = 0.5
+        m.quantize.kl_weight = model.quantizer.kl_weight = 0.01
+    torch.manual_seed(3)
+    h = m.quant_conv(m.encoder(2 * x - 1))
+    z_q, want_loss, (_, _, want_idx) = m.quantize(h)
+    want_out = m.decoder(m.post_quant_conv(z_q))
+    torch.manual_seed(3)
+    out, idx, q_loss = model((x - 0.5) / 0.5)
+    assert torch.allclose(out, want_out, atol=1e-5) and torch.allclose(q_loss, want_loss, atol=1e-6)
+    if target == "VQModel":  # GumbelQuantize reports the noisy sample's argmax; ours is the code encode() gives
+        assert torch.equal(idx.flatten(), want_idx.flatten())
+    (want_out.pow(2).mean() + want_loss).backward()  # the gradients too: which term moves the codebook, which z
+    (out.pow(2).mean() + q_loss).backward()
+    table = "embedding" if target == "VQModel" else "embed"
+    for theirs, ours in ((getattr(m.quantize, table), getattr(model.quantize, table)), (m.quant_conv, model.quant_conv)):
+        assert ours.weight.grad.abs().sum() > 0 and torch.allclose(ours.weight.grad, theirs.weight.grad, atol=1e-6)
+
+
+def test_an_openai_fine_tune_relaxes_its_codes_and_learns(tmp_path):
+    """OpenAI's dVAE fine-tunes with DALL-E's relaxation: at a low temperature the decoder sees (almost) the
+    one-hots of its hard codes, so the training forward's image is the decoded one; a few steps of its
+    logit-Laplace loss on one batch lower that loss."""
+    from dalle_core.dvae import DVAELossConfig, dvae_schedule, dvae_step
+
+    openai_dvae(tmp_path / "dalle")
+    model = pretrained.load(tmp_path / "dalle", None, 32, *NORM).train()
+    x = torch.nn.functional.interpolate(torch.rand(4, 3, 4, 4), size=32) * 2 - 1
+    model.quantizer.temperature = 1e-4
+    with torch.no_grad():
+        out, idx, _ = model(x)
+        assert torch.equal(idx, model.encode(x))
+        assert torch.allclose(model.to_image(out), model.decode(idx), atol=1e-3)
+    loss_cfg = DVAELossConfig(recon_loss="logit_laplace", temp_start=1 / 16)
+    step, (before, _) = dvae_step(model.c, loss_cfg), dvae_schedule(model, loss_cfg)
+    batch = {"image": ((x * 0.5 + 0.5) * 255).round().permute(0, 2, 3, 1).to(torch.uint8)}
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    losses = []
+    for i in range(15):
+        before(i, 15)
+        torch.manual_seed(i)
+        loss = step(model, batch, i)[0]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.05, losses
+
+
 def test_reading_a_checkpoint_runs_no_code_from_it(tmp_path):
     """Checkpoints are pickles: a hostile one must not run its payload (plain torch.load(weights_only=False)
     would)."""

@@ -223,11 +223,14 @@ def test_openmoji_subset_end_to_end_at_64_px(tiny, openmoji_subset):
     from pipeline.models import load_pipeline
     from storage.parquet import iter_batches, shard_paths
     from tasks.evaluate import format_report
+    from tests.core.test_evaluation import statistics_inception
 
     folder, _, _ = openmoji_subset
     config, make = tiny
+    inception = statistics_inception(folder.parent / "inception.pt")
     ov = make("data.source=imagefolder", f"data.path={folder}", "data.image_size=64", "clip.patch_size=8",
-              "evaluate.num_prompts=16", "evaluate.train_prompts=8", "clip.train.max_steps=60")
+              "evaluate.num_prompts=16", "evaluate.train_prompts=8", "clip.train.max_steps=60",
+              f"evaluate.inception_weights={inception}")
     cfg = load_config(config, ov)
     pipeline_flow(cfg)
     store, keys = cfg.store.open(), stage_keys(cfg)
@@ -245,12 +248,13 @@ def test_openmoji_subset_end_to_end_at_64_px(tiny, openmoji_subset):
     assert splits["seen"]["prompts"] == 8 + splits["seen-variant"]["prompts"]
     for m in splits.values():
         assert {"r_precision_top1", "r_precision_random", "r_precision_real", "dvae_psnr", "dvae_ssim"} <= set(m)
+        assert m["dvae_rfid"] > 0 and m["dvae_fd_clip"] > 0 and "fid_top1" in m  # the tokenizer's rFID, per split
     assert splits["seen"]["nn_own_image_top1"] >= 0 and "fd_clip_real_halves" in splits["seen"]
     client = MlflowClient(cfg.tracking.uri)
     logged = client.search_runs([client.get_experiment_by_name("dalle").experiment_id],
                                 "tags.stage = 'evaluate'")[0].data.metrics
-    for k in ("nn_pixel_own_top1", "nn_pixel_own_random"):  # the pixel-space check: json, table and MLflow
-        assert 0 <= splits["seen"][k] <= 1 and k not in splits["unseen"]
+    for k in ("nn_pixel_own_top1", "nn_pixel_own_random", "dvae_rfid"):  # json, table and MLflow
+        assert k == "dvae_rfid" or 0 <= splits["seen"][k] <= 1 and k not in splits["unseen"]
         assert k in format_report(report) and logged[f"splits.seen.{k}"] == splits["seen"][k]
 
     scorer = load_pipeline(cfg).reranker

@@ -393,17 +393,64 @@ def test_concurrent_requests_queue_and_never_run_the_model_twice_at_once(live, p
     assert [r.json()["result"]["prompt"] for r in replies] == [f"prompt {i}" for i in range(6)]
 
 
+def _wait_until(check, seconds: float = 30.0):
+    for _ in range(int(seconds / 0.02)):
+        if check():
+            return
+        time.sleep(0.02)
+    raise AssertionError("timed out")
+
+
+def test_waiting_requests_share_a_batch_and_each_gets_its_own_images(pipe, monkeypatch):
+    """Requests that wait together with the same settings run as one sampling batch, in arrival order, up to
+    `max_batch`: each gets the images it gets alone, with its own progress. One with other settings does not join,
+    nor does any behind it (no request overtakes another); one cancelled while it waits never runs; one cancelled
+    while its batch runs is dropped from it, and the others' images stay theirs."""
+    app = create_app(pipe, name="tiny", max_candidates=8, max_batch=3)
+    client, jobs = TestClient(app), app.state.jobs
+    gate, calls, real = threading.Event(), [], pipe.candidates
+
+    def candidates(prompts, seeds, settings, edit=None, progress=None):
+        calls.append(list(prompts))
+        if prompts == ["first"]:
+            gate.wait(60)
+        if "g" in prompts:
+            jobs.get(ids["g"]).cancel()  # its client leaves while its batch samples
+        return real(prompts, seeds, settings, edit, progress)
+
+    monkeypatch.setattr(pipe, "candidates", candidates)
+    ids = {"first": client.post("/api/jobs", json={"prompt": "first", "num_candidates": 2, "seed": 1}).json()["id"]}
+    _wait_until(lambda: jobs.get(ids["first"]).state == "running")
+    for name, n in (("a red circle", 2), ("a blue square", 2), ("cancelled", 2), ("a green cross", 2),
+                    ("other", 3), ("late", 2), ("g", 2), ("h", 2)):
+        ids[name] = client.post("/api/jobs", json={"prompt": name, "num_candidates": n, "seed": len(ids)}).json()["id"]
+    client.delete(f"/api/jobs/{ids['cancelled']}")
+    gate.set()
+    _wait_until(lambda: all(jobs.get(i).state not in ("queued", "running") for i in ids.values()))
+    assert calls == [["first"], ["a red circle", "a blue square", "a green cross"], ["other"], ["late", "g", "h"]]
+    assert {name: jobs.get(i).state for name, i in ids.items() if jobs.get(i).state != "done"} == {
+        "cancelled": "cancelled", "g": "cancelled"}
+    merged = {name: jobs.get(ids[name]) for name in ("a red circle", "a green cross", "h")}
+    monkeypatch.setattr(pipe, "candidates", real)
+    for name, job in merged.items():
+        assert job.steps_total > 0 and job.steps_done == job.steps_total  # its own progress, to the end
+        alone = client.post("/api/generate", json={"prompt": name, "num_candidates": 2, "seed": job.result["seed"]})
+        assert [base64.b64decode(im["png_base64"]) for im in alone.json()["result"]["images"]] == job.images, name
+        assert alone.json()["result"]["scores"] == job.result["scores"]
+
+
 def test_clients_that_hang_up_are_cancelled_and_the_next_visitor_does_not_wait(live, pipe, monkeypatch):
     """Four clients ask for a request that samples for 10 s and hang up after 0.3 s; each is cancelled at its
     next sampling step (the waiting ones never run), so a visitor after them is answered at once."""
     real, slow_steps = pipe.candidates, []
 
     def candidates(prompts, seeds, settings, edit=None, progress=None):
-        if prompts == ["slow"]:
+        if set(prompts) == {"slow"}:
             for i in range(200):  # 10 s of sampling, unless cancelled
                 time.sleep(0.05)
                 slow_steps.append(i)
-                progress(i + 1, 200)
+                for own in progress:
+                    own(i + 1, 200)
         return real(prompts, seeds, settings, edit, progress)
 
     monkeypatch.setattr(pipe, "candidates", candidates)

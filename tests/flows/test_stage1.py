@@ -244,6 +244,65 @@ def test_pretrained_tokenizer_through_the_stages(store_copy, tmp_path):
     assert stage_keys(load_config(TINY, ov))["dvae"] != keys["dvae"]
 
 
+@pytest.mark.parametrize("kind", ["openai", "taming-vq"])
+def test_fine_tuning_a_loaded_tokenizer(store_copy, tmp_path, kind):
+    """`dvae.init_from` on OpenAI's or taming's files: the tokenizer trains on the run's images in its own
+    architecture (its val PSNR rises above the loaded one's), the key follows the files' content, the manifest
+    and MLflow name the source, and pre-tokenization encodes with the fine-tuned weights."""
+    from dalle_core import pretrained
+    from dalle_core.dvae import evaluate_dvae
+    from dalle_core.images import ImageNormalization
+    from tests.core.test_pretrained import openai_dvae, taming_vqgan
+
+    if kind == "openai":
+        source, ov = tmp_path / "dalle", ["dvae.recon_loss=logit_laplace", "dvae.temp_start=0.0625"]
+        openai_dvae(source)
+    else:
+        source, ov = tmp_path / "vqgan", []
+        taming_vqgan(source, "VQModel")
+    ov = [*store_copy, f"dvae.init_from={source}", "dvae.train.max_steps=20", "dvae.train.batch_size=8",
+          "dvae.train.lr=1e-3", *ov]
+    run_stage("pretokenize", ov)
+    cfg = load_config(TINY, ov)
+    store, keys = cfg.store.open(), stage_keys(cfg)
+    manifest = store.manifest("dvae", keys["dvae"])
+    assert manifest["steps"] == 20 and manifest["init_from"]["kind"] == "upstream"
+    tuned, norm = load_dvae(store, keys["dvae"])
+    assert tuned.spec.kind == kind  # rebuilt from the artifact alone, in the loaded tokenizer's architecture
+    images = read_shard(store, shard_paths(store, "ingest", keys["ingest"], "val")[0])
+    pixels = torch.from_numpy(np.stack([decode_png(b) for b in images.column("image").to_pylist()]))
+    loaded = pretrained.load(source, None, 32, cfg.dvae.norm_mean, cfg.dvae.norm_std)
+    before = evaluate_dvae(loaded, [{"image": pixels}], ImageNormalization(cfg.dvae.norm_mean, cfg.dvae.norm_std))
+    assert manifest["metrics"]["val_psnr"] > before["val_psnr"] + 1, (before, manifest["metrics"])
+    tokens = read_shard(store, shard_paths(store, "pretokenize", keys["pretokenize"], "val")[0])
+    with torch.inference_mode():
+        want = tuned.encode(to_tensor(pixels, norm.mean, norm.std)).flatten(1).numpy()
+    assert np.array_equal(np.stack(tokens.column("image_tokens").to_numpy(zero_copy_only=False)), want)
+    run = MlflowClient(cfg.tracking.uri).search_runs(
+        [MlflowClient(cfg.tracking.uri).get_experiment_by_name("dalle").experiment_id],
+        "tags.stage = 'dvae' and tags.cached = 'false'")[0]
+    assert run.data.tags["init_from.kind"] == "upstream" and run.data.tags["init_from"] == str(source)
+    if kind == "openai":
+        openai_dvae(source, seed=1)  # other weights at the same path: another source, another key
+        assert stage_keys(load_config(TINY, ov))["dvae"] != keys["dvae"]
+
+
+def test_a_loaded_tokenizer_that_cannot_fine_tune_is_one_line(store_copy, tmp_path):
+    """Before any work: OpenAI's decoder gives logit-Laplace statistics, so an MSE fine-tune of it is refused in
+    one line naming the key to set; a missing checkpoint names itself."""
+    from dalle_core.errors import ConfigError
+    from tests.core.test_pretrained import openai_dvae
+
+    openai_dvae(tmp_path / "dalle")
+    ov = [*store_copy, f"dvae.init_from={tmp_path / 'dalle'}"]
+    with pytest.raises(ConfigError, match=r"^dvae.init_from .* OpenAI's dVAE.* set dvae.recon_loss=logit_laplace$"):
+        run_stage("dvae", ov)
+    cfg = load_config(TINY, ov)
+    assert not cfg.store.open().exists(cfg.store.open().path("dvae", stage_keys(cfg)["dvae"]))  # nothing began
+    with pytest.raises(ConfigError, match=r"^dvae.init_from: \S*nope.ckpt does not exist; give a folder"):
+        run_stage("dvae", [*store_copy, f"dvae.init_from={tmp_path / 'nope.ckpt'}"])
+
+
 def test_vqgan_through_the_dvae_stage(store_copy, tmp_path):
     """`dvae.adversarial`: LPIPS from local weights from the first step, the discriminator's terms from
     disc_start on, and an artifact that is the tokenizer alone; without VGG weights the run says LPIPS is off."""
