@@ -109,7 +109,15 @@ def main() -> None:
 def compare(args) -> None:
     """The table (and grid) for `main`'s arguments."""
     rows = [parse_row(r, args.config) for r in args.runs] if args.runs else DOC_ROWS
-    fid = InceptionFID(args.inception) if args.inception else None
+    if args.rfid_images < 2:
+        raise SystemExit(f"error: --rfid-images is {args.rfid_images}; give at least 2 (a Fréchet distance needs a "
+                         "covariance)")
+    fid = None
+    if args.inception:
+        try:
+            fid = InceptionFID(args.inception)
+        except (ValueError, ImportError) as err:
+            raise SystemExit(f"error: --inception {args.inception}: {err}") from None
     real_features: dict[str, tuple[int, np.ndarray]] = {}  # per ingest key: the real images' Inception features
     originals, sheet, labels, table = None, [], [], []
     for label, config, overrides in rows:

@@ -172,6 +172,27 @@ def torchscript_file(path: str) -> bool:
     return zipfile.is_zipfile(path) and any("/code/" in name for name in zipfile.ZipFile(path).namelist())
 
 
+def inception_format(path: str) -> str:
+    """Which of `InceptionFID`'s formats the file at `path` is: "torchscript" or "torch-fidelity" (a state dict
+    holding `Conv2d_1a_3x3.conv.weight`, read memory-mapped, so checking costs little). ValueError (one line) for
+    a missing file or any other content."""
+    import os
+
+    if not os.path.isfile(path):
+        raise ValueError("no such file; give a local InceptionV3 weights file (the TorchScript one `make "
+                         "inception-weights` writes, or torch-fidelity's .pth)")
+    if torchscript_file(path):
+        return "torchscript"
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # not a torch file at all: pickle's, zipfile's and torch's own errors
+        state = None
+    if not isinstance(state, dict) or "Conv2d_1a_3x3.conv.weight" not in state:
+        raise ValueError(f"{path} is neither a TorchScript InceptionV3 nor torch-fidelity's InceptionV3 weights (a "
+                         "state dict with Conv2d_1a_3x3.conv.weight); `make inception-weights` writes the first")
+    return "torch-fidelity"
+
+
 def resize_like_tf1(x: torch.Tensor, size: int) -> torch.Tensor:
     """(N, C, H, W) float -> (N, C, size, size) by TF1's bilinear resize (no half-pixel centres), as the TF FID
     graph resizes its input (StyleGAN2-ADA's metrics, torch-fidelity's `interpolate_bilinear_2d_like_tensorflow1x`)."""
@@ -197,7 +218,7 @@ class InceptionFID:
 
     def __init__(self, weights_path: str, device: torch.device | str = "cpu"):
         self.device = device
-        if torchscript_file(weights_path):
+        if inception_format(weights_path) == "torchscript":
             import warnings
 
             with warnings.catch_warnings():  # torch.jit.load's deprecation notice: the file is a TorchScript one

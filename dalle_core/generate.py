@@ -147,7 +147,8 @@ class DALLEPipeline:
         line) for a bad value."""
         prompts = check_prompts(prompts)
         own_seeds = given.get("seed")
-        if isinstance(own_seeds, (list, tuple)):
+        if isinstance(own_seeds, (list, tuple, np.ndarray)):
+            own_seeds = [v.item() if isinstance(v, np.generic) else v for v in own_seeds]
             if len(own_seeds) != len(prompts):
                 raise GenerationError(f"seed is a list of {len(own_seeds)}; give one seed per prompt "
                                       f"({len(prompts)}), or one int for all")
@@ -203,6 +204,7 @@ class DALLEPipeline:
                                   f"the {n} image tokens, so nothing would be guided; widen it to at least {1 / n:.4g}")
         return s
 
+    @torch.inference_mode()  # sampled codes are inference tensors: the decoder and CLIP must take them so
     def candidates(self, prompts: list[str], seeds: list[int], settings: SamplingSettings, edit: Edit | None = None,
                    progress: Progress | list[Progress] | None = None
                    ) -> list[tuple[np.ndarray, np.ndarray, bool, np.ndarray]]:
@@ -211,7 +213,8 @@ class DALLEPipeline:
 
         Whole prompts share a sampling batch of about `settings.batch_size` images (bigger batches run
         faster on CPU and GPU alike); each prompt draws from its own generator seeded with its
-        seed, so its images do not depend on which prompts it is batched with. `edit` (`EditRequest.resolve`): its
+        seed, and is decoded and scored apart, so its images and scores do not depend on which prompts it is
+        batched with (CPU kernels round by batch size). `edit` (`EditRequest.resolve`): its
         image's codes are kept wherever a candidate's token mask (`Edit.masks(prompt seed, ...)`, in candidate
         order) is False. `progress(done, total)` is called after every sampling step of every batch; a list of
         one per prompt counts, for each prompt, the steps of the batches that hold it.
@@ -241,15 +244,15 @@ class DALLEPipeline:
                 batches.append((group, b, masks))
         image_len = self.transformer.c.image_len
         steps = [image_len if m is None else int(m.any(dim=0).sum()) for _, _, m in batches]  # sampled per batch
-        own = isinstance(progress, (list, tuple))
-        total = [sum(k for (g, _, _), k in zip(batches, steps) if j in g) for j in range(len(prompts))] if own \
-            else sum(steps)
-        done = [0] * len(prompts) if own else 0
+        per_prompt = isinstance(progress, (list, tuple))
+        total = [sum(k for (g, _, _), k in zip(batches, steps) if j in g) for j in range(len(prompts))] \
+            if per_prompt else sum(steps)
+        done = [0] * len(prompts) if per_prompt else 0
         group: range = range(0)
 
         def step(i: int, logits: torch.Tensor) -> None:
             nonlocal done
-            if not own:
+            if not per_prompt:
                 done += 1
                 return progress(done, total)
             for j in group:
@@ -262,12 +265,13 @@ class DALLEPipeline:
             codes = sample(self.transformer, rows, settings, kept=kept, generator=[gens[j] for j in group],
                            negative=None if negative is None else negative.expand(rows.shape[0], -1),
                            precision=self.precision, on_logits=None if progress is None else step)
-            pixels = to_uint8_tensor(self.dvae.decode(codes.view(-1, *grid_hw)), self.normalization.mean, self.normalization.std)
-            s = self.reranker.scores(pixels, [prompts[j] for j in group for _ in range(b)]).float().numpy()
-            decoded, drawn = pixels.cpu().numpy(), codes.cpu().numpy()
+            drawn = codes.cpu().numpy()
             for k, j in enumerate(group):
-                images[j].append(decoded[k * b:(k + 1) * b])
-                scores[j].append(s[k * b:(k + 1) * b])
+                own = codes[k * b:(k + 1) * b]
+                pixels = to_uint8_tensor(self.dvae.decode(own.view(-1, *grid_hw)), self.normalization.mean,
+                                         self.normalization.std)
+                images[j].append(pixels.cpu().numpy())
+                scores[j].append(self.reranker.scores(pixels, [prompts[j]] * b).float().numpy())
                 tokens[j].append(drawn[k * b:(k + 1) * b])
         return [(np.concatenate(images[j]), np.concatenate(scores[j]), bool(truncated[j]), np.concatenate(tokens[j]))
                 for j in range(len(prompts))]

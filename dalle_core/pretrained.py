@@ -89,8 +89,9 @@ def read_pickle(path: Path, key: str = "dvae.pretrained") -> Any:
     PretrainedError (one line starting with the config `key` that named it) when it cannot be read."""
     try:
         return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_RestrictedPickle)
-    except (OSError, RuntimeError, pickle.UnpicklingError, EOFError) as e:
-        raise PretrainedError(f"{key}: cannot read {path}: {str(e).splitlines()[0]}") from None
+    except Exception as e:  # a damaged or foreign file fails in any of pickle's and torch's own ways
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise PretrainedError(f"{key}: cannot read {path} as a checkpoint: {first}") from None
 
 
 def module_state(node: Any, prefix: str = "") -> dict[str, torch.Tensor]:
@@ -326,6 +327,9 @@ def source_files(path: str | Path, config_path: str | Path | None = None, key: s
                               f"decoder.pkl (OpenAI's dVAE) or a taming-transformers .ckpt")
     if p.is_dir() and (p / "encoder.pkl").is_file() and (p / "decoder.pkl").is_file():
         return "openai", {"encoder": p / "encoder.pkl", "decoder": p / "decoder.pkl"}
+    if p.is_dir() and ((p / "encoder.pkl").is_file() or (p / "decoder.pkl").is_file()):
+        missing = "decoder.pkl" if (p / "encoder.pkl").is_file() else "encoder.pkl"
+        raise PretrainedError(f"{key}: {p} holds OpenAI's dVAE without its {missing}; put both files there")
     ckpt = p
     if p.is_dir():
         found = sorted(p.rglob("*.ckpt"))

@@ -349,15 +349,13 @@ class EvaluateSection(Section):
     def _weights_exist(cls, value: str | None) -> str | None:
         import importlib.util
 
-        from dalle_core.evaluation import torchscript_file
+        from dalle_core.evaluation import inception_format
 
         if value is None:
             return value
-        if not Path(value).is_file():
-            raise ValueError("no such file; give a local InceptionV3 weights file (torch-fidelity's .pth, or the "
-                             "TorchScript one `make inception-weights` writes)")
+        kind = inception_format(value)  # ValueError: its own line
         missing = [m for m in ("torchmetrics", "torch_fidelity") if importlib.util.find_spec(m) is None]
-        if missing and not torchscript_file(value):
+        if missing and kind == "torch-fidelity":
             raise ValueError(f"a torch-fidelity weights file needs the fid extra ({', '.join(missing)} missing): "
                              "pip install -e '.[fid]'")
         return value

@@ -91,6 +91,8 @@ def source_tags(cfg, source: ModelSource, store, prefix: str = "init_from") -> d
     found = producer_run(uri, None, *source.made_by) if source.made_by else None
     if found:
         tags[f"{prefix}.run_id"], tags[f"{prefix}.run_url"] = found[0], run_link(uri, found[1], found[0])
+    elif source.kind == "upstream":
+        tags[f"{prefix}.run_id"] = "none: an upstream tokenizer's own files"
     else:
         tags[f"{prefix}.run_id"] = "not in this tracking store"
     return tags

@@ -92,6 +92,8 @@ def fit_problems(cfg, stage: str, source: ModelSource, store, keys: dict, weight
     if weights:
         try:
             source.state_dict()
+        except ConfigError:  # a loaded tokenizer's files: their own line, naming the key
+            raise
         except Exception as err:  # safetensors' own error kinds
             return [f"its {source.component}/model.safetensors does not load: {load_reason(err)}"]
     section = getattr(cfg, stage)

@@ -8,12 +8,14 @@ pipeline up to it. Keys, stage selection, upstream checks and the manifest's `in
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
 from dalle_core import pretrained
+from dalle_core.dvae import DVAEConfig
 from dalle_core.errors import ConfigError
 from dalle_core.evaluation import METRICS_VERSION
 from dalle_core.sampling import SAMPLING_DEFAULTS
@@ -80,6 +82,12 @@ def _taken(cfg: Config, component: str, **extra) -> dict:
     return {"tokenizers_from": source_digest(cfg.tokenizers_from, component, None, cfg), **extra}
 
 
+# The dvae section's model fields that a loaded tokenizer's files decide (the normalisation and the
+# discriminator stay the run's)
+UNUSED_WITH_UPSTREAM = sorted({f.name for f in dataclasses.fields(DVAEConfig)}
+                              - {"image_size", "logit_laplace", "norm_mean", "norm_std", "disc_layers", "disc_channels"})
+
+
 def _dvae(cfg: Config) -> dict:
     if cfg.tokenizers_from:
         return _taken(cfg, "dvae")
@@ -89,6 +97,9 @@ def _dvae(cfg: Config) -> dict:
         return {"pretrained": {"kind": kind, **{role: file_digest(p) for role, p in files.items()}},
                 "norm_mean": section["norm_mean"], "norm_std": section["norm_std"]}
     section["pretrained_config"] = None  # a taming yaml's content is in init_from's digest, not its path
+    if cfg.dvae.init_from and pretrained.upstream_format(cfg.dvae.init_from):  # its architecture is in its files
+        for name in UNUSED_WITH_UPSTREAM:
+            del section[name]
     return section
 
 

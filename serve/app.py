@@ -45,8 +45,8 @@ SETTINGS = tuple(k for k in SAMPLING_DEFAULTS if k != "batch_size")  # a request
 def create_app(pipe: DALLEPipeline, *, name: str = "model", max_candidates: int = MAX_CANDIDATES,
                max_waiting: int = 16, max_batch: int = 8, client_timeout_s: float = CLIENT_TIMEOUT_S) -> FastAPI:
     """The FastAPI app serving `pipe`: requests are checked (request.py) and queue (jobs.py); up to `max_batch`
-    waiting requests with the same settings run as one sampling batch, each from its own seed, so its images are
-    what it would get alone. A request's head and then its body must each arrive within `client_timeout_s`
+    waiting requests with the same settings run as one sampling batch (as many as its `batch_size` images hold),
+    each from its own seed, so its images and scores are what it would get alone. A request's head and then its body must each arrive within `client_timeout_s`
     seconds (`uvicorn_config`)."""
     defaults = {"num_candidates": 16, **pipe.sampling, "seed": None}  # no seed sent: the server draws one
 
@@ -68,12 +68,18 @@ def create_app(pipe: DALLEPipeline, *, name: str = "model", max_candidates: int 
                                      "masks": [pack(m) for m in out.masks[0]],
                                      "image_tokens": out.image_tokens[0].tolist()}
 
-    def merge_key(job: Job):
-        """Requests with the same settings share a batch; an edit (its own image) runs alone."""
-        r = job.request
-        return None if r["edit"] is not None else tuple(r[k] for k in SETTINGS if k != "seed")
+    rows = pipe.sampling.get("batch_size") or SAMPLING_DEFAULTS["batch_size"]  # images one sampling batch holds
 
-    jobs = JobQueue(work, max_waiting=max_waiting, merge_key=merge_key, max_batch=max_batch)
+    def joins(run: list[Job], job: Job) -> bool:
+        """A waiting request joins a run with its settings (all but prompt and seed; an edit, with its own image,
+        runs alone) while the run holds fewer than `max_batch` requests and its candidates still fit one sampling
+        batch: merging more would only make the first requests wait for the last ones' batches."""
+        first, r = run[0].request, job.request
+        return (len(run) < max_batch and first["edit"] is None and r["edit"] is None
+                and all(first[k] == r[k] for k in SETTINGS if k != "seed")
+                and (len(run) + 1) * r["num_candidates"] <= rows)
+
+    jobs = JobQueue(work, max_waiting=max_waiting, joins=joins)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI):

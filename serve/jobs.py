@@ -10,7 +10,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable, Hashable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from dalle_core.sampling import GenerationError
@@ -68,9 +68,8 @@ def run_progress(run: list[Job]) -> list[Callable[[int, int], None]]:
 
 class JobQueue:
     """Runs the submitted jobs in submission order on one thread: `work(jobs)` gets the first waiting job together
-    with the jobs right behind it that it can share a sampling batch with (up to `max_batch` in all; those whose
-    `merge_key` is the same, not None), so a server's users share one batch while no job overtakes an earlier
-    one. `work` fills each job's `result` and `images`.
+    with the jobs right behind it that `joins(run so far, job)` lets share its sampling batch, so a server's users
+    share one batch while no job overtakes an earlier one. `work` fills each job's `result` and `images`.
 
     A GenerationError `work` raises fails its jobs as bad requests, Cancelled (every job of the run cancelled)
     cancels them, any other exception fails them as a server error (logged with its traceback), and the worker
@@ -78,9 +77,8 @@ class JobQueue:
     `max_waiting` jobs wait (QueueFull beyond); the last `keep` finished jobs stay readable."""
 
     def __init__(self, work: Callable[[list[Job]], None], max_waiting: int = 16, keep: int = 64,
-                 merge_key: Callable[[Job], Hashable | None] = lambda job: None, max_batch: int = 1):
-        self.work, self.max_waiting, self.keep = work, max_waiting, keep
-        self.merge_key, self.max_batch = merge_key, max_batch
+                 joins: Callable[[list[Job], Job], bool] = lambda run, job: False):
+        self.work, self.max_waiting, self.keep, self.joins = work, max_waiting, keep, joins
         self.jobs: collections.OrderedDict[str, Job] = collections.OrderedDict()
         self.waiting: collections.deque[Job] = collections.deque()
         self.lock = threading.Lock()
@@ -135,11 +133,11 @@ class JobQueue:
                 self.waiting.clear()
                 return None
             run: list[Job] = []
-            while self.waiting and len(run) < (self.max_batch if run else 1):
+            while self.waiting:
                 job = self.waiting[0]
                 if job.cancelled:  # its client left while it waited: it never runs, nor takes a place
                     self._finish(self.waiting.popleft(), "cancelled", "cancelled: its client went away or cancelled it")
-                elif not run or (key := self.merge_key(run[0])) is not None and self.merge_key(job) == key:
+                elif not run or self.joins(run, job):
                     run.append(self.waiting.popleft())
                 else:
                     break

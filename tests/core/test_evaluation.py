@@ -167,9 +167,14 @@ def test_inception_fid_from_a_torchscript_file(tmp_path, monkeypatch):
     assert fid(rng.integers(0, 256, (12, 32, 32, 3), dtype=np.uint8), blobs[12:]) > 2 * fid(blobs[:12], blobs[12:])
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)  # no fid extra
     assert config_from_dict({"evaluate": {"inception_weights": str(tmp_path / "inception.pt")}})
-    torch.save({"w": torch.zeros(1)}, tmp_path / "weights.pth")
+    torch.save({"Conv2d_1a_3x3.conv.weight": torch.zeros(1)}, tmp_path / "weights.pth")
     with pytest.raises(ConfigError, match="needs the fid extra"):
         config_from_dict({"evaluate": {"inception_weights": str(tmp_path / "weights.pth")}})
+    (tmp_path / "garbage.pt").write_bytes(b"garbage")  # an existing file of the wrong kind: refused up front
+    torch.save({"w": torch.zeros(1)}, tmp_path / "other.pth")
+    for name in ("garbage.pt", "other.pth"):
+        with pytest.raises(ConfigError, match=r"evaluate.inception_weights: .* is neither a TorchScript InceptionV3"):
+            config_from_dict({"evaluate": {"inception_weights": str(tmp_path / name)}})
 
 
 def test_nearest_neighbours_by_l2_across_chunks():

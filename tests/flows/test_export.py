@@ -119,6 +119,20 @@ def test_exported_model_draws_what_the_store_model_draws(generated, pipe):
     assert out.seeds == [prompt_seed(7, 0), prompt_seed(7, 1)] and len(out.images[0]) == 4
 
 
+def test_a_dvae_whose_code_table_is_a_parameter_samples(pipe):
+    """A gumbel dVAE's code table (as a loaded OpenAI or taming tokenizer's) is a parameter, not a buffer: decoding
+    the sampled codes, which are inference tensors, must not need autograd."""
+    import copy
+    from dataclasses import replace
+
+    from dalle_core.dvae import DiscreteVAE
+
+    gumbel = copy.copy(pipe)
+    gumbel.dvae = DiscreteVAE(replace(pipe.dvae.c, quantizer="gumbel")).eval()
+    assert gumbel.dvae.quantizer.embed.weight.requires_grad
+    assert gumbel("a red circle", num_candidates=2, seed=0).pixels[0].shape[0] == 2
+
+
 def test_a_seed_per_prompt_draws_what_each_prompt_draws_alone(pipe):
     """`seed=[...]` (how `dalle serve` merges its users): each prompt's images, codes and scores are those it gets
     alone with its seed; a progress list counts, per prompt, the steps of the batches that hold it."""

@@ -436,7 +436,23 @@ def test_waiting_requests_share_a_batch_and_each_gets_its_own_images(pipe, monke
         assert job.steps_total > 0 and job.steps_done == job.steps_total  # its own progress, to the end
         alone = client.post("/api/generate", json={"prompt": name, "num_candidates": 2, "seed": job.result["seed"]})
         assert [base64.b64decode(im["png_base64"]) for im in alone.json()["result"]["images"]] == job.images, name
-        assert alone.json()["result"]["scores"] == job.result["scores"]
+        assert alone.json()["result"]["scores"] == job.result["scores"]  # to the bit: decoded and scored apart
+
+
+def test_a_run_holds_no_more_requests_than_one_sampling_batch_holds(pipe, monkeypatch):
+    """Merging stops where the candidates would need a second sampling batch (the first requests would wait for
+    it), at `max_batch` requests, and at other settings or an edit."""
+    from serve.app import SETTINGS
+    from serve.jobs import Job
+
+    monkeypatch.setitem(pipe.sampling, "batch_size", 4)
+    joins = create_app(pipe, name="tiny", max_batch=3).state.jobs.joins
+    request = {**{k: None for k in SETTINGS}, "num_candidates": 2, "edit": None, "prompt": "x", "seed": 1}
+    one, two = [Job(request)], [Job(request), Job(request)]
+    assert joins(one, Job({**request, "seed": 2})) and not joins(two, Job(request))  # 2 x 2 fill the batch of 4
+    assert not joins(one, Job({**request, "num_candidates": 1})) and not joins(one, Job({**request, "edit": "x"}))
+    monkeypatch.setitem(pipe.sampling, "batch_size", 64)
+    assert not create_app(pipe, name="tiny", max_batch=2).state.jobs.joins(two, Job(request))
 
 
 def test_clients_that_hang_up_are_cancelled_and_the_next_visitor_does_not_wait(live, pipe, monkeypatch):

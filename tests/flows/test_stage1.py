@@ -282,6 +282,8 @@ def test_fine_tuning_a_loaded_tokenizer(store_copy, tmp_path, kind):
         [MlflowClient(cfg.tracking.uri).get_experiment_by_name("dalle").experiment_id],
         "tags.stage = 'dvae' and tags.cached = 'false'")[0]
     assert run.data.tags["init_from.kind"] == "upstream" and run.data.tags["init_from"] == str(source)
+    unused = stage_keys(load_config(TINY, [*ov, "dvae.hidden=8", "dvae.codebook_size=128", "dvae.quantizer=gumbel"]))
+    assert unused["dvae"] == keys["dvae"]  # the files decide the architecture: the section's fields are unused
     if kind == "openai":
         openai_dvae(source, seed=1)  # other weights at the same path: another source, another key
         assert stage_keys(load_config(TINY, ov))["dvae"] != keys["dvae"]
@@ -301,6 +303,11 @@ def test_a_loaded_tokenizer_that_cannot_fine_tune_is_one_line(store_copy, tmp_pa
     assert not cfg.store.open().exists(cfg.store.open().path("dvae", stage_keys(cfg)["dvae"]))  # nothing began
     with pytest.raises(ConfigError, match=r"^dvae.init_from: \S*nope.ckpt does not exist; give a folder"):
         run_stage("dvae", [*store_copy, f"dvae.init_from={tmp_path / 'nope.ckpt'}"])
+    (tmp_path / "damaged").mkdir()
+    for name in ("encoder.pkl", "decoder.pkl"):  # damaged files: the key and the file, not a library's trace
+        (tmp_path / "damaged" / name).write_bytes(b"garbage\n")
+    with pytest.raises(ConfigError, match=r"^dvae.init_from: cannot read \S*encoder.pkl as a checkpoint: [^\n]*$"):
+        run_stage("dvae", [*store_copy, f"dvae.init_from={tmp_path / 'damaged'}", "dvae.recon_loss=logit_laplace"])
 
 
 def test_vqgan_through_the_dvae_stage(store_copy, tmp_path):
