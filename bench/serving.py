@@ -9,7 +9,6 @@ DALLE_BENCH_MODEL=<exported folder> measures that model instead.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -23,6 +22,7 @@ import time
 import torch
 
 from bench.common import Settings, median_seconds
+from serve import app_server
 
 SHAPES = "configs/shapes.yaml"
 
@@ -66,27 +66,6 @@ def _untrained_folder(cfg, folder: str) -> None:
                   sampling=cfg.generate.sampling_defaults()).save_pretrained(folder)
 
 
-@contextlib.contextmanager
-def _served(pipe, **app_kwargs):
-    """`dalle serve`'s app for `pipe` under uvicorn on 127.0.0.1, in a thread: its base URL."""
-    import uvicorn
-
-    from serve import create_app, uvicorn_config
-
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn_config(create_app(pipe, **app_kwargs)))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-
-
 def _page_request(url: str, candidates: int, prompt: str = "a small red circle in the top left") -> float:
     """What the page does after its button: POST /api/jobs, poll the job, fetch its PNGs. The server's seconds."""
     import httpx
@@ -118,7 +97,7 @@ def api_request(s: Settings, candidates: int = 16) -> dict:
     `dalle serve` warms it)."""
     pipe, trained = _pipe(s, candidates)
     served = []
-    with _served(pipe) as url:
+    with app_server(pipe) as url:
         sec = median_seconds(lambda: served.append(_page_request(url, candidates)), s.repeats, torch.device("cpu"))
     return {"seconds": sec, "server_seconds": sorted(served)[len(served) // 2], "candidates": candidates,
             "trained": float(trained)}
@@ -135,7 +114,7 @@ def concurrent_users(s: Settings, users: int = 8, candidates: int = 4) -> dict:
     cpu, out = torch.device("cpu"), {"users": users, "candidates": candidates, "trained": float(trained)}
     with ThreadPoolExecutor(users) as pool:
         for label, max_batch in (("merged", users), ("one_at_a_time", 1)):
-            with _served(pipe, max_batch=max_batch) as url:
+            with app_server(pipe, max_batch=max_batch) as url:
                 def together(url=url) -> None:
                     list(pool.map(lambda i: _page_request(url, candidates, f"a small red circle, visitor {i}"),
                                   range(users)))

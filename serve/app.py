@@ -15,6 +15,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import socket
+import threading
+import time
 from importlib import resources
 
 import uvicorn
@@ -192,3 +195,21 @@ def uvicorn_config(app: FastAPI) -> uvicorn.Config:
     """How `dalle serve` runs `app` (from `create_app`) under uvicorn: HTTP/1.1 with its client timeout."""
     head = type("HeaderDeadline", (HeaderDeadline,), {"timeout_s": app.state.client_timeout_s})
     return uvicorn.Config(app, http=head, log_level="warning")
+
+
+@contextlib.contextmanager
+def app_server(pipe, **kwargs):
+    """`dalle serve`'s app (`create_app(pipe, **kwargs)`) under uvicorn on 127.0.0.1 (a free port), in a thread:
+    its base URL."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn_config(create_app(pipe, **kwargs)))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)

@@ -2,44 +2,20 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from pathlib import Path
 
 from cli.prefect_server import free_port  # noqa: F401 (the tests' import of it)
+from serve import app_server  # noqa: F401 (the tests' import of it)
 
 BIN = Path(sys.executable).parent
-
-
-@contextlib.contextmanager
-def app_server(pipe, **kwargs):
-    """`dalle serve`'s app (`create_app(pipe, **kwargs)`) under uvicorn on 127.0.0.1 (a free port), in a thread:
-    its base URL."""
-    import uvicorn
-
-    from serve import create_app, uvicorn_config
-
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn_config(create_app(pipe, **kwargs)))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
 
 
 def wait_http(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
