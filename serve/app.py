@@ -49,8 +49,8 @@ def create_app(pipe: DALLEPipeline, *, name: str = "model", max_candidates: int 
                max_waiting: int = 16, max_batch: int = 8, client_timeout_s: float = CLIENT_TIMEOUT_S) -> FastAPI:
     """The FastAPI app serving `pipe`: requests are checked (request.py) and queue (jobs.py); up to `max_batch`
     waiting requests with the same settings run as one sampling batch (as many as its `batch_size` images hold),
-    each from its own seed, so its images and scores are what it would get alone. A request's head and then its body must each arrive within `client_timeout_s`
-    seconds (`uvicorn_config`)."""
+    each from its own seed, so its images and scores are what it would get alone. A request's head and then its
+    body must each arrive within `client_timeout_s` seconds (`uvicorn_config`)."""
     defaults = {"num_candidates": 16, **pipe.sampling, "seed": None}  # no seed sent: the server draws one
 
     def work(run: list[Job]) -> None:

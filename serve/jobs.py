@@ -18,6 +18,9 @@ from dalle_core.sampling import GenerationError
 log = logging.getLogger("dalle.serve")
 
 
+CANCELLED = ("cancelled", "cancelled: its client went away or cancelled it")  # a job's state and error
+
+
 class QueueFull(RuntimeError):
     """More requests are waiting than the server takes (HTTP 429)."""
 
@@ -123,7 +126,8 @@ class JobQueue:
             del self.jobs[job_id]
 
     def _next(self) -> list[Job] | None:
-        """The next run: the first waiting job and those right behind it with its merge key; None when closing."""
+        """The next run: the first waiting job and those right behind it that `joins` lets in (an empty run when
+        only cancelled jobs waited); None when closing."""
         with self.lock:
             while not self.waiting and not self.closing:
                 self.ready.wait()
@@ -136,7 +140,7 @@ class JobQueue:
             while self.waiting:
                 job = self.waiting[0]
                 if job.cancelled:  # its client left while it waited: it never runs, nor takes a place
-                    self._finish(self.waiting.popleft(), "cancelled", "cancelled: its client went away or cancelled it")
+                    self._finish(self.waiting.popleft(), *CANCELLED)
                 elif not run or self.joins(run, job):
                     run.append(self.waiting.popleft())
                 else:
@@ -164,14 +168,12 @@ class JobQueue:
                     raise Cancelled()
                 self.work(live)
             except Cancelled:  # nobody waits for them: the worker moves on to the next request
-                outcome = ("cancelled", "cancelled: its client went away or cancelled it")
+                outcome = CANCELLED
             except GenerationError as err:
                 outcome = ("failed", str(err), True)
             except Exception as err:  # a bug or an outside failure: these requests fail, the server goes on
                 log.exception("generation %s failed", ", ".join(job.id for job in live))
                 first = (str(err).strip().splitlines() or [type(err).__name__])[0]
                 outcome = ("failed", f"generation failed: {type(err).__name__}: {first}")
-            for job in run:
-                cancelled = job.cancelled and outcome[0] == "done"
-                self._finish(job, *(("cancelled", "cancelled: its client went away or cancelled it")
-                                    if cancelled or job not in live else outcome))
+            for job in run:  # one cancelled while its run went on is dropped from it
+                self._finish(job, *(CANCELLED if job.cancelled and outcome[0] == "done" else outcome))
